@@ -1,0 +1,91 @@
+using TorchSharp;
+using Akka.Actor;
+using Mamo.Data;
+using Mamo.Model;
+using Serilog;
+using static TorchSharp.torch;
+
+namespace Mamo.Actors;
+
+/// <summary>Measures retrieval while training goes on: copies the teacher's weights (the only pause it causes the
+/// teacher), then ranks each held-out set on its own thread. A request that arrives while it is busy is dropped,
+/// so evaluations never queue up behind a slow one.</summary>
+public sealed class Evaluator : ReceiveActor
+{
+    /// <summary>Evaluate the teacher as it stands at Step.</summary>
+    public sealed record EvaluateNow(long Step);
+    /// <summary>One held-out set's result.</summary>
+    public sealed record EvalCompleted(long Step, string Set, int Images, int Texts, RetrievalMetrics Metrics, TimeSpan Took);
+
+    /// <summary>A loaded held-out set, by name.</summary>
+    public sealed record NamedSet(string Name, EvalSet Set);
+
+    readonly IActorRef teacher, metrics;
+    readonly IReadOnlyList<NamedSet> sets;
+    readonly MamoModel model;
+    readonly int k, batchSize;
+    bool busy;
+
+    public Evaluator(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize)
+    {
+        this.teacher = teacher;
+        this.metrics = metrics;
+        this.sets = sets;
+        this.k = k;
+        this.batchSize = batchSize;
+        model = new MamoModel(config);
+        model.to(device);
+        model.eval();
+
+        Receive<EvaluateNow>(e =>
+        {
+            if (busy || sets.Count == 0) return;
+            busy = true;
+            teacher.Tell(new MomentumTeacher.GetWeights(e.Step));
+        });
+        Receive<MomentumTeacher.TeacherSnapshot>(s =>
+        {
+            try
+            {
+                Load(s);
+                foreach (var (name, set) in sets)
+                {
+                    var started = DateTime.UtcNow;
+                    var m = Retrieval.Evaluate(model, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, k, batchSize);
+                    metrics.Tell(new EvalCompleted(s.Step, name, set.ImageCount, set.TextCount, m, DateTime.UtcNow - started));
+                }
+            }
+            catch (Exception ex)
+            {
+                Log.Error(ex, "evaluation at step {Step} failed", s.Step);
+            }
+            finally
+            {
+                busy = false;
+            }
+        });
+    }
+
+    public static Props Props(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize) =>
+        Akka.Actor.Props.Create(() => new Evaluator(config, device, sets, teacher, metrics, k, batchSize)).WithDispatcher(Dispatchers.Model);
+
+    void Load(MomentumTeacher.TeacherSnapshot s)
+    {
+        try
+        {
+            var saved = s.Weights.ToDictionary(w => w.Name, w => w.Value);
+            using var noGrad = no_grad();
+            foreach (var (name, p) in model.named_parameters()) p.copy_(saved[name]);
+        }
+        finally
+        {
+            foreach (var (_, v) in s.Weights) v.Dispose();
+        }
+    }
+
+    protected override void PostStop()
+    {
+        model.Dispose();   // the sets belong to the run, which outlives restarts
+        base.PostStop();
+    }
+}

@@ -1,0 +1,106 @@
+using Akka.Actor;
+using Mamo.Model;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace Mamo.Actors;
+
+/// <summary>Owns the momentum (EMA) weights: folds in each student update and computes the targets.
+/// Targets of step t use the teacher after exactly t - lag updates (lag 1 when pipelined, else 0), and a request
+/// that arrives before those updates waits in the stash: the targets are the same whatever the timing, so a
+/// seeded run is reproducible and a resumed run repeats the uninterrupted one.</summary>
+public sealed class MomentumTeacher : UntypedActor, IWithStash
+{
+    /// <summary>Targets for step Step of an unmasked batch. The sender keeps owning the tensors.</summary>
+    public sealed record ComputeTargets(long Step, Tensor Images, Tensor TokenIds, Tensor AttentionMask);
+    /// <summary>Reply to ComputeTargets; the receiver owns the tensors.</summary>
+    public sealed record TargetsReady(long Step, TeacherTargets Targets);
+    /// <summary>The student after StepsDone steps (detached copies the teacher owns). When SnapshotTo is set, the
+    /// teacher sends it a TeacherSnapshot taken right after this update is due, for a consistent checkpoint.</summary>
+    public sealed record StudentUpdated(long StepsDone, Tensor[] Weights, IActorRef? SnapshotTo = null);
+    /// <summary>Asks for a copy of the current weights (for an evaluation).</summary>
+    public sealed record GetWeights(long Step);
+    /// <summary>A copy of the teacher's weights after TeacherStep updates; the receiver owns the tensors.</summary>
+    public sealed record TeacherSnapshot(long Step, long TeacherStep, (string Name, Tensor Value)[] Weights);
+
+    readonly MamoModel teacher;
+    readonly Tensor[] parameters;
+    readonly int lag;
+    readonly double decay;
+    readonly Queue<StudentUpdated> pending = new();
+    long emaThrough;
+
+    public IStash Stash { get; set; } = null!;
+
+    public MomentumTeacher(MamoModel teacher, long teacherStep, int lag)
+    {
+        this.teacher = teacher;
+        this.lag = lag;
+        decay = teacher.Config.MomentumDecay;
+        parameters = teacher.parameters().Select(p => (Tensor)p).ToArray();
+        emaThrough = teacherStep;
+    }
+
+    public static Props Props(MamoModel teacher, long teacherStep, bool pipelined) =>
+        Akka.Actor.Props.Create(() => new MomentumTeacher(teacher, teacherStep, pipelined ? 1 : 0)).WithDispatcher(Dispatchers.Model);
+
+    protected override void OnReceive(object message)
+    {
+        switch (message)
+        {
+            case ComputeTargets c:
+                if (!FoldThrough(c.Step - lag)) { Stash.Stash(); return; }
+                using (var scope = NewDisposeScope())
+                {
+                    var targets = teacher.Targets(c.Images.to(Device), c.TokenIds.to(Device), c.AttentionMask.to(Device));
+                    targets.PatchFeatures.DetachFromDisposeScope();
+                    targets.FusedLatents.DetachFromDisposeScope();
+                    Sender.Tell(new TargetsReady(c.Step, targets));
+                }
+                break;
+            case StudentUpdated u:
+                pending.Enqueue(u);
+                if (u.SnapshotTo is not null)
+                {
+                    FoldThrough(u.StepsDone - lag);
+                    u.SnapshotTo.Tell(new TeacherSnapshot(u.StepsDone, emaThrough, Copy()));
+                }
+                Stash.UnstashAll();
+                break;
+            case GetWeights g:
+                Sender.Tell(new TeacherSnapshot(g.Step, emaThrough, Copy()));
+                break;
+            default:
+                Unhandled(message);
+                break;
+        }
+    }
+
+    Device Device => parameters[0].device;
+
+    /// <summary>Applies pending updates until the teacher holds `through` of them; false if some have not arrived.</summary>
+    bool FoldThrough(long through)
+    {
+        while (emaThrough < through)
+        {
+            if (!pending.TryDequeue(out var next)) return false;
+            if (next.StepsDone <= emaThrough) { Dispose(next.Weights); continue; }
+            Momentum.Update(parameters, next.Weights, decay);
+            emaThrough = next.StepsDone;
+            Dispose(next.Weights);
+        }
+        return true;
+    }
+
+    (string, Tensor)[] Copy() =>
+        teacher.named_parameters().Select(p => (p.name, p.parameter.detach().clone().DetachFromDisposeScope())).ToArray();
+
+    static void Dispose(Tensor[] tensors) { foreach (var t in tensors) t.Dispose(); }
+
+    protected override void PostStop()
+    {
+        foreach (var u in pending) Dispose(u.Weights);
+        pending.Clear();
+        base.PostStop();
+    }
+}

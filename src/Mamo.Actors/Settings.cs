@@ -1,0 +1,191 @@
+using Akka.Configuration;
+using Akka.Configuration.Hocon;
+using Mamo.Model;
+
+namespace Mamo.Actors;
+
+/// <summary>A configuration key or value that cannot be used; the message names the key.</summary>
+public sealed class SettingsException(string message) : Exception(message);
+
+/// <summary>The run's settings: hocon/mamo.conf defaults, then --config FILE, then each --set key=value.
+/// A key that the defaults do not define is an error, and so is a value of the wrong type or range.</summary>
+public sealed record MamoSettings
+{
+    public required Config Config { get; init; }
+    public required string Preset { get; init; }
+    public required string Device { get; init; }
+    public required int Seed { get; init; }
+    public required string RunDir { get; init; }
+    public required string Source { get; init; }
+    public required long MaxSteps { get; init; }
+    public required TimeSpan TimeBudget { get; init; }
+    public required int BatchSize { get; init; }
+    public required int TorchThreads { get; init; }
+    public required bool Ledger { get; init; }
+    public required MamoConfig Model { get; init; }
+    public required OptimizerConfig Optimizer { get; init; }
+    public required int PreprocessParallelism { get; init; }
+    public required int BufferedBatches { get; init; }
+    public required long MaxImageBytes { get; init; }
+    public required long MaxImagePixels { get; init; }
+    public required double CropMinScale { get; init; }
+    public required double CropMaxScale { get; init; }
+    public required bool HorizontalFlip { get; init; }
+    public required long MaxInMemoryBytes { get; init; }
+    public required bool TeacherPipelined { get; init; }
+    public required int EvalEverySteps { get; init; }
+    public required IReadOnlyList<string> EvalSets { get; init; }
+    public required int EvalK { get; init; }
+    public required int EvalBatchSize { get; init; }
+    public required int CheckpointEverySteps { get; init; }
+    public required TimeSpan CheckpointEvery { get; init; }
+    public required int KeepLast { get; init; }
+    public required int MaxNonFiniteSteps { get; init; }
+    public required int MaxRestarts { get; init; }
+    public required TimeSpan MinBackoff { get; init; }
+    public required TimeSpan MaxBackoff { get; init; }
+    public required int MetricsEverySteps { get; init; }
+
+    public static Config Defaults()
+    {
+        using var stream = typeof(MamoSettings).Assembly.GetManifestResourceStream("mamo.conf")
+            ?? throw new InvalidOperationException("mamo.conf is not embedded");
+        using var reader = new StreamReader(stream);
+        return ConfigurationFactory.ParseString(reader.ReadToEnd());
+    }
+
+    /// <summary>Layers the user's configuration over the defaults and checks every key and value.</summary>
+    public static MamoSettings Load(string? configFile = null, IEnumerable<string>? sets = null)
+    {
+        var defaults = Defaults();
+        var user = ConfigurationFactory.Empty;
+        if (configFile is not null)
+        {
+            if (!File.Exists(configFile)) throw new SettingsException($"config file not found: {configFile}");
+            user = Parse(File.ReadAllText(configFile), configFile);
+        }
+        foreach (var set in sets ?? [])
+        {
+            var eq = set.IndexOf('=');
+            if (eq <= 0) throw new SettingsException($"--set expects key=value, got '{set}'");
+            var key = set[..eq].Trim();
+            if (!key.StartsWith("mamo.")) key = "mamo." + key;
+            user = Parse($"{key} = {set[(eq + 1)..].Trim()}", $"--set {set}").WithFallback(user);
+        }
+        CheckKeys(user.Root, defaults.Root, "");
+        return FromConfig(user.WithFallback(defaults));
+    }
+
+    static Config Parse(string text, string origin)
+    {
+        try { return ConfigurationFactory.ParseString(text); }
+        catch (Exception e) { throw new SettingsException($"{origin}: {e.Message}"); }
+    }
+
+    static void CheckKeys(HoconValue user, HoconValue defaults, string path)
+    {
+        if (!user.IsObject()) return;
+        var known = defaults.IsObject() ? defaults.GetObject().Items : new Dictionary<string, HoconValue>();
+        foreach (var (key, value) in user.GetObject().Items)
+        {
+            var full = path.Length == 0 ? key : path + "." + key;
+            if (path.Length == 0 && key == "akka") continue;   // Akka's own settings pass through
+            if (!known.TryGetValue(key, out var def))
+                throw new SettingsException($"unknown configuration key '{full}'");
+            if (value.IsObject() != def.IsObject())
+                throw new SettingsException($"'{full}' must be {(def.IsObject() ? "an object" : "a value")}");
+            CheckKeys(value, def, full);
+        }
+    }
+
+    static MamoSettings FromConfig(Config c)
+    {
+        T Get<T>(string key, Func<string, T> read, Func<T, bool>? valid = null, string? rule = null)
+        {
+            T value;
+            try { value = read("mamo." + key); }
+            catch (Exception e) when (e is not SettingsException)
+            {
+                throw new SettingsException($"'mamo.{key}' has a bad value '{c.GetString("mamo." + key)}': {e.Message}");
+            }
+            if (valid is not null && !valid(value)) throw new SettingsException($"'mamo.{key}' = {value}: {rule}");
+            return value;
+        }
+        int Int(string key, int min) => Get(key, k => c.GetInt(k), v => v >= min, $"must be >= {min}");
+        long Long(string key, long min) => Get(key, k => c.GetLong(k), v => v >= min, $"must be >= {min}");
+        double Ratio(string key) => Get(key, k => c.GetDouble(k), v => v is >= 0 and < 1, "must lie in [0, 1)");
+        double NonNegative(string key) => Get(key, k => c.GetDouble(k), v => v >= 0 && double.IsFinite(v), "must be a finite number >= 0");
+        bool Bool(string key) => Get(key, k => c.GetBoolean(k));
+        TimeSpan Duration(string key) => Get(key, k => c.GetTimeSpan(k), v => v >= TimeSpan.Zero, "must not be negative");
+        long Bytes(string key) => Get(key, k => c.GetByteSize(k) ?? throw new FormatException("not a size"), v => v > 0, "must be positive");
+        string Str(string key) => Get(key, k => c.GetString(k), v => !string.IsNullOrWhiteSpace(v), "must not be empty");
+
+        var preset = Get("preset", k => c.GetString(k), v => v is "tiny" or "small" or "base", "must be tiny, small or base");
+        var weights = new LossWeights(NonNegative("loss-weights.itc"), NonNegative("loss-weights.itm"), NonNegative("loss-weights.mlm"),
+            NonNegative("loss-weights.mim"), NonNegative("loss-weights.mrm"));
+        var model = MamoConfig.Preset(preset) with
+        {
+            ImageMaskRatio = Ratio("model.image-mask-ratio"),
+            TextMaskRatio = Ratio("model.text-mask-ratio"),
+            MomentumDecay = Get("model.momentum-decay", k => c.GetDouble(k), v => v is >= 0 and <= 1, "must lie in [0, 1]"),
+            MrmTopK = Int("model.mrm-top-k", 1),
+            AlignOnVisiblePatches = Bool("model.align-on-visible-patches"),
+            Weights = weights,
+        };
+        try { model.Validate(); }
+        catch (ArgumentException e) { throw new SettingsException($"model settings: {e.Message}"); }
+
+        var optimizer = new OptimizerConfig
+        {
+            LearningRate = NonNegative("optimizer.learning-rate"),
+            MinLearningRate = NonNegative("optimizer.min-learning-rate"),
+            WarmupSteps = Int("optimizer.warmup-steps", 1),
+            DecaySteps = Int("optimizer.decay-steps", 1),
+            WeightDecay = NonNegative("optimizer.weight-decay"),
+            Beta1 = Ratio("optimizer.beta1"),
+            Beta2 = Ratio("optimizer.beta2"),
+            Epsilon = NonNegative("optimizer.epsilon"),
+            ClipNorm = NonNegative("optimizer.clip-norm"),
+        };
+        var cropMin = Get("data.crop-min-scale", k => c.GetDouble(k), v => v is > 0 and <= 1, "must lie in (0, 1]");
+        var cropMax = Get("data.crop-max-scale", k => c.GetDouble(k), v => v >= cropMin && v <= 1, "must lie in [crop-min-scale, 1]");
+
+        return new MamoSettings
+        {
+            Config = c,
+            Preset = preset,
+            Device = Str("device"),
+            Seed = Get("seed", k => c.GetInt(k)),
+            RunDir = Str("run-dir"),
+            Source = Str("source"),
+            MaxSteps = Long("max-steps", 0),
+            TimeBudget = Duration("time-budget"),
+            BatchSize = Get("batch-size", k => c.GetInt(k), v => v >= 2, "must be >= 2 (ITC and ITM need in-batch negatives)"),
+            TorchThreads = Int("torch-threads", 0),
+            Ledger = Bool("ledger"),
+            Model = model,
+            Optimizer = optimizer,
+            PreprocessParallelism = Int("data.preprocess-parallelism", 1),
+            BufferedBatches = Int("data.buffered-batches", 1),
+            MaxImageBytes = Bytes("data.max-image-bytes"),
+            MaxImagePixels = Long("data.max-image-pixels", 1),
+            CropMinScale = cropMin,
+            CropMaxScale = cropMax,
+            HorizontalFlip = Bool("data.horizontal-flip"),
+            MaxInMemoryBytes = Bytes("data.max-in-memory-bytes"),
+            TeacherPipelined = Bool("teacher.pipelined"),
+            EvalEverySteps = Int("eval.every-steps", 0),
+            EvalSets = Get("eval.sets", k => c.GetStringList(k).ToList()),
+            EvalK = Int("eval.k", 0),
+            EvalBatchSize = Int("eval.batch-size", 1),
+            CheckpointEverySteps = Int("checkpoint.every-steps", 0),
+            CheckpointEvery = Duration("checkpoint.every"),
+            KeepLast = Int("checkpoint.keep-last", 1),
+            MaxNonFiniteSteps = Int("supervision.max-nonfinite-steps", 1),
+            MaxRestarts = Int("supervision.max-restarts", 0),
+            MinBackoff = Duration("supervision.min-backoff"),
+            MaxBackoff = Duration("supervision.max-backoff"),
+            MetricsEverySteps = Int("metrics.every-steps", 1),
+        };
+    }
+}

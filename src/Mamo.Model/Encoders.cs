@@ -1,0 +1,120 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+using static TorchSharp.torch.nn;
+
+namespace Mamo.Model;
+
+/// <summary>ViT image encoder that, given the visible patch indices, encodes only those patches (as in MAE).</summary>
+public sealed class ImageEncoder : Module<Tensor, Tensor?, Tensor>
+{
+    readonly Conv2d patchEmbed;
+    readonly Parameter clsToken, positionEmbedding, maskToken;
+    readonly BlockStack blocks;
+    readonly int numPatches;
+
+    public ImageEncoder(MamoConfig c) : base(nameof(ImageEncoder))
+    {
+        numPatches = c.NumPatches;
+        patchEmbed = Conv2d(3, c.Width, c.PatchSize, stride: c.PatchSize);
+        clsToken = Parameter(init.trunc_normal_(empty(1, 1, c.Width), std: 0.02));
+        positionEmbedding = Parameter(init.trunc_normal_(empty(1, 1 + numPatches, c.Width), std: 0.02));
+        maskToken = Parameter(init.trunc_normal_(empty(1, 1, c.Width), std: 0.02));
+        blocks = new BlockStack(c.ImageLayers, c.Width, c.Heads, c.MlpRatio);
+        RegisterComponents();
+    }
+
+    /// <param name="images">[B, 3, S, S]</param>
+    /// <param name="visible">[B, Nv] indices of the patches to encode, or null for all N</param>
+    /// <returns>[B, 1 + Nv, W] ([CLS] first)</returns>
+    public override Tensor forward(Tensor images, Tensor? visible)
+    {
+        using var scope = NewDisposeScope();
+        var x = patchEmbed.forward(images).flatten(2).transpose(1, 2);            // [B, N, W]
+        x = x + positionEmbedding[.., 1..];
+        if (visible is not null)
+            x = x.gather(1, visible.unsqueeze(-1).expand(-1, -1, x.shape[2]));   // [B, Nv, W]
+        var cls = (clsToken + positionEmbedding[.., ..1]).expand(x.shape[0], -1, -1);
+        return blocks.forward(cat(new[] { cls, x }, 1), null).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Puts the encoded visible patches back on the full grid; a masked patch becomes the learned
+    /// [MASK] embedding plus its position embedding. [B, 1 + Nv, W] -> [B, 1 + N, W].</summary>
+    public Tensor FillMasked(Tensor encoded, Tensor visible)
+    {
+        using var scope = NewDisposeScope();
+        var (b, w) = (encoded.shape[0], encoded.shape[2]);
+        var full = (maskToken + positionEmbedding[.., 1..]).expand(b, numPatches, w);
+        full = full.scatter(1, visible.unsqueeze(-1).expand(-1, -1, w), encoded[.., 1..]);
+        return cat(new[] { encoded[.., ..1], full }, 1).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>BERT-style text encoder: word + position embeddings, then transformer blocks.</summary>
+public sealed class TextEncoder : Module<Tensor, Tensor, Tensor>
+{
+    readonly Embedding wordEmbedding;
+    readonly Parameter positionEmbedding;
+    readonly LayerNorm embeddingNorm;
+    readonly BlockStack blocks;
+
+    public TextEncoder(MamoConfig c) : base(nameof(TextEncoder))
+    {
+        wordEmbedding = Embedding(c.VocabSize, c.Width);
+        init.normal_(wordEmbedding.weight!, std: 0.02);
+        positionEmbedding = Parameter(init.trunc_normal_(empty(1, c.MaxTextLength, c.Width), std: 0.02));
+        embeddingNorm = LayerNorm(c.Width);
+        blocks = new BlockStack(c.TextLayers, c.Width, c.Heads, c.MlpRatio);
+        RegisterComponents();
+    }
+
+    /// <summary>[V, W], shared with the MLM output layer.</summary>
+    public Parameter WordEmbeddings => wordEmbedding.weight!;
+
+    /// <param name="tokenIds">[B, L]</param>
+    /// <param name="attentionMask">[B, L] of 1 (token) and 0 (padding)</param>
+    /// <returns>[B, L, W] ([CLS] first)</returns>
+    public override Tensor forward(Tensor tokenIds, Tensor attentionMask)
+    {
+        using var scope = NewDisposeScope();
+        var l = tokenIds.shape[1];
+        var x = embeddingNorm.forward(wordEmbedding.forward(tokenIds) + positionEmbedding[.., ..(int)l]);
+        var bias = BlockStack.PaddingBias(attentionMask, x.dtype);
+        return blocks.forward(x, bias).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Self-attention over the concatenated [image ; text] sequence, with a modality embedding per part,
+/// so that both image and text positions get multimodal representations.</summary>
+public sealed class FusionEncoder : Module<Tensor, Tensor, Tensor, Tensor>
+{
+    readonly Parameter modalityEmbedding;
+    readonly BlockStack blocks;
+
+    public FusionEncoder(MamoConfig c) : base(nameof(FusionEncoder))
+    {
+        modalityEmbedding = Parameter(init.trunc_normal_(empty(2, c.Width), std: 0.02));
+        blocks = new BlockStack(c.FusionLayers, c.Width, c.Heads, c.MlpRatio);
+        RegisterComponents();
+    }
+
+    public int Layers => blocks.Count;
+
+    public override Tensor forward(Tensor image, Tensor text, Tensor textMask) => Forward(image, text, textMask, keepHidden: false).Output;
+
+    /// <param name="image">[B, Li, W]</param>
+    /// <param name="text">[B, Lt, W]</param>
+    /// <param name="textMask">[B, Lt] attention mask of the text</param>
+    /// <returns>Output [B, Li + Lt, W]; Hidden: each layer's [B, Li + Lt, W] when asked for</returns>
+    public (Tensor Output, Tensor[] Hidden) Forward(Tensor image, Tensor text, Tensor textMask, bool keepHidden)
+    {
+        using var scope = NewDisposeScope();
+        var x = cat(new[] { image + modalityEmbedding[0], text + modalityEmbedding[1] }, 1);
+        var imageMask = ones(image.shape[0], image.shape[1], textMask.dtype, textMask.device);
+        var bias = BlockStack.PaddingBias(cat(new[] { imageMask, textMask }, 1), x.dtype);
+        var (output, hidden) = blocks.ForwardAll(x, bias, keepHidden);
+        output.MoveToOuterDisposeScope();
+        foreach (var h in hidden) h.MoveToOuterDisposeScope();
+        return (output, hidden);
+    }
+}

@@ -1,0 +1,100 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+
+namespace Mamo.Model;
+
+/// <summary>Weights of the five pre-training terms. A weight of 0 removes the term and its computation.</summary>
+public sealed record LossWeights(double Itc = 1, double Itm = 1, double Mlm = 1, double Mim = 1, double Mrm = 1)
+{
+    /// <summary>The paper's Table 6 rows, by name.</summary>
+    public static LossWeights Ablation(string row) => row switch
+    {
+        "itc+itm" => new(Mlm: 0, Mim: 0, Mrm: 0),
+        "itc+itm+mlm" => new(Mim: 0, Mrm: 0),
+        "itc+itm+mlm+mrm" => new(Mim: 0),
+        "all" => new(),
+        _ => throw new ArgumentException($"unknown ablation row '{row}' (itc+itm, itc+itm+mlm, itc+itm+mlm+mrm, all)"),
+    };
+}
+
+/// <summary>Every size, ratio and weight of a MAMO model. Presets: tiny (CPU tests and demo), small, base (the paper's scale).</summary>
+public sealed record MamoConfig
+{
+    public int ImageSize { get; init; } = 64;
+    public int PatchSize { get; init; } = 8;
+    public int Width { get; init; } = 192;
+    public int Heads { get; init; } = 3;
+    public int MlpRatio { get; init; } = 4;
+    public int ImageLayers { get; init; } = 4;
+    public int TextLayers { get; init; } = 2;
+    public int FusionLayers { get; init; } = 2;
+    /// <summary>Width of the ITC space.</summary>
+    public int EmbedDim { get; init; } = 128;
+    public int VocabSize { get; init; } = 30522;
+    public int MaxTextLength { get; init; } = 16;
+    public int DecoderLayers { get; init; } = 1;
+
+    public double ImageMaskRatio { get; init; } = 0.75;
+    public double TextMaskRatio { get; init; } = 0.25;
+    public double MomentumDecay { get; init; } = 0.995;
+    /// <summary>MRM target: the average of the teacher's top-K fusion layers, each layer-normalised.</summary>
+    public int MrmTopK { get; init; } = 2;
+    public double TemperatureInit { get; init; } = 0.07;
+    public double TemperatureMin { get; init; } = 0.001;
+    public double TemperatureMax { get; init; } = 0.5;
+    /// <summary>ITC and ITM see only the visible patches (as in FLIP), so the student's image encoder runs once per step.</summary>
+    public bool AlignOnVisiblePatches { get; init; } = true;
+    public LossWeights Weights { get; init; } = new();
+
+    // BERT uncased special token ids (bert-base-uncased vocab.txt).
+    public int PadTokenId { get; init; } = 0;
+    public int ClsTokenId { get; init; } = 101;
+    public int SepTokenId { get; init; } = 102;
+    public int MaskTokenId { get; init; } = 103;
+
+    [JsonIgnore] public int GridSize => ImageSize / PatchSize;
+    [JsonIgnore] public int NumPatches => GridSize * GridSize;
+    [JsonIgnore] public int NumVisiblePatches => Math.Max(1, NumPatches - (int)Math.Round(NumPatches * ImageMaskRatio));
+
+    public static MamoConfig Tiny => new();
+
+    public static MamoConfig Small => new()
+    {
+        ImageSize = 128, PatchSize = 16, Width = 384, Heads = 6, ImageLayers = 6, TextLayers = 4, FusionLayers = 4,
+        EmbedDim = 256, MaxTextLength = 32, MrmTopK = 3,
+    };
+
+    public static MamoConfig Base => new()
+    {
+        ImageSize = 224, PatchSize = 16, Width = 768, Heads = 12, ImageLayers = 12, TextLayers = 6, FusionLayers = 6,
+        EmbedDim = 256, MaxTextLength = 40, MrmTopK = 3, DecoderLayers = 2,
+    };
+
+    public static MamoConfig Preset(string name) => name switch
+    {
+        "tiny" => Tiny,
+        "small" => Small,
+        "base" => Base,
+        _ => throw new ArgumentException($"unknown preset '{name}' (tiny, small, base)"),
+    };
+
+    public void Validate()
+    {
+        void Require(bool ok, string message) { if (!ok) throw new ArgumentException(message); }
+        Require(ImageSize > 0 && PatchSize > 0 && ImageSize % PatchSize == 0, $"image size {ImageSize} must be a positive multiple of patch size {PatchSize}");
+        Require(Width > 0 && Heads > 0 && Width % Heads == 0, $"width {Width} must be divisible by heads {Heads}");
+        Require(ImageLayers > 0 && TextLayers > 0 && FusionLayers > 0, "every encoder needs at least one layer");
+        Require(MrmTopK >= 1 && MrmTopK <= FusionLayers, $"mrm top-k {MrmTopK} must lie in 1..{FusionLayers}");
+        Require(ImageMaskRatio is >= 0 and < 1, "image mask ratio must lie in [0, 1)");
+        Require(TextMaskRatio is >= 0 and < 1, "text mask ratio must lie in [0, 1)");
+        Require(MomentumDecay is >= 0 and <= 1, "momentum decay must lie in [0, 1]");
+        Require(MaxTextLength >= 3, "max text length must leave room for [CLS] and [SEP]");
+        Require(TemperatureMin > 0 && TemperatureMin <= TemperatureInit && TemperatureInit <= TemperatureMax, "temperature must satisfy 0 < min <= init <= max");
+        Require(new[] { Weights.Itc, Weights.Itm, Weights.Mlm, Weights.Mim, Weights.Mrm }.All(w => w >= 0 && double.IsFinite(w)), "loss weights must be finite and >= 0");
+        Require(Weights.Itc + Weights.Itm + Weights.Mlm + Weights.Mim + Weights.Mrm > 0, "at least one loss weight must be positive");
+    }
+
+    static readonly JsonSerializerOptions Json = new() { WriteIndented = true };
+    public string ToJson() => JsonSerializer.Serialize(this, Json);
+    public static MamoConfig FromJson(string json) => JsonSerializer.Deserialize<MamoConfig>(json) ?? throw new InvalidDataException("empty model config");
+}

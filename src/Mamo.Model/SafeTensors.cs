@@ -1,0 +1,111 @@
+using System.Buffers.Binary;
+using System.Text;
+using System.Text.Json;
+using static TorchSharp.torch;
+
+namespace Mamo.Model;
+
+/// <summary>The safetensors format (an 8-byte little-endian header length, a JSON header, then raw little-endian
+/// data), so that PyTorch and other tools read our checkpoints. Reading validates every offset: a damaged or
+/// hostile file gives InvalidDataException, never an out-of-range read.</summary>
+public static class SafeTensors
+{
+    const long MaxHeaderBytes = 100_000_000;
+
+    static readonly Dictionary<ScalarType, (string Name, int Size)> DTypes = new()
+    {
+        [ScalarType.Float32] = ("F32", 4), [ScalarType.Int64] = ("I64", 8), [ScalarType.Float64] = ("F64", 8),
+        [ScalarType.Int32] = ("I32", 4), [ScalarType.Float16] = ("F16", 2), [ScalarType.BFloat16] = ("BF16", 2),
+    };
+
+    public static void Save(string path, IEnumerable<(string Name, Tensor Value)> tensors, IReadOnlyDictionary<string, string>? metadata = null)
+    {
+        var items = tensors.Select(t => (t.Name, Value: t.Value.detach().cpu().contiguous())).ToList();
+        try
+        {
+            var header = new Dictionary<string, object>();
+            if (metadata is not null) header["__metadata__"] = metadata;
+            long offset = 0;
+            foreach (var (name, value) in items)
+            {
+                if (!DTypes.TryGetValue(value.dtype, out var dt)) throw new NotSupportedException($"dtype {value.dtype} of '{name}'");
+                long bytes = value.numel() * dt.Size;
+                header[name] = new { dtype = dt.Name, shape = value.shape, data_offsets = new[] { offset, offset + bytes } };
+                offset += bytes;
+            }
+            var json = Encoding.UTF8.GetBytes(JsonSerializer.Serialize(header));
+            int padded = (json.Length + 7) / 8 * 8;   // the data starts 8-byte aligned
+            using var file = new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20);
+            Span<byte> len = stackalloc byte[8];
+            BinaryPrimitives.WriteInt64LittleEndian(len, padded);
+            file.Write(len);
+            file.Write(json);
+            for (int i = json.Length; i < padded; i++) file.WriteByte((byte)' ');
+            foreach (var (_, value) in items) file.Write(value.bytes);
+            file.Flush(flushToDisk: true);
+        }
+        finally
+        {
+            foreach (var (_, value) in items) value.Dispose();
+        }
+    }
+
+    /// <summary>Loads every tensor onto the CPU. The caller owns them.</summary>
+    public static Dictionary<string, Tensor> Load(string path) => Load(path, out _);
+
+    public static Dictionary<string, Tensor> Load(string path, out Dictionary<string, string> metadata)
+    {
+        var data = File.ReadAllBytes(path);
+        if (data.Length < 8) throw new InvalidDataException($"{path}: too short for a safetensors file");
+        long headerLength = BinaryPrimitives.ReadInt64LittleEndian(data);
+        if (headerLength <= 0 || headerLength > MaxHeaderBytes || 8 + headerLength > data.Length)
+            throw new InvalidDataException($"{path}: header length {headerLength} does not fit a file of {data.Length} bytes");
+        long dataStart = 8 + headerLength;
+        long dataLength = data.Length - dataStart;
+        metadata = new();
+        var result = new Dictionary<string, Tensor>();
+        try
+        {
+            using var doc = JsonDocument.Parse(data.AsMemory(8, (int)headerLength));
+            if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"{path}: header is not a JSON object");
+            foreach (var entry in doc.RootElement.EnumerateObject())
+            {
+                if (entry.Name == "__metadata__")
+                {
+                    foreach (var m in entry.Value.EnumerateObject()) metadata[m.Name] = m.Value.GetString() ?? "";
+                    continue;
+                }
+                result[entry.Name] = ReadTensor(path, entry, data, dataStart, dataLength);
+            }
+        }
+        catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException or KeyNotFoundException or OverflowException)
+        {
+            foreach (var t in result.Values) t.Dispose();
+            throw new InvalidDataException($"{path}: malformed safetensors header: {e.Message}", e);
+        }
+        catch
+        {
+            foreach (var t in result.Values) t.Dispose();
+            throw;
+        }
+        return result;
+    }
+
+    static Tensor ReadTensor(string path, JsonProperty entry, byte[] data, long dataStart, long dataLength)
+    {
+        var dtypeName = entry.Value.GetProperty("dtype").GetString();
+        var (dtype, size) = DTypes.Where(d => d.Value.Name == dtypeName).Select(d => (d.Key, d.Value.Size)).FirstOrDefault();
+        if (dtypeName is null || size == 0) throw new InvalidDataException($"{path}: '{entry.Name}' has unsupported dtype {dtypeName}");
+        var shape = entry.Value.GetProperty("shape").EnumerateArray().Select(e => e.GetInt64()).ToArray();
+        var offsets = entry.Value.GetProperty("data_offsets").EnumerateArray().Select(e => e.GetInt64()).ToArray();
+        if (shape.Any(s => s < 0) || offsets.Length != 2) throw new InvalidDataException($"{path}: '{entry.Name}' has a bad shape or offsets");
+        long count = 1;
+        foreach (var s in shape) count = checked(count * s);
+        long begin = offsets[0], end = offsets[1];
+        if (begin < 0 || end < begin || end > dataLength || end - begin != checked(count * size))
+            throw new InvalidDataException($"{path}: '{entry.Name}' offsets [{begin}, {end}) do not match shape [{string.Join(",", shape)}] within {dataLength} data bytes");
+        var t = empty(shape, dtype);
+        t.bytes = data.AsSpan((int)(dataStart + begin), (int)(end - begin));
+        return t;
+    }
+}

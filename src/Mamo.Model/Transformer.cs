@@ -1,0 +1,100 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+using static TorchSharp.torch.nn;
+
+namespace Mamo.Model;
+
+/// <summary>Multi-head self-attention on [B, L, W] through the fused scaled-dot-product kernel.</summary>
+public sealed class SelfAttention : Module<Tensor, Tensor?, Tensor>
+{
+    readonly Linear qkv, proj;
+    readonly int heads;
+
+    public SelfAttention(int width, int heads) : base(nameof(SelfAttention))
+    {
+        this.heads = heads;
+        qkv = Linear(width, 3 * width);
+        proj = Linear(width, width);
+        RegisterComponents();
+    }
+
+    /// <param name="x">[B, L, W]</param>
+    /// <param name="bias">additive key mask [B, 1, 1, L] (0 or -inf), or null</param>
+    public override Tensor forward(Tensor x, Tensor? bias)
+    {
+        using var scope = NewDisposeScope();
+        var (b, l, w) = (x.shape[0], x.shape[1], x.shape[2]);
+        var qkvs = qkv.forward(x).view(b, l, 3, heads, w / heads).permute(2, 0, 3, 1, 4); // [3, B, H, L, D]
+        var y = functional.scaled_dot_product_attention(qkvs[0], qkvs[1], qkvs[2], bias); // [B, H, L, D]
+        return proj.forward(y.transpose(1, 2).reshape(b, l, w)).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).</summary>
+public sealed class Block : Module<Tensor, Tensor?, Tensor>
+{
+    readonly LayerNorm ln1, ln2;
+    readonly SelfAttention attn;
+    readonly Sequential mlp;
+
+    public Block(int width, int heads, int mlpRatio) : base(nameof(Block))
+    {
+        ln1 = LayerNorm(width);
+        attn = new SelfAttention(width, heads);
+        ln2 = LayerNorm(width);
+        mlp = Sequential(Linear(width, mlpRatio * width), GELU(), Linear(mlpRatio * width, width));
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x, Tensor? bias)
+    {
+        using var scope = NewDisposeScope();
+        x = x + attn.forward(ln1.forward(x), bias);
+        x = x + mlp.forward(ln2.forward(x));
+        return x.MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>A stack of blocks that can hand back every layer's hidden state.</summary>
+public sealed class BlockStack : Module<Tensor, Tensor?, Tensor>
+{
+    readonly ModuleList<Block> blocks;
+    readonly LayerNorm lnFinal;
+
+    public BlockStack(int layers, int width, int heads, int mlpRatio) : base(nameof(BlockStack))
+    {
+        blocks = new ModuleList<Block>(Enumerable.Range(0, layers).Select(_ => new Block(width, heads, mlpRatio)).ToArray());
+        lnFinal = LayerNorm(width);
+        RegisterComponents();
+    }
+
+    public int Count => blocks.Count;
+
+    public override Tensor forward(Tensor x, Tensor? bias) => ForwardAll(x, bias, keepHidden: false).Output;
+
+    /// <summary>Runs every block; Hidden holds each block's output (before the final norm) when asked for.</summary>
+    public (Tensor Output, Tensor[] Hidden) ForwardAll(Tensor x, Tensor? bias, bool keepHidden)
+    {
+        using var scope = NewDisposeScope();
+        var hidden = new List<Tensor>();
+        foreach (var block in blocks)
+        {
+            x = block.forward(x, bias);
+            if (keepHidden) hidden.Add(x);
+        }
+        var output = lnFinal.forward(x);
+        output.MoveToOuterDisposeScope();
+        foreach (var h in hidden) h.MoveToOuterDisposeScope();
+        return (output, hidden.ToArray());
+    }
+
+    /// <summary>Additive key-padding bias [B, 1, 1, L] from an attention mask [B, L] of 1 (keep) and 0 (pad).</summary>
+    public static Tensor PaddingBias(Tensor attentionMask, ScalarType dtype)
+    {
+        using var scope = NewDisposeScope();
+        var bias = zeros(attentionMask.shape, dtype, attentionMask.device)
+            .masked_fill(attentionMask.eq(0), float.NegativeInfinity);
+        return bias.unsqueeze(1).unsqueeze(1).MoveToOuterDisposeScope();
+    }
+}

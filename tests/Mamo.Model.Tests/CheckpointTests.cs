@@ -1,0 +1,87 @@
+using TorchSharp;
+using System.Buffers.Binary;
+using CsCheck;
+using static TorchSharp.torch;
+using Xunit;
+
+using static Mamo.Model.Tests.Pairs;
+namespace Mamo.Model.Tests;
+
+public class CheckpointTests : IDisposable
+{
+    readonly string dir = Path.Combine(Path.GetTempPath(), "mamo-ckpt-" + Guid.NewGuid().ToString("N"));
+    public void Dispose() { if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true); }
+
+    [Fact]
+    public void Round_trip_reproduces_weights_state_and_the_next_step_exactly()
+    {
+        using var scope = NewDisposeScope();
+        var config = MamoConfig.Tiny;
+        var optim = new OptimizerConfig { WarmupSteps = 2 };
+        var (images, ids, attn) = Pairs.Make(config, 4, seed: 30);
+        using var trainer = new MamoTrainer(config, optim, CPU, seed: 30);
+        trainer.TrainStep(images, ids, attn);
+        trainer.TrainStep(images, ids, attn);
+        trainer.Save(dir, new Dictionary<string, string> { ["source"] = "manifest:a.jsonl@41" });
+
+        using var restored = MamoTrainer.Load(dir, optim, CPU, seed: 30);
+        Assert.Equal(2, restored.Step);
+        Assert.Equal("manifest:a.jsonl@41", Checkpoint.ReadState(dir).Extra["source"]);
+        Assert.Equal(config, restored.Config);
+        foreach (var (a, b) in trainer.Student.parameters().Zip(restored.Student.parameters())) Assert.True(Same(a, b));
+        foreach (var (a, b) in trainer.Teacher.parameters().Zip(restored.Teacher.parameters())) Assert.True(Same(a, b));
+
+        var next = trainer.TrainStep(images, ids, attn);
+        var nextRestored = restored.TrainStep(images, ids, attn);
+        Assert.Equal(next.Loss, nextRestored.Loss);
+        Assert.Equal(next.Terms, nextRestored.Terms);
+        foreach (var (a, b) in trainer.Student.parameters().Zip(restored.Student.parameters())) Assert.True(Same(a, b));
+        using var e1 = trainer.Teacher.ImageEmbedding(trainer.Teacher.EncodeImage(images));
+        using var e2 = restored.Teacher.ImageEmbedding(restored.Teacher.EncodeImage(images));
+        Assert.True(Same(e1, e2));
+    }
+
+    [Fact]
+    public void Safetensors_layout_is_the_standard_one()
+    {
+        Directory.CreateDirectory(dir);
+        var path = Path.Combine(dir, "t.safetensors");
+        using (var a = tensor(new[] { 1f, 2f, 3f, 4f }, new long[] { 2, 2 }))
+            SafeTensors.Save(path, new[] { ("a", a) }, new Dictionary<string, string> { ["format"] = "pt" });
+        var bytes = File.ReadAllBytes(path);
+        long n = BinaryPrimitives.ReadInt64LittleEndian(bytes);
+        var header = System.Text.Encoding.UTF8.GetString(bytes, 8, (int)n);
+        Assert.Contains("\"a\":{\"dtype\":\"F32\",\"shape\":[2,2],\"data_offsets\":[0,16]}", header);
+        Assert.Equal(0, (8 + n) % 8);
+        Assert.Equal(8 + n + 16, bytes.Length);
+        Assert.Equal(3f, BitConverter.ToSingle(bytes, (int)(8 + n + 8)));
+        var loaded = SafeTensors.Load(path, out var meta);
+        Assert.Equal("pt", meta["format"]);
+        Assert.Equal(new[] { 1f, 2f, 3f, 4f }, loaded["a"].data<float>().ToArray());
+    }
+
+    [Fact]
+    public void A_damaged_safetensors_file_gives_a_clear_error_never_a_crash()
+    {
+        Directory.CreateDirectory(dir);
+        var good = Path.Combine(dir, "good.safetensors");
+        using (var a = arange(12, float32).reshape(3, 4))
+        using (var b = arange(5, int64))
+            SafeTensors.Save(good, new[] { ("a", a), ("b", b) });
+        var original = File.ReadAllBytes(good);
+        Gen.Select(Gen.Int[0, original.Length - 1].Array[1, 8], Gen.Byte.Array[1, 8], Gen.Int[0, original.Length])
+            .Sample((positions, values, cut) =>
+            {
+                var path = Path.Combine(dir, Guid.NewGuid().ToString("N"));   // CsCheck samples in parallel
+                var bytes = (byte[])original.Clone();
+                for (int i = 0; i < positions.Length; i++) bytes[positions[i]] = values[i % values.Length];
+                File.WriteAllBytes(path, bytes[..Math.Max(cut, bytes.Length / 2)]);
+                try
+                {
+                    foreach (var t in SafeTensors.Load(path).Values) t.Dispose();
+                }
+                catch (InvalidDataException) { }
+                finally { File.Delete(path); }
+            }, iter: 2000);
+    }
+}

@@ -1,0 +1,130 @@
+using TorchSharp;
+using static TorchSharp.torch;
+using Xunit;
+
+namespace Mamo.Model.Tests;
+
+public class ModelTests
+{
+    static readonly MamoConfig Tiny = MamoConfig.Tiny;
+
+    [Fact]
+    public void Encoders_and_targets_have_the_documented_shapes()
+    {
+        using var scope = NewDisposeScope();
+        using var model = new MamoModel(Tiny);
+        var (images, ids, attn) = Pairs.Make(Tiny, 4, seed: 1);
+        using var mask = JointMasking.Sample(Tiny, ids, attn, seed: 1);
+        int n = Tiny.NumPatches, w = Tiny.Width, l = Tiny.MaxTextLength;
+        Assert.Equal(new long[] { 4, 1 + n, w }, model.EncodeImage(images).shape);
+        Assert.Equal(new long[] { 4, l, w }, model.EncodeText(ids, attn).shape);
+        Assert.Equal(new long[] { 4, Tiny.EmbedDim }, model.ImageEmbedding(model.EncodeImage(images)).shape);
+        Assert.Equal(new long[] { 4, Tiny.EmbedDim }, model.TextEmbedding(model.EncodeText(ids, attn)).shape);
+        Assert.Equal(new long[] { 4, w }, model.FusedCls(model.EncodeImage(images), model.EncodeText(ids, attn), attn).shape);
+        var p = model.MatchProbability(model.EncodeImage(images), model.EncodeText(ids, attn), attn);
+        Assert.Equal(new long[] { 4 }, p.shape);
+        Assert.True(p.ge(0).all().ToBoolean() && p.le(1).all().ToBoolean());
+        using var targets = model.Targets(images, ids, attn);
+        Assert.Equal(new long[] { 4, n, w }, targets.PatchFeatures.shape);
+        Assert.Equal(new long[] { 4, 1 + n + l, w }, targets.FusedLatents.shape);
+        Assert.Equal(new long[] { 4, Tiny.NumVisiblePatches }, mask.Visible.shape);
+    }
+
+    [Fact]
+    public void Embeddings_are_unit_length()
+    {
+        using var scope = NewDisposeScope();
+        using var model = new MamoModel(Tiny);
+        var (images, ids, attn) = Pairs.Make(Tiny, 3, seed: 2);
+        var norms = model.ImageEmbedding(model.EncodeImage(images)).norm(1);
+        Assert.True(norms.sub(1).abs().max().ToSingle() < 1e-5);
+    }
+
+    [Fact]
+    public void Every_loss_is_finite_at_initialisation()
+    {
+        using var scope = NewDisposeScope();
+        using var trainer = new MamoTrainer(Tiny, new OptimizerConfig(), CPU, seed: 3);
+        var (images, ids, attn) = Pairs.Make(Tiny, 8, seed: 3);
+        var result = trainer.TrainStep(images, ids, attn);
+        Assert.Equal(new[] { "itc", "itm", "mim", "mlm", "mrm" }, result.Terms.Keys.Order());
+        Assert.All(result.Terms.Values, v => Assert.True(double.IsFinite(v) && v > 0));
+        Assert.False(result.Skipped);
+        // At initialisation MLM is near ln(V) and ITC near ln(B): a sanity check on the wiring of both.
+        Assert.InRange(result.Terms["mlm"], Math.Log(Tiny.VocabSize) - 2, Math.Log(Tiny.VocabSize) + 2);
+        Assert.InRange(result.Terms["itc"], Math.Log(8) - 1, Math.Log(8) + 1);
+    }
+
+    [Fact]
+    public void Teacher_gets_no_gradients_and_every_student_parameter_does()
+    {
+        using var scope = NewDisposeScope();
+        using var trainer = new MamoTrainer(Tiny, new OptimizerConfig(), CPU, seed: 4);
+        var (images, ids, attn) = Pairs.Make(Tiny, 6, seed: 4, textLength: Tiny.MaxTextLength - 2);
+        using var targets = trainer.Teacher.Targets(images, ids, attn);
+        using var mask = JointMasking.Sample(Tiny, ids, attn, seed: 4);
+        using var loss = trainer.Student.Forward(images, ids, attn, mask, targets);
+        loss.Total.backward();
+        Assert.All(trainer.Teacher.parameters(), p => { Assert.False(p.requires_grad); Assert.Null(p.grad); });
+        foreach (var (name, p) in trainer.Student.named_parameters())
+        {
+            Assert.True(p.grad is not null, $"{name} got no gradient");
+            Assert.True(p.grad!.abs().sum().ToDouble() > 0, $"{name} got an all-zero gradient");
+        }
+    }
+
+    [Theory]
+    [InlineData("itc", "temperature")]
+    [InlineData("itm", "itmHead.weight")]
+    [InlineData("mlm", "mlmBias")]
+    [InlineData("mim", "mimHead.weight")]
+    [InlineData("mrm", "mrmHead.weight")]
+    public void A_zero_weight_removes_the_term_and_its_computation(string term, string onlyThatTermUses)
+    {
+        using var scope = NewDisposeScope();
+        var weights = term switch
+        {
+            "itc" => new LossWeights(Itc: 0), "itm" => new LossWeights(Itm: 0), "mlm" => new LossWeights(Mlm: 0),
+            "mim" => new LossWeights(Mim: 0), _ => new LossWeights(Mrm: 0),
+        };
+        using var model = new MamoModel(Tiny with { Weights = weights });
+        var (images, ids, attn) = Pairs.Make(Tiny, 4, seed: 5);
+        using var teacher = Momentum.CreateTeacher(model);
+        using var targets = teacher.Targets(images, ids, attn);
+        using var mask = JointMasking.Sample(Tiny, ids, attn, seed: 5);
+        using var loss = model.Forward(images, ids, attn, mask, targets);
+        Assert.DoesNotContain(term, loss.Terms.Keys);
+        Assert.Equal(4, loss.Terms.Count);
+        loss.Total.backward();
+        var p = model.named_parameters().Single(x => x.name == onlyThatTermUses).parameter;
+        Assert.Null(p.grad);
+    }
+
+    [Fact]
+    public void Masked_modelling_alone_runs_without_the_alignment_branch()
+    {
+        using var scope = NewDisposeScope();
+        using var model = new MamoModel(Tiny with { Weights = new LossWeights(Itc: 0, Itm: 0) });
+        var (images, ids, attn) = Pairs.Make(Tiny, 2, seed: 6);
+        using var mask = JointMasking.Sample(Tiny, ids, attn, seed: 6);
+        Assert.Throws<ArgumentException>(() => model.Forward(images, ids, attn, mask, targets: null));
+    }
+
+    [Fact]
+    public void Presets_validate_and_count_parameters()
+    {
+        foreach (var name in new[] { "tiny", "small", "base" })
+        {
+            var c = MamoConfig.Preset(name);
+            c.Validate();
+            Assert.Equal(c, MamoConfig.FromJson(c.ToJson()));
+        }
+        Assert.Throws<ArgumentException>(() => (Tiny with { ImageSize = 60 }).Validate());
+        Assert.Throws<ArgumentException>(() => (Tiny with { MrmTopK = 9 }).Validate());
+        Assert.Throws<ArgumentException>(() => (Tiny with { Weights = new LossWeights(0, 0, 0, 0, 0) }).Validate());
+        Assert.Throws<ArgumentException>(() => MamoConfig.Preset("huge"));
+        using var model = new MamoModel(Tiny);
+        var count = model.parameters().Sum(p => p.numel());
+        Assert.InRange(count, 5_000_000, 20_000_000);
+    }
+}

@@ -1,0 +1,81 @@
+using TorchSharp;
+using System.Diagnostics;
+using static TorchSharp.torch;
+using Xunit;
+using Xunit.Abstractions;
+
+using static Mamo.Model.Tests.Pairs;
+namespace Mamo.Model.Tests;
+
+public class TrainingTests(ITestOutputHelper output)
+{
+    [Fact]
+    public void Overfits_eight_pairs_and_retrieves_each_one()
+    {
+        using var scope = NewDisposeScope();
+        var config = MamoConfig.Tiny;
+        var optim = new OptimizerConfig { LearningRate = 1e-3, MinLearningRate = 1e-4, WarmupSteps = 20, DecaySteps = 180 };
+        using var trainer = new MamoTrainer(config, optim, CPU, seed: 40);
+        var (images, ids, attn) = Pairs.Make(config, 8, seed: 40);
+        var first = trainer.TrainStep(images, ids, attn);
+        StepResult last = first;
+        for (int i = 1; i < 200; i++) last = trainer.TrainStep(images, ids, attn);
+        output.WriteLine($"loss {first.Loss:F3} -> {last.Loss:F3}; terms {string.Join(", ", last.Terms.Select(t => $"{t.Key}={t.Value:F3}"))}");
+        Assert.True(last.Loss < first.Loss / 10, $"loss {first.Loss} -> {last.Loss}");
+
+        using var noGrad = no_grad();
+        trainer.Student.eval();
+        var imageEmb = trainer.Student.ImageEmbedding(trainer.Student.EncodeImage(images));
+        var textEmb = trainer.Student.TextEmbedding(trainer.Student.EncodeText(ids, attn));
+        var sim = imageEmb.matmul(textEmb.t());
+        var best = sim.argmax(1).data<long>().ToArray();
+        var bestImage = sim.argmax(0).data<long>().ToArray();
+        Assert.Equal(Enumerable.Range(0, 8).Select(i => (long)i), best);        // image-to-text R@1 = 100%
+        Assert.Equal(Enumerable.Range(0, 8).Select(i => (long)i), bestImage);   // text-to-image R@1 = 100%
+    }
+
+    [Fact]
+    public void Training_does_not_grow_process_memory()
+    {
+        using var trainer = new MamoTrainer(MamoConfig.Tiny, new OptimizerConfig(), CPU, seed: 50);
+        var (images, ids, attn) = Pairs.Make(MamoConfig.Tiny, 2, seed: 50);
+        long Rss()
+        {
+            GC.Collect(); GC.WaitForPendingFinalizers(); GC.Collect();
+            using var p = Process.GetCurrentProcess();
+            p.Refresh();
+            return p.WorkingSet64;
+        }
+        for (int i = 0; i < 50; i++) trainer.TrainStep(images, ids, attn);
+        var warm = Rss();
+        for (int i = 0; i < 300; i++) trainer.TrainStep(images, ids, attn);
+        var after = Rss();
+        output.WriteLine($"RSS after warm-up {warm / 1e6:F1} MB, after 300 more steps {after / 1e6:F1} MB");
+        Assert.True(after <= warm * 1.05, $"RSS grew from {warm} to {after}");
+    }
+
+    [Fact]
+    public void A_non_finite_loss_skips_the_step_and_leaves_the_weights()
+    {
+        using var scope = NewDisposeScope();
+        using var trainer = new MamoTrainer(MamoConfig.Tiny, new OptimizerConfig(), CPU, seed: 60);
+        var (images, ids, attn) = Pairs.Make(MamoConfig.Tiny, 4, seed: 60);
+        images[0, 0, 0, 0] = tensor(float.NaN);
+        var before = trainer.Student.parameters().Select(p => p.clone()).ToArray();
+        var result = trainer.TrainStep(images, ids, attn);
+        Assert.True(result.Skipped);
+        Assert.Equal(1, trainer.Step);
+        foreach (var (a, b) in trainer.Student.parameters().Zip(before)) Assert.True(Same(a, b));
+    }
+
+    [Fact]
+    public void Learning_rate_warms_up_then_decays_to_the_floor()
+    {
+        var o = new OptimizerConfig { LearningRate = 1e-3, MinLearningRate = 1e-4, WarmupSteps = 10, DecaySteps = 100 };
+        Assert.Equal(1e-4, o.LearningRateAt(0), 9);
+        Assert.Equal(1e-3, o.LearningRateAt(9), 9);
+        Assert.Equal(5.5e-4, o.LearningRateAt(60), 9);
+        Assert.Equal(1e-4, o.LearningRateAt(110), 9);
+        Assert.Equal(1e-4, o.LearningRateAt(100_000), 9);
+    }
+}
