@@ -19,6 +19,10 @@ namespace Mamo.Actors;
 public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? progress = null)
 {
     readonly Stopwatch clock = Stopwatch.StartNew();
+    long samplesRead;
+
+    /// <summary>Samples taken from the source so far: with backpressure, never far ahead of what the trainer consumed.</summary>
+    public long SamplesRead => Interlocked.Read(ref samplesRead);
 
     /// <summary>Trains until max-steps, the time budget or `stop`; returns the step of the final checkpoint.</summary>
     public async Task<long> RunAsync(CancellationToken stop)
@@ -167,7 +171,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         var needsTargets = s.Model.Weights.Mim > 0 || s.Model.Weights.Mrm > 0;
         var stepOffset = startStep;
 
-        var batches = Source.From(samples.From(firstCursor))
+        var batches = Source.From(samples.From(firstCursor).Select(x => { Interlocked.Increment(ref samplesRead); return x; }))
             .SelectAsync(s.PreprocessParallelism, x => Task.Run(() =>
             {
                 var random = new Random(Seeds.Mix(s.Seed ^ 0x5eed, x.Cursor));   // crops and caption picks repeat on resume

@@ -38,7 +38,7 @@ public sealed class TrainingSamples
                 case SampleItem { Sample: var s }:
                     if (!ImageDecoder.TryDecode(s.Image, limits, out var bitmap, out var error))
                     {
-                        onBad(new BadInput(error!.Reason, $"{s.Position.Source}#{s.Position.Offset}", s.Position));
+                        onBad(new BadInput(error!.Reason, $"{s.Position.Source}@{s.Position.Offset} (id {s.Id})", s.Position));
                         break;
                     }
                     bitmap!.Dispose();

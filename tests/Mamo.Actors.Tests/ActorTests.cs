@@ -1,0 +1,93 @@
+using Akka.Actor;
+using Akka.TestKit.Xunit2;
+using Mamo.Model;
+using TorchSharp;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace Mamo.Actors.Tests;
+
+/// <summary>The teacher and checkpointer actors in a real actor system.</summary>
+public class ActorTests() : TestKit(MamoSettings.Defaults())
+{
+    static readonly MamoConfig Tiny = MamoConfig.Tiny;
+
+    static (Tensor Images, Tensor Ids, Tensor Mask) Batch(int b)
+    {
+        var ids = full(b, Tiny.MaxTextLength, 2000L);
+        ids[.., 0] = tensor(101L);
+        return (randn(b, 3, Tiny.ImageSize, Tiny.ImageSize), ids, ones(b, Tiny.MaxTextLength, int64));
+    }
+
+    static Tensor[] Weights(MamoModel m) => m.parameters().Select(p => p.detach().clone().DetachFromDisposeScope()).ToArray();
+
+    [Fact]
+    public void Pipelined_teacher_waits_for_the_update_its_step_needs()
+    {
+        using var student = new MamoModel(Tiny);
+        var teacherModel = Momentum.CreateTeacher(student);
+        var teacher = Sys.ActorOf(MomentumTeacher.Props(teacherModel, teacherStep: 0, pipelined: true));
+        var (images, ids, mask) = Batch(2);
+
+        // Steps 0 and 1 need no update with a lag of one; step 2 needs the update after step 1.
+        teacher.Tell(new MomentumTeacher.ComputeTargets(0, images, ids, mask));
+        ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets.Dispose();
+        teacher.Tell(new MomentumTeacher.ComputeTargets(2, images, ids, mask));
+        ExpectNoMsg(TimeSpan.FromMilliseconds(500));
+        teacher.Tell(new MomentumTeacher.StudentUpdated(1, Weights(student)));
+        ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets.Dispose();
+
+        // A snapshot taken with update 2 holds the teacher after exactly one update (lag 1).
+        teacher.Tell(new MomentumTeacher.StudentUpdated(2, Weights(student), SnapshotTo: TestActor));
+        var snapshot = ExpectMsg<MomentumTeacher.TeacherSnapshot>(TimeSpan.FromSeconds(30));
+        Assert.Equal(2, snapshot.Step);
+        Assert.Equal(1, snapshot.TeacherStep);
+        foreach (var (_, t) in snapshot.Weights) t.Dispose();
+    }
+
+    [Fact]
+    public void Ema_through_the_actor_matches_the_arithmetic()
+    {
+        using var student = new MamoModel(Tiny with { MomentumDecay = 0.5 });
+        using var reference = Momentum.CreateTeacher(student);
+        var teacher = Sys.ActorOf(MomentumTeacher.Props(Momentum.CreateTeacher(student), teacherStep: 0, pipelined: false));
+        using (no_grad()) foreach (var p in student.parameters()) p.add_(1.0);
+        teacher.Tell(new MomentumTeacher.StudentUpdated(1, Weights(student), SnapshotTo: TestActor));
+        var snapshot = ExpectMsg<MomentumTeacher.TeacherSnapshot>(TimeSpan.FromSeconds(30));
+        Assert.Equal(1, snapshot.TeacherStep);
+        foreach (var ((name, got), before) in snapshot.Weights.Zip(reference.parameters()))
+        {
+            // teacher = 0.5 * before + 0.5 * (before + 1) = before + 0.5
+            Assert.True(got.allclose(before + 0.5, rtol: 1e-5, atol: 1e-5), name);
+            got.Dispose();
+        }
+    }
+
+    [Fact]
+    public void Checkpointer_writes_atomically_keeps_the_last_k_and_then_announces()
+    {
+        var runDir = Directory.CreateTempSubdirectory("mamo-ckpt-").FullName;
+        try
+        {
+            using var student = new MamoModel(Tiny);
+            var checkpointer = Sys.ActorOf(Checkpointer.Props(runDir, Tiny, keepLast: 2));
+            Sys.EventStream.Subscribe(TestActor, typeof(Checkpointer.CheckpointDurable));
+            foreach (var step in new long[] { 10, 20, 30 })
+            {
+                (string, Tensor)[] Named() => student.named_parameters().Select(p => (p.name, p.parameter.detach().clone().DetachFromDisposeScope())).ToArray();
+                checkpointer.Tell(new MomentumTeacher.TeacherSnapshot(step, step - 1, Named()));
+                ExpectNoMsg(TimeSpan.FromMilliseconds(200));   // half a checkpoint is not a checkpoint
+                checkpointer.Tell(new TrainerReplica.StudentSnapshot(step, step, step * 8 - 1, Named(), []));
+                var durable = ExpectMsg<Checkpointer.CheckpointDurable>(TimeSpan.FromSeconds(30));
+                Assert.Equal(step, durable.Step);
+                Assert.True(File.Exists(Path.Combine(durable.Path, Checkpoint.StateFile)));
+            }
+            var kept = Directory.GetDirectories(Path.Combine(runDir, Checkpoint.RunFolder)).Select(d => Path.GetFileName(d)!).Order().ToArray();
+            Assert.Equal([Checkpoint.StepFolderName(20), Checkpoint.StepFolderName(30)], kept);
+            var latest = Checkpoint.Latest(runDir)!;
+            var state = Checkpoint.ReadState(latest);
+            Assert.Equal((30L, 29L, "239"), (state.Step, state.TeacherStep, state.Extra[Checkpointer.CursorKey]));
+        }
+        finally { Directory.Delete(runDir, recursive: true); }
+    }
+}

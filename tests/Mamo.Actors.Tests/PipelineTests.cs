@@ -1,0 +1,52 @@
+using Mamo.Data.Datasets;
+using Xunit;
+
+namespace Mamo.Actors.Tests;
+
+public class PipelineTests
+{
+    [Fact]
+    public void Training_samples_resume_at_a_cursor_and_reshuffle_each_epoch()
+    {
+        var samples = TrainingSamples.Load("manifest:" + BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit),
+            seed: 7, maxBytes: 1 << 30, new Mamo.Data.DecodeLimits(), _ => { });
+        int n = samples.Count;
+        var full = samples.From(0).Take(3 * n).ToList();
+        Assert.Equal(Enumerable.Range(0, 3 * n).Select(i => (long)i), full.Select(x => x.Cursor));
+        var tail = samples.From(n + 5).Take(n).ToList();
+        Assert.Equal(full.Skip(n + 5).Take(n).Select(x => x.Sample.Id), tail.Select(x => x.Sample.Id));
+        var epoch0 = full.Take(n).Select(x => x.Sample.Id).ToList();
+        var epoch1 = full.Skip(n).Take(n).Select(x => x.Sample.Id).ToList();
+        Assert.Equal(epoch0.Order(), epoch1.Order());        // every sample once per epoch
+        Assert.NotEqual(epoch0, epoch1);                     // in a new order
+    }
+
+    [Fact]
+    public async Task A_slow_trainer_holds_the_source_back()
+    {
+        var runDir = Directory.CreateTempSubdirectory("mamo-bp-").FullName;
+        try
+        {
+            const int batch = 4, buffered = 2, parallelism = 2, steps = 8;
+            var settings = MamoSettings.Load(null, [
+                $"run-dir={runDir}", $"batch-size={batch}", $"max-steps={steps}", "eval.every-steps=0", "checkpoint.every-steps=0",
+                $"data.buffered-batches={buffered}", $"data.preprocess-parallelism={parallelism}", "metrics.every-steps=1",
+                "source=\"dataset:emoji\""]);
+            var worst = 0L;
+            PretrainRun? run = null;
+            run = new PretrainRun(settings, new StepProgress(step => worst = Math.Max(worst, run!.SamplesRead - step * batch)));
+            var finalStep = await run.RunAsync(CancellationToken.None);
+            Assert.Equal(steps, finalStep);
+            // Ahead of the trainer: the batches buffered and in the teacher/trainer stages, one being grouped,
+            // and the samples being preprocessed. 1,730 samples wait in the source; without backpressure they would all be read.
+            var bound = batch * (buffered + 3) + parallelism;
+            Assert.True(worst > 0 && worst <= bound, $"read {worst} samples ahead of the trainer; bound {bound}");
+        }
+        finally { Directory.Delete(runDir, recursive: true); }
+    }
+
+    sealed class StepProgress(Action<long> onStep) : IProgress<RunProgress>
+    {
+        public void Report(RunProgress value) => onStep(value.Step);
+    }
+}

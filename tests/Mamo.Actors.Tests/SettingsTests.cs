@@ -1,0 +1,58 @@
+using Xunit;
+
+namespace Mamo.Actors.Tests;
+
+public class SettingsTests
+{
+    [Fact]
+    public void Defaults_load_and_sets_override_them()
+    {
+        var d = MamoSettings.Load();
+        Assert.Equal("tiny", d.Preset);
+        Assert.Equal("dataset:emoji", d.Source);
+        Assert.Equal(0.75, d.Model.ImageMaskRatio);
+        Assert.Equal(TimeSpan.FromMinutes(10), d.CheckpointEvery);
+        var s = MamoSettings.Load(null, ["batch-size=8", "mamo.loss-weights.mim=0", "time-budget=20m", "eval.sets=[\"manifest:/x.jsonl\"]"]);
+        Assert.Equal(8, s.BatchSize);
+        Assert.Equal(0, s.Model.Weights.Mim);
+        Assert.Equal(TimeSpan.FromMinutes(20), s.TimeBudget);
+        Assert.Equal(["manifest:/x.jsonl"], s.EvalSets);
+    }
+
+    [Fact]
+    public void A_config_file_is_layered_under_the_sets()
+    {
+        var file = Path.GetTempFileName();
+        try
+        {
+            File.WriteAllText(file, "mamo { batch-size = 12, optimizer.learning-rate = 1e-3 }");
+            var s = MamoSettings.Load(file, ["batch-size=6"]);
+            Assert.Equal(6, s.BatchSize);
+            Assert.Equal(1e-3, s.Optimizer.LearningRate);
+        }
+        finally { File.Delete(file); }
+    }
+
+    [Theory]
+    [InlineData("batch-sise=8", "mamo.batch-sise")]
+    [InlineData("optimizer.lr=1", "mamo.optimizer.lr")]
+    [InlineData("batch-size=eight", "mamo.batch-size")]
+    [InlineData("batch-size=1", "mamo.batch-size")]
+    [InlineData("model.image-mask-ratio=1.5", "mamo.model.image-mask-ratio")]
+    [InlineData("preset=huge", "mamo.preset")]
+    [InlineData("time-budget=soon", "mamo.time-budget")]
+    [InlineData("optimizer=3", "mamo.optimizer")]
+    [InlineData("model.mrm-top-k=5", "mrm top-k")]
+    public void A_bad_key_or_value_is_an_error_naming_it(string set, string named)
+    {
+        var e = Assert.Throws<SettingsException>(() => MamoSettings.Load(null, [set]));
+        Assert.Contains(named, e.Message);
+    }
+
+    [Fact]
+    public void A_missing_config_file_is_a_clear_error()
+    {
+        var e = Assert.Throws<SettingsException>(() => MamoSettings.Load("/nonexistent/mamo.conf"));
+        Assert.Contains("/nonexistent/mamo.conf", e.Message);
+    }
+}

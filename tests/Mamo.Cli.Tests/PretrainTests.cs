@@ -1,0 +1,156 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Mamo.Data.Datasets;
+using Xunit;
+using Xunit.Abstractions;
+
+namespace Mamo.Cli.Tests;
+
+/// <summary>`mamo pretrain` as a user runs it: a separate process on real emoji data, killed with SIGKILL and
+/// restarted. The ledger (each step's sample ids and loss) is the witness.</summary>
+public class PretrainTests(ITestOutputHelper output)
+{
+    const int Batch = 8, Steps = 12, CheckpointEvery = 4, Samples = 40;
+
+    static readonly string[] Common =
+    [
+        "--plain", "--ledger", "--max-steps", Steps.ToString(),
+        "--set", $"batch-size={Batch}", "--set", $"checkpoint.every-steps={CheckpointEvery}", "--set", "eval.every-steps=0",
+        "--set", "metrics.every-steps=1", "--set", "optimizer.warmup-steps=4", "--set", "torch-threads=1", "--set", "data.preprocess-parallelism=1",
+    ];
+
+    [Fact]
+    public void A_killed_run_resumes_exactly_and_bad_input_is_counted_not_fatal()
+    {
+        using var folder = new TempFolder();
+        var manifest = WriteManifest(folder);
+
+        // The reference: one uninterrupted run.
+        var reference = folder.File("reference");
+        var (code, log) = RunMamo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", reference, .. Common]);
+        Assert.True(code == 0, log);
+        var expected = Ledger(reference);
+        Assert.Equal(Enumerable.Range(0, Steps).Select(i => (long)i), expected.Select(e => e.Step));
+
+        // The same run, killed with SIGKILL once it is past a checkpoint, then restarted.
+        var killed = folder.File("killed");
+        var killedAt = KillAfter(["pretrain", "--source", "manifest:" + manifest, "--run-dir", killed, .. Common], killed, stepsDone: CheckpointEvery + 2);
+        var beforeKill = Ledger(killed);
+        var lastCheckpoint = Directory.GetDirectories(Path.Combine(killed, "checkpoints"), "step-*").Where(d => !d.EndsWith(".tmp"))
+            .Select(d => long.Parse(Path.GetFileName(d)["step-".Length..])).Max();
+        output.WriteLine($"killed after {beforeKill.Count} steps (at {killedAt}); last checkpoint at step {lastCheckpoint}");
+        Assert.True(lastCheckpoint >= CheckpointEvery && lastCheckpoint <= beforeKill.Count);
+
+        (code, log) = RunMamo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", killed, .. Common]);
+        Assert.True(code == 0, log);
+        var all = Ledger(killed);
+        var resumed = all.Skip(beforeKill.Count).ToList();
+
+        // The resumed run continues from the checkpointed step and stream position.
+        Assert.Equal(lastCheckpoint, resumed[0].Step);
+        Assert.Equal(expected[(int)lastCheckpoint - 1].Cursor + 1, resumed[0].Cursor - Batch + 1);
+        // Nothing is lost: the last record of each step matches the uninterrupted run, ids and all.
+        Assert.Equal(expected.Select(e => e.Step), beforeKill.Take((int)lastCheckpoint).Concat(resumed).Select(e => e.Step));
+        foreach (var r in resumed)
+        {
+            var e = expected[(int)r.Step];
+            Assert.Equal(e.Ids, r.Ids);
+            Assert.Equal(e.Cursor, r.Cursor);
+            Assert.True(Math.Abs(e.Loss - r.Loss) <= 1e-4 * Math.Abs(e.Loss), $"step {r.Step}: loss {r.Loss} after resume, {e.Loss} uninterrupted");
+        }
+        // Replays stay within one checkpoint interval.
+        Assert.True(beforeKill.Count - lastCheckpoint <= CheckpointEvery + 2);
+
+        // The four bad lines were reported with reasons, and training went on.
+        var deadLetters = File.ReadAllLines(Path.Combine(reference, "dead-letters.jsonl"));
+        Assert.Equal(4, deadLetters.Length);
+        Assert.Contains(deadLetters, l => l.Contains("malformed JSON"));
+        Assert.Contains(deadLetters, l => l.Contains("id corrupt"));
+        Assert.Contains(deadLetters, l => l.Contains("missing.png"));
+        Assert.Contains(deadLetters, l => l.Contains("caption"));
+    }
+
+    [Fact]
+    public void A_bad_setting_is_a_clear_error_naming_the_key()
+    {
+        using var folder = new TempFolder();
+        var (code, log) = RunMamo(["pretrain", "--run-dir", folder.File("run"), "--set", "optimizer.learnig-rate=1"]);
+        Assert.Equal(2, code);
+        Assert.Contains("mamo.optimizer.learnig-rate", log);
+        (code, log) = RunMamo(["pretrain", "--run-dir", folder.File("run"), "--set", "batch-size=lots"]);
+        Assert.Equal(2, code);
+        Assert.Contains("mamo.batch-size", log);
+    }
+
+    sealed record Entry(long Step, long Cursor, double Loss, string[] Ids);
+
+    static List<Entry> Ledger(string runDir) => File.ReadAllLines(Path.Combine(runDir, "ledger.jsonl"))
+        .Where(l => l.EndsWith('}'))   // a line cut by SIGKILL is not a record
+        .Select(l => JsonDocument.Parse(l).RootElement)
+        .Select(e => new Entry(e.GetProperty("step").GetInt64(), e.GetProperty("cursor").GetInt64(), e.GetProperty("loss").GetDouble(),
+            e.GetProperty("ids").EnumerateArray().Select(i => i.GetString()!).ToArray()))
+        .ToList();
+
+    /// <summary>Forty real emoji plus four bad lines: malformed JSON, an undecodable PNG, a missing file, no caption.</summary>
+    static string WriteManifest(TempFolder folder)
+    {
+        var emoji = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TrainSplit);
+        var root = Path.GetDirectoryName(emoji)!;
+        Directory.CreateDirectory(folder.File("images"));
+        var lines = new List<string>();
+        foreach (var line in File.ReadLines(emoji).Take(Samples))
+        {
+            var image = JsonDocument.Parse(line).RootElement.GetProperty("image").GetString()!;
+            File.Copy(Path.Combine(root, image), folder.File(image));
+            lines.Add(line);
+        }
+        File.WriteAllBytes(folder.File("images/corrupt.png"), [0x89, (byte)'P', (byte)'N', (byte)'G', 1, 2, 3]);
+        lines.Insert(5, "{\"id\": \"broken\", \"image\": ");
+        lines.Insert(11, "{\"id\": \"corrupt\", \"image\": \"images/corrupt.png\", \"caption\": \"a broken picture\"}");
+        lines.Insert(17, "{\"id\": \"missing\", \"image\": \"images/missing.png\", \"caption\": \"nothing here\"}");
+        lines.Insert(23, "{\"id\": \"silent\", \"image\": \"" + JsonDocument.Parse(lines[0]).RootElement.GetProperty("image").GetString() + "\", \"captions\": [\"\", \"  \"]}");
+        var manifest = folder.File("train.jsonl");
+        File.WriteAllLines(manifest, lines);
+        return manifest;
+    }
+
+    static ProcessStartInfo Mamo(IEnumerable<string> args)
+    {
+        var info = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "mamo.dll"));
+        foreach (var a in args) info.ArgumentList.Add(a);
+        return info;
+    }
+
+    static (int Code, string Log) RunMamo(IEnumerable<string> args)
+    {
+        using var p = Process.Start(Mamo(args))!;
+        var stderr = p.StandardError.ReadToEndAsync();
+        var stdout = p.StandardOutput.ReadToEnd();
+        if (!p.WaitForExit(TimeSpan.FromMinutes(5))) { p.Kill(entireProcessTree: true); throw new TimeoutException("mamo did not finish"); }
+        return (p.ExitCode, stdout + stderr.Result);
+    }
+
+    /// <summary>Starts mamo and SIGKILLs it once the ledger shows `stepsDone` steps.</summary>
+    static TimeSpan KillAfter(IEnumerable<string> args, string runDir, int stepsDone)
+    {
+        using var p = Process.Start(Mamo(args))!;
+        _ = p.StandardOutput.ReadToEndAsync();
+        _ = p.StandardError.ReadToEndAsync();
+        var clock = Stopwatch.StartNew();
+        var ledger = Path.Combine(runDir, "ledger.jsonl");
+        while (clock.Elapsed < TimeSpan.FromMinutes(5))
+        {
+            if (p.HasExited) throw new InvalidOperationException($"mamo exited ({p.ExitCode}) before it could be killed");
+            if (File.Exists(ledger) && File.ReadAllLines(ledger).Length >= stepsDone)
+            {
+                p.Kill();   // SIGKILL: no chance to checkpoint
+                p.WaitForExit();
+                return clock.Elapsed;
+            }
+            Thread.Sleep(20);
+        }
+        p.Kill();
+        throw new TimeoutException("mamo did not reach the kill point");
+    }
+}
