@@ -78,7 +78,7 @@ public static class Retrieval
 
             Tensor Match(Tensor imageIndex, Tensor textIndex) => InBatches(imageIndex.shape[0], batchSize, r =>
                 model.MatchProbability(imageTokens.index_select(0, imageIndex[r]), textTokens.index_select(0, textIndex[r]), mask.index_select(0, textIndex[r])));
-            var i2t = Rerank(sims, k, (image, text) => Match(image, text));
+            var i2t = Rerank(sims, k, Match);
             var t2i = Rerank(sims.t(), k, (text, image) => Match(image, text));
             return (i2t.cpu().to(float32).MoveToOuterDisposeScope(), t2i.cpu().to(float32).MoveToOuterDisposeScope());
         }
@@ -116,12 +116,16 @@ public static class Retrieval
         using (i2t) using (t2i) return Metrics(i2t, t2i, textToImage);
     }
 
-    /// <summary>Runs <paramref name="forward"/> on consecutive slices of at most <paramref name="batchSize"/> rows and concatenates the results.</summary>
+    /// <summary>Runs <paramref name="forward"/> on consecutive slices of at most <paramref name="batchSize"/> rows and concatenates the results.
+    /// Each slice has its own dispose scope, so its activations are freed before the next one, not at the end.</summary>
     static Tensor InBatches(long count, int batchSize, Func<TensorIndex, Tensor> forward)
     {
         var parts = new List<Tensor>();
         for (long start = 0; start < count; start += batchSize)
-            parts.Add(forward(TensorIndex.Slice(start, Math.Min(start + batchSize, count))));
+        {
+            using var scope = NewDisposeScope();
+            parts.Add(forward(TensorIndex.Slice(start, Math.Min(start + batchSize, count))).MoveToOuterDisposeScope());
+        }
         return cat(parts, 0);
     }
 }
