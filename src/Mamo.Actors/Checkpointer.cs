@@ -15,16 +15,17 @@ public sealed class Checkpointer : ReceiveActor
     /// <summary>Published on the event stream once a checkpoint is on disk.</summary>
     public sealed record CheckpointDurable(long Step, long Cursor, string Path);
 
-    public const string CursorKey = "cursor";
+    public const string CursorKey = "cursor", SeedKey = "seed";
 
     readonly string runDir;
     readonly MamoConfig config;
-    readonly int keepLast;
+    readonly int keepLast, seed;
     readonly Dictionary<long, TrainerReplica.StudentSnapshot> students = new();
     readonly Dictionary<long, MomentumTeacher.TeacherSnapshot> teachers = new();
 
-    public Checkpointer(string runDir, MamoConfig config, int keepLast)
+    public Checkpointer(string runDir, MamoConfig config, int keepLast, int seed)
     {
+        this.seed = seed;
         this.runDir = runDir;
         this.config = config;
         this.keepLast = keepLast;
@@ -32,8 +33,8 @@ public sealed class Checkpointer : ReceiveActor
         Receive<MomentumTeacher.TeacherSnapshot>(t => { teachers[t.Step] = t; TryWrite(t.Step); });
     }
 
-    public static Props Props(string runDir, MamoConfig config, int keepLast) =>
-        Akka.Actor.Props.Create(() => new Checkpointer(runDir, config, keepLast)).WithDispatcher(Dispatchers.Io);
+    public static Props Props(string runDir, MamoConfig config, int keepLast, int seed) =>
+        Akka.Actor.Props.Create(() => new Checkpointer(runDir, config, keepLast, seed)).WithDispatcher(Dispatchers.Io);
 
     void TryWrite(long step)
     {
@@ -56,12 +57,17 @@ public sealed class Checkpointer : ReceiveActor
         var root = Path.Combine(runDir, Checkpoint.RunFolder);
         Directory.CreateDirectory(root);
         var final = Path.Combine(root, Checkpoint.StepFolderName(s.Step));
+        if (Directory.Exists(final) && File.Exists(Path.Combine(final, Checkpoint.StateFile))) return final;   // already durable
         var temp = final + ".tmp";
         if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
         var state = new Checkpoint.State(s.Step, s.OptimizerStep, t.TeacherStep,
-            new Dictionary<string, string> { [CursorKey] = s.Cursor.ToString(CultureInfo.InvariantCulture) });
+            new Dictionary<string, string>
+            {
+                [CursorKey] = s.Cursor.ToString(CultureInfo.InvariantCulture), [SeedKey] = seed.ToString(CultureInfo.InvariantCulture),
+            });
         Checkpoint.Save(temp, config, s.Student, t.Weights, s.Optimizer, state);
-        if (Directory.Exists(final)) Directory.Delete(final, recursive: true);
+        FsyncDirectory(temp);
+        if (Directory.Exists(final)) Directory.Delete(final, recursive: true);   // a leftover without state.json
         Directory.Move(temp, final);
         FsyncDirectory(root);
         Prune(root);

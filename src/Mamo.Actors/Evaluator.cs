@@ -24,10 +24,14 @@ public sealed class Evaluator : ReceiveActor
     readonly IReadOnlyList<NamedSet> sets;
     readonly MamoModel model;
     readonly int k, batchSize;
+    readonly CancellationToken shutdown;
     bool busy;
 
-    public Evaluator(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize)
+    /// <param name="shutdown">cancelled when the run stops, so that an evaluation in progress gives way</param>
+    public Evaluator(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize,
+        CancellationToken shutdown)
     {
+        this.shutdown = shutdown;
         this.teacher = teacher;
         this.metrics = metrics;
         this.sets = sets;
@@ -51,9 +55,13 @@ public sealed class Evaluator : ReceiveActor
                 foreach (var (name, set) in sets)
                 {
                     var started = DateTime.UtcNow;
-                    var m = Retrieval.Evaluate(model, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, k, batchSize);
+                    var m = Retrieval.Evaluate(model, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, k, batchSize, shutdown);
                     metrics.Tell(new EvalCompleted(s.Step, name, set.ImageCount, set.TextCount, m, DateTime.UtcNow - started));
                 }
+            }
+            catch (OperationCanceledException)
+            {
+                Log.Information("evaluation at step {Step} cancelled: the run is stopping", s.Step);
             }
             catch (Exception ex)
             {
@@ -66,8 +74,9 @@ public sealed class Evaluator : ReceiveActor
         });
     }
 
-    public static Props Props(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize) =>
-        Akka.Actor.Props.Create(() => new Evaluator(config, device, sets, teacher, metrics, k, batchSize)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize,
+        CancellationToken shutdown) =>
+        Akka.Actor.Props.Create(() => new Evaluator(config, device, sets, teacher, metrics, k, batchSize, shutdown)).WithDispatcher(Dispatchers.Model);
 
     void Load(MomentumTeacher.TeacherSnapshot s)
     {

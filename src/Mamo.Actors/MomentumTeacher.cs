@@ -11,7 +11,7 @@ namespace Mamo.Actors;
 /// seeded run is reproducible and a resumed run repeats the uninterrupted one.</summary>
 public sealed class MomentumTeacher : UntypedActor, IWithStash
 {
-    /// <summary>Targets for step Step of an unmasked batch. The sender keeps owning the tensors.</summary>
+    /// <summary>Targets for step Step of an unmasked batch; the teacher owns (and disposes) the tensors.</summary>
     public sealed record ComputeTargets(long Step, Tensor Images, Tensor TokenIds, Tensor AttentionMask);
     /// <summary>Reply to ComputeTargets; the receiver owns the tensors.</summary>
     public sealed record TargetsReady(long Step, TeacherTargets Targets);
@@ -57,18 +57,18 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
                     targets.FusedLatents.DetachFromDisposeScope();
                     Sender.Tell(new TargetsReady(c.Step, targets));
                 }
+                c.Images.Dispose(); c.TokenIds.Dispose(); c.AttentionMask.Dispose();
                 break;
             case StudentUpdated u:
+                // Every target request up to this step has been served (the student could not have taken it
+                // otherwise), so folding now cannot change any target; it keeps at most one copy pending.
                 pending.Enqueue(u);
-                if (u.SnapshotTo is not null)
-                {
-                    FoldThrough(u.StepsDone - lag);
-                    u.SnapshotTo.Tell(new TeacherSnapshot(u.StepsDone, emaThrough, Copy()));
-                }
+                FoldThrough(u.StepsDone - lag);
+                u.SnapshotTo?.Tell(new TeacherSnapshot(u.StepsDone, emaThrough, Copy()));
                 Stash.UnstashAll();
                 break;
-            case GetWeights g:
-                Sender.Tell(new TeacherSnapshot(g.Step, emaThrough, Copy()));
+            case GetWeights:
+                Sender.Tell(new TeacherSnapshot(emaThrough, emaThrough, Copy()));
                 break;
             default:
                 Unhandled(message);
@@ -92,8 +92,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
         return true;
     }
 
-    (string, Tensor)[] Copy() =>
-        teacher.named_parameters().Select(p => (p.name, p.parameter.detach().clone().DetachFromDisposeScope())).ToArray();
+    (string, Tensor)[] Copy() => teacher.named_parameters().Select(p => (p.name, Tensors.Copy(p.parameter))).ToArray();
 
     static void Dispose(Tensor[] tensors) { foreach (var t in tensors) t.Dispose(); }
 

@@ -18,6 +18,10 @@ namespace Mamo.Actors;
 /// pipeline from the last checkpoint, with backoff; a stop request finishes the step in hand and checkpoints.</summary>
 public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? progress = null)
 {
+    const int MaxBackoffDoublings = 20;
+    /// <summary>Mixed into the run's seed for per-sample randomness (crops, caption picks), apart from the step seeds.</summary>
+    const int PreprocessSeedSalt = 0x5eed;
+
     readonly Stopwatch clock = Stopwatch.StartNew();
     long samplesRead;
 
@@ -57,15 +61,18 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
 
             for (int attempt = 0; ; attempt++)
             {
+                var before = Checkpoint.Latest(s.RunDir);
                 try
                 {
                     return await RunOnceAsync(samples, preparer, evalSets, bad, device, stop);
                 }
                 catch (Exception e) when (e is not TrainerReplica.DivergedException and not SettingsException && !stop.IsCancellationRequested && attempt < s.MaxRestarts)
                 {
-                    var backoff = TimeSpan.FromTicks(Math.Min(s.MaxBackoff.Ticks, s.MinBackoff.Ticks << Math.Min(attempt, 20)));
+                    if (Checkpoint.Latest(s.RunDir) != before) attempt = 0;   // it made progress: a fresh failure, not a crash loop
+                    var backoff = TimeSpan.FromTicks(Math.Min(s.MaxBackoff.Ticks, s.MinBackoff.Ticks << Math.Min(attempt, MaxBackoffDoublings)));
                     Log.Error(e, "the pipeline failed; restarting from the last checkpoint in {Backoff} (restart {Attempt} of {Max})", backoff, attempt + 1, s.MaxRestarts);
-                    await Task.Delay(backoff, stop);
+                    try { await Task.Delay(backoff, stop); }
+                    catch (OperationCanceledException) { return Checkpoint.Latest(s.RunDir) is { } c ? Checkpoint.ReadState(c).Step : 0; }
                 }
             }
         }
@@ -79,24 +86,10 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         List<BadInput> loadBad, Device device, CancellationToken stop)
     {
         var s = settings;
-        var latest = Checkpoint.Latest(s.RunDir);
         MamoTrainer trainer;
         MamoModel teacherModel;
         long teacherStep, cursor;
-        if (latest is not null)
-        {
-            trainer = MamoTrainer.Load(latest, s.Optimizer, device, s.Seed, withTeacher: false);
-            if (trainer.Config != s.Model) Log.Warning("the checkpoint's model config differs from the settings; the checkpoint's is used");
-            teacherModel = new MamoModel(trainer.Config);
-            teacherModel.to(device);
-            Checkpoint.LoadModel(latest, Checkpoint.TeacherFile, teacherModel);
-            foreach (var p in teacherModel.parameters()) p.requires_grad = false;
-            teacherModel.eval();
-            var state = Checkpoint.ReadState(latest);
-            teacherStep = state.TeacherStep;
-            cursor = long.Parse(state.Extra[Checkpointer.CursorKey], CultureInfo.InvariantCulture);
-            Log.Information("resuming from {Checkpoint}: step {Step}, stream cursor {Cursor}", latest, trainer.Step, cursor);
-        }
+        if (Resume(device) is { } resumed) (trainer, teacherModel, teacherStep, cursor) = resumed;
         else
         {
             trainer = new MamoTrainer(s.Model, s.Optimizer, device, s.Seed, withTeacher: false);
@@ -108,19 +101,20 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         }
 
         var system = ActorSystem.Create("mamo", s.Config);
+        using var stopping = new CancellationTokenSource();
         try
         {
             var startStep = trainer.Step;
             var metrics = system.ActorOf(Metrics.Props(s.RunDir, s.MetricsEverySteps, s.Ledger, progress, step => Remaining(step, startStep)), "metrics");
             foreach (var b in loadBad) metrics.Tell(new Metrics.DeadLetter(b));
             loadBad.Clear();   // reported once, not again after a restart
-            var checkpointer = system.ActorOf(Checkpointer.Props(s.RunDir, trainer.Config, s.KeepLast), "checkpointer");
+            var checkpointer = system.ActorOf(Checkpointer.Props(s.RunDir, trainer.Config, s.KeepLast, s.Seed), "checkpointer");
             var teacher = system.ActorOf(MomentumTeacher.Props(teacherModel, teacherStep, s.TeacherPipelined), "teacher");
             if (teacherStep < trainer.Step)
                 teacher.Tell(new MomentumTeacher.StudentUpdated(trainer.Step,
-                    trainer.Student.parameters().Select(p => p.detach().clone().DetachFromDisposeScope()).ToArray()));
+                    trainer.Student.parameters().Select(p => Tensors.Copy(p)).ToArray()));
             var trainerActor = system.ActorOf(TrainerReplica.Props(trainer, cursor, teacher, checkpointer, s), "trainer");
-            var evaluator = system.ActorOf(Evaluator.Props(trainer.Config, device, evalSets, teacher, metrics, s.EvalK, s.EvalBatchSize), "evaluator");
+            var evaluator = system.ActorOf(Evaluator.Props(trainer.Config, device, evalSets, teacher, metrics, s.EvalK, s.EvalBatchSize, stopping.Token), "evaluator");
             var durable = Inbox.Create(system);
             system.EventStream.Subscribe(durable.Receiver, typeof(Checkpointer.CheckpointDurable));
 
@@ -130,14 +124,23 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                 var (killSwitch, done) = Build(samples, preparer, cursor + 1, startStep, remainingSteps, teacher, trainerActor, metrics, evaluator)
                     .Run(system.Materializer());
                 using var onStop = stop.Register(killSwitch.Shutdown);
-                using var budget = s.TimeBudget > TimeSpan.Zero ? new Timer(_ => killSwitch.Shutdown(), null, s.TimeBudget - clock.Elapsed < TimeSpan.Zero ? TimeSpan.Zero : s.TimeBudget - clock.Elapsed, Timeout.InfiniteTimeSpan) : null;
+                var left = s.TimeBudget - clock.Elapsed;
+                using var budget = s.TimeBudget > TimeSpan.Zero ? new Timer(_ => killSwitch.Shutdown(), null, left < TimeSpan.Zero ? TimeSpan.Zero : left, Timeout.InfiniteTimeSpan) : null;
+                // An actor that dies (its supervisor stops it on any exception) fails the run, which then restarts
+                // from the last checkpoint: a restarted actor would carry stale state.
+                var died = Task.WhenAny(trainerActor.WatchAsync(), teacher.WatchAsync(), checkpointer.WatchAsync());
+                if (await Task.WhenAny(done, died) != done)
+                {
+                    killSwitch.Abort(new InvalidOperationException("an actor of the pipeline stopped"));
+                    throw new InvalidOperationException("an actor of the pipeline (trainer, teacher or checkpointer) stopped; see the log for its exception");
+                }
                 await done;
             }
 
-            var finalStep = await trainerActor.Ask<long>(new TrainerReplica.CheckpointNow());
-            while (true)
+            var finalStep = await trainerActor.Ask<long>(new TrainerReplica.CheckpointNow(), s.CheckpointWriteTimeout);
+            while (Checkpoint.Latest(s.RunDir) is not { } c || Checkpoint.ReadState(c).Step != finalStep)
             {
-                var message = await durable.ReceiveAsync(TimeSpan.FromMinutes(10));
+                var message = await durable.ReceiveAsync(s.CheckpointWriteTimeout);
                 if (message is Checkpointer.CheckpointDurable d && d.Step == finalStep) break;
             }
             Log.Information("stopped at step {Step} after {Elapsed}", finalStep, clock.Elapsed);
@@ -145,10 +148,45 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         }
         finally
         {
+            await stopping.CancelAsync();
             await system.Terminate();
             trainer.Dispose();
             teacherModel.Dispose();
         }
+    }
+
+    /// <summary>The student, teacher and stream position of the newest checkpoint that loads; an unreadable one is
+    /// skipped with a warning (the one before it is whole). Null for a new run.</summary>
+    (MamoTrainer Trainer, MamoModel Teacher, long TeacherStep, long Cursor)? Resume(Device device)
+    {
+        var s = settings;
+        foreach (var dir in Checkpoint.Complete(s.RunDir))
+        {
+            MamoTrainer? trainer = null;
+            try
+            {
+                var state = Checkpoint.ReadState(dir);
+                if (state.Extra.TryGetValue(Checkpointer.SeedKey, out var seed) && seed != s.Seed.ToString(CultureInfo.InvariantCulture))
+                    throw new SettingsException($"the run in {s.RunDir} was started with seed {seed}, not {s.Seed}; resume with --set seed={seed} or use another --run-dir");
+                trainer = MamoTrainer.Load(dir, s.Optimizer, device, s.Seed, withTeacher: false, config: s.Model);
+                var teacher = Momentum.CreateTeacher(trainer.Student);
+                Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, teacher);
+                var cursor = state.Extra.TryGetValue(Checkpointer.CursorKey, out var c) ? long.Parse(c, CultureInfo.InvariantCulture) : -1;
+                Log.Information("resuming from {Checkpoint}: step {Step}, stream cursor {Cursor}", dir, trainer.Step, cursor);
+                return (trainer, teacher, state.TeacherStep, cursor);
+            }
+            catch (InvalidDataException e) when (e.Message.Contains("another architecture"))
+            {
+                trainer?.Dispose();
+                throw new SettingsException($"cannot resume: {e.Message}; use another --run-dir or the same --preset");
+            }
+            catch (Exception e) when (e is IOException or InvalidDataException or System.Text.Json.JsonException or FormatException)
+            {
+                trainer?.Dispose();
+                Log.Warning("checkpoint {Checkpoint} cannot be loaded ({Error}); trying the one before", dir, e.Message);
+            }
+        }
+        return null;
     }
 
     TimeSpan? Remaining(long step, long startStep)
@@ -174,7 +212,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         var batches = Source.From(samples.From(firstCursor).Select(x => { Interlocked.Increment(ref samplesRead); return x; }))
             .SelectAsync(s.PreprocessParallelism, x => Task.Run(() =>
             {
-                var random = new Random(Seeds.Mix(s.Seed ^ 0x5eed, x.Cursor));   // crops and caption picks repeat on resume
+                var random = new Random(Seeds.Mix(s.Seed ^ PreprocessSeedSalt, x.Cursor));   // crops and caption picks repeat on resume
                 return preparer.TryPrepareForTraining(x.Sample, random, out var p, out var bad)
                     ? new Prepared(x.Cursor, p, null) : new Prepared(x.Cursor, null, bad);
             }))
@@ -213,22 +251,13 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     static async Task<TeacherTargets> Targets(IActorRef teacher, Collated c)
     {
         var b = c.Batch;
-        var ready = await teacher.Ask<MomentumTeacher.TargetsReady>(new MomentumTeacher.ComputeTargets(c.Step, b.Images, b.TokenIds, b.AttentionMask));
+        var ready = await teacher.Ask<MomentumTeacher.TargetsReady>(
+            new MomentumTeacher.ComputeTargets(c.Step, Tensors.Copy(b.Images), Tensors.Copy(b.TokenIds), Tensors.Copy(b.AttentionMask)));
         return ready.Targets;
     }
 
-    static async Task<TrainerReplica.StepCompleted> Train(IActorRef trainer, WithTargets w)
-    {
-        try
-        {
-            return await trainer.Ask<TrainerReplica.StepCompleted>(new TrainerReplica.Train(w.Input.Step, w.Input.Batch, w.Targets, w.Input.Cursor));
-        }
-        finally
-        {
-            w.Input.Batch.Dispose();
-            w.Targets?.Dispose();
-        }
-    }
+    static Task<TrainerReplica.StepCompleted> Train(IActorRef trainer, WithTargets w) =>
+        trainer.Ask<TrainerReplica.StepCompleted>(new TrainerReplica.Train(w.Input.Step, w.Input.Batch, w.Targets, w.Input.Cursor));
 
     /// <summary>cpu, cuda or cuda:N, with a clear error where CUDA is absent.</summary>
     public static Device OpenDevice(string name)

@@ -40,6 +40,7 @@ public sealed record MamoSettings
     public required int CheckpointEverySteps { get; init; }
     public required TimeSpan CheckpointEvery { get; init; }
     public required int KeepLast { get; init; }
+    public required TimeSpan CheckpointWriteTimeout { get; init; }
     public required int MaxNonFiniteSteps { get; init; }
     public required int MaxRestarts { get; init; }
     public required TimeSpan MinBackoff { get; init; }
@@ -144,11 +145,16 @@ public sealed record MamoSettings
             WeightDecay = NonNegative("optimizer.weight-decay"),
             Beta1 = Ratio("optimizer.beta1"),
             Beta2 = Ratio("optimizer.beta2"),
-            Epsilon = NonNegative("optimizer.epsilon"),
+            Epsilon = Get("optimizer.epsilon", k => c.GetDouble(k), v => v > 0, "must be positive"),
             ClipNorm = NonNegative("optimizer.clip-norm"),
         };
+        if (optimizer.MinLearningRate > optimizer.LearningRate)
+            throw new SettingsException($"'mamo.optimizer.min-learning-rate' ({optimizer.MinLearningRate}) must not exceed 'mamo.optimizer.learning-rate' ({optimizer.LearningRate})");
         var cropMin = Get("data.crop-min-scale", k => c.GetDouble(k), v => v is > 0 and <= 1, "must lie in (0, 1]");
         var cropMax = Get("data.crop-max-scale", k => c.GetDouble(k), v => v >= cropMin && v <= 1, "must lie in [crop-min-scale, 1]");
+
+        var minBackoff = Duration("supervision.min-backoff");
+        var maxBackoff = Get("supervision.max-backoff", k => c.GetTimeSpan(k), v => v >= minBackoff, "must be >= supervision.min-backoff");
 
         return new MamoSettings
         {
@@ -181,10 +187,11 @@ public sealed record MamoSettings
             CheckpointEverySteps = Int("checkpoint.every-steps", 0),
             CheckpointEvery = Duration("checkpoint.every"),
             KeepLast = Int("checkpoint.keep-last", 1),
+            CheckpointWriteTimeout = Get("checkpoint.write-timeout", k => c.GetTimeSpan(k), v => v > TimeSpan.Zero, "must be positive"),
             MaxNonFiniteSteps = Int("supervision.max-nonfinite-steps", 1),
             MaxRestarts = Int("supervision.max-restarts", 0),
-            MinBackoff = Duration("supervision.min-backoff"),
-            MaxBackoff = Duration("supervision.max-backoff"),
+            MinBackoff = minBackoff,
+            MaxBackoff = maxBackoff,
             MetricsEverySteps = Int("metrics.every-steps", 1),
         };
     }

@@ -10,7 +10,8 @@ namespace Mamo.Actors;
 /// and at checkpoint time sends a consistent snapshot to the checkpointer.</summary>
 public sealed class TrainerReplica : ReceiveActor
 {
-    /// <summary>Train step Step on a batch. Cursor: the stream position of the batch's last sample. The sender keeps the batch.</summary>
+    /// <summary>Train step Step on a batch. Cursor: the stream position of the batch's last sample. The trainer owns
+    /// (and disposes) the batch and the targets.</summary>
     public sealed record Train(long Step, Batch Batch, TeacherTargets? Targets, long Cursor);
     /// <summary>Reply to Train.</summary>
     public sealed record StepCompleted(StepResult Result, long Cursor, string[] Ids, int NonFiniteInARow);
@@ -26,14 +27,15 @@ public sealed class TrainerReplica : ReceiveActor
     readonly IActorRef teacher, checkpointer;
     readonly MamoSettings settings;
     readonly Tensor[] studentParameters;
-    DateTime lastCheckpoint = DateTime.UtcNow;
-    long cursor;
+    readonly System.Diagnostics.Stopwatch sinceCheckpoint = System.Diagnostics.Stopwatch.StartNew();
+    long cursor, lastCheckpointStep;
     int nonFiniteInARow;
 
     public TrainerReplica(MamoTrainer trainer, long cursor, IActorRef teacher, IActorRef checkpointer, MamoSettings settings)
     {
         this.trainer = trainer;
         this.cursor = cursor;
+        lastCheckpointStep = trainer.Step;
         this.teacher = teacher;
         this.checkpointer = checkpointer;
         this.settings = settings;
@@ -43,10 +45,15 @@ public sealed class TrainerReplica : ReceiveActor
         {
             try { Sender.Tell(TrainStep(t)); }
             catch (Exception e) { Sender.Tell(new Status.Failure(e)); }
+            finally
+            {
+                t.Batch.Dispose();
+                t.Targets?.Dispose();
+            }
         });
         Receive<CheckpointNow>(_ =>
         {
-            SendSnapshots();
+            if (trainer.Step != lastCheckpointStep) SendSnapshots();
             Sender.Tell(trainer.Step);
         });
     }
@@ -70,7 +77,7 @@ public sealed class TrainerReplica : ReceiveActor
             throw new DivergedException($"{nonFiniteInARow} non-finite losses in a row (last at step {result.Step}): the run diverged; lower optimizer.learning-rate or check the data");
 
         var due = settings.CheckpointEverySteps > 0 && trainer.Step % settings.CheckpointEverySteps == 0
-               || settings.CheckpointEvery > TimeSpan.Zero && DateTime.UtcNow - lastCheckpoint >= settings.CheckpointEvery;
+               || settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= settings.CheckpointEvery;
         if (due) SendSnapshots();
         else teacher.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
         return new StepCompleted(result, t.Cursor, b.Ids, nonFiniteInARow);
@@ -80,14 +87,13 @@ public sealed class TrainerReplica : ReceiveActor
     /// to the checkpointer; both halves carry the same step.</summary>
     void SendSnapshots()
     {
-        lastCheckpoint = DateTime.UtcNow;
+        sinceCheckpoint.Restart();
+        lastCheckpointStep = trainer.Step;
         teacher.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent(), SnapshotTo: checkpointer));
-        var student = trainer.Student.named_parameters().Select(p => (p.name, Copy(p.parameter))).ToArray();
-        var optimizer = trainer.Optimizer.State().Select(s => (s.Name, Copy(s.Value))).ToArray();
+        var student = trainer.Student.named_parameters().Select(p => (p.name, Tensors.Copy(p.parameter))).ToArray();
+        var optimizer = trainer.Optimizer.State().Select(s => (s.Name, Tensors.Copy(s.Value))).ToArray();
         checkpointer.Tell(new StudentSnapshot(trainer.Step, trainer.Optimizer.Step, cursor, student, optimizer));
     }
 
-    Tensor[] CopyStudent() => studentParameters.Select(Copy).ToArray();
-
-    static Tensor Copy(Tensor t) => t.detach().clone().DetachFromDisposeScope();
+    Tensor[] CopyStudent() => studentParameters.Select(Tensors.Copy).ToArray();
 }

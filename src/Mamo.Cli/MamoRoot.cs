@@ -12,5 +12,6 @@ public static class MamoRoot
         DatasetsCommand.Create(),
         EvalCommand.Create(),
         PlotCommand.Create(),
+        BenchCommand.Create(),
     };
 }

@@ -67,8 +67,4 @@ public static class Collator
             samples.Select(s => s.Id).ToArray(),
             samples.Select(s => s.Position).ToArray());
     }
-
-    /// <summary>One sample's pixels as a [3, S, S] float32 tensor.</summary>
-    public static Tensor ImageTensor(float[] pixels, int imageSize) =>
-        tensor(pixels, [Channels, imageSize, imageSize], ScalarType.Float32);
 }

@@ -27,7 +27,8 @@ public sealed record OptimizerConfig
 }
 
 /// <summary>AdamW (decoupled weight decay). Written out so its state is plain named tensors, which the
-/// checkpoint stores as safetensors. Matrices decay; biases, norms and 1-D parameters do not.</summary>
+/// checkpoint stores as safetensors. Weight matrices decay; biases, norms, embeddings, learned tokens and the
+/// temperature do not.</summary>
 public sealed class AdamW : IDisposable
 {
     readonly (string Name, Parameter Param)[] parameters;
@@ -42,7 +43,7 @@ public sealed class AdamW : IDisposable
         parameters = named.Where(p => p.Param.requires_grad).ToArray();
         m = parameters.Select(p => zeros_like(p.Param).DetachFromDisposeScope()).ToArray();
         v = parameters.Select(p => zeros_like(p.Param).DetachFromDisposeScope()).ToArray();
-        decays = parameters.Select(p => p.Param.dim() >= 2 && !p.Name.Contains("Embedding")).ToArray();
+        decays = parameters.Select(p => p.Param.dim() >= 2 && !p.Name.Contains("Embedding") && !p.Name.Contains("Token")).ToArray();
     }
 
     public void ZeroGrad()
@@ -84,9 +85,14 @@ public sealed class AdamW : IDisposable
     public void LoadState(IReadOnlyDictionary<string, Tensor> state, long step)
     {
         using var noGrad = no_grad();
-        foreach (var (name, value) in State())
+        var expected = State().ToList();
+        var unknown = state.Keys.Except(expected.Select(e => e.Name)).FirstOrDefault();
+        if (unknown is not null) throw new InvalidDataException($"optimizer state has '{unknown}', which no parameter matches");
+        foreach (var (name, value) in expected)
         {
             if (!state.TryGetValue(name, out var saved)) throw new InvalidDataException($"optimizer state lacks '{name}'");
+            if (!saved.shape.SequenceEqual(value.shape))
+                throw new InvalidDataException($"optimizer state '{name}' has shape [{string.Join(",", saved.shape)}], the parameter [{string.Join(",", value.shape)}]");
             value.copy_(saved);
         }
         Step = step;

@@ -25,17 +25,20 @@ public static class Checkpoint
     /// checkpoint of the run directory <paramref name="path"/> (complete: its state.json, written last, exists;
     /// unfinished *.tmp folders do not match). Null if there is none.
     /// </summary>
-    public static string? Latest(string path)
+    public static string? Latest(string path) =>
+        File.Exists(Path.Combine(path, ConfigFile)) ? Path.GetFullPath(path) : Complete(path).FirstOrDefault();
+
+    /// <summary>The complete checkpoints of a run directory, newest first.</summary>
+    public static IEnumerable<string> Complete(string runDir)
     {
-        if (File.Exists(Path.Combine(path, ConfigFile))) return Path.GetFullPath(path);
-        var folder = Path.Combine(path, RunFolder);
-        if (!Directory.Exists(folder)) return null;
+        var folder = Path.Combine(runDir, RunFolder);
+        if (!Directory.Exists(folder)) return [];
         return Directory.EnumerateDirectories(folder)
             .Select(dir => (dir, match: StepFolder.Match(Path.GetFileName(dir))))
             .Where(d => d.match.Success && File.Exists(Path.Combine(d.dir, StateFile)))
             .OrderByDescending(d => long.Parse(d.match.Groups[1].Value))
             .Select(d => Path.GetFullPath(d.dir))
-            .FirstOrDefault();
+            .ToList();
     }
 
     /// <param name="Step">steps the student has taken</param>

@@ -98,8 +98,6 @@ public sealed class FusionEncoder : Module<Tensor, Tensor, Tensor, Tensor>
         RegisterComponents();
     }
 
-    public int Layers => blocks.Count;
-
     public override Tensor forward(Tensor image, Tensor text, Tensor textMask) => Forward(image, text, textMask, keepHidden: false).Output;
 
     /// <param name="image">[B, Li, W]</param>

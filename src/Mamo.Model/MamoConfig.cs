@@ -87,12 +87,22 @@ public sealed record MamoConfig
         Require(MrmTopK >= 1 && MrmTopK <= FusionLayers, $"mrm top-k {MrmTopK} must lie in 1..{FusionLayers}");
         Require(ImageMaskRatio is >= 0 and < 1, "image mask ratio must lie in [0, 1)");
         Require(TextMaskRatio is >= 0 and < 1, "text mask ratio must lie in [0, 1)");
+        Require(ImageMaskRatio > 0 || Weights.Mim == 0 && Weights.Mrm == 0, "MIM and MRM need an image mask ratio above 0");
+        Require(TextMaskRatio > 0 || Weights.Mlm == 0 && Weights.Mrm == 0, "MLM and MRM need a text mask ratio above 0");
         Require(MomentumDecay is >= 0 and <= 1, "momentum decay must lie in [0, 1]");
         Require(MaxTextLength >= 3, "max text length must leave room for [CLS] and [SEP]");
         Require(TemperatureMin > 0 && TemperatureMin <= TemperatureInit && TemperatureInit <= TemperatureMax, "temperature must satisfy 0 < min <= init <= max");
         Require(new[] { Weights.Itc, Weights.Itm, Weights.Mlm, Weights.Mim, Weights.Mrm }.All(w => w >= 0 && double.IsFinite(w)), "loss weights must be finite and >= 0");
         Require(Weights.Itc + Weights.Itm + Weights.Mlm + Weights.Mim + Weights.Mrm > 0, "at least one loss weight must be positive");
     }
+
+    /// <summary>The same weights fit both: only training settings (ratios, weights, decay) may differ.</summary>
+    public bool SameArchitecture(MamoConfig other) => this with
+    {
+        ImageMaskRatio = other.ImageMaskRatio, TextMaskRatio = other.TextMaskRatio, MomentumDecay = other.MomentumDecay,
+        MrmTopK = other.MrmTopK, AlignOnVisiblePatches = other.AlignOnVisiblePatches, Weights = other.Weights,
+        TemperatureInit = other.TemperatureInit, TemperatureMin = other.TemperatureMin, TemperatureMax = other.TemperatureMax,
+    } == other;
 
     static readonly JsonSerializerOptions Json = new() { WriteIndented = true };
     public string ToJson() => JsonSerializer.Serialize(this, Json);

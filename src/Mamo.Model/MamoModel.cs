@@ -14,7 +14,6 @@ public sealed class TeacherTargets : IDisposable
     /// <summary>[B, 1 + N + L, W] the average of the top-K fusion layers, each layer-normalised (the MRM target).</summary>
     public required Tensor FusedLatents { get; init; }
 
-    public TeacherTargets To(Device device) => new() { PatchFeatures = PatchFeatures.to(device), FusedLatents = FusedLatents.to(device) };
     public void Dispose() { PatchFeatures.Dispose(); FusedLatents.Dispose(); }
 }
 
@@ -63,7 +62,13 @@ public sealed class MamoModel : Module
         RegisterComponents();
     }
 
-    public double Temperature => temperature.ToDouble();
+    /// <summary>Keeps the learnable temperature inside its range (as ALBEF does after each step); a clamp in the
+    /// forward alone would leave it stuck outside, where its gradient is zero.</summary>
+    public void ClampTemperature()
+    {
+        using var noGrad = no_grad();
+        temperature.clamp_(Config.TemperatureMin, Config.TemperatureMax);
+    }
 
     /// <summary>The pre-training forward: every enabled term, computed where it is named.</summary>
     /// <param name="images">[B, 3, S, S]</param>
@@ -162,11 +167,14 @@ public sealed class MamoModel : Module
         return new MamoLoss { Total = total, Terms = terms };
     }
 
+    /// <summary>Keeps every other image a possible negative even when softmax underflows to 0.</summary>
+    const float NegativeFloor = 1e-6f;
+
     /// <summary>ALBEF's hard negatives: one per row, drawn in proportion to softmax similarity, never the row's own image.</summary>
     static Tensor SampleHardNegatives(Tensor sim, Tensor same, Generator? generator)
     {
         using var scope = NewDisposeScope();
-        var weights = F.softmax(sim.to(float32), 1).nan_to_num(0, 0, 0) + 1e-6f;
+        var weights = F.softmax(sim.to(float32), 1).nan_to_num(0, 0, 0) + NegativeFloor;
         weights = weights.masked_fill(same, 0);
         // A row whose every candidate is the same image has no true negative: fall back to uniform.
         var empty = weights.sum(1, keepdim: true).eq(0);

@@ -44,7 +44,7 @@ public sealed class MamoTrainer : IDisposable
         var w = Config.Weights;
         TeacherTargets? targets = w.Mim > 0 || w.Mrm > 0 ? Teacher.Targets(images.to(Device), tokenIds.to(Device), attentionMask.to(Device)) : null;
         var result = StudentStep(images, tokenIds, attentionMask, targets, imageKeys);
-        if (!result.Skipped) Momentum.Update(Teacher, Student, Config.MomentumDecay);
+        Momentum.Update(Teacher, Student, Config.MomentumDecay);   // every step, skipped or not, as the actor pipeline does
         return result;
     }
 
@@ -73,6 +73,7 @@ public sealed class MamoTrainer : IDisposable
             return new StepResult(step, total, terms, lr, gradNorm, Skipped: true);
         }
         Optimizer.Apply(lr);
+        Student.ClampTemperature();
         return new StepResult(step, total, terms, lr, gradNorm, Skipped: false);
     }
 
@@ -80,10 +81,15 @@ public sealed class MamoTrainer : IDisposable
         Checkpoint.Save(dir, Config, Checkpoint.Named(Student), Checkpoint.Named(Teacher), Optimizer.State(),
             new Checkpoint.State(Step, Optimizer.Step, Step, extra?.ToDictionary() ?? new()));
 
-    /// <summary>Restores a trainer exactly as it was saved; without a teacher, only the student and optimiser.</summary>
-    public static MamoTrainer Load(string dir, OptimizerConfig optimizer, Device device, int seed, bool withTeacher = true)
+    /// <summary>Restores a trainer exactly as it was saved; without a teacher, only the student and optimiser.
+    /// A config, if given, must have the checkpoint's architecture; its training settings (loss weights, mask
+    /// ratios, momentum) then replace the saved ones.</summary>
+    public static MamoTrainer Load(string dir, OptimizerConfig optimizer, Device device, int seed, bool withTeacher = true, MamoConfig? config = null)
     {
-        var trainer = new MamoTrainer(Checkpoint.ReadConfig(dir), optimizer, device, seed, withTeacher);
+        var saved = Checkpoint.ReadConfig(dir);
+        if (config is not null && !saved.SameArchitecture(config))
+            throw new InvalidDataException($"{dir} holds a model of another architecture than the one configured:\n{saved.ToJson()}");
+        var trainer = new MamoTrainer(config ?? saved, optimizer, device, seed, withTeacher);
         Checkpoint.LoadModel(dir, Checkpoint.StudentFile, trainer.Student);
         if (withTeacher) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, trainer.Teacher);
         Checkpoint.LoadOptimizer(dir, trainer.Optimizer);

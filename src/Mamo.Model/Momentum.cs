@@ -27,6 +27,7 @@ public static class Momentum
     public static void Update(IReadOnlyList<Tensor> teacher, IReadOnlyList<Tensor> student, double decay)
     {
         if (teacher.Count != student.Count) throw new ArgumentException($"teacher has {teacher.Count} tensors, student {student.Count}");
+        using var scope = NewDisposeScope();   // the implicit scalars of decay and alpha
         using var noGrad = no_grad();
         foreach (var (t, s) in teacher.Zip(student)) t.mul_(decay).add_(s, alpha: 1 - decay);
     }

@@ -58,8 +58,10 @@ public static class Retrieval
     /// <param name="attentionMask">[Nt, L]</param>
     /// <param name="k">candidates per query re-ranked by ITM; 0: ITC only</param>
     /// <param name="batchSize">images, captions or pairs per forward pass</param>
+    /// <param name="ct">checked between batches, so a shutdown need not wait for a whole evaluation</param>
     /// <returns>([Ni, Nt], [Nt, Ni]) float32 on the CPU, owned by the caller</returns>
-    public static (Tensor ScoresI2T, Tensor ScoresT2I) Scores(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask, int k, int batchSize)
+    public static (Tensor ScoresI2T, Tensor ScoresT2I) Scores(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask, int k, int batchSize,
+        CancellationToken ct = default)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(k);
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(batchSize);
@@ -72,11 +74,11 @@ public static class Retrieval
         {
             var device = model.parameters().First().device;
             var mask = attentionMask.to(device);
-            var imageTokens = InBatches(images.shape[0], batchSize, r => model.EncodeImage(images[r].to(device)));              // [Ni, 1 + N, W]
-            var textTokens = InBatches(tokenIds.shape[0], batchSize, r => model.EncodeText(tokenIds[r].to(device), mask[r]));  // [Nt, L, W]
+            var imageTokens = InBatches(images.shape[0], batchSize, ct, r => model.EncodeImage(images[r].to(device)));              // [Ni, 1 + N, W]
+            var textTokens = InBatches(tokenIds.shape[0], batchSize, ct, r => model.EncodeText(tokenIds[r].to(device), mask[r]));  // [Nt, L, W]
             var sims = model.ImageEmbedding(imageTokens).matmul(model.TextEmbedding(textTokens).t());                          // [Ni, Nt]
 
-            Tensor Match(Tensor imageIndex, Tensor textIndex) => InBatches(imageIndex.shape[0], batchSize, r =>
+            Tensor Match(Tensor imageIndex, Tensor textIndex) => InBatches(imageIndex.shape[0], batchSize, ct, r =>
                 model.MatchProbability(imageTokens.index_select(0, imageIndex[r]), textTokens.index_select(0, textIndex[r]), mask.index_select(0, textIndex[r])));
             var i2t = Rerank(sims, k, Match);
             var t2i = Rerank(sims.t(), k, (text, image) => Match(image, text));
@@ -110,19 +112,21 @@ public static class Retrieval
     }
 
     /// <summary>Retrieval metrics of a model on an evaluation set: <see cref="Scores"/>, then <see cref="Metrics"/>.</summary>
-    public static RetrievalMetrics Evaluate(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask, int[] textToImage, int k, int batchSize)
+    public static RetrievalMetrics Evaluate(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask, int[] textToImage, int k, int batchSize,
+        CancellationToken ct = default)
     {
-        var (i2t, t2i) = Scores(model, images, tokenIds, attentionMask, k, batchSize);
+        var (i2t, t2i) = Scores(model, images, tokenIds, attentionMask, k, batchSize, ct);
         using (i2t) using (t2i) return Metrics(i2t, t2i, textToImage);
     }
 
     /// <summary>Runs <paramref name="forward"/> on consecutive slices of at most <paramref name="batchSize"/> rows and concatenates the results.
     /// Each slice has its own dispose scope, so its activations are freed before the next one, not at the end.</summary>
-    static Tensor InBatches(long count, int batchSize, Func<TensorIndex, Tensor> forward)
+    static Tensor InBatches(long count, int batchSize, CancellationToken ct, Func<TensorIndex, Tensor> forward)
     {
         var parts = new List<Tensor>();
         for (long start = 0; start < count; start += batchSize)
         {
+            ct.ThrowIfCancellationRequested();
             using var scope = NewDisposeScope();
             parts.Add(forward(TensorIndex.Slice(start, Math.Min(start + batchSize, count))).MoveToOuterDisposeScope());
         }

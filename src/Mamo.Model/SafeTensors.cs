@@ -20,34 +20,28 @@ public static class SafeTensors
 
     public static void Save(string path, IEnumerable<(string Name, Tensor Value)> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {
+        using var scope = NewDisposeScope();
         var items = tensors.Select(t => (t.Name, Value: t.Value.detach().cpu().contiguous())).ToList();
-        try
+        var header = new Dictionary<string, object>();
+        if (metadata is not null) header["__metadata__"] = metadata;
+        long offset = 0;
+        foreach (var (name, value) in items)
         {
-            var header = new Dictionary<string, object>();
-            if (metadata is not null) header["__metadata__"] = metadata;
-            long offset = 0;
-            foreach (var (name, value) in items)
-            {
-                if (!DTypes.TryGetValue(value.dtype, out var dt)) throw new NotSupportedException($"dtype {value.dtype} of '{name}'");
-                long bytes = value.numel() * dt.Size;
-                header[name] = new { dtype = dt.Name, shape = value.shape, data_offsets = new[] { offset, offset + bytes } };
-                offset += bytes;
-            }
-            var json = Encoding.UTF8.GetBytes(JsonSerializer.Serialize(header));
-            int padded = (json.Length + 7) / 8 * 8;   // the data starts 8-byte aligned
-            using var file = new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20);
-            Span<byte> len = stackalloc byte[8];
-            BinaryPrimitives.WriteInt64LittleEndian(len, padded);
-            file.Write(len);
-            file.Write(json);
-            for (int i = json.Length; i < padded; i++) file.WriteByte((byte)' ');
-            foreach (var (_, value) in items) file.Write(value.bytes);
-            file.Flush(flushToDisk: true);
+            if (!DTypes.TryGetValue(value.dtype, out var dt)) throw new NotSupportedException($"dtype {value.dtype} of '{name}'");
+            long bytes = value.numel() * dt.Size;
+            header[name] = new { dtype = dt.Name, shape = value.shape, data_offsets = new[] { offset, offset + bytes } };
+            offset += bytes;
         }
-        finally
-        {
-            foreach (var (_, value) in items) value.Dispose();
-        }
+        var json = Encoding.UTF8.GetBytes(JsonSerializer.Serialize(header));
+        int padded = (json.Length + 7) / 8 * 8;   // the data starts 8-byte aligned
+        using var file = new FileStream(path, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20);
+        Span<byte> len = stackalloc byte[8];
+        BinaryPrimitives.WriteInt64LittleEndian(len, padded);
+        file.Write(len);
+        file.Write(json);
+        for (int i = json.Length; i < padded; i++) file.WriteByte((byte)' ');
+        foreach (var (_, value) in items) file.Write(value.bytes);
+        file.Flush(flushToDisk: true);
     }
 
     /// <summary>Loads every tensor onto the CPU. The caller owns them.</summary>
@@ -64,6 +58,7 @@ public static class SafeTensors
         long dataLength = data.Length - dataStart;
         metadata = new();
         var result = new Dictionary<string, Tensor>();
+        var ranges = new List<(long Begin, long End)>();
         try
         {
             using var doc = JsonDocument.Parse(data.AsMemory(8, (int)headerLength));
@@ -75,7 +70,8 @@ public static class SafeTensors
                     foreach (var m in entry.Value.EnumerateObject()) metadata[m.Name] = m.Value.GetString() ?? "";
                     continue;
                 }
-                result[entry.Name] = ReadTensor(path, entry, data, dataStart, dataLength);
+                if (result.ContainsKey(entry.Name)) throw new InvalidDataException($"{path}: '{entry.Name}' appears twice");
+                result[entry.Name] = ReadTensor(path, entry, data, dataStart, dataLength, ranges);
             }
         }
         catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException or KeyNotFoundException or OverflowException)
@@ -91,7 +87,7 @@ public static class SafeTensors
         return result;
     }
 
-    static Tensor ReadTensor(string path, JsonProperty entry, byte[] data, long dataStart, long dataLength)
+    static Tensor ReadTensor(string path, JsonProperty entry, byte[] data, long dataStart, long dataLength, List<(long Begin, long End)> ranges)
     {
         var dtypeName = entry.Value.GetProperty("dtype").GetString();
         var (dtype, size) = DTypes.Where(d => d.Value.Name == dtypeName).Select(d => (d.Key, d.Value.Size)).FirstOrDefault();
@@ -104,6 +100,10 @@ public static class SafeTensors
         long begin = offsets[0], end = offsets[1];
         if (begin < 0 || end < begin || end > dataLength || end - begin != checked(count * size))
             throw new InvalidDataException($"{path}: '{entry.Name}' offsets [{begin}, {end}) do not match shape [{string.Join(",", shape)}] within {dataLength} data bytes");
+        // Tensors may not share bytes: otherwise a small file could make the reader allocate without bound.
+        if (end > begin && ranges.Any(r => begin < r.End && r.Begin < end))
+            throw new InvalidDataException($"{path}: '{entry.Name}' overlaps another tensor's bytes");
+        ranges.Add((begin, end));
         var t = empty(shape, dtype);
         t.bytes = data.AsSpan((int)(dataStart + begin), (int)(end - begin));
         return t;

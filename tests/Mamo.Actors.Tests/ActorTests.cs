@@ -30,9 +30,9 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         var (images, ids, mask) = Batch(2);
 
         // Steps 0 and 1 need no update with a lag of one; step 2 needs the update after step 1.
-        teacher.Tell(new MomentumTeacher.ComputeTargets(0, images, ids, mask));
+        teacher.Tell(new MomentumTeacher.ComputeTargets(0, images.clone(), ids.clone(), mask.clone()));
         ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets.Dispose();
-        teacher.Tell(new MomentumTeacher.ComputeTargets(2, images, ids, mask));
+        teacher.Tell(new MomentumTeacher.ComputeTargets(2, images.clone(), ids.clone(), mask.clone()));
         ExpectNoMsg(TimeSpan.FromMilliseconds(500));
         teacher.Tell(new MomentumTeacher.StudentUpdated(1, Weights(student)));
         ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets.Dispose();
@@ -42,6 +42,19 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         var snapshot = ExpectMsg<MomentumTeacher.TeacherSnapshot>(TimeSpan.FromSeconds(30));
         Assert.Equal(2, snapshot.Step);
         Assert.Equal(1, snapshot.TeacherStep);
+        foreach (var (_, t) in snapshot.Weights) t.Dispose();
+    }
+
+    [Fact]
+    public void Updates_are_folded_in_even_when_no_targets_are_asked_for()
+    {
+        // With MIM and MRM off nobody asks for targets; the teacher must still follow the student (and not hoard copies).
+        using var student = new MamoModel(Tiny);
+        var teacher = Sys.ActorOf(MomentumTeacher.Props(Momentum.CreateTeacher(student), teacherStep: 0, pipelined: true));
+        for (int step = 1; step <= 5; step++) teacher.Tell(new MomentumTeacher.StudentUpdated(step, Weights(student)));
+        teacher.Tell(new MomentumTeacher.GetWeights(5));
+        var snapshot = ExpectMsg<MomentumTeacher.TeacherSnapshot>(TimeSpan.FromSeconds(30));
+        Assert.Equal(4, snapshot.TeacherStep);   // lag 1: the fifth update waits for the targets of step 6
         foreach (var (_, t) in snapshot.Weights) t.Dispose();
     }
 
@@ -70,7 +83,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         try
         {
             using var student = new MamoModel(Tiny);
-            var checkpointer = Sys.ActorOf(Checkpointer.Props(runDir, Tiny, keepLast: 2));
+            var checkpointer = Sys.ActorOf(Checkpointer.Props(runDir, Tiny, keepLast: 2, seed: 1));
             Sys.EventStream.Subscribe(TestActor, typeof(Checkpointer.CheckpointDurable));
             foreach (var step in new long[] { 10, 20, 30 })
             {

@@ -22,7 +22,7 @@ public class PipelineTests
     }
 
     [Fact]
-    public async Task A_slow_trainer_holds_the_source_back()
+    public async Task The_source_never_runs_more_than_a_few_batches_ahead_of_the_trainer()
     {
         var runDir = Directory.CreateTempSubdirectory("mamo-bp-").FullName;
         try

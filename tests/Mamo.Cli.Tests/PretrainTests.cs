@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using Mamo.Data.Datasets;
+using Model = Mamo.Model;
 using Xunit;
 using Xunit.Abstractions;
 
@@ -14,7 +15,7 @@ public class PretrainTests(ITestOutputHelper output)
 
     static readonly string[] Common =
     [
-        "--plain", "--ledger", "--max-steps", Steps.ToString(),
+        "--plain", "--ledger",
         "--set", $"batch-size={Batch}", "--set", $"checkpoint.every-steps={CheckpointEvery}", "--set", "eval.every-steps=0",
         "--set", "metrics.every-steps=1", "--set", "optimizer.warmup-steps=4", "--set", "torch-threads=1", "--set", "data.preprocess-parallelism=1",
     ];
@@ -27,21 +28,21 @@ public class PretrainTests(ITestOutputHelper output)
 
         // The reference: one uninterrupted run.
         var reference = folder.File("reference");
-        var (code, log) = RunMamo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", reference, .. Common]);
+        var (code, log) = RunMamo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", reference, .. Common, "--max-steps", $"{Steps}"]);
         Assert.True(code == 0, log);
         var expected = Ledger(reference);
         Assert.Equal(Enumerable.Range(0, Steps).Select(i => (long)i), expected.Select(e => e.Step));
 
         // The same run, killed with SIGKILL once it is past a checkpoint, then restarted.
         var killed = folder.File("killed");
-        var killedAt = KillAfter(["pretrain", "--source", "manifest:" + manifest, "--run-dir", killed, .. Common], killed, stepsDone: CheckpointEvery + 2);
+        var killedAt = KillAfter(["pretrain", "--source", "manifest:" + manifest, "--run-dir", killed, .. Common, "--max-steps", $"{Steps}"], killed, stepsDone: CheckpointEvery + 2);
         var beforeKill = Ledger(killed);
         var lastCheckpoint = Directory.GetDirectories(Path.Combine(killed, "checkpoints"), "step-*").Where(d => !d.EndsWith(".tmp"))
             .Select(d => long.Parse(Path.GetFileName(d)["step-".Length..])).Max();
         output.WriteLine($"killed after {beforeKill.Count} steps (at {killedAt}); last checkpoint at step {lastCheckpoint}");
         Assert.True(lastCheckpoint >= CheckpointEvery && lastCheckpoint <= beforeKill.Count);
 
-        (code, log) = RunMamo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", killed, .. Common]);
+        (code, log) = RunMamo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", killed, .. Common, "--max-steps", $"{Steps}"]);
         Assert.True(code == 0, log);
         var all = Ledger(killed);
         var resumed = all.Skip(beforeKill.Count).ToList();
@@ -68,6 +69,41 @@ public class PretrainTests(ITestOutputHelper output)
         Assert.Contains(deadLetters, l => l.Contains("id corrupt"));
         Assert.Contains(deadLetters, l => l.Contains("missing.png"));
         Assert.Contains(deadLetters, l => l.Contains("caption"));
+    }
+
+    [Fact]
+    public async Task Sigterm_finishes_the_step_checkpoints_and_exits_zero()
+    {
+        using var folder = new TempFolder();
+        var manifest = WriteManifest(folder);
+        var run = folder.File("run");
+        using var p = Process.Start(Mamo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", run, .. Common, "--max-steps", "1000"]))!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        var ledger = Path.Combine(run, "ledger.jsonl");
+        var clock = Stopwatch.StartNew();
+        while (!(File.Exists(ledger) && File.ReadAllLines(ledger).Length >= 3) && clock.Elapsed < TimeSpan.FromMinutes(3) && !p.HasExited) Thread.Sleep(20);
+        Assert.False(p.HasExited, await stderr);
+        await Process.Start("kill", ["-TERM", p.Id.ToString()])!.WaitForExitAsync();
+        using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(2));
+        await p.WaitForExitAsync(patience.Token);
+        Assert.True(p.ExitCode == 0, await stdout + await stderr);
+        var steps = Ledger(run).Count;
+        var saved = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!);
+        Assert.Equal(steps, saved.Step);   // the last step taken is in the checkpoint: nothing to redo
+        Assert.Contains($"checkpoint at step {steps}", await stdout);
+    }
+
+    [Fact]
+    public void A_diverging_run_stops_with_a_clear_error()
+    {
+        using var folder = new TempFolder();
+        var manifest = WriteManifest(folder);
+        var (code, log) = RunMamo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", folder.File("run"), .. Common,
+            "--max-steps", "200", "--set", "optimizer.learning-rate=1e30", "--set", "optimizer.min-learning-rate=1e30",
+            "--set", "optimizer.clip-norm=0", "--set", "supervision.max-nonfinite-steps=3"]);
+        Assert.Equal(1, code);
+        Assert.Contains("non-finite losses in a row", log);
     }
 
     [Fact]

@@ -60,6 +60,25 @@ public class CheckpointTests : IDisposable
         Assert.Equal(new[] { 1f, 2f, 3f, 4f }, loaded["a"].data<float>().ToArray());
     }
 
+    [Theory]
+    [InlineData("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", "overlaps")]
+    [InlineData("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}", "twice")]
+    [InlineData("{\"a\":{\"dtype\":\"F32\",\"shape\":[4611686018427387904,4],\"data_offsets\":[0,16]}}", "malformed")]
+    [InlineData("{\"a\":{\"dtype\":\"U8X\",\"shape\":[2],\"data_offsets\":[0,2]}}", "unsupported dtype")]
+    [InlineData("[1,2,3]", "not a JSON object")]
+    public void A_hostile_header_is_refused(string header, string reason)
+    {
+        Directory.CreateDirectory(dir);
+        var path = Path.Combine(dir, "hostile.safetensors");
+        var json = System.Text.Encoding.UTF8.GetBytes(header);
+        var bytes = new byte[8 + json.Length + 16];
+        BinaryPrimitives.WriteInt64LittleEndian(bytes, json.Length);
+        json.CopyTo(bytes, 8);
+        File.WriteAllBytes(path, bytes);
+        var e = Assert.Throws<InvalidDataException>(() => SafeTensors.Load(path));
+        Assert.Contains(reason, e.Message);
+    }
+
     [Fact]
     public void A_damaged_safetensors_file_gives_a_clear_error_never_a_crash()
     {

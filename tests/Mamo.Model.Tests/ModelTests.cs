@@ -101,7 +101,7 @@ public class ModelTests
     }
 
     [Fact]
-    public void Masked_modelling_alone_runs_without_the_alignment_branch()
+    public void Masked_modelling_without_teacher_targets_is_refused()
     {
         using var scope = NewDisposeScope();
         using var model = new MamoModel(Tiny with { Weights = new LossWeights(Itc: 0, Itm: 0) });
@@ -123,6 +123,9 @@ public class ModelTests
         Assert.Throws<ArgumentException>(() => (Tiny with { MrmTopK = 9 }).Validate());
         Assert.Throws<ArgumentException>(() => (Tiny with { Weights = new LossWeights(0, 0, 0, 0, 0) }).Validate());
         Assert.Throws<ArgumentException>(() => MamoConfig.Preset("huge"));
+        Assert.True(Tiny.SameArchitecture(Tiny with { Weights = new LossWeights(Mim: 0), ImageMaskRatio = 0.5 }));
+        Assert.False(Tiny.SameArchitecture(Tiny with { Width = 256, Heads = 4 }));
+        Assert.False(Tiny.SameArchitecture(MamoConfig.Small));
         using var model = new MamoModel(Tiny);
         var count = model.parameters().Sum(p => p.numel());
         Assert.InRange(count, 5_000_000, 20_000_000);
