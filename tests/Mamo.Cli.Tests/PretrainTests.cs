@@ -83,7 +83,7 @@ public class PretrainTests(ITestOutputHelper output)
         var ledger = Path.Combine(run, "ledger.jsonl");
         var clock = Stopwatch.StartNew();
         while (!(File.Exists(ledger) && File.ReadAllLines(ledger).Length >= 3) && clock.Elapsed < TimeSpan.FromMinutes(3) && !p.HasExited) Thread.Sleep(20);
-        Assert.False(p.HasExited, await stderr);
+        if (p.HasExited) Assert.Fail("mamo exited before the signal: " + await stderr);   // awaiting the stream any earlier would wait for the exit
         await Process.Start("kill", ["-TERM", p.Id.ToString()])!.WaitForExitAsync();
         using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(2));
         await p.WaitForExitAsync(patience.Token);
