@@ -13,9 +13,9 @@ namespace Mamo.Actors;
 public sealed class Checkpointer : ReceiveActor
 {
     /// <summary>Published on the event stream once a checkpoint is on disk.</summary>
-    public sealed record CheckpointDurable(long Step, long Cursor, string Path);
+    public sealed record CheckpointDurable(long Step, StreamPosition Position, string Path);
 
-    public const string CursorKey = "cursor", SeedKey = "seed";
+    public const string SeedKey = "seed";
 
     readonly string runDir;
     readonly MamoConfig config;
@@ -44,7 +44,7 @@ public sealed class Checkpointer : ReceiveActor
         {
             var path = Write(s, t);
             Log.Information("checkpoint at step {Step} written to {Path}", step, path);
-            Context.System.EventStream.Publish(new CheckpointDurable(step, s.Cursor, path));
+            Context.System.EventStream.Publish(new CheckpointDurable(step, s.Position, path));
         }
         finally
         {
@@ -61,10 +61,7 @@ public sealed class Checkpointer : ReceiveActor
         var temp = final + ".tmp";
         if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
         var state = new Checkpoint.State(s.Step, s.OptimizerStep, t.TeacherStep,
-            new Dictionary<string, string>
-            {
-                [CursorKey] = s.Cursor.ToString(CultureInfo.InvariantCulture), [SeedKey] = seed.ToString(CultureInfo.InvariantCulture),
-            });
+            new Dictionary<string, string>(s.Position.ToExtra()) { [SeedKey] = seed.ToString(CultureInfo.InvariantCulture) });
         Checkpoint.Save(temp, config, s.Student, t.Weights, s.Optimizer, state);
         FsyncDirectory(temp);
         if (Directory.Exists(final)) Directory.Delete(final, recursive: true);   // a leftover without state.json

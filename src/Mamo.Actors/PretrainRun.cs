@@ -1,10 +1,12 @@
 using System.Diagnostics;
 using System.Globalization;
+using Akka;
 using Akka.Actor;
 using Akka.Streams;
 using Akka.Streams.Dsl;
 using Mamo.Data;
 using Mamo.Data.Datasets;
+using Mamo.Data.Kafka;
 using Mamo.Model;
 using Serilog;
 using TorchSharp;
@@ -23,6 +25,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     const int PreprocessSeedSalt = 0x5eed;
 
     readonly Stopwatch clock = Stopwatch.StartNew();
+    IReadOnlyList<EmbeddingItem> publishItems = [];
     long samplesRead;
 
     /// <summary>Samples taken from the source so far: with backpressure, never far ahead of what the trainer consumed.</summary>
@@ -40,8 +43,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: log));
         var decodeLimits = new DecodeLimits(s.MaxImageBytes, s.MaxImagePixels);
         var bad = new List<BadInput>();
-        var samples = TrainingSamples.Load(s.Source, s.Seed, s.MaxInMemoryBytes, decodeLimits, bad.Add, log);
-        Log.Information("training on {Count} samples from {Source} ({Bad} left out as dead letters)", samples.Count, samples.Name, bad.Count);
+        using var source = OpenSource(s, decodeLimits, bad.Add, log);
 
         var evalTransform = new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize));
         var evalSets = new List<Evaluator.NamedSet>();
@@ -55,6 +57,8 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                     Log.Information("eval set {Spec}: {Images} images, {Texts} captions", spec, set.ImageCount, set.TextCount);
                 }
 
+            publishItems = s.PublishOutput is null ? [] : PublishItems(s, new SamplePreparer(evalTransform, tokenizer, s.Model.MaxTextLength, decodeLimits), log);
+
             var preparer = new SamplePreparer(
                 new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize, MinCropScale: s.CropMinScale, MaxCropScale: s.CropMaxScale, HorizontalFlip: s.HorizontalFlip)),
                 tokenizer, s.Model.MaxTextLength, decodeLimits);
@@ -64,7 +68,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                 var before = Checkpoint.Latest(s.RunDir);
                 try
                 {
-                    return await RunOnceAsync(samples, preparer, evalSets, bad, device, stop);
+                    return await RunOnceAsync(source, preparer, evalSets, bad, device, stop);
                 }
                 catch (Exception e) when (e is not TrainerReplica.DivergedException and not SettingsException && !stop.IsCancellationRequested && attempt < s.MaxRestarts)
                 {
@@ -82,20 +86,52 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         }
     }
 
-    async Task<long> RunOnceAsync(TrainingSamples samples, SamplePreparer preparer, IReadOnlyList<Evaluator.NamedSet> evalSets,
+    /// <summary>kafka://... streams from Kafka; dataset:, manifest: and wds: sources are read into memory.</summary>
+    static ITrainingSource OpenSource(MamoSettings s, DecodeLimits decodeLimits, Action<BadInput> onBad, Action<string> log)
+    {
+        if (KafkaSpec.IsKafka(s.Source))
+        {
+            KafkaSpec spec;
+            try { spec = KafkaSpec.Parse(s.Source); }
+            catch (FormatException e) { throw new SettingsException($"'mamo.source': {e.Message}"); }
+            Log.Information("training from Kafka {Source}", spec);
+            return new KafkaTrainingSource(spec, s.KafkaConsumer, s.KafkaProducer, s.DeadLetterTopic,
+                SourceLimits.Default with { MaxImageBytes = s.MaxImageBytes });
+        }
+        var samples = TrainingSamples.Load(s.Source, s.Seed, s.MaxInMemoryBytes, decodeLimits, onBad, log);
+        Log.Information("training on {Count} samples from {Source}", samples.Count, samples.Name);
+        return samples;
+    }
+
+    /// <summary>The set whose embeddings go out after each checkpoint, prepared once.</summary>
+    static List<EmbeddingItem> PublishItems(MamoSettings s, SamplePreparer preparer, Action<string> log)
+    {
+        var (samples, bad) = ManifestSource.ReadAll(TrainingSamples.EvalManifest(s.PublishInput, log));
+        var items = new List<EmbeddingItem>();
+        foreach (var sample in samples)
+            if (EmbeddingItem.Prepare(sample, preparer, out var why) is { } item) items.Add(item);
+            else bad.Add(why!);
+        foreach (var b in bad) Log.Warning("publish set: skipped {Location}: {Reason}", b.Location, b.Reason);
+        if (items.Count == 0) throw new SettingsException($"'mamo.publish.input' {s.PublishInput} has no usable item");
+        Log.Information("publishing embeddings of {Count} items ({Modality}) to {Output} after each checkpoint", items.Count, s.PublishModality, s.PublishOutput);
+        return items;
+    }
+
+    async Task<long> RunOnceAsync(ITrainingSource source, SamplePreparer preparer, IReadOnlyList<Evaluator.NamedSet> evalSets,
         List<BadInput> loadBad, Device device, CancellationToken stop)
     {
         var s = settings;
         MamoTrainer trainer;
         MamoModel teacherModel;
-        long teacherStep, cursor;
-        if (Resume(device) is { } resumed) (trainer, teacherModel, teacherStep, cursor) = resumed;
+        long teacherStep;
+        StreamPosition position;
+        if (Resume(device) is { } resumed) (trainer, teacherModel, teacherStep, position) = resumed;
         else
         {
             trainer = new MamoTrainer(s.Model, s.Optimizer, device, s.Seed, withTeacher: false);
             teacherModel = Momentum.CreateTeacher(trainer.Student);
             teacherStep = 0;
-            cursor = -1;
+            position = StreamPosition.None;
             Log.Information("new run in {RunDir}: {Preset} preset, {Parameters:N0} parameters, batch {Batch}, device {Device}",
                 s.RunDir, s.Preset, trainer.Student.parameters().Sum(p => p.numel()), s.BatchSize, device);
         }
@@ -113,15 +149,23 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             if (teacherStep < trainer.Step)
                 teacher.Tell(new MomentumTeacher.StudentUpdated(trainer.Step,
                     trainer.Student.parameters().Select(p => Tensors.Copy(p)).ToArray()));
-            var trainerActor = system.ActorOf(TrainerReplica.Props(trainer, cursor, teacher, checkpointer, s), "trainer");
+            var trainerActor = system.ActorOf(TrainerReplica.Props(trainer, position, teacher, checkpointer, s), "trainer");
             var evaluator = system.ActorOf(Evaluator.Props(trainer.Config, device, evalSets, teacher, metrics, s.EvalK, s.EvalBatchSize, stopping.Token), "evaluator");
             var durable = Inbox.Create(system);
             system.EventStream.Subscribe(durable.Receiver, typeof(Checkpointer.CheckpointDurable));
+            var committer = system.ActorOf(Props.Create(() => new SourceCommitter(source)), "source-committer");
+            if (s.PublishOutput is { } output)
+            {
+                IEmbeddingSink sink;
+                try { sink = EmbeddingSinks.Open(output, s.KafkaProducer); }
+                catch (FormatException e) { throw new SettingsException($"'mamo.publish.output': {e.Message}"); }
+                system.ActorOf(EmbeddingPublisher.Props(publishItems, sink, s.PublishModality, s.PublishBatchSize, device), "publisher");
+            }
 
             var remainingSteps = s.MaxSteps > 0 ? s.MaxSteps - startStep : long.MaxValue;
             if (remainingSteps > 0)
             {
-                var (killSwitch, done) = Build(samples, preparer, cursor + 1, startStep, remainingSteps, teacher, trainerActor, metrics, evaluator)
+                var (killSwitch, done) = Build(source, preparer, position, startStep, remainingSteps, teacher, trainerActor, metrics, evaluator)
                     .Run(system.Materializer());
                 using var onStop = stop.Register(killSwitch.Shutdown);
                 var left = s.TimeBudget - clock.Elapsed;
@@ -143,6 +187,8 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                 var message = await durable.ReceiveAsync(s.CheckpointWriteTimeout);
                 if (message is Checkpointer.CheckpointDurable d && d.Step == finalStep) break;
             }
+            // The committer may not have seen the last announcement before the system stops: acknowledge it here too.
+            source.Commit(StreamPosition.FromExtra(Checkpoint.ReadState(Checkpoint.Latest(s.RunDir)!).Extra));
             Log.Information("stopped at step {Step} after {Elapsed}", finalStep, clock.Elapsed);
             return finalStep;
         }
@@ -157,7 +203,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
 
     /// <summary>The student, teacher and stream position of the newest checkpoint that loads; an unreadable one is
     /// skipped with a warning (the one before it is whole). Null for a new run.</summary>
-    (MamoTrainer Trainer, MamoModel Teacher, long TeacherStep, long Cursor)? Resume(Device device)
+    (MamoTrainer Trainer, MamoModel Teacher, long TeacherStep, StreamPosition Position)? Resume(Device device)
     {
         var s = settings;
         foreach (var dir in Checkpoint.Complete(s.RunDir))
@@ -171,9 +217,9 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                 trainer = MamoTrainer.Load(dir, s.Optimizer, device, s.Seed, withTeacher: false, config: s.Model);
                 var teacher = Momentum.CreateTeacher(trainer.Student);
                 Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, teacher);
-                var cursor = state.Extra.TryGetValue(Checkpointer.CursorKey, out var c) ? long.Parse(c, CultureInfo.InvariantCulture) : -1;
-                Log.Information("resuming from {Checkpoint}: step {Step}, stream cursor {Cursor}", dir, trainer.Step, cursor);
-                return (trainer, teacher, state.TeacherStep, cursor);
+                var position = StreamPosition.FromExtra(state.Extra);
+                Log.Information("resuming from {Checkpoint}: step {Step}, stream position {Position}", dir, trainer.Step, position);
+                return (trainer, teacher, state.TeacherStep, position);
             }
             catch (InvalidDataException e) when (e.Message.Contains("another architecture"))
             {
@@ -198,36 +244,51 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         return bySteps is null ? byTime : byTime is null ? bySteps : bySteps < byTime ? bySteps : byTime;
     }
 
-    sealed record Prepared(long Cursor, PreparedSample? Sample, BadInput? Bad);
-    sealed record Collated(long Step, Batch Batch, long Cursor);
+    sealed record Prepared(Positioned Record, PreparedSample? Sample, BadInput? Bad);
+    sealed record Collated(long Step, Batch Batch, StreamPosition Position);
     sealed record WithTargets(Collated Input, TeacherTargets? Targets);
 
-    IRunnableGraph<(UniqueKillSwitch, Task<Akka.Done>)> Build(TrainingSamples samples, SamplePreparer preparer, long firstCursor, long startStep, long steps,
+    IRunnableGraph<(UniqueKillSwitch, Task<Akka.Done>)> Build(ITrainingSource source, SamplePreparer preparer, StreamPosition resume, long startStep, long steps,
         IActorRef teacher, IActorRef trainer, IActorRef metrics, IActorRef evaluator)
     {
         var s = settings;
         var needsTargets = s.Model.Weights.Mim > 0 || s.Model.Weights.Mrm > 0;
         var stepOffset = startStep;
 
-        var batches = Source.From(samples.From(firstCursor).Select(x => { Interlocked.Increment(ref samplesRead); return x; }))
+        var batches = source.Open(resume)
+            .Select(x => { Interlocked.Increment(ref samplesRead); return x; })
             .SelectAsync(s.PreprocessParallelism, x => Task.Run(() =>
             {
-                var random = new Random(Seeds.Mix(s.Seed ^ PreprocessSeedSalt, x.Cursor));   // crops and caption picks repeat on resume
-                return preparer.TryPrepareForTraining(x.Sample, random, out var p, out var bad)
-                    ? new Prepared(x.Cursor, p, null) : new Prepared(x.Cursor, null, bad);
+                if (x.Item is not SampleItem { Sample: var sample }) return new Prepared(x, null, ((BadItem)x.Item).Bad);
+                // Crops and caption picks repeat on resume: seeded by the record's place in its stream.
+                var random = new Random(Seeds.Mix(s.Seed ^ PreprocessSeedSalt ^ Seeds.StableHash(x.Partition), x.Offset));
+                return preparer.TryPrepareForTraining(sample, random, out var p, out var bad)
+                    ? new Prepared(x, p, null) : new Prepared(x, null, bad);
             }))
-            .Where(p =>
+            // A batch's position covers every record since the previous batch, dead letters included, so a
+            // checkpoint acknowledges those too.
+            .StatefulSelectMany<Prepared, (List<PreparedSample> Samples, StreamPosition Position), NotUsed>(() =>
             {
-                if (p.Bad is not null) metrics.Tell(new Metrics.DeadLetter(p.Bad));
-                return p.Sample is not null;
+                var group = new List<PreparedSample>(s.BatchSize);
+                var position = StreamPosition.None;
+                return p =>
+                {
+                    position = position.Advance(p.Record.Partition, p.Record.Offset);
+                    if (p.Bad is not null)
+                    {
+                        metrics.Tell(new Metrics.DeadLetter(p.Bad));
+                        source.DeadLetter(p.Record, p.Bad);
+                        return [];
+                    }
+                    group.Add(p.Sample!);
+                    if (group.Count < s.BatchSize) return [];
+                    var full = (group, position);
+                    (group, position) = (new List<PreparedSample>(s.BatchSize), StreamPosition.None);
+                    return [full];
+                };
             })
-            .Grouped(s.BatchSize)
             .Take(steps)
-            .Select(group =>
-            {
-                var list = group.ToList();
-                return new Collated(stepOffset++, Collator.Collate(list.Select(p => p.Sample!).ToList(), s.Model.ImageSize), list[^1].Cursor);
-            })
+            .Select(g => new Collated(stepOffset++, Collator.Collate(g.Samples, s.Model.ImageSize), g.Position))
             .Buffer(s.BufferedBatches, OverflowStrategy.Backpressure)
             .ViaMaterialized(KillSwitches.Single<Collated>(), Keep.Right);
 
@@ -257,7 +318,14 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     }
 
     static Task<TrainerReplica.StepCompleted> Train(IActorRef trainer, WithTargets w) =>
-        trainer.Ask<TrainerReplica.StepCompleted>(new TrainerReplica.Train(w.Input.Step, w.Input.Batch, w.Targets, w.Input.Cursor));
+        trainer.Ask<TrainerReplica.StepCompleted>(new TrainerReplica.Train(w.Input.Step, w.Input.Batch, w.Targets, w.Input.Position));
+
+    /// <summary>Acknowledges to the source what each durable checkpoint covers.</summary>
+    sealed class SourceCommitter : ReceiveActor
+    {
+        public SourceCommitter(ITrainingSource source) => Receive<Checkpointer.CheckpointDurable>(d => source.Commit(d.Position));
+        protected override void PreStart() => Context.System.EventStream.Subscribe(Self, typeof(Checkpointer.CheckpointDurable));
+    }
 
     /// <summary>cpu, cuda or cuda:N, with a clear error where CUDA is absent.</summary>
     public static Device OpenDevice(string name)

@@ -46,6 +46,16 @@ public sealed record MamoSettings
     public required TimeSpan MinBackoff { get; init; }
     public required TimeSpan MaxBackoff { get; init; }
     public required int MetricsEverySteps { get; init; }
+    /// <summary>librdkafka properties passed as they are (SASL, TLS, timeouts).</summary>
+    public required IReadOnlyDictionary<string, string> KafkaConsumer { get; init; }
+    public required IReadOnlyDictionary<string, string> KafkaProducer { get; init; }
+    /// <summary>Null: each record's topic + ".dlq".</summary>
+    public required string? DeadLetterTopic { get; init; }
+    /// <summary>Null: no embeddings published.</summary>
+    public required string? PublishOutput { get; init; }
+    public required string PublishInput { get; init; }
+    public required string PublishModality { get; init; }
+    public required int PublishBatchSize { get; init; }
 
     public static Config Defaults()
     {
@@ -71,7 +81,15 @@ public sealed record MamoSettings
             if (eq <= 0) throw new SettingsException($"--set expects key=value, got '{set}'");
             var key = set[..eq].Trim();
             if (!key.StartsWith("mamo.")) key = "mamo." + key;
-            user = Parse($"{key} = {set[(eq + 1)..].Trim()}", $"--set {set}").WithFallback(user);
+            var value = set[(eq + 1)..].Trim();
+            Config parsed;
+            try { parsed = Parse($"{key} = {value}", $"--set {set}"); }
+            catch (SettingsException) when (value.Length > 0 && value[0] is not ('"' or '{' or '['))
+            {
+                // A bare URL or path (kafka://host:9092/t, jsonl:/x) is not valid HOCON: take it as the string it is.
+                parsed = Parse($"{key} = \"{value.Replace("\\", "\\\\").Replace("\"", "\\\"")}\"", $"--set {set}");
+            }
+            user = parsed.WithFallback(user);
         }
         CheckKeys(user.Root, defaults.Root, "");
         return FromConfig(user.WithFallback(defaults));
@@ -83,6 +101,24 @@ public sealed record MamoSettings
         catch (Exception e) { throw new SettingsException($"{origin}: {e.Message}"); }
     }
 
+    static readonly HashSet<string> PassThrough = ["mamo.kafka.consumer", "mamo.kafka.producer"];
+
+    /// <summary>A pass-through block as flat librdkafka properties: `sasl.mechanism = PLAIN` and
+    /// `"sasl.mechanism" = PLAIN` both give "sasl.mechanism".</summary>
+    static Dictionary<string, string> Flatten(Config c, string path)
+    {
+        var flat = new Dictionary<string, string>();
+        void Walk(HoconValue value, string prefix)
+        {
+            if (value.IsObject())
+                foreach (var (k, v) in value.GetObject().Items) Walk(v, prefix.Length == 0 ? k : prefix + "." + k);
+            else if (value.IsString() || !value.IsArray()) flat[prefix] = value.GetString();
+            else throw new SettingsException($"'{path}.{prefix}' must be a single value");
+        }
+        if (c.HasPath(path)) Walk(c.GetValue(path), "");
+        return flat;
+    }
+
     static void CheckKeys(HoconValue user, HoconValue defaults, string path)
     {
         if (!user.IsObject()) return;
@@ -91,6 +127,7 @@ public sealed record MamoSettings
         {
             var full = path.Length == 0 ? key : path + "." + key;
             if (path.Length == 0 && key == "akka") continue;   // Akka's own settings pass through
+            if (PassThrough.Contains(full)) continue;           // librdkafka's properties, checked by librdkafka
             if (!known.TryGetValue(key, out var def))
                 throw new SettingsException($"unknown configuration key '{full}'");
             if (value.IsObject() != def.IsObject())
@@ -193,6 +230,14 @@ public sealed record MamoSettings
             MinBackoff = minBackoff,
             MaxBackoff = maxBackoff,
             MetricsEverySteps = Int("metrics.every-steps", 1),
+            KafkaConsumer = Flatten(c, "mamo.kafka.consumer"),
+            KafkaProducer = Flatten(c, "mamo.kafka.producer"),
+            DeadLetterTopic = c.GetString("mamo.kafka.dead-letter-topic") is { Length: > 0 } dlq ? dlq : null,
+            PublishOutput = Get("publish.output", k => c.GetString(k), v => v.Length == 0 || Mamo.Data.Kafka.KafkaSpec.IsKafka(v) || v.StartsWith("jsonl:"),
+                "must be kafka://HOST:PORT/TOPIC, jsonl:PATH or empty") is { Length: > 0 } output ? output : null,
+            PublishInput = Str("publish.input"),
+            PublishModality = Get("publish.modality", k => c.GetString(k), v => v is "image" or "text" or "both", "must be image, text or both"),
+            PublishBatchSize = Int("publish.batch-size", 1),
         };
     }
 }

@@ -10,15 +10,15 @@ namespace Mamo.Actors;
 /// and at checkpoint time sends a consistent snapshot to the checkpointer.</summary>
 public sealed class TrainerReplica : ReceiveActor
 {
-    /// <summary>Train step Step on a batch. Cursor: the stream position of the batch's last sample. The trainer owns
+    /// <summary>Train step Step on a batch. Position: the stream records the batch covers. The trainer owns
     /// (and disposes) the batch and the targets.</summary>
-    public sealed record Train(long Step, Batch Batch, TeacherTargets? Targets, long Cursor);
-    /// <summary>Reply to Train.</summary>
-    public sealed record StepCompleted(StepResult Result, long Cursor, string[] Ids, int NonFiniteInARow);
+    public sealed record Train(long Step, Batch Batch, TeacherTargets? Targets, StreamPosition Position);
+    /// <summary>Reply to Train; Position is where the stream stands after this step.</summary>
+    public sealed record StepCompleted(StepResult Result, StreamPosition Position, string[] Ids, int NonFiniteInARow);
     /// <summary>Write a checkpoint now (at shutdown); the reply is the step it covers.</summary>
     public sealed record CheckpointNow;
     /// <summary>The student half of a checkpoint; the receiver owns the tensors.</summary>
-    public sealed record StudentSnapshot(long Step, long OptimizerStep, long Cursor, (string Name, Tensor Value)[] Student, (string Name, Tensor Value)[] Optimizer);
+    public sealed record StudentSnapshot(long Step, long OptimizerStep, StreamPosition Position, (string Name, Tensor Value)[] Student, (string Name, Tensor Value)[] Optimizer);
 
     /// <summary>Too many non-finite losses in a row: the run stops rather than restarts.</summary>
     public sealed class DivergedException(string message) : Exception(message);
@@ -28,13 +28,14 @@ public sealed class TrainerReplica : ReceiveActor
     readonly MamoSettings settings;
     readonly Tensor[] studentParameters;
     readonly System.Diagnostics.Stopwatch sinceCheckpoint = System.Diagnostics.Stopwatch.StartNew();
-    long cursor, lastCheckpointStep;
+    StreamPosition position;
+    long lastCheckpointStep;
     int nonFiniteInARow;
 
-    public TrainerReplica(MamoTrainer trainer, long cursor, IActorRef teacher, IActorRef checkpointer, MamoSettings settings)
+    public TrainerReplica(MamoTrainer trainer, StreamPosition position, IActorRef teacher, IActorRef checkpointer, MamoSettings settings)
     {
         this.trainer = trainer;
-        this.cursor = cursor;
+        this.position = position;
         lastCheckpointStep = trainer.Step;
         this.teacher = teacher;
         this.checkpointer = checkpointer;
@@ -58,8 +59,8 @@ public sealed class TrainerReplica : ReceiveActor
         });
     }
 
-    public static Props Props(MamoTrainer trainer, long cursor, IActorRef teacher, IActorRef checkpointer, MamoSettings settings) =>
-        Akka.Actor.Props.Create(() => new TrainerReplica(trainer, cursor, teacher, checkpointer, settings)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(MamoTrainer trainer, StreamPosition position, IActorRef teacher, IActorRef checkpointer, MamoSettings settings) =>
+        Akka.Actor.Props.Create(() => new TrainerReplica(trainer, position, teacher, checkpointer, settings)).WithDispatcher(Dispatchers.Model);
 
     StepCompleted TrainStep(Train t)
     {
@@ -71,7 +72,7 @@ public sealed class TrainerReplica : ReceiveActor
             var keys = tensor(b.Ids.Select(Seeds.StableHash).ToArray());
             result = trainer.StudentStep(b.Images, b.TokenIds, b.AttentionMask, t.Targets, keys);
         }
-        cursor = t.Cursor;
+        position = position.Merge(t.Position);
         nonFiniteInARow = result.Skipped ? nonFiniteInARow + 1 : 0;
         if (nonFiniteInARow >= settings.MaxNonFiniteSteps)
             throw new DivergedException($"{nonFiniteInARow} non-finite losses in a row (last at step {result.Step}): the run diverged; lower optimizer.learning-rate or check the data");
@@ -80,7 +81,7 @@ public sealed class TrainerReplica : ReceiveActor
                || settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= settings.CheckpointEvery;
         if (due) SendSnapshots();
         else teacher.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
-        return new StepCompleted(result, t.Cursor, b.Ids, nonFiniteInARow);
+        return new StepCompleted(result, position, b.Ids, nonFiniteInARow);
     }
 
     /// <summary>The new student goes to the teacher (which then snapshots itself) and, with the optimiser state,
@@ -92,7 +93,7 @@ public sealed class TrainerReplica : ReceiveActor
         teacher.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent(), SnapshotTo: checkpointer));
         var student = trainer.Student.named_parameters().Select(p => (p.name, Tensors.Copy(p.parameter))).ToArray();
         var optimizer = trainer.Optimizer.State().Select(s => (s.Name, Tensors.Copy(s.Value))).ToArray();
-        checkpointer.Tell(new StudentSnapshot(trainer.Step, trainer.Optimizer.Step, cursor, student, optimizer));
+        checkpointer.Tell(new StudentSnapshot(trainer.Step, trainer.Optimizer.Step, position, student, optimizer));
     }
 
     Tensor[] CopyStudent() => studentParameters.Select(Tensors.Copy).ToArray();

@@ -1,3 +1,5 @@
+using Akka;
+using Akka.Streams.Dsl;
 using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Model;
@@ -7,8 +9,11 @@ namespace Mamo.Actors;
 /// <summary>A file source (built-in dataset, manifest, WebDataset shards) held in memory and replayed epoch after
 /// epoch in a new seeded order each time: a stream with no end, as a live feed has none. A sample's place in
 /// that stream is its cursor (epoch * N + index), so a checkpoint's cursor says exactly where to resume.</summary>
-public sealed class TrainingSamples
+public sealed class TrainingSamples : ITrainingSource
 {
+    /// <summary>The one partition of a file source's stream.</summary>
+    public const string CursorPartition = "cursor";
+
     readonly IReadOnlyList<ImageTextSample> samples;
     readonly int seed;
 
@@ -78,6 +83,17 @@ public sealed class TrainingSamples
         if (spec.StartsWith("manifest:")) return spec["manifest:".Length..];
         throw new SettingsException($"unknown eval set '{spec}': use dataset:NAME/SPLIT or manifest:PATH");
     }
+
+    public Source<Positioned, NotUsed> Open(StreamPosition resume) =>
+        Source.From(From((resume[CursorPartition] ?? -1) + 1).Select(x => new Positioned(CursorPartition, x.Cursor, new SampleItem(x.Sample))));
+
+    /// <summary>The sample is still in memory and comes round again next epoch; dead-letters.jsonl has the record.</summary>
+    public void DeadLetter(Positioned record, BadInput bad) { }
+
+    /// <summary>Files need no acknowledgement: the checkpoint's cursor is the whole story.</summary>
+    public void Commit(StreamPosition durable) { }
+
+    public void Dispose() { }
 
     /// <summary>Every sample from cursor `first` on, forever.</summary>
     public IEnumerable<(long Cursor, ImageTextSample Sample)> From(long first)

@@ -13,5 +13,8 @@ public static class MamoRoot
         EvalCommand.Create(),
         PlotCommand.Create(),
         BenchCommand.Create(),
+        IngestCommand.Create(),
+        EmbedCommand.Create(),
+        DevBrokerCommand.Create(),
     };
 }

@@ -65,16 +65,19 @@ public sealed class AdamW : IDisposable
         double bias1 = 1 - Math.Pow(config.Beta1, Step), bias2 = 1 - Math.Pow(config.Beta2, Step);
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
+        // Explicit scalars that live through the loop (see Momentum.Update: implicit ones can be finalised mid-call).
+        using TorchSharp.Scalar decay = 1 - learningRate * config.WeightDecay, beta1 = config.Beta1, oneMinusBeta1 = 1 - config.Beta1,
+            beta2 = config.Beta2, oneMinusBeta2 = 1 - config.Beta2, unbias2 = bias2, epsilon = config.Epsilon, stepSize = -learningRate / bias1;
         for (int i = 0; i < parameters.Length; i++)
         {
             var p = parameters[i].Param;
             var g = p.grad;
             if (g is null) continue;
-            if (decays[i]) p.mul_(1 - learningRate * config.WeightDecay);
-            m[i].mul_(config.Beta1).add_(g, alpha: 1 - config.Beta1);
-            v[i].mul_(config.Beta2).addcmul_(g, g, value: 1 - config.Beta2);
-            var denom = (v[i] / bias2).sqrt_().add_(config.Epsilon);
-            p.addcdiv_(m[i], denom, value: -learningRate / bias1);
+            if (decays[i]) p.mul_(decay);
+            m[i].mul_(beta1).add_(g, alpha: oneMinusBeta1);
+            v[i].mul_(beta2).addcmul_(g, g, value: oneMinusBeta2);
+            var denom = (v[i] / unbias2).sqrt_().add_(epsilon);
+            p.addcdiv_(m[i], denom, value: stepSize);
         }
     }
 

@@ -27,9 +27,12 @@ public static class Momentum
     public static void Update(IReadOnlyList<Tensor> teacher, IReadOnlyList<Tensor> student, double decay)
     {
         if (teacher.Count != student.Count) throw new ArgumentException($"teacher has {teacher.Count} tensors, student {student.Count}");
-        using var scope = NewDisposeScope();   // the implicit scalars of decay and alpha
+        // Explicit scalars, alive until the loop ends: an implicit one can be finalised by the GC while libtorch still
+        // reads it (a raw handle), which once broke a 30-minute run with "Expected false to be true" in Scalar::toDouble.
+        using var keep = decay.ToScalar();
+        using var alpha = (1 - decay).ToScalar();
         using var noGrad = no_grad();
-        foreach (var (t, s) in teacher.Zip(student)) t.mul_(decay).add_(s, alpha: 1 - decay);
+        foreach (var (t, s) in teacher.Zip(student)) t.mul_(keep).add_(s, alpha);
     }
 
     public static void Update(MamoModel teacher, MamoModel student, double decay) =>

@@ -90,7 +90,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
                 (string, Tensor)[] Named() => student.named_parameters().Select(p => (p.name, p.parameter.detach().clone().DetachFromDisposeScope())).ToArray();
                 checkpointer.Tell(new MomentumTeacher.TeacherSnapshot(step, step - 1, Named()));
                 ExpectNoMsg(TimeSpan.FromMilliseconds(200));   // half a checkpoint is not a checkpoint
-                checkpointer.Tell(new TrainerReplica.StudentSnapshot(step, step, step * 8 - 1, Named(), []));
+                checkpointer.Tell(new TrainerReplica.StudentSnapshot(step, step, StreamPosition.None.Advance("t/0", step * 8 - 1).Advance("t/1", step), Named(), []));
                 var durable = ExpectMsg<Checkpointer.CheckpointDurable>(TimeSpan.FromSeconds(30));
                 Assert.Equal(step, durable.Step);
                 Assert.True(File.Exists(Path.Combine(durable.Path, Checkpoint.StateFile)));
@@ -99,7 +99,9 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
             Assert.Equal([Checkpoint.StepFolderName(20), Checkpoint.StepFolderName(30)], kept);
             var latest = Checkpoint.Latest(runDir)!;
             var state = Checkpoint.ReadState(latest);
-            Assert.Equal((30L, 29L, "239"), (state.Step, state.TeacherStep, state.Extra[Checkpointer.CursorKey]));
+            Assert.Equal((30L, 29L), (state.Step, state.TeacherStep));
+            // Each partition's position survives the round trip through state.json.
+            Assert.Equal([("t/0", 239L), ("t/1", 30L)], StreamPosition.FromExtra(state.Extra).Offsets.Select(kv => (kv.Key, kv.Value)));
         }
         finally { Directory.Delete(runDir, recursive: true); }
     }

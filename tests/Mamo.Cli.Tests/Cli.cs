@@ -1,4 +1,6 @@
 using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json;
 
 namespace Mamo.Cli.Tests;
 
@@ -20,4 +22,67 @@ sealed class TempFolder : IDisposable
     public string Path { get; } = Directory.CreateTempSubdirectory("mamo-cli-test-").FullName;
     public string File(string relative) => System.IO.Path.Combine(Path, relative);
     public void Dispose() => Directory.Delete(Path, recursive: true);
+}
+
+/// <summary>`mamo` as a separate process, as a user runs it, and the ledger it writes.</summary>
+static class MamoProcess
+{
+    /// <summary>One ledger line: the step, where the stream stood after it, its loss and the sample ids it trained on.</summary>
+    public sealed record LedgerEntry(long Step, IReadOnlyDictionary<string, long> Position, double Loss, string[] Ids)
+    {
+        public long Cursor => Position["cursor"];
+    }
+
+    public static List<LedgerEntry> Ledger(string runDir) => File.ReadAllLines(System.IO.Path.Combine(runDir, "ledger.jsonl"))
+        .Where(l => l.EndsWith('}'))   // a line cut by SIGKILL is not a record
+        .Select(l => JsonDocument.Parse(l).RootElement)
+        .Select(e => new LedgerEntry(e.GetProperty("step").GetInt64(),
+            e.GetProperty("position").EnumerateObject().ToDictionary(p => p.Name, p => p.Value.GetInt64()),
+            e.GetProperty("loss").GetDouble(), e.GetProperty("ids").EnumerateArray().Select(i => i.GetString()!).ToArray()))
+        .ToList();
+
+    public static ProcessStartInfo StartInfo(IEnumerable<string> args)
+    {
+        var info = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        info.ArgumentList.Add(System.IO.Path.Combine(AppContext.BaseDirectory, "mamo.dll"));
+        foreach (var a in args) info.ArgumentList.Add(a);
+        return info;
+    }
+
+    public static (int Code, string Log) Run(IEnumerable<string> args)
+    {
+        using var p = Process.Start(StartInfo(args))!;
+        var stderr = p.StandardError.ReadToEndAsync();
+        var stdout = p.StandardOutput.ReadToEnd();
+        if (!p.WaitForExit(TimeSpan.FromMinutes(5))) { p.Kill(entireProcessTree: true); throw new TimeoutException("mamo did not finish"); }
+        return (p.ExitCode, stdout + stderr.Result);
+    }
+
+    /// <summary>Starts mamo and SIGKILLs it once the ledger shows `stepsDone` steps.</summary>
+    public static TimeSpan KillAfter(IEnumerable<string> args, string runDir, int stepsDone)
+    {
+        using var p = Process.Start(StartInfo(args))!;
+        _ = p.StandardOutput.ReadToEndAsync();
+        _ = p.StandardError.ReadToEndAsync();
+        var clock = Stopwatch.StartNew();
+        var ledger = System.IO.Path.Combine(runDir, "ledger.jsonl");
+        while (clock.Elapsed < TimeSpan.FromMinutes(5))
+        {
+            if (p.HasExited) throw new InvalidOperationException($"mamo exited ({p.ExitCode}) before it could be killed");
+            if (File.Exists(ledger) && File.ReadAllLines(ledger).Length >= stepsDone)
+            {
+                p.Kill();   // SIGKILL: no chance to checkpoint
+                p.WaitForExit();
+                return clock.Elapsed;
+            }
+            Thread.Sleep(20);
+        }
+        p.Kill();
+        throw new TimeoutException("mamo did not reach the kill point");
+    }
+
+    /// <summary>The newest complete checkpoint's step in a run folder.</summary>
+    public static long LastCheckpoint(string runDir) =>
+        Directory.GetDirectories(System.IO.Path.Combine(runDir, "checkpoints"), "step-*").Where(d => !d.EndsWith(".tmp"))
+            .Select(d => long.Parse(System.IO.Path.GetFileName(d)["step-".Length..])).Max();
 }

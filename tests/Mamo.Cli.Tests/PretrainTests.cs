@@ -11,6 +11,11 @@ namespace Mamo.Cli.Tests;
 /// restarted. The ledger (each step's sample ids and loss) is the witness.</summary>
 public class PretrainTests(ITestOutputHelper output)
 {
+    static (int Code, string Log) RunMamo(IEnumerable<string> args) => MamoProcess.Run(args);
+    static ProcessStartInfo Mamo(IEnumerable<string> args) => MamoProcess.StartInfo(args);
+    static TimeSpan KillAfter(IEnumerable<string> args, string runDir, int stepsDone) => MamoProcess.KillAfter(args, runDir, stepsDone);
+    static List<MamoProcess.LedgerEntry> Ledger(string runDir) => MamoProcess.Ledger(runDir);
+
     const int Batch = 8, Steps = 12, CheckpointEvery = 4, Samples = 40;
 
     static readonly string[] Common =
@@ -37,8 +42,7 @@ public class PretrainTests(ITestOutputHelper output)
         var killed = folder.File("killed");
         var killedAt = KillAfter(["pretrain", "--source", "manifest:" + manifest, "--run-dir", killed, .. Common, "--max-steps", $"{Steps}"], killed, stepsDone: CheckpointEvery + 2);
         var beforeKill = Ledger(killed);
-        var lastCheckpoint = Directory.GetDirectories(Path.Combine(killed, "checkpoints"), "step-*").Where(d => !d.EndsWith(".tmp"))
-            .Select(d => long.Parse(Path.GetFileName(d)["step-".Length..])).Max();
+        var lastCheckpoint = MamoProcess.LastCheckpoint(killed);
         output.WriteLine($"killed after {beforeKill.Count} steps (at {killedAt}); last checkpoint at step {lastCheckpoint}");
         Assert.True(lastCheckpoint >= CheckpointEvery && lastCheckpoint <= beforeKill.Count);
 
@@ -118,15 +122,6 @@ public class PretrainTests(ITestOutputHelper output)
         Assert.Contains("mamo.batch-size", log);
     }
 
-    sealed record Entry(long Step, long Cursor, double Loss, string[] Ids);
-
-    static List<Entry> Ledger(string runDir) => File.ReadAllLines(Path.Combine(runDir, "ledger.jsonl"))
-        .Where(l => l.EndsWith('}'))   // a line cut by SIGKILL is not a record
-        .Select(l => JsonDocument.Parse(l).RootElement)
-        .Select(e => new Entry(e.GetProperty("step").GetInt64(), e.GetProperty("cursor").GetInt64(), e.GetProperty("loss").GetDouble(),
-            e.GetProperty("ids").EnumerateArray().Select(i => i.GetString()!).ToArray()))
-        .ToList();
-
     /// <summary>Forty real emoji plus four bad lines: malformed JSON, an undecodable PNG, a missing file, no caption.</summary>
     static string WriteManifest(TempFolder folder)
     {
@@ -148,45 +143,5 @@ public class PretrainTests(ITestOutputHelper output)
         var manifest = folder.File("train.jsonl");
         File.WriteAllLines(manifest, lines);
         return manifest;
-    }
-
-    static ProcessStartInfo Mamo(IEnumerable<string> args)
-    {
-        var info = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
-        info.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "mamo.dll"));
-        foreach (var a in args) info.ArgumentList.Add(a);
-        return info;
-    }
-
-    static (int Code, string Log) RunMamo(IEnumerable<string> args)
-    {
-        using var p = Process.Start(Mamo(args))!;
-        var stderr = p.StandardError.ReadToEndAsync();
-        var stdout = p.StandardOutput.ReadToEnd();
-        if (!p.WaitForExit(TimeSpan.FromMinutes(5))) { p.Kill(entireProcessTree: true); throw new TimeoutException("mamo did not finish"); }
-        return (p.ExitCode, stdout + stderr.Result);
-    }
-
-    /// <summary>Starts mamo and SIGKILLs it once the ledger shows `stepsDone` steps.</summary>
-    static TimeSpan KillAfter(IEnumerable<string> args, string runDir, int stepsDone)
-    {
-        using var p = Process.Start(Mamo(args))!;
-        _ = p.StandardOutput.ReadToEndAsync();
-        _ = p.StandardError.ReadToEndAsync();
-        var clock = Stopwatch.StartNew();
-        var ledger = Path.Combine(runDir, "ledger.jsonl");
-        while (clock.Elapsed < TimeSpan.FromMinutes(5))
-        {
-            if (p.HasExited) throw new InvalidOperationException($"mamo exited ({p.ExitCode}) before it could be killed");
-            if (File.Exists(ledger) && File.ReadAllLines(ledger).Length >= stepsDone)
-            {
-                p.Kill();   // SIGKILL: no chance to checkpoint
-                p.WaitForExit();
-                return clock.Elapsed;
-            }
-            Thread.Sleep(20);
-        }
-        p.Kill();
-        throw new TimeoutException("mamo did not reach the kill point");
     }
 }

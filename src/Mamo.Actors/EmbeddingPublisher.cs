@@ -1,0 +1,71 @@
+using Akka.Actor;
+using Mamo.Data.Kafka;
+using Serilog;
+using static TorchSharp.torch;
+
+namespace Mamo.Actors;
+
+/// <summary>Streams fresh embeddings out: after each durable checkpoint, embeds the publish set with that model
+/// version and writes every vector to the output (a compacted topic then keeps the newest per id). It reads the
+/// weights from the checkpoint on disk, on its own thread, so training never waits for it; if checkpoints come
+/// faster than it publishes, it skips to the newest.</summary>
+public sealed class EmbeddingPublisher : ReceiveActor
+{
+    /// <summary>A model version went out: Count vectors of Version to Output.</summary>
+    public sealed record Published(string Version, int Count, string Output, TimeSpan Took);
+
+    readonly IReadOnlyList<EmbeddingItem> items;
+    readonly IEmbeddingSink sink;
+    readonly string modality;
+    readonly int batchSize;
+    readonly Device device;
+    Checkpointer.CheckpointDurable? newest;
+
+    public EmbeddingPublisher(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device)
+    {
+        this.items = items;
+        this.sink = sink;
+        this.modality = modality;
+        this.batchSize = batchSize;
+        this.device = device;
+        Receive<Checkpointer.CheckpointDurable>(d =>
+        {
+            var first = newest is null;
+            if (newest is null || d.Step > newest.Step) newest = d;
+            if (first) Self.Tell(PublishNewest.Instance);   // after the mailbox: newer checkpoints queued behind win
+        });
+        Receive<PublishNewest>(_ => Publish());
+    }
+
+    sealed class PublishNewest
+    {
+        public static readonly PublishNewest Instance = new();
+    }
+
+    public static Props Props(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device) =>
+        Akka.Actor.Props.Create(() => new EmbeddingPublisher(items, sink, modality, batchSize, device)).WithDispatcher(Dispatchers.Model);
+
+    protected override void PreStart() => Context.System.EventStream.Subscribe(Self, typeof(Checkpointer.CheckpointDurable));
+
+    void Publish()
+    {
+        var checkpoint = newest!;
+        newest = null;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        try
+        {
+            using var embedder = Embedder.Load(checkpoint.Path, device);
+            var count = embedder.Embed(items, modality, batchSize, sink);
+            sink.Flush();
+            Log.Information("published {Count} embeddings of model {Version} to {Output} in {Took:F1}s", count, embedder.Version, sink.Name, clock.Elapsed.TotalSeconds);
+            Context.System.EventStream.Publish(new Published(embedder.Version, count, sink.Name, clock.Elapsed));
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException or Confluent.Kafka.KafkaException)
+        {
+            // The checkpoint may already be pruned, or the broker away: the next checkpoint publishes again.
+            Log.Warning("embeddings of step {Step} not published: {Error}", checkpoint.Step, e.Message);
+        }
+    }
+
+    protected override void PostStop() => sink.Dispose();
+}

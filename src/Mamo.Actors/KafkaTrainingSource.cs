@@ -1,0 +1,273 @@
+using System.Collections.Concurrent;
+using Akka;
+using Akka.Streams;
+using Akka.Streams.Dsl;
+using Confluent.Kafka;
+using Mamo.Data;
+using Mamo.Data.Kafka;
+using Serilog;
+
+namespace Mamo.Actors;
+
+/// <summary>
+/// Training records from Kafka topics (docs/KAFKA.md). One consumer lives as long as the run, on a thread of its own
+/// (Confluent's consumer is used from one thread only). Offsets are never auto-committed: they are committed when the
+/// checkpoint that includes their effect is durable, and only for partitions this consumer still owns. Each stream
+/// (the first, and each one after a pipeline restart) seeks to the checkpoint's position where it has one, else to
+/// the group's committed offset. Records that cannot be used go to the dead-letter topic with `error` and
+/// `source-offset` headers; the producer is flushed before the offsets behind them are committed.
+/// </summary>
+public sealed class KafkaTrainingSource : ITrainingSource
+{
+    /// <summary>Records that may wait between the consumer and the preprocess stage.</summary>
+    const int QueueSize = 64;
+    static readonly TimeSpan PollTimeout = TimeSpan.FromMilliseconds(200), FlushTimeout = TimeSpan.FromSeconds(30);
+
+    readonly KafkaSpec spec;
+    readonly ConsumerConfig consumerConfig;
+    readonly IProducer<byte[]?, byte[]?> deadLetters;
+    readonly string? deadLetterTopic;
+    readonly SourceLimits limits;
+    readonly CancellationTokenSource closing = new();
+    readonly ConcurrentQueue<StreamPosition> commits = new();
+    readonly ConcurrentDictionary<(string, long), Message<byte[]?, byte[]?>> unusable = new();
+    readonly Thread thread;
+    readonly object gate = new();
+    (ISourceQueueWithComplete<Positioned> Queue, StreamPosition Resume)? attach;
+    long deadLettered;
+    readonly ConcurrentDictionary<string, bool> assigned = new();
+
+    /// <summary>The partitions this consumer owns now ("TOPIC/N").</summary>
+    public IReadOnlyCollection<string> Assigned => assigned.Keys.Order().ToList();
+
+    public string Name => spec.ToString();
+    /// <summary>Records sent to the dead-letter topic.</summary>
+    public long DeadLettered => Interlocked.Read(ref deadLettered);
+
+    /// <param name="consumerSettings">librdkafka consumer properties (SASL, TLS, ...) passed as they are; they win over the defaults.</param>
+    /// <param name="deadLetterTopic">null: each record's topic + ".dlq"</param>
+    public KafkaTrainingSource(KafkaSpec spec, IReadOnlyDictionary<string, string> consumerSettings, IReadOnlyDictionary<string, string> producerSettings,
+        string? deadLetterTopic, SourceLimits limits)
+    {
+        this.spec = spec;
+        this.deadLetterTopic = deadLetterTopic;
+        this.limits = limits;
+        consumerConfig = new ConsumerConfig(new Dictionary<string, string>
+        {
+            ["bootstrap.servers"] = spec.BootstrapServers,
+            ["group.id"] = spec.Group ?? "mamo",
+            ["enable.auto.commit"] = "false",
+            ["auto.offset.reset"] = "earliest",
+            ["fetch.max.bytes"] = "16777216",
+            ["queued.max.messages.kbytes"] = "16384",   // librdkafka's prefetch; the stream's backpressure bounds the rest
+        }.Concat(consumerSettings).GroupBy(kv => kv.Key).ToDictionary(g => g.Key, g => g.Last().Value));
+        deadLetters = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig(new Dictionary<string, string>
+            {
+                ["bootstrap.servers"] = spec.BootstrapServers, ["acks"] = "all", ["enable.idempotence"] = "true",
+            }.Concat(producerSettings).GroupBy(kv => kv.Key).ToDictionary(g => g.Key, g => g.Last().Value)))
+            .SetLogHandler((_, m) => LogKafka(m)).Build();
+        thread = new Thread(Loop) { IsBackground = true, Name = "kafka-source" };
+        thread.Start();
+    }
+
+    public Source<Positioned, NotUsed> Open(StreamPosition resume) =>
+        Source.Queue<Positioned>(QueueSize, OverflowStrategy.Backpressure)
+            .MapMaterializedValue(queue =>
+            {
+                lock (gate) attach = (queue, resume);
+                return NotUsed.Instance;
+            });
+
+    public void DeadLetter(Positioned record, BadInput bad)
+    {
+        var message = unusable.TryRemove((record.Partition, record.Offset), out var raw) ? raw
+            : record.Item is SampleItem { Sample: var s } ? KafkaRecords.ToMessage(s) : null;
+        if (message is null) return;
+        var topic = record.Partition[..record.Partition.LastIndexOf('/')];
+        var dlq = KafkaRecords.DeadLetter(message.Key, message.Value, message.Headers, bad.Reason, $"{record.Partition}@{record.Offset}");
+        deadLetters.Produce(deadLetterTopic ?? topic + ".dlq", dlq, report =>
+        {
+            if (report.Error.IsError) Log.Error("dead letter for {Partition}@{Offset} not written: {Error}", record.Partition, record.Offset, report.Error.Reason);
+        });
+        Interlocked.Increment(ref deadLettered);
+    }
+
+    public void Commit(StreamPosition durable) => commits.Enqueue(durable);
+
+    void Loop()
+    {
+        ISourceQueueWithComplete<Positioned>? queue = null;
+        StreamPosition? firstResume = null;
+        using var consumer = new ConsumerBuilder<byte[]?, byte[]?>(consumerConfig)
+            .SetErrorHandler((_, e) => OnError(e))
+            .SetLogHandler((_, m) => LogKafka(m))
+            .SetPartitionsAssignedHandler((c, partitions) => OnAssigned(partitions))
+            .SetPartitionsRevokedHandler((c, partitions) =>
+            {
+                foreach (var p in partitions) assigned.TryRemove(KafkaRecords.PartitionKey(p.Topic, p.Partition.Value), out _);
+                Log.Information("Kafka partitions revoked: {Partitions} (records already read are still trained on)",
+                    string.Join(", ", partitions.Select(p => p.TopicPartition)));
+            })
+            .SetPartitionsLostHandler((c, partitions) =>
+            {
+                foreach (var p in partitions) assigned.TryRemove(KafkaRecords.PartitionKey(p.Topic, p.Partition.Value), out _);
+                Log.Warning("Kafka partitions lost: {Partitions}; their next owner starts at the committed offsets", string.Join(", ", partitions.Select(p => p.TopicPartition)));
+            })
+            .Build();
+        consumer.Subscribe(spec.Topics);
+        try
+        {
+            while (!closing.IsCancellationRequested)
+            {
+                CommitDurable(consumer);
+                lock (gate)
+                {
+                    if (attach is { } next)
+                    {
+                        attach = null;
+                        queue = next.Queue;
+                        firstResume ??= next.Resume;
+                        Seek(consumer, next.Resume);
+                        consumer.Resume(consumer.Assignment);
+                    }
+                }
+                if (queue is not null && queue.WatchCompletionAsync().IsCompleted)
+                {
+                    queue = null;   // the stream ended (stop, restart): hold still until the next one opens
+                    consumer.Pause(consumer.Assignment);
+                }
+                ConsumeResult<byte[]?, byte[]?>? record;
+                try { record = consumer.Consume(PollTimeout); }
+                catch (ConsumeException e)
+                {
+                    Log.Warning("Kafka consume error: {Reason}", e.Error.Reason);
+                    continue;
+                }
+                if (record is null || record.IsPartitionEOF) continue;
+                BrokerBack();
+                if (queue is null)
+                {
+                    // Delivered while no stream runs (a partition assigned meanwhile): put it back for the next one.
+                    consumer.Seek(record.TopicPartitionOffset);
+                    consumer.Pause([record.TopicPartition]);
+                    continue;
+                }
+                var item = KafkaRecords.Read(record.Topic, record.Partition.Value, record.Offset.Value, record.Message.Key, record.Message.Value, record.Message.Headers, limits);
+                var partition = KafkaRecords.PartitionKey(record.Topic, record.Partition.Value);
+                if (item is BadItem) unusable[(partition, record.Offset.Value)] = record.Message;
+                if (!Offer(queue, new Positioned(partition, record.Offset.Value, item)))
+                {
+                    unusable.TryRemove((partition, record.Offset.Value), out _);
+                    consumer.Seek(record.TopicPartitionOffset);   // not taken: the next stream starts with it
+                }
+            }
+            CommitDurable(consumer);
+        }
+        catch (Exception e)
+        {
+            Log.Error(e, "the Kafka consumer stopped");
+            queue?.Fail(e);
+        }
+        finally
+        {
+            try { consumer.Close(); } catch (KafkaException e) { Log.Warning("Kafka consumer close: {Reason}", e.Error.Reason); }
+        }
+
+        IEnumerable<TopicPartitionOffset> OnAssigned(List<TopicPartition> partitions)
+        {
+            foreach (var p in partitions) assigned[KafkaRecords.PartitionKey(p.Topic, p.Partition.Value)] = true;
+            Log.Information("Kafka partitions assigned: {Partitions}", string.Join(", ", partitions));
+            var resume = firstResume ?? attach?.Resume ?? StreamPosition.None;
+            return partitions.Select(tp => resume[KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value)] is { } last
+                ? new TopicPartitionOffset(tp, new Offset(last + 1))
+                : new TopicPartitionOffset(tp, Offset.Unset));
+        }
+    }
+
+    /// <summary>A new stream starts after the checkpoint's position, or at the committed offset where it has none:
+    /// whatever the previous stream had read but not trained on is read again.</summary>
+    static void Seek(IConsumer<byte[]?, byte[]?> consumer, StreamPosition resume)
+    {
+        var assigned = consumer.Assignment;
+        if (assigned.Count == 0) return;
+        var committed = consumer.Committed(assigned, TimeSpan.FromSeconds(10)).ToDictionary(c => c.TopicPartition, c => c.Offset);
+        foreach (var tp in assigned)
+        {
+            var offset = resume[KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value)] is { } last ? new Offset(last + 1)
+                : committed.TryGetValue(tp, out var c) && c != Offset.Unset ? c : Offset.Beginning;
+            consumer.Seek(new TopicPartitionOffset(tp, offset));
+        }
+    }
+
+    /// <summary>Waits while the stream backpressures. An offer made as the stream stops may never be answered, so the
+    /// wait also ends when the stream has ended or the source closes: the record then counts as not taken.</summary>
+    bool Offer(ISourceQueueWithComplete<Positioned> queue, Positioned item)
+    {
+        try
+        {
+            var offer = queue.OfferAsync(item);
+            var ended = queue.WatchCompletionAsync();
+            while (!offer.Wait(PollTimeout))
+                if (ended.IsCompleted || closing.IsCancellationRequested) return false;
+            return offer.Result is QueueOfferResult.Enqueued;
+        }
+        catch (AggregateException) { return false; }   // the stream failed or detached
+        catch (Exception e) when (e is StreamDetachedException or InvalidOperationException) { return false; }
+    }
+
+    void CommitDurable(IConsumer<byte[]?, byte[]?> consumer)
+    {
+        StreamPosition? latest = null;
+        while (commits.TryDequeue(out var p)) latest = latest is null ? p : latest.Merge(p);
+        if (latest is null) return;
+        var owned = consumer.Assignment.ToHashSet();
+        var offsets = latest.Offsets
+            .Select(kv => (Key: kv.Key, Slash: kv.Key.LastIndexOf('/'), Last: kv.Value))
+            .Where(x => x.Slash > 0 && int.TryParse(x.Key[(x.Slash + 1)..], out _))
+            .Select(x => new TopicPartitionOffset(x.Key[..x.Slash], new Partition(int.Parse(x.Key[(x.Slash + 1)..])), new Offset(x.Last + 1)))
+            .Where(o => owned.Contains(o.TopicPartition))
+            .ToList();
+        if (offsets.Count == 0) return;
+        try
+        {
+            deadLetters.Flush(FlushTimeout);   // dead letters before the offsets that skip them
+            consumer.Commit(offsets);
+            Log.Debug("committed Kafka offsets {Offsets}", string.Join(", ", offsets));
+        }
+        catch (KafkaException e)
+        {
+            Log.Warning("Kafka offsets not committed ({Reason}); the checkpoint holds them, and the next checkpoint commits again", e.Error.Reason);
+        }
+    }
+
+    int brokerDown;
+
+    void OnError(Error e)
+    {
+        if (e.Code is ErrorCode.Local_AllBrokersDown or ErrorCode.Local_Transport or ErrorCode.Local_Resolve or ErrorCode.BrokerNotAvailable)
+        {
+            if (Interlocked.Exchange(ref brokerDown, 1) == 0)
+                Log.Warning("Kafka broker unavailable ({Reason}): training pauses until it returns; nothing is lost", e.Reason);
+        }
+        else Log.Warning("Kafka: {Reason} ({Code})", e.Reason, e.Code);
+    }
+
+    void BrokerBack()
+    {
+        if (Interlocked.Exchange(ref brokerDown, 0) == 1) Log.Warning("Kafka broker reachable again: training resumes");
+    }
+
+    static void LogKafka(LogMessage m)
+    {
+        if (m.Level <= SyslogLevel.Warning) Log.Debug("librdkafka {Facility}: {Message}", m.Facility, m.Message);
+    }
+
+    public void Dispose()
+    {
+        closing.Cancel();
+        thread.Join();
+        deadLetters.Flush(FlushTimeout);
+        deadLetters.Dispose();
+        closing.Dispose();
+    }
+}

@@ -1,0 +1,107 @@
+using System.Diagnostics;
+using System.Text;
+using Akka.Streams;
+using Akka.Streams.Dsl;
+using Akka.TestKit.Xunit2;
+using Confluent.Kafka;
+using Mamo.Data;
+using Mamo.Data.Kafka;
+using Xunit;
+
+namespace Mamo.Actors.Tests;
+
+/// <summary>The Kafka training source against librdkafka's mock cluster, in real Akka streams.</summary>
+public class KafkaSourceTests : TestKit
+{
+    const int Partitions = 4, Records = 200;
+    // KIP-848 rebalancing: a member that leaves hands its partitions over in milliseconds, not a session timeout.
+    static readonly Dictionary<string, string> FastRebalance = new() { ["group.protocol"] = "consumer" };
+
+    [Fact]
+    public void Two_consumers_split_the_partitions_and_one_takes_over_from_the_committed_offsets_when_the_other_leaves()
+    {
+        using var cluster = new KafkaMockCluster();
+        cluster.CreateTopic("pairs", Partitions);
+        var spec = KafkaSpec.Parse($"kafka://{cluster.BootstrapServers}/pairs?group=replicas");
+        var materializer = Sys.Materializer();
+        var a = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
+        using var b = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
+        var fromA = new Puller(a.Open(StreamPosition.None).RunWith(Sink.Queue<Positioned>(), materializer));
+        var fromB = new Puller(b.Open(StreamPosition.None).RunWith(Sink.Queue<Positioned>(), materializer));
+        WaitUntil(() => a.Assigned.Count > 0 && b.Assigned.Count > 0 && a.Assigned.Count + b.Assigned.Count == Partitions, "the group to split the partitions");
+        Assert.Empty(a.Assigned.Intersect(b.Assigned));
+        Produce(cluster, Records);
+
+        // Each reads exactly the records of its own partitions.
+        var seenA = new List<Positioned>();
+        var seenB = new List<Positioned>();
+        var clock = Stopwatch.StartNew();
+        while (seenA.Count + seenB.Count < Records)
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"read {seenA.Count} + {seenB.Count} of {Records}");
+            if (fromA.Next() is { } x) seenA.Add(x);
+            if (fromB.Next() is { } y) seenB.Add(y);
+        }
+        Assert.Equal(a.Assigned.Order(), seenA.Select(r => r.Partition).Distinct().Order());
+        Assert.Equal(b.Assigned.Order(), seenB.Select(r => r.Partition).Distinct().Order());
+
+        // A checkpoints the first half of what it read, the commit lands, then A leaves the group.
+        var position = seenA.Where(r => r.Offset < Records / Partitions / 2).Aggregate(StreamPosition.None, (p, r) => p.Advance(r.Partition, r.Offset));
+        var ofA = a.Assigned.ToHashSet();
+        a.Commit(position);
+        WaitUntil(() => Committed(cluster, "replicas").Count == ofA.Count, "A's commit");
+        a.Dispose();
+
+        // B takes A's partitions over and starts each right after A's committed position.
+        var firstFromA = new Dictionary<string, long>();
+        clock.Restart();
+        while (firstFromA.Count < ofA.Count)
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"B did not take over {string.Join(",", ofA.Except(firstFromA.Keys))}");
+            if (fromB.Next() is { } r && ofA.Contains(r.Partition)) firstFromA.TryAdd(r.Partition, r.Offset);
+        }
+        foreach (var (partition, offset) in firstFromA) Assert.Equal(position[partition]! + 1, offset);
+        Assert.Equal(Partitions, b.Assigned.Count);
+    }
+
+    static void Produce(KafkaMockCluster cluster, int records)
+    {
+        using var producer = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig { BootstrapServers = cluster.BootstrapServers }).Build();
+        for (var i = 0; i < records; i++)
+            producer.Produce(new TopicPartition("pairs", i % Partitions), KafkaRecords.ToMessage(
+                new ImageTextSample($"r{i}", [0x89, (byte)'P', (byte)'N', (byte)'G'], ["caption"], new SourcePosition("", 0))));
+        producer.Flush(TimeSpan.FromSeconds(30));
+    }
+
+    /// <summary>Pulls from a stream without blocking long; a pull not yet answered is kept for the next call.</summary>
+    sealed class Puller(ISinkQueue<Positioned> queue)
+    {
+        Task<Akka.Util.Option<Positioned>>? pending;
+
+        public Positioned? Next()
+        {
+            pending ??= queue.PullAsync();
+            if (!pending.Wait(TimeSpan.FromMilliseconds(50))) return null;
+            var result = pending.Result;
+            pending = null;
+            return result.HasValue ? result.Value : null;
+        }
+    }
+
+    static Dictionary<string, long> Committed(KafkaMockCluster cluster, string group)
+    {
+        using var consumer = new ConsumerBuilder<byte[], byte[]>(new ConsumerConfig { BootstrapServers = cluster.BootstrapServers, GroupId = group }).Build();
+        return consumer.Committed(Enumerable.Range(0, Partitions).Select(p => new TopicPartition("pairs", p)), TimeSpan.FromSeconds(10))
+            .Where(c => c.Offset != Offset.Unset).ToDictionary(c => KafkaRecords.PartitionKey(c.Topic, c.Partition.Value), c => c.Offset.Value);
+    }
+
+    static void WaitUntil(Func<bool> condition, string what)
+    {
+        var clock = Stopwatch.StartNew();
+        while (!condition())
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(30), $"timed out waiting for {what}");
+            Thread.Sleep(100);
+        }
+    }
+}
