@@ -67,8 +67,9 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
                 u.SnapshotTo?.Tell(new TeacherSnapshot(u.StepsDone, emaThrough, Copy()));
                 Stash.UnstashAll();
                 break;
-            case GetWeights:
-                Sender.Tell(new TeacherSnapshot(emaThrough, emaThrough, Copy()));
+            case GetWeights g:
+                // Labelled with the step asked about (the evaluation's step); TeacherStep says how many updates it holds.
+                Sender.Tell(new TeacherSnapshot(g.Step, emaThrough, Copy()));
                 break;
             default:
                 Unhandled(message);

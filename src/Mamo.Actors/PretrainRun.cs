@@ -28,6 +28,9 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     IReadOnlyList<EmbeddingItem> publishItems = [];
     long samplesRead;
 
+    /// <summary>The actor system of the pipeline now running (a new one after each restart).</summary>
+    public ActorSystem? System { get; private set; }
+
     /// <summary>Samples taken from the source so far: with backpressure, never far ahead of what the trainer consumed.</summary>
     public long SamplesRead => Interlocked.Read(ref samplesRead);
 
@@ -137,6 +140,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         }
 
         var system = ActorSystem.Create("mamo", s.Config);
+        System = system;
         using var stopping = new CancellationTokenSource();
         try
         {
@@ -226,7 +230,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                 trainer?.Dispose();
                 throw new SettingsException($"cannot resume: {e.Message}; use another --run-dir or the same --preset");
             }
-            catch (Exception e) when (e is IOException or InvalidDataException or System.Text.Json.JsonException or FormatException)
+            catch (Exception e) when (e is IOException or InvalidDataException or global::System.Text.Json.JsonException or FormatException)
             {
                 trainer?.Dispose();
                 Log.Warning("checkpoint {Checkpoint} cannot be loaded ({Error}); trying the one before", dir, e.Message);

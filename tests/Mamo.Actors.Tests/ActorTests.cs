@@ -105,4 +105,25 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         }
         finally { Directory.Delete(runDir, recursive: true); }
     }
+
+    [Fact]
+    public void Evaluator_scores_a_copy_of_the_teacher_and_drops_requests_while_busy()
+    {
+        var tokenizer = new Mamo.Data.TextTokenizer(Mamo.Data.Datasets.BuiltinDatasets.EnsureVocab());
+        var manifest = Mamo.Data.Datasets.BuiltinDatasets.Ensure(Mamo.Data.Datasets.BuiltinDatasets.Emoji).File(Mamo.Data.Datasets.BuiltinDatasets.TestSplit);
+        using var set = Mamo.Data.EvalSet.Load(manifest, new Mamo.Data.ImageTransform(new Mamo.Data.ImageTransformOptions(ImageSize: Tiny.ImageSize)), tokenizer, Tiny.MaxTextLength);
+        using var student = new MamoModel(Tiny);
+        var teacherModel = Momentum.CreateTeacher(student);
+        var expected = Retrieval.Evaluate(teacherModel, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, 2, 64);
+        var teacher = Sys.ActorOf(MomentumTeacher.Props(teacherModel, teacherStep: 0, pipelined: false));
+        var evaluator = Sys.ActorOf(Evaluator.Props(Tiny, CPU, [new Evaluator.NamedSet("emoji-test", set)], teacher, TestActor, 2, 64, CancellationToken.None));
+
+        evaluator.Tell(new Evaluator.EvaluateNow(7));
+        evaluator.Tell(new Evaluator.EvaluateNow(8));   // arrives while the first runs: dropped, not queued
+        var done = ExpectMsg<Evaluator.EvalCompleted>(TimeSpan.FromSeconds(120));
+        Assert.Equal((7L, "emoji-test", set.ImageCount, set.TextCount), (done.Step, done.Set, done.Images, done.Texts));
+        foreach (var (got, want) in new[] { (done.Metrics.Ir1, expected.Ir1), (done.Metrics.Tr5, expected.Tr5), (done.Metrics.RMean, expected.RMean) })
+            Assert.Equal(want, got, 6);
+        ExpectNoMsg(TimeSpan.FromSeconds(3));
+    }
 }

@@ -49,4 +49,36 @@ public class PipelineTests
     {
         public void Report(RunProgress value) => onStep(value.Step);
     }
+
+    [Fact]
+    public async Task A_trainer_that_dies_restarts_the_pipeline_from_the_last_checkpoint()
+    {
+        var runDir = Directory.CreateTempSubdirectory("mamo-restart-").FullName;
+        try
+        {
+            var settings = MamoSettings.Load(null, [
+                $"run-dir={runDir}", "batch-size=4", "max-steps=10", "eval.every-steps=0", "checkpoint.every-steps=4", "metrics.every-steps=1",
+                "ledger=on", "supervision.min-backoff=1s", "source=\"dataset:emoji\""]);
+            PretrainRun? run = null;
+            var killed = 0;
+            run = new PretrainRun(settings, new StepProgress(step =>
+            {
+                // After step 6 the trainer actor is killed, as an exception in its handler would stop it.
+                if (step == 6 && Interlocked.Exchange(ref killed, 1) == 0)
+                    run!.System!.ActorSelection("/user/trainer").Tell(Akka.Actor.Kill.Instance);
+            }));
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            Assert.Equal(10, await run.RunAsync(CancellationToken.None));
+
+            var steps = File.ReadAllLines(Path.Combine(runDir, Metrics.LedgerFile))
+                .Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt64()).ToList();
+            // 0..5 or 0..6 before the kill, then 4..9 again from the checkpoint at step 4.
+            var restartAt = Enumerable.Range(1, steps.Count - 1).FirstOrDefault(i => steps[i] <= steps[i - 1]);
+            Assert.True(restartAt > 0, $"no restart in the ledger: {string.Join(",", steps)}");
+            Assert.Equal(4, steps[restartAt]);
+            Assert.Equal(Enumerable.Range(4, 6).Select(i => (long)i), steps.Skip(restartAt));
+            Assert.True(clock.Elapsed >= settings.MinBackoff);
+        }
+        finally { Directory.Delete(runDir, recursive: true); }
+    }
 }
