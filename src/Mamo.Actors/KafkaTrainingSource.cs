@@ -59,7 +59,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
             ["enable.auto.commit"] = "false",
             ["auto.offset.reset"] = "earliest",
             ["fetch.max.bytes"] = "16777216",
-            ["queued.max.messages.kbytes"] = "16384",   // librdkafka's prefetch; the stream's backpressure bounds the rest
+            ["queued.max.messages.kbytes"] = "16384",
+            ["topic.metadata.refresh.interval.ms"] = "10000",   // a topic created after we subscribed is found within seconds   // librdkafka's prefetch; the stream's backpressure bounds the rest
         }.Concat(consumerSettings).GroupBy(kv => kv.Key).ToDictionary(g => g.Key, g => g.Last().Value));
         deadLetters = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig(new Dictionary<string, string>
             {

@@ -139,12 +139,14 @@ public static class EmbedCommand
         {
             BootstrapServers = spec.BootstrapServers, GroupId = spec.Group ?? "mamo-embed",
             EnableAutoCommit = false, AutoOffsetReset = AutoOffsetReset.Earliest,
+            TopicMetadataRefreshIntervalMs = 10_000,   // a topic created after we subscribed is found within seconds
         }).Build();
         using var deadLetters = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig { BootstrapServers = spec.BootstrapServers, Acks = Acks.All }).Build();
         consumer.Subscribe(spec.Topics);
         Embedder? embedder = null;
         SamplePreparer? preparer = null;
         var lags = new List<double>();
+        string? lastError = null;
         long embedded = 0, bad = 0;
         try
         {
@@ -168,7 +170,16 @@ public static class EmbedCommand
                 var deadline = DateTime.UtcNow + BatchWait;
                 while (batch.Count < o.BatchSize && !stop.IsCancellationRequested)
                 {
-                    var r = consumer.Consume(batch.Count == 0 ? TimeSpan.FromMilliseconds(200) : deadline - DateTime.UtcNow is var left && left > TimeSpan.Zero ? left : TimeSpan.Zero);
+                    ConsumeResult<byte[]?, byte[]?>? r;
+                    try { r = consumer.Consume(batch.Count == 0 ? TimeSpan.FromMilliseconds(200) : deadline - DateTime.UtcNow is var left && left > TimeSpan.Zero ? left : TimeSpan.Zero); }
+                    catch (ConsumeException e)
+                    {
+                        // e.g. the topic does not exist yet: say so, and keep polling until it does.
+                        if (e.Error.Reason != lastError) error.WriteLine($"mamo embed: {e.Error.Reason} (waiting)");
+                        lastError = e.Error.Reason;
+                        Thread.Sleep(PollEvery);
+                        break;
+                    }
                     if (r is null) { if (batch.Count > 0 || DateTime.UtcNow >= deadline) break; continue; }
                     offsets[r.TopicPartition] = r.Offset + 1;
                     var record = KafkaRecords.Read(r.Topic, r.Partition.Value, r.Offset.Value, r.Message.Key, r.Message.Value, r.Message.Headers, SourceLimits.Default);
