@@ -59,8 +59,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
             ["enable.auto.commit"] = "false",
             ["auto.offset.reset"] = "earliest",
             ["fetch.max.bytes"] = "16777216",
-            ["queued.max.messages.kbytes"] = "16384",
-            ["topic.metadata.refresh.interval.ms"] = "10000",   // a topic created after we subscribed is found within seconds   // librdkafka's prefetch; the stream's backpressure bounds the rest
+            ["queued.max.messages.kbytes"] = "16384",   // librdkafka's prefetch; the stream's backpressure bounds the rest
+            ["topic.metadata.refresh.interval.ms"] = "10000",   // a topic created after we subscribed is found within seconds
         }.Concat(consumerSettings).GroupBy(kv => kv.Key).ToDictionary(g => g.Key, g => g.Last().Value));
         deadLetters = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig(new Dictionary<string, string>
             {
@@ -99,6 +99,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
     {
         ISourceQueueWithComplete<Positioned>? queue = null;
         StreamPosition? firstResume = null;
+        string? lastConsumeError = null;
         using var consumer = new ConsumerBuilder<byte[]?, byte[]?>(consumerConfig)
             .SetErrorHandler((_, e) => OnError(e))
             .SetLogHandler((_, m) => LogKafka(m))
@@ -141,11 +142,13 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 try { record = consumer.Consume(PollTimeout); }
                 catch (ConsumeException e)
                 {
-                    Log.Warning("Kafka consume error: {Reason}", e.Error.Reason);
+                    if (e.Error.Reason != lastConsumeError) Log.Warning("Kafka consume error: {Reason}", e.Error.Reason);
+                    lastConsumeError = e.Error.Reason;
                     continue;
                 }
                 if (record is null || record.IsPartitionEOF) continue;
                 BrokerBack();
+                lastConsumeError = null;
                 if (queue is null)
                 {
                     // Delivered while no stream runs (a partition assigned meanwhile): put it back for the next one.
