@@ -22,7 +22,10 @@ public sealed class MamoLoss : IDisposable
 {
     public required Tensor Total { get; init; }
     public required IReadOnlyDictionary<string, Tensor> Terms { get; init; }
-    public void Dispose() { Total.Dispose(); foreach (var t in Terms.Values) t.Dispose(); }
+    /// <summary>[2, B] the ITM hard negatives drawn (row 0: an image for each text, row 1: a text for each image), so
+    /// that another implementation can replay the step exactly (the PyTorch parity check); null without ITM.</summary>
+    public Tensor? ItmNegatives { get; init; }
+    public void Dispose() { Total.Dispose(); foreach (var t in Terms.Values) t.Dispose(); ItmNegatives?.Dispose(); }
 }
 
 /// <summary>The MAMO model: image, text and fusion encoders, ITC projections and the heads of the five objectives.
@@ -85,6 +88,7 @@ public sealed class MamoModel : Module
         var lw = c.Weights;
         using var scope = NewDisposeScope();
         var terms = new Dictionary<string, Tensor>();
+        Tensor? itmNegatives = null;
         long b = images.shape[0], n = c.NumPatches;
         var imageVisible = image.forward(images, mask.Visible);                    // [B, 1 + Nv, W]
 
@@ -115,6 +119,7 @@ public sealed class MamoModel : Module
                 {
                     negImage = SampleHardNegatives(simI2T.t(), same, generator);                // for each text, an image
                     negText = SampleHardNegatives(simI2T, same, generator);                     // for each image, a text
+                    itmNegatives = stack(new[] { negImage, negText });
                 }
                 var itmImage = cat(new[] { imageTokens, imageTokens.index_select(0, negImage), imageTokens }, 0);
                 var itmText = cat(new[] { textTokens, textTokens, textTokens.index_select(0, negText) }, 0);
@@ -164,7 +169,8 @@ public sealed class MamoModel : Module
         foreach (var (name, loss) in terms) total = total + weights[name] * loss;
         total.MoveToOuterDisposeScope();
         foreach (var t in terms.Values) t.MoveToOuterDisposeScope();
-        return new MamoLoss { Total = total, Terms = terms };
+        itmNegatives?.MoveToOuterDisposeScope();
+        return new MamoLoss { Total = total, Terms = terms, ItmNegatives = itmNegatives };
     }
 
     /// <summary>Keeps every other image a possible negative even when softmax underflows to 0.</summary>
