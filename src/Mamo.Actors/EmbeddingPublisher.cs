@@ -11,9 +11,6 @@ namespace Mamo.Actors;
 /// faster than it publishes, it skips to the newest.</summary>
 public sealed class EmbeddingPublisher : ReceiveActor
 {
-    /// <summary>A model version went out: Count vectors of Version to Output.</summary>
-    public sealed record Published(string Version, int Count, string Output, TimeSpan Took);
-
     readonly IReadOnlyList<EmbeddingItem> items;
     readonly IEmbeddingSink sink;
     readonly string modality;
@@ -58,7 +55,6 @@ public sealed class EmbeddingPublisher : ReceiveActor
             var count = embedder.Embed(items, modality, batchSize, sink);
             sink.Flush();
             Log.Information("published {Count} embeddings of model {Version} to {Output} in {Took:F1}s", count, embedder.Version, sink.Name, clock.Elapsed.TotalSeconds);
-            Context.System.EventStream.Publish(new Published(embedder.Version, count, sink.Name, clock.Elapsed));
         }
         catch (Exception e) when (e is IOException or InvalidDataException or Confluent.Kafka.KafkaException)
         {

@@ -27,7 +27,6 @@ public sealed class Embedder : IDisposable
     readonly Device device;
 
     public string Version { get; }
-    public long Step { get; }
     public string Checkpoint { get; }
     public MamoConfig Config { get; }
 
@@ -36,7 +35,6 @@ public sealed class Embedder : IDisposable
         this.model = model;
         this.device = device;
         Config = config;
-        Step = step;
         Version = $"step-{step}";
         Checkpoint = checkpoint;
     }

@@ -34,15 +34,12 @@ public sealed class KafkaTrainingSource : ITrainingSource
     readonly Thread thread;
     readonly object gate = new();
     (ISourceQueueWithComplete<Positioned> Queue, StreamPosition Resume)? attach;
-    long deadLettered;
     readonly ConcurrentDictionary<string, bool> assigned = new();
 
     /// <summary>The partitions this consumer owns now ("TOPIC/N").</summary>
     public IReadOnlyCollection<string> Assigned => assigned.Keys.Order().ToList();
 
     public string Name => spec.ToString();
-    /// <summary>Records sent to the dead-letter topic.</summary>
-    public long DeadLettered => Interlocked.Read(ref deadLettered);
 
     /// <param name="consumerSettings">librdkafka consumer properties (SASL, TLS, ...) passed as they are; they win over the defaults.</param>
     /// <param name="deadLetterTopic">null: each record's topic + ".dlq"</param>
@@ -90,7 +87,6 @@ public sealed class KafkaTrainingSource : ITrainingSource
         {
             if (report.Error.IsError) Log.Error("dead letter for {Partition}@{Offset} not written: {Error}", record.Partition, record.Offset, report.Error.Reason);
         });
-        Interlocked.Increment(ref deadLettered);
     }
 
     public void Commit(StreamPosition durable) => commits.Enqueue(durable);

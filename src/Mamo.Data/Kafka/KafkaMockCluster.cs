@@ -16,7 +16,6 @@ public sealed class KafkaMockCluster : IDisposable
     IntPtr handle, cluster;
 
     public string BootstrapServers { get; }
-    public int Brokers { get; }
 
     public KafkaMockCluster(int brokers = 1)
     {
@@ -34,7 +33,6 @@ public sealed class KafkaMockCluster : IDisposable
         cluster = rd_kafka_mock_cluster_new(handle, brokers);
         if (cluster == IntPtr.Zero) throw new InvalidOperationException("librdkafka could not start its mock cluster");
         BootstrapServers = Marshal.PtrToStringUTF8(rd_kafka_mock_cluster_bootstraps(cluster))!;
-        Brokers = brokers;
         // Consumers join a group at once instead of after the default 3 s.
         rd_kafka_mock_group_initial_rebalance_delay_ms(cluster, 0);
     }
