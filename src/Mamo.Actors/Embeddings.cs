@@ -14,6 +14,16 @@ public sealed record EmbeddingItem(string Id, float[] Pixels, long[] TokenIds, l
         preparer.TryPrepareForEvaluation(sample, out var pixels, out var captions, out bad)
             ? new EmbeddingItem(sample.Id, pixels, captions[0].Ids, captions[0].AttentionMask)
             : null;
+
+    /// <summary>Prepares every sample; the ones that cannot be embedded are added to <paramref name="bad"/>.</summary>
+    public static List<EmbeddingItem> PrepareAll(IEnumerable<ImageTextSample> samples, SamplePreparer preparer, List<BadInput> bad)
+    {
+        var items = new List<EmbeddingItem>();
+        foreach (var sample in samples)
+            if (Prepare(sample, preparer, out var why) is { } item) items.Add(item);
+            else bad.Add(why!);
+        return items;
+    }
 }
 
 /// <summary>

@@ -49,7 +49,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
         this.spec = spec;
         this.deadLetterTopic = deadLetterTopic;
         this.limits = limits;
-        consumerConfig = new ConsumerConfig(new Dictionary<string, string>
+        consumerConfig = new ConsumerConfig(Override(new Dictionary<string, string>
         {
             ["bootstrap.servers"] = spec.BootstrapServers,
             ["group.id"] = spec.Group ?? "mamo",
@@ -58,14 +58,21 @@ public sealed class KafkaTrainingSource : ITrainingSource
             ["fetch.max.bytes"] = "16777216",
             ["queued.max.messages.kbytes"] = "16384",   // librdkafka's prefetch; the stream's backpressure bounds the rest
             ["topic.metadata.refresh.interval.ms"] = "10000",   // a topic created after we subscribed is found within seconds
-        }.Concat(consumerSettings).GroupBy(kv => kv.Key).ToDictionary(g => g.Key, g => g.Last().Value));
-        deadLetters = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig(new Dictionary<string, string>
+        }, consumerSettings));
+        deadLetters = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig(Override(new Dictionary<string, string>
             {
                 ["bootstrap.servers"] = spec.BootstrapServers, ["acks"] = "all", ["enable.idempotence"] = "true",
-            }.Concat(producerSettings).GroupBy(kv => kv.Key).ToDictionary(g => g.Key, g => g.Last().Value)))
+            }, producerSettings)))
             .SetLogHandler((_, m) => LogKafka(m)).Build();
         thread = new Thread(Loop) { IsBackground = true, Name = "kafka-source" };
         thread.Start();
+    }
+
+    /// <summary>The user's librdkafka properties win over ours.</summary>
+    static Dictionary<string, string> Override(Dictionary<string, string> defaults, IReadOnlyDictionary<string, string> user)
+    {
+        foreach (var (key, value) in user) defaults[key] = value;
+        return defaults;
     }
 
     public Source<Positioned, NotUsed> Open(StreamPosition resume) =>

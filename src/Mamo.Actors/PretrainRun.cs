@@ -110,10 +110,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     static List<EmbeddingItem> PublishItems(MamoSettings s, SamplePreparer preparer, Action<string> log)
     {
         var (samples, bad) = ManifestSource.ReadAll(TrainingSamples.EvalManifest(s.PublishInput, log));
-        var items = new List<EmbeddingItem>();
-        foreach (var sample in samples)
-            if (EmbeddingItem.Prepare(sample, preparer, out var why) is { } item) items.Add(item);
-            else bad.Add(why!);
+        var items = EmbeddingItem.PrepareAll(samples, preparer, bad);
         foreach (var b in bad) Log.Warning("publish set: skipped {Location}: {Reason}", b.Location, b.Reason);
         if (items.Count == 0) throw new SettingsException($"'mamo.publish.input' {s.PublishInput} has no usable item");
         Log.Information("publishing embeddings of {Count} items ({Modality}) to {Output} after each checkpoint", items.Count, s.PublishModality, s.PublishOutput);

@@ -115,10 +115,7 @@ public static class EmbedCommand
             if (items is null || imageSize != embedder.Config.ImageSize)
             {
                 var preparer = Preparer(embedder, tokenizer);
-                items = [];
-                foreach (var sample in samples)
-                    if (EmbeddingItem.Prepare(sample, preparer, out var why) is { } item) items.Add(item);
-                    else bad.Add(why!);
+                items = EmbeddingItem.PrepareAll(samples, preparer, bad);
                 foreach (var b in bad) error.WriteLine($"mamo embed: skipped {b.Location}: {b.Reason}");
                 bad.Clear();
                 imageSize = embedder.Config.ImageSize;
