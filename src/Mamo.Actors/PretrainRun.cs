@@ -63,7 +63,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             publishItems = s.PublishOutput is null ? [] : PublishItems(s, new SamplePreparer(evalTransform, tokenizer, s.Model.MaxTextLength, decodeLimits), log);
 
             var preparer = new SamplePreparer(
-                new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize, MinCropScale: s.CropMinScale, MaxCropScale: s.CropMaxScale, HorizontalFlip: s.HorizontalFlip)),
+                new ImageTransform(s.TrainImages),
                 tokenizer, s.Model.MaxTextLength, decodeLimits);
 
             for (int attempt = 0; ; attempt++)

@@ -1,5 +1,6 @@
 using Akka.Configuration;
 using Akka.Configuration.Hocon;
+using Mamo.Data;
 using Mamo.Model;
 
 namespace Mamo.Actors;
@@ -28,9 +29,8 @@ public sealed record MamoSettings
     public required int BufferedBatches { get; init; }
     public required long MaxImageBytes { get; init; }
     public required long MaxImagePixels { get; init; }
-    public required double CropMinScale { get; init; }
-    public required double CropMaxScale { get; init; }
-    public required bool HorizontalFlip { get; init; }
+    /// <summary>Crop, flip and RandAugment of training images (data.*), at the model's image size.</summary>
+    public required ImageTransformOptions TrainImages { get; init; }
     public required long MaxInMemoryBytes { get; init; }
     public required bool TeacherPipelined { get; init; }
     public required int EvalEverySteps { get; init; }
@@ -212,9 +212,14 @@ public sealed record MamoSettings
             BufferedBatches = Int("data.buffered-batches", 1),
             MaxImageBytes = Bytes("data.max-image-bytes"),
             MaxImagePixels = Long("data.max-image-pixels", 1),
-            CropMinScale = cropMin,
-            CropMaxScale = cropMax,
-            HorizontalFlip = Bool("data.horizontal-flip"),
+            TrainImages = new ImageTransformOptions(
+                ImageSize: model.ImageSize,
+                MinCropScale: cropMin,
+                MaxCropScale: cropMax,
+                HorizontalFlip: Bool("data.horizontal-flip"),
+                AugmentOps: Int("data.random-augment.ops", 0),
+                AugmentMagnitude: Get("data.random-augment.magnitude", k => c.GetInt(k), v => v is >= 0 and <= RandAugment.MaxMagnitude,
+                    $"must lie in [0, {RandAugment.MaxMagnitude}]")),
             MaxInMemoryBytes = Bytes("data.max-in-memory-bytes"),
             TeacherPipelined = Bool("teacher.pipelined"),
             EvalEverySteps = Int("eval.every-steps", 0),

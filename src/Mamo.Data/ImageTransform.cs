@@ -13,7 +13,7 @@ public enum TransformMode
 
 /// <summary>
 /// Image preprocessing settings. Mean and std default to CLIP's (also ALBEF's). Horizontal flip is off by default
-/// because captions say "left" and "right".
+/// because captions say "left" and "right". <see cref="AugmentOps"/> &gt; 0 adds <see cref="RandAugment"/> in Train.
 /// </summary>
 public sealed record ImageTransformOptions(
     int ImageSize = 64,
@@ -23,6 +23,8 @@ public sealed record ImageTransformOptions(
     double MaxCropRatio = 4.0 / 3.0,
     int CropAttempts = 10,
     bool HorizontalFlip = false,
+    int AugmentOps = 0,
+    int AugmentMagnitude = 7,
     IReadOnlyList<float>? Mean = null,
     IReadOnlyList<float>? Std = null)
 {
@@ -49,8 +51,9 @@ public sealed class ImageTransform(ImageTransformOptions options)
     private static readonly SKSamplingOptions BilinearMipmapped = new(SKFilterMode.Linear, SKMipmapMode.Linear);
 
     public ImageTransformOptions Options { get; } = options;
+    private readonly RandAugment? _augment = options.AugmentOps > 0 ? new RandAugment(options.AugmentOps, options.AugmentMagnitude) : null;
 
-    /// <param name="random">Draws the crop (and flip) in <see cref="TransformMode.Train"/>; unused in Eval.</param>
+    /// <param name="random">Draws the crop, flip and augmentation in <see cref="TransformMode.Train"/>; unused in Eval.</param>
     public float[] Apply(SKBitmap rgb, TransformMode mode, Random? random = null)
     {
         var size = Options.ImageSize;
@@ -58,6 +61,7 @@ public sealed class ImageTransform(ImageTransformOptions options)
             ? RandomResizedCrop(rgb.Width, rgb.Height, random ?? throw new ArgumentNullException(nameof(random)))
             : CentreCrop(rgb.Width, rgb.Height);
         var flip = mode == TransformMode.Train && Options.HorizontalFlip && random!.NextDouble() < 0.5;
+        var augment = mode == TransformMode.Train ? _augment?.Sample(random!) : null;
 
         using var output = new SKBitmap(new SKImageInfo(size, size, SKColorType.Rgba8888, SKAlphaType.Opaque));
         using (var canvas = new SKCanvas(output))
@@ -65,10 +69,14 @@ public sealed class ImageTransform(ImageTransformOptions options)
         {
             canvas.Clear(SKColors.White);
             if (flip) canvas.Scale(-1, 1, size / 2f, 0);
+            if (augment != null) RandAugment.Transform(canvas, augment, size);
             var sampling = size / Math.Min(crop.Width, crop.Height) < MipmapBelowScale ? BilinearMipmapped : Bilinear;
             canvas.DrawImage(image, crop, new SKRect(0, 0, size, size), sampling);
         }
-        return Normalise(output.GetPixelSpan(), size);
+        if (augment is not { Recolours: true }) return Normalise(output.GetPixelSpan(), size);
+        var pixels = output.GetPixelSpan().ToArray();
+        RandAugment.Recolour(pixels, augment, size);
+        return Normalise(pixels, size);
     }
 
     private float[] Normalise(ReadOnlySpan<byte> rgba, int size)

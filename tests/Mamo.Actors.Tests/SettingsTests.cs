@@ -12,7 +12,10 @@ public class SettingsTests
         Assert.Equal("dataset:emoji", d.Source);
         Assert.Equal(0.75, d.Model.ImageMaskRatio);
         Assert.Equal(TimeSpan.FromMinutes(10), d.CheckpointEvery);
-        var s = MamoSettings.Load(null, ["batch-size=8", "mamo.loss-weights.mim=0", "time-budget=20m", "eval.sets=[\"manifest:/x.jsonl\"]"]);
+        Assert.Equal((64, 0, 7), (d.TrainImages.ImageSize, d.TrainImages.AugmentOps, d.TrainImages.AugmentMagnitude));
+        var s = MamoSettings.Load(null, ["batch-size=8", "mamo.loss-weights.mim=0", "time-budget=20m", "eval.sets=[\"manifest:/x.jsonl\"]",
+            "data.random-augment.ops=2"]);
+        Assert.Equal(2, s.TrainImages.AugmentOps);
         Assert.Equal(8, s.BatchSize);
         Assert.Equal(0, s.Model.Weights.Mim);
         Assert.Equal(TimeSpan.FromMinutes(20), s.TimeBudget);
@@ -43,6 +46,8 @@ public class SettingsTests
     [InlineData("time-budget=soon", "mamo.time-budget")]
     [InlineData("optimizer=3", "mamo.optimizer")]
     [InlineData("model.mrm-top-k=5", "mrm top-k")]
+    [InlineData("data.random-augment.magnitude=11", "mamo.data.random-augment.magnitude")]
+    [InlineData("data.random-augment.ops=-1", "mamo.data.random-augment.ops")]
     public void A_bad_key_or_value_is_an_error_naming_it(string set, string named)
     {
         var e = Assert.Throws<SettingsException>(() => MamoSettings.Load(null, [set]));
