@@ -24,7 +24,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
     static readonly TimeSpan PollTimeout = TimeSpan.FromMilliseconds(200), FlushTimeout = TimeSpan.FromSeconds(30);
 
     readonly KafkaSpec spec;
-    readonly ConsumerConfig consumerConfig;
+    readonly IConsumer<byte[]?, byte[]?> consumer;
+    StreamPosition? firstResume;   // the consumer thread's: where the first stream started
     readonly IProducer<byte[]?, byte[]?> deadLetters;
     readonly string? deadLetterTopic;
     readonly SourceLimits limits;
@@ -49,7 +50,9 @@ public sealed class KafkaTrainingSource : ITrainingSource
         this.spec = spec;
         this.deadLetterTopic = deadLetterTopic;
         this.limits = limits;
-        consumerConfig = new ConsumerConfig(Override(new Dictionary<string, string>
+        // Both clients are built here: a librdkafka property they refuse is then an error at start-up, not a crash of
+        // the consumer thread.
+        consumer = KafkaProperties.Build(() => new ConsumerBuilder<byte[]?, byte[]?>(new ConsumerConfig(KafkaProperties.Merge(new Dictionary<string, string>
         {
             ["bootstrap.servers"] = spec.BootstrapServers,
             ["group.id"] = spec.Group ?? "mamo",
@@ -58,21 +61,37 @@ public sealed class KafkaTrainingSource : ITrainingSource
             ["fetch.max.bytes"] = "16777216",
             ["queued.max.messages.kbytes"] = "16384",   // librdkafka's prefetch; the stream's backpressure bounds the rest
             ["topic.metadata.refresh.interval.ms"] = "10000",   // a topic created after we subscribed is found within seconds
-        }, consumerSettings));
-        deadLetters = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig(Override(new Dictionary<string, string>
+        }, consumerSettings)))
+            .SetErrorHandler((_, e) => OnError(e))
+            .SetLogHandler((_, m) => LogKafka(m))
+            .SetPartitionsAssignedHandler((c, partitions) => OnAssigned(partitions))
+            .SetPartitionsRevokedHandler((c, partitions) =>
             {
-                ["bootstrap.servers"] = spec.BootstrapServers, ["acks"] = "all", ["enable.idempotence"] = "true",
-            }, producerSettings)))
-            .SetLogHandler((_, m) => LogKafka(m)).Build();
+                foreach (var p in partitions) assigned.TryRemove(KafkaRecords.PartitionKey(p.Topic, p.Partition.Value), out _);
+                Log.Information("Kafka partitions revoked: {Partitions} (records already read are still trained on)",
+                    string.Join(", ", partitions.Select(p => p.TopicPartition)));
+            })
+            .SetPartitionsLostHandler((c, partitions) =>
+            {
+                foreach (var p in partitions) assigned.TryRemove(KafkaRecords.PartitionKey(p.Topic, p.Partition.Value), out _);
+                Log.Warning("Kafka partitions lost: {Partitions}; their next owner starts at the committed offsets", string.Join(", ", partitions.Select(p => p.TopicPartition)));
+            })
+            .Build());
+        try
+        {
+            deadLetters = KafkaProperties.Build(() => new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig(KafkaProperties.Merge(new Dictionary<string, string>
+                {
+                    ["bootstrap.servers"] = spec.BootstrapServers, ["acks"] = "all", ["enable.idempotence"] = "true",
+                }, producerSettings)))
+                .SetLogHandler((_, m) => LogKafka(m)).Build());
+        }
+        catch
+        {
+            consumer.Dispose();
+            throw;
+        }
         thread = new Thread(Loop) { IsBackground = true, Name = "kafka-source" };
         thread.Start();
-    }
-
-    /// <summary>The user's librdkafka properties win over ours.</summary>
-    static Dictionary<string, string> Override(Dictionary<string, string> defaults, IReadOnlyDictionary<string, string> user)
-    {
-        foreach (var (key, value) in user) defaults[key] = value;
-        return defaults;
     }
 
     public Source<Positioned, NotUsed> Open(StreamPosition resume) =>
@@ -101,24 +120,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
     void Loop()
     {
         ISourceQueueWithComplete<Positioned>? queue = null;
-        StreamPosition? firstResume = null;
         string? lastConsumeError = null;
-        using var consumer = new ConsumerBuilder<byte[]?, byte[]?>(consumerConfig)
-            .SetErrorHandler((_, e) => OnError(e))
-            .SetLogHandler((_, m) => LogKafka(m))
-            .SetPartitionsAssignedHandler((c, partitions) => OnAssigned(partitions))
-            .SetPartitionsRevokedHandler((c, partitions) =>
-            {
-                foreach (var p in partitions) assigned.TryRemove(KafkaRecords.PartitionKey(p.Topic, p.Partition.Value), out _);
-                Log.Information("Kafka partitions revoked: {Partitions} (records already read are still trained on)",
-                    string.Join(", ", partitions.Select(p => p.TopicPartition)));
-            })
-            .SetPartitionsLostHandler((c, partitions) =>
-            {
-                foreach (var p in partitions) assigned.TryRemove(KafkaRecords.PartitionKey(p.Topic, p.Partition.Value), out _);
-                Log.Warning("Kafka partitions lost: {Partitions}; their next owner starts at the committed offsets", string.Join(", ", partitions.Select(p => p.TopicPartition)));
-            })
-            .Build();
         consumer.Subscribe(spec.Topics);
         try
         {
@@ -179,16 +181,16 @@ public sealed class KafkaTrainingSource : ITrainingSource
         {
             try { consumer.Close(); } catch (KafkaException e) { Log.Warning("Kafka consumer close: {Reason}", e.Error.Reason); }
         }
+    }
 
-        IEnumerable<TopicPartitionOffset> OnAssigned(List<TopicPartition> partitions)
-        {
-            foreach (var p in partitions) assigned[KafkaRecords.PartitionKey(p.Topic, p.Partition.Value)] = true;
-            Log.Information("Kafka partitions assigned: {Partitions}", string.Join(", ", partitions));
-            var resume = firstResume ?? attach?.Resume ?? StreamPosition.None;
-            return partitions.Select(tp => resume[KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value)] is { } last
-                ? new TopicPartitionOffset(tp, new Offset(last + 1))
-                : new TopicPartitionOffset(tp, Offset.Unset));
-        }
+    IEnumerable<TopicPartitionOffset> OnAssigned(List<TopicPartition> partitions)
+    {
+        foreach (var p in partitions) assigned[KafkaRecords.PartitionKey(p.Topic, p.Partition.Value)] = true;
+        Log.Information("Kafka partitions assigned: {Partitions}", string.Join(", ", partitions));
+        var resume = firstResume ?? attach?.Resume ?? StreamPosition.None;
+        return partitions.Select(tp => resume[KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value)] is { } last
+            ? new TopicPartitionOffset(tp, new Offset(last + 1))
+            : new TopicPartitionOffset(tp, Offset.Unset));
     }
 
     /// <summary>A new stream starts after the checkpoint's position, or at the committed offset where it has none:
@@ -273,6 +275,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
     {
         closing.Cancel();
         thread.Join();
+        consumer.Dispose();
         deadLetters.Flush(FlushTimeout);
         deadLetters.Dispose();
         closing.Dispose();

@@ -98,8 +98,12 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             try { spec = KafkaSpec.Parse(s.Source); }
             catch (FormatException e) { throw new SettingsException($"'mamo.source': {e.Message}"); }
             Log.Information("training from Kafka {Source}", spec);
-            return new KafkaTrainingSource(spec, s.KafkaConsumer, s.KafkaProducer, s.DeadLetterTopic,
-                SourceLimits.Default with { MaxImageBytes = s.MaxImageBytes });
+            try
+            {
+                return new KafkaTrainingSource(spec, s.KafkaConsumer, s.KafkaProducer, s.DeadLetterTopic,
+                    SourceLimits.Default with { MaxImageBytes = s.MaxImageBytes });
+            }
+            catch (ArgumentException e) { throw new SettingsException($"'mamo.kafka': {e.Message}"); }
         }
         var samples = TrainingSamples.Load(s.Source, s.Seed, s.MaxInMemoryBytes, decodeLimits, onBad, log);
         Log.Information("training on {Count} samples from {Source}", samples.Count, samples.Name);
@@ -160,6 +164,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                 IEmbeddingSink sink;
                 try { sink = EmbeddingSinks.Open(output, s.KafkaProducer); }
                 catch (FormatException e) { throw new SettingsException($"'mamo.publish.output': {e.Message}"); }
+                catch (ArgumentException e) { throw new SettingsException($"'mamo.kafka.producer': {e.Message}"); }
                 system.ActorOf(EmbeddingPublisher.Props(publishItems, sink, s.PublishModality, s.PublishBatchSize, device), "publisher");
             }
 

@@ -165,6 +165,38 @@ public class KafkaTests(ITestOutputHelper output)
         Assert.InRange(Math.Sqrt(vector.Sum(v => (double)v * v)), 0.999, 1.001);
     }
 
+    [Fact]
+    public void Ingest_embed_and_pretrain_hand_the_kafka_settings_to_librdkafka()
+    {
+        using var cluster = new KafkaMockCluster();
+        cluster.CreateTopic("props", partitions: 1);
+        var topic = $"kafka://{cluster.BootstrapServers}/props";
+        // A property librdkafka knows takes effect: a 1,000-byte cap refuses every emoji PNG.
+        var (code, stdout, stderr) = Cli.Run("ingest", "--dataset", "emoji", "--limit", "3", "--to", topic, "--set", "kafka.producer.message.max.bytes=1000");
+        Assert.True(code == 1, stdout + stderr);
+        Assert.Contains("too large", stderr);
+        // One it does not know is a clear error naming it, not a crash: from ingest, and from the consumer and producer
+        // of embed and of pretrain alike.
+        (code, stdout, stderr) = Cli.Run("ingest", "--dataset", "emoji", "--limit", "3", "--to", topic, "--set", "kafka.producer.no.such.property=1");
+        Assert.True(code == 2, stdout + stderr);
+        Assert.Contains("no.such.property", stderr);
+
+        using var folder = new TempFolder();
+        using (var trainer = new Model.MamoTrainer(Model.MamoConfig.Tiny, new Model.OptimizerConfig(), TorchSharp.torch.CPU, seed: 1))
+            trainer.Save(folder.File("checkpoint"));
+        foreach (var set in new[] { "kafka.consumer.no.such.property=1", "kafka.producer.no.such.property=1" })
+        {
+            (code, stdout, stderr) = Cli.Run("embed", "--checkpoint", folder.File("checkpoint"), "--input", topic, "--output", $"{topic}-embeddings",
+                "--max-records", "1", "--set", set);
+            Assert.True(code == 2, $"{set}: {stdout}{stderr}");
+            Assert.Contains("no.such.property", stderr);
+
+            var (pretrainCode, log) = MamoProcess.Run(Pretrain(topic, folder.File("run"), 1, "--set", set));
+            Assert.True(pretrainCode == 2, $"{set}: {log}");
+            Assert.Contains("No such configuration property", log);
+        }
+    }
+
     static byte[] Key(string kind, int i) => Encoding.UTF8.GetBytes($"{kind}-{i}");
 
     static string EmojiTrain() => BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TrainSplit);

@@ -34,9 +34,10 @@ public static class EmbedCommand
         batchSize.Validators.Add(r => { if (r.GetValueOrDefault<int>() < 1) r.AddError("--batch-size must be 1 or more"); });
         var maxRecords = new Option<long>("--max-records") { Description = "Kafka input: stop after embedding this many records (0: run until stopped)", DefaultValueFactory = _ => 0 };
         var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
+        var settingsOptions = new SettingsOptions();   // mamo.kafka.consumer / producer: SASL, TLS, ...
         var command = new Command("embed", "Publish versioned image and text embeddings of a set or a live topic")
         {
-            checkpoint, runDir, follow, input, output, modality, batchSize, maxRecords, device,
+            checkpoint, runDir, follow, input, output, modality, batchSize, maxRecords, device, settingsOptions.Config, settingsOptions.Set,
         };
         command.SetAction(async (parse, _) =>
         {
@@ -58,9 +59,14 @@ public static class EmbedCommand
             try { dev = PretrainRun.OpenDevice(parse.GetValue(device)!); }
             catch (SettingsException e) { return Fail(e.Message); }
 
+            MamoSettings settings;
             IEmbeddingSink sink;
-            try { sink = EmbeddingSinks.Open(parse.GetValue(output)!); }
-            catch (FormatException e) { return Fail(e.Message); }
+            try
+            {
+                settings = settingsOptions.Load(parse);
+                sink = EmbeddingSinks.Open(parse.GetValue(output)!, settings.KafkaProducer);
+            }
+            catch (Exception e) when (e is SettingsException or FormatException or ArgumentException) { return Fail(e.Message); }
             using var _sink = sink;
             using var stop = new CancellationTokenSource();
             using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.Cancel(); });
@@ -72,11 +78,11 @@ public static class EmbedCommand
                 var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: error.WriteLine));
                 var spec = parse.GetValue(input)!;
                 return KafkaSpec.IsKafka(spec)
-                    ? EmbedTopic(KafkaSpec.Parse(spec), Newest, tokenizer, sink, options, error, stop.Token)
+                    ? EmbedTopic(KafkaSpec.Parse(spec), settings, Newest, tokenizer, sink, options, error, stop.Token)
                     : await EmbedSet(spec, Newest, tokenizer, sink, options, stdout, error, stop.Token);
             }
             catch (Exception e) when (e is FormatException or SettingsException or InvalidDataException or IOException or KafkaException
-                                          or DatasetFetchException or NpmMissingException or KeyNotFoundException)
+                                          or DatasetFetchException or NpmMissingException or KeyNotFoundException or ArgumentException)
             {
                 return Fail(e.Message, e is KafkaException or IOException ? Failed : UsageError);
             }
@@ -130,15 +136,19 @@ public static class EmbedCommand
 
     /// <summary>A live topic: records are embedded as they come, with the newest model version; offsets are committed
     /// once the embeddings of the records before them are acknowledged. Prints the produce-to-publish lag at the end.</summary>
-    static int EmbedTopic(KafkaSpec spec, Func<string?> newest, TextTokenizer tokenizer, IEmbeddingSink sink, Options o, TextWriter error, CancellationToken stop)
+    static int EmbedTopic(KafkaSpec spec, MamoSettings settings, Func<string?> newest, TextTokenizer tokenizer, IEmbeddingSink sink, Options o,
+        TextWriter error, CancellationToken stop)
     {
-        using var consumer = new ConsumerBuilder<byte[]?, byte[]?>(new ConsumerConfig
+        using var consumer = KafkaProperties.Build(() => new ConsumerBuilder<byte[]?, byte[]?>(new ConsumerConfig(KafkaProperties.Merge(new Dictionary<string, string>
         {
-            BootstrapServers = spec.BootstrapServers, GroupId = spec.Group ?? "mamo-embed",
-            EnableAutoCommit = false, AutoOffsetReset = AutoOffsetReset.Earliest,
-            TopicMetadataRefreshIntervalMs = 10_000,   // a topic created after we subscribed is found within seconds
-        }).Build();
-        using var deadLetters = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig { BootstrapServers = spec.BootstrapServers, Acks = Acks.All }).Build();
+            ["bootstrap.servers"] = spec.BootstrapServers, ["group.id"] = spec.Group ?? "mamo-embed",
+            ["enable.auto.commit"] = "false", ["auto.offset.reset"] = "earliest",
+            ["topic.metadata.refresh.interval.ms"] = "10000",   // a topic created after we subscribed is found within seconds
+        }, settings.KafkaConsumer))).Build());
+        using var deadLetters = KafkaProperties.Build(() => new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig(KafkaProperties.Merge(new Dictionary<string, string>
+        {
+            ["bootstrap.servers"] = spec.BootstrapServers, ["acks"] = "all",
+        }, settings.KafkaProducer))).Build());
         consumer.Subscribe(spec.Topics);
         Embedder? embedder = null;
         SamplePreparer? preparer = null;

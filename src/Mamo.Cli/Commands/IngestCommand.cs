@@ -23,7 +23,11 @@ public static class IngestCommand
         rate.Validators.Add(r => { if (r.GetValueOrDefault<double>() < 0) r.AddError("--rate must not be negative"); });
         var limit = new Option<int>("--limit") { Description = "Stop after this many records (0: all)", DefaultValueFactory = _ => 0 };
         var skip = new Option<int>("--skip") { Description = "Leave out the first N records", DefaultValueFactory = _ => 0 };
-        var command = new Command("ingest", "Publish a dataset to a Kafka topic in MamoActors' record format") { dataset, input, to, rate, limit, skip };
+        var settingsOptions = new SettingsOptions();   // mamo.kafka.producer: SASL, TLS, ...
+        var command = new Command("ingest", "Publish a dataset to a Kafka topic in MamoActors' record format")
+        {
+            dataset, input, to, rate, limit, skip, settingsOptions.Config, settingsOptions.Set,
+        };
         command.SetAction(parse =>
         {
             var error = parse.InvocationConfiguration.Error;
@@ -52,18 +56,31 @@ public static class IngestCommand
             }
             if (!File.Exists(manifest)) return Fail($"no manifest at {manifest}");
 
-            string? lastError = null;
-            using var producer = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig
+            ProducerConfig config;
+            try
             {
-                BootstrapServers = spec.BootstrapServers, Acks = Acks.All, EnableIdempotence = true, LingerMs = 5,
-            })
-                .SetLogHandler((_, _) => { })   // librdkafka would print every reconnect attempt; one line per new error instead
-                .SetErrorHandler((_, e) =>
+                config = new ProducerConfig(KafkaProperties.Merge(new Dictionary<string, string>
                 {
-                    if (e.Reason != lastError) error.WriteLine($"mamo ingest: {e.Reason} (retrying)");
-                    lastError = e.Reason;
-                })
-                .Build();
+                    ["bootstrap.servers"] = spec.BootstrapServers, ["acks"] = "all", ["enable.idempotence"] = "true", ["linger.ms"] = "5",
+                }, settingsOptions.Load(parse).KafkaProducer));
+            }
+            catch (SettingsException e) { return Fail(e.Message); }
+
+            string? lastError = null;
+            IProducer<byte[]?, byte[]?> producer;
+            try
+            {
+                producer = KafkaProperties.Build(() => new ProducerBuilder<byte[]?, byte[]?>(config)
+                    .SetLogHandler((_, _) => { })   // librdkafka would print every reconnect attempt; one line per new error instead
+                    .SetErrorHandler((_, e) =>
+                    {
+                        if (e.Reason != lastError) error.WriteLine($"mamo ingest: {e.Reason} (retrying)");
+                        lastError = e.Reason;
+                    })
+                    .Build());
+            }
+            catch (ArgumentException e) { return Fail(e.Message); }
+            using var _producer = producer;
             var topic = spec.Topics[0];
             double perSecond = parse.GetValue(rate);
             int max = parse.GetValue(limit), toSkip = parse.GetValue(skip), sent = 0, bad = 0;
@@ -78,7 +95,12 @@ public static class IngestCommand
                     continue;
                 }
                 var sample = ((SampleItem)item).Sample;
-                producer.Produce(topic, KafkaRecords.ToMessage(sample, ContentType(sample.Image)), r => { if (r.Error.IsError) failed ??= r.Error; });
+                try { producer.Produce(topic, KafkaRecords.ToMessage(sample, ContentType(sample.Image)), r => { if (r.Error.IsError) failed ??= r.Error; }); }
+                catch (ProduceException<byte[]?, byte[]?> e)   // refused before sending, e.g. larger than message.max.bytes
+                {
+                    failed ??= e.Error;
+                    break;
+                }
                 sent++;
                 if (perSecond > 0)
                 {

@@ -21,13 +21,12 @@ public static class PretrainCommand
         var maxSteps = new Option<long?>("--max-steps") { Description = "Stop after this many steps in total" };
         var timeBudget = new Option<string?>("--time-budget") { Description = "Stop after this much wall time, e.g. 20m or 1h" };
         var device = new Option<string?>("--device") { Description = "cpu, or cuda where libtorch-cuda is installed" };
-        var config = new Option<string?>("--config") { Description = "A HOCON file layered over hocon/mamo.conf" };
-        var set = new Option<string[]>("--set") { Description = "Override one key, e.g. --set batch-size=16 (repeatable)", AllowMultipleArgumentsPerToken = false };
+        var settingsOptions = new SettingsOptions();
         var ledger = new Option<bool>("--ledger") { Description = "Write each step's sample ids and loss to ledger.jsonl" };
         var plain = new Option<bool>("--plain") { Description = "Log lines instead of the live progress display" };
         var command = new Command("pretrain", "Continually pre-train MAMO on an image-text stream")
         {
-            preset, source, runDir, maxSteps, timeBudget, device, config, set, ledger, plain,
+            preset, source, runDir, maxSteps, timeBudget, device, settingsOptions.Config, settingsOptions.Set, ledger, plain,
         };
         command.SetAction(async (parse, _) =>
         {
@@ -40,10 +39,9 @@ public static class PretrainCommand
             Add("time-budget", parse.GetValue(timeBudget));
             Add("device", parse.GetValue(device));
             if (parse.GetValue(ledger)) Add("ledger", "on");
-            sets.AddRange(parse.GetValue(set) ?? []);
 
             MamoSettings settings;
-            try { settings = MamoSettings.Load(parse.GetValue(config), sets); }
+            try { settings = settingsOptions.Load(parse, sets); }
             catch (SettingsException e)
             {
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");

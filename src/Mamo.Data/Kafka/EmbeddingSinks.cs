@@ -65,12 +65,10 @@ sealed class KafkaEmbeddingSink : IEmbeddingSink
     {
         topic = spec.Topics[0];
         Name = spec.ToString();
-        var config = new Dictionary<string, string>
+        producer = KafkaProperties.Build(() => new ProducerBuilder<byte[], byte[]>(new ProducerConfig(KafkaProperties.Merge(new Dictionary<string, string>
         {
             ["bootstrap.servers"] = spec.BootstrapServers, ["acks"] = "all", ["enable.idempotence"] = "true", ["linger.ms"] = "5",
-        };
-        foreach (var (k, v) in settings) config[k] = v;
-        producer = new ProducerBuilder<byte[], byte[]>(new ProducerConfig(config)).Build();
+        }, settings))).Build());
     }
 
     public void Write(EmbeddingRecord r)

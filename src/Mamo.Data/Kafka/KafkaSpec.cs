@@ -2,6 +2,24 @@ using System.Text.RegularExpressions;
 
 namespace Mamo.Data.Kafka;
 
+/// <summary>librdkafka properties: MamoActors' defaults for a client, then the user's (SASL, TLS, ...), which win.</summary>
+public static class KafkaProperties
+{
+    public static Dictionary<string, string> Merge(Dictionary<string, string> defaults, IReadOnlyDictionary<string, string> user)
+    {
+        foreach (var (key, value) in user) defaults[key] = value;
+        return defaults;
+    }
+
+    /// <summary>Builds a client; a property librdkafka refuses (Confluent throws InvalidOperationException) becomes an
+    /// ArgumentException that names it, for a clear error instead of a crash.</summary>
+    public static T Build<T>(Func<T> build)
+    {
+        try { return build(); }
+        catch (InvalidOperationException e) when (e.Message.Contains("configuration property")) { throw new ArgumentException(e.Message, e); }
+    }
+}
+
 /// <summary>A Kafka address as users write it: <c>kafka://HOST:PORT[,HOST:PORT]/TOPIC[,TOPIC2][?group=NAME]</c>.</summary>
 public sealed partial record KafkaSpec(string BootstrapServers, IReadOnlyList<string> Topics, string? Group)
 {
