@@ -56,20 +56,14 @@ public static class IngestCommand
             }
             if (!File.Exists(manifest)) return Fail($"no manifest at {manifest}");
 
-            ProducerConfig config;
-            try
-            {
-                config = new ProducerConfig(KafkaProperties.Merge(new Dictionary<string, string>
-                {
-                    ["bootstrap.servers"] = spec.BootstrapServers, ["acks"] = "all", ["enable.idempotence"] = "true", ["linger.ms"] = "5",
-                }, settingsOptions.Load(parse).KafkaProducer));
-            }
-            catch (SettingsException e) { return Fail(e.Message); }
-
             string? lastError = null;
             IProducer<byte[]?, byte[]?> producer;
             try
             {
+                var config = new ProducerConfig(KafkaProperties.Merge(new Dictionary<string, string>
+                {
+                    ["bootstrap.servers"] = spec.BootstrapServers, ["acks"] = "all", ["enable.idempotence"] = "true", ["linger.ms"] = "5",
+                }, settingsOptions.Load(parse).KafkaProducer));
                 producer = KafkaProperties.Build(() => new ProducerBuilder<byte[]?, byte[]?>(config)
                     .SetLogHandler((_, _) => { })   // librdkafka would print every reconnect attempt; one line per new error instead
                     .SetErrorHandler((_, e) =>
@@ -79,7 +73,7 @@ public static class IngestCommand
                     })
                     .Build());
             }
-            catch (ArgumentException e) { return Fail(e.Message); }
+            catch (Exception e) when (e is SettingsException or ArgumentException) { return Fail(e.Message); }
             using var _producer = producer;
             var topic = spec.Topics[0];
             double perSecond = parse.GetValue(rate);
