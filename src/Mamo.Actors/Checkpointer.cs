@@ -1,17 +1,21 @@
 using System.Globalization;
-using System.Runtime.InteropServices;
 using Akka.Actor;
 using Mamo.Model;
 using Serilog;
-using static TorchSharp.torch;
 
 namespace Mamo.Actors;
 
-/// <summary>Makes progress durable. Joins the student and teacher halves of a step, writes them into
-/// checkpoints/step-N.tmp, fsyncs, renames to checkpoints/step-N (a kill at any moment leaves the previous
-/// checkpoint whole), keeps the last K, and only then announces CheckpointDurable, on which sources commit.</summary>
+/// <summary>Makes progress durable. Joins the named parts of a step as the actors that own them send them (the
+/// trainer: student, optimizer and the objective's own parts; the teacher: its EMA weights), writes the checkpoint
+/// once every declared part of that step is in (Checkpoint.Commit: a kill at any moment leaves the previous one
+/// whole), keeps the last K, and only then announces CheckpointDurable, on which sources commit.</summary>
 public sealed class Checkpointer : ReceiveActor
 {
+    /// <summary>Some parts of step Step's checkpoint, from the actor that owns them, with the state only it knows;
+    /// the checkpointer owns (and disposes) the tensors.</summary>
+    public sealed record Parts(long Step, IReadOnlyList<Checkpoint.Part> Tensors, StreamPosition? Position = null, long? OptimizerStep = null,
+        long? TeacherStep = null);
+
     /// <summary>Published on the event stream once a checkpoint is on disk.</summary>
     public sealed record CheckpointDurable(long Step, StreamPosition Position, string Path);
 
@@ -19,83 +23,62 @@ public sealed class Checkpointer : ReceiveActor
 
     readonly string runDir;
     readonly MamoConfig config;
+    readonly IReadOnlySet<string> declared;
     readonly int keepLast, seed;
-    readonly Dictionary<long, TrainerReplica.StudentSnapshot> students = new();
-    readonly Dictionary<long, MomentumTeacher.TeacherSnapshot> teachers = new();
+    readonly Dictionary<long, List<Parts>> pending = new();
 
-    public Checkpointer(string runDir, MamoConfig config, int keepLast, int seed)
+    /// <param name="parts">the names of the parts every checkpoint of this run holds</param>
+    public Checkpointer(string runDir, MamoConfig config, IReadOnlyCollection<string> parts, int keepLast, int seed)
     {
         this.seed = seed;
         this.runDir = runDir;
         this.config = config;
         this.keepLast = keepLast;
-        Receive<TrainerReplica.StudentSnapshot>(s => { students[s.Step] = s; TryWrite(s.Step); });
-        Receive<MomentumTeacher.TeacherSnapshot>(t => { teachers[t.Step] = t; TryWrite(t.Step); });
+        declared = parts.ToHashSet();
+        Receive<Parts>(OnParts);
     }
 
-    public static Props Props(string runDir, MamoConfig config, int keepLast, int seed) =>
-        Akka.Actor.Props.Create(() => new Checkpointer(runDir, config, keepLast, seed)).WithDispatcher(Dispatchers.Io);
+    public static Props Props(string runDir, MamoConfig config, IReadOnlyCollection<string> parts, int keepLast, int seed) =>
+        Akka.Actor.Props.Create(() => new Checkpointer(runDir, config, parts, keepLast, seed)).WithDispatcher(Dispatchers.Io);
 
-    void TryWrite(long step)
+    void OnParts(Parts p)
     {
-        if (!students.Remove(step, out var s)) return;
-        if (!teachers.Remove(step, out var t)) { students[step] = s; return; }
+        var unknown = p.Tensors.Select(t => t.Name).FirstOrDefault(n => !declared.Contains(n));
+        if (unknown is not null)
+        {
+            Dispose(p);
+            throw new InvalidOperationException($"checkpoint part '{unknown}' was not declared (declared: {string.Join(", ", declared)})");
+        }
+        if (!pending.TryGetValue(p.Step, out var arrived)) pending[p.Step] = arrived = [];
+        arrived.Add(p);
+        var names = arrived.SelectMany(a => a.Tensors).Select(t => t.Name).ToHashSet();
+        if (!declared.IsSubsetOf(names)) return;
+        pending.Remove(p.Step);
         try
         {
-            var path = Write(s, t);
-            Log.Information("checkpoint at step {Step} written to {Path}", step, path);
-            Context.System.EventStream.Publish(new CheckpointDurable(step, s.Position, path));
+            var position = arrived.Select(a => a.Position).FirstOrDefault(x => x is not null) ?? StreamPosition.None;
+            var state = new Checkpoint.State(p.Step,
+                arrived.Select(a => a.OptimizerStep).FirstOrDefault(x => x is not null) ?? 0,
+                arrived.Select(a => a.TeacherStep).FirstOrDefault(x => x is not null) ?? p.Step,
+                new Dictionary<string, string>(position.ToExtra()) { [SeedKey] = seed.ToString(CultureInfo.InvariantCulture) });
+            var path = Checkpoint.Commit(runDir, config, arrived.SelectMany(a => a.Tensors), state, keepLast);
+            Log.Information("checkpoint at step {Step} written to {Path}", p.Step, path);
+            Context.System.EventStream.Publish(new CheckpointDurable(p.Step, position, path));
         }
         finally
         {
-            foreach (var (_, v) in s.Student.Concat(s.Optimizer).Concat(t.Weights)) v.Dispose();
+            foreach (var a in arrived) Dispose(a);
         }
     }
 
-    string Write(TrainerReplica.StudentSnapshot s, MomentumTeacher.TeacherSnapshot t)
+    static void Dispose(Parts p)
     {
-        var root = Path.Combine(runDir, Checkpoint.RunFolder);
-        Directory.CreateDirectory(root);
-        var final = Path.Combine(root, Checkpoint.StepFolderName(s.Step));
-        if (Directory.Exists(final) && File.Exists(Path.Combine(final, Checkpoint.StateFile))) return final;   // already durable
-        var temp = final + ".tmp";
-        if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
-        var state = new Checkpoint.State(s.Step, s.OptimizerStep, t.TeacherStep,
-            new Dictionary<string, string>(s.Position.ToExtra()) { [SeedKey] = seed.ToString(CultureInfo.InvariantCulture) });
-        Checkpoint.Save(temp, config, s.Student, t.Weights, s.Optimizer, state);
-        FsyncDirectory(temp);
-        if (Directory.Exists(final)) Directory.Delete(final, recursive: true);   // a leftover without state.json
-        Directory.Move(temp, final);
-        FsyncDirectory(root);
-        Prune(root);
-        return final;
+        foreach (var part in p.Tensors) foreach (var (_, v) in part.Tensors) v.Dispose();
     }
-
-    void Prune(string root)
-    {
-        var complete = Directory.GetDirectories(root, "step-*").Where(d => !d.EndsWith(".tmp")).Order().ToList();
-        foreach (var old in complete.Take(Math.Max(0, complete.Count - keepLast))) Directory.Delete(old, recursive: true);
-        foreach (var stale in Directory.GetDirectories(root, "step-*.tmp")) Directory.Delete(stale, recursive: true);
-    }
-
-    /// <summary>A rename is durable only once its directory is flushed.</summary>
-    static void FsyncDirectory(string dir)
-    {
-        if (!OperatingSystem.IsLinux()) return;
-        int fd = open(dir, 0 /* O_RDONLY */);
-        if (fd < 0) throw new IOException($"cannot open {dir} to flush it (errno {Marshal.GetLastPInvokeError()})");
-        try { if (fsync(fd) != 0) throw new IOException($"fsync of {dir} failed (errno {Marshal.GetLastPInvokeError()})"); }
-        finally { close(fd); }
-    }
-
-    [DllImport("libc", SetLastError = true)] static extern int open([MarshalAs(UnmanagedType.LPUTF8Str)] string path, int flags);
-    [DllImport("libc", SetLastError = true)] static extern int fsync(int fd);
-    [DllImport("libc")] static extern int close(int fd);
 
     protected override void PostStop()
     {
-        foreach (var s in students.Values) foreach (var (_, v) in s.Student.Concat(s.Optimizer)) v.Dispose();
-        foreach (var t in teachers.Values) foreach (var (_, v) in t.Weights) v.Dispose();
+        foreach (var a in pending.Values.SelectMany(x => x)) Dispose(a);
         base.PostStop();
     }
 }

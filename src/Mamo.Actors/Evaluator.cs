@@ -8,14 +8,20 @@ using static TorchSharp.torch;
 namespace Mamo.Actors;
 
 /// <summary>Measures retrieval while training goes on: copies the teacher's weights (the only pause it causes the
-/// teacher), then ranks each held-out set on its own thread. A request that arrives while it is busy is dropped,
-/// so evaluations never queue up behind a slow one.</summary>
+/// teacher), then ranks each held-out set on its own thread. Requests that arrive while it is busy collapse into
+/// one, served next with the teacher as it then stands (as EmbeddingPublisher does), so evaluations never queue up
+/// behind a slow one. A result is labelled with the teacher step it evaluated.</summary>
 public sealed class Evaluator : ReceiveActor
 {
-    /// <summary>Evaluate the teacher as it stands at Step.</summary>
+    /// <summary>Evaluate the teacher as it now stands; Step: where training is.</summary>
     public sealed record EvaluateNow(long Step);
-    /// <summary>One held-out set's result.</summary>
+    /// <summary>One held-out set's result; Step: the teacher step evaluated (the updates its EMA holds).</summary>
     public sealed record EvalCompleted(long Step, string Set, int Images, int Texts, RetrievalMetrics Metrics, TimeSpan Took);
+    /// <summary>Asks for a Status.</summary>
+    public sealed record GetStatus;
+    /// <summary>Evaluations finished so far, whether one runs now, and whether a request waits for it.</summary>
+    public sealed record Status(long Evaluations, bool Busy, bool Pending);
+    sealed record Finished;
 
     /// <summary>A loaded held-out set, by name.</summary>
     public sealed record NamedSet(string Name, EvalSet Set);
@@ -25,7 +31,8 @@ public sealed class Evaluator : ReceiveActor
     readonly MamoModel model;
     readonly int k, batchSize;
     readonly CancellationToken shutdown;
-    bool busy;
+    bool busy, pending;
+    long evaluations;
 
     /// <param name="shutdown">cancelled when the run stops, so that an evaluation in progress gives way</param>
     public Evaluator(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize,
@@ -43,9 +50,18 @@ public sealed class Evaluator : ReceiveActor
 
         Receive<EvaluateNow>(e =>
         {
-            if (busy || sets.Count == 0) return;
-            busy = true;
-            teacher.Tell(new MomentumTeacher.GetWeights(e.Step));
+            if (sets.Count == 0) return;
+            if (busy) pending = true;
+            else Request(e.Step);
+        });
+        Receive<GetStatus>(_ => Sender.Tell(new Status(evaluations, busy, pending)));
+        // Sent to itself after an evaluation: it queues behind the requests that came in meanwhile, which thus collapse.
+        Receive<Finished>(_ =>
+        {
+            busy = false;
+            if (!pending) return;
+            pending = false;
+            Request(-1);
         });
         Receive<MomentumTeacher.TeacherSnapshot>(s =>
         {
@@ -56,7 +72,7 @@ public sealed class Evaluator : ReceiveActor
                 {
                     var started = DateTime.UtcNow;
                     var m = Retrieval.Evaluate(model, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, k, batchSize, shutdown);
-                    metrics.Tell(new EvalCompleted(s.Step, name, set.ImageCount, set.TextCount, m, DateTime.UtcNow - started));
+                    metrics.Tell(new EvalCompleted(s.TeacherStep, name, set.ImageCount, set.TextCount, m, DateTime.UtcNow - started));
                 }
             }
             catch (OperationCanceledException)
@@ -69,9 +85,16 @@ public sealed class Evaluator : ReceiveActor
             }
             finally
             {
-                busy = false;
+                evaluations++;
+                Self.Tell(new Finished());
             }
         });
+    }
+
+    void Request(long step)
+    {
+        busy = true;
+        teacher.Tell(new MomentumTeacher.GetWeights(step));
     }
 
     public static Props Props(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize,

@@ -12,10 +12,11 @@ namespace Mamo.Actors;
 /// <summary>
 /// Training records from Kafka topics (docs/KAFKA.md). One consumer lives as long as the run, on a thread of its own
 /// (Confluent's consumer is used from one thread only). Offsets are never auto-committed: they are committed when the
-/// checkpoint that includes their effect is durable, and only for partitions this consumer still owns. Each stream
-/// (the first, and each one after a pipeline restart) seeks to the checkpoint's position where it has one, else to
-/// the group's committed offset. Records that cannot be used go to the dead-letter topic with `error` and
-/// `source-offset` headers; the producer is flushed before the offsets behind them are committed.
+/// checkpoint that includes their effect is durable, only for partitions this consumer still owns, and never below
+/// the group's committed offset. A partition starts (a new stream, a pipeline restart, or a partition assigned again
+/// after a rebalance) at the newer of this source's last durable position for it and the group's committed offset:
+/// another member may have trained further while it was away. Records that cannot be used go to the dead-letter
+/// topic with `error` and `source-offset` headers; the producer is flushed before the offsets behind them are committed.
 /// </summary>
 public sealed class KafkaTrainingSource : ITrainingSource
 {
@@ -25,7 +26,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
 
     readonly KafkaSpec spec;
     readonly IConsumer<byte[]?, byte[]?> consumer;
-    StreamPosition? firstResume;   // the consumer thread's: where the first stream started
+    static readonly TimeSpan CommittedTimeout = TimeSpan.FromSeconds(10);
+    StreamPosition durable = StreamPosition.None;   // the consumer thread's: the checkpoints' positions, merged
     readonly IProducer<byte[]?, byte[]?> deadLetters;
     readonly string? deadLetterTopic;
     readonly SourceLimits limits;
@@ -64,7 +66,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
         }, consumerSettings)))
             .SetErrorHandler((_, e) => OnError(e))
             .SetLogHandler((_, m) => LogKafka(m))
-            .SetPartitionsAssignedHandler((c, partitions) => OnAssigned(partitions))
+            .SetPartitionsAssignedHandler((c, partitions) => OnAssigned(c, partitions))
             .SetPartitionsRevokedHandler((c, partitions) =>
             {
                 foreach (var p in partitions) assigned.TryRemove(KafkaRecords.PartitionKey(p.Topic, p.Partition.Value), out _);
@@ -133,8 +135,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
                     {
                         attach = null;
                         queue = next.Queue;
-                        firstResume ??= next.Resume;
-                        Seek(consumer, next.Resume);
+                        durable = durable.Merge(next.Resume);
+                        foreach (var start in StartOffsets(consumer, consumer.Assignment)) consumer.Seek(start);
                         consumer.Resume(consumer.Assignment);
                     }
                 }
@@ -183,29 +185,35 @@ public sealed class KafkaTrainingSource : ITrainingSource
         }
     }
 
-    IEnumerable<TopicPartitionOffset> OnAssigned(List<TopicPartition> partitions)
+    IEnumerable<TopicPartitionOffset> OnAssigned(IConsumer<byte[]?, byte[]?> c, List<TopicPartition> partitions)
     {
         foreach (var p in partitions) assigned[KafkaRecords.PartitionKey(p.Topic, p.Partition.Value)] = true;
-        Log.Information("Kafka partitions assigned: {Partitions}", string.Join(", ", partitions));
-        var resume = firstResume ?? attach?.Resume ?? StreamPosition.None;
-        return partitions.Select(tp => resume[KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value)] is { } last
-            ? new TopicPartitionOffset(tp, new Offset(last + 1))
-            : new TopicPartitionOffset(tp, Offset.Unset));
+        lock (gate) if (attach is { } next) durable = durable.Merge(next.Resume);
+        var starts = StartOffsets(c, partitions);
+        Log.Information("Kafka partitions assigned: {Partitions}", string.Join(", ", starts));
+        return starts;
     }
 
-    /// <summary>A new stream starts after the checkpoint's position, or at the committed offset where it has none:
-    /// whatever the previous stream had read but not trained on is read again.</summary>
-    static void Seek(IConsumer<byte[]?, byte[]?> consumer, StreamPosition resume)
+    /// <summary>Where each partition starts: after this source's last durable position for it or at the group's
+    /// committed offset, whichever is newer; with neither, where auto.offset.reset says. What an earlier stream had
+    /// read but not trained on is read again.</summary>
+    List<TopicPartitionOffset> StartOffsets(IConsumer<byte[]?, byte[]?> c, IReadOnlyCollection<TopicPartition> partitions)
     {
-        var assigned = consumer.Assignment;
-        if (assigned.Count == 0) return;
-        var committed = consumer.Committed(assigned, TimeSpan.FromSeconds(10)).ToDictionary(c => c.TopicPartition, c => c.Offset);
-        foreach (var tp in assigned)
+        if (partitions.Count == 0) return [];
+        Dictionary<TopicPartition, Offset> committed;
+        try { committed = c.Committed(partitions, CommittedTimeout).ToDictionary(x => x.TopicPartition, x => x.Offset); }
+        catch (KafkaException e)
         {
-            var offset = resume[KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value)] is { } last ? new Offset(last + 1)
-                : committed.TryGetValue(tp, out var c) && c != Offset.Unset ? c : Offset.Beginning;
-            consumer.Seek(new TopicPartitionOffset(tp, offset));
+            Log.Warning("Kafka committed offsets unknown ({Reason}): partitions start after this source's checkpoint", e.Error.Reason);
+            committed = [];
         }
+        return partitions.Select(tp =>
+        {
+            long? afterDurable = durable[KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value)] + 1;
+            long? group = committed.TryGetValue(tp, out var o) && o != Offset.Unset ? o.Value : null;
+            var start = afterDurable is null ? group : group is null ? afterDurable : Math.Max(afterDurable.Value, group.Value);
+            return new TopicPartitionOffset(tp, start is { } x ? new Offset(x) : Offset.Unset);
+        }).ToList();
     }
 
     /// <summary>Waits while the stream backpressures. An offer made as the stream stops may never be answered, so the
@@ -229,6 +237,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
         StreamPosition? latest = null;
         while (commits.TryDequeue(out var p)) latest = latest is null ? p : latest.Merge(p);
         if (latest is null) return;
+        durable = durable.Merge(latest);
         var owned = consumer.Assignment.ToHashSet();
         var offsets = latest.Offsets
             .Select(kv => (Key: kv.Key, Slash: kv.Key.LastIndexOf('/'), Last: kv.Value))
@@ -239,6 +248,10 @@ public sealed class KafkaTrainingSource : ITrainingSource
         if (offsets.Count == 0) return;
         try
         {
+            // Never backwards: another member may have committed further while this one had the partition away.
+            var group = consumer.Committed(offsets.Select(o => o.TopicPartition), CommittedTimeout).ToDictionary(x => x.TopicPartition, x => x.Offset);
+            offsets = offsets.Where(o => !group.TryGetValue(o.TopicPartition, out var g) || g == Offset.Unset || o.Offset.Value > g.Value).ToList();
+            if (offsets.Count == 0) return;
             deadLetters.Flush(FlushTimeout);   // dead letters before the offsets that skip them
             consumer.Commit(offsets);
             Log.Debug("committed Kafka offsets {Offsets}", string.Join(", ", offsets));

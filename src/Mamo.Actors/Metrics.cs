@@ -66,7 +66,7 @@ public sealed class Metrics : ReceiveActor
         {
             var line = new JsonObject
             {
-                ["step"] = r.Step, ["position"] = new JsonObject(s.Position.Offsets.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))), ["loss"] = r.Loss, ["skipped"] = r.Skipped,
+                ["step"] = r.Step, ["position"] = new JsonObject(s.Position.Offsets.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))), ["loss"] = Finite(r.Loss), ["skipped"] = r.Skipped,
                 ["ids"] = new JsonArray(s.Ids.Select(i => (JsonNode)JsonValue.Create(i)!).ToArray()),
             };
             ledgerOut.WriteLine(line.ToJsonString());

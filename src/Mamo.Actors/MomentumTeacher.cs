@@ -5,7 +5,8 @@ using static TorchSharp.torch;
 
 namespace Mamo.Actors;
 
-/// <summary>Owns the momentum (EMA) weights: folds in each student update and computes the targets.
+/// <summary>Owns the momentum (EMA) weights, loaded from a checkpoint's teacher part: folds in each student update
+/// and computes the targets.
 /// Targets of step t use the teacher after exactly t - lag updates (lag 1 when pipelined, else 0), and a request
 /// that arrives before those updates waits in the stash: the targets are the same whatever the timing, so a
 /// seeded run is reproducible and a resumed run repeats the uninterrupted one.</summary>
@@ -16,7 +17,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
     /// <summary>Reply to ComputeTargets; the receiver owns the tensors.</summary>
     public sealed record TargetsReady(long Step, TeacherTargets Targets);
     /// <summary>The student after StepsDone steps (detached copies the teacher owns). When SnapshotTo is set, the
-    /// teacher sends it a TeacherSnapshot taken right after this update is due, for a consistent checkpoint.</summary>
+    /// teacher sends it its checkpoint part, taken right after this update is due, for a consistent checkpoint.</summary>
     public sealed record StudentUpdated(long StepsDone, Tensor[] Weights, IActorRef? SnapshotTo = null);
     /// <summary>Asks for a copy of the current weights (for an evaluation).</summary>
     public sealed record GetWeights(long Step);
@@ -32,17 +33,22 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
 
     public IStash Stash { get; set; } = null!;
 
-    public MomentumTeacher(MamoModel teacher, long teacherStep, int lag)
+    /// <param name="checkpoint">the checkpoint whose teacher part and teacher step this actor starts from</param>
+    public MomentumTeacher(MamoConfig config, string checkpoint, Device device, int lag)
     {
-        this.teacher = teacher;
+        teacher = new MamoModel(config);
+        teacher.to(device);
+        Checkpoint.LoadModel(checkpoint, Checkpoint.TeacherFile, teacher);
+        foreach (var p in teacher.parameters()) p.requires_grad = false;
+        teacher.eval();
         this.lag = lag;
-        decay = teacher.Config.MomentumDecay;
+        decay = config.MomentumDecay;
         parameters = teacher.parameters().Select(p => (Tensor)p).ToArray();
-        emaThrough = teacherStep;
+        emaThrough = Checkpoint.ReadState(checkpoint).TeacherStep;
     }
 
-    public static Props Props(MamoModel teacher, long teacherStep, bool pipelined) =>
-        Akka.Actor.Props.Create(() => new MomentumTeacher(teacher, teacherStep, pipelined ? 1 : 0)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(MamoConfig config, string checkpoint, Device device, bool pipelined) =>
+        Akka.Actor.Props.Create(() => new MomentumTeacher(config, checkpoint, device, pipelined ? 1 : 0)).WithDispatcher(Dispatchers.Model);
 
     protected override void OnReceive(object message)
     {
@@ -64,7 +70,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
                 // otherwise), so folding now cannot change any target; it keeps at most one copy pending.
                 pending.Enqueue(u);
                 FoldThrough(u.StepsDone - lag);
-                u.SnapshotTo?.Tell(new TeacherSnapshot(u.StepsDone, emaThrough, Copy()));
+                u.SnapshotTo?.Tell(new Checkpointer.Parts(u.StepsDone, [new Checkpoint.Part(Checkpoint.TeacherPart, Copy())], TeacherStep: emaThrough));
                 Stash.UnstashAll();
                 break;
             case GetWeights g:
@@ -101,6 +107,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
     {
         foreach (var u in pending) Dispose(u.Weights);
         pending.Clear();
+        teacher.Dispose();
         base.PostStop();
     }
 }

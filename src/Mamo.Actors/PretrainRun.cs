@@ -14,21 +14,23 @@ using static TorchSharp.torch;
 
 namespace Mamo.Actors;
 
-/// <summary>The single-node pipeline of `mamo pretrain`:
-/// samples ─► preprocess (parallel) ─► batches ─► teacher targets ─► trainer ─► metrics / evaluator / checkpointer.
-/// Every edge is an Akka.Streams edge or a message with backpressure. A failing trainer restarts the whole
-/// pipeline from the last checkpoint, with backoff; a stop request finishes the step in hand and checkpoints.</summary>
-public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? progress = null)
+/// <summary>The lifecycle of a training run: it opens the source, holds one ActorSystem for the run's whole life,
+/// and (re)starts the pipeline under the RunSupervisor from the newest durable checkpoint (a new run first writes
+/// step 0's), with backoff after a failure. It ends the pipeline on max-steps, the time budget or `stop`, and then
+/// has the supervisor flush a final checkpoint. The stream itself is TrainingGraph; what a step computes is the
+/// objective (MAMO pre-training unless another is given).</summary>
+public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? progress = null, Func<MamoConfig, IObjective>? objective = null)
 {
     const int MaxBackoffDoublings = 20;
-    /// <summary>Mixed into the run's seed for per-sample randomness (crops, caption picks), apart from the step seeds.</summary>
-    const int PreprocessSeedSalt = 0x5eed;
+    /// <summary>Path of the supervisor under /user: the pipeline's actors are /user/run/NAME.</summary>
+    public const string SupervisorName = "run";
 
+    readonly Func<MamoConfig, IObjective> objective = objective ?? (c => new MamoPretraining(c));
     readonly Stopwatch clock = Stopwatch.StartNew();
     IReadOnlyList<EmbeddingItem> publishItems = [];
     long samplesRead;
 
-    /// <summary>The actor system of the pipeline now running (a new one after each restart).</summary>
+    /// <summary>The run's actor system, alive from start to end whatever the pipeline restarts.</summary>
     public ActorSystem? System { get; private set; }
 
     /// <summary>Samples taken from the source so far: with backpressure, never far ahead of what the trainer consumed.</summary>
@@ -50,6 +52,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
 
         var evalTransform = new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize));
         var evalSets = new List<Evaluator.NamedSet>();
+        var system = System = ActorSystem.Create("mamo", s.Config);
         try
         {
             if (s.EvalEverySteps > 0)
@@ -65,13 +68,14 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             var preparer = new SamplePreparer(
                 new ImageTransform(s.TrainImages),
                 tokenizer, s.Model.MaxTextLength, decodeLimits);
+            var supervisor = system.ActorOf(RunSupervisor.Props(), SupervisorName);
 
             for (int attempt = 0; ; attempt++)
             {
                 var before = Checkpoint.Latest(s.RunDir);
                 try
                 {
-                    return await RunOnceAsync(source, preparer, evalSets, bad, device, stop);
+                    return await RunOnceAsync(supervisor, source, preparer, evalSets, bad, device, stop);
                 }
                 catch (Exception e) when (e is not TrainerReplica.DivergedException and not SettingsException && !stop.IsCancellationRequested && attempt < s.MaxRestarts)
                 {
@@ -85,6 +89,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         }
         finally
         {
+            await system.Terminate();
             foreach (var set in evalSets) set.Set.Dispose();
         }
     }
@@ -121,124 +126,106 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         return items;
     }
 
-    async Task<long> RunOnceAsync(ITrainingSource source, SamplePreparer preparer, IReadOnlyList<Evaluator.NamedSet> evalSets,
+    async Task<long> RunOnceAsync(IActorRef supervisor, ITrainingSource source, SamplePreparer preparer, IReadOnlyList<Evaluator.NamedSet> evalSets,
         List<BadInput> loadBad, Device device, CancellationToken stop)
     {
         var s = settings;
-        MamoTrainer trainer;
-        MamoModel teacherModel;
-        long teacherStep;
-        StreamPosition position;
-        if (Resume(device) is { } resumed) (trainer, teacherModel, teacherStep, position) = resumed;
-        else
+        var (from, state) = StartingCheckpoint(device);
+        var position = StreamPosition.FromExtra(state.Extra);
+        var startStep = state.Step;
+        var usesTeacher = Checkpoint.Parts(state).Contains(Checkpoint.TeacherPart);
+        bool needsTargets;
+        using (var probe = objective(s.Model)) needsTargets = probe.NeedsTargets;
+        using var stopping = new CancellationTokenSource();
+        IEmbeddingSink? sink = null;
+        if (s.PublishOutput is { } output && usesTeacher)
         {
-            trainer = new MamoTrainer(s.Model, s.Optimizer, device, s.Seed, withTeacher: false);
-            teacherModel = Momentum.CreateTeacher(trainer.Student);
-            teacherStep = 0;
-            position = StreamPosition.None;
-            Log.Information("new run in {RunDir}: {Preset} preset, {Parameters:N0} parameters, batch {Batch}, device {Device}",
-                s.RunDir, s.Preset, trainer.Student.parameters().Sum(p => p.numel()), s.BatchSize, device);
+            try { sink = EmbeddingSinks.Open(output, s.KafkaProducer); }
+            catch (FormatException e) { throw new SettingsException($"'mamo.publish.output': {e.Message}"); }
+            catch (ArgumentException e) { throw new SettingsException($"'mamo.kafka.producer': {e.Message}"); }
         }
 
-        var system = ActorSystem.Create("mamo", s.Config);
-        System = system;
-        using var stopping = new CancellationTokenSource();
-        try
+        RunSupervisor.Pipeline Create(IUntypedActorContext context)
         {
-            var startStep = trainer.Step;
-            var metrics = system.ActorOf(Metrics.Props(s.RunDir, s.MetricsEverySteps, s.Ledger, progress, step => Remaining(step, startStep)), "metrics");
+            var metrics = context.ActorOf(Metrics.Props(s.RunDir, s.MetricsEverySteps, s.Ledger, progress, step => Remaining(step, startStep)), "metrics");
             foreach (var b in loadBad) metrics.Tell(new Metrics.DeadLetter(b));
             loadBad.Clear();   // reported once, not again after a restart
-            var checkpointer = system.ActorOf(Checkpointer.Props(s.RunDir, trainer.Config, s.KeepLast, s.Seed), "checkpointer");
-            var teacher = system.ActorOf(MomentumTeacher.Props(teacherModel, teacherStep, s.TeacherPipelined), "teacher");
-            if (teacherStep < trainer.Step)
-                teacher.Tell(new MomentumTeacher.StudentUpdated(trainer.Step,
-                    trainer.Student.parameters().Select(p => Tensors.Copy(p)).ToArray()));
-            var trainerActor = system.ActorOf(TrainerReplica.Props(trainer, position, teacher, checkpointer, s), "trainer");
-            var evaluator = system.ActorOf(Evaluator.Props(trainer.Config, device, evalSets, teacher, metrics, s.EvalK, s.EvalBatchSize, stopping.Token), "evaluator");
-            var durable = Inbox.Create(system);
-            system.EventStream.Subscribe(durable.Receiver, typeof(Checkpointer.CheckpointDurable));
-            var committer = system.ActorOf(Props.Create(() => new SourceCommitter(source)), "source-committer");
-            if (s.PublishOutput is { } output)
-            {
-                IEmbeddingSink sink;
-                try { sink = EmbeddingSinks.Open(output, s.KafkaProducer); }
-                catch (FormatException e) { throw new SettingsException($"'mamo.publish.output': {e.Message}"); }
-                catch (ArgumentException e) { throw new SettingsException($"'mamo.kafka.producer': {e.Message}"); }
-                system.ActorOf(EmbeddingPublisher.Props(publishItems, sink, s.PublishModality, s.PublishBatchSize, device), "publisher");
-            }
+            var checkpointer = context.ActorOf(Checkpointer.Props(s.RunDir, s.Model, Checkpoint.Parts(state), s.KeepLast, s.Seed), "checkpointer");
+            var teacher = usesTeacher ? context.ActorOf(MomentumTeacher.Props(s.Model, from, device, s.TeacherPipelined), "teacher") : null;
+            var trainer = context.ActorOf(TrainerReplica.Props(s, objective, from, device, teacher, checkpointer), "trainer");
+            var evaluator = teacher is not null && evalSets.Count > 0
+                ? context.ActorOf(Evaluator.Props(s.Model, device, evalSets, teacher, metrics, s.EvalK, s.EvalBatchSize, stopping.Token), "evaluator")
+                : null;
+            context.ActorOf(Props.Create(() => new SourceCommitter(source)), "source-committer");
+            if (sink is not null) context.ActorOf(EmbeddingPublisher.Props(publishItems, sink, s.PublishModality, s.PublishBatchSize, device), "publisher");
+            return new RunSupervisor.Pipeline(trainer, teacher, metrics, evaluator);
+        }
 
+        var pipeline = await supervisor.Ask<RunSupervisor.Pipeline>(
+            new RunSupervisor.Start(Create, new Checkpointer.CheckpointDurable(startStep, position, from)), s.CheckpointWriteTimeout);
+        try
+        {
             var remainingSteps = s.MaxSteps > 0 ? s.MaxSteps - startStep : long.MaxValue;
             if (remainingSteps > 0)
             {
-                var (killSwitch, done) = Build(source, preparer, position, startStep, remainingSteps, teacher, trainerActor, metrics, evaluator)
-                    .Run(system.Materializer());
+                var graph = TrainingGraph.Build(s, new TrainingGraph.Stages(source, preparer, position, startStep, remainingSteps, needsTargets,
+                    pipeline.Teacher, pipeline.Trainer, pipeline.Metrics, pipeline.Evaluator, () => Interlocked.Increment(ref samplesRead)));
+                var (killSwitch, done) = graph.Run(System!.Materializer());
                 using var onStop = stop.Register(killSwitch.Shutdown);
                 var left = s.TimeBudget - clock.Elapsed;
                 using var budget = s.TimeBudget > TimeSpan.Zero ? new Timer(_ => killSwitch.Shutdown(), null, left < TimeSpan.Zero ? TimeSpan.Zero : left, Timeout.InfiniteTimeSpan) : null;
-                // An actor that dies (its supervisor stops it on any exception) fails the run, which then restarts
-                // from the last checkpoint: a restarted actor would carry stale state.
-                var died = Task.WhenAny(trainerActor.WatchAsync(), teacher.WatchAsync(), checkpointer.WatchAsync());
-                if (await Task.WhenAny(done, died) != done)
+                var failed = supervisor.Ask<RunSupervisor.PipelineFailed>(new RunSupervisor.AwaitFailure(), stopping.Token);
+                if (await Task.WhenAny(done, failed) == failed)
                 {
-                    killSwitch.Abort(new InvalidOperationException("an actor of the pipeline stopped"));
-                    throw new InvalidOperationException("an actor of the pipeline (trainer, teacher or checkpointer) stopped; see the log for its exception");
+                    var f = await failed;
+                    killSwitch.Abort(new InvalidOperationException($"actor {f.Child} of the pipeline stopped"));
+                    throw new InvalidOperationException($"actor {f.Child} of the pipeline stopped{(f.Cause is null ? "" : ": " + f.Cause.Message)}", f.Cause);
                 }
                 await done;
             }
 
-            var finalStep = await trainerActor.Ask<long>(new TrainerReplica.CheckpointNow(), s.CheckpointWriteTimeout);
-            while (Checkpoint.Latest(s.RunDir) is not { } c || Checkpoint.ReadState(c).Step != finalStep)
-            {
-                var message = await durable.ReceiveAsync(s.CheckpointWriteTimeout);
-                if (message is Checkpointer.CheckpointDurable d && d.Step == finalStep) break;
-            }
-            // The committer may not have seen the last announcement before the system stops: acknowledge it here too.
-            source.Commit(StreamPosition.FromExtra(Checkpoint.ReadState(Checkpoint.Latest(s.RunDir)!).Extra));
-            Log.Information("stopped at step {Step} after {Elapsed}", finalStep, clock.Elapsed);
-            return finalStep;
+            var flushed = await supervisor.Ask<RunSupervisor.Flushed>(new RunSupervisor.Flush(), s.CheckpointWriteTimeout);
+            // The committer may not have seen the last announcement before its pipeline stops: acknowledge it here too.
+            source.Commit(flushed.Position);
+            Log.Information("stopped at step {Step} after {Elapsed}", flushed.Step, clock.Elapsed);
+            return flushed.Step;
         }
         finally
         {
             await stopping.CancelAsync();
-            await system.Terminate();
-            trainer.Dispose();
-            teacherModel.Dispose();
+            await supervisor.Ask<RunSupervisor.Stopped>(new RunSupervisor.StopPipeline(), s.CheckpointWriteTimeout);
         }
     }
 
-    /// <summary>The student, teacher and stream position of the newest checkpoint that loads; an unreadable one is
-    /// skipped with a warning (the one before it is whole). Null for a new run.</summary>
-    (MamoTrainer Trainer, MamoModel Teacher, long TeacherStep, StreamPosition Position)? Resume(Device device)
+    /// <summary>The newest checkpoint that verifies (an unreadable one is skipped with a warning: the one before it is
+    /// whole), or, for a new run, step 0's, written now: every actor of the pipeline starts from a checkpoint.</summary>
+    (string Dir, Checkpoint.State State) StartingCheckpoint(Device device)
     {
         var s = settings;
         foreach (var dir in Checkpoint.Complete(s.RunDir))
         {
-            MamoTrainer? trainer = null;
             try
             {
-                var state = Checkpoint.ReadState(dir);
+                var state = Checkpoint.Verify(dir);
                 if (state.Extra.TryGetValue(Checkpointer.SeedKey, out var seed) && seed != s.Seed.ToString(CultureInfo.InvariantCulture))
                     throw new SettingsException($"the run in {s.RunDir} was started with seed {seed}, not {s.Seed}; resume with --set seed={seed} or use another --run-dir");
-                trainer = MamoTrainer.Load(dir, s.Optimizer, device, s.Seed, withTeacher: false, config: s.Model);
-                var teacher = Momentum.CreateTeacher(trainer.Student);
-                Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, teacher);
-                var position = StreamPosition.FromExtra(state.Extra);
-                Log.Information("resuming from {Checkpoint}: step {Step}, stream position {Position}", dir, trainer.Step, position);
-                return (trainer, teacher, state.TeacherStep, position);
-            }
-            catch (InvalidDataException e) when (e.Message.Contains("another architecture"))
-            {
-                trainer?.Dispose();
-                throw new SettingsException($"cannot resume: {e.Message}; use another --run-dir or the same --preset");
+                var saved = Checkpoint.ReadConfig(dir);
+                if (!saved.SameArchitecture(s.Model))
+                    throw new SettingsException($"cannot resume: {dir} holds a model of another architecture than the one configured:\n{saved.ToJson()}\nuse another --run-dir or the same --preset");
+                Log.Information("resuming from {Checkpoint}: step {Step}, stream position {Position}", dir, state.Step, StreamPosition.FromExtra(state.Extra));
+                return (dir, state);
             }
             catch (Exception e) when (e is IOException or InvalidDataException or global::System.Text.Json.JsonException or FormatException)
             {
-                trainer?.Dispose();
                 Log.Warning("checkpoint {Checkpoint} cannot be loaded ({Error}); trying the one before", dir, e.Message);
             }
         }
-        return null;
+        using var trainer = new MamoTrainer(s.Model, s.Optimizer, device, s.Seed, withTeacher: true, objective);
+        var fresh = new Checkpoint.State(0, 0, 0, new() { [Checkpointer.SeedKey] = s.Seed.ToString(CultureInfo.InvariantCulture) });
+        var path = Checkpoint.Commit(s.RunDir, s.Model, trainer.Parts(), fresh, s.KeepLast);
+        Log.Information("new run in {RunDir}: {Preset} preset, {Parameters:N0} parameters, batch {Batch}, device {Device}",
+            s.RunDir, s.Preset, trainer.Student.parameters().Sum(p => p.numel()), s.BatchSize, device);
+        return (path, Checkpoint.ReadState(path));
     }
 
     TimeSpan? Remaining(long step, long startStep)
@@ -249,82 +236,6 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         TimeSpan? byTime = s.TimeBudget > TimeSpan.Zero ? s.TimeBudget - clock.Elapsed : null;
         return bySteps is null ? byTime : byTime is null ? bySteps : bySteps < byTime ? bySteps : byTime;
     }
-
-    sealed record Prepared(Positioned Record, PreparedSample? Sample, BadInput? Bad);
-    sealed record Collated(long Step, Batch Batch, StreamPosition Position);
-    sealed record WithTargets(Collated Input, TeacherTargets? Targets);
-
-    IRunnableGraph<(UniqueKillSwitch, Task<Akka.Done>)> Build(ITrainingSource source, SamplePreparer preparer, StreamPosition resume, long startStep, long steps,
-        IActorRef teacher, IActorRef trainer, IActorRef metrics, IActorRef evaluator)
-    {
-        var s = settings;
-        var needsTargets = s.Model.Weights.Mim > 0 || s.Model.Weights.Mrm > 0;
-        var stepOffset = startStep;
-
-        var batches = source.Open(resume)
-            .Select(x => { Interlocked.Increment(ref samplesRead); return x; })
-            .SelectAsync(s.PreprocessParallelism, x => Task.Run(() =>
-            {
-                if (x.Item is not SampleItem { Sample: var sample }) return new Prepared(x, null, ((BadItem)x.Item).Bad);
-                // Crops and caption picks repeat on resume: seeded by the record's place in its stream.
-                var random = new Random(Seeds.Mix(s.Seed ^ PreprocessSeedSalt ^ Seeds.StableHash(x.Partition), x.Offset));
-                return preparer.TryPrepareForTraining(sample, random, out var p, out var bad)
-                    ? new Prepared(x, p, null) : new Prepared(x, null, bad);
-            }))
-            // A batch's position covers every record since the previous batch, dead letters included, so a
-            // checkpoint acknowledges those too.
-            .StatefulSelectMany<Prepared, (List<PreparedSample> Samples, StreamPosition Position), NotUsed>(() =>
-            {
-                var group = new List<PreparedSample>(s.BatchSize);
-                var position = StreamPosition.None;
-                return p =>
-                {
-                    position = position.Advance(p.Record.Partition, p.Record.Offset);
-                    if (p.Bad is not null)
-                    {
-                        metrics.Tell(new Metrics.DeadLetter(p.Bad));
-                        source.DeadLetter(p.Record, p.Bad);
-                        return [];
-                    }
-                    group.Add(p.Sample!);
-                    if (group.Count < s.BatchSize) return [];
-                    var full = (group, position);
-                    (group, position) = (new List<PreparedSample>(s.BatchSize), StreamPosition.None);
-                    return [full];
-                };
-            })
-            .Take(steps)
-            .Select(g => new Collated(stepOffset++, Collator.Collate(g.Samples, s.Model.ImageSize), g.Position))
-            .Buffer(s.BufferedBatches, OverflowStrategy.Backpressure)
-            .ViaMaterialized(KillSwitches.Single<Collated>(), Keep.Right);
-
-        // Two async stages: while the trainer works on step t, the teacher already computes the targets of t+1.
-        var withTargets = s.TeacherPipelined || !needsTargets
-            ? batches.SelectAsync(1, async c => new WithTargets(c, needsTargets ? await Targets(teacher, c) : null))
-                     .SelectAsync(1, w => Train(trainer, w))
-            : batches.SelectAsync(1, async c => await Train(trainer, new WithTargets(c, await Targets(teacher, c))));
-
-        return withTargets
-            .Select(done =>
-            {
-                metrics.Tell(done);
-                var stepsDone = done.Result.Step + 1;
-                if (s.EvalEverySteps > 0 && stepsDone % s.EvalEverySteps == 0) evaluator.Tell(new Evaluator.EvaluateNow(stepsDone));
-                return done;
-            })
-            .ToMaterialized(Sink.Ignore<TrainerReplica.StepCompleted>(), Keep.Both);
-    }
-
-    static async Task<TeacherTargets> Targets(IActorRef teacher, Collated c)
-    {
-        var b = c.Batch;
-        var ready = await teacher.Ask<MomentumTeacher.TargetsReady>(
-            new MomentumTeacher.ComputeTargets(c.Step, Tensors.Copy(b.Images), Tensors.Copy(b.TokenIds), Tensors.Copy(b.AttentionMask)));
-        return ready.Targets;
-    }
-
-    static Task<TrainerReplica.StepCompleted> Train(IActorRef trainer, WithTargets w) =>
-        trainer.Ask<TrainerReplica.StepCompleted>(new TrainerReplica.Train(w.Input.Step, w.Input.Batch, w.Targets, w.Input.Position));
 
     /// <summary>Acknowledges to the source what each durable checkpoint covers.</summary>
     sealed class SourceCommitter : ReceiveActor
@@ -337,7 +248,8 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     public static Device OpenDevice(string name)
     {
         if (name.StartsWith("cuda") && !torch.cuda.is_available())
-            throw new SettingsException($"device '{name}' asked for, but CUDA is not available (this build uses libtorch-cpu; install libtorch-cuda)");
+            throw new SettingsException($"device '{name}' asked for, but CUDA is not available: " +
+                (TorchBackend.IsCuda ? "this build uses TorchSharp-cuda-linux, but no CUDA device or driver was found" : "this build uses libtorch-cpu; build with `dotnet build -p:TorchBackend=cuda` (TorchSharp-cuda-linux) on a machine with CUDA"));
         try { return torch.device(name); }
         catch (Exception e) { throw new SettingsException($"bad device '{name}': {e.Message}"); }
     }

@@ -6,8 +6,10 @@ using static TorchSharp.torch;
 
 namespace Mamo.Actors;
 
-/// <summary>The student and its optimiser. Trains on each batch it is sent, hands the teacher its new weights,
-/// and at checkpoint time sends a consistent snapshot to the checkpointer.</summary>
+/// <summary>The student, the objective and the optimiser, loaded from a checkpoint when the actor starts (so a new
+/// incarnation starts from durable state, never from a stale object). Trains on each batch it is sent, hands the
+/// teacher (where the objective keeps one) its new weights, and at checkpoint time sends its parts to the
+/// checkpointer.</summary>
 public sealed class TrainerReplica : ReceiveActor
 {
     /// <summary>Train step Step on a batch. Position: the stream records the batch covers. The trainer owns
@@ -15,16 +17,15 @@ public sealed class TrainerReplica : ReceiveActor
     public sealed record Train(long Step, Batch Batch, TeacherTargets? Targets, StreamPosition Position);
     /// <summary>Reply to Train; Position is where the stream stands after this step.</summary>
     public sealed record StepCompleted(StepResult Result, StreamPosition Position, string[] Ids, int NonFiniteInARow);
-    /// <summary>Write a checkpoint now (at shutdown); the reply is the step it covers.</summary>
+    /// <summary>Send a checkpoint's parts now unless the last one covers this step; the reply is the step (a long).</summary>
     public sealed record CheckpointNow;
-    /// <summary>The student half of a checkpoint; the receiver owns the tensors.</summary>
-    public sealed record StudentSnapshot(long Step, long OptimizerStep, StreamPosition Position, (string Name, Tensor Value)[] Student, (string Name, Tensor Value)[] Optimizer);
 
     /// <summary>Too many non-finite losses in a row: the run stops rather than restarts.</summary>
     public sealed class DivergedException(string message) : Exception(message);
 
     readonly MamoTrainer trainer;
-    readonly IActorRef teacher, checkpointer;
+    readonly IActorRef? teacher;
+    readonly IActorRef checkpointer;
     readonly MamoSettings settings;
     readonly Tensor[] studentParameters;
     readonly System.Diagnostics.Stopwatch sinceCheckpoint = System.Diagnostics.Stopwatch.StartNew();
@@ -32,15 +33,20 @@ public sealed class TrainerReplica : ReceiveActor
     long lastCheckpointStep;
     int nonFiniteInARow;
 
-    public TrainerReplica(MamoTrainer trainer, StreamPosition position, IActorRef teacher, IActorRef checkpointer, MamoSettings settings)
+    /// <param name="checkpoint">the checkpoint to start from (a new run's is step 0)</param>
+    /// <param name="teacher">the momentum teacher; null when the objective keeps none</param>
+    public TrainerReplica(MamoSettings settings, Func<MamoConfig, IObjective> objective, string checkpoint, Device device, IActorRef? teacher, IActorRef checkpointer)
     {
-        this.trainer = trainer;
-        this.position = position;
+        trainer = MamoTrainer.Load(checkpoint, settings.Optimizer, device, settings.Seed, withTeacher: false, config: settings.Model, objective);
+        var state = Checkpoint.ReadState(checkpoint);
+        position = StreamPosition.FromExtra(state.Extra);
         lastCheckpointStep = trainer.Step;
         this.teacher = teacher;
         this.checkpointer = checkpointer;
         this.settings = settings;
         studentParameters = trainer.Student.parameters().Select(p => (Tensor)p).ToArray();
+        // A pipelined teacher's checkpoint is one update behind the student's: hand it the update it lacks.
+        if (state.TeacherStep < trainer.Step) teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
 
         Receive<Train>(t =>
         {
@@ -54,13 +60,13 @@ public sealed class TrainerReplica : ReceiveActor
         });
         Receive<CheckpointNow>(_ =>
         {
-            if (trainer.Step != lastCheckpointStep) SendSnapshots();
+            if (trainer.Step != lastCheckpointStep) SendParts();
             Sender.Tell(trainer.Step);
         });
     }
 
-    public static Props Props(MamoTrainer trainer, StreamPosition position, IActorRef teacher, IActorRef checkpointer, MamoSettings settings) =>
-        Akka.Actor.Props.Create(() => new TrainerReplica(trainer, position, teacher, checkpointer, settings)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(MamoSettings settings, Func<MamoConfig, IObjective> objective, string checkpoint, Device device, IActorRef? teacher, IActorRef checkpointer) =>
+        Akka.Actor.Props.Create(() => new TrainerReplica(settings, objective, checkpoint, device, teacher, checkpointer)).WithDispatcher(Dispatchers.Model);
 
     StepCompleted TrainStep(Train t)
     {
@@ -70,7 +76,7 @@ public sealed class TrainerReplica : ReceiveActor
         using (var scope = NewDisposeScope())
         {
             var keys = tensor(b.Ids.Select(Seeds.StableHash).ToArray());
-            result = trainer.StudentStep(b.Images, b.TokenIds, b.AttentionMask, t.Targets, keys);
+            result = trainer.StudentStep(new StepInput(b.Images, b.TokenIds, b.AttentionMask, keys, b.Labels), t.Targets);
         }
         position = position.Merge(t.Position);
         nonFiniteInARow = result.Skipped ? nonFiniteInARow + 1 : 0;
@@ -79,22 +85,27 @@ public sealed class TrainerReplica : ReceiveActor
 
         var due = settings.CheckpointEverySteps > 0 && trainer.Step % settings.CheckpointEverySteps == 0
                || settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= settings.CheckpointEvery;
-        if (due) SendSnapshots();
-        else teacher.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
+        if (due) SendParts();
+        else teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
         return new StepCompleted(result, position, b.Ids, nonFiniteInARow);
     }
 
-    /// <summary>The new student goes to the teacher (which then snapshots itself) and, with the optimiser state,
-    /// to the checkpointer; both halves carry the same step.</summary>
-    void SendSnapshots()
+    /// <summary>The new student goes to the teacher (which then sends its own part) and this trainer's parts to the
+    /// checkpointer; all carry the same step.</summary>
+    void SendParts()
     {
         sinceCheckpoint.Restart();
         lastCheckpointStep = trainer.Step;
-        teacher.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent(), SnapshotTo: checkpointer));
-        var student = trainer.Student.named_parameters().Select(p => (p.name, Tensors.Copy(p.parameter))).ToArray();
-        var optimizer = trainer.Optimizer.State().Select(s => (s.Name, Tensors.Copy(s.Value))).ToArray();
-        checkpointer.Tell(new StudentSnapshot(trainer.Step, trainer.Optimizer.Step, position, student, optimizer));
+        teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent(), SnapshotTo: checkpointer));
+        var parts = trainer.Parts().Select(p => new Checkpoint.Part(p.Name, p.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())).ToArray();
+        checkpointer.Tell(new Checkpointer.Parts(trainer.Step, parts, position, trainer.Optimizer.Step));
     }
 
     Tensor[] CopyStudent() => studentParameters.Select(Tensors.Copy).ToArray();
+
+    protected override void PostStop()
+    {
+        trainer.Dispose();
+        base.PostStop();
+    }
 }

@@ -4,14 +4,14 @@ using static TorchSharp.torch;
 namespace Mamo.Data;
 
 /// <summary>A sample ready for batching: normalised CHW pixels and one encoded caption.</summary>
-public sealed record PreparedSample(string Id, float[] Pixels, long[] TokenIds, long[] AttentionMask, SourcePosition Position);
+public sealed record PreparedSample(string Id, float[] Pixels, long[] TokenIds, long[] AttentionMask, SourcePosition Position, string? Label = null);
 
 /// <summary>
 /// A training or evaluation batch. The tensors belong to the batch: dispose it (or take ownership) when done.
 /// Nothing is masked here; MAMO's joint masking happens in the model, in one place.
 /// </summary>
-public sealed class Batch(Tensor images, Tensor tokenIds, Tensor attentionMask, string[] ids, IReadOnlyList<SourcePosition> positions)
-    : IDisposable
+public sealed class Batch(Tensor images, Tensor tokenIds, Tensor attentionMask, string[] ids, IReadOnlyList<SourcePosition> positions,
+    IReadOnlyList<string?>? labels = null) : IDisposable
 {
     /// <summary>[B, 3, S, S] float32.</summary>
     public Tensor Images { get; } = images;
@@ -25,6 +25,9 @@ public sealed class Batch(Tensor images, Tensor tokenIds, Tensor attentionMask, 
     public string[] Ids { get; } = ids;
 
     public IReadOnlyList<SourcePosition> Positions { get; } = positions;
+
+    /// <summary>Each pair's label, null where its source has none.</summary>
+    public IReadOnlyList<string?> Labels { get; } = labels ?? new string?[ids.Length];
 
     public int Size => Ids.Length;
 
@@ -65,6 +68,7 @@ public static class Collator
             tensor(tokenIds, [batch, textLength], ScalarType.Int64),
             tensor(attentionMask, [batch, textLength], ScalarType.Int64),
             samples.Select(s => s.Id).ToArray(),
-            samples.Select(s => s.Position).ToArray());
+            samples.Select(s => s.Position).ToArray(),
+            samples.Select(s => s.Label).ToArray());
     }
 }

@@ -135,11 +135,11 @@ public sealed class ManifestSource(string path, SourceLimits? limits = null) : I
         {
             return Bad($"missing or unreadable image file: {line.Image}");
         }
-        return new SampleItem(new ImageTextSample(line.Id ?? line.Image, image, captions, position));
+        return new SampleItem(new ImageTextSample(line.Id ?? line.Image, image, captions, position, line.Label));
     }
 
     /// <summary>One manifest line's fields, or the reason the JSON is well-formed but not a manifest record.</summary>
-    private sealed record ManifestLine(string? Id, string Image, IReadOnlyList<string> Captions, string? Error)
+    private sealed record ManifestLine(string? Id, string Image, IReadOnlyList<string> Captions, string? Error, string? Label = null)
     {
         public static ManifestLine Parse(string text)
         {
@@ -171,7 +171,14 @@ public sealed class ManifestSource(string path, SourceLimits? limits = null) : I
                 if (one.ValueKind != JsonValueKind.String) return Fail("\"caption\" must be a string");
                 captions.Add(one.GetString()!);
             }
-            return new ManifestLine(id, image.GetString()!, captions, null);
+            string? label = null;
+            if (root.TryGetProperty("label", out var labelElement))
+            {
+                if (labelElement.ValueKind is JsonValueKind.String) label = labelElement.GetString();
+                else if (labelElement.ValueKind is JsonValueKind.Number) label = labelElement.GetRawText();
+                else return Fail("\"label\" must be a string or number");
+            }
+            return new ManifestLine(id, image.GetString()!, captions, null, label);
         }
 
         private static ManifestLine Fail(string error) => new(null, "", [], error);

@@ -16,7 +16,7 @@ public sealed class SamplePreparer(ImageTransform transform, TextTokenizer token
         prepared = null;
         if (!TryPixels(sample, TransformMode.Train, random, out var pixels, out bad)) return false;
         var (ids, mask) = tokenizer.Encode(Captions.PickForTraining(sample.Captions, random), maxTextLength);
-        prepared = new PreparedSample(sample.Id, pixels, ids, mask, sample.Position);
+        prepared = new PreparedSample(sample.Id, pixels, ids, mask, sample.Position, sample.Label);
         return true;
     }
 

@@ -1,19 +1,27 @@
+using System.Runtime.InteropServices;
 using System.Text.Json;
 using System.Text.RegularExpressions;
 using static TorchSharp.torch;
 
 namespace Mamo.Model;
 
-/// <summary>A training checkpoint in one directory: config.json, state.json (step and caller state such as
-/// source positions), and student/teacher/optimizer as safetensors. Atomicity (write elsewhere, then rename)
-/// belongs to the caller; this class fsyncs every file it writes.</summary>
+/// <summary>A training checkpoint in one directory: config.json, state.json (step, the names of its parts, and
+/// caller state such as source positions), and one safetensors file per named part: student, teacher, optimizer,
+/// a task head, an outer optimizer... Commit writes one durably: into step-N.tmp, fsynced, renamed, the parent
+/// fsynced, so a kill at any moment leaves the previous checkpoint whole.</summary>
 public static class Checkpoint
 {
     public const string ConfigFile = "config.json", StateFile = "state.json";
-    public const string StudentFile = "student.safetensors", TeacherFile = "teacher.safetensors", OptimizerFile = "optimizer.safetensors";
+    public const string StudentPart = "student", TeacherPart = "teacher", OptimizerPart = "optimizer";
+    public static readonly string StudentFile = PartFile(StudentPart), TeacherFile = PartFile(TeacherPart), OptimizerFile = PartFile(OptimizerPart);
     /// <summary>A run directory keeps its checkpoints in this folder, one per step.</summary>
     public const string RunFolder = "checkpoints";
     const int StepDigits = 12;
+
+    /// <summary>One named part: its tensors by name (views; Save reads them).</summary>
+    public sealed record Part(string Name, IReadOnlyList<(string Name, Tensor Value)> Tensors);
+
+    public static string PartFile(string part) => part + ".safetensors";
 
     /// <summary>The folder name of step <paramref name="step"/>'s checkpoint in a run directory: zero-padded, so names sort by step.</summary>
     public static string StepFolderName(long step) => $"step-{step.ToString($"D{StepDigits}")}";
@@ -44,29 +52,83 @@ public static class Checkpoint
     /// <param name="Step">steps the student has taken</param>
     /// <param name="TeacherStep">steps folded into the teacher's EMA (Step - 1 when targets are pipelined)</param>
     /// <param name="Extra">caller state, such as source positions</param>
-    public sealed record State(long Step, long OptimizerStep, long TeacherStep, Dictionary<string, string> Extra);
+    /// <param name="Parts">the parts saved; null in checkpoints written before parts were named (student, teacher, optimizer)</param>
+    public sealed record State(long Step, long OptimizerStep, long TeacherStep, Dictionary<string, string> Extra, IReadOnlyList<string>? Parts = null);
 
-    public static void Save(string dir, MamoConfig config, IEnumerable<(string Name, Tensor Value)> student,
-        IEnumerable<(string Name, Tensor Value)> teacher, IEnumerable<(string Name, Tensor Value)> optimizer, State state)
+    static readonly string[] FirstParts = [StudentPart, TeacherPart, OptimizerPart];
+
+    /// <summary>The parts a checkpoint holds.</summary>
+    public static IReadOnlyList<string> Parts(State state) => state.Parts ?? FirstParts;
+
+    public static void Save(string dir, MamoConfig config, IEnumerable<Part> parts, State state)
     {
         Directory.CreateDirectory(dir);
-        SafeTensors.Save(Path.Combine(dir, StudentFile), student);
-        SafeTensors.Save(Path.Combine(dir, TeacherFile), teacher);
-        SafeTensors.Save(Path.Combine(dir, OptimizerFile), optimizer);
+        var names = new List<string>();
+        foreach (var part in parts)
+        {
+            SafeTensors.Save(Path.Combine(dir, PartFile(part.Name)), part.Tensors);
+            names.Add(part.Name);
+        }
         WriteDurably(Path.Combine(dir, ConfigFile), config.ToJson());
-        WriteDurably(Path.Combine(dir, StateFile), JsonSerializer.Serialize(state));
+        WriteDurably(Path.Combine(dir, StateFile), JsonSerializer.Serialize(state with { Parts = names }));
     }
 
-    public static IEnumerable<(string Name, Tensor Value)> Named(MamoModel model) =>
-        model.named_parameters().Select(p => (p.name, (Tensor)p.parameter));
+    /// <summary>Writes step <paramref name="state"/>.Step's checkpoint into a run directory durably, then keeps the
+    /// newest <paramref name="keepLast"/>; returns its folder. A checkpoint already complete there is kept as it is.</summary>
+    public static string Commit(string runDir, MamoConfig config, IEnumerable<Part> parts, State state, int keepLast)
+    {
+        var root = Path.Combine(runDir, RunFolder);
+        Directory.CreateDirectory(root);
+        var final = Path.Combine(root, StepFolderName(state.Step));
+        if (Directory.Exists(final) && File.Exists(Path.Combine(final, StateFile))) return final;   // already durable
+        var temp = final + ".tmp";
+        if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
+        Save(temp, config, parts, state);
+        FsyncDirectory(temp);
+        if (Directory.Exists(final)) Directory.Delete(final, recursive: true);   // a leftover without state.json
+        Directory.Move(temp, final);
+        FsyncDirectory(root);
+        var complete = Directory.GetDirectories(root, "step-*").Where(d => !d.EndsWith(".tmp")).Order().ToList();
+        foreach (var old in complete.Take(Math.Max(0, complete.Count - keepLast))) Directory.Delete(old, recursive: true);
+        foreach (var stale in Directory.GetDirectories(root, "step-*.tmp")) Directory.Delete(stale, recursive: true);
+        return final;
+    }
+
+    /// <summary>A rename is durable only once its directory is flushed.</summary>
+    static void FsyncDirectory(string dir)
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        int fd = open(dir, 0 /* O_RDONLY */);
+        if (fd < 0) throw new IOException($"cannot open {dir} to flush it (errno {Marshal.GetLastPInvokeError()})");
+        try { if (fsync(fd) != 0) throw new IOException($"fsync of {dir} failed (errno {Marshal.GetLastPInvokeError()})"); }
+        finally { close(fd); }
+    }
+
+    [DllImport("libc", SetLastError = true)] static extern int open([MarshalAs(UnmanagedType.LPUTF8Str)] string path, int flags);
+    [DllImport("libc", SetLastError = true)] static extern int fsync(int fd);
+    [DllImport("libc")] static extern int close(int fd);
+
+    public static IReadOnlyList<(string Name, Tensor Value)> Named(nn.Module module) =>
+        module.named_parameters().Select(p => (p.name, (Tensor)p.parameter)).ToList();
+
+    /// <summary>Reads the state and config and checks every part's header against its file, without loading a tensor:
+    /// what can be known of a checkpoint before its owners load it. Throws IOException, InvalidDataException or
+    /// JsonException.</summary>
+    public static State Verify(string dir)
+    {
+        var state = ReadState(dir);
+        ReadConfig(dir);
+        foreach (var part in Parts(state)) SafeTensors.Check(Path.Combine(dir, PartFile(part)));
+        return state;
+    }
 
     public static MamoConfig ReadConfig(string dir) => MamoConfig.FromJson(File.ReadAllText(Path.Combine(dir, ConfigFile)));
 
     public static State ReadState(string dir) =>
         JsonSerializer.Deserialize<State>(File.ReadAllText(Path.Combine(dir, StateFile))) ?? throw new InvalidDataException($"{dir}: empty state.json");
 
-    /// <summary>Copies a saved model's tensors into a model of the same config.</summary>
-    public static void LoadModel(string dir, string file, MamoModel model)
+    /// <summary>Copies a saved part's tensors into a module of the same shape.</summary>
+    public static void LoadModel(string dir, string file, nn.Module model)
     {
         var tensors = SafeTensors.Load(Path.Combine(dir, file));
         try

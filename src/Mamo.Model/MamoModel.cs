@@ -33,6 +33,7 @@ public sealed class MamoLoss : IDisposable
 public sealed class MamoModel : Module
 {
     public MamoConfig Config { get; }
+    public Device Device => temperature.device;
 
     readonly ImageEncoder image;
     readonly TextEncoder text;

@@ -6,11 +6,13 @@ namespace Mamo.Model;
 /// <summary>The outcome of one training step, as plain numbers.</summary>
 public sealed record StepResult(long Step, double Loss, IReadOnlyDictionary<string, double> Terms, double LearningRate, double GradNorm, bool Skipped);
 
-/// <summary>Student, momentum teacher and optimiser, and the step that ties them together. Every random choice of
-/// step s (masks, ITM negatives) derives from (seed, s), so a resumed run repeats an uninterrupted one.</summary>
+/// <summary>Student, objective, optimiser (and, in the bare loop, the momentum teacher), and the step that ties them
+/// together. Every random choice of step s (masks, ITM negatives) derives from (seed, s), so a resumed run repeats an
+/// uninterrupted one.</summary>
 public sealed class MamoTrainer : IDisposable
 {
     public MamoModel Student { get; }
+    public IObjective Objective { get; }
     /// <summary>The momentum teacher, when this trainer owns one (the bare loop); the actor system keeps it in its own actor.</summary>
     public MamoModel Teacher => teacher ?? throw new InvalidOperationException("this trainer has no teacher of its own");
     readonly MamoModel? teacher;
@@ -21,7 +23,8 @@ public sealed class MamoTrainer : IDisposable
     /// <summary>Steps taken so far (the index of the next step).</summary>
     public long Step { get; private set; }
 
-    public MamoTrainer(MamoConfig config, OptimizerConfig optimizer, Device device, int seed, bool withTeacher = true)
+    /// <param name="objective">what a step computes; null: MAMO pre-training with the config's loss weights</param>
+    public MamoTrainer(MamoConfig config, OptimizerConfig optimizer, Device device, int seed, bool withTeacher = true, Func<MamoConfig, IObjective>? objective = null)
     {
         Seed = seed;
         Device = device;
@@ -29,38 +32,37 @@ public sealed class MamoTrainer : IDisposable
         manual_seed(seed);
         Student = new MamoModel(config);
         Student.to(device);
-        if (withTeacher) teacher = Momentum.CreateTeacher(Student);
-        Optimizer = new AdamW(Student.named_parameters().Select(p => (p.name, p.parameter)), optimizer);
+        Objective = objective?.Invoke(config) ?? new MamoPretraining(config);
+        foreach (var part in Objective.Parts.Values) part.to(device);
+        if (withTeacher && Objective.UsesTeacher) teacher = Momentum.CreateTeacher(Student);
+        Optimizer = new AdamW(Objective.TrainedParameters(Student), optimizer);
     }
 
     public MamoConfig Config => Student.Config;
 
     public int MaskSeed(long step) => Seeds.Mix(Seed, step);
 
-    /// <summary>One complete step: teacher targets, student losses, AdamW, then the EMA update.</summary>
+    /// <summary>One complete step of the bare loop: teacher targets, the objective's losses, AdamW, then the EMA update.</summary>
     public StepResult TrainStep(Tensor images, Tensor tokenIds, Tensor attentionMask, Tensor? imageKeys = null)
     {
         using var scope = NewDisposeScope();
-        var w = Config.Weights;
-        TeacherTargets? targets = w.Mim > 0 || w.Mrm > 0 ? Teacher.Targets(images.to(Device), tokenIds.to(Device), attentionMask.to(Device)) : null;
-        var result = StudentStep(images, tokenIds, attentionMask, targets, imageKeys);
-        Momentum.Update(Teacher, Student, Config.MomentumDecay);   // every step, skipped or not, as the actor pipeline does
+        TeacherTargets? targets = Objective.NeedsTargets ? Teacher.Targets(images.to(Device), tokenIds.to(Device), attentionMask.to(Device)) : null;
+        var result = StudentStep(new StepInput(images, tokenIds, attentionMask, imageKeys), targets);
+        if (teacher is not null) Momentum.Update(teacher, Student, Config.MomentumDecay);   // every step, skipped or not, as the actor pipeline does
         return result;
     }
 
     /// <summary>The student's half of a step, given the teacher's targets (which may come from another thread).
     /// A non-finite loss skips the update and leaves the weights untouched.</summary>
-    public StepResult StudentStep(Tensor images, Tensor tokenIds, Tensor attentionMask, TeacherTargets? targets, Tensor? imageKeys = null)
+    public StepResult StudentStep(StepInput batch, TeacherTargets? targets)
     {
         using var scope = NewDisposeScope();
         var step = Step;
         var lr = OptimizerConfig.LearningRateAt(step);
-        using var cpuMask = JointMasking.Sample(Config, tokenIds, attentionMask, MaskSeed(step));
-        using var mask = cpuMask.To(Device);
-        using var generator = new Generator((ulong)MaskSeed(step), Device);
         Student.train();
+        foreach (var part in Objective.Parts.Values) part.train();
         Optimizer.ZeroGrad();
-        using var loss = Student.Forward(images.to(Device), tokenIds.to(Device), attentionMask.to(Device), mask, targets, imageKeys?.to(Device), generator);
+        using var loss = Objective.Loss(Student, batch, targets, MaskSeed(step));
         var total = loss.Total.ToDouble();
         var terms = loss.Terms.ToDictionary(t => t.Key, t => t.Value.ToDouble());
         Step++;
@@ -77,30 +79,50 @@ public sealed class MamoTrainer : IDisposable
         return new StepResult(step, total, terms, lr, gradNorm, Skipped: false);
     }
 
-    public void Save(string dir, IReadOnlyDictionary<string, string>? extra = null) =>
-        Checkpoint.Save(dir, Config, Checkpoint.Named(Student), Checkpoint.Named(Teacher), Optimizer.State(),
-            new Checkpoint.State(Step, Optimizer.Step, Step, extra?.ToDictionary() ?? new()));
+    /// <summary>The checkpoint parts this trainer holds (views, not copies): student, optimizer, the objective's own
+    /// parts, and the teacher where it owns one.</summary>
+    public IEnumerable<Checkpoint.Part> Parts()
+    {
+        yield return new(Checkpoint.StudentPart, Checkpoint.Named(Student));
+        yield return new(Checkpoint.OptimizerPart, Optimizer.State().ToList());
+        foreach (var (name, module) in Objective.Parts) yield return new(name, Checkpoint.Named(module));
+        if (teacher is not null) yield return new(Checkpoint.TeacherPart, Checkpoint.Named(teacher));
+    }
 
-    /// <summary>Restores a trainer exactly as it was saved; without a teacher, only the student and optimiser.
-    /// A config, if given, must have the checkpoint's architecture; its training settings (loss weights, mask
-    /// ratios, momentum) then replace the saved ones.</summary>
-    public static MamoTrainer Load(string dir, OptimizerConfig optimizer, Device device, int seed, bool withTeacher = true, MamoConfig? config = null)
+    public void Save(string dir, IReadOnlyDictionary<string, string>? extra = null) =>
+        Checkpoint.Save(dir, Config, Parts(), new Checkpoint.State(Step, Optimizer.Step, Step, extra?.ToDictionary() ?? new()));
+
+    /// <summary>Restores a trainer exactly as it was saved; without a teacher, only the student, the objective's parts
+    /// and the optimiser. A config, if given, must have the checkpoint's architecture; its training settings (loss
+    /// weights, mask ratios, momentum) then replace the saved ones.</summary>
+    public static MamoTrainer Load(string dir, OptimizerConfig optimizer, Device device, int seed, bool withTeacher = true, MamoConfig? config = null,
+        Func<MamoConfig, IObjective>? objective = null)
     {
         var saved = Checkpoint.ReadConfig(dir);
         if (config is not null && !saved.SameArchitecture(config))
             throw new InvalidDataException($"{dir} holds a model of another architecture than the one configured:\n{saved.ToJson()}");
-        var trainer = new MamoTrainer(config ?? saved, optimizer, device, seed, withTeacher);
-        Checkpoint.LoadModel(dir, Checkpoint.StudentFile, trainer.Student);
-        if (withTeacher) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, trainer.Teacher);
-        Checkpoint.LoadOptimizer(dir, trainer.Optimizer);
-        trainer.Step = Checkpoint.ReadState(dir).Step;
-        return trainer;
+        var trainer = new MamoTrainer(config ?? saved, optimizer, device, seed, withTeacher, objective);
+        try
+        {
+            Checkpoint.LoadModel(dir, Checkpoint.StudentFile, trainer.Student);
+            foreach (var (name, module) in trainer.Objective.Parts) Checkpoint.LoadModel(dir, Checkpoint.PartFile(name), module);
+            if (trainer.teacher is not null) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, trainer.teacher);
+            Checkpoint.LoadOptimizer(dir, trainer.Optimizer);
+            trainer.Step = Checkpoint.ReadState(dir).Step;
+            return trainer;
+        }
+        catch
+        {
+            trainer.Dispose();
+            throw;
+        }
     }
 
     public void Dispose()
     {
         Optimizer.Dispose();
         Student.Dispose();
+        Objective.Dispose();
         teacher?.Dispose();
     }
 }

@@ -7,10 +7,13 @@ namespace Mamo.Model;
 
 /// <summary>The safetensors format (an 8-byte little-endian header length, a JSON header, then raw little-endian
 /// data), so that PyTorch and other tools read our checkpoints. Reading validates every offset: a damaged or
-/// hostile file gives InvalidDataException, never an out-of-range read.</summary>
+/// hostile file gives InvalidDataException, never an out-of-range read. Files are streamed tensor by tensor in chunks,
+/// so neither a file nor a tensor is capped at 2 GB.</summary>
 public static class SafeTensors
 {
     const long MaxHeaderBytes = 100_000_000;
+    /// <summary>Bytes moved between a tensor and the file at a time.</summary>
+    const long ChunkBytes = 64L << 20;
 
     static readonly Dictionary<ScalarType, (string Name, int Size)> DTypes = new()
     {
@@ -40,38 +43,55 @@ public static class SafeTensors
         file.Write(len);
         file.Write(json);
         for (int i = json.Length; i < padded; i++) file.WriteByte((byte)' ');
-        foreach (var (_, value) in items) file.Write(value.bytes);
+        foreach (var (_, value) in items) WriteTensor(file, value);
         file.Flush(flushToDisk: true);
     }
 
     /// <summary>Loads every tensor onto the CPU. The caller owns them.</summary>
     public static Dictionary<string, Tensor> Load(string path) => Load(path, out _);
 
-    public static Dictionary<string, Tensor> Load(string path, out Dictionary<string, string> metadata)
+    public static Dictionary<string, Tensor> Load(string path, out Dictionary<string, string> metadata) => Read(path, readData: true, out metadata);
+
+    /// <summary>Validates the header against the file (every dtype, shape and offset) without reading any tensor.</summary>
+    public static void Check(string path) => Read(path, readData: false, out _);
+
+    static Dictionary<string, Tensor> Read(string path, bool readData, out Dictionary<string, string> metadata)
     {
-        var data = File.ReadAllBytes(path);
-        if (data.Length < 8) throw new InvalidDataException($"{path}: too short for a safetensors file");
-        long headerLength = BinaryPrimitives.ReadInt64LittleEndian(data);
-        if (headerLength <= 0 || headerLength > MaxHeaderBytes || 8 + headerLength > data.Length)
-            throw new InvalidDataException($"{path}: header length {headerLength} does not fit a file of {data.Length} bytes");
+        using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20);
+        long fileLength = file.Length;
+        if (fileLength < 8) throw new InvalidDataException($"{path}: too short for a safetensors file");
+        Span<byte> len = stackalloc byte[8];
+        file.ReadExactly(len);
+        long headerLength = BinaryPrimitives.ReadInt64LittleEndian(len);
+        if (headerLength <= 0 || headerLength > MaxHeaderBytes || 8 + headerLength > fileLength)
+            throw new InvalidDataException($"{path}: header length {headerLength} does not fit a file of {fileLength} bytes");
+        var header = new byte[headerLength];
+        file.ReadExactly(header);
         long dataStart = 8 + headerLength;
-        long dataLength = data.Length - dataStart;
+        long dataLength = fileLength - dataStart;
         metadata = new();
         var result = new Dictionary<string, Tensor>();
         var ranges = new List<(long Begin, long End)>();
+        var names = new HashSet<string>();
         try
         {
-            using var doc = JsonDocument.Parse(data.AsMemory(8, (int)headerLength));
-            if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"{path}: header is not a JSON object");
-            foreach (var entry in doc.RootElement.EnumerateObject())
+            using (var doc = JsonDocument.Parse(header))
             {
-                if (entry.Name == "__metadata__")
+                if (doc.RootElement.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"{path}: header is not a JSON object");
+                foreach (var entry in doc.RootElement.EnumerateObject())
                 {
-                    foreach (var m in entry.Value.EnumerateObject()) metadata[m.Name] = m.Value.GetString() ?? "";
-                    continue;
+                    if (entry.Name == "__metadata__")
+                    {
+                        foreach (var m in entry.Value.EnumerateObject()) metadata[m.Name] = m.Value.GetString() ?? "";
+                        continue;
+                    }
+                    if (!names.Add(entry.Name)) throw new InvalidDataException($"{path}: '{entry.Name}' appears twice");
+                    var (dtype, shape, begin) = ReadEntry(path, entry, dataLength, ranges);
+                    if (!readData) continue;
+                    var t = result[entry.Name] = empty(shape, dtype);
+                    file.Position = dataStart + begin;
+                    ReadTensor(file, t);
                 }
-                if (result.ContainsKey(entry.Name)) throw new InvalidDataException($"{path}: '{entry.Name}' appears twice");
-                result[entry.Name] = ReadTensor(path, entry, data, dataStart, dataLength, ranges);
             }
         }
         catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException or KeyNotFoundException or OverflowException)
@@ -87,7 +107,8 @@ public static class SafeTensors
         return result;
     }
 
-    static Tensor ReadTensor(string path, JsonProperty entry, byte[] data, long dataStart, long dataLength, List<(long Begin, long End)> ranges)
+    /// <summary>The entry's dtype and shape, and where its bytes begin, after every check.</summary>
+    static (ScalarType DType, long[] Shape, long Begin) ReadEntry(string path, JsonProperty entry, long dataLength, List<(long Begin, long End)> ranges)
     {
         var dtypeName = entry.Value.GetProperty("dtype").GetString();
         var (dtype, size) = DTypes.Where(d => d.Value.Name == dtypeName).Select(d => (d.Key, d.Value.Size)).FirstOrDefault();
@@ -104,8 +125,33 @@ public static class SafeTensors
         if (end > begin && ranges.Any(r => begin < r.End && r.Begin < end))
             throw new InvalidDataException($"{path}: '{entry.Name}' overlaps another tensor's bytes");
         ranges.Add((begin, end));
-        var t = empty(shape, dtype);
-        t.bytes = data.AsSpan((int)(dataStart + begin), (int)(end - begin));
-        return t;
+        return (dtype, shape, begin);
+    }
+
+    /// <summary>Fills a contiguous CPU tensor from the stream, a chunk of whole elements at a time.</summary>
+    static void ReadTensor(Stream file, Tensor t)
+    {
+        using var scope = NewDisposeScope();
+        var flat = t.view(-1);
+        long count = flat.shape[0], perChunk = Math.Max(1, ChunkBytes / t.ElementSize);
+        var buffer = new byte[Math.Min(count, perChunk) * t.ElementSize];
+        for (long start = 0; start < count; start += perChunk)
+        {
+            long n = Math.Min(perChunk, count - start);
+            var bytes = buffer.AsSpan(0, (int)(n * t.ElementSize));
+            file.ReadExactly(bytes);
+            var chunk = empty(n, t.dtype);
+            chunk.bytes = bytes;
+            flat.narrow(0, start, n).copy_(chunk);
+        }
+    }
+
+    static void WriteTensor(Stream file, Tensor t)
+    {
+        using var scope = NewDisposeScope();
+        var flat = t.view(-1);
+        long count = flat.shape[0], perChunk = Math.Max(1, ChunkBytes / t.ElementSize);
+        for (long start = 0; start < count; start += perChunk)
+            file.Write(flat.narrow(0, start, Math.Min(perChunk, count - start)).contiguous().bytes);
     }
 }

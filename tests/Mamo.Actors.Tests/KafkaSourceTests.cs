@@ -64,10 +64,62 @@ public class KafkaSourceTests : TestKit
         Assert.Equal(Partitions, b.Assigned.Count);
     }
 
-    static void Produce(KafkaMockCluster cluster, int records)
+    [Fact]
+    public void A_partition_assigned_again_starts_at_the_newer_of_its_checkpoint_and_the_group_offset_and_commits_never_go_back()
+    {
+        using var cluster = new KafkaMockCluster();
+        cluster.CreateTopic("pairs", Partitions);
+        var spec = KafkaSpec.Parse($"kafka://{cluster.BootstrapServers}/pairs?group=replicas");
+        var materializer = Sys.Materializer();
+        Produce(cluster, 10 * Partitions);   // offsets 0..9 of each partition
+
+        // A resumes from a checkpoint that covers offsets 0..9 of every partition (its commit never landed).
+        var checkpoint = Enumerable.Range(0, Partitions).Aggregate(StreamPosition.None, (p, i) => p.Advance($"pairs/{i}", 9));
+        using var a = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
+        var fromA = new Puller(a.Open(checkpoint).RunWith(Sink.Queue<Positioned>(), materializer));
+        WaitUntil(() => a.Assigned.Count == Partitions, "A to own every partition");
+
+        // B joins, takes some partitions, trains them further than A's checkpoint, commits and leaves.
+        var b = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
+        var fromB = new Puller(b.Open(StreamPosition.None).RunWith(Sink.Queue<Positioned>(), materializer));
+        WaitUntil(() => a.Assigned.Count > 0 && b.Assigned.Count > 0 && a.Assigned.Count + b.Assigned.Count == Partitions, "the group to split the partitions");
+        var ofB = b.Assigned.ToHashSet();
+        Produce(cluster, 30 * Partitions, first: 10 * Partitions);   // offsets 10..39
+        var readByB = StreamPosition.None;
+        var clock = Stopwatch.StartNew();
+        while (ofB.Any(p => (readByB[p] ?? -1) < 29))
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"B read only {readByB}");
+            fromA.Next();
+            if (fromB.Next() is { } r && r.Offset <= 29) readByB = readByB.Advance(r.Partition, r.Offset);
+        }
+        b.Commit(readByB);
+        WaitUntil(() => ofB.All(p => Committed(cluster, "replicas").GetValueOrDefault(p) == 30), "B's commit");
+        b.Dispose();
+
+        // A takes B's partitions back at the group's offset, not after its own older checkpoint.
+        var firstBack = new Dictionary<string, long>();
+        clock.Restart();
+        while (firstBack.Count < ofB.Count)
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"A did not take back {string.Join(",", ofB.Except(firstBack.Keys))}");
+            if (fromA.Next() is { } r && ofB.Contains(r.Partition)) firstBack.TryAdd(r.Partition, r.Offset);
+        }
+        Assert.All(firstBack, kv => Assert.Equal(30, kv.Value));
+
+        // A commits a checkpoint older than B's for those partitions: theirs stay where B left them.
+        var ofA = Enumerable.Range(0, Partitions).Select(i => $"pairs/{i}").Except(ofB).ToList();
+        var stale = ofB.Aggregate(ofA.Aggregate(StreamPosition.None, (p, x) => p.Advance(x, 14)), (p, x) => p.Advance(x, 19));
+        a.Commit(stale);
+        WaitUntil(() => ofA.All(p => Committed(cluster, "replicas").GetValueOrDefault(p) == 15), "A's commit");
+        Assert.All(ofB, p => Assert.Equal(30, Committed(cluster, "replicas")[p]));
+    }
+
+    /// <summary>Records r{first}.. r{first + records - 1}, spread round-robin over the partitions.</summary>
+    static void Produce(KafkaMockCluster cluster, int records, int first = 0)
     {
         using var producer = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig { BootstrapServers = cluster.BootstrapServers }).Build();
-        for (var i = 0; i < records; i++)
+        for (var i = first; i < first + records; i++)
             producer.Produce(new TopicPartition("pairs", i % Partitions), KafkaRecords.ToMessage(
                 new ImageTextSample($"r{i}", [0x89, (byte)'P', (byte)'N', (byte)'G'], ["caption"], new SourcePosition("", 0))));
         producer.Flush(TimeSpan.FromSeconds(30));

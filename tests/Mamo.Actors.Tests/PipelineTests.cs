@@ -50,24 +50,30 @@ public class PipelineTests
         public void Report(RunProgress value) => onStep(value.Step);
     }
 
-    [Fact]
-    public async Task A_trainer_that_dies_restarts_the_pipeline_from_the_last_checkpoint()
+    [Theory]
+    [InlineData("trainer")]
+    [InlineData("metrics")]
+    public async Task An_actor_that_dies_restarts_the_pipeline_from_the_last_checkpoint_after_the_backoff_in_the_same_actor_system(string victim)
     {
         var runDir = Directory.CreateTempSubdirectory("mamo-restart-").FullName;
         try
         {
             var settings = MamoSettings.Load(null, [
                 $"run-dir={runDir}", "batch-size=4", "max-steps=10", "eval.every-steps=0", "checkpoint.every-steps=4", "metrics.every-steps=1",
-                "ledger=on", "supervision.min-backoff=1s", "source=\"dataset:emoji\""]);
+                "ledger=on", "supervision.min-backoff=3s", "source=\"dataset:emoji\""]);
             PretrainRun? run = null;
             var killed = 0;
+            Akka.Actor.ActorSystem? system = null;
+            var reports = new List<(long Step, TimeSpan At)>();
+            var clock = System.Diagnostics.Stopwatch.StartNew();
             run = new PretrainRun(settings, new StepProgress(step =>
             {
-                // After step 6 the trainer actor is killed, as an exception in its handler would stop it.
+                lock (reports) reports.Add((step, clock.Elapsed));
+                system ??= run!.System;
+                // After step 6 the actor is killed, as an exception in its handler would stop it.
                 if (step == 6 && Interlocked.Exchange(ref killed, 1) == 0)
-                    run!.System!.ActorSelection("/user/trainer").Tell(Akka.Actor.Kill.Instance);
+                    run!.System!.ActorSelection($"/user/{PretrainRun.SupervisorName}/{victim}").Tell(Akka.Actor.Kill.Instance);
             }));
-            var clock = System.Diagnostics.Stopwatch.StartNew();
             Assert.Equal(10, await run.RunAsync(CancellationToken.None));
 
             var steps = File.ReadAllLines(Path.Combine(runDir, Metrics.LedgerFile))
@@ -77,7 +83,15 @@ public class PipelineTests
             Assert.True(restartAt > 0, $"no restart in the ledger: {string.Join(",", steps)}");
             Assert.Equal(4, steps[restartAt]);
             Assert.Equal(Enumerable.Range(4, 6).Select(i => (long)i), steps.Skip(restartAt));
-            Assert.True(clock.Elapsed >= settings.MinBackoff);
+            // The next report after the kill comes from the restarted pipeline, no sooner than the backoff.
+            var kill = reports.FindIndex(r => r.Step == 6);
+            var firstAfter = reports.FindIndex(kill, r => r.Step == 5);
+            Assert.True(firstAfter > kill, $"no report from the restarted pipeline: {string.Join(",", reports.Select(r => r.Step))}");
+            Assert.True(reports[firstAfter].At - reports[kill].At >= settings.MinBackoff,
+                $"restarted {reports[firstAfter].At - reports[kill].At} after the kill, before the {settings.MinBackoff} backoff");
+            // One actor system for the run's whole life: the restart replaced the supervisor's children, not the system.
+            Assert.Same(system, run.System);
+            Assert.True(system!.WhenTerminated.IsCompleted);
         }
         finally { Directory.Delete(runDir, recursive: true); }
     }

@@ -122,6 +122,18 @@ public class PretrainTests(ITestOutputHelper output)
         Assert.Contains("mamo.batch-size", log);
     }
 
+    [Fact]
+    public void Cuda_on_a_cpu_build_is_a_clear_error_naming_the_build_switch()
+    {
+        if (TorchSharp.torch.cuda.is_available()) return;   // a CUDA build on a GPU machine takes the option
+        using var folder = new TempFolder();
+        var (code, log) = RunMamo(["pretrain", "--run-dir", folder.File("run"), "--device", "cuda", "--max-steps", "1"]);
+        Assert.Equal(2, code);
+        Assert.Contains("CUDA is not available", log);
+        Assert.Contains("dotnet build -p:TorchBackend=cuda", log);
+        Assert.False(Directory.Exists(Path.Combine(folder.File("run"), Model.Checkpoint.RunFolder)));   // refused before anything was written
+    }
+
     /// <summary>Forty real emoji plus four bad lines: malformed JSON, an undecodable PNG, a missing file, no caption.</summary>
     static string WriteManifest(TempFolder folder)
     {

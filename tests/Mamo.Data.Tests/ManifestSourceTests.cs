@@ -57,6 +57,24 @@ public class ManifestSourceTests
     }
 
     [Fact]
+    public void A_label_is_read_where_a_line_has_one_and_a_bad_one_is_a_dead_letter()
+    {
+        using var temp = new TempFolder();
+        File.WriteAllBytes(temp.File("red.png"), TestImages.SolidPng(4, 4, SKColors.Red));
+        var manifest = temp.File("labelled.jsonl");
+        File.WriteAllLines(manifest,
+        [
+            """{"id": "a", "image": "red.png", "caption": "red", "label": "warm"}""",
+            """{"id": "b", "image": "red.png", "caption": "red", "label": 3}""",
+            """{"id": "c", "image": "red.png", "caption": "red"}""",
+            """{"id": "d", "image": "red.png", "caption": "red", "label": ["warm"]}""",
+        ]);
+        var (samples, bad) = ManifestSource.ReadAll(manifest);
+        Assert.Equal([("a", "warm"), ("b", "3"), ("c", null)], samples.Select(x => (x.Id, x.Label)));
+        Assert.Contains("\"label\" must be a string or number", Assert.Single(bad).Reason);
+    }
+
+    [Fact]
     public void Reading_resumes_after_the_last_consumed_line()
     {
         using var temp = new TempFolder();

@@ -42,6 +42,48 @@ public class CheckpointTests : IDisposable
     }
 
     [Fact]
+    public void Safetensors_files_and_tensors_over_2_gb_load_and_save()
+    {
+        // A 2 GiB tensor of zeros (a hole in a sparse file) with a small one after it, past the 2 GB mark.
+        Directory.CreateDirectory(dir);
+        var path = Path.Combine(dir, "big.safetensors");
+        const long bigBytes = 1L << 31;
+        var header = System.Text.Encoding.UTF8.GetBytes(
+            $"{{\"big\":{{\"dtype\":\"F32\",\"shape\":[{bigBytes / 4}],\"data_offsets\":[0,{bigBytes}]}},\"tail\":{{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[{bigBytes},{bigBytes + 16}]}}}}");
+        float[] tail = [1f, 2f, 3f, -4f];
+        using (var file = new FileStream(path, FileMode.Create))
+        {
+            var length = new byte[8];
+            BinaryPrimitives.WriteInt64LittleEndian(length, header.Length);
+            file.Write(length);
+            file.Write(header);
+            file.Position = 8 + header.Length + bigBytes;
+            foreach (var f in tail) file.Write(BitConverter.GetBytes(f));
+        }
+
+        var loaded = SafeTensors.Load(path);
+        using var big = loaded["big"];
+        using var small = loaded["tail"];
+        Assert.Equal([bigBytes / 4], big.shape);
+        Assert.Equal(0f, big[-1].item<float>());
+        Assert.Equal(tail, small.data<float>().ToArray());
+
+        // Saved again: the same layout, the tail at the same place past 2 GB.
+        using (no_grad()) big[-1] = 5f;
+        var again = Path.Combine(dir, "again.safetensors");
+        SafeTensors.Save(again, [("big", big), ("tail", small)]);
+        using var read = new FileStream(again, FileMode.Open);
+        var prefix = new byte[8];
+        read.ReadExactly(prefix);
+        var dataStart = 8 + BinaryPrimitives.ReadInt64LittleEndian(prefix);
+        Assert.Equal(dataStart + bigBytes + 16, read.Length);
+        read.Position = dataStart + bigBytes - 4;
+        var end = new byte[20];
+        read.ReadExactly(end);
+        Assert.Equal([5f, .. tail], Enumerable.Range(0, 5).Select(i => BitConverter.ToSingle(end, 4 * i)));
+    }
+
+    [Fact]
     public void Safetensors_layout_is_the_standard_one()
     {
         Directory.CreateDirectory(dir);

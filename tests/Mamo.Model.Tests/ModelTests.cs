@@ -126,8 +126,11 @@ public class ModelTests
         Assert.True(Tiny.SameArchitecture(Tiny with { Weights = new LossWeights(Mim: 0), ImageMaskRatio = 0.5 }));
         Assert.False(Tiny.SameArchitecture(Tiny with { Width = 256, Heads = 4 }));
         Assert.False(Tiny.SameArchitecture(MamoConfig.Small));
-        using var model = new MamoModel(Tiny);
-        var count = model.parameters().Sum(p => p.numel());
-        Assert.InRange(count, 5_000_000, 20_000_000);
+        // The counts the README documents, exactly: a change to the architecture shows here.
+        foreach (var (name, count) in new[] { ("tiny", 10_111_165L), ("small", 39_348_029L), ("base", 210_708_029L) })
+        {
+            using var model = new MamoModel(MamoConfig.Preset(name));
+            Assert.Equal(count, model.parameters().Sum(p => p.numel()));
+        }
     }
 }

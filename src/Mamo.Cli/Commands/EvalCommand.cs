@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Text.Json;
+using Mamo.Actors;
 using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Model;
@@ -68,8 +69,9 @@ public static class EvalCommand
                             $"or a run folder with complete {Checkpoint.RunFolder}/step-* folders");
             var manifestPath = parse.GetValue(manifest)!;
             if (!File.Exists(manifestPath)) return Fail($"no manifest at {manifestPath}");
-            if (parse.GetValue(device) == Cuda && !torch.cuda.is_available())
-                return Fail("--device cuda, but CUDA is not available (this build has the CPU libtorch, or no GPU is visible)");
+            torch.Device dev;
+            try { dev = PretrainRun.OpenDevice(parse.GetValue(device)!); }
+            catch (SettingsException e) { return Fail($"--device: {e.Message}"); }
             var weightsFile = parse.GetValue(weights) == Teacher ? Checkpoint.TeacherFile : Checkpoint.StudentFile;
 
             try
@@ -83,7 +85,7 @@ public static class EvalCommand
                     error.WriteLine($"mamo eval: skipped {set.Bad.Count} bad records of {manifestPath} (first: {set.Bad[0].Location}: {set.Bad[0].Reason})");
 
                 using var model = new MamoModel(config);
-                model.to(torch.device(parse.GetValue(device)!));
+                model.to(dev);
                 Checkpoint.LoadModel(dir, weightsFile, model);
                 var metrics = Retrieval.Evaluate(model, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, parse.GetValue(k), parse.GetValue(batchSize));
 

@@ -1,0 +1,98 @@
+using Akka;
+using Akka.Actor;
+using Akka.Streams;
+using Akka.Streams.Dsl;
+using Mamo.Data;
+using Mamo.Model;
+
+namespace Mamo.Actors;
+
+/// <summary>The training stream: source ─► preprocess (parallel) ─► batches ─► teacher targets ─► step ─► metrics and
+/// evaluator. Every edge backpressures, so a slow trainer slows the readers. It knows nothing of resume, restarts,
+/// stop or budget: the run's lifecycle (PretrainRun) gives it a start and a step count, and stops it with the kill
+/// switch it materialises.</summary>
+public static class TrainingGraph
+{
+    /// <summary>Mixed into the run's seed for per-sample randomness (crops, caption picks), apart from the step seeds.</summary>
+    const int PreprocessSeedSalt = 0x5eed;
+
+    /// <summary>Where the graph starts and what it talks to.</summary>
+    /// <param name="Teacher">asked for targets when NeedsTargets; null when the objective has no teacher</param>
+    /// <param name="Evaluator">told EvaluateNow every eval.every-steps; null: none</param>
+    /// <param name="OnRead">called for every record taken from the source</param>
+    public sealed record Stages(ITrainingSource Source, SamplePreparer Preparer, StreamPosition Resume, long StartStep, long Steps, bool NeedsTargets,
+        IActorRef? Teacher, IActorRef Trainer, IActorRef Metrics, IActorRef? Evaluator, Action OnRead);
+
+    sealed record Prepared(Positioned Record, PreparedSample? Sample, BadInput? Bad);
+    sealed record Collated(long Step, Batch Batch, StreamPosition Position);
+    sealed record WithTargets(Collated Input, TeacherTargets? Targets);
+
+    public static IRunnableGraph<(UniqueKillSwitch, Task<Done>)> Build(MamoSettings s, Stages g)
+    {
+        var stepOffset = g.StartStep;
+        var batches = g.Source.Open(g.Resume)
+            .Select(x => { g.OnRead(); return x; })
+            .SelectAsync(s.PreprocessParallelism, x => Task.Run(() =>
+            {
+                if (x.Item is not SampleItem { Sample: var sample }) return new Prepared(x, null, ((BadItem)x.Item).Bad);
+                // Crops and caption picks repeat on resume: seeded by the record's place in its stream.
+                var random = new Random(Seeds.Mix(s.Seed ^ PreprocessSeedSalt ^ Seeds.StableHash(x.Partition), x.Offset));
+                return g.Preparer.TryPrepareForTraining(sample, random, out var p, out var bad)
+                    ? new Prepared(x, p, null) : new Prepared(x, null, bad);
+            }))
+            // A batch's position covers every record since the previous batch, dead letters included, so a
+            // checkpoint acknowledges those too.
+            .StatefulSelectMany<Prepared, (List<PreparedSample> Samples, StreamPosition Position), NotUsed>(() =>
+            {
+                var group = new List<PreparedSample>(s.BatchSize);
+                var position = StreamPosition.None;
+                return p =>
+                {
+                    position = position.Advance(p.Record.Partition, p.Record.Offset);
+                    if (p.Bad is not null)
+                    {
+                        g.Metrics.Tell(new Metrics.DeadLetter(p.Bad));
+                        g.Source.DeadLetter(p.Record, p.Bad);
+                        return [];
+                    }
+                    group.Add(p.Sample!);
+                    if (group.Count < s.BatchSize) return [];
+                    var full = (group, position);
+                    (group, position) = (new List<PreparedSample>(s.BatchSize), StreamPosition.None);
+                    return [full];
+                };
+            })
+            .Take(g.Steps)
+            .Select(b => new Collated(stepOffset++, Collator.Collate(b.Samples, s.Model.ImageSize), b.Position))
+            .Buffer(s.BufferedBatches, OverflowStrategy.Backpressure)
+            .ViaMaterialized(KillSwitches.Single<Collated>(), Keep.Right);
+
+        var teacher = g.NeedsTargets ? g.Teacher ?? throw new ArgumentException("the objective needs targets but the run has no teacher") : null;
+        // Two async stages: while the trainer works on step t, the teacher already computes the targets of t+1.
+        var trained = s.TeacherPipelined || teacher is null
+            ? batches.SelectAsync(1, async c => new WithTargets(c, teacher is null ? null : await Targets(teacher, c)))
+                     .SelectAsync(1, w => Train(g.Trainer, w))
+            : batches.SelectAsync(1, async c => await Train(g.Trainer, new WithTargets(c, await Targets(teacher, c))));
+
+        return trained
+            .Select(done =>
+            {
+                g.Metrics.Tell(done);
+                var stepsDone = done.Result.Step + 1;
+                if (g.Evaluator is not null && s.EvalEverySteps > 0 && stepsDone % s.EvalEverySteps == 0) g.Evaluator.Tell(new Evaluator.EvaluateNow(stepsDone));
+                return done;
+            })
+            .ToMaterialized(Sink.Ignore<TrainerReplica.StepCompleted>(), Keep.Both);
+    }
+
+    static async Task<TeacherTargets> Targets(IActorRef teacher, Collated c)
+    {
+        var b = c.Batch;
+        var ready = await teacher.Ask<MomentumTeacher.TargetsReady>(
+            new MomentumTeacher.ComputeTargets(c.Step, Tensors.Copy(b.Images), Tensors.Copy(b.TokenIds), Tensors.Copy(b.AttentionMask)));
+        return ready.Targets;
+    }
+
+    static Task<TrainerReplica.StepCompleted> Train(IActorRef trainer, WithTargets w) =>
+        trainer.Ask<TrainerReplica.StepCompleted>(new TrainerReplica.Train(w.Input.Step, w.Input.Batch, w.Targets, w.Input.Position));
+}

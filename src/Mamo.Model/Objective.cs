@@ -1,0 +1,53 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+using static TorchSharp.torch.nn;
+
+namespace Mamo.Model;
+
+/// <summary>One unmasked batch as an objective sees it. Labels: each pair's label where the source has one.</summary>
+/// <param name="ImageKeys">[B] identity of each image, so a duplicate is never taken as a negative; null: all distinct</param>
+public sealed record StepInput(Tensor Images, Tensor TokenIds, Tensor AttentionMask, Tensor? ImageKeys = null, IReadOnlyList<string?>? Labels = null);
+
+/// <summary>What one training step computes from a batch, which parameters it trains, and which parts it needs.
+/// Pre-training (MAMO's five losses) is one; a task head on the fused [CLS] is another. The trainer, the pipeline
+/// and the checkpoint know only this seam: adding an objective touches no actor.</summary>
+public interface IObjective : IDisposable
+{
+    /// <summary>Whether the run keeps a momentum (EMA) teacher of the student.</summary>
+    bool UsesTeacher { get; }
+
+    /// <summary>Whether each step needs the teacher's targets of its unmasked batch.</summary>
+    bool NeedsTargets { get; }
+
+    /// <summary>Modules of the objective's own (a task head), each a named part of the checkpoint.</summary>
+    IReadOnlyDictionary<string, Module> Parts { get; }
+
+    /// <summary>The parameters the optimiser trains, with names unique across the student and the parts.</summary>
+    IEnumerable<(string Name, Parameter Parameter)> TrainedParameters(MamoModel student);
+
+    /// <summary>The loss of one step, each term where it is named; every random choice derives from <paramref name="seed"/>.</summary>
+    MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed);
+}
+
+/// <summary>MAMO pre-training: joint masking, then ITC, ITM, MLM, MIM and MRM (MamoModel.Forward).</summary>
+public sealed class MamoPretraining(MamoConfig config) : IObjective
+{
+    public bool UsesTeacher => true;
+    public bool NeedsTargets => config.Weights.Mim > 0 || config.Weights.Mrm > 0;
+    public IReadOnlyDictionary<string, Module> Parts { get; } = new Dictionary<string, Module>();
+
+    public IEnumerable<(string Name, Parameter Parameter)> TrainedParameters(MamoModel student) => student.named_parameters();
+
+    public MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed)
+    {
+        var device = student.Device;
+        using var cpuMask = JointMasking.Sample(config, batch.TokenIds, batch.AttentionMask, seed);
+        using var mask = cpuMask.To(device);
+        using var generator = new Generator((ulong)seed, device);
+        return student.Forward(batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device), mask, targets,
+            batch.ImageKeys?.to(device), generator);
+    }
+
+    public void Dispose() { }
+}
