@@ -68,6 +68,18 @@ class SelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, l, w))
 
 
+class Mlp(nn.Module):
+    """The feed-forward network of a block: fc, GELU, proj (nanoGPT's MLP)."""
+
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc = nn.Linear(width, hidden)
+        self.proj = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -76,7 +88,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads)
         self.ln2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+        self.mlp = Mlp(width, mlp_ratio * width)
 
     def forward(self, x, bias):
         x = x + self.attn(self.ln1(x), bias)
@@ -177,6 +189,18 @@ def sample_hard_negatives(sim, same):
     return torch.multinomial(weights, 1).squeeze(1)
 
 
+class MlmTransform(nn.Module):
+    """The feature transform before the MLM output layer, as BERT's: dense, GELU, LayerNorm."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.norm(F.gelu(self.dense(x)))
+
+
 class MamoModel(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -189,7 +213,7 @@ class MamoModel(nn.Module):
         self.textProjection = nn.Linear(w, c.EmbedDim)
         self.temperature = nn.Parameter(torch.tensor(float(c.TemperatureInit)))
         self.itmHead = nn.Linear(w, 2)
-        self.mlmTransform = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.LayerNorm(w))
+        self.mlmTransform = MlmTransform(w)
         self.mlmBias = nn.Parameter(torch.zeros(c.VocabSize))
         self.mimDecoder = BlockStack(c.DecoderLayers, w, c.Heads, c.MlpRatio)
         self.mimHead = nn.Linear(w, w)

@@ -25,6 +25,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
     public sealed record TeacherSnapshot(long Step, long TeacherStep, (string Name, Tensor Value)[] Weights);
 
     readonly MamoModel teacher;
+    readonly IObjective objective;
     readonly Tensor[] parameters;
     readonly int lag;
     readonly double decay;
@@ -33,22 +34,24 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
 
     public IStash Stash { get; set; } = null!;
 
+    /// <param name="objective">says the EMA decay and what the targets are</param>
     /// <param name="checkpoint">the checkpoint whose teacher part and teacher step this actor starts from</param>
-    public MomentumTeacher(MamoConfig config, string checkpoint, Device device, int lag)
+    public MomentumTeacher(MamoConfig config, Func<MamoConfig, IObjective> objective, string checkpoint, Device device, int lag)
     {
+        this.objective = objective(config);
         teacher = new MamoModel(config);
         teacher.to(device);
         Checkpoint.LoadModel(checkpoint, Checkpoint.TeacherFile, teacher);
         foreach (var p in teacher.parameters()) p.requires_grad = false;
         teacher.eval();
         this.lag = lag;
-        decay = config.MomentumDecay;
+        decay = this.objective.TeacherMomentum ?? throw new ArgumentException("the objective keeps no momentum teacher");
         parameters = teacher.parameters().Select(p => (Tensor)p).ToArray();
         emaThrough = Checkpoint.ReadState(checkpoint).TeacherStep;
     }
 
-    public static Props Props(MamoConfig config, string checkpoint, Device device, bool pipelined) =>
-        Akka.Actor.Props.Create(() => new MomentumTeacher(config, checkpoint, device, pipelined ? 1 : 0)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(MamoConfig config, Func<MamoConfig, IObjective> objective, string checkpoint, Device device, bool pipelined) =>
+        Akka.Actor.Props.Create(() => new MomentumTeacher(config, objective, checkpoint, device, pipelined ? 1 : 0)).WithDispatcher(Dispatchers.Model);
 
     protected override void OnReceive(object message)
     {
@@ -58,7 +61,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
                 if (!FoldThrough(c.Step - lag)) { Stash.Stash(); return; }
                 using (var scope = NewDisposeScope())
                 {
-                    var targets = teacher.Targets(c.Images.to(Device), c.TokenIds.to(Device), c.AttentionMask.to(Device));
+                    var targets = objective.Targets(teacher, new StepInput(c.Images, c.TokenIds, c.AttentionMask));
                     targets.PatchFeatures.DetachFromDisposeScope();
                     targets.FusedLatents.DetachFromDisposeScope();
                     Sender.Tell(new TargetsReady(c.Step, targets));
@@ -108,6 +111,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
         foreach (var u in pending) Dispose(u.Weights);
         pending.Clear();
         teacher.Dispose();
+        objective.Dispose();
         base.PostStop();
     }
 }

@@ -25,7 +25,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     /// <summary>Path of the supervisor under /user: the pipeline's actors are /user/run/NAME.</summary>
     public const string SupervisorName = "run";
 
-    readonly Func<MamoConfig, IObjective> objective = objective ?? (c => new MamoPretraining(c));
+    readonly Func<MamoConfig, IObjective> objective = objective ?? MamoPretraining.With(settings.Pretraining);
     readonly Stopwatch clock = Stopwatch.StartNew();
     IReadOnlyList<EmbeddingItem> publishItems = [];
     long samplesRead;
@@ -151,7 +151,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             foreach (var b in loadBad) metrics.Tell(new Metrics.DeadLetter(b));
             loadBad.Clear();   // reported once, not again after a restart
             var checkpointer = context.ActorOf(Checkpointer.Props(s.RunDir, s.Model, Checkpoint.Parts(state), s.KeepLast, s.Seed), "checkpointer");
-            var teacher = usesTeacher ? context.ActorOf(MomentumTeacher.Props(s.Model, from, device, s.TeacherPipelined), "teacher") : null;
+            var teacher = usesTeacher ? context.ActorOf(MomentumTeacher.Props(s.Model, objective, from, device, s.TeacherPipelined), "teacher") : null;
             var trainer = context.ActorOf(TrainerReplica.Props(s, objective, from, device, teacher, checkpointer), "trainer");
             var evaluator = teacher is not null && evalSets.Count > 0
                 ? context.ActorOf(Evaluator.Props(s.Model, device, evalSets, teacher, metrics, s.EvalK, s.EvalBatchSize, stopping.Token), "evaluator")

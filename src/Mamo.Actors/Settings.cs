@@ -23,7 +23,10 @@ public sealed record MamoSettings
     public required int BatchSize { get; init; }
     public required int TorchThreads { get; init; }
     public required bool Ledger { get; init; }
+    /// <summary>The architecture (the preset, and how its weights start).</summary>
     public required MamoConfig Model { get; init; }
+    /// <summary>MAMO's objective: masking, momentum, MRM's layers and the loss weights (model.* and loss-weights.* keys).</summary>
+    public required PretrainingConfig Pretraining { get; init; }
     public required OptimizerConfig Optimizer { get; init; }
     public required int PreprocessParallelism { get; init; }
     public required int BufferedBatches { get; init; }
@@ -163,6 +166,10 @@ public sealed record MamoSettings
             NonNegative("loss-weights.mim"), NonNegative("loss-weights.mrm"));
         var model = MamoConfig.Preset(preset) with
         {
+            WeightInit = Get("model.weight-init", k => c.GetString(k), v => v is WeightInit.Bert or WeightInit.Torch, $"must be {WeightInit.Bert} or {WeightInit.Torch}"),
+        };
+        var pretraining = new PretrainingConfig
+        {
             ImageMaskRatio = Ratio("model.image-mask-ratio"),
             TextMaskRatio = Ratio("model.text-mask-ratio"),
             MomentumDecay = Get("model.momentum-decay", k => c.GetDouble(k), v => v is >= 0 and <= 1, "must lie in [0, 1]"),
@@ -170,7 +177,11 @@ public sealed record MamoSettings
             AlignOnVisiblePatches = Bool("model.align-on-visible-patches"),
             Weights = weights,
         };
-        try { model.Validate(); }
+        try
+        {
+            model.Validate();
+            pretraining.Validate(model);
+        }
         catch (ArgumentException e) { throw new SettingsException($"model settings: {e.Message}"); }
 
         var optimizer = new OptimizerConfig
@@ -207,6 +218,7 @@ public sealed record MamoSettings
             TorchThreads = Int("torch-threads", 0),
             Ledger = Bool("ledger"),
             Model = model,
+            Pretraining = pretraining,
             Optimizer = optimizer,
             PreprocessParallelism = Int("data.preprocess-parallelism", 1),
             BufferedBatches = Int("data.buffered-batches", 1),

@@ -127,10 +127,18 @@ public static class Checkpoint
     public static State ReadState(string dir) =>
         JsonSerializer.Deserialize<State>(File.ReadAllText(Path.Combine(dir, StateFile))) ?? throw new InvalidDataException($"{dir}: empty state.json");
 
+    /// <summary>Parameter names as checkpoints written before the MLPs were named modules spell them, and today's.</summary>
+    static readonly (string Old, string New)[] Renamed =
+        [(".mlp.0.", ".mlp.fc."), (".mlp.2.", ".mlp.proj."), ("mlmTransform.0.", "mlmTransform.dense."), ("mlmTransform.2.", "mlmTransform.norm.")];
+
+    /// <summary>A part's tensors under today's parameter names, whichever version wrote them.</summary>
+    public static Dictionary<string, Tensor> LoadPart(string path) =>
+        SafeTensors.Load(path).ToDictionary(kv => Renamed.Aggregate(kv.Key, (name, r) => name.Replace(r.Old, r.New)), kv => kv.Value);
+
     /// <summary>Copies a saved part's tensors into a module of the same shape.</summary>
     public static void LoadModel(string dir, string file, nn.Module model)
     {
-        var tensors = SafeTensors.Load(Path.Combine(dir, file));
+        var tensors = LoadPart(Path.Combine(dir, file));
         try
         {
             using var noGrad = no_grad();
@@ -150,7 +158,7 @@ public static class Checkpoint
 
     public static void LoadOptimizer(string dir, AdamW optimizer)
     {
-        var tensors = SafeTensors.Load(Path.Combine(dir, OptimizerFile));
+        var tensors = LoadPart(Path.Combine(dir, OptimizerFile));
         try { optimizer.LoadState(tensors, ReadState(dir).OptimizerStep); }
         finally { foreach (var t in tensors.Values) t.Dispose(); }
     }

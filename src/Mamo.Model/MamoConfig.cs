@@ -17,7 +17,9 @@ public sealed record LossWeights(double Itc = 1, double Itm = 1, double Mlm = 1,
     };
 }
 
-/// <summary>Every size, ratio and weight of a MAMO model. Presets: tiny (CPU tests and demo), small, base (the paper's scale).</summary>
+/// <summary>A MAMO model's architecture: every size, the vocabulary's special tokens, the temperature's range and how
+/// the weights start. What pre-training masks and weighs is PretrainingConfig, apart, so that fine-tuning loads an
+/// architecture without pre-training's objective. Presets: tiny (CPU tests and demo), small, base (the paper's scale).</summary>
 public sealed record MamoConfig
 {
     public int ImageSize { get; init; } = 64;
@@ -34,17 +36,11 @@ public sealed record MamoConfig
     public int MaxTextLength { get; init; } = 16;
     public int DecoderLayers { get; init; } = 1;
 
-    public double ImageMaskRatio { get; init; } = 0.75;
-    public double TextMaskRatio { get; init; } = 0.25;
-    public double MomentumDecay { get; init; } = 0.995;
-    /// <summary>MRM target: the average of the teacher's top-K fusion layers, each layer-normalised.</summary>
-    public int MrmTopK { get; init; } = 2;
     public double TemperatureInit { get; init; } = 0.07;
     public double TemperatureMin { get; init; } = 0.001;
     public double TemperatureMax { get; init; } = 0.5;
-    /// <summary>ITC and ITM see only the visible patches (as in FLIP), so the student's image encoder runs once per step.</summary>
-    public bool AlignOnVisiblePatches { get; init; } = true;
-    public LossWeights Weights { get; init; } = new();
+    /// <summary>How a new model's weights start: WeightInit.Bert or WeightInit.Torch.</summary>
+    public string WeightInit { get; init; } = Model.WeightInit.Torch;
 
     // BERT uncased special token ids (bert-base-uncased vocab.txt).
     public int PadTokenId { get; init; } = 0;
@@ -54,20 +50,19 @@ public sealed record MamoConfig
 
     [JsonIgnore] public int GridSize => ImageSize / PatchSize;
     [JsonIgnore] public int NumPatches => GridSize * GridSize;
-    [JsonIgnore] public int NumVisiblePatches => Math.Max(1, NumPatches - (int)Math.Round(NumPatches * ImageMaskRatio));
 
     public static MamoConfig Tiny => new();
 
     public static MamoConfig Small => new()
     {
         ImageSize = 128, PatchSize = 16, Width = 384, Heads = 6, ImageLayers = 6, TextLayers = 4, FusionLayers = 4,
-        EmbedDim = 256, MaxTextLength = 32, MrmTopK = 3,
+        EmbedDim = 256, MaxTextLength = 32,
     };
 
     public static MamoConfig Base => new()
     {
         ImageSize = 224, PatchSize = 16, Width = 768, Heads = 12, ImageLayers = 12, TextLayers = 6, FusionLayers = 6,
-        EmbedDim = 256, MaxTextLength = 40, MrmTopK = 3, DecoderLayers = 2,
+        EmbedDim = 256, MaxTextLength = 40, DecoderLayers = 2,
     };
 
     public static MamoConfig Preset(string name) => name switch
@@ -84,27 +79,59 @@ public sealed record MamoConfig
         Require(ImageSize > 0 && PatchSize > 0 && ImageSize % PatchSize == 0, $"image size {ImageSize} must be a positive multiple of patch size {PatchSize}");
         Require(Width > 0 && Heads > 0 && Width % Heads == 0, $"width {Width} must be divisible by heads {Heads}");
         Require(ImageLayers > 0 && TextLayers > 0 && FusionLayers > 0, "every encoder needs at least one layer");
-        Require(MrmTopK >= 1 && MrmTopK <= FusionLayers, $"mrm top-k {MrmTopK} must lie in 1..{FusionLayers}");
+        Require(MaxTextLength >= 3, "max text length must leave room for [CLS] and [SEP]");
+        Require(TemperatureMin > 0 && TemperatureMin <= TemperatureInit && TemperatureInit <= TemperatureMax, "temperature must satisfy 0 < min <= init <= max");
+        Require(WeightInit is Model.WeightInit.Bert or Model.WeightInit.Torch, $"weight init '{WeightInit}' must be {Model.WeightInit.Bert} or {Model.WeightInit.Torch}");
+    }
+
+    /// <summary>The same weights fit both: only how they start and the temperature's range may differ.</summary>
+    public bool SameArchitecture(MamoConfig other) => this with
+    {
+        TemperatureInit = other.TemperatureInit, TemperatureMin = other.TemperatureMin, TemperatureMax = other.TemperatureMax, WeightInit = other.WeightInit,
+    } == other;
+
+    internal static readonly JsonSerializerOptions Json = new() { WriteIndented = true };
+    public string ToJson() => JsonSerializer.Serialize(this, Json);
+    /// <summary>Reads config.json; the pre-training settings that older checkpoints kept there are ignored.</summary>
+    public static MamoConfig FromJson(string json) => JsonSerializer.Deserialize<MamoConfig>(json) ?? throw new InvalidDataException("empty model config");
+}
+
+/// <summary>MAMO's pre-training objective: what is masked, how the momentum teacher follows and what it targets, and
+/// the weight of each loss.</summary>
+public sealed record PretrainingConfig
+{
+    public double ImageMaskRatio { get; init; } = 0.75;
+    public double TextMaskRatio { get; init; } = 0.25;
+    public double MomentumDecay { get; init; } = 0.995;
+    /// <summary>MRM target: the average of the teacher's top-K fusion layers, each layer-normalised.</summary>
+    public int MrmTopK { get; init; } = 2;
+    /// <summary>ITC and ITM see only the visible patches (as in FLIP), so the student's image encoder runs once per step.</summary>
+    public bool AlignOnVisiblePatches { get; init; } = true;
+    public LossWeights Weights { get; init; } = new();
+
+    /// <summary>The patches of a model's grid that the student sees.</summary>
+    public int NumVisiblePatches(MamoConfig c) => Math.Max(1, c.NumPatches - (int)Math.Round(c.NumPatches * ImageMaskRatio));
+
+    /// <summary>The settings that go with each model preset (the deeper fusion encoders average three layers).</summary>
+    public static PretrainingConfig Preset(string name) => name switch
+    {
+        "tiny" => new(),
+        "small" or "base" => new() { MrmTopK = 3 },
+        _ => throw new ArgumentException($"unknown preset '{name}' (tiny, small, base)"),
+    };
+
+    public void Validate(MamoConfig c)
+    {
+        void Require(bool ok, string message) { if (!ok) throw new ArgumentException(message); }
+        Require(MrmTopK >= 1 && MrmTopK <= c.FusionLayers, $"mrm top-k {MrmTopK} must lie in 1..{c.FusionLayers}");
         Require(ImageMaskRatio is >= 0 and < 1, "image mask ratio must lie in [0, 1)");
         Require(TextMaskRatio is >= 0 and < 1, "text mask ratio must lie in [0, 1)");
         Require(ImageMaskRatio > 0 || Weights.Mim == 0 && Weights.Mrm == 0, "MIM and MRM need an image mask ratio above 0");
         Require(TextMaskRatio > 0 || Weights.Mlm == 0 && Weights.Mrm == 0, "MLM and MRM need a text mask ratio above 0");
         Require(MomentumDecay is >= 0 and <= 1, "momentum decay must lie in [0, 1]");
-        Require(MaxTextLength >= 3, "max text length must leave room for [CLS] and [SEP]");
-        Require(TemperatureMin > 0 && TemperatureMin <= TemperatureInit && TemperatureInit <= TemperatureMax, "temperature must satisfy 0 < min <= init <= max");
         Require(new[] { Weights.Itc, Weights.Itm, Weights.Mlm, Weights.Mim, Weights.Mrm }.All(w => w >= 0 && double.IsFinite(w)), "loss weights must be finite and >= 0");
         Require(Weights.Itc + Weights.Itm + Weights.Mlm + Weights.Mim + Weights.Mrm > 0, "at least one loss weight must be positive");
     }
 
-    /// <summary>The same weights fit both: only training settings (ratios, weights, decay) may differ.</summary>
-    public bool SameArchitecture(MamoConfig other) => this with
-    {
-        ImageMaskRatio = other.ImageMaskRatio, TextMaskRatio = other.TextMaskRatio, MomentumDecay = other.MomentumDecay,
-        MrmTopK = other.MrmTopK, AlignOnVisiblePatches = other.AlignOnVisiblePatches, Weights = other.Weights,
-        TemperatureInit = other.TemperatureInit, TemperatureMin = other.TemperatureMin, TemperatureMax = other.TemperatureMax,
-    } == other;
-
-    static readonly JsonSerializerOptions Json = new() { WriteIndented = true };
-    public string ToJson() => JsonSerializer.Serialize(this, Json);
-    public static MamoConfig FromJson(string json) => JsonSerializer.Deserialize<MamoConfig>(json) ?? throw new InvalidDataException("empty model config");
+    public string ToJson() => JsonSerializer.Serialize(this, MamoConfig.Json);
 }

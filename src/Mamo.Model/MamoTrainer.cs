@@ -23,7 +23,7 @@ public sealed class MamoTrainer : IDisposable
     /// <summary>Steps taken so far (the index of the next step).</summary>
     public long Step { get; private set; }
 
-    /// <param name="objective">what a step computes; null: MAMO pre-training with the config's loss weights</param>
+    /// <param name="objective">what a step computes; null: MAMO pre-training with the default settings</param>
     public MamoTrainer(MamoConfig config, OptimizerConfig optimizer, Device device, int seed, bool withTeacher = true, Func<MamoConfig, IObjective>? objective = null)
     {
         Seed = seed;
@@ -32,9 +32,9 @@ public sealed class MamoTrainer : IDisposable
         manual_seed(seed);
         Student = new MamoModel(config);
         Student.to(device);
-        Objective = objective?.Invoke(config) ?? new MamoPretraining(config);
+        Objective = objective?.Invoke(config) ?? new MamoPretraining(config, new PretrainingConfig());
         foreach (var part in Objective.Parts.Values) part.to(device);
-        if (withTeacher && Objective.UsesTeacher) teacher = Momentum.CreateTeacher(Student);
+        if (withTeacher && Objective.TeacherMomentum is not null) teacher = Momentum.CreateTeacher(Student);
         Optimizer = new AdamW(Objective.TrainedParameters(Student), optimizer);
     }
 
@@ -46,9 +46,10 @@ public sealed class MamoTrainer : IDisposable
     public StepResult TrainStep(Tensor images, Tensor tokenIds, Tensor attentionMask, Tensor? imageKeys = null)
     {
         using var scope = NewDisposeScope();
-        TeacherTargets? targets = Objective.NeedsTargets ? Teacher.Targets(images.to(Device), tokenIds.to(Device), attentionMask.to(Device)) : null;
-        var result = StudentStep(new StepInput(images, tokenIds, attentionMask, imageKeys), targets);
-        if (teacher is not null) Momentum.Update(teacher, Student, Config.MomentumDecay);   // every step, skipped or not, as the actor pipeline does
+        var batch = new StepInput(images, tokenIds, attentionMask, imageKeys);
+        TeacherTargets? targets = Objective.NeedsTargets ? Objective.Targets(Teacher, batch) : null;
+        var result = StudentStep(batch, targets);
+        if (teacher is not null) Momentum.Update(teacher, Student, Objective.TeacherMomentum!.Value);   // every step, skipped or not, as the actor pipeline does
         return result;
     }
 

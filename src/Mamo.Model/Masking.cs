@@ -35,11 +35,11 @@ public static class JointMasking
 {
     /// <param name="tokenIds">[B, L] on the CPU</param>
     /// <param name="attentionMask">[B, L] on the CPU</param>
-    public static JointMask Sample(MamoConfig c, Tensor tokenIds, Tensor attentionMask, int seed)
+    public static JointMask Sample(MamoConfig c, PretrainingConfig objective, Tensor tokenIds, Tensor attentionMask, int seed)
     {
         var rng = new Random(seed);
         var (b, l) = ((int)tokenIds.shape[0], (int)tokenIds.shape[1]);
-        int n = c.NumPatches, nv = c.NumVisiblePatches;
+        int n = c.NumPatches, nv = objective.NumVisiblePatches(c);
 
         var visible = new long[b * nv];
         var masked = new long[b * (n - nv)];
@@ -69,8 +69,8 @@ public static class JointMasking
                 bool special = id == c.ClsTokenId || id == c.SepTokenId || id == c.PadTokenId || keepMask[i * l + t] == 0;
                 if (!special) candidates.Add(t);
             }
-            if (candidates.Count == 0 || c.TextMaskRatio == 0) continue;
-            int count = Math.Max(1, (int)Math.Round(candidates.Count * c.TextMaskRatio));
+            if (candidates.Count == 0 || objective.TextMaskRatio == 0) continue;
+            int count = Math.Max(1, (int)Math.Round(candidates.Count * objective.TextMaskRatio));
             var chosen = candidates.ToArray();
             rng.Shuffle(chosen);
             foreach (var t in chosen[..count].Order())

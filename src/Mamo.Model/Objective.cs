@@ -14,11 +14,14 @@ public sealed record StepInput(Tensor Images, Tensor TokenIds, Tensor AttentionM
 /// and the checkpoint know only this seam: adding an objective touches no actor.</summary>
 public interface IObjective : IDisposable
 {
-    /// <summary>Whether the run keeps a momentum (EMA) teacher of the student.</summary>
-    bool UsesTeacher { get; }
+    /// <summary>The EMA decay of the momentum teacher the run keeps of the student; null: no teacher.</summary>
+    double? TeacherMomentum { get; }
 
     /// <summary>Whether each step needs the teacher's targets of its unmasked batch.</summary>
     bool NeedsTargets { get; }
+
+    /// <summary>The teacher's targets of an unmasked batch, on the teacher's own thread.</summary>
+    TeacherTargets Targets(MamoModel teacher, StepInput batch);
 
     /// <summary>Modules of the objective's own (a task head), each a named part of the checkpoint.</summary>
     IReadOnlyDictionary<string, Module> Parts { get; }
@@ -30,22 +33,32 @@ public interface IObjective : IDisposable
     MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed);
 }
 
-/// <summary>MAMO pre-training: joint masking, then ITC, ITM, MLM, MIM and MRM (MamoModel.Forward).</summary>
-public sealed class MamoPretraining(MamoConfig config) : IObjective
+/// <summary>MAMO pre-training: joint masking, then ITC, ITM, MLM, MIM and MRM (MamoModel.Forward) against the momentum
+/// teacher's targets.</summary>
+public sealed class MamoPretraining(MamoConfig config, PretrainingConfig pretraining) : IObjective
 {
-    public bool UsesTeacher => true;
-    public bool NeedsTargets => config.Weights.Mim > 0 || config.Weights.Mrm > 0;
+    /// <summary>The objective of these settings, for MamoTrainer and PretrainRun.</summary>
+    public static Func<MamoConfig, IObjective> With(PretrainingConfig pretraining) => c => new MamoPretraining(c, pretraining);
+
+    public double? TeacherMomentum => pretraining.MomentumDecay;
+    public bool NeedsTargets => pretraining.Weights.Mim > 0 || pretraining.Weights.Mrm > 0;
     public IReadOnlyDictionary<string, Module> Parts { get; } = new Dictionary<string, Module>();
 
     public IEnumerable<(string Name, Parameter Parameter)> TrainedParameters(MamoModel student) => student.named_parameters();
 
+    public TeacherTargets Targets(MamoModel teacher, StepInput batch)
+    {
+        var device = teacher.Device;
+        return teacher.Targets(batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device), pretraining.MrmTopK);
+    }
+
     public MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed)
     {
         var device = student.Device;
-        using var cpuMask = JointMasking.Sample(config, batch.TokenIds, batch.AttentionMask, seed);
+        using var cpuMask = JointMasking.Sample(config, pretraining, batch.TokenIds, batch.AttentionMask, seed);
         using var mask = cpuMask.To(device);
         using var generator = new Generator((ulong)seed, device);
-        return student.Forward(batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device), mask, targets,
+        return student.Forward(batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device), mask, pretraining, targets,
             batch.ImageKeys?.to(device), generator);
     }
 

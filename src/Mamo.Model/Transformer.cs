@@ -11,6 +11,9 @@ public sealed class SelfAttention : Module<Tensor, Tensor?, Tensor>
     readonly Linear qkv, proj;
     readonly int heads;
 
+    /// <summary>The output projection, which adds to the residual stream.</summary>
+    public Linear Projection => proj;
+
     public SelfAttention(int width, int heads) : base(nameof(SelfAttention))
     {
         this.heads = heads;
@@ -31,21 +34,46 @@ public sealed class SelfAttention : Module<Tensor, Tensor?, Tensor>
     }
 }
 
+/// <summary>The feed-forward network of a block: fc, GELU, proj (nanoGPT's MLP).</summary>
+public sealed class Mlp : Module<Tensor, Tensor>
+{
+    readonly Linear fc, proj;
+
+    /// <summary>The output projection, which adds to the residual stream.</summary>
+    public Linear Projection => proj;
+
+    public Mlp(int width, int hidden) : base(nameof(Mlp))
+    {
+        fc = Linear(width, hidden);
+        proj = Linear(hidden, width);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        return proj.forward(functional.gelu(fc.forward(x))).MoveToOuterDisposeScope();
+    }
+}
+
 /// <summary>Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).</summary>
 public sealed class Block : Module<Tensor, Tensor?, Tensor>
 {
     readonly LayerNorm ln1, ln2;
     readonly SelfAttention attn;
-    readonly Sequential mlp;
+    readonly Mlp mlp;
 
     public Block(int width, int heads, int mlpRatio) : base(nameof(Block))
     {
         ln1 = LayerNorm(width);
         attn = new SelfAttention(width, heads);
         ln2 = LayerNorm(width);
-        mlp = Sequential(Linear(width, mlpRatio * width), GELU(), Linear(mlpRatio * width, width));
+        mlp = new Mlp(width, mlpRatio * width);
         RegisterComponents();
     }
+
+    /// <summary>The two projections that add to the residual stream.</summary>
+    public IEnumerable<Linear> ResidualProjections => [attn.Projection, mlp.Projection];
 
     public override Tensor forward(Tensor x, Tensor? bias)
     {
@@ -70,6 +98,8 @@ public sealed class BlockStack : Module<Tensor, Tensor?, Tensor>
     }
 
     public int Count => blocks.Count;
+
+    public IEnumerable<Block> Blocks => blocks;
 
     public override Tensor forward(Tensor x, Tensor? bias) => ForwardAll(x, bias, keepHidden: false).Output;
 

@@ -24,8 +24,9 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         return dir;
     }
 
-    IActorRef Teacher(MamoModel student, long teacherStep, bool pipelined) =>
-        Sys.ActorOf(MomentumTeacher.Props(student.Config, TeacherCheckpoint(student, teacherStep), CPU, pipelined));
+    IActorRef Teacher(MamoModel student, long teacherStep, bool pipelined, double decay = 0.995) =>
+        Sys.ActorOf(MomentumTeacher.Props(student.Config, MamoPretraining.With(new PretrainingConfig { MomentumDecay = decay }),
+            TeacherCheckpoint(student, teacherStep), CPU, pipelined));
 
     protected override void Dispose(bool disposing)
     {
@@ -84,9 +85,9 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
     [Fact]
     public void Ema_through_the_actor_matches_the_arithmetic()
     {
-        using var student = new MamoModel(Tiny with { MomentumDecay = 0.5 });
+        using var student = new MamoModel(Tiny);
         using var reference = Momentum.CreateTeacher(student);
-        var teacher = Teacher(student, teacherStep: 0, pipelined: false);
+        var teacher = Teacher(student, teacherStep: 0, pipelined: false, decay: 0.5);
         using (no_grad()) foreach (var p in student.parameters()) p.add_(1.0);
         teacher.Tell(new MomentumTeacher.StudentUpdated(1, Weights(student), SnapshotTo: TestActor));
         var part = ExpectMsg<Checkpointer.Parts>(TimeSpan.FromSeconds(30));
@@ -144,7 +145,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         for (int step = 1; step <= 2; step++)
         {
             teacher.Tell(new MomentumTeacher.StudentUpdated(step, Weights(student)));
-            Momentum.Update(reference, student, Tiny.MomentumDecay);
+            Momentum.Update(reference, student, 0.995);
         }
         var expected = Retrieval.Evaluate(reference, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, 2, 64);
         var evaluator = Sys.ActorOf(Evaluator.Props(Tiny, CPU, [new Evaluator.NamedSet("emoji-test", set)], teacher, TestActor, 2, 64, CancellationToken.None));

@@ -23,8 +23,9 @@ sealed class LinearProbe : IObjective
         Parts = new Dictionary<string, Module> { [HeadPart] = head };
     }
 
-    public bool UsesTeacher => false;
+    public double? TeacherMomentum => null;
     public bool NeedsTargets => false;
+    public TeacherTargets Targets(MamoModel teacher, StepInput batch) => throw new InvalidOperationException("the probe keeps no teacher");
     public IReadOnlyDictionary<string, Module> Parts { get; }
 
     public IEnumerable<(string Name, Parameter Parameter)> TrainedParameters(MamoModel student) =>

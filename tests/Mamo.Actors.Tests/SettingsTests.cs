@@ -10,14 +10,14 @@ public class SettingsTests
         var d = MamoSettings.Load();
         Assert.Equal("tiny", d.Preset);
         Assert.Equal("dataset:emoji", d.Source);
-        Assert.Equal(0.75, d.Model.ImageMaskRatio);
+        Assert.Equal(0.75, d.Pretraining.ImageMaskRatio);
         Assert.Equal(TimeSpan.FromMinutes(10), d.CheckpointEvery);
         Assert.Equal((64, 0, 7), (d.TrainImages.ImageSize, d.TrainImages.AugmentOps, d.TrainImages.AugmentMagnitude));
         var s = MamoSettings.Load(null, ["batch-size=8", "mamo.loss-weights.mim=0", "time-budget=20m", "eval.sets=[\"manifest:/x.jsonl\"]",
             "data.random-augment.ops=2"]);
         Assert.Equal(2, s.TrainImages.AugmentOps);
         Assert.Equal(8, s.BatchSize);
-        Assert.Equal(0, s.Model.Weights.Mim);
+        Assert.Equal(0, s.Pretraining.Weights.Mim);
         Assert.Equal(TimeSpan.FromMinutes(20), s.TimeBudget);
         Assert.Equal(["manifest:/x.jsonl"], s.EvalSets);
     }

@@ -8,13 +8,14 @@ namespace Mamo.Model.Tests;
 public class MaskingTests
 {
     static readonly MamoConfig Tiny = MamoConfig.Tiny;
+    static readonly PretrainingConfig Pretraining = new();
 
     [Fact]
     public void Masks_the_configured_share_of_patches_and_tokens()
     {
         using var scope = NewDisposeScope();
         var (_, ids, attn) = Pairs.Make(Tiny, 16, seed: 10);
-        using var mask = JointMasking.Sample(Tiny, ids, attn, seed: 10);
+        using var mask = JointMasking.Sample(Tiny, Pretraining, ids, attn, seed: 10);
         Assert.Equal(Tiny.NumPatches / 4, mask.Visible.shape[1]);            // 75% of patches masked
         Assert.Equal(Tiny.NumPatches * 3 / 4, mask.Masked.shape[1]);
         var visible = mask.Visible.data<long>().ToArray();
@@ -29,7 +30,7 @@ public class MaskingTests
         for (int b = 0; b < 16; b++)
         {
             long words = lengths[b] - 2;
-            var expected = Math.Max(1, (int)Math.Round(words * Tiny.TextMaskRatio));
+            var expected = Math.Max(1, (int)Math.Round(words * Pretraining.TextMaskRatio));
             Assert.Equal(expected, positions.Count(p => p / Tiny.MaxTextLength == b));
         }
     }
@@ -39,7 +40,7 @@ public class MaskingTests
     {
         using var scope = NewDisposeScope();
         var (_, ids, attn) = Pairs.Make(Tiny, 64, seed: 11);
-        using var mask = JointMasking.Sample(Tiny, ids, attn, seed: 11);
+        using var mask = JointMasking.Sample(Tiny, Pretraining, ids, attn, seed: 11);
         var flatIds = ids.data<long>().ToArray();
         var flatAttn = attn.data<long>().ToArray();
         foreach (var p in mask.MaskedTokenPositions.data<long>().ToArray())
@@ -60,7 +61,7 @@ public class MaskingTests
     {
         using var scope = NewDisposeScope();
         var (_, ids, attn) = Pairs.Make(Tiny, 2048, seed: 12);
-        using var mask = JointMasking.Sample(Tiny, ids, attn, seed: 12);
+        using var mask = JointMasking.Sample(Tiny, Pretraining, ids, attn, seed: 12);
         var original = mask.MaskedTokenLabels.data<long>().ToArray();
         var maskedIds = mask.MaskedTokenIds.data<long>().ToArray();
         var positions = mask.MaskedTokenPositions.data<long>().ToArray();
@@ -84,9 +85,9 @@ public class MaskingTests
     {
         using var scope = NewDisposeScope();
         var (_, ids, attn) = Pairs.Make(Tiny, 8, seed: 13);
-        using var a = JointMasking.Sample(Tiny, ids, attn, seed: 42);
-        using var b = JointMasking.Sample(Tiny, ids, attn, seed: 42);
-        using var c = JointMasking.Sample(Tiny, ids, attn, seed: 43);
+        using var a = JointMasking.Sample(Tiny, Pretraining, ids, attn, seed: 42);
+        using var b = JointMasking.Sample(Tiny, Pretraining, ids, attn, seed: 42);
+        using var c = JointMasking.Sample(Tiny, Pretraining, ids, attn, seed: 43);
         Assert.True(Same(a.Visible, b.Visible));
         Assert.True(Same(a.MaskedTokenIds, b.MaskedTokenIds));
         Assert.True(Same(a.MaskedTokenPositions, b.MaskedTokenPositions));

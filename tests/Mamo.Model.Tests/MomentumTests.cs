@@ -24,8 +24,9 @@ public class MomentumTests
     public void Teacher_follows_the_student_at_the_configured_decay()
     {
         using var scope = NewDisposeScope();
-        var config = MamoConfig.Tiny with { MomentumDecay = 0.9 };
-        using var trainer = new MamoTrainer(config, new OptimizerConfig { WarmupSteps = 1, LearningRate = 1e-3 }, CPU, seed: 20);
+        var config = MamoConfig.Tiny;
+        using var trainer = new MamoTrainer(config, new OptimizerConfig { WarmupSteps = 1, LearningRate = 1e-3 }, CPU, seed: 20,
+            objective: MamoPretraining.With(new PretrainingConfig { MomentumDecay = 0.9 }));
         var (images, ids, attn) = Pairs.Make(config, 4, seed: 20);
         var before = trainer.Teacher.parameters().Select(p => p.clone()).ToArray();
         trainer.TrainStep(images, ids, attn);

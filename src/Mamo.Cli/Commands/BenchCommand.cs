@@ -35,8 +35,9 @@ public static class BenchCommand
             if (parse.GetValue(threads) > 0) torch.set_num_threads(parse.GetValue(threads));
             var name = parse.GetValue(preset)!;
             var config = MamoConfig.Preset(name);
+            var pretraining = PretrainingConfig.Preset(name);
             int b = parse.GetValue(batchSize), n = parse.GetValue(steps);
-            using var trainer = new MamoTrainer(config, new OptimizerConfig(), CPU, seed: 1);
+            using var trainer = new MamoTrainer(config, new OptimizerConfig(), CPU, seed: 1, objective: MamoPretraining.With(pretraining));
             using var images = randn(b, 3, config.ImageSize, config.ImageSize);
             using var tokenIds = randint(1000, config.VocabSize, new long[] { b, config.MaxTextLength });
             using (var cls = tokenIds[.., 0]) cls.fill_(config.ClsTokenId);
@@ -44,7 +45,7 @@ public static class BenchCommand
             var parameters = trainer.Student.parameters().Sum(p => p.numel());
             var report = new Dictionary<string, object>
             {
-                ["preset"] = name, ["parameters"] = parameters, ["batch"] = b, ["threads"] = torch.get_num_threads(), ["config"] = config,
+                ["preset"] = name, ["parameters"] = parameters, ["batch"] = b, ["threads"] = torch.get_num_threads(), ["config"] = ReferenceConfig(config, pretraining),
             };
             if (!parse.GetValue(json))
                 output.WriteLine($"preset {name}, {parameters:N0} parameters, batch {b}, {torch.get_num_threads()} threads, cpu");
@@ -69,8 +70,8 @@ public static class BenchCommand
             var median = times[n / 2];
 
             long maskedTokens;
-            using (var mask = JointMasking.Sample(config, tokenIds, attentionMask, seed: 0)) maskedTokens = mask.MaskedTokenPositions.shape[0];
-            var flops = StepFlops.Count(config, b, config.MaxTextLength, maskedTokens);
+            using (var mask = JointMasking.Sample(config, pretraining, tokenIds, attentionMask, seed: 0)) maskedTokens = mask.MaskedTokenPositions.shape[0];
+            var flops = StepFlops.Count(config, pretraining, b, config.MaxTextLength, maskedTokens);
             var achieved = flops.Step / (median / 1000) / 1e9;
             var peak = PeakMatmulGflops(parse.GetValue(peakSeconds));
             if (parse.GetValue(json))
@@ -103,8 +104,8 @@ public static class BenchCommand
             { exportPreset, exportBatch, seed, outDir };
         export.SetAction(parse =>
         {
-            var config = MamoConfig.Preset(parse.GetValue(exportPreset)!);
-            var result = Export(config, parse.GetValue(exportBatch), parse.GetValue(seed), parse.GetValue(outDir)!);
+            var name = parse.GetValue(exportPreset)!;
+            var result = Export(MamoConfig.Preset(name), PretrainingConfig.Preset(name), parse.GetValue(exportBatch), parse.GetValue(seed), parse.GetValue(outDir)!);
             parse.InvocationConfiguration.Output.WriteLine(result);
             return 0;
         });
@@ -137,16 +138,16 @@ public static class BenchCommand
     /// expected.safetensors (every loss, the image and text embeddings, the teacher's targets, every gradient);
     /// student_step1/teacher_step1.safetensors (after AdamW and EMA); step.json (optimiser settings, grad norm).
     /// </summary>
-    static string Export(MamoConfig config, int b, int seed, string dir)
+    static string Export(MamoConfig config, PretrainingConfig pretraining, int b, int seed, string dir)
     {
         if (b < 2) throw new ArgumentException("the parity batch needs at least 2 pairs (pair 1 repeats pair 0's image)");
         // No warm-up, so step 0 takes the full learning rate and the update is large enough to compare.
         var optimizer = new OptimizerConfig { WarmupSteps = 0 };
-        using var trainer = new MamoTrainer(config, optimizer, CPU, seed);
+        using var trainer = new MamoTrainer(config, optimizer, CPU, seed, objective: MamoPretraining.With(pretraining));
         using var scope = NewDisposeScope();
         var (images, tokenIds, attentionMask, imageKeys) = ParityBatch(config, b, seed);
         Directory.CreateDirectory(dir);
-        File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJson());
+        File.WriteAllText(Path.Combine(dir, "config.json"), ReferenceConfig(config, pretraining).ToJsonString());
         SafeTensors.Save(Path.Combine(dir, "student.safetensors"), Checkpoint.Named(trainer.Student));
         SafeTensors.Save(Path.Combine(dir, "teacher.safetensors"), Checkpoint.Named(trainer.Teacher));
         SafeTensors.Save(Path.Combine(dir, "batch.safetensors"),
@@ -156,12 +157,12 @@ public static class BenchCommand
         using (var replay = NewDisposeScope())
         {
             var student = trainer.Student;
-            var targets = trainer.Teacher.Targets(images, tokenIds, attentionMask);
-            var mask = JointMasking.Sample(config, tokenIds, attentionMask, trainer.MaskSeed(0));
+            var targets = trainer.Teacher.Targets(images, tokenIds, attentionMask, pretraining.MrmTopK);
+            var mask = JointMasking.Sample(config, pretraining, tokenIds, attentionMask, trainer.MaskSeed(0));
             using var generator = new Generator((ulong)trainer.MaskSeed(0), CPU);
             student.train();
             trainer.Optimizer.ZeroGrad();
-            var loss = student.Forward(images, tokenIds, attentionMask, mask, targets, imageKeys, generator);
+            var loss = student.Forward(images, tokenIds, attentionMask, mask, pretraining, targets, imageKeys, generator);
             loss.Total.backward();
             Tensor imageEmbedding, textEmbedding;
             using (no_grad())
@@ -196,12 +197,20 @@ public static class BenchCommand
         {
             ["seed"] = seed, ["batch"] = b, ["threads"] = torch.get_num_threads(),
             ["learning_rate"] = step.LearningRate, ["grad_norm"] = step.GradNorm, ["skipped"] = step.Skipped,
-            ["momentum_decay"] = config.MomentumDecay, ["optimizer"] = optimizer,
+            ["momentum_decay"] = pretraining.MomentumDecay, ["optimizer"] = optimizer,
             ["step_losses"] = step.Terms, ["replay_losses"] = replayTerms, ["replay_max_relative_drift"] = drift,
         };
         File.WriteAllText(Path.Combine(dir, "step.json"), JsonSerializer.Serialize(info, new JsonSerializerOptions { WriteIndented = true }));
         return string.Create(CultureInfo.InvariantCulture,
             $"wrote {dir}: batch {b}, loss {step.Loss:F6} ({string.Join(", ", step.Terms.Select(t => $"{t.Key} {t.Value:F6}"))}), grad norm {step.GradNorm:F6}; replay vs TrainStep max relative drift {drift:G3}");
+    }
+
+    /// <summary>The architecture and the objective in one object, as the PyTorch reference reads a config.</summary>
+    static System.Text.Json.Nodes.JsonObject ReferenceConfig(MamoConfig config, PretrainingConfig pretraining)
+    {
+        var merged = System.Text.Json.Nodes.JsonNode.Parse(config.ToJson())!.AsObject();
+        foreach (var (key, value) in System.Text.Json.Nodes.JsonNode.Parse(pretraining.ToJson())!.AsObject().ToList()) merged[key] = value?.DeepClone();
+        return merged;
     }
 
     /// <summary>A batch that exercises every path: captions of different lengths ([CLS] … [SEP], then padding), and
@@ -240,19 +249,19 @@ public sealed record StepFlops(double TeacherForward, double StudentForward)
 
     /// <param name="textLength">L, the token positions per caption</param>
     /// <param name="maskedTokens">M, the masked text positions of the whole batch (the MLM rows)</param>
-    public static StepFlops Count(MamoConfig c, long batch, long textLength, long maskedTokens)
+    public static StepFlops Count(MamoConfig c, PretrainingConfig p, long batch, long textLength, long maskedTokens)
     {
-        double w = c.Width, b = batch, l = textLength, n = c.NumPatches, nv = c.NumVisiblePatches;
+        double w = c.Width, b = batch, l = textLength, n = c.NumPatches, nv = p.NumVisiblePatches(c);
         double Blocks(int layers, double pairs, double tokens) =>
             layers * ((8 + 4 * c.MlpRatio) * pairs * tokens * w * w + 4 * pairs * tokens * tokens * w);
         var patchEmbed = 2 * b * n * w * 3 * c.PatchSize * c.PatchSize;
-        var lw = c.Weights;
+        var lw = p.Weights;
 
         double student = patchEmbed + Blocks(c.ImageLayers, b, 1 + nv);
         if (lw.Itc > 0 || lw.Itm > 0)
         {
             var imageTokens = 1 + nv;
-            if (!c.AlignOnVisiblePatches) { student += patchEmbed + Blocks(c.ImageLayers, b, 1 + n); imageTokens = 1 + n; }
+            if (!p.AlignOnVisiblePatches) { student += patchEmbed + Blocks(c.ImageLayers, b, 1 + n); imageTokens = 1 + n; }
             student += Blocks(c.TextLayers, b, l);
             student += 2 * (2 * b * w * c.EmbedDim) + 2 * b * b * c.EmbedDim;              // projections, similarities
             if (lw.Itm > 0) student += Blocks(c.FusionLayers, 3 * b, imageTokens + l) + 2 * 3 * b * w * 2;
