@@ -1,0 +1,131 @@
+using System.Text;
+using Akka.Actor;
+using Akka.Serialization;
+using SerializationException = System.Runtime.Serialization.SerializationException;
+
+namespace Mamo.Actors.Cluster;
+
+/// <summary>A message that crosses nodes; every such type has a manifest in ClusterSerializer.</summary>
+public interface IClusterMessage;
+
+/// <summary>The explicit wire format of every mamo message that crosses nodes: a string manifest per type and a binary
+/// body written field by field. Nothing on the wire names a .NET type, so nothing the network sends can make this node
+/// construct a type it did not expect; a malformed body is a SerializationException, never a partial object.</summary>
+public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWithStringManifest(system)
+{
+    const string OfferManifest = "transfer-offer", ChunkManifest = "transfer-chunk", AckManifest = "transfer-ack";
+    /// <summary>Bounds a name and a dimension count: an offer is small, whatever the model.</summary>
+    const int MaxName = 1024, MaxDims = 8, MaxTensors = 100_000;
+
+    public override int Identifier => 7301;
+
+    public override string Manifest(object o) => o switch
+    {
+        WeightTransfer.Offer => OfferManifest,
+        WeightTransfer.Chunk => ChunkManifest,
+        WeightTransfer.Ack => AckManifest,
+        _ => throw new ArgumentException($"no wire format for {o.GetType()}"),
+    };
+
+    public override byte[] ToBinary(object obj)
+    {
+        using var buffer = new MemoryStream();
+        using (var w = new BinaryWriter(buffer, Encoding.UTF8, leaveOpen: true))
+        {
+            switch (obj)
+            {
+                case WeightTransfer.Offer o:
+                    w.Write(o.Id.ToByteArray());
+                    w.Write(o.DType);
+                    w.Write(o.ChunkSize);
+                    w.Write(o.Names.Count);
+                    for (int i = 0; i < o.Names.Count; i++)
+                    {
+                        w.Write(o.Names[i]);
+                        w.Write(o.Shapes[i].Length);
+                        foreach (var d in o.Shapes[i]) w.Write(d);
+                    }
+                    break;
+                case WeightTransfer.Chunk c:
+                    w.Write(c.Id.ToByteArray());
+                    w.Write(c.Index);
+                    w.Write(c.Bytes.Length);
+                    w.Write(c.Bytes);
+                    break;
+                case WeightTransfer.Ack a:
+                    w.Write(a.Id.ToByteArray());
+                    w.Write(a.Index);
+                    break;
+                default:
+                    throw new ArgumentException($"no wire format for {obj.GetType()}");
+            }
+        }
+        return buffer.ToArray();
+    }
+
+    public override object FromBinary(byte[] bytes, string manifest)
+    {
+        try
+        {
+            using var r = new BinaryReader(new MemoryStream(bytes), Encoding.UTF8);
+            object message = manifest switch
+            {
+                OfferManifest => ReadOffer(r),
+                ChunkManifest => new WeightTransfer.Chunk(new Guid(r.ReadBytes(16)), r.ReadInt32(), ReadBytes(r)),
+                AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
+                _ => throw new SerializationException($"unknown manifest '{manifest}'"),
+            };
+            if (r.BaseStream.Position != bytes.Length) throw new SerializationException($"{bytes.Length - r.BaseStream.Position} bytes left after a '{manifest}'");
+            return message;
+        }
+        catch (Exception e) when (e is EndOfStreamException or ArgumentException or IOException or FormatException or OverflowException)
+        {
+            throw new SerializationException($"malformed '{manifest}' message: {e.Message}", e);
+        }
+    }
+
+    static WeightTransfer.Offer ReadOffer(BinaryReader r)
+    {
+        var id = new Guid(r.ReadBytes(16));
+        var dtype = r.ReadString();
+        var chunkSize = r.ReadInt32();
+        var count = r.ReadInt32();
+        if (count is < 0 or > MaxTensors) throw new SerializationException($"an offer of {count} tensors");
+        var names = new string[count];
+        var shapes = new long[count][];
+        for (int i = 0; i < count; i++)
+        {
+            names[i] = r.ReadString();
+            if (names[i].Length > MaxName) throw new SerializationException("a tensor name over 1024 characters");
+            var dims = r.ReadInt32();
+            if (dims is < 0 or > MaxDims) throw new SerializationException($"a tensor of {dims} dimensions");
+            shapes[i] = Enumerable.Range(0, dims).Select(_ => r.ReadInt64()).ToArray();
+        }
+        return new WeightTransfer.Offer(id, names, shapes, dtype, chunkSize);
+    }
+
+    static byte[] ReadBytes(BinaryReader r)
+    {
+        var length = r.ReadInt32();
+        if (length < 0 || length > r.BaseStream.Length - r.BaseStream.Position) throw new SerializationException($"a chunk of {length} bytes in a shorter message");
+        return r.ReadBytes(length);
+    }
+}
+
+/// <summary>Takes the place of Akka's default (JSON, type names on the wire) serializer: a message type with no
+/// explicit wire format cannot leave this node, and a payload in that format is not read.</summary>
+public sealed class RefusingSerializer : Serializer
+{
+    public RefusingSerializer(ExtendedActorSystem system) : base(system) { }
+    /// <summary>Akka passes the settings it kept for the serializer this replaces (serialization-settings.json); none apply.</summary>
+    public RefusingSerializer(ExtendedActorSystem system, Akka.Configuration.Config _) : base(system) { }
+
+    public override int Identifier => 7300;
+    public override bool IncludeManifest => false;
+
+    public override byte[] ToBinary(object obj) =>
+        throw new SerializationException($"{obj.GetType()} has no registered wire format (hocon/cluster.conf): it is not sent");
+
+    public override object FromBinary(byte[] bytes, Type type) =>
+        throw new SerializationException("a message in a format this node does not accept was refused");
+}
