@@ -5,6 +5,10 @@ using Mamo.Model;
 
 namespace Mamo.Actors;
 
+/// <summary>mamo.cluster: how the replicas of a cluster run synchronise (docs/CLUSTER.md).</summary>
+public sealed record ClusterSettings(string Sync, int InnerSteps, OuterOptimizerConfig OuterOptimizer, int MinReplicas, TimeSpan RoundTimeout,
+    string DeltaDType, int ChunkSize, int Window);
+
 /// <summary>A configuration key or value that cannot be used; the message names the key.</summary>
 public sealed class SettingsException(string message) : Exception(message);
 
@@ -59,6 +63,7 @@ public sealed record MamoSettings
     public required string PublishInput { get; init; }
     public required string PublishModality { get; init; }
     public required int PublishBatchSize { get; init; }
+    public required ClusterSettings Cluster { get; init; }
 
     public static Config Defaults()
     {
@@ -255,6 +260,17 @@ public sealed record MamoSettings
             PublishInput = Str("publish.input"),
             PublishModality = Get("publish.modality", k => c.GetString(k), v => v is "image" or "text" or "both", "must be image, text or both"),
             PublishBatchSize = Int("publish.batch-size", 1),
+            Cluster = new ClusterSettings(
+                Get("cluster.sync", k => c.GetString(k), v => v is "diloco", "must be diloco (every-step is not built yet)"),
+                Int("cluster.inner-steps", 1),
+                new OuterOptimizerConfig(NonNegative("cluster.outer-optimizer.learning-rate"), Ratio("cluster.outer-optimizer.momentum"),
+                    Bool("cluster.outer-optimizer.nesterov")),
+                Int("cluster.min-replicas", 1),
+                Get("cluster.round-timeout", k => c.GetTimeSpan(k), v => v > TimeSpan.Zero, "must be positive"),
+                Get("cluster.delta-dtype", k => c.GetString(k), v => Mamo.Actors.Cluster.WeightTransfer.DTypes.ContainsKey(v), "must be float32, bfloat16 or float16"),
+                (int)Get("cluster.chunk-size", k => c.GetByteSize(k) ?? throw new FormatException("not a size"), v => v is >= 1024 and <= 384 * 1024,
+                    "must lie in [1 KiB, 384 KiB]: one chunk and its framing fit hocon/cluster.conf's 512 KiB frame"),
+                Int("cluster.window", 1)),
         };
     }
 }

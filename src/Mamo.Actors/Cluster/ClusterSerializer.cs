@@ -14,6 +14,7 @@ public interface IClusterMessage;
 public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWithStringManifest(system)
 {
     const string OfferManifest = "transfer-offer", ChunkManifest = "transfer-chunk", AckManifest = "transfer-ack";
+    const string RegisterManifest = "round-register", StartManifest = "round-start", DoneManifest = "round-done", FinishManifest = "round-finish";
     /// <summary>Bounds a name and a dimension count: an offer is small, whatever the model.</summary>
     const int MaxName = 1024, MaxDims = 8, MaxTensors = 100_000;
 
@@ -24,6 +25,10 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         WeightTransfer.Offer => OfferManifest,
         WeightTransfer.Chunk => ChunkManifest,
         WeightTransfer.Ack => AckManifest,
+        Coordinator.Register => RegisterManifest,
+        Coordinator.RoundStart => StartManifest,
+        Coordinator.RoundDone => DoneManifest,
+        Coordinator.Finish => FinishManifest,
         _ => throw new ArgumentException($"no wire format for {o.GetType()}"),
     };
 
@@ -36,6 +41,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
             {
                 case WeightTransfer.Offer o:
                     w.Write(o.Id.ToByteArray());
+                    w.Write(o.Tag);
                     w.Write(o.DType);
                     w.Write(o.ChunkSize);
                     w.Write(o.Names.Count);
@@ -56,6 +62,25 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(a.Id.ToByteArray());
                     w.Write(a.Index);
                     break;
+                case Coordinator.Register g:
+                    w.Write(g.Node);
+                    w.Write(Akka.Serialization.Serialization.SerializedActorPath(g.Receiver));
+                    break;
+                case Coordinator.RoundStart s:
+                    w.Write(s.Round);
+                    w.Write(s.Cursor);
+                    w.Write(s.Steps);
+                    w.Write(s.BatchSize);
+                    w.Write(Akka.Serialization.Serialization.SerializedActorPath(s.DeltaReceiver));
+                    break;
+                case Coordinator.RoundDone d:
+                    w.Write(d.Round);
+                    w.Write(d.Node);
+                    w.Write(d.Samples);
+                    break;
+                case Coordinator.Finish f:
+                    w.Write(f.Round);
+                    break;
                 default:
                     throw new ArgumentException($"no wire format for {obj.GetType()}");
             }
@@ -73,6 +98,10 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 OfferManifest => ReadOffer(r),
                 ChunkManifest => new WeightTransfer.Chunk(new Guid(r.ReadBytes(16)), r.ReadInt32(), ReadBytes(r)),
                 AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
+                RegisterManifest => new Coordinator.Register(r.ReadString(), ReadRef(r)),
+                StartManifest => new Coordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), ReadRef(r)),
+                DoneManifest => new Coordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64()),
+                FinishManifest => new Coordinator.Finish(r.ReadInt64()),
                 _ => throw new SerializationException($"unknown manifest '{manifest}'"),
             };
             if (r.BaseStream.Position != bytes.Length) throw new SerializationException($"{bytes.Length - r.BaseStream.Position} bytes left after a '{manifest}'");
@@ -84,9 +113,13 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         }
     }
 
+    /// <summary>An actor reference as its path; resolving it creates nothing.</summary>
+    IActorRef ReadRef(BinaryReader r) => system.Provider.ResolveActorRef(r.ReadString());
+
     static WeightTransfer.Offer ReadOffer(BinaryReader r)
     {
         var id = new Guid(r.ReadBytes(16));
+        var tag = r.ReadString();
         var dtype = r.ReadString();
         var chunkSize = r.ReadInt32();
         var count = r.ReadInt32();
@@ -101,7 +134,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
             if (dims is < 0 or > MaxDims) throw new SerializationException($"a tensor of {dims} dimensions");
             shapes[i] = Enumerable.Range(0, dims).Select(_ => r.ReadInt64()).ToArray();
         }
-        return new WeightTransfer.Offer(id, names, shapes, dtype, chunkSize);
+        return new WeightTransfer.Offer(id, tag, names, shapes, dtype, chunkSize);
     }
 
     static byte[] ReadBytes(BinaryReader r)

@@ -12,8 +12,8 @@ namespace Mamo.Actors.Cluster;
 /// transfer's dtype (float32, bfloat16 or float16) and arrive as float32.</summary>
 public static class WeightTransfer
 {
-    /// <summary>Announces a transfer: the tensors' names and shapes, the wire dtype and the chunk size.</summary>
-    public sealed record Offer(Guid Id, IReadOnlyList<string> Names, IReadOnlyList<long[]> Shapes, string DType, int ChunkSize) : IClusterMessage;
+    /// <summary>Announces a transfer: what it is (Tag), the tensors' names and shapes, the wire dtype and the chunk size.</summary>
+    public sealed record Offer(Guid Id, string Tag, IReadOnlyList<string> Names, IReadOnlyList<long[]> Shapes, string DType, int ChunkSize) : IClusterMessage;
     /// <summary>Bytes [Index · ChunkSize, ...) of the transfer's concatenated tensors.</summary>
     public sealed record Chunk(Guid Id, int Index, byte[] Bytes) : IClusterMessage;
     /// <summary>From the receiver: chunk Index has arrived (-1: the offer was accepted).</summary>
@@ -22,7 +22,7 @@ public static class WeightTransfer
     /// <summary>To the sender's requester once every chunk is acknowledged.</summary>
     public sealed record Sent(Guid Id, long Bytes, TimeSpan Took);
     /// <summary>To the receiver's owner: the tensors (float32, CPU); the owner disposes them.</summary>
-    public sealed record Received(Guid Id, IReadOnlyList<(string Name, Tensor Value)> Tensors, IActorRef From);
+    public sealed record Received(Guid Id, string Tag, IReadOnlyList<(string Name, Tensor Value)> Tensors, IActorRef From);
 
     public static readonly IReadOnlyDictionary<string, ScalarType> DTypes = new Dictionary<string, ScalarType>
     {
@@ -48,23 +48,23 @@ public static class WeightTransfer
     /// <summary>Sends one transfer and stops: the Offer, then chunks while fewer than Window are unacknowledged.</summary>
     public sealed class Sender : ReceiveActor
     {
-        readonly Guid id = Guid.NewGuid();
+        readonly Guid id;
         readonly IActorRef target, requester;
         readonly byte[] payload;
         readonly int chunkSize, window, chunks;
         readonly Stopwatch clock = Stopwatch.StartNew();
         int next, acked;
 
-        public Sender(IActorRef target, IActorRef requester, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype, int chunkSize, int window)
+        public Sender(IActorRef target, IActorRef requester, Offer offer, byte[] payload, int window)
         {
-            if (!DTypes.TryGetValue(dtype, out var scalar)) throw new ArgumentException($"unknown transfer dtype '{dtype}' ({string.Join(", ", DTypes.Keys)})");
             this.target = target;
             this.requester = requester;
-            this.chunkSize = chunkSize;
+            this.payload = payload;
             this.window = window;
-            payload = Encode(tensors, scalar);
+            chunkSize = offer.ChunkSize;
             chunks = (int)((payload.LongLength + chunkSize - 1) / chunkSize);
-            target.Tell(new Offer(id, tensors.Select(t => t.Name).ToArray(), tensors.Select(t => t.Value.shape).ToArray(), dtype, chunkSize));
+            id = offer.Id;
+            target.Tell(offer);
             Receive<Ack>(a =>
             {
                 if (a.Id != id) return;
@@ -83,8 +83,14 @@ public static class WeightTransfer
             target.Tell(new Chunk(id, index, payload.AsSpan((int)start, length).ToArray()));
         }
 
-        public static Props Props(IActorRef target, IActorRef requester, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype, int chunkSize, int window) =>
-            Akka.Actor.Props.Create(() => new Sender(target, requester, tensors, dtype, chunkSize, window));
+        /// <param name="tensors">encoded here, on the caller's thread: the caller may change or dispose them afterwards</param>
+        public static Props Props(IActorRef target, IActorRef requester, string tag, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype, int chunkSize, int window)
+        {
+            if (!DTypes.TryGetValue(dtype, out var scalar)) throw new ArgumentException($"unknown transfer dtype '{dtype}' ({string.Join(", ", DTypes.Keys)})");
+            var payload = Encode(tensors, scalar);
+            var offer = new Offer(Guid.NewGuid(), tag, tensors.Select(t => t.Name).ToArray(), tensors.Select(t => t.Value.shape).ToArray(), dtype, chunkSize);
+            return Akka.Actor.Props.Create(() => new Sender(target, requester, offer, payload, window));
+        }
     }
 
     /// <summary>Reassembles the transfers offered to it and hands each, complete, to its owner. An offer that does not
@@ -174,7 +180,7 @@ public static class WeightTransfer
                 offset += length;
                 tensors.Add((t.Offer.Names[i], wire.to(float32).MoveToOuterDisposeScope()));
             }
-            owner.Tell(new Received(id, tensors, t.From));
+            owner.Tell(new Received(id, t.Offer.Tag, tensors, t.From));
         }
 
         static int ElementSize(ScalarType dtype) => dtype == ScalarType.Float32 ? 4 : 2;

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Runtime.InteropServices;
 using Mamo.Actors;
+using Mamo.Actors.Cluster;
 using Serilog;
 using Serilog.Events;
 using Spectre.Console;
@@ -24,9 +25,13 @@ public static class PretrainCommand
         var settingsOptions = new SettingsOptions();
         var ledger = new Option<bool>("--ledger") { Description = "Write each step's sample ids and loss to ledger.jsonl" };
         var plain = new Option<bool>("--plain") { Description = "Log lines instead of the live progress display" };
+        var cluster = new Option<string?>("--cluster") { Description = "Run as a cluster node listening on HOST:PORT (docs/CLUSTER.md)" };
+        var seedNodes = new Option<string?>("--seed-nodes") { Description = "HOST:PORT[,HOST:PORT...] of the nodes to join (with --cluster)" };
+        var nodeName = new Option<string?>("--node-name") { Description = "This node's name; its log and ledger go to RUN_DIR/nodes/NAME (default: HOST-PORT)" };
+        var roles = new Option<string?>("--roles") { Description = "coordinator,trainer,evaluator,publisher (default: all)" };
         var command = new Command("pretrain", "Continually pre-train MAMO on an image-text stream")
         {
-            preset, source, runDir, maxSteps, timeBudget, device, settingsOptions.Config, settingsOptions.Set, ledger, plain,
+            preset, source, runDir, maxSteps, timeBudget, device, settingsOptions.Config, settingsOptions.Set, ledger, plain, cluster, seedNodes, nodeName, roles,
         };
         command.SetAction(async (parse, _) =>
         {
@@ -41,24 +46,36 @@ public static class PretrainCommand
             if (parse.GetValue(ledger)) Add("ledger", "on");
 
             MamoSettings settings;
-            try { settings = settingsOptions.Load(parse, sets); }
+            ClusterNodeOptions? node;
+            try
+            {
+                settings = settingsOptions.Load(parse, sets);
+                node = NodeOptions(parse.GetValue(cluster), parse.GetValue(seedNodes), parse.GetValue(nodeName), parse.GetValue(roles));
+            }
             catch (SettingsException e)
             {
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");
                 return SettingsError;
             }
-            var live = !parse.GetValue(plain) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
-            Directory.CreateDirectory(settings.RunDir);
+            var live = node is null && !parse.GetValue(plain) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
+            var logDir = node is null ? settings.RunDir : ClusterRun.NodeDir(settings.RunDir, node.Name);
+            Directory.CreateDirectory(logDir);
             Log.Logger = new LoggerConfiguration()
                 .MinimumLevel.Information()
                 .WriteTo.Console(restrictedToMinimumLevel: live ? LogEventLevel.Warning : LogEventLevel.Information, standardErrorFromLevel: LogEventLevel.Verbose)
-                .WriteTo.File(Path.Combine(settings.RunDir, "mamo.log"))
+                .WriteTo.File(Path.Combine(logDir, "mamo.log"))
                 .CreateLogger();
             using var stop = new CancellationTokenSource();
             using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => Stop(c, stop));
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => Stop(c, stop));
             try
             {
+                if (node is not null)
+                {
+                    var steps = await new ClusterRun(settings, node).RunAsync(stop.Token);
+                    Console.WriteLine($"node {node.Name}: {steps} inner steps; checkpoints in {Path.GetFullPath(Path.Combine(settings.RunDir, Mamo.Model.Checkpoint.RunFolder))}");
+                    return 0;
+                }
                 var display = live ? new ProgressDisplay() : null;
                 var run = new PretrainRun(settings, display);
                 var step = display is null ? await run.RunAsync(stop.Token) : await display.ShowWhile(() => run.RunAsync(stop.Token));
@@ -83,6 +100,26 @@ public static class PretrainCommand
             }
         });
         return command;
+    }
+
+    /// <summary>The cluster options, or null without --cluster (the single-node program).</summary>
+    static ClusterNodeOptions? NodeOptions(string? cluster, string? seeds, string? name, string? roles)
+    {
+        if (cluster is null)
+        {
+            if (seeds is not null || name is not null || roles is not null) throw new SettingsException("--seed-nodes, --node-name and --roles need --cluster HOST:PORT");
+            return null;
+        }
+        var (host, port) = ClusterNodeOptions.ParseAddress(cluster, "--cluster");
+        var seedList = (seeds ?? cluster).Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        foreach (var seed in seedList) ClusterNodeOptions.ParseAddress(seed, "--seed-nodes");
+        var roleList = roles is null ? ClusterNodeOptions.AllRoles : roles.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        if (roleList.FirstOrDefault(r => !ClusterNodeOptions.AllRoles.Contains(r)) is { } unknown)
+            throw new SettingsException($"--roles: unknown role '{unknown}' ({string.Join(", ", ClusterNodeOptions.AllRoles)})");
+        var nodeName = name ?? $"{host}-{port}";
+        if (nodeName.Length == 0 || nodeName.Any(c => !(char.IsLetterOrDigit(c) || c is '-' or '_' or '.')) || nodeName.StartsWith('.'))
+            throw new SettingsException($"--node-name '{nodeName}': use letters, digits, '-', '_' and '.' (it names a folder)");
+        return new ClusterNodeOptions(host, port, seedList, nodeName, roleList);
     }
 
     /// <summary>The first signal finishes the step in hand and checkpoints; a second one exits at once.</summary>

@@ -1,0 +1,186 @@
+using System.Globalization;
+using Akka.Actor;
+using Mamo.Model;
+using Serilog;
+using static TorchSharp.torch;
+
+namespace Mamo.Actors.Cluster;
+
+/// <summary>The cluster singleton of DiLoCo training. It holds the global weights θ, the teacher, the outer optimiser
+/// and the round; each round it gives every registered replica θ and a disjoint range of the file source's cursor
+/// (so each sample of an epoch is trained once across the cluster), gathers their deltas, applies the outer step,
+/// averages the replicas' teachers (an EMA is linear: the mean of EMAs that started equal is the EMA of the mean
+/// student's path), and writes the cluster checkpoint before the next round starts.</summary>
+public sealed class Coordinator : ReceiveActor, IWithTimers
+{
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    /// <summary>A replica (the sender) offers itself; Receiver takes θ.</summary>
+    public sealed record Register(string Node, IActorRef Receiver) : IClusterMessage;
+    /// <summary>Train Steps steps of BatchSize samples from Cursor on, starting from the θ that follows; send the delta to DeltaReceiver.</summary>
+    public sealed record RoundStart(long Round, long Cursor, int Steps, int BatchSize, IActorRef DeltaReceiver) : IClusterMessage;
+    /// <summary>A replica's account of its round: the samples it trained on (its delta's weight).</summary>
+    public sealed record RoundDone(long Round, string Node, long Samples) : IClusterMessage;
+    /// <summary>The last round is done and checkpointed: the replica may stop.</summary>
+    public sealed record Finish(long Round) : IClusterMessage;
+    sealed record Deadline(long Round);
+
+    public const string OuterOptimizerPart = "outer-optimizer", RoundKey = "round";
+    const string StudentPrefix = "student.", TeacherPrefix = "teacher.";
+
+    sealed class Round(long number, IReadOnlyList<(string Node, IActorRef Replica, long Cursor)> assigned)
+    {
+        public long Number { get; } = number;
+        public IReadOnlyList<(string Node, IActorRef Replica, long Cursor)> Assigned { get; } = assigned;
+        public Dictionary<string, long> Samples { get; } = new();
+        public Dictionary<string, WeightTransfer.Received> Deltas { get; } = new();
+        public bool Expired { get; set; }
+    }
+
+    readonly MamoSettings settings;
+    readonly ClusterSettings cluster;
+    readonly MamoModel theta, teacher;
+    readonly OuterOptimizer outer;
+    readonly IActorRef receiver;
+    readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> replicas = new();
+    readonly long rounds;
+    long round, cursor;
+    Round? current;
+
+    public Coordinator(MamoSettings settings)
+    {
+        this.settings = settings;
+        cluster = settings.Cluster;
+        rounds = settings.MaxSteps > 0 ? (settings.MaxSteps + cluster.InnerSteps - 1) / cluster.InnerSteps : long.MaxValue;
+        manual_seed(settings.Seed);
+        theta = new MamoModel(settings.Model);
+        teacher = Momentum.CreateTeacher(theta);
+        outer = new OuterOptimizer(Checkpoint.Named(theta), cluster.OuterOptimizer);
+        if (Checkpoint.Latest(settings.RunDir) is { } dir) Resume(dir);
+        receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "deltas");
+
+        Receive<Register>(r =>
+        {
+            replicas[Sender] = (r.Node, r.Receiver);
+            Context.Watch(Sender);
+            Log.Information("replica {Node} registered ({Count} now)", r.Node, replicas.Count);
+            if (round >= rounds) Sender.Tell(new Finish(round));
+            else TryStartRound();
+        });
+        Receive<Terminated>(t =>
+        {
+            if (replicas.Remove(t.ActorRef, out var gone)) Log.Warning("replica {Node} left", gone.Node);
+        });
+        Receive<RoundDone>(d =>
+        {
+            if (current is null || d.Round != current.Number) return;
+            current.Samples[d.Node] = d.Samples;
+            TryComplete();
+        });
+        Receive<WeightTransfer.Received>(r =>
+        {
+            if (current is null || r.Tag.Split('/') is not ["delta", var number, var node] || number != current.Number.ToString(CultureInfo.InvariantCulture))
+            {
+                foreach (var (_, t) in r.Tensors) t.Dispose();
+                return;
+            }
+            current.Deltas[node] = r;
+            TryComplete();
+        });
+        Receive<Deadline>(d =>
+        {
+            if (current is null || d.Round != current.Number) return;
+            current.Expired = true;
+            Log.Warning("round {Round} reached its deadline with {Count} of {Of} deltas", d.Round, current.Deltas.Count, current.Assigned.Count);
+            TryComplete();
+        });
+        Receive<WeightTransfer.Sent>(_ => { });
+    }
+
+    public static Props Props(MamoSettings settings) => Akka.Actor.Props.Create(() => new Coordinator(settings)).WithDispatcher(Dispatchers.Model);
+
+    void Resume(string dir)
+    {
+        var state = Checkpoint.ReadState(dir);
+        Checkpoint.LoadModel(dir, Checkpoint.StudentFile, theta);
+        Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, teacher);
+        var saved = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.PartFile(OuterOptimizerPart)));
+        try { outer.LoadState(saved, long.Parse(state.Extra[RoundKey], CultureInfo.InvariantCulture)); }
+        finally { foreach (var t in saved.Values) t.Dispose(); }
+        round = outer.Step;
+        cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
+        Log.Information("coordinator resumes from {Checkpoint}: round {Round}, cursor {Cursor}", dir, round, cursor);
+    }
+
+    void TryStartRound()
+    {
+        if (current is not null || round >= rounds || replicas.Count < cluster.MinReplicas) return;
+        var span = (long)cluster.InnerSteps * settings.BatchSize;
+        var assigned = replicas.OrderBy(r => r.Value.Node, StringComparer.Ordinal)
+            .Select((r, i) => (r.Value.Node, r.Key, cursor + i * span)).ToList();
+        current = new Round(round, assigned);
+        var weights = Checkpoint.Named(theta).Select(p => (StudentPrefix + p.Name, p.Value))
+            .Concat(Checkpoint.Named(teacher).Select(p => (TeacherPrefix + p.Name, p.Value))).ToList();
+        foreach (var (node, replica, start) in assigned)
+        {
+            replica.Tell(new RoundStart(round, start, cluster.InnerSteps, settings.BatchSize, receiver));
+            Context.ActorOf(WeightTransfer.Sender.Props(replicas[replica].Receiver, Self, $"weights/{round}", weights, "float32", cluster.ChunkSize, cluster.Window));
+        }
+        Timers.StartSingleTimer("deadline", new Deadline(round), cluster.RoundTimeout);
+        Log.Information("round {Round}: {Count} replicas from cursor {Cursor}", round, assigned.Count, cursor);
+    }
+
+    void TryComplete()
+    {
+        var r = current!;
+        var reported = r.Assigned.Where(a => r.Samples.ContainsKey(a.Node) && r.Deltas.ContainsKey(a.Node)).ToList();
+        if (reported.Count < r.Assigned.Count && !(r.Expired && reported.Count >= cluster.MinReplicas)) return;
+        try
+        {
+            var student = Checkpoint.Named(theta).Select(p => p.Value).ToList();
+            var teachers = Checkpoint.Named(teacher).Select(p => p.Value).ToList();
+            var replicaDeltas = reported.Select(a => (Tensors: r.Deltas[a.Node].Tensors.ToDictionary(t => t.Name, t => t.Value), Samples: r.Samples[a.Node])).ToList();
+            var studentNames = Checkpoint.Named(theta).Select(p => StudentPrefix + p.Name).ToList();
+            var teacherNames = Checkpoint.Named(teacher).Select(p => TeacherPrefix + p.Name).ToList();
+            var g = OuterOptimizer.OuterGradient(replicaDeltas.Select(d => ((IReadOnlyList<Tensor>)studentNames.Select(n => d.Tensors[n]).ToList(), d.Samples)).ToList());
+            outer.Apply(student, g);
+            // The replicas' teachers started from this one; their weighted mean is it minus the mean delta.
+            var gTeacher = OuterOptimizer.OuterGradient(replicaDeltas.Select(d => ((IReadOnlyList<Tensor>)teacherNames.Select(n => d.Tensors[n]).ToList(), d.Samples)).ToList());
+            using (no_grad()) foreach (var (t, d) in teachers.Zip(gTeacher)) t.sub_(d);
+            foreach (var t in g.Concat(gTeacher)) t.Dispose();
+        }
+        finally
+        {
+            foreach (var d in r.Deltas.Values) foreach (var (_, t) in d.Tensors) t.Dispose();
+        }
+        cursor += r.Assigned.Count * (long)cluster.InnerSteps * settings.BatchSize;
+        round++;
+        current = null;
+        var path = WriteCheckpoint();
+        Log.Information("round {Round} done with {Count} replicas; checkpoint {Path}", round - 1, reported.Count, path);
+        if (round >= rounds)
+            foreach (var replica in replicas.Keys) replica.Tell(new Finish(round));
+        else TryStartRound();
+    }
+
+    string WriteCheckpoint()
+    {
+        var step = round * cluster.InnerSteps;
+        var extra = new Dictionary<string, string>(StreamPosition.None.Advance(TrainingSamples.CursorPartition, cursor - 1).ToExtra())
+        {
+            [Checkpointer.SeedKey] = settings.Seed.ToString(CultureInfo.InvariantCulture),
+            [RoundKey] = round.ToString(CultureInfo.InvariantCulture),
+        };
+        return Checkpoint.Commit(settings.RunDir, settings.Model,
+            [new(Checkpoint.StudentPart, Checkpoint.Named(theta)), new(Checkpoint.TeacherPart, Checkpoint.Named(teacher)), new(OuterOptimizerPart, outer.State())],
+            new Checkpoint.State(step, 0, step, extra), settings.KeepLast);
+    }
+
+    protected override void PostStop()
+    {
+        theta.Dispose();
+        teacher.Dispose();
+        outer.Dispose();
+        base.PostStop();
+    }
+}

@@ -1,0 +1,146 @@
+using System.Globalization;
+using System.Text.Json.Nodes;
+using Akka.Actor;
+using Mamo.Data;
+using Mamo.Model;
+using Serilog;
+using static TorchSharp.torch;
+
+namespace Mamo.Actors.Cluster;
+
+/// <summary>A DiLoCo trainer replica: its own student, teacher and AdamW state (which stays here, never sent). Each round
+/// it takes θ and the teacher from the coordinator, runs the inner steps of the ordinary MAMO step on the cursor range
+/// it was given, and sends back its deltas (θ − θᵢ, for the student and the teacher) with the samples it trained on.</summary>
+public sealed class RoundReplica : ReceiveActor
+{
+    /// <summary>Told to the node's owner when the coordinator says the run is over.</summary>
+    public sealed record Finished(long Round);
+
+    /// <summary>Mixed into the run's seed for crops and caption picks, as TrainingGraph does.</summary>
+    const int PreprocessSeedSalt = 0x5eed;
+
+    readonly MamoSettings settings;
+    readonly TrainingSamples samples;
+    readonly SamplePreparer preparer;
+    readonly IActorRef coordinator, owner, receiver;
+    readonly string node;
+    readonly MamoTrainer trainer;
+    readonly StreamWriter? ledger;
+    Coordinator.RoundStart? start;
+    WeightTransfer.Received? weights;
+
+    public RoundReplica(MamoSettings settings, TrainingSamples samples, SamplePreparer preparer, IActorRef coordinator, IActorRef owner, string node,
+        string nodeDir, Device device)
+    {
+        this.settings = settings;
+        this.samples = samples;
+        this.preparer = preparer;
+        this.coordinator = coordinator;
+        this.owner = owner;
+        this.node = node;
+        // Masks and negatives differ between replicas: the seed mixes in the node.
+        trainer = new MamoTrainer(settings.Model, settings.Optimizer, device, Seeds.Mix(settings.Seed, Seeds.StableHash(node)), withTeacher: true,
+            MamoPretraining.With(settings.Pretraining));
+        receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "weights");
+        if (settings.Ledger)
+        {
+            Directory.CreateDirectory(nodeDir);
+            ledger = new StreamWriter(new FileStream(Path.Combine(nodeDir, Metrics.LedgerFile), FileMode.Append, FileAccess.Write, FileShare.Read)) { AutoFlush = true };
+        }
+
+        Receive<Coordinator.RoundStart>(s => { start = s; TryTrain(); });
+        Receive<WeightTransfer.Received>(w =>
+        {
+            if (weights is not null) foreach (var (_, t) in weights.Tensors) t.Dispose();
+            weights = w;
+            TryTrain();
+        });
+        Receive<Coordinator.Finish>(f => owner.Tell(new Finished(f.Round)));
+        Receive<WeightTransfer.Sent>(_ => { });
+    }
+
+    public static Props Props(MamoSettings settings, TrainingSamples samples, SamplePreparer preparer, IActorRef coordinator, IActorRef owner, string node,
+        string nodeDir, Device device) =>
+        Akka.Actor.Props.Create(() => new RoundReplica(settings, samples, preparer, coordinator, owner, node, nodeDir, device)).WithDispatcher(Dispatchers.Model);
+
+    protected override void PreStart() => coordinator.Tell(new Coordinator.Register(node, receiver));
+
+    void TryTrain()
+    {
+        if (start is not { } s || weights is not { } w || w.Tag != $"weights/{s.Round}") return;
+        (start, weights) = (null, null);
+        var given = w.Tensors.ToDictionary(t => t.Name, t => t.Value);
+        try
+        {
+            Load(trainer.Student, "student.", given);
+            Load(trainer.Teacher, "teacher.", given);
+            var trained = Train(s);
+            var deltas = Delta(trainer.Student, "student.", given).Concat(Delta(trainer.Teacher, "teacher.", given)).ToList();
+            coordinator.Tell(new Coordinator.RoundDone(s.Round, node, trained));
+            Context.ActorOf(WeightTransfer.Sender.Props(s.DeltaReceiver, Self, $"delta/{s.Round}/{node}", deltas, settings.Cluster.DeltaDType,
+                settings.Cluster.ChunkSize, settings.Cluster.Window));
+            foreach (var (_, t) in deltas) t.Dispose();
+        }
+        finally
+        {
+            foreach (var t in given.Values) t.Dispose();
+        }
+    }
+
+    /// <summary>The inner steps on cursors [Cursor, Cursor + Steps · BatchSize); returns the samples trained on.</summary>
+    long Train(Coordinator.RoundStart s)
+    {
+        long trained = 0;
+        var range = samples.From(s.Cursor).Take(s.Steps * s.BatchSize).Chunk(s.BatchSize);
+        foreach (var group in range)
+        {
+            var prepared = new List<PreparedSample>(group.Length);
+            foreach (var (c, sample) in group)
+            {
+                var random = new Random(Seeds.Mix(settings.Seed ^ PreprocessSeedSalt ^ Seeds.StableHash(TrainingSamples.CursorPartition), c));
+                if (preparer.TryPrepareForTraining(sample, random, out var p, out var bad)) prepared.Add(p!);
+                else Log.Warning("dead letter: {Reason} at {Location}", bad!.Reason, bad.Location);
+            }
+            if (prepared.Count < 2) continue;
+            using var batch = Collator.Collate(prepared, settings.Model.ImageSize);
+            using var keys = tensor(batch.Ids.Select(Seeds.StableHash).ToArray());
+            var result = trainer.TrainStep(batch.Images, batch.TokenIds, batch.AttentionMask, keys);
+            trained += prepared.Count;
+            ledger?.WriteLine(new JsonObject
+            {
+                ["step"] = result.Step, ["round"] = s.Round, ["node"] = node,
+                ["position"] = new JsonObject { [TrainingSamples.CursorPartition] = group[^1].Cursor },
+                ["loss"] = double.IsFinite(result.Loss) ? result.Loss : null, ["skipped"] = result.Skipped,
+                ["ids"] = new JsonArray(batch.Ids.Select(i => (JsonNode)JsonValue.Create(i)!).ToArray()),
+            }.ToJsonString());
+            if ((result.Step + 1) % settings.MetricsEverySteps == 0)
+                Log.Information("{Node} round {Round} step {Step} loss {Loss:F4}", node, s.Round, result.Step + 1, result.Loss);
+        }
+        return trained;
+    }
+
+    static void Load(MamoModel model, string prefix, IReadOnlyDictionary<string, Tensor> given)
+    {
+        using var noGrad = no_grad();
+        foreach (var (name, p) in model.named_parameters())
+            p.copy_(given.TryGetValue(prefix + name, out var t) ? t : throw new InvalidDataException($"the round's weights lack '{prefix + name}'"));
+    }
+
+    /// <summary>θ − θᵢ for each parameter, under the same names.</summary>
+    static IEnumerable<(string, Tensor)> Delta(MamoModel model, string prefix, IReadOnlyDictionary<string, Tensor> given)
+    {
+        using var noGrad = no_grad();
+        foreach (var (name, p) in model.named_parameters())
+        {
+            using var scope = NewDisposeScope();
+            yield return (prefix + name, (given[prefix + name] - p.cpu()).MoveToOuterDisposeScope());
+        }
+    }
+
+    protected override void PostStop()
+    {
+        trainer.Dispose();
+        ledger?.Dispose();
+        base.PostStop();
+    }
+}
