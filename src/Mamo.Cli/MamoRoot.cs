@@ -16,5 +16,6 @@ public static class MamoRoot
         IngestCommand.Create(),
         EmbedCommand.Create(),
         DevBrokerCommand.Create(),
+        ClusterCommand.Create(),
     };
 }

@@ -62,6 +62,52 @@ public class ClusterTests(ITestOutputHelper output)
         output.WriteLine(await logs[0].Out);
     }
 
+    [Fact]
+    public async Task Cluster_status_lists_the_members_with_their_roles_and_the_round_and_sigterm_makes_each_node_leave()
+    {
+        using var folder = new TempFolder();
+        var manifest = Manifest(folder);
+        var run = folder.File("run");
+        var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
+        var seed = $"127.0.0.1:{ports[0]}";
+        // One replica more than there are nodes: the first round waits, and the cluster stays up to be looked at.
+        var nodes = ports.Select((port, i) => Process.Start(MamoProcess.StartInfo([
+            "pretrain", "--plain", "--source", "manifest:" + manifest, "--run-dir", run, "--cluster", $"127.0.0.1:{port}", "--seed-nodes", seed,
+            "--node-name", $"n{i}", "--roles", i == 2 ? "trainer" : "coordinator,trainer", "--set", $"cluster.min-replicas={Nodes + 1}",
+            "--set", "torch-threads=1", "--set", "eval.every-steps=0"]))!).ToList();
+        var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
+        try
+        {
+            JsonElement report = default;
+            var clock = Stopwatch.StartNew();
+            while (true)
+            {
+                var (code, stdout, stderr) = Cli.Run("cluster", "status", "--seed-nodes", seed, "--json", "--timeout", "30");
+                Assert.True(code == 0, stderr);
+                report = JsonDocument.Parse(stdout).RootElement;   // stdout is the one object and nothing else
+                if (report.GetProperty("members").GetArrayLength() == Nodes && report.GetProperty("round").ValueKind == JsonValueKind.Number) break;
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), $"the cluster did not come up: {stdout}");
+            }
+            var members = report.GetProperty("members").EnumerateArray().ToList();
+            Assert.Equal(["n0", "n1", "n2"], members.Select(m => m.GetProperty("name").GetString()));
+            Assert.All(members, m => Assert.Equal("up", m.GetProperty("status").GetString()));
+            Assert.Equal($"127.0.0.1:{ports[1]}", members[1].GetProperty("address").GetString());
+            Assert.Equal(["coordinator", "trainer"], members[0].GetProperty("roles").EnumerateArray().Select(r => r.GetString()));
+            Assert.Equal(["trainer"], members[2].GetProperty("roles").EnumerateArray().Select(r => r.GetString()));
+            Assert.Equal((0, JsonValueKind.Null), (report.GetProperty("round").GetInt64(), report.GetProperty("last_checkpoint").ValueKind));
+
+            foreach (var p in nodes) await Process.Start("kill", ["-TERM", p.Id.ToString()])!.WaitForExitAsync();
+            using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(2));
+            foreach (var p in nodes) await p.WaitForExitAsync(patience.Token);
+            for (int i = 0; i < Nodes; i++)
+                Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Err}");
+        }
+        finally
+        {
+            foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
+        }
+    }
+
     /// <summary>48 real emoji, so that one round of 3 replicas × 2 steps × 8 pairs is one epoch.</summary>
     static string Manifest(TempFolder folder)
     {

@@ -13,6 +13,8 @@ namespace Mamo.Actors.Cluster;
 public sealed record ClusterNodeOptions(string Host, int Port, IReadOnlyList<string> SeedNodes, string Name, IReadOnlyList<string> Roles)
 {
     public const string CoordinatorRole = "coordinator", TrainerRole = "trainer";
+    /// <summary>A member's name travels as a role with this prefix (Akka members carry roles, not names).</summary>
+    public const string NamePrefix = "node:";
     public static readonly string[] AllRoles = [CoordinatorRole, TrainerRole, "evaluator", "publisher"];
 
     /// <summary>HOST:PORT, with a clear error naming the option.</summary>
@@ -52,8 +54,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
             if (node.Roles.Contains(ClusterNodeOptions.CoordinatorRole))
                 system.ActorOf(ClusterSingletonManager.Props(Coordinator.Props(s), PoisonPill.Instance,
                     ClusterSingletonManagerSettings.Create(system).WithRole(ClusterNodeOptions.CoordinatorRole).WithSingletonName(SingletonName)), SingletonName);
-            var coordinator = system.ActorOf(ClusterSingletonProxy.Props($"/user/{SingletonName}",
-                ClusterSingletonProxySettings.Create(system).WithRole(ClusterNodeOptions.CoordinatorRole).WithSingletonName(SingletonName)), "coordinator-proxy");
+            var coordinator = CoordinatorProxy(system);
             var finished = new TaskCompletionSource<RoundReplica.Finished>(TaskCreationOptions.RunContinuationsAsynchronously);
             if (samples is not null)
             {
@@ -64,7 +65,9 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
             Log.Information("node {Node} ({Roles}) listening on {Host}:{Port}, joining {Seeds}", node.Name, string.Join(",", node.Roles), node.Host, node.Port,
                 string.Join(",", node.SeedNodes));
             var done = await Task.WhenAny(finished.Task, Task.Delay(Timeout.Infinite, stop), system.WhenTerminated);
-            if (done == system.WhenTerminated) throw new InvalidOperationException("this node's actor system stopped (downed by the cluster?)");
+            // On SIGTERM Akka's own shutdown hook may stop the system before `stop` is seen: that is a stop, not a failure.
+            if (done == system.WhenTerminated && !stop.IsCancellationRequested && !finished.Task.IsCompleted)
+                throw new InvalidOperationException("this node's actor system stopped (downed by the cluster?)");
             var rounds = finished.Task.IsCompleted ? finished.Task.Result.Round : 0;
             Log.Information("node {Node} leaves the cluster after round {Round}", node.Name, rounds);
             return rounds * s.Cluster.InnerSteps;
@@ -75,10 +78,18 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
         }
     }
 
+    /// <summary>Reaches the coordinator singleton wherever it runs.</summary>
+    public static IActorRef CoordinatorProxy(ActorSystem system) =>
+        system.ActorOf(ClusterSingletonProxy.Props($"/user/{SingletonName}",
+            ClusterSingletonProxySettings.Create(system).WithRole(ClusterNodeOptions.CoordinatorRole).WithSingletonName(SingletonName)), "coordinator-proxy");
+
     /// <summary>A node's own log, metrics and ledger go here, beside the run's shared checkpoints.</summary>
     public static string NodeDir(string runDir, string name) => Path.Combine(runDir, "nodes", name);
 
-    Config Config()
+    Config Config() => NodeConfig(node, settings.Config);
+
+    /// <summary>The node's address, seeds and roles (its name among them) over cluster.conf and the run's settings.</summary>
+    public static Config NodeConfig(ClusterNodeOptions node, Config settings)
     {
         string Quote(string v) => "\"" + v.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
         var seeds = node.SeedNodes.Select(a => ClusterNodeOptions.ParseAddress(a, "--seed-nodes")).Select(a => Quote($"akka.tcp://mamo@{a.Host}:{a.Port}"));
@@ -86,9 +97,9 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
             akka.remote.dot-netty.tcp.hostname = {Quote(node.Host)}
             akka.remote.dot-netty.tcp.port = {node.Port}
             akka.cluster.seed-nodes = [{string.Join(", ", seeds)}]
-            akka.cluster.roles = [{string.Join(", ", node.Roles.Select(Quote))}]
+            akka.cluster.roles = [{string.Join(", ", node.Roles.Append(ClusterNodeOptions.NamePrefix + node.Name).Select(Quote))}]
             """;
-        return ConfigurationFactory.ParseString(hocon).WithFallback(ClusterNode.Config(settings.Config));
+        return ConfigurationFactory.ParseString(hocon).WithFallback(ClusterNode.Config(settings));
     }
 
     sealed class Completion : ReceiveActor

@@ -15,6 +15,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
 {
     const string OfferManifest = "transfer-offer", ChunkManifest = "transfer-chunk", AckManifest = "transfer-ack";
     const string RegisterManifest = "round-register", StartManifest = "round-start", DoneManifest = "round-done", FinishManifest = "round-finish";
+    const string GetProgressManifest = "get-progress", ProgressManifest = "progress";
     /// <summary>Bounds a name and a dimension count: an offer is small, whatever the model.</summary>
     const int MaxName = 1024, MaxDims = 8, MaxTensors = 100_000;
 
@@ -29,6 +30,8 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         Coordinator.RoundStart => StartManifest,
         Coordinator.RoundDone => DoneManifest,
         Coordinator.Finish => FinishManifest,
+        Coordinator.GetProgress => GetProgressManifest,
+        Coordinator.Progress => ProgressManifest,
         _ => throw new ArgumentException($"no wire format for {o.GetType()}"),
     };
 
@@ -81,6 +84,12 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 case Coordinator.Finish f:
                     w.Write(f.Round);
                     break;
+                case Coordinator.GetProgress:
+                    break;
+                case Coordinator.Progress p:
+                    w.Write(p.Round);
+                    w.Write(p.LastCheckpoint);
+                    break;
                 default:
                     throw new ArgumentException($"no wire format for {obj.GetType()}");
             }
@@ -102,6 +111,8 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 StartManifest => new Coordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), ReadRef(r)),
                 DoneManifest => new Coordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64()),
                 FinishManifest => new Coordinator.Finish(r.ReadInt64()),
+                GetProgressManifest => new Coordinator.GetProgress(),
+                ProgressManifest => new Coordinator.Progress(r.ReadInt64(), r.ReadString()),
                 _ => throw new SerializationException($"unknown manifest '{manifest}'"),
             };
             if (r.BaseStream.Position != bytes.Length) throw new SerializationException($"{bytes.Length - r.BaseStream.Position} bytes left after a '{manifest}'");

@@ -23,6 +23,10 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     public sealed record RoundDone(long Round, string Node, long Samples) : IClusterMessage;
     /// <summary>The last round is done and checkpointed: the replica may stop.</summary>
     public sealed record Finish(long Round) : IClusterMessage;
+    /// <summary>Asks for a Progress (mamo cluster status).</summary>
+    public sealed record GetProgress : IClusterMessage;
+    /// <summary>The round in progress (or next) and the last durable cluster checkpoint ("" before the first).</summary>
+    public sealed record Progress(long Round, string LastCheckpoint) : IClusterMessage;
     sealed record Deadline(long Round);
 
     public const string OuterOptimizerPart = "outer-optimizer", RoundKey = "round";
@@ -95,6 +99,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
             TryComplete();
         });
         Receive<WeightTransfer.Sent>(_ => { });
+        Receive<GetProgress>(_ => Sender.Tell(new Progress(round, Checkpoint.Latest(settings.RunDir) ?? "")));
     }
 
     public static Props Props(MamoSettings settings) => Akka.Actor.Props.Create(() => new Coordinator(settings)).WithDispatcher(Dispatchers.Model);

@@ -1,0 +1,51 @@
+using Akka.Actor;
+using Akka.Cluster;
+
+namespace Mamo.Actors.Cluster;
+
+/// <summary>What `mamo cluster status` reports: each member (its name, address, roles, and Akka's member status or
+/// "unreachable"), the coordinator's round and the last durable cluster checkpoint.</summary>
+public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, long? Round, string? LastCheckpoint)
+{
+    public sealed record Member(string Name, string Address, IReadOnlyList<string> Roles, string Status);
+
+    public const string StatusRole = "status";
+
+    /// <summary>Joins the cluster at <paramref name="seeds"/> for as long as it takes to look (as a member of role
+    /// "status", left out of the report), then leaves.</summary>
+    public static async Task<ClusterStatus> QueryAsync(IReadOnlyList<string> seeds, TimeSpan timeout)
+    {
+        var options = new ClusterNodeOptions("127.0.0.1", 0, seeds, "status-" + Environment.ProcessId, [StatusRole]);
+        // Quiet: stdout carries the report (one JSON object with --json), and nothing else.
+        var quiet = Akka.Configuration.ConfigurationFactory.ParseString("akka { loglevel = ERROR, stdout-loglevel = OFF, log-dead-letters = off }");
+        var system = ActorSystem.Create("mamo", quiet.WithFallback(ClusterRun.NodeConfig(options, MamoSettings.Defaults())));
+        try
+        {
+            var cluster = Akka.Cluster.Cluster.Get(system);
+            var up = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            cluster.RegisterOnMemberUp(() => up.TrySetResult());
+            if (await Task.WhenAny(up.Task, Task.Delay(timeout)) != up.Task)
+                throw new TimeoutException($"could not join the cluster at {string.Join(",", seeds)} within {timeout.TotalSeconds:F0} s");
+            long? round = null;
+            string? last = null;
+            try
+            {
+                var progress = await ClusterRun.CoordinatorProxy(system).Ask<Coordinator.Progress>(new Coordinator.GetProgress(), timeout);
+                (round, last) = (progress.Round, progress.LastCheckpoint.Length > 0 ? progress.LastCheckpoint : null);
+            }
+            catch (Exception e) when (e is AskTimeoutException or TaskCanceledException) { }   // no coordinator yet: the report says so with nulls
+            var state = cluster.State;
+            var members = state.Members.Where(m => m.Address != cluster.SelfAddress).Select(m => new Member(
+                    m.Roles.FirstOrDefault(r => r.StartsWith(ClusterNodeOptions.NamePrefix))?[ClusterNodeOptions.NamePrefix.Length..] ?? m.Address.ToString(),
+                    $"{m.Address.Host}:{m.Address.Port}",
+                    m.Roles.Where(r => !r.StartsWith(ClusterNodeOptions.NamePrefix)).Order().ToList(),
+                    state.Unreachable.Contains(m) ? "unreachable" : m.Status.ToString().ToLowerInvariant()))
+                .OrderBy(m => m.Name, StringComparer.Ordinal).ToList();
+            return new ClusterStatus(members, round, last);
+        }
+        finally
+        {
+            await CoordinatedShutdown.Get(system).Run(CoordinatedShutdown.ClusterLeavingReason.Instance);
+        }
+    }
+}

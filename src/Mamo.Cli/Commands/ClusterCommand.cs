@@ -1,0 +1,56 @@
+using System.CommandLine;
+using System.Text.Json;
+using Mamo.Actors;
+using Mamo.Actors.Cluster;
+
+namespace Mamo.Cli.Commands;
+
+/// <summary>`mamo cluster status --seed-nodes HOST:PORT[,...] [--json] [--timeout 20s]`: the members of a running
+/// cluster with their roles and reachability, the current round, and the last durable checkpoint.</summary>
+public static class ClusterCommand
+{
+    const int Unreachable = 1, UsageError = 2;
+
+    public static Command Create()
+    {
+        var seeds = new Option<string>("--seed-nodes") { Description = "HOST:PORT[,HOST:PORT...] of the cluster's seed nodes", Required = true };
+        var json = new Option<bool>("--json") { Description = "Print one JSON object: {members: [{name, address, roles, status}], round, last_checkpoint}" };
+        var timeout = new Option<int>("--timeout") { Description = "Seconds to wait for the cluster", DefaultValueFactory = _ => 20 };
+        var status = new Command("status", "Members, roles and reachability of a running cluster; its round and last checkpoint") { seeds, json, timeout };
+        status.SetAction(async (parse, _) =>
+        {
+            var (output, error) = (parse.InvocationConfiguration.Output, parse.InvocationConfiguration.Error);
+            var list = parse.GetValue(seeds)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+            ClusterStatus report;
+            try
+            {
+                foreach (var seed in list) ClusterNodeOptions.ParseAddress(seed, "--seed-nodes");
+                report = await ClusterStatus.QueryAsync(list, TimeSpan.FromSeconds(parse.GetValue(timeout)));
+            }
+            catch (SettingsException e)
+            {
+                error.WriteLine($"mamo cluster status: {e.Message}");
+                return UsageError;
+            }
+            catch (TimeoutException e)
+            {
+                error.WriteLine($"mamo cluster status: {e.Message}");
+                return Unreachable;
+            }
+            if (parse.GetValue(json))
+            {
+                output.WriteLine(JsonSerializer.Serialize(new
+                {
+                    members = report.Members.Select(m => new { name = m.Name, address = m.Address, roles = m.Roles, status = m.Status }),
+                    round = report.Round,
+                    last_checkpoint = report.LastCheckpoint,
+                }));
+                return 0;
+            }
+            foreach (var m in report.Members) output.WriteLine($"{m.Name,-16} {m.Address,-22} {m.Status,-12} {string.Join(",", m.Roles)}");
+            output.WriteLine($"round {report.Round?.ToString() ?? "(no coordinator)"}, last checkpoint {report.LastCheckpoint ?? "(none yet)"}");
+            return 0;
+        });
+        return new Command("cluster", "Inspect a running cluster") { status };
+    }
+}
