@@ -40,6 +40,13 @@ public sealed class MamoTrainer : IDisposable
 
     public MamoConfig Config => Student.Config;
 
+    /// <summary>Moves the step (and so the learning-rate schedule and the step seeds) forward to where a run stands:
+    /// a replica that joins a cluster run, or comes back after a restart, continues the run's schedule.</summary>
+    public void ContinueAt(long step)
+    {
+        if (step > Step) Step = step;
+    }
+
     public int MaskSeed(long step) => Seeds.Mix(Seed, step);
 
     /// <summary>One complete step of the bare loop: teacher targets, the objective's losses, AdamW, then the EMA update.</summary>

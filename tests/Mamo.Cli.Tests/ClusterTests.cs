@@ -14,16 +14,13 @@ public class ClusterTests(ITestOutputHelper output)
 {
     const int Samples = 48, Batch = 8, InnerSteps = 2, Nodes = 3, Rounds = 2;
 
-    [Fact]
-    public async Task Three_nodes_train_diloco_rounds_that_cover_each_epoch_once_and_checkpoint_each_round()
+    /// <summary>Runs the three nodes to max-steps and returns once every one has exited 0.</summary>
+    async Task RunNodes(string manifest, string run, int maxSteps)
     {
-        using var folder = new TempFolder();
-        var manifest = Manifest(folder);
-        var run = folder.File("run");
         var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
         var seed = $"127.0.0.1:{ports[0]}";
         var nodes = ports.Select((port, i) => Process.Start(MamoProcess.StartInfo([
-            "pretrain", "--plain", "--ledger", "--source", "manifest:" + manifest, "--run-dir", run, "--max-steps", $"{InnerSteps * Rounds}",
+            "pretrain", "--plain", "--ledger", "--source", "manifest:" + manifest, "--run-dir", run, "--max-steps", $"{maxSteps}",
             "--cluster", $"127.0.0.1:{port}", "--seed-nodes", seed, "--node-name", $"n{i}",
             "--set", $"batch-size={Batch}", "--set", $"cluster.inner-steps={InnerSteps}", "--set", $"cluster.min-replicas={Nodes}",
             "--set", "torch-threads=1", "--set", "eval.every-steps=0"]))!).ToList();
@@ -39,6 +36,19 @@ public class ClusterTests(ITestOutputHelper output)
         }
         for (int i = 0; i < Nodes; i++)
             Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Out}{await logs[i].Err}");
+        output.WriteLine(await logs[0].Out);
+    }
+
+    [Fact]
+    public async Task Three_nodes_train_diloco_rounds_that_cover_each_epoch_once_checkpoint_each_round_and_resume_after_a_restart()
+    {
+        using var folder = new TempFolder();
+        var manifest = Manifest(folder);
+        var run = folder.File("run");
+        // One round, the whole cluster stops, and a restart goes on from the cluster checkpoint with the second.
+        await RunNodes(manifest, run, maxSteps: InnerSteps);
+        Assert.Equal("1", Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Extra["round"]);
+        await RunNodes(manifest, run, maxSteps: InnerSteps * Rounds);
 
         // Each round hands the replicas disjoint cursor ranges that together make one epoch of the 48 samples.
         var entries = Enumerable.Range(0, Nodes).SelectMany(i => File.ReadAllLines(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")))
@@ -59,7 +69,6 @@ public class ClusterTests(ITestOutputHelper output)
         var state = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!);
         Assert.Equal([Model.Checkpoint.StudentPart, Model.Checkpoint.TeacherPart, "outer-optimizer"], state.Parts);
         Assert.Equal(($"{Rounds}", $"{Samples * Rounds - 1}"), (state.Extra["round"], state.Extra["position:cursor"]));
-        output.WriteLine(await logs[0].Out);
     }
 
     [Fact]

@@ -74,6 +74,7 @@ public sealed class RoundReplica : ReceiveActor
         {
             Load(trainer.Student, "student.", given);
             Load(trainer.Teacher, "teacher.", given);
+            trainer.ContinueAt(s.Round * s.Steps);   // after a restart, the schedule goes on (AdamW's moments start afresh)
             var trained = Train(s);
             var deltas = Delta(trainer.Student, "student.", given).Concat(Delta(trainer.Teacher, "teacher.", given)).ToList();
             coordinator.Tell(new Coordinator.RoundDone(s.Round, node, trained));
