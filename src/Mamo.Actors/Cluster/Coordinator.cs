@@ -29,15 +29,19 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     public sealed record Progress(long Round, string LastCheckpoint) : IClusterMessage;
     sealed record Deadline(long Round);
 
-    public const string OuterOptimizerPart = "outer-optimizer", RoundKey = "round";
+    public const string OuterOptimizerPart = "outer-optimizer", RoundKey = "round", UnfinishedKey = "unfinished";
     const string StudentPrefix = "student.", TeacherPrefix = "teacher.";
 
-    sealed class Round(long number, IReadOnlyList<(string Node, IActorRef Replica, long Cursor)> assigned)
+    sealed class Round(long number, IReadOnlyList<(string Node, IActorRef Replica, long Cursor)> assigned, int fresh)
     {
         public long Number { get; } = number;
         public IReadOnlyList<(string Node, IActorRef Replica, long Cursor)> Assigned { get; } = assigned;
+        /// <summary>Ranges taken from the cursor's front this round (the others were unfinished ones given again).</summary>
+        public int Fresh { get; } = fresh;
         public Dictionary<string, long> Samples { get; } = new();
         public Dictionary<string, WeightTransfer.Received> Deltas { get; } = new();
+        /// <summary>Replicas that left during the round: the round does not wait for them.</summary>
+        public HashSet<string> Lost { get; } = new();
         public bool Expired { get; set; }
     }
 
@@ -49,6 +53,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> replicas = new();
     readonly long rounds;
     long round, cursor;
+    /// <summary>Ranges (their first cursor) whose replica left or missed the deadline: assigned again first.</summary>
+    readonly List<long> unfinished = new();
     Round? current;
 
     public Coordinator(MamoSettings settings)
@@ -73,7 +79,13 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         });
         Receive<Terminated>(t =>
         {
-            if (replicas.Remove(t.ActorRef, out var gone)) Log.Warning("replica {Node} left", gone.Node);
+            if (!replicas.Remove(t.ActorRef, out var gone)) return;
+            Log.Warning("replica {Node} left", gone.Node);
+            if (current is not null && current.Assigned.Any(a => a.Replica.Equals(t.ActorRef)))
+            {
+                current.Lost.Add(gone.Node);
+                TryComplete();
+            }
         });
         Receive<RoundDone>(d =>
         {
@@ -114,6 +126,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         finally { foreach (var t in saved.Values) t.Dispose(); }
         round = outer.Step;
         cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
+        if (state.Extra.TryGetValue(UnfinishedKey, out var left) && left.Length > 0)
+            unfinished.AddRange(left.Split(',').Select(x => long.Parse(x, CultureInfo.InvariantCulture)));
         Log.Information("coordinator resumes from {Checkpoint}: round {Round}, cursor {Cursor}", dir, round, cursor);
     }
 
@@ -121,9 +135,11 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     {
         if (current is not null || round >= rounds || replicas.Count < cluster.MinReplicas) return;
         var span = (long)cluster.InnerSteps * settings.BatchSize;
+        var again = unfinished.Order().Take(replicas.Count).ToList();
+        foreach (var start in again) unfinished.Remove(start);
         var assigned = replicas.OrderBy(r => r.Value.Node, StringComparer.Ordinal)
-            .Select((r, i) => (r.Value.Node, r.Key, cursor + i * span)).ToList();
-        current = new Round(round, assigned);
+            .Select((r, i) => (r.Value.Node, r.Key, i < again.Count ? again[i] : cursor + (i - again.Count) * span)).ToList();
+        current = new Round(round, assigned, assigned.Count - again.Count);
         var weights = Checkpoint.Named(theta).Select(p => (StudentPrefix + p.Name, p.Value))
             .Concat(Checkpoint.Named(teacher).Select(p => (TeacherPrefix + p.Name, p.Value))).ToList();
         foreach (var (node, replica, start) in assigned)
@@ -139,7 +155,21 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     {
         var r = current!;
         var reported = r.Assigned.Where(a => r.Samples.ContainsKey(a.Node) && r.Deltas.ContainsKey(a.Node)).ToList();
-        if (reported.Count < r.Assigned.Count && !(r.Expired && reported.Count >= cluster.MinReplicas)) return;
+        var waiting = r.Assigned.Count(a => !r.Lost.Contains(a.Node)) - reported.Count;
+        if (waiting > 0 && !r.Expired) return;
+        var missed = r.Assigned.Where(a => !reported.Contains(a)).Select(a => a.Cursor).ToList();
+        if (reported.Count == 0 || reported.Count < cluster.MinReplicas)
+        {
+            if (waiting > 0) return;   // past the deadline but short of min-replicas: the ones still training may yet report
+            // Nobody left to report: the round is given again from the same θ, its ranges first.
+            Log.Warning("round {Round} abandoned: {Count} of the {Min} replicas it needs reported", r.Number, reported.Count, cluster.MinReplicas);
+            foreach (var d in r.Deltas.Values) foreach (var (_, t) in d.Tensors) t.Dispose();
+            unfinished.AddRange(r.Assigned.Select(a => a.Cursor));
+            cursor += r.Fresh * (long)cluster.InnerSteps * settings.BatchSize;
+            current = null;
+            TryStartRound();
+            return;
+        }
         try
         {
             var student = Checkpoint.Named(theta).Select(p => p.Value).ToList();
@@ -158,7 +188,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         {
             foreach (var d in r.Deltas.Values) foreach (var (_, t) in d.Tensors) t.Dispose();
         }
-        cursor += r.Assigned.Count * (long)cluster.InnerSteps * settings.BatchSize;
+        cursor += r.Fresh * (long)cluster.InnerSteps * settings.BatchSize;
+        unfinished.AddRange(missed);   // at least once: what a lost replica trained is trained again
         round++;
         current = null;
         var path = WriteCheckpoint();
@@ -175,6 +206,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         {
             [Checkpointer.SeedKey] = settings.Seed.ToString(CultureInfo.InvariantCulture),
             [RoundKey] = round.ToString(CultureInfo.InvariantCulture),
+            [UnfinishedKey] = string.Join(",", unfinished.Order().Select(x => x.ToString(CultureInfo.InvariantCulture))),
         };
         return Checkpoint.Commit(settings.RunDir, settings.Model,
             [new(Checkpoint.StudentPart, Checkpoint.Named(theta)), new(Checkpoint.TeacherPart, Checkpoint.Named(teacher)), new(OuterOptimizerPart, outer.State())],

@@ -1,0 +1,55 @@
+using System.Text.Json;
+using Akka.Actor;
+using Akka.TestKit.Xunit2;
+using Mamo.Actors.Cluster;
+using Mamo.Data;
+using Mamo.Data.Datasets;
+using Mamo.Model;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace Mamo.Actors.Tests;
+
+/// <summary>The DiLoCo coordinator with a real replica, in one actor system; the replica that dies is a probe, so that
+/// it dies at a known moment: after it was given a range and before it reported.</summary>
+public class CoordinatorTests() : TestKit(ClusterNode.Config())
+{
+    const int Batch = 4, InnerSteps = 2, Span = Batch * InnerSteps;
+
+    [Fact]
+    public void A_replica_that_dies_mid_round_does_not_hold_the_round_and_its_range_is_trained_again()
+    {
+        var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
+        try
+        {
+            var manifest = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit);
+            var settings = MamoSettings.Load(null, [$"run-dir={runDir}", $"batch-size={Batch}", $"max-steps={2 * InnerSteps}", "ledger=on",
+                $"cluster.inner-steps={InnerSteps}", "cluster.min-replicas=1", "cluster.round-timeout=10m", $"source=\"manifest:{manifest}\""]);
+            var coordinator = Sys.ActorOf(Coordinator.Props(settings));
+
+            // The doomed replica registers alone, is given round 0's first range, and dies before it reports.
+            var doomed = CreateTestProbe();
+            coordinator.Tell(new Coordinator.Register("a-doomed", doomed.Ref), doomed.Ref);
+            var start = doomed.ExpectMsg<Coordinator.RoundStart>(TimeSpan.FromSeconds(30));
+            Assert.Equal((0L, 0L), (start.Round, start.Cursor));
+            Sys.Stop(doomed.Ref);
+
+            // A real replica joins and trains: round 0 again, on the dead one's range, then round 1 on the next.
+            var samples = TrainingSamples.Load(settings.Source, settings.Seed, settings.MaxInMemoryBytes, new DecodeLimits(), _ => { });
+            var preparer = new SamplePreparer(new ImageTransform(settings.TrainImages), new TextTokenizer(BuiltinDatasets.EnsureVocab()),
+                settings.Model.MaxTextLength);
+            var nodeDir = ClusterRun.NodeDir(runDir, "b");
+            Sys.ActorOf(RoundReplica.Props(settings, samples, preparer, coordinator, TestActor, "b", nodeDir, CPU));
+            Assert.Equal(2, ExpectMsg<RoundReplica.Finished>(TimeSpan.FromMinutes(2)).Round);
+
+            var ledger = File.ReadAllLines(Path.Combine(nodeDir, Metrics.LedgerFile)).Select(l => JsonDocument.Parse(l).RootElement).ToList();
+            var cursors = ledger.Select(e => (e.GetProperty("round").GetInt64(), e.GetProperty("position").GetProperty("cursor").GetInt64())).ToList();
+            Assert.Equal([(0L, Batch - 1L), (0L, Span - 1L), (1L, Span + Batch - 1L), (1L, 2L * Span - 1)], cursors);
+            var expected = samples.From(0).Take(2 * Span).Select(x => x.Sample.Id).ToList();
+            Assert.Equal(expected, ledger.SelectMany(e => e.GetProperty("ids").EnumerateArray().Select(i => i.GetString())));
+            var state = Checkpoint.ReadState(Checkpoint.Latest(runDir)!);
+            Assert.Equal(("2", $"{2 * Span - 1}", ""), (state.Extra[Coordinator.RoundKey], state.Extra["position:cursor"], state.Extra[Coordinator.UnfinishedKey]));
+        }
+        finally { Directory.Delete(runDir, recursive: true); }
+    }
+}
