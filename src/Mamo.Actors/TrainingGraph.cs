@@ -20,6 +20,11 @@ public static class TrainingGraph
     /// <param name="Teacher">asked for targets when NeedsTargets; null when the objective has no teacher</param>
     /// <param name="Evaluator">told EvaluateNow every eval.every-steps; null: none</param>
     /// <param name="OnRead">called for every record taken from the source</param>
+    /// <summary>The randomness of one record's preprocessing (crop, caption pick): seeded by its place in its stream,
+    /// so it repeats on resume and on any node.</summary>
+    public static Random SampleRandom(int seed, string partition, long offset) =>
+        new(Seeds.Mix(seed ^ PreprocessSeedSalt ^ Seeds.StableHash(partition), offset));
+
     public sealed record Stages(ITrainingSource Source, SamplePreparer Preparer, StreamPosition Resume, long StartStep, long Steps, bool NeedsTargets,
         IActorRef? Teacher, IActorRef Trainer, IActorRef Metrics, IActorRef? Evaluator, Action OnRead);
 
@@ -35,9 +40,7 @@ public static class TrainingGraph
             .SelectAsync(s.PreprocessParallelism, x => Task.Run(() =>
             {
                 if (x.Item is not SampleItem { Sample: var sample }) return new Prepared(x, null, ((BadItem)x.Item).Bad);
-                // Crops and caption picks repeat on resume: seeded by the record's place in its stream.
-                var random = new Random(Seeds.Mix(s.Seed ^ PreprocessSeedSalt ^ Seeds.StableHash(x.Partition), x.Offset));
-                return g.Preparer.TryPrepareForTraining(sample, random, out var p, out var bad)
+                return g.Preparer.TryPrepareForTraining(sample, SampleRandom(s.Seed, x.Partition, x.Offset), out var p, out var bad)
                     ? new Prepared(x, p, null) : new Prepared(x, null, bad);
             }))
             // A batch's position covers every record since the previous batch, dead letters included, so a

@@ -16,9 +16,6 @@ public sealed class RoundReplica : ReceiveActor
     /// <summary>Told to the node's owner when the coordinator says the run is over.</summary>
     public sealed record Finished(long Round);
 
-    /// <summary>Mixed into the run's seed for crops and caption picks, as TrainingGraph does.</summary>
-    const int PreprocessSeedSalt = 0x5eed;
-
     readonly MamoSettings settings;
     readonly TrainingSamples samples;
     readonly SamplePreparer preparer;
@@ -98,8 +95,8 @@ public sealed class RoundReplica : ReceiveActor
             var prepared = new List<PreparedSample>(group.Length);
             foreach (var (c, sample) in group)
             {
-                var random = new Random(Seeds.Mix(settings.Seed ^ PreprocessSeedSalt ^ Seeds.StableHash(TrainingSamples.CursorPartition), c));
-                if (preparer.TryPrepareForTraining(sample, random, out var p, out var bad)) prepared.Add(p!);
+                if (preparer.TryPrepareForTraining(sample, TrainingGraph.SampleRandom(settings.Seed, TrainingSamples.CursorPartition, c), out var p, out var bad))
+                    prepared.Add(p!);
                 else Log.Warning("dead letter: {Reason} at {Location}", bad!.Reason, bad.Location);
             }
             if (prepared.Count < 2) continue;
