@@ -117,6 +117,67 @@ public class ClusterTests(ITestOutputHelper output)
         }
     }
 
+    [Fact]
+    public async Task When_the_coordinators_node_is_killed_the_singleton_moves_and_the_survivors_train_on_from_the_last_checkpoint()
+    {
+        using var folder = new TempFolder();
+        var manifest = Manifest(folder);
+        var run = folder.File("run");
+        const int rounds = 3;
+        var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
+        var seeds = $"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}";
+        var nodes = ports.Select((port, i) => Process.Start(MamoProcess.StartInfo([
+            "pretrain", "--plain", "--ledger", "--source", "manifest:" + manifest, "--run-dir", run, "--max-steps", $"{InnerSteps * rounds}",
+            "--cluster", $"127.0.0.1:{port}", "--seed-nodes", seeds, "--node-name", $"n{i}",
+            "--set", $"batch-size={Batch}", "--set", $"cluster.inner-steps={InnerSteps}", "--set", "cluster.min-replicas=2",
+            "--set", "torch-threads=1", "--set", "eval.every-steps=0"]))!).ToList();
+        var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
+        try
+        {
+            // n0 is the oldest node, so the coordinator runs there: kill it once the first round is durable.
+            var clock = Stopwatch.StartNew();
+            while (Model.Checkpoint.Latest(run) is null)
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2) && !nodes[0].HasExited, "no first checkpoint");
+                Thread.Sleep(50);
+            }
+            nodes[0].Kill();
+            var killedAt = clock.Elapsed;
+            var first = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step;
+            while (Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step == first)
+            {
+                Assert.True(clock.Elapsed - killedAt < TimeSpan.FromSeconds(90), "no round completed after the coordinator's node died");
+                Thread.Sleep(100);
+            }
+            output.WriteLine($"next round durable {(clock.Elapsed - killedAt).TotalSeconds:F1} s after SIGKILL of the coordinator's node");
+
+            using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(3));
+            foreach (var p in nodes.Skip(1)) await p.WaitForExitAsync(patience.Token);
+            for (int i = 1; i < Nodes; i++)
+                Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Err}");
+        }
+        finally
+        {
+            foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
+        }
+        // The survivors trained on in the actor system they started with: it never restarted.
+        for (int i = 1; i < Nodes; i++)
+        {
+            var log = await logs[i].Out + await logs[i].Err;
+            Assert.Equal(1, log.Split("Remoting started").Length - 1);
+        }
+        var state = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!);
+        Assert.Equal($"{rounds}", state.Extra["round"]);
+        // Nothing lost: every cursor up to the final position was trained, by someone, at least once.
+        var final = long.Parse(state.Extra["position:cursor"]);
+        var trained = Enumerable.Range(0, Nodes).Select(i => Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")).Where(File.Exists)
+            .SelectMany(File.ReadAllLines).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("position").GetProperty("cursor").GetInt64())
+            .ToHashSet();
+        var batchEnds = Enumerable.Range(1, (int)((final + 1) / Batch)).Select(k => (long)k * Batch - 1);
+        Assert.All(batchEnds.Where(c => !state.Extra["unfinished"].Split(',', StringSplitOptions.RemoveEmptyEntries).Select(long.Parse)
+            .Any(u => c >= u && c < u + InnerSteps * Batch)), c => Assert.Contains(c, trained));
+    }
+
     /// <summary>48 real emoji, so that one round of 3 replicas × 2 steps × 8 pairs is one epoch.</summary>
     static string Manifest(TempFolder folder)
     {

@@ -71,9 +71,12 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
 
         Receive<Register>(r =>
         {
+            if (!replicas.ContainsKey(Sender))
+            {
+                Context.Watch(Sender);
+                Log.Information("replica {Node} registered ({Count} now)", r.Node, replicas.Count + 1);
+            }
             replicas[Sender] = (r.Node, r.Receiver);
-            Context.Watch(Sender);
-            Log.Information("replica {Node} registered ({Count} now)", r.Node, replicas.Count);
             if (round >= rounds) Sender.Tell(new Finish(round));
             else TryStartRound();
         });

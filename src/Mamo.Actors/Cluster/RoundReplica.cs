@@ -11,8 +11,13 @@ namespace Mamo.Actors.Cluster;
 /// <summary>A DiLoCo trainer replica: its own student, teacher and AdamW state (which stays here, never sent). Each round
 /// it takes θ and the teacher from the coordinator, runs the inner steps of the ordinary MAMO step on the cursor range
 /// it was given, and sends back its deltas (θ − θᵢ, for the student and the teacher) with the samples it trained on.</summary>
-public sealed class RoundReplica : ReceiveActor
+public sealed class RoundReplica : ReceiveActor, IWithTimers
 {
+    public ITimerScheduler Timers { get; set; } = null!;
+    /// <summary>How often a replica offers itself again: a coordinator that moved to another node learns of it so.</summary>
+    static readonly TimeSpan RegisterEvery = TimeSpan.FromSeconds(3);
+    sealed record RegisterAgain;
+
     /// <summary>Told to the node's owner when the coordinator says the run is over.</summary>
     public sealed record Finished(long Round);
 
@@ -53,6 +58,7 @@ public sealed class RoundReplica : ReceiveActor
             TryTrain();
         });
         Receive<Coordinator.Finish>(f => owner.Tell(new Finished(f.Round)));
+        Receive<RegisterAgain>(_ => coordinator.Tell(new Coordinator.Register(node, receiver)));
         Receive<WeightTransfer.Sent>(_ => { });
     }
 
@@ -60,7 +66,11 @@ public sealed class RoundReplica : ReceiveActor
         string nodeDir, Device device) =>
         Akka.Actor.Props.Create(() => new RoundReplica(settings, samples, preparer, coordinator, owner, node, nodeDir, device)).WithDispatcher(Dispatchers.Model);
 
-    protected override void PreStart() => coordinator.Tell(new Coordinator.Register(node, receiver));
+    protected override void PreStart()
+    {
+        coordinator.Tell(new Coordinator.Register(node, receiver));
+        Timers.StartPeriodicTimer("register", new RegisterAgain(), RegisterEvery);
+    }
 
     void TryTrain()
     {

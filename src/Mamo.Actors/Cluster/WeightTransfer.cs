@@ -48,6 +48,7 @@ public static class WeightTransfer
     /// <summary>Sends one transfer and stops: the Offer, then chunks while fewer than Window are unacknowledged.</summary>
     public sealed class Sender : ReceiveActor
     {
+        static readonly TimeSpan GiveUpAfter = TimeSpan.FromSeconds(60);
         readonly Guid id;
         readonly IActorRef target, requester;
         readonly byte[] payload;
@@ -65,6 +66,13 @@ public static class WeightTransfer
             chunks = (int)((payload.LongLength + chunkSize - 1) / chunkSize);
             id = offer.Id;
             target.Tell(offer);
+            // A receiver that went away (its node died) never acknowledges: give up rather than hold the payload.
+            Context.SetReceiveTimeout(GiveUpAfter);
+            Receive<ReceiveTimeout>(_ =>
+            {
+                Log.Warning("weight transfer {Id} ({Tag}) abandoned: no acknowledgement for {Seconds} s", id, offer.Tag, GiveUpAfter.TotalSeconds);
+                Context.Stop(Self);
+            });
             Receive<Ack>(a =>
             {
                 if (a.Id != id) return;
