@@ -108,6 +108,20 @@ public static class Checkpoint
     [DllImport("libc", SetLastError = true)] static extern int fsync(int fd);
     [DllImport("libc")] static extern int close(int fd);
 
+    /// <summary>SHA-256 over the tensors' names and bytes in ordinal name order: the same weights give the same hash on
+    /// any node, so a log line can show which θ a replica started from.</summary>
+    public static string WeightHash(IEnumerable<(string Name, Tensor Value)> tensors)
+    {
+        using var sha = System.Security.Cryptography.IncrementalHash.CreateHash(System.Security.Cryptography.HashAlgorithmName.SHA256);
+        foreach (var (name, value) in tensors.OrderBy(t => t.Name, StringComparer.Ordinal))
+        {
+            using var scope = NewDisposeScope();
+            sha.AppendData(System.Text.Encoding.UTF8.GetBytes(name));
+            sha.AppendData(value.detach().cpu().contiguous().bytes);
+        }
+        return Convert.ToHexString(sha.GetHashAndReset())[..16].ToLowerInvariant();
+    }
+
     public static IReadOnlyList<(string Name, Tensor Value)> Named(nn.Module module) =>
         module.named_parameters().Select(p => (p.name, (Tensor)p.parameter)).ToList();
 

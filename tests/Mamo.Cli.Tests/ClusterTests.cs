@@ -178,6 +178,52 @@ public class ClusterTests(ITestOutputHelper output)
             .Any(u => c >= u && c < u + InnerSteps * Batch)), c => Assert.Contains(c, trained));
     }
 
+    [Fact]
+    public async Task A_node_that_joins_mid_run_trains_from_the_current_global_weights()
+    {
+        using var folder = new TempFolder();
+        var manifest = Manifest(folder);
+        var run = folder.File("run");
+        const int rounds = 4;
+        var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
+        Process Start(int i) => Process.Start(MamoProcess.StartInfo([
+            "pretrain", "--plain", "--ledger", "--source", "manifest:" + manifest, "--run-dir", run, "--max-steps", $"{InnerSteps * rounds}",
+            "--cluster", $"127.0.0.1:{ports[i]}", "--seed-nodes", $"127.0.0.1:{ports[0]}", "--node-name", $"n{i}",
+            "--set", $"batch-size={Batch}", "--set", $"cluster.inner-steps={InnerSteps}", "--set", "cluster.min-replicas=2",
+            "--set", "checkpoint.keep-last=10", "--set", "torch-threads=1", "--set", "eval.every-steps=0"]))!;
+        var nodes = new List<Process> { Start(0), Start(1) };
+        var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
+        try
+        {
+            var clock = Stopwatch.StartNew();
+            while (Model.Checkpoint.Latest(run) is null)
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2) && !nodes[0].HasExited, "no first checkpoint");
+                Thread.Sleep(50);
+            }
+            nodes.Add(Start(2));
+            logs.Add((nodes[2].StandardOutput.ReadToEndAsync(), nodes[2].StandardError.ReadToEndAsync()));
+            using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(3));
+            foreach (var p in nodes) await p.WaitForExitAsync(patience.Token);
+            for (int i = 0; i < nodes.Count; i++)
+                Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Err}");
+        }
+        finally
+        {
+            foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
+        }
+        // The joiner's first round starts from exactly the θ of the cluster checkpoint before it.
+        var line = (await logs[2].Err).Split('\n').FirstOrDefault(l => l.Contains("n2 round ") && l.Contains(" starts from θ "));
+        Assert.True(line is not null, "the joining node took no round: " + await logs[2].Err);
+        var match = System.Text.RegularExpressions.Regex.Match(line, @"n2 round (\d+) starts from θ ([0-9a-f]+)");
+        var round = int.Parse(match.Groups[1].Value);
+        Assert.InRange(round, 1, rounds - 1);   // it joined a running cluster, and still took a round
+        var before = Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(round * InnerSteps));
+        var theta = Model.SafeTensors.Load(Path.Combine(before, Model.Checkpoint.StudentFile));
+        Assert.Equal(Model.Checkpoint.WeightHash(theta.Select(kv => (kv.Key, kv.Value))), match.Groups[2].Value);
+        Assert.NotEmpty(File.ReadAllLines(Path.Combine(run, "nodes", "n2", "ledger.jsonl")));
+    }
+
     /// <summary>48 real emoji, so that one round of 3 replicas × 2 steps × 8 pairs is one epoch.</summary>
     static string Manifest(TempFolder folder)
     {

@@ -82,6 +82,7 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
             Load(trainer.Student, "student.", given);
             Load(trainer.Teacher, "teacher.", given);
             trainer.ContinueAt(s.Round * s.Steps);   // after a restart, the schedule goes on (AdamW's moments start afresh)
+            Log.Information("{Node} round {Round} starts from θ {Hash}", node, s.Round, Checkpoint.WeightHash(Checkpoint.Named(trainer.Student)));
             var trained = Train(s);
             var deltas = Delta(trainer.Student, "student.", given).Concat(Delta(trainer.Teacher, "teacher.", given)).ToList();
             coordinator.Tell(new Coordinator.RoundDone(s.Round, node, trained));
