@@ -23,16 +23,31 @@ public class ClusterTests(ITestOutputHelper output)
 {
     const int Samples = 48, Batch = 8, InnerSteps = 2, Nodes = 3, Rounds = 2;
 
+    /// <summary>Node n<paramref name="i"/> training the manifest with a ledger, listening on <paramref name="port"/>.</summary>
+    static Process StartNode(string manifest, string run, int i, int port, string seeds, int maxSteps, int minReplicas, params string[] more) =>
+        Process.Start(MamoProcess.StartInfo([
+            "pretrain", "--plain", "--ledger", "--source", "manifest:" + manifest, "--run-dir", run, "--max-steps", $"{maxSteps}",
+            "--cluster", $"127.0.0.1:{port}", "--seed-nodes", seeds, "--node-name", $"n{i}",
+            "--set", $"batch-size={Batch}", "--set", $"cluster.inner-steps={InnerSteps}", "--set", $"cluster.min-replicas={minReplicas}",
+            "--set", "torch-threads=1", "--set", "eval.every-steps=0", .. more]))!;
+
+    /// <summary>Waits for the run's first cluster checkpoint while <paramref name="seed"/> lives.</summary>
+    static Stopwatch AwaitFirstCheckpoint(string run, Process seed)
+    {
+        var clock = Stopwatch.StartNew();
+        while (Model.Checkpoint.Latest(run) is null)
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2) && !seed.HasExited, "no first checkpoint");
+            Thread.Sleep(50);
+        }
+        return clock;
+    }
+
     /// <summary>Runs the three nodes to max-steps and returns once every one has exited 0.</summary>
     async Task RunNodes(string manifest, string run, int maxSteps)
     {
         var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
-        var seed = $"127.0.0.1:{ports[0]}";
-        var nodes = ports.Select((port, i) => Process.Start(MamoProcess.StartInfo([
-            "pretrain", "--plain", "--ledger", "--source", "manifest:" + manifest, "--run-dir", run, "--max-steps", $"{maxSteps}",
-            "--cluster", $"127.0.0.1:{port}", "--seed-nodes", seed, "--node-name", $"n{i}",
-            "--set", $"batch-size={Batch}", "--set", $"cluster.inner-steps={InnerSteps}", "--set", $"cluster.min-replicas={Nodes}",
-            "--set", "torch-threads=1", "--set", "eval.every-steps=0"]))!).ToList();
+        var nodes = ports.Select((port, i) => StartNode(manifest, run, i, port, $"127.0.0.1:{ports[0]}", maxSteps, Nodes)).ToList();
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
         using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(4));
         try
@@ -135,21 +150,12 @@ public class ClusterTests(ITestOutputHelper output)
         const int rounds = 3;
         var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
         var seeds = $"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}";
-        var nodes = ports.Select((port, i) => Process.Start(MamoProcess.StartInfo([
-            "pretrain", "--plain", "--ledger", "--source", "manifest:" + manifest, "--run-dir", run, "--max-steps", $"{InnerSteps * rounds}",
-            "--cluster", $"127.0.0.1:{port}", "--seed-nodes", seeds, "--node-name", $"n{i}",
-            "--set", $"batch-size={Batch}", "--set", $"cluster.inner-steps={InnerSteps}", "--set", "cluster.min-replicas=2",
-            "--set", "torch-threads=1", "--set", "eval.every-steps=0"]))!).ToList();
+        var nodes = ports.Select((port, i) => StartNode(manifest, run, i, port, seeds, InnerSteps * rounds, minReplicas: 2)).ToList();
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
         try
         {
             // n0 is the oldest node, so the coordinator runs there: kill it once the first round is durable.
-            var clock = Stopwatch.StartNew();
-            while (Model.Checkpoint.Latest(run) is null)
-            {
-                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2) && !nodes[0].HasExited, "no first checkpoint");
-                Thread.Sleep(50);
-            }
+            var clock = AwaitFirstCheckpoint(run, nodes[0]);
             nodes[0].Kill();
             var killedAt = clock.Elapsed;
             var first = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step;
@@ -197,21 +203,13 @@ public class ClusterTests(ITestOutputHelper output)
         var run = folder.File("run");
         const int rounds = 4;
         var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
-        Process Start(int i) => Process.Start(MamoProcess.StartInfo([
-            "pretrain", "--plain", "--ledger", "--source", "manifest:" + manifest, "--run-dir", run, "--max-steps", $"{InnerSteps * rounds}",
-            "--cluster", $"127.0.0.1:{ports[i]}", "--seed-nodes", $"127.0.0.1:{ports[0]}", "--node-name", $"n{i}",
-            "--set", $"batch-size={Batch}", "--set", $"cluster.inner-steps={InnerSteps}", "--set", "cluster.min-replicas=2",
-            "--set", "checkpoint.keep-last=10", "--set", "torch-threads=1", "--set", "eval.every-steps=0"]))!;
+        Process Start(int i) => StartNode(manifest, run, i, ports[i], $"127.0.0.1:{ports[0]}", InnerSteps * rounds, minReplicas: 2,
+            "--set", "checkpoint.keep-last=10");
         var nodes = new List<Process> { Start(0), Start(1) };
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
         try
         {
-            var clock = Stopwatch.StartNew();
-            while (Model.Checkpoint.Latest(run) is null)
-            {
-                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2) && !nodes[0].HasExited, "no first checkpoint");
-                Thread.Sleep(50);
-            }
+            AwaitFirstCheckpoint(run, nodes[0]);
             nodes.Add(Start(2));
             logs.Add((nodes[2].StandardOutput.ReadToEndAsync(), nodes[2].StandardError.ReadToEndAsync()));
             using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(3));
