@@ -180,6 +180,7 @@ public sealed record MamoSettings
             MomentumDecay = Get("model.momentum-decay", k => c.GetDouble(k), v => v is >= 0 and <= 1, "must lie in [0, 1]"),
             MrmTopK = Int("model.mrm-top-k", 1),
             AlignOnVisiblePatches = Bool("model.align-on-visible-patches"),
+            ItmNegativeGroup = Int("model.itm-negative-group", 0),
             Weights = weights,
         };
         try

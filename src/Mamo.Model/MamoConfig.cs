@@ -107,6 +107,10 @@ public sealed record PretrainingConfig
     public int MrmTopK { get; init; } = 2;
     /// <summary>ITC and ITM see only the visible patches (as in FLIP), so the student's image encoder runs once per step.</summary>
     public bool AlignOnVisiblePatches { get; init; } = true;
+    /// <summary>ITM draws each hard negative among this many consecutive pairs of the batch (0: the whole batch).
+    /// Every-step replicas draw them from their own batch, as ALBEF's GPUs do; a single process with the replica's batch
+    /// size here makes the same step on the replicas' concatenated batch.</summary>
+    public int ItmNegativeGroup { get; init; }
     public LossWeights Weights { get; init; } = new();
 
     /// <summary>The patches of a model's grid that the student sees.</summary>
@@ -128,6 +132,7 @@ public sealed record PretrainingConfig
         Require(TextMaskRatio is >= 0 and < 1, "text mask ratio must lie in [0, 1)");
         Require(ImageMaskRatio > 0 || Weights.Mim == 0 && Weights.Mrm == 0, "MIM and MRM need an image mask ratio above 0");
         Require(TextMaskRatio > 0 || Weights.Mlm == 0 && Weights.Mrm == 0, "MLM and MRM need a text mask ratio above 0");
+        Require(ItmNegativeGroup >= 0, "itm negative group must be >= 0 (0: the whole batch)");
         Require(MomentumDecay is >= 0 and <= 1, "momentum decay must lie in [0, 1]");
         Require(new[] { Weights.Itc, Weights.Itm, Weights.Mlm, Weights.Mim, Weights.Mrm }.All(w => w >= 0 && double.IsFinite(w)), "loss weights must be finite and >= 0");
         Require(Weights.Itc + Weights.Itm + Weights.Mlm + Weights.Mim + Weights.Mrm > 0, "at least one loss weight must be positive");

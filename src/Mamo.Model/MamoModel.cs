@@ -113,19 +113,42 @@ public sealed class MamoModel : Module
         temperature.clamp_(Config.TemperatureMin, Config.TemperatureMax);
     }
 
-    /// <summary>What the losses of one step share, each encoded once and only when a loss that reads it is on.</summary>
+    /// <summary>What the losses of one step share, each encoded once and only when a loss that reads it is on. Where
+    /// the batch is one replica's shard of a global batch, the alignment sees every replica's features (the others'
+    /// without gradient) and each loss is this shard's share of the global batch's loss.</summary>
     sealed record Encodings
     {
         /// <summary>[B, 1 + Nv, W] the visible patches.</summary>
         public required Tensor ImageVisible { get; init; }
+        /// <summary>Pairs in the global batch, and this shard's first row and pairs in it (B).</summary>
+        public required long Pairs { get; init; }
+        public required long Before { get; init; }
+        public required long Rows { get; init; }
+        /// <summary>Masked words in the global batch.</summary>
+        public required long MaskedWords { get; init; }
         // Alignment (ITC, ITM): the unmasked text with the image tokens they align on.
         public Tensor? ImageTokens { get; init; }        // [B, 1 + N(v), W]
         public Tensor? TextTokens { get; init; }         // [B, L, W]
-        public Tensor? Similarity { get; init; }         // [B, B] image-to-text, over the temperature
-        public Tensor? SameImage { get; init; }          // [B, B] pairs of one image
+        public Tensor? ImageToText { get; init; }        // [G, G] logits, a row per image of the global batch
+        public Tensor? TextToImage { get; init; }        // [G, G] logits, a row per text
+        public Tensor? SameImage { get; init; }          // [G, G] pairs of one image
         // Masked modelling (MLM, MIM, MRM): the fused masked pair.
         public Tensor? Fused { get; init; }              // [B, 1 + N + L, W]
         public Tensor? MaskedText { get; init; }         // [M, W] the fused text at the masked word positions
+
+        bool Sharded => Rows != Pairs;
+
+        /// <summary>Per-row losses of the global batch reduced to this shard's share: its own rows count, the others'
+        /// carry only the gradient that flows into this shard's features (their value is another replica's).</summary>
+        public Tensor Share(Tensor rowLosses)
+        {
+            if (!Sharded) return rowLosses;
+            var own = arange(Pairs, device: rowLosses.device).ge(Before).logical_and(arange(Pairs, device: rowLosses.device).lt(Before + Rows));
+            return where(own, rowLosses, rowLosses - rowLosses.detach());
+        }
+
+        /// <summary>[B, B] a global matrix's block of this shard's rows and columns.</summary>
+        public Tensor OwnBlock(Tensor global) => Sharded ? global[(int)Before..(int)(Before + Rows), (int)Before..(int)(Before + Rows)] : global;
     }
 
     /// <summary>The pre-training forward: the shared encodings once, then every enabled term where it is named.</summary>
@@ -137,17 +160,18 @@ public sealed class MamoModel : Module
     /// <param name="targets">the teacher's targets; required when MIM or MRM is on</param>
     /// <param name="imageKeys">[B] identity of each image, so a duplicate is never taken as a negative; null: all distinct</param>
     /// <param name="generator">draws the ITM hard negatives, so a seeded step is reproducible</param>
+    /// <param name="shard">where this batch is one replica's share of a global batch; null: it is the whole</param>
     public MamoLoss Forward(Tensor images, Tensor tokenIds, Tensor attentionMask, JointMask mask, PretrainingConfig objective, TeacherTargets? targets,
-        Tensor? imageKeys = null, Generator? generator = null)
+        Tensor? imageKeys = null, Generator? generator = null, IBatchShard? shard = null)
     {
         var lw = objective.Weights;
         if ((lw.Mim > 0 || lw.Mrm > 0) && targets is null) throw new ArgumentException("MIM and MRM need the teacher's targets");
         using var scope = NewDisposeScope();
-        var e = Encode(images, tokenIds, attentionMask, mask, objective, imageKeys);
+        var e = Encode(images, tokenIds, attentionMask, mask, objective, imageKeys, shard);
         Tensor? negatives = null;
         var losses = new PretrainingLosses(
             Itc: lw.Itc > 0 ? Itc(e) : null,
-            Itm: lw.Itm > 0 ? Itm(e, attentionMask, generator, out negatives) : null,
+            Itm: lw.Itm > 0 ? Itm(e, attentionMask, objective.ItmNegativeGroup, generator, out negatives) : null,
             Mlm: lw.Mlm > 0 ? Mlm(e, mask) : null,
             Mim: lw.Mim > 0 ? Mim(e, mask, targets!) : null,
             Mrm: lw.Mrm > 0 ? Mrm(e, mask, targets!) : null);
@@ -158,23 +182,52 @@ public sealed class MamoModel : Module
         return new MamoLoss { Total = total, Terms = terms, ItmNegatives = negatives };
     }
 
-    Encodings Encode(Tensor images, Tensor tokenIds, Tensor attentionMask, JointMask mask, PretrainingConfig objective, Tensor? imageKeys)
+    Encodings Encode(Tensor images, Tensor tokenIds, Tensor attentionMask, JointMask mask, PretrainingConfig objective, Tensor? imageKeys, IBatchShard? shard)
     {
         var (c, lw) = (Config, objective.Weights);
-        long b = images.shape[0], n = c.NumPatches;
+        long b = images.shape[0], n = c.NumPatches, maskedWords = mask.MaskedTokenPositions.shape[0];
         var imageVisible = image.forward(images, mask.Visible);
-        var e = new Encodings { ImageVisible = imageVisible };
-        if (lw.Itc > 0 || lw.Itm > 0)
+        Tensor? imageTokens = null, textTokens = null, imageFeat = null, textFeat = null;
+        var keys = imageKeys ?? arange(b, device: images.device);
+        var align = lw.Itc > 0 || lw.Itm > 0;
+        if (align)
         {
-            var imageTokens = objective.AlignOnVisiblePatches ? imageVisible : image.forward(images, null);
-            var textTokens = text.forward(tokenIds, attentionMask);
-            var imageFeat = F.normalize(imageProjection.forward(imageTokens[.., 0]), dim: -1);
-            var textFeat = F.normalize(textProjection.forward(textTokens[.., 0]), dim: -1);
-            var keys = imageKeys ?? arange(b, device: images.device);
+            imageTokens = objective.AlignOnVisiblePatches ? imageVisible : image.forward(images, null);
+            textTokens = text.forward(tokenIds, attentionMask);
+            imageFeat = F.normalize(imageProjection.forward(imageTokens[.., 0]), dim: -1);
+            textFeat = F.normalize(textProjection.forward(textTokens[.., 0]), dim: -1);
+        }
+
+        // The global batch: this shard's rows among every replica's (one all-gather per step), or this batch alone.
+        long pairs = b, before = 0, globalMaskedWords = maskedWords;
+        if (shard is not null)
+        {
+            using var counts = tensor(new float[] { b, maskedWords }, new long[] { 1, 2 });
+            var gathered = shard.AllGather(align ? [counts, imageFeat!.detach(), textFeat!.detach(), keys] : [counts]);
+            var perReplica = gathered[0].cpu().data<float>().ToArray();
+            pairs = (long)gathered[0][.., 0].sum().item<float>();
+            globalMaskedWords = (long)gathered[0][.., 1].sum().item<float>();
+            for (int r = 0; r < shard.Index; r++) before += (long)perReplica[2 * r];
+            if (align)
+            {
+                Tensor Spliced(Tensor all, Tensor own) => cat(new[] { all[..(int)before], own, all[(int)(before + b)..] }, 0);
+                imageFeat = Spliced(gathered[1].to(images.device), imageFeat!);
+                textFeat = Spliced(gathered[2].to(images.device), textFeat!);
+                keys = gathered[3].to(images.device);
+            }
+        }
+        var e = new Encodings { ImageVisible = imageVisible, Pairs = pairs, Before = before, Rows = b, MaskedWords = globalMaskedWords };
+        if (align)
+        {
+            // Each row learns the temperature once across the replicas: through its own rows only.
+            var temp = temperature.clamp(c.TemperatureMin, c.TemperatureMax);
+            var rowTemp = pairs == b ? temp : where(arange(pairs, device: images.device).ge(before).logical_and(arange(pairs, device: images.device).lt(before + b)),
+                temp, temp.detach()).unsqueeze(1);
+            var cosine = imageFeat!.matmul(textFeat!.t());
             e = e with
             {
                 ImageTokens = imageTokens, TextTokens = textTokens,
-                Similarity = imageFeat.matmul(textFeat.t()) / temperature.clamp(c.TemperatureMin, c.TemperatureMax),
+                ImageToText = cosine / rowTemp, TextToImage = cosine.t() / rowTemp,
                 SameImage = keys.unsqueeze(1).eq(keys.unsqueeze(0)),
             };
         }
@@ -187,27 +240,32 @@ public sealed class MamoModel : Module
         return e;
     }
 
-    /// <summary>ITC: symmetric InfoNCE; each row's positives are spread over duplicates of its image.</summary>
+    /// <summary>ITC: symmetric InfoNCE over the global batch; each row's positives are spread over duplicates of its image.</summary>
     static Tensor Itc(Encodings e)
     {
-        var sim = e.Similarity!;
-        var positives = e.SameImage!.to(sim.dtype);
+        var positives = e.SameImage!.to(e.ImageToText!.dtype);
         positives = positives / positives.sum(1, keepdim: true);
-        var lossI2T = -(F.log_softmax(sim, 1) * positives).sum(1).mean();
-        var lossT2I = -(F.log_softmax(sim.t(), 1) * positives).sum(1).mean();
-        return (lossI2T + lossT2I) / 2;
+        var lossI2T = -(F.log_softmax(e.ImageToText!, 1) * positives).sum(1);   // [G] one per image
+        var lossT2I = -(F.log_softmax(e.TextToImage!, 1) * positives).sum(1);   // [G] one per text
+        return (e.Share(lossI2T).sum() + e.Share(lossT2I).sum()) / (2 * e.Pairs);
     }
 
-    /// <summary>ITM: match or not on the fused [CLS], over the true pairs and one hard negative per image and per text.</summary>
-    Tensor Itm(Encodings e, Tensor attentionMask, Generator? generator, out Tensor negatives)
+    /// <summary>ITM: match or not on the fused [CLS], over the true pairs and one hard negative per image and per text,
+    /// drawn from this shard's own pairs (as ALBEF draws them on each GPU).</summary>
+    Tensor Itm(Encodings e, Tensor attentionMask, int group, Generator? generator, out Tensor negatives)
     {
         var (imageTokens, textTokens) = (e.ImageTokens!, e.TextTokens!);
         var b = imageTokens.shape[0];
         Tensor negImage, negText;
         using (no_grad())
         {
-            negImage = SampleHardNegatives(e.Similarity!.t(), e.SameImage!, generator);    // for each text, an image
-            negText = SampleHardNegatives(e.Similarity!, e.SameImage!, generator);         // for each image, a text
+            // One uniform per row of the global batch, so the draws do not depend on how replicas split it.
+            var ownRows = (int)e.Before..(int)(e.Before + b);
+            var forText = rand(e.Pairs, generator: generator, device: imageTokens.device)[ownRows];
+            var forImage = rand(e.Pairs, generator: generator, device: imageTokens.device)[ownRows];
+            var same = e.OwnBlock(e.SameImage!);
+            negImage = SampleHardNegatives(e.OwnBlock(e.TextToImage!), same, group, forText);     // for each text, an image
+            negText = SampleHardNegatives(e.OwnBlock(e.ImageToText!), same, group, forImage);     // for each image, a text
             negatives = stack(new[] { negImage, negText });
         }
         var itmImage = cat(new[] { imageTokens, imageTokens.index_select(0, negImage), imageTokens }, 0);
@@ -215,23 +273,24 @@ public sealed class MamoModel : Module
         var itmMask = cat(new[] { attentionMask, attentionMask, attentionMask.index_select(0, negText) }, 0);
         var fusedCls = fusion.forward(itmImage, itmText, itmMask)[.., 0];                   // [3B, W]
         var labels = cat(new[] { ones(b, int64, imageTokens.device), zeros(2 * b, int64, imageTokens.device) });
-        return F.cross_entropy(itmHead.forward(fusedCls), labels);
+        return F.cross_entropy(itmHead.forward(fusedCls), labels, reduction: Reduction.Sum) / (3 * e.Pairs);
     }
 
     /// <summary>MLM: the masked words, predicted over the vocabulary through the tied word embeddings.</summary>
     Tensor Mlm(Encodings e, JointMask mask)
     {
         var logits = F.linear(mlmTransform.forward(e.MaskedText!), text.WordEmbeddings, mlmBias);   // [M, V]
-        return F.cross_entropy(logits, mask.MaskedTokenLabels);
+        return F.cross_entropy(logits, mask.MaskedTokenLabels, reduction: Reduction.Sum) / Math.Max(1, e.MaskedWords);
     }
 
     /// <summary>MIM (explicit target): the teacher image encoder's features of each masked patch, through a decoder.</summary>
     Tensor Mim(Encodings e, JointMask mask, TeacherTargets targets)
     {
-        var n = Config.NumPatches;
-        var patchIndex = mask.Masked.unsqueeze(-1).expand(-1, -1, Config.Width);                  // [B, Nm, W]
+        var (n, w) = (Config.NumPatches, Config.Width);
+        var patchIndex = mask.Masked.unsqueeze(-1).expand(-1, -1, w);                              // [B, Nm, W]
         var decoded = mimHead.forward(mimDecoder.forward(e.Fused![.., 1..(1 + n)], null));          // [B, N, W]
-        return F.mse_loss(decoded.gather(1, patchIndex), targets.PatchFeatures.gather(1, patchIndex));
+        return F.mse_loss(decoded.gather(1, patchIndex), targets.PatchFeatures.gather(1, patchIndex), Reduction.Sum)
+            / (e.Pairs * mask.Masked.shape[1] * w);
     }
 
     /// <summary>MRM (implicit target): the teacher's fused latents at every masked position of both modalities.</summary>
@@ -241,26 +300,33 @@ public sealed class MamoModel : Module
         var predicted = mrmHead.forward(e.Fused!);
         var target = targets.FusedLatents;
         var imageIndex = (mask.Masked + 1).unsqueeze(-1).expand(-1, -1, w);
-        var imageLoss = F.mse_loss(predicted.gather(1, imageIndex), target.gather(1, imageIndex));
+        var imageLoss = F.mse_loss(predicted.gather(1, imageIndex), target.gather(1, imageIndex), Reduction.Sum) / (e.Pairs * mask.Masked.shape[1] * w);
         var textLoss = F.mse_loss(
             predicted[.., (1 + n)..].reshape(-1, w).index_select(0, mask.MaskedTokenPositions),
-            target[.., (1 + n)..].reshape(-1, w).index_select(0, mask.MaskedTokenPositions));
+            target[.., (1 + n)..].reshape(-1, w).index_select(0, mask.MaskedTokenPositions), Reduction.Sum) / (Math.Max(1, e.MaskedWords) * w);
         return (imageLoss + textLoss) / 2;
     }
 
     /// <summary>Keeps every other image a possible negative even when softmax underflows to 0.</summary>
     const float NegativeFloor = 1e-6f;
 
-    /// <summary>ALBEF's hard negatives: one per row, drawn in proportion to softmax similarity, never the row's own image.</summary>
-    static Tensor SampleHardNegatives(Tensor sim, Tensor same, Generator? generator)
+    /// <summary>ALBEF's hard negatives: one per row, drawn in proportion to softmax similarity among the row's group
+    /// (<paramref name="group"/> consecutive pairs, 0: all), never the row's own image; inverse-CDF sampling of
+    /// <paramref name="uniform"/>, one draw in [0, 1) per row.</summary>
+    static Tensor SampleHardNegatives(Tensor sim, Tensor same, int group, Tensor uniform)
     {
         using var scope = NewDisposeScope();
-        var weights = F.softmax(sim.to(float32), 1).nan_to_num(0, 0, 0) + NegativeFloor;
-        weights = weights.masked_fill(same, 0);
-        // A row whose every candidate is the same image has no true negative: fall back to uniform.
+        var b = sim.shape[0];
+        var groupOf = group > 0 ? arange(b, device: sim.device).div(group, rounding_mode: RoundingMode.floor) : zeros(b, int64, sim.device);
+        var inGroup = groupOf.unsqueeze(1).eq(groupOf.unsqueeze(0));
+        var weights = F.softmax(sim.masked_fill(inGroup.logical_not(), float.NegativeInfinity).to(float32), 1).nan_to_num(0, 0, 0) + NegativeFloor;
+        weights = weights.masked_fill(same.logical_or(inGroup.logical_not()), 0);
+        // A row whose every candidate is the same image has no true negative: fall back to uniform over its group.
         var empty = weights.sum(1, keepdim: true).eq(0);
-        weights = where(empty, ones_like(weights), weights);
-        return multinomial(weights, 1, generator: generator).squeeze(1).MoveToOuterDisposeScope();
+        weights = where(empty, inGroup.to(float32), weights);
+        var cdf = weights.cumsum(1);
+        var target = ((1 - uniform.to(float32)) * cdf.select(1, -1)).unsqueeze(1);      // in (0, total]: never a zero-weight column
+        return cdf.lt(target).sum(1).clamp_max(b - 1).MoveToOuterDisposeScope();
     }
 
     /// <summary>The teacher's targets for an unmasked pair: MRM averages the top <paramref name="topK"/> fusion layers.

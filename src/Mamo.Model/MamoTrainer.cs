@@ -56,35 +56,54 @@ public sealed class MamoTrainer : IDisposable
         var batch = new StepInput(images, tokenIds, attentionMask, imageKeys);
         TeacherTargets? targets = Objective.NeedsTargets ? Objective.Targets(Teacher, batch) : null;
         var result = StudentStep(batch, targets);
-        if (teacher is not null) Momentum.Update(teacher, Student, Objective.TeacherMomentum!.Value);   // every step, skipped or not, as the actor pipeline does
+        FollowStudent();   // every step, skipped or not, as the actor pipeline does
         return result;
+    }
+
+    /// <summary>The EMA update of this trainer's own teacher towards the student.</summary>
+    public void FollowStudent()
+    {
+        if (teacher is not null) Momentum.Update(teacher, Student, Objective.TeacherMomentum!.Value);
     }
 
     /// <summary>The student's half of a step, given the teacher's targets (which may come from another thread).
     /// A non-finite loss skips the update and leaves the weights untouched.</summary>
     public StepResult StudentStep(StepInput batch, TeacherTargets? targets)
     {
+        var (loss, terms) = Backward(batch, targets);
+        return Update(loss, terms);
+    }
+
+    /// <summary>The forward and backward of the next step, leaving its gradient in the trained parameters (none where
+    /// the loss is not finite). Every-step replicas stop here and send the gradient on.</summary>
+    public (double Loss, IReadOnlyDictionary<string, double> Terms) Backward(StepInput batch, TeacherTargets? targets)
+    {
         using var scope = NewDisposeScope();
-        var step = Step;
-        var lr = OptimizerConfig.LearningRateAt(step);
         Student.train();
         foreach (var part in Objective.Parts.Values) part.train();
         Optimizer.ZeroGrad();
-        using var loss = Objective.Loss(Student, batch, targets, MaskSeed(step));
+        using var loss = Objective.Loss(Student, batch, targets, MaskSeed(Step));
         var total = loss.Total.ToDouble();
-        var terms = loss.Terms.ToDictionary(t => t.Key, t => t.Value.ToDouble());
-        Step++;
-        if (!double.IsFinite(total)) return new StepResult(step, total, terms, lr, double.NaN, Skipped: true);
-        loss.Total.backward();
+        if (double.IsFinite(total)) loss.Total.backward();
+        return (total, loss.Terms.ToDictionary(t => t.Key, t => t.Value.ToDouble()));
+    }
+
+    /// <summary>Ends the step whose gradient the trained parameters hold: clipping and AdamW, or a skip where the loss
+    /// or the gradient is not finite.</summary>
+    public StepResult Update(double loss, IReadOnlyDictionary<string, double> terms)
+    {
+        var step = Step++;
+        var lr = OptimizerConfig.LearningRateAt(step);
+        if (!double.IsFinite(loss)) return new StepResult(step, loss, terms, lr, double.NaN, Skipped: true);
         var gradNorm = Optimizer.ClipGradients();
         if (!double.IsFinite(gradNorm))
         {
             Optimizer.ZeroGrad();
-            return new StepResult(step, total, terms, lr, gradNorm, Skipped: true);
+            return new StepResult(step, loss, terms, lr, gradNorm, Skipped: true);
         }
         Optimizer.Apply(lr);
         Student.ClampTemperature();
-        return new StepResult(step, total, terms, lr, gradNorm, Skipped: false);
+        return new StepResult(step, loss, terms, lr, gradNorm, Skipped: false);
     }
 
     /// <summary>The checkpoint parts this trainer holds (views, not copies): student, optimizer, the objective's own

@@ -30,24 +30,26 @@ public sealed class JointMask : IDisposable
 }
 
 /// <summary>MAMO's joint masking: a random share of image patches and of text tokens in the same pair.
-/// Drawn on the host from a seeded generator, so a seed reproduces the masks exactly on any device.</summary>
+/// Drawn on the host, each row from (seed, its row in the global batch): a seed reproduces the masks exactly on any
+/// device, and replicas that split a batch draw the masks one process would draw for the whole of it.</summary>
 public static class JointMasking
 {
     /// <param name="tokenIds">[B, L] on the CPU</param>
     /// <param name="attentionMask">[B, L] on the CPU</param>
-    public static JointMask Sample(MamoConfig c, PretrainingConfig objective, Tensor tokenIds, Tensor attentionMask, int seed)
+    /// <param name="firstRow">the global batch's row of this batch's first pair (IBatchShard.FirstRow)</param>
+    public static JointMask Sample(MamoConfig c, PretrainingConfig objective, Tensor tokenIds, Tensor attentionMask, int seed, long firstRow = 0)
     {
-        var rng = new Random(seed);
         var (b, l) = ((int)tokenIds.shape[0], (int)tokenIds.shape[1]);
         int n = c.NumPatches, nv = objective.NumVisiblePatches(c);
 
         var visible = new long[b * nv];
         var masked = new long[b * (n - nv)];
         var order = new int[n];
+        var rows = Enumerable.Range(0, b).Select(i => new Random(Seeds.Mix(seed, firstRow + i))).ToArray();
         for (int i = 0; i < b; i++)
         {
             for (int p = 0; p < n; p++) order[p] = p;
-            rng.Shuffle(order);
+            rows[i].Shuffle(order);
             var keep = order[..nv]; Array.Sort(keep);
             var drop = order[nv..]; Array.Sort(drop);
             for (int k = 0; k < nv; k++) visible[i * nv + k] = keep[k];
@@ -62,6 +64,7 @@ public static class JointMasking
         var candidates = new List<int>();
         for (int i = 0; i < b; i++)
         {
+            var rng = rows[i];
             candidates.Clear();
             for (int t = 0; t < l; t++)
             {

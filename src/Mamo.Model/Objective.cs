@@ -7,7 +7,26 @@ namespace Mamo.Model;
 
 /// <summary>One unmasked batch as an objective sees it. Labels: each pair's label where the source has one.</summary>
 /// <param name="ImageKeys">[B] identity of each image, so a duplicate is never taken as a negative; null: all distinct</param>
-public sealed record StepInput(Tensor Images, Tensor TokenIds, Tensor AttentionMask, Tensor? ImageKeys = null, IReadOnlyList<string?>? Labels = null);
+/// <param name="Shard">where this batch is one replica's share of a global batch (every-step sync); null: it is the whole</param>
+public sealed record StepInput(Tensor Images, Tensor TokenIds, Tensor AttentionMask, Tensor? ImageKeys = null, IReadOnlyList<string?>? Labels = null,
+    IBatchShard? Shard = null);
+
+/// <summary>A replica's share of a global batch that several replicas train on in one step (every-step data
+/// parallelism, docs/CLUSTER.md). Each loss becomes this replica's share of the global batch's loss, with the global
+/// counts in its denominators and ITC over the gathered features, so that the replicas' gradients, summed, are the
+/// gradient of one process's step on the whole batch.</summary>
+public interface IBatchShard
+{
+    /// <summary>The global batch's row of this replica's first pair, as planned: each row's mask derives from it.</summary>
+    long FirstRow { get; }
+
+    /// <summary>This replica's place in the order the replicas' rows are concatenated in.</summary>
+    int Index { get; }
+
+    /// <summary>Every replica's tensors, each concatenated along dim 0 in replica order; blocks until all have given
+    /// theirs. The result carries no gradient.</summary>
+    IReadOnlyList<Tensor> AllGather(IReadOnlyList<Tensor> local);
+}
 
 /// <summary>What one training step computes from a batch, which parameters it trains, and which parts it needs.
 /// Pre-training (MAMO's five losses) is one; a task head on the fused [CLS] is another. The trainer, the pipeline
@@ -55,11 +74,11 @@ public sealed class MamoPretraining(MamoConfig config, PretrainingConfig pretrai
     public MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed)
     {
         var device = student.Device;
-        using var cpuMask = JointMasking.Sample(config, pretraining, batch.TokenIds, batch.AttentionMask, seed);
+        using var cpuMask = JointMasking.Sample(config, pretraining, batch.TokenIds, batch.AttentionMask, seed, batch.Shard?.FirstRow ?? 0);
         using var mask = cpuMask.To(device);
         using var generator = new Generator((ulong)seed, device);
         return student.Forward(batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device), mask, pretraining, targets,
-            batch.ImageKeys?.to(device), generator);
+            batch.ImageKeys?.to(device), generator, batch.Shard);
     }
 
     public void Dispose() { }
