@@ -7,7 +7,10 @@ namespace Mamo.Actors;
 
 /// <summary>mamo.cluster: how the replicas of a cluster run synchronise (docs/CLUSTER.md).</summary>
 public sealed record ClusterSettings(string Sync, int InnerSteps, OuterOptimizerConfig OuterOptimizer, int MinReplicas, TimeSpan RoundTimeout,
-    string DeltaDType, int ChunkSize, int Window);
+    string DeltaDType, int ChunkSize, int Window)
+{
+    public const string DiLoCo = "diloco", EveryStep = "every-step";
+}
 
 /// <summary>A configuration key or value that cannot be used; the message names the key.</summary>
 public sealed class SettingsException(string message) : Exception(message);
@@ -262,7 +265,7 @@ public sealed record MamoSettings
             PublishModality = Get("publish.modality", k => c.GetString(k), v => v is "image" or "text" or "both", "must be image, text or both"),
             PublishBatchSize = Int("publish.batch-size", 1),
             Cluster = new ClusterSettings(
-                Get("cluster.sync", k => c.GetString(k), v => v is "diloco", "must be diloco (every-step is not built yet)"),
+                Get("cluster.sync", k => c.GetString(k), v => v is ClusterSettings.DiLoCo or ClusterSettings.EveryStep, $"must be {ClusterSettings.DiLoCo} or {ClusterSettings.EveryStep}"),
                 Int("cluster.inner-steps", 1),
                 new OuterOptimizerConfig(NonNegative("cluster.outer-optimizer.learning-rate"), Ratio("cluster.outer-optimizer.momentum"),
                     Bool("cluster.outer-optimizer.nesterov")),

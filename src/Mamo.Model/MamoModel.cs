@@ -86,23 +86,42 @@ public sealed class MamoModel : Module
 
     public MamoModel(MamoConfig config) : base(nameof(MamoModel))
     {
-        config.Validate();
-        Config = config;
-        var w = config.Width;
-        image = new ImageEncoder(config);
-        text = new TextEncoder(config);
-        fusion = new FusionEncoder(config);
-        imageProjection = Linear(w, config.EmbedDim);
-        textProjection = Linear(w, config.EmbedDim);
-        temperature = Parameter(tensor((float)config.TemperatureInit));
-        itmHead = Linear(w, 2);
-        mlmTransform = new MlmTransform(w);
-        mlmBias = Parameter(zeros(config.VocabSize));
-        mimDecoder = new BlockStack(config.DecoderLayers, w, config.Heads, config.MlpRatio);
-        mimHead = Linear(w, w);
-        mrmHead = Linear(w, w);
-        RegisterComponents();
-        WeightInit.Apply(this, config.WeightInit);
+        // Every model draws its initial weights from torch's one global generator, under one lock (see Seeded).
+        lock (GlobalGenerator)
+        {
+            config.Validate();
+            Config = config;
+            var w = config.Width;
+            image = new ImageEncoder(config);
+            text = new TextEncoder(config);
+            fusion = new FusionEncoder(config);
+            imageProjection = Linear(w, config.EmbedDim);
+            textProjection = Linear(w, config.EmbedDim);
+            temperature = Parameter(tensor((float)config.TemperatureInit));
+            itmHead = Linear(w, 2);
+            mlmTransform = new MlmTransform(w);
+            mlmBias = Parameter(zeros(config.VocabSize));
+            mimDecoder = new BlockStack(config.DecoderLayers, w, config.Heads, config.MlpRatio);
+            mimHead = Linear(w, w);
+            mrmHead = Linear(w, w);
+            RegisterComponents();
+            WeightInit.Apply(this, config.WeightInit);
+        }
+    }
+
+    static readonly object GlobalGenerator = new();
+
+    /// <summary>A model initialised from <paramref name="seed"/>. Initialisation draws from torch's one global
+    /// generator, so models built at once on two threads (a cluster node's coordinator, its replica and their
+    /// teachers) would interleave their draws: building every model under one lock keeps a seed's weights the same in
+    /// every process.</summary>
+    public static MamoModel Seeded(MamoConfig config, int seed)
+    {
+        lock (GlobalGenerator)
+        {
+            manual_seed(seed);
+            return new MamoModel(config);
+        }
     }
 
     /// <summary>Keeps the learnable temperature inside its range (as ALBEF does after each step); a clamp in the

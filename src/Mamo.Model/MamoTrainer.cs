@@ -29,8 +29,7 @@ public sealed class MamoTrainer : IDisposable
         Seed = seed;
         Device = device;
         OptimizerConfig = optimizer;
-        manual_seed(seed);
-        Student = new MamoModel(config);
+        Student = MamoModel.Seeded(config, seed);
         Student.to(device);
         Objective = objective?.Invoke(config) ?? new MamoPretraining(config, new PretrainingConfig());
         foreach (var part in Objective.Parts.Values) part.to(device);

@@ -234,7 +234,7 @@ public class ClusterTests(ITestOutputHelper output)
     }
 
     /// <summary>48 real emoji, so that one round of 3 replicas × 2 steps × 8 pairs is one epoch.</summary>
-    static string Manifest(TempFolder folder)
+    internal static string Manifest(TempFolder folder)
     {
         var emoji = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit);
         var root = Path.GetDirectoryName(emoji)!;
@@ -252,7 +252,7 @@ public class ClusterTests(ITestOutputHelper output)
 
     static string Tail(string log) => File.Exists(log) ? string.Join("\n", File.ReadLines(log).TakeLast(40)) : $"(no {log})";
 
-    static int FreePort()
+    internal static int FreePort()
     {
         using var listener = new TcpListener(IPAddress.Loopback, 0);
         listener.Start();

@@ -41,8 +41,6 @@ public class ShardTests
         }
     }
 
-    static readonly object Init = new();
-
     sealed record Outcome(double Loss, IReadOnlyDictionary<string, double> Terms, Dictionary<string, Tensor> Gradients, Tensor Negatives);
 
     /// <summary>One replica's step: its own copy of the student (same seed, same weights), the teacher's targets of
@@ -50,13 +48,8 @@ public class ShardTests
     static Outcome Step(PretrainingConfig pretraining, StepInput batch, int seed)
     {
         using var scope = NewDisposeScope();
-        MamoModel student, teacher;
-        lock (Init)   // the global generator: replicas on two threads must start from the same weights
-        {
-            manual_seed(7);
-            student = new MamoModel(Tiny);
-            teacher = Momentum.CreateTeacher(student);
-        }
+        var student = MamoModel.Seeded(Tiny, 7);
+        var teacher = Momentum.CreateTeacher(student);
         using var objective = new MamoPretraining(Tiny, pretraining);
         using var targets = objective.Targets(teacher, batch);
         using var loss = objective.Loss(student, batch, targets, seed);

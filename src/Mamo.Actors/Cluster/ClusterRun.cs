@@ -51,8 +51,9 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
         var system = ActorSystem.Create("mamo", Config());
         try
         {
+            var everyStep = s.Cluster.Sync == ClusterSettings.EveryStep;
             if (node.Roles.Contains(ClusterNodeOptions.CoordinatorRole))
-                system.ActorOf(ClusterSingletonManager.Props(Coordinator.Props(s), PoisonPill.Instance,
+                system.ActorOf(ClusterSingletonManager.Props(everyStep ? StepCoordinator.Props(s, device) : Coordinator.Props(s), PoisonPill.Instance,
                     ClusterSingletonManagerSettings.Create(system).WithRole(ClusterNodeOptions.CoordinatorRole).WithSingletonName(SingletonName)), SingletonName);
             var coordinator = CoordinatorProxy(system);
             var finished = new TaskCompletionSource<RoundReplica.Finished>(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -60,7 +61,9 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
             {
                 var owner = system.ActorOf(Props.Create(() => new Completion(finished)), "finished");
                 var preparer = new SamplePreparer(new ImageTransform(s.TrainImages), tokenizer, s.Model.MaxTextLength, decodeLimits);
-                system.ActorOf(RoundReplica.Props(s, samples, preparer, coordinator, owner, node.Name, NodeDir(s.RunDir, node.Name), device), "replica");
+                var data = new ReplicaData(s, samples, preparer, node.Name, NodeDir(s.RunDir, node.Name));
+                system.ActorOf(everyStep ? StepReplica.Props(s, data, coordinator, owner, node.Name, device)
+                    : RoundReplica.Props(s, data, coordinator, owner, node.Name, device), "replica");
             }
             Log.Information("node {Node} ({Roles}) listening on {Host}:{Port}, joining {Seeds}", node.Name, string.Join(",", node.Roles), node.Host, node.Port,
                 string.Join(",", node.SeedNodes));
@@ -69,8 +72,8 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
             if (done == system.WhenTerminated && !stop.IsCancellationRequested && !finished.Task.IsCompleted)
                 throw new InvalidOperationException("this node's actor system stopped (downed by the cluster?)");
             var rounds = finished.Task.IsCompleted ? finished.Task.Result.Round : 0;
-            Log.Information("node {Node} leaves the cluster after round {Round}", node.Name, rounds);
-            return rounds * s.Cluster.InnerSteps;
+            Log.Information("node {Node} leaves the cluster after {Unit} {Round}", node.Name, everyStep ? "step" : "round", rounds);
+            return everyStep ? rounds : rounds * s.Cluster.InnerSteps;
         }
         finally
         {

@@ -16,6 +16,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
     const string OfferManifest = "transfer-offer", ChunkManifest = "transfer-chunk", AckManifest = "transfer-ack";
     const string RegisterManifest = "round-register", StartManifest = "round-start", DoneManifest = "round-done", FinishManifest = "round-finish";
     const string GetProgressManifest = "get-progress", ProgressManifest = "progress";
+    const string StepStartManifest = "step-start", StepDoneManifest = "step-done", StepAbortManifest = "step-abort";
     /// <summary>Bounds a name and a dimension count: an offer is small, whatever the model.</summary>
     const int MaxName = 1024, MaxDims = 8, MaxTensors = 100_000;
 
@@ -32,6 +33,9 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         Coordinator.Finish => FinishManifest,
         Coordinator.GetProgress => GetProgressManifest,
         Coordinator.Progress => ProgressManifest,
+        StepCoordinator.StepStart => StepStartManifest,
+        StepCoordinator.StepDone => StepDoneManifest,
+        StepCoordinator.Abort => StepAbortManifest,
         _ => throw new ArgumentException($"no wire format for {o.GetType()}"),
     };
 
@@ -90,6 +94,31 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(p.Round);
                     w.Write(p.LastCheckpoint);
                     break;
+                case StepCoordinator.StepStart s:
+                    w.Write(s.Attempt);
+                    w.Write(s.Step);
+                    w.Write(s.Cursor);
+                    w.Write(s.BatchSize);
+                    w.Write(s.Index);
+                    w.Write(s.FirstRow);
+                    w.Write(s.WithTeacher);
+                    w.Write(Akka.Serialization.Serialization.SerializedActorPath(s.Receiver));
+                    break;
+                case StepCoordinator.StepDone d:
+                    w.Write(d.Attempt);
+                    w.Write(d.Node);
+                    w.Write(d.Samples);
+                    w.Write(d.Loss);
+                    w.Write(d.Terms.Count);
+                    foreach (var (term, value) in d.Terms)
+                    {
+                        w.Write(term);
+                        w.Write(value);
+                    }
+                    break;
+                case StepCoordinator.Abort a:
+                    w.Write(a.Attempt);
+                    break;
                 default:
                     throw new ArgumentException($"no wire format for {obj.GetType()}");
             }
@@ -113,6 +142,10 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 FinishManifest => new Coordinator.Finish(r.ReadInt64()),
                 GetProgressManifest => new Coordinator.GetProgress(),
                 ProgressManifest => new Coordinator.Progress(r.ReadInt64(), r.ReadString()),
+                StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
+                    r.ReadBoolean(), ReadRef(r)),
+                StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadTerms(r)),
+                StepAbortManifest => new StepCoordinator.Abort(r.ReadInt64()),
                 _ => throw new SerializationException($"unknown manifest '{manifest}'"),
             };
             if (r.BaseStream.Position != bytes.Length) throw new SerializationException($"{bytes.Length - r.BaseStream.Position} bytes left after a '{manifest}'");
@@ -122,6 +155,16 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         {
             throw new SerializationException($"malformed '{manifest}' message: {e.Message}", e);
         }
+    }
+
+    /// <summary>Loss terms by name: a handful, never more than MaxTensors.</summary>
+    static Dictionary<string, double> ReadTerms(BinaryReader r)
+    {
+        var count = r.ReadInt32();
+        if (count is < 0 or > MaxTensors) throw new SerializationException($"{count} loss terms");
+        var terms = new Dictionary<string, double>(count);
+        for (int i = 0; i < count; i++) terms[r.ReadString()] = r.ReadDouble();
+        return terms;
     }
 
     /// <summary>An actor reference as its path; resolving it creates nothing.</summary>

@@ -62,8 +62,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         this.settings = settings;
         cluster = settings.Cluster;
         rounds = settings.MaxSteps > 0 ? (settings.MaxSteps + cluster.InnerSteps - 1) / cluster.InnerSteps : long.MaxValue;
-        manual_seed(settings.Seed);
-        theta = new MamoModel(settings.Model);
+        theta = MamoModel.Seeded(settings.Model, settings.Seed);
         teacher = Momentum.CreateTeacher(theta);
         outer = new OuterOptimizer(Checkpoint.Named(theta), cluster.OuterOptimizer);
         if (Checkpoint.Latest(settings.RunDir) is { } dir) Resume(dir);

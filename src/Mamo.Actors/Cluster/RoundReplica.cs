@@ -22,21 +22,17 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
     public sealed record Finished(long Round);
 
     readonly MamoSettings settings;
-    readonly TrainingSamples samples;
-    readonly SamplePreparer preparer;
+    readonly ReplicaData data;
     readonly IActorRef coordinator, owner, receiver;
     readonly string node;
     readonly MamoTrainer trainer;
-    readonly StreamWriter? ledger;
     Coordinator.RoundStart? start;
     WeightTransfer.Received? weights;
 
-    public RoundReplica(MamoSettings settings, TrainingSamples samples, SamplePreparer preparer, IActorRef coordinator, IActorRef owner, string node,
-        string nodeDir, Device device)
+    public RoundReplica(MamoSettings settings, ReplicaData data, IActorRef coordinator, IActorRef owner, string node, Device device)
     {
         this.settings = settings;
-        this.samples = samples;
-        this.preparer = preparer;
+        this.data = data;
         this.coordinator = coordinator;
         this.owner = owner;
         this.node = node;
@@ -44,11 +40,6 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
         trainer = new MamoTrainer(settings.Model, settings.Optimizer, device, Seeds.Mix(settings.Seed, Seeds.StableHash(node)), withTeacher: true,
             MamoPretraining.With(settings.Pretraining));
         receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "weights");
-        if (settings.Ledger)
-        {
-            Directory.CreateDirectory(nodeDir);
-            ledger = new StreamWriter(new FileStream(Path.Combine(nodeDir, Metrics.LedgerFile), FileMode.Append, FileAccess.Write, FileShare.Read)) { AutoFlush = true };
-        }
 
         Receive<Coordinator.RoundStart>(s => { start = s; TryTrain(); });
         Receive<WeightTransfer.Received>(w =>
@@ -62,9 +53,8 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
         Receive<WeightTransfer.Sent>(_ => { });
     }
 
-    public static Props Props(MamoSettings settings, TrainingSamples samples, SamplePreparer preparer, IActorRef coordinator, IActorRef owner, string node,
-        string nodeDir, Device device) =>
-        Akka.Actor.Props.Create(() => new RoundReplica(settings, samples, preparer, coordinator, owner, node, nodeDir, device)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(MamoSettings settings, ReplicaData data, IActorRef coordinator, IActorRef owner, string node, Device device) =>
+        Akka.Actor.Props.Create(() => new RoundReplica(settings, data, coordinator, owner, node, device)).WithDispatcher(Dispatchers.Model);
 
     protected override void PreStart()
     {
@@ -100,28 +90,13 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
     long Train(Coordinator.RoundStart s)
     {
         long trained = 0;
-        var range = samples.From(s.Cursor).Take(s.Steps * s.BatchSize).Chunk(s.BatchSize);
-        foreach (var group in range)
+        foreach (var prepared in data.Batches(s.Cursor, s.Steps, s.BatchSize, atLeast: 2))
         {
-            var prepared = new List<PreparedSample>(group.Length);
-            foreach (var (c, sample) in group)
-            {
-                if (preparer.TryPrepareForTraining(sample, TrainingGraph.SampleRandom(settings.Seed, TrainingSamples.CursorPartition, c), out var p, out var bad))
-                    prepared.Add(p!);
-                else Log.Warning("dead letter: {Reason} at {Location}", bad!.Reason, bad.Location);
-            }
-            if (prepared.Count < 2) continue;
-            using var batch = Collator.Collate(prepared, settings.Model.ImageSize);
-            using var keys = tensor(batch.Ids.Select(Seeds.StableHash).ToArray());
-            var result = trainer.TrainStep(batch.Images, batch.TokenIds, batch.AttentionMask, keys);
-            trained += prepared.Count;
-            ledger?.WriteLine(new JsonObject
-            {
-                ["step"] = result.Step, ["round"] = s.Round, ["node"] = node,
-                ["position"] = new JsonObject { [TrainingSamples.CursorPartition] = group[^1].Cursor },
-                ["loss"] = double.IsFinite(result.Loss) ? result.Loss : null, ["skipped"] = result.Skipped,
-                ["ids"] = new JsonArray(batch.Ids.Select(i => (JsonNode)JsonValue.Create(i)!).ToArray()),
-            }.ToJsonString());
+            using var _ = prepared;
+            var batch = prepared.Batch;
+            var result = trainer.TrainStep(batch.Images, batch.TokenIds, batch.AttentionMask, prepared.ImageKeys);
+            trained += batch.Size;
+            data.Record(result.Step, s.Round, prepared.LastCursor, result.Loss, result.Skipped, batch.Ids);
             if ((result.Step + 1) % settings.MetricsEverySteps == 0)
                 Log.Information("{Node} round {Round} step {Step} loss {Loss:F4}", node, s.Round, result.Step + 1, result.Loss);
         }
@@ -149,7 +124,6 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
     protected override void PostStop()
     {
         trainer.Dispose();
-        ledger?.Dispose();
         base.PostStop();
     }
 }

@@ -1,0 +1,110 @@
+using System.Diagnostics;
+using TorchSharp;
+using System.Text.Json;
+using Xunit;
+using Xunit.Abstractions;
+using Model = Mamo.Model;
+
+namespace Mamo.Cli.Tests;
+
+/// <summary>cluster.sync = every-step as real node processes on 127.0.0.1, against single-node `mamo pretrain` on the
+/// same manifest. Teacher targets are computed within the step in both (teacher.pipelined = off: the single-node
+/// default pipelines them one step behind, which an every-step cluster does not).</summary>
+[Collection(ClusterCollection.Name)]
+public class EveryStepTests(ITestOutputHelper output)
+{
+    static readonly string[] Common = ["--plain", "--ledger", "--set", "torch-threads=1", "--set", "eval.every-steps=0", "--set", "teacher.pipelined=off"];
+
+    static async Task Run(params (string Name, string[] Args)[] processes)
+    {
+        var started = processes.Select(p => (p.Name, Process: Process.Start(MamoProcess.StartInfo(["pretrain", .. Common, .. p.Args]))!)).ToList();
+        var logs = started.Select(p => (Out: p.Process.StandardOutput.ReadToEndAsync(), Err: p.Process.StandardError.ReadToEndAsync())).ToList();
+        using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(4));
+        try
+        {
+            foreach (var (_, p) in started) await p.WaitForExitAsync(patience.Token);
+        }
+        finally
+        {
+            foreach (var (_, p) in started.Where(p => !p.Process.HasExited)) p.Kill(entireProcessTree: true);
+        }
+        for (int i = 0; i < started.Count; i++)
+            Assert.True(started[i].Process.ExitCode == 0, $"{started[i].Name} exited {started[i].Process.ExitCode}: {await logs[i].Out}{await logs[i].Err}");
+    }
+
+    static string[] Node(string manifest, string run, int i, int port, int seedPort, int batch, int maxSteps, int replicas) =>
+        ["--source", "manifest:" + manifest, "--run-dir", run, "--max-steps", $"{maxSteps}", "--set", $"batch-size={batch}",
+         "--cluster", $"127.0.0.1:{port}", "--seed-nodes", $"127.0.0.1:{seedPort}", "--node-name", $"n{i}",
+         "--set", "cluster.sync=every-step", "--set", $"cluster.min-replicas={replicas}"];
+
+    static List<JsonElement> Ledger(string path) => File.ReadAllLines(path).Select(l => JsonDocument.Parse(l).RootElement).ToList();
+
+    static IReadOnlyDictionary<string, TorchSharp.torch.Tensor> Student(string run, long step) =>
+        Model.SafeTensors.Load(Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(step), Model.Checkpoint.StudentFile));
+
+    [Fact]
+    public async Task One_every_step_node_makes_the_same_20_steps_as_single_node_pretrain()
+    {
+        using var folder = new TempFolder();
+        var manifest = ClusterTests.Manifest(folder);
+        var (single, cluster) = (folder.File("single"), folder.File("cluster"));
+        var port = ClusterTests.FreePort();
+        await Run(("single node", ["--source", "manifest:" + manifest, "--run-dir", single, "--max-steps", "20", "--set", "batch-size=8"]));
+        await Run(("n0", Node(manifest, cluster, 0, port, port, batch: 8, maxSteps: 20, replicas: 1)));
+
+        var expected = Ledger(Path.Combine(single, "ledger.jsonl"));
+        var actual = Ledger(Path.Combine(cluster, "nodes", "n0", "ledger.jsonl"));
+        Assert.Equal(20, expected.Count);
+        Assert.Equal(20, actual.Count);
+        double worst = 0;
+        for (int s = 0; s < 20; s++)
+        {
+            Assert.Equal(expected[s].GetProperty("ids").ToString(), actual[s].GetProperty("ids").ToString());
+            var (a, b) = (expected[s].GetProperty("loss").GetDouble(), actual[s].GetProperty("loss").GetDouble());
+            worst = Math.Max(worst, Math.Abs(a - b) / Math.Abs(a));
+        }
+        output.WriteLine($"worst relative loss difference over 20 steps: {worst:E2}");
+        Assert.True(worst <= 1e-5, $"worst relative loss difference {worst:E2}");
+        // Its checkpoints are a single-node run's: student, optimizer and teacher, at step 20.
+        Assert.Equal(new[] { Model.Checkpoint.StudentPart, Model.Checkpoint.OptimizerPart, Model.Checkpoint.TeacherPart }.Order(),
+            Model.Checkpoint.ReadState(Model.Checkpoint.Latest(cluster)!).Parts!.Order());
+    }
+
+    [Fact]
+    public async Task Two_every_step_replicas_at_batch_4_make_the_update_of_one_process_at_batch_8()
+    {
+        using var folder = new TempFolder();
+        var manifest = ClusterTests.Manifest(folder);
+        var (single, cluster) = (folder.File("single"), folder.File("cluster"));
+        var ports = new[] { ClusterTests.FreePort(), ClusterTests.FreePort() };
+        // ITM's hard negatives come from each replica's own 4 pairs, as ALBEF's GPUs draw them; the single process
+        // draws them from each half of its batch. The full learning rate from step 0 (no warm-up): a warm-up step's
+        // update (1e-6 per weight) is close to float32's spacing of the weights themselves, which would be all one measured.
+        string[] fullRate = ["--set", "optimizer.warmup-steps=1"];
+        await Run(("single node", ["--source", "manifest:" + manifest, "--run-dir", single, "--max-steps", "1", "--set", "batch-size=8",
+            "--set", "model.itm-negative-group=4", .. fullRate]));
+        await Run(("n0", [.. Node(manifest, cluster, 0, ports[0], ports[0], batch: 4, maxSteps: 1, replicas: 2), .. fullRate]),
+                  ("n1", [.. Node(manifest, cluster, 1, ports[1], ports[0], batch: 4, maxSteps: 1, replicas: 2), .. fullRate]));
+
+        // The replicas' rows, in node order, are the single process's batch.
+        var ids = Ledger(Path.Combine(single, "ledger.jsonl")).Single().GetProperty("ids").EnumerateArray().Select(x => x.GetString()).ToList();
+        var shards = Enumerable.Range(0, 2).Select(i => Ledger(Path.Combine(cluster, "nodes", $"n{i}", "ledger.jsonl")).Single()).ToList();
+        Assert.Equal(ids, shards.SelectMany(e => e.GetProperty("ids").EnumerateArray().Select(x => x.GetString())).ToList());
+        var loss = Ledger(Path.Combine(single, "ledger.jsonl")).Single().GetProperty("loss").GetDouble();
+        Assert.Equal(loss, shards.Sum(e => e.GetProperty("loss").GetDouble()), 1e-5 * loss);   // each replica's loss is its share
+
+        // The update θ1 − θ0, as one vector over every parameter.
+        var (start, expected, actual) = (Student(single, 0), Student(single, 1), Student(cluster, 1));
+        Assert.Equal(Model.Checkpoint.WeightHash(start.Select(kv => (kv.Key, kv.Value))),
+            Model.Checkpoint.WeightHash(Student(cluster, 0).Select(kv => (kv.Key, kv.Value))));
+        double difference = 0, update = 0;
+        foreach (var (name, t0) in start)
+        {
+            difference += Math.Pow(actual[name].sub(expected[name]).norm().ToDouble(), 2);
+            update += Math.Pow(expected[name].sub(t0).norm().ToDouble(), 2);
+        }
+        var relative = Math.Sqrt(difference / update);
+        output.WriteLine($"relative difference of the updates: {relative:E2}");
+        Assert.True(update > 0 && relative <= 1e-5, $"relative difference of the updates {relative:E2}");
+    }
+}
