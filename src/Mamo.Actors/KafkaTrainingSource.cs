@@ -38,6 +38,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
     readonly object gate = new();
     (ISourceQueueWithComplete<Positioned> Queue, StreamPosition Resume)? attach;
     readonly ConcurrentDictionary<string, bool> assigned = new();
+    /// <summary>Set by a rebalance (on the consumer thread, inside a poll): the loop settles the new partitions' pause state.</summary>
+    bool reassigned;
 
     /// <summary>The partitions this consumer owns now ("TOPIC/N").</summary>
     public IReadOnlyCollection<string> Assigned => assigned.Keys.Order().ToList();
@@ -59,6 +61,9 @@ public sealed class KafkaTrainingSource : ITrainingSource
             ["bootstrap.servers"] = spec.BootstrapServers,
             ["group.id"] = spec.Group ?? "mamo",
             ["enable.auto.commit"] = "false",
+            // KIP-848's protocol (Kafka >= 4.0): a member that joins or leaves moves partitions within seconds; under
+            // the classic protocol they sat idle for about 40 s here (docs/KAFKA.md). Brokers before 4.0: set classic.
+            ["group.protocol"] = "consumer",
             ["auto.offset.reset"] = "earliest",
             ["fetch.max.bytes"] = "16777216",
             ["queued.max.messages.kbytes"] = "16384",   // librdkafka's prefetch; the stream's backpressure bounds the rest
@@ -145,6 +150,13 @@ public sealed class KafkaTrainingSource : ITrainingSource
                     queue = null;   // the stream ended (stop, restart): hold still until the next one opens
                     consumer.Pause(consumer.Assignment);
                 }
+                if (reassigned)
+                {
+                    // A rebalance gave this member partitions: they follow the stream's state, paused without one.
+                    reassigned = false;
+                    if (queue is null) consumer.Pause(consumer.Assignment);
+                    else consumer.Resume(consumer.Assignment);
+                }
                 ConsumeResult<byte[]?, byte[]?>? record;
                 try { record = consumer.Consume(PollTimeout); }
                 catch (ConsumeException e)
@@ -166,7 +178,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 var item = KafkaRecords.Read(record.Topic, record.Partition.Value, record.Offset.Value, record.Message.Key, record.Message.Value, record.Message.Headers, limits);
                 var partition = KafkaRecords.PartitionKey(record.Topic, record.Partition.Value);
                 if (item is BadItem) unusable[(partition, record.Offset.Value)] = record.Message;
-                if (!Offer(queue, new Positioned(partition, record.Offset.Value, item)))
+                if (!Offer(consumer, queue, new Positioned(partition, record.Offset.Value, item)))
                 {
                     unusable.TryRemove((partition, record.Offset.Value), out _);
                     consumer.Seek(record.TopicPartitionOffset);   // not taken: the next stream starts with it
@@ -188,6 +200,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
     IEnumerable<TopicPartitionOffset> OnAssigned(IConsumer<byte[]?, byte[]?> c, List<TopicPartition> partitions)
     {
         foreach (var p in partitions) assigned[KafkaRecords.PartitionKey(p.Topic, p.Partition.Value)] = true;
+        reassigned = true;
         lock (gate) if (attach is { } next) durable = durable.Merge(next.Resume);
         var starts = StartOffsets(c, partitions);
         Log.Information("Kafka partitions assigned: {Partitions}", string.Join(", ", starts));
@@ -218,18 +231,33 @@ public sealed class KafkaTrainingSource : ITrainingSource
 
     /// <summary>Waits while the stream backpressures. An offer made as the stream stops may never be answered, so the
     /// wait also ends when the stream has ended or the source closes: the record then counts as not taken.</summary>
-    bool Offer(ISourceQueueWithComplete<Positioned> queue, Positioned item)
+    bool Offer(IConsumer<byte[]?, byte[]?> consumer, ISourceQueueWithComplete<Positioned> queue, Positioned item)
     {
+        var waited = false;
         try
         {
             var offer = queue.OfferAsync(item);
             var ended = queue.WatchCompletionAsync();
             while (!offer.Wait(PollTimeout))
+            {
                 if (ended.IsCompleted || closing.IsCancellationRequested) return false;
+                // The stream is full (the trainer is busy, or a cluster replica waits for its round): keep polling with
+                // every partition paused, so that group rebalances and commits go on. Without it the group waits for
+                // this member for its session timeout (about 40 s) before it may move any partition.
+                waited = true;
+                consumer.Pause(consumer.Assignment);
+                if (consumer.Consume(TimeSpan.Zero) is { IsPartitionEOF: false } early)
+                    consumer.Seek(early.TopicPartitionOffset);   // fetched before the pause: read again after it
+                CommitDurable(consumer);
+            }
             return offer.Result is QueueOfferResult.Enqueued;
         }
         catch (AggregateException) { return false; }   // the stream failed or detached
         catch (Exception e) when (e is StreamDetachedException or InvalidOperationException) { return false; }
+        finally
+        {
+            if (waited) consumer.Resume(consumer.Assignment);
+        }
     }
 
     void CommitDurable(IConsumer<byte[]?, byte[]?> consumer)

@@ -95,7 +95,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     }
 
     /// <summary>kafka://... streams from Kafka; dataset:, manifest: and wds: sources are read into memory.</summary>
-    static ITrainingSource OpenSource(MamoSettings s, DecodeLimits decodeLimits, Action<BadInput> onBad, Action<string> log)
+    internal static ITrainingSource OpenSource(MamoSettings s, DecodeLimits decodeLimits, Action<BadInput> onBad, Action<string> log)
     {
         if (KafkaSpec.IsKafka(s.Source))
         {

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using Akka.Actor;
+using Akka.Streams;
 using Akka.TestKit.Xunit2;
 using Mamo.Actors.Cluster;
 using Mamo.Data;
@@ -30,6 +31,7 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
             // The doomed replica registers alone, is given round 0's first range, and dies before it reports.
             var doomed = CreateTestProbe();
             coordinator.Tell(new Coordinator.Register("a-doomed", doomed.Ref), doomed.Ref);
+            Assert.Empty(doomed.ExpectMsg<Coordinator.Commit>(TimeSpan.FromSeconds(30)).Positions);   // a new run: no stream position yet
             var start = doomed.ExpectMsg<Coordinator.RoundStart>(TimeSpan.FromSeconds(30));
             Assert.Equal((0L, 0L), (start.Round, start.Cursor));
             Sys.Stop(doomed.Ref);
@@ -39,7 +41,8 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
             var preparer = new SamplePreparer(new ImageTransform(settings.TrainImages), new TextTokenizer(BuiltinDatasets.EnsureVocab()),
                 settings.Model.MaxTextLength);
             var nodeDir = ClusterRun.NodeDir(runDir, "b");
-            Sys.ActorOf(RoundReplica.Props(settings, samples, preparer, coordinator, TestActor, "b", nodeDir, CPU));
+            using var data = new ReplicaData(settings, samples, preparer, Sys.Materializer(), "b", nodeDir);
+            Sys.ActorOf(RoundReplica.Props(settings, data, coordinator, TestActor, "b", CPU));
             Assert.Equal(2, ExpectMsg<RoundReplica.Finished>(TimeSpan.FromMinutes(2)).Round);
 
             var ledger = File.ReadAllLines(Path.Combine(nodeDir, Metrics.LedgerFile)).Select(l => JsonDocument.Parse(l).RootElement).ToList();

@@ -208,17 +208,17 @@ public class KafkaTests(ITestOutputHelper output)
     static string EmojiTrain() => BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TrainSplit);
 
     /// <summary>`mamo ingest` of n Noto emoji of the training split, after the first `skip`.</summary>
-    static void Ingest(KafkaMockCluster cluster, string topic, int n, int skip = 0)
+    internal static void Ingest(KafkaMockCluster cluster, string topic, int n, int skip = 0)
     {
         var (code, stdout, stderr) = Cli.Run("ingest", "--dataset", "emoji", "--skip", $"{skip}", "--limit", $"{n}", "--to", $"kafka://{cluster.BootstrapServers}/{topic}");
         Assert.True(code == 0, stdout + stderr);
         Assert.Contains($"ingested {n} records", stdout);
     }
 
-    sealed record TopicRecord(int Partition, long Offset, string Id, IReadOnlyDictionary<string, string> Headers);
+    internal sealed record TopicRecord(int Partition, long Offset, string Id, IReadOnlyDictionary<string, string> Headers);
 
     /// <summary>Everything in a topic, from the beginning, outside any group.</summary>
-    static List<TopicRecord> ReadTopic(KafkaMockCluster cluster, string topic)
+    internal static List<TopicRecord> ReadTopic(KafkaMockCluster cluster, string topic)
     {
         using var admin = new AdminClientBuilder(new AdminClientConfig { BootstrapServers = cluster.BootstrapServers }).Build();
         var partitions = admin.GetMetadata(topic, TimeSpan.FromSeconds(10)).Topics[0].Partitions.Select(p => p.PartitionId).ToList();
@@ -242,7 +242,7 @@ public class KafkaTests(ITestOutputHelper output)
         return records;
     }
 
-    static Dictionary<string, long> Committed(KafkaMockCluster cluster, string topic, int partitions, string group)
+    internal static Dictionary<string, long> Committed(KafkaMockCluster cluster, string topic, int partitions, string group)
     {
         using var consumer = new ConsumerBuilder<byte[], byte[]>(new ConsumerConfig { BootstrapServers = cluster.BootstrapServers, GroupId = group }).Build();
         return consumer.Committed(Enumerable.Range(0, partitions).Select(p => new TopicPartition(topic, p)), TimeSpan.FromSeconds(10))

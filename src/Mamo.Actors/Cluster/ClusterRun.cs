@@ -2,6 +2,7 @@ using System.Globalization;
 using Akka.Actor;
 using Akka.Cluster.Tools.Singleton;
 using Akka.Configuration;
+using Akka.Streams;
 using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Data.Kafka;
@@ -38,30 +39,32 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
     public async Task<long> RunAsync(CancellationToken stop)
     {
         var s = settings;
-        if (KafkaSpec.IsKafka(s.Source)) throw new SettingsException("cluster mode trains from file sources (dataset:, manifest:, wds:) so far; Kafka sources are single-node");
+        var everyStep = s.Cluster.Sync == ClusterSettings.EveryStep;
+        if (everyStep && KafkaSpec.IsKafka(s.Source))
+            throw new SettingsException("cluster.sync = every-step trains from file sources (dataset:, manifest:, wds:) so far; use diloco with Kafka");
         if (s.TorchThreads > 0) TorchSharp.torch.set_num_threads(s.TorchThreads);
         var device = PretrainRun.OpenDevice(s.Device);
         Action<string> log = m => Log.Information("{Message}", m);
         var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: log));
         var decodeLimits = new DecodeLimits(s.MaxImageBytes, s.MaxImagePixels);
-        var samples = node.Roles.Contains(ClusterNodeOptions.TrainerRole)
-            ? TrainingSamples.Load(s.Source, s.Seed, s.MaxInMemoryBytes, decodeLimits, b => Log.Warning("dead letter: {Reason} at {Location}", b.Reason, b.Location), log)
+        using var source = node.Roles.Contains(ClusterNodeOptions.TrainerRole)
+            ? PretrainRun.OpenSource(s, decodeLimits, b => Log.Warning("dead letter: {Reason} at {Location}", b.Reason, b.Location), log)
             : null;
 
         var system = ActorSystem.Create("mamo", Config());
+        ReplicaData? data = null;
         try
         {
-            var everyStep = s.Cluster.Sync == ClusterSettings.EveryStep;
             if (node.Roles.Contains(ClusterNodeOptions.CoordinatorRole))
                 system.ActorOf(ClusterSingletonManager.Props(everyStep ? StepCoordinator.Props(s, device) : Coordinator.Props(s), PoisonPill.Instance,
                     ClusterSingletonManagerSettings.Create(system).WithRole(ClusterNodeOptions.CoordinatorRole).WithSingletonName(SingletonName)), SingletonName);
             var coordinator = CoordinatorProxy(system);
             var finished = new TaskCompletionSource<RoundReplica.Finished>(TaskCreationOptions.RunContinuationsAsynchronously);
-            if (samples is not null)
+            if (source is not null)
             {
                 var owner = system.ActorOf(Props.Create(() => new Completion(finished)), "finished");
                 var preparer = new SamplePreparer(new ImageTransform(s.TrainImages), tokenizer, s.Model.MaxTextLength, decodeLimits);
-                var data = new ReplicaData(s, samples, preparer, node.Name, NodeDir(s.RunDir, node.Name));
+                data = new ReplicaData(s, source, preparer, system.Materializer(), node.Name, NodeDir(s.RunDir, node.Name));
                 system.ActorOf(everyStep ? StepReplica.Props(s, data, coordinator, owner, node.Name, device)
                     : RoundReplica.Props(s, data, coordinator, owner, node.Name, device), "replica");
             }
@@ -78,6 +81,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
         finally
         {
             await CoordinatedShutdown.Get(system).Run(CoordinatedShutdown.ClusterLeavingReason.Instance);
+            data?.Dispose();
         }
     }
 

@@ -16,6 +16,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
     const string OfferManifest = "transfer-offer", ChunkManifest = "transfer-chunk", AckManifest = "transfer-ack";
     const string RegisterManifest = "round-register", StartManifest = "round-start", DoneManifest = "round-done", FinishManifest = "round-finish";
     const string GetProgressManifest = "get-progress", ProgressManifest = "progress";
+    const string CommitManifest = "round-commit";
     const string StepStartManifest = "step-start", StepDoneManifest = "step-done", StepAbortManifest = "step-abort";
     /// <summary>Bounds a name and a dimension count: an offer is small, whatever the model.</summary>
     const int MaxName = 1024, MaxDims = 8, MaxTensors = 100_000;
@@ -31,6 +32,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         Coordinator.RoundStart => StartManifest,
         Coordinator.RoundDone => DoneManifest,
         Coordinator.Finish => FinishManifest,
+        Coordinator.Commit => CommitManifest,
         Coordinator.GetProgress => GetProgressManifest,
         Coordinator.Progress => ProgressManifest,
         StepCoordinator.StepStart => StepStartManifest,
@@ -78,12 +80,17 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(s.Cursor);
                     w.Write(s.Steps);
                     w.Write(s.BatchSize);
+                    w.Write(s.Rewind);
                     w.Write(Akka.Serialization.Serialization.SerializedActorPath(s.DeltaReceiver));
                     break;
                 case Coordinator.RoundDone d:
                     w.Write(d.Round);
                     w.Write(d.Node);
                     w.Write(d.Samples);
+                    WritePositions(w, d.Positions);
+                    break;
+                case Coordinator.Commit c:
+                    WritePositions(w, c.Positions);
                     break;
                 case Coordinator.Finish f:
                     w.Write(f.Round);
@@ -137,8 +144,9 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 ChunkManifest => new WeightTransfer.Chunk(new Guid(r.ReadBytes(16)), r.ReadInt32(), ReadBytes(r)),
                 AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
                 RegisterManifest => new Coordinator.Register(r.ReadString(), ReadRef(r)),
-                StartManifest => new Coordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), ReadRef(r)),
-                DoneManifest => new Coordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64()),
+                StartManifest => new Coordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadBoolean(), ReadRef(r)),
+                DoneManifest => new Coordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadPositions(r)),
+                CommitManifest => new Coordinator.Commit(ReadPositions(r)),
                 FinishManifest => new Coordinator.Finish(r.ReadInt64()),
                 GetProgressManifest => new Coordinator.GetProgress(),
                 ProgressManifest => new Coordinator.Progress(r.ReadInt64(), r.ReadString()),
@@ -155,6 +163,31 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         {
             throw new SerializationException($"malformed '{manifest}' message: {e.Message}", e);
         }
+    }
+
+    static void WritePositions(BinaryWriter w, IReadOnlyDictionary<string, long> positions)
+    {
+        w.Write(positions.Count);
+        foreach (var (partition, offset) in positions)
+        {
+            w.Write(partition);
+            w.Write(offset);
+        }
+    }
+
+    /// <summary>Stream positions by partition; bounded as an offer's tensors are.</summary>
+    static Dictionary<string, long> ReadPositions(BinaryReader r)
+    {
+        var count = r.ReadInt32();
+        if (count is < 0 or > MaxTensors) throw new SerializationException($"{count} stream positions");
+        var positions = new Dictionary<string, long>(count);
+        for (int i = 0; i < count; i++)
+        {
+            var partition = r.ReadString();
+            if (partition.Length > MaxName) throw new SerializationException("a partition name over 1024 characters");
+            positions[partition] = r.ReadInt64();
+        }
+        return positions;
     }
 
     /// <summary>Loss terms by name: a handful, never more than MaxTensors.</summary>

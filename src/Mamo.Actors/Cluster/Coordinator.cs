@@ -1,5 +1,7 @@
+using System.Collections.Immutable;
 using System.Globalization;
 using Akka.Actor;
+using Mamo.Data.Kafka;
 using Mamo.Model;
 using Serilog;
 using static TorchSharp.torch;
@@ -17,10 +19,15 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
 
     /// <summary>A replica (the sender) offers itself; Receiver takes θ.</summary>
     public sealed record Register(string Node, IActorRef Receiver) : IClusterMessage;
-    /// <summary>Train Steps steps of BatchSize samples from Cursor on, starting from the θ that follows; send the delta to DeltaReceiver.</summary>
-    public sealed record RoundStart(long Round, long Cursor, int Steps, int BatchSize, IActorRef DeltaReceiver) : IClusterMessage;
-    /// <summary>A replica's account of its round: the samples it trained on (its delta's weight).</summary>
-    public sealed record RoundDone(long Round, string Node, long Samples) : IClusterMessage;
+    /// <summary>Train Steps steps of BatchSize samples, from the θ that follows: from Cursor on for a file source; for
+    /// a Kafka source, on from the last batch, or from the last Commit's positions where Rewind (this replica's last
+    /// round was not applied). Send the delta to DeltaReceiver.</summary>
+    public sealed record RoundStart(long Round, long Cursor, int Steps, int BatchSize, bool Rewind, IActorRef DeltaReceiver) : IClusterMessage;
+    /// <summary>A replica's account of its round: the samples it trained on (its delta's weight) and the stream
+    /// positions they reach.</summary>
+    public sealed record RoundDone(long Round, string Node, long Samples, IReadOnlyDictionary<string, long> Positions) : IClusterMessage;
+    /// <summary>A cluster checkpoint covering these stream positions is durable: the sources may acknowledge them.</summary>
+    public sealed record Commit(IReadOnlyDictionary<string, long> Positions) : IClusterMessage;
     /// <summary>The last round is done and checkpointed: the replica may stop.</summary>
     public sealed record Finish(long Round) : IClusterMessage;
     /// <summary>Asks for a Progress (mamo cluster status).</summary>
@@ -39,6 +46,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         /// <summary>Ranges taken from the cursor's front this round (the others were unfinished ones given again).</summary>
         public int Fresh { get; } = fresh;
         public Dictionary<string, long> Samples { get; } = new();
+        public Dictionary<string, IReadOnlyDictionary<string, long>> Positions { get; } = new();
         public Dictionary<string, WeightTransfer.Received> Deltas { get; } = new();
         /// <summary>Replicas that left during the round: the round does not wait for them.</summary>
         public HashSet<string> Lost { get; } = new();
@@ -53,6 +61,12 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> replicas = new();
     readonly long rounds;
     long round, cursor;
+    /// <summary>The stream positions the last cluster checkpoint covers (a Kafka source: each partition's last offset).</summary>
+    StreamPosition positions = StreamPosition.None;
+    /// <summary>A Kafka source: the group assigns the partitions, the coordinator keeps only their positions.</summary>
+    readonly bool stream;
+    /// <summary>Replicas whose last round was not applied: they read their stream again from the checkpoint.</summary>
+    readonly HashSet<IActorRef> rewind = new();
     /// <summary>Ranges (their first cursor) whose replica left or missed the deadline: assigned again first.</summary>
     readonly List<long> unfinished = new();
     Round? current;
@@ -61,6 +75,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     {
         this.settings = settings;
         cluster = settings.Cluster;
+        stream = KafkaSpec.IsKafka(settings.Source);
         rounds = settings.MaxSteps > 0 ? (settings.MaxSteps + cluster.InnerSteps - 1) / cluster.InnerSteps : long.MaxValue;
         theta = MamoModel.Seeded(settings.Model, settings.Seed);
         teacher = Momentum.CreateTeacher(theta);
@@ -74,6 +89,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
             {
                 Context.Watch(Sender);
                 Log.Information("replica {Node} registered ({Count} now)", r.Node, replicas.Count + 1);
+                Sender.Tell(new Commit(positions.Offsets));   // where its stream would rewind to
             }
             replicas[Sender] = (r.Node, r.Receiver);
             if (round >= rounds) Sender.Tell(new Finish(round));
@@ -81,6 +97,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         });
         Receive<Terminated>(t =>
         {
+            rewind.Remove(t.ActorRef);
             if (!replicas.Remove(t.ActorRef, out var gone)) return;
             Log.Warning("replica {Node} left", gone.Node);
             if (current is not null && current.Assigned.Any(a => a.Replica.Equals(t.ActorRef)))
@@ -93,6 +110,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         {
             if (current is null || d.Round != current.Number) return;
             current.Samples[d.Node] = d.Samples;
+            current.Positions[d.Node] = d.Positions;
             TryComplete();
         });
         Receive<WeightTransfer.Received>(r =>
@@ -127,7 +145,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         try { outer.LoadState(saved, long.Parse(state.Extra[RoundKey], CultureInfo.InvariantCulture)); }
         finally { foreach (var t in saved.Values) t.Dispose(); }
         round = outer.Step;
-        cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
+        positions = StreamPosition.FromExtra(state.Extra);
+        cursor = (positions[TrainingSamples.CursorPartition] ?? -1) + 1;
         if (state.Extra.TryGetValue(UnfinishedKey, out var left) && left.Length > 0)
             unfinished.AddRange(left.Split(',').Select(x => long.Parse(x, CultureInfo.InvariantCulture)));
         Log.Information("coordinator resumes from {Checkpoint}: round {Round}, cursor {Cursor}", dir, round, cursor);
@@ -146,7 +165,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
             .Concat(Checkpoint.Named(teacher).Select(p => (TeacherPrefix + p.Name, p.Value))).ToList();
         foreach (var (node, replica, start) in assigned)
         {
-            replica.Tell(new RoundStart(round, start, cluster.InnerSteps, settings.BatchSize, receiver));
+            replica.Tell(new RoundStart(round, start, cluster.InnerSteps, settings.BatchSize, rewind.Remove(replica), receiver));
             Context.ActorOf(WeightTransfer.Sender.Props(replicas[replica].Receiver, Self, $"weights/{round}", weights, "float32", cluster.ChunkSize, cluster.Window));
         }
         Timers.StartSingleTimer("deadline", new Deadline(round), cluster.RoundTimeout);
@@ -191,11 +210,18 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
             foreach (var d in r.Deltas.Values) foreach (var (_, t) in d.Tensors) t.Dispose();
         }
         cursor += r.Fresh * (long)cluster.InnerSteps * settings.BatchSize;
-        unfinished.AddRange(missed);   // at least once: what a lost replica trained is trained again
+        if (stream)
+        {
+            // At least once: a stream's records past the checkpoint are read again by whoever holds their partition.
+            positions = reported.Aggregate(positions, (p, a) => p.Merge(new StreamPosition(r.Positions[a.Node].ToImmutableSortedDictionary())));
+            foreach (var a in r.Assigned.Where(a => !reported.Contains(a))) rewind.Add(a.Replica);
+        }
+        else unfinished.AddRange(missed);   // at least once: what a lost replica trained is trained again
         round++;
         current = null;
         var path = WriteCheckpoint();
         Log.Information("round {Round} done with {Count} replicas; checkpoint {Path}", round - 1, reported.Count, path);
+        foreach (var replica in replicas.Keys) replica.Tell(new Commit(positions.Offsets));
         if (round >= rounds)
             foreach (var replica in replicas.Keys) replica.Tell(new Finish(round));
         else TryStartRound();
@@ -204,7 +230,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     string WriteCheckpoint()
     {
         var step = round * cluster.InnerSteps;
-        var extra = new Dictionary<string, string>(StreamPosition.None.Advance(TrainingSamples.CursorPartition, cursor - 1).ToExtra())
+        if (!stream) positions = StreamPosition.None.Advance(TrainingSamples.CursorPartition, cursor - 1);
+        var extra = new Dictionary<string, string>(positions.ToExtra())
         {
             [Checkpointer.SeedKey] = settings.Seed.ToString(CultureInfo.InvariantCulture),
             [RoundKey] = round.ToString(CultureInfo.InvariantCulture),

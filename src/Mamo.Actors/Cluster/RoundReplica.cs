@@ -1,4 +1,4 @@
-using System.Globalization;
+using System.Collections.Immutable;
 using System.Text.Json.Nodes;
 using Akka.Actor;
 using Mamo.Data;
@@ -27,6 +27,8 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
     readonly string node;
     readonly MamoTrainer trainer;
     Coordinator.RoundStart? start;
+    /// <summary>What the last cluster checkpoint covers of the stream: where a rewind starts.</summary>
+    StreamPosition durable = StreamPosition.None;
     WeightTransfer.Received? weights;
 
     public RoundReplica(MamoSettings settings, ReplicaData data, IActorRef coordinator, IActorRef owner, string node, Device device)
@@ -49,6 +51,11 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
             TryTrain();
         });
         Receive<Coordinator.Finish>(f => owner.Tell(new Finished(f.Round)));
+        Receive<Coordinator.Commit>(c =>
+        {
+            durable = new StreamPosition(c.Positions.ToImmutableSortedDictionary());
+            data.Commit(durable);
+        });
         Receive<RegisterAgain>(_ => coordinator.Tell(new Coordinator.Register(node, receiver)));
         Receive<WeightTransfer.Sent>(_ => { });
     }
@@ -73,9 +80,9 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
             Load(trainer.Teacher, "teacher.", given);
             trainer.ContinueAt(s.Round * s.Steps);   // after a restart, the schedule goes on (AdamW's moments start afresh)
             Log.Information("{Node} round {Round} starts from θ {Hash}", node, s.Round, Checkpoint.WeightHash(Checkpoint.Named(trainer.Student)));
-            var trained = Train(s);
+            var (trained, reached) = Train(s);
             var deltas = Delta(trainer.Student, "student.", given).Concat(Delta(trainer.Teacher, "teacher.", given)).ToList();
-            coordinator.Tell(new Coordinator.RoundDone(s.Round, node, trained));
+            coordinator.Tell(new Coordinator.RoundDone(s.Round, node, trained, reached.Offsets));
             Context.ActorOf(WeightTransfer.Sender.Props(s.DeltaReceiver, Self, $"delta/{s.Round}/{node}", deltas, settings.Cluster.DeltaDType,
                 settings.Cluster.ChunkSize, settings.Cluster.Window));
             foreach (var (_, t) in deltas) t.Dispose();
@@ -86,21 +93,26 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
         }
     }
 
-    /// <summary>The inner steps on cursors [Cursor, Cursor + Steps · BatchSize); returns the samples trained on.</summary>
-    long Train(Coordinator.RoundStart s)
+    /// <summary>The inner steps: on cursors [Cursor, Cursor + Steps · BatchSize) of a file source, or on the next
+    /// records of this node's Kafka partitions (from the last cluster checkpoint when told to rewind). Returns the
+    /// samples trained on and the stream position they reach.</summary>
+    (long Samples, StreamPosition Position) Train(Coordinator.RoundStart s)
     {
         long trained = 0;
-        foreach (var prepared in data.Batches(s.Cursor, s.Steps, s.BatchSize, atLeast: 2))
+        var reached = StreamPosition.None;
+        var from = data.Ranges ? ReplicaData.BeforeCursor(s.Cursor) : s.Rewind ? durable : null;
+        foreach (var prepared in data.Batches(from, s.Steps, s.BatchSize, atLeast: 2))
         {
             using var _ = prepared;
             var batch = prepared.Batch;
             var result = trainer.TrainStep(batch.Images, batch.TokenIds, batch.AttentionMask, prepared.ImageKeys);
             trained += batch.Size;
-            data.Record(result.Step, s.Round, prepared.LastCursor, result.Loss, result.Skipped, batch.Ids);
+            reached = reached.Merge(prepared.Position);
+            data.Record(result.Step, s.Round, prepared.Position, result.Loss, result.Skipped, batch.Ids);
             if ((result.Step + 1) % settings.MetricsEverySteps == 0)
                 Log.Information("{Node} round {Round} step {Step} loss {Loss:F4}", node, s.Round, result.Step + 1, result.Loss);
         }
-        return trained;
+        return (trained, reached);
     }
 
     static void Load(MamoModel model, string prefix, IReadOnlyDictionary<string, Tensor> given)

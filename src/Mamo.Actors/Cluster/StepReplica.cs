@@ -19,7 +19,7 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
     /// <summary>From the step's thread: send these features (this actor alone may create the transfer).</summary>
     sealed record SendFeatures(long Attempt, List<(string Name, Tensor Value)> Tensors);
     sealed record Computed(StepCoordinator.StepStart Start, double Loss, IReadOnlyDictionary<string, double> Terms, List<(string Name, Tensor Value)> Gradient,
-        long Samples, long LastCursor, IReadOnlyList<string> Ids);
+        long Samples, StreamPosition Position, IReadOnlyList<string> Ids);
 
     readonly MamoSettings settings;
     readonly ReplicaData data;
@@ -79,7 +79,7 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
         Receive<Computed>(c =>
         {
             running = null;
-            data.Record(c.Start.Step, c.Start.Step, c.LastCursor, c.Loss, !double.IsFinite(c.Loss), c.Ids);
+            data.Record(c.Start.Step, c.Start.Step, c.Position, c.Loss, !double.IsFinite(c.Loss), c.Ids);
             coordinator.Tell(new StepCoordinator.StepDone(c.Start.Attempt, node, c.Samples, c.Loss, c.Terms));
             Context.ActorOf(WeightTransfer.Sender.Props(c.Start.Receiver, Self, $"{StepCoordinator.GradientTag}/{c.Start.Attempt}/{node}", c.Gradient, "float32",
                 settings.Cluster.ChunkSize, settings.Cluster.Window));
@@ -138,7 +138,7 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
                 throw new InvalidOperationException($"the teacher here is of step {teacherStep} and step {s.Step} came without one");
             teacherStep = s.Step;
             trainer.ContinueAt(s.Step);
-            using var prepared = data.Batches(s.Cursor, 1, s.BatchSize, atLeast: 1).FirstOrDefault()
+            using var prepared = data.Batches(ReplicaData.BeforeCursor(s.Cursor), 1, s.BatchSize, atLeast: 1).FirstOrDefault()
                 ?? throw new InvalidDataException($"no usable sample in cursors [{s.Cursor}, {s.Cursor + s.BatchSize})");
             var b = prepared.Batch;
             var input = new StepInput(b.Images, b.TokenIds, b.AttentionMask, prepared.ImageKeys, Shard: shard);
@@ -146,7 +146,7 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
             var (loss, terms) = trainer.Backward(input, targets);
             var gradient = trainer.Objective.TrainedParameters(trainer.Student).Where(p => p.Parameter.grad is not null)
                 .Select(p => (p.Name, p.Parameter.grad!.cpu().clone().DetachFromDisposeScope())).ToList();
-            return new Computed(s, loss, terms, gradient, b.Size, prepared.LastCursor, b.Ids);
+            return new Computed(s, loss, terms, gradient, b.Size, prepared.Position, b.Ids);
         }
         finally
         {
