@@ -44,6 +44,9 @@ public sealed class KafkaTrainingSource : ITrainingSource
     /// <summary>The partitions this consumer owns now ("TOPIC/N").</summary>
     public IReadOnlyCollection<string> Assigned => assigned.Keys.Order().ToList();
 
+    /// <summary>Whether this consumer owns the partition ("TOPIC/N") now.</summary>
+    public bool Owns(string partition) => assigned.ContainsKey(partition);
+
     public string Name => spec.ToString();
 
     /// <param name="consumerSettings">librdkafka consumer properties (SASL, TLS, ...) passed as they are; they win over the defaults.</param>

@@ -1,4 +1,5 @@
 using System.Collections.Immutable;
+using System.Diagnostics;
 using System.Globalization;
 using Akka.Actor;
 using Mamo.Data.Kafka;
@@ -51,6 +52,13 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         /// <summary>Replicas that left during the round: the round does not wait for them.</summary>
         public HashSet<string> Lost { get; } = new();
         public bool Expired { get; set; }
+        /// <summary>The round's time line, for its breakdown in the log: θ sent to every replica, the last replica's
+        /// inner steps done, the last delta in.</summary>
+        public Stopwatch Clock { get; } = Stopwatch.StartNew();
+        public int Broadcasts { get; set; }
+        public TimeSpan Broadcast { get; set; }
+        public TimeSpan InnerSteps { get; set; }
+        public TimeSpan Gathered { get; set; }
     }
 
     readonly MamoSettings settings;
@@ -110,6 +118,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         {
             if (current is null || d.Round != current.Number) return;
             current.Samples[d.Node] = d.Samples;
+            current.InnerSteps = current.Clock.Elapsed;
             current.Positions[d.Node] = d.Positions;
             TryComplete();
         });
@@ -121,6 +130,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
                 return;
             }
             current.Deltas[node] = r;
+            current.Gathered = current.Clock.Elapsed;
             TryComplete();
         });
         Receive<Deadline>(d =>
@@ -130,7 +140,10 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
             Log.Warning("round {Round} reached its deadline with {Count} of {Of} deltas", d.Round, current.Deltas.Count, current.Assigned.Count);
             TryComplete();
         });
-        Receive<WeightTransfer.Sent>(_ => { });
+        Receive<WeightTransfer.Sent>(_ =>
+        {
+            if (current is not null && ++current.Broadcasts == current.Assigned.Count) current.Broadcast = current.Clock.Elapsed;
+        });
         Receive<GetProgress>(_ => Sender.Tell(new Progress(round, Checkpoint.Latest(settings.RunDir) ?? "")));
     }
 
@@ -186,11 +199,13 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
             Log.Warning("round {Round} abandoned: {Count} of the {Min} replicas it needs reported", r.Number, reported.Count, cluster.MinReplicas);
             foreach (var d in r.Deltas.Values) foreach (var (_, t) in d.Tensors) t.Dispose();
             unfinished.AddRange(r.Assigned.Select(a => a.Cursor));
+            if (stream) rewind.UnionWith(r.Assigned.Select(a => a.Replica).Where(replicas.ContainsKey));   // what they read is read again
             cursor += r.Fresh * (long)cluster.InnerSteps * settings.BatchSize;
             current = null;
             TryStartRound();
             return;
         }
+        var outerStart = r.Clock.Elapsed;
         try
         {
             var student = Checkpoint.Named(theta).Select(p => p.Value).ToList();
@@ -214,13 +229,20 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         {
             // At least once: a stream's records past the checkpoint are read again by whoever holds their partition.
             positions = reported.Aggregate(positions, (p, a) => p.Merge(new StreamPosition(r.Positions[a.Node].ToImmutableSortedDictionary())));
-            foreach (var a in r.Assigned.Where(a => !reported.Contains(a))) rewind.Add(a.Replica);
+            rewind.UnionWith(r.Assigned.Where(a => !reported.Contains(a)).Select(a => a.Replica).Where(replicas.ContainsKey));
         }
         else unfinished.AddRange(missed);   // at least once: what a lost replica trained is trained again
         round++;
         current = null;
+        var outerStep = r.Clock.Elapsed - outerStart;
         var path = WriteCheckpoint();
         Log.Information("round {Round} done with {Count} replicas; checkpoint {Path}", round - 1, reported.Count, path);
+        // The gather is the time from the last replica's inner steps to its last delta (the delta transfers overlap the
+        // inner steps of slower replicas).
+        Log.Information("round {Round} took {Total:F2} s: broadcast of θ {Broadcast:F2} s, inner steps until the last replica's end {Inner:F2} s, " +
+            "gather of the deltas {Gather:F2} s, outer step {Outer:F2} s, checkpoint {Checkpoint:F2} s", round - 1, r.Clock.Elapsed.TotalSeconds,
+            r.Broadcast.TotalSeconds, r.InnerSteps.TotalSeconds, Math.Max(0, (r.Gathered - r.InnerSteps).TotalSeconds), outerStep.TotalSeconds,
+            (r.Clock.Elapsed - outerStart - outerStep).TotalSeconds);
         foreach (var replica in replicas.Keys) replica.Tell(new Commit(positions.Offsets));
         if (round >= rounds)
             foreach (var replica in replicas.Keys) replica.Tell(new Finish(round));

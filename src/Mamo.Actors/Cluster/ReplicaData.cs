@@ -61,6 +61,11 @@ public sealed class ReplicaData(MamoSettings settings, ITrainingSource source, S
                 var pulled = stream.Value.Queue.PullAsync();
                 if (!pulled.Wait(PullTimeout)) throw new TimeoutException($"no training record within {PullTimeout} from {source.Name}");
                 if (pulled.Result is not { HasValue: true, Value: var record }) throw new InvalidOperationException($"{source.Name} ended");
+                if (source is KafkaTrainingSource kafka && !kafka.Owns(record.Partition))
+                {
+                    i--;   // read before a rebalance moved its partition away: the new owner reads it from the committed offset
+                    continue;
+                }
                 position = position.Advance(record.Partition, record.Offset);
                 next = next.Advance(record.Partition, record.Offset);
                 BadInput? bad = (record.Item as BadItem)?.Bad;

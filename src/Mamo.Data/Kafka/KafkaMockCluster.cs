@@ -50,6 +50,10 @@ public sealed class KafkaMockCluster : IDisposable
         if (err != 0) throw new InvalidOperationException($"mock cluster: broker {brokerId} ({err})");
     }
 
+    /// <summary>How long a member of a KIP-848 consumer group may go silent before the group moves its partitions
+    /// (the broker's group.consumer.session.timeout.ms; about 30 s in the mock by default).</summary>
+    public void SetConsumerSessionTimeout(TimeSpan timeout) => rd_kafka_mock_set_group_consumer_session_timeout_ms(cluster, (int)timeout.TotalMilliseconds);
+
     public void Dispose()
     {
         if (cluster != IntPtr.Zero) rd_kafka_mock_cluster_destroy(cluster);
@@ -89,5 +93,6 @@ public sealed class KafkaMockCluster : IDisposable
     [DllImport(Library)] static extern int rd_kafka_mock_topic_create(IntPtr mc, [MarshalAs(UnmanagedType.LPUTF8Str)] string topic, int partitions, int replicationFactor);
     [DllImport(Library)] static extern void rd_kafka_mock_group_initial_rebalance_delay_ms(IntPtr mc, int delayMs);
     [DllImport(Library)] static extern int rd_kafka_mock_broker_set_down(IntPtr mc, int brokerId);
+    [DllImport(Library)] static extern void rd_kafka_mock_set_group_consumer_session_timeout_ms(IntPtr mc, int timeoutMs);
     [DllImport(Library)] static extern int rd_kafka_mock_broker_set_up(IntPtr mc, int brokerId);
 }
