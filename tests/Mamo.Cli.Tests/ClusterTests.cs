@@ -155,8 +155,15 @@ public class ClusterTests(ITestOutputHelper output)
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
         try
         {
-            // n0 is the oldest node, so the coordinator runs there: kill it once the first round is durable.
+            // n0 is the oldest node, so the coordinator runs there: kill it once the first round is durable and all
+            // three nodes have trained (the first round may start with two).
             var clock = AwaitFirstCheckpoint(run, nodes[0]);
+            while (!Enumerable.Range(0, Nodes).Select(i => new FileInfo(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl"))).All(f => f.Exists && f.Length > 0))
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), "not every node joined and trained; their logs:\n" +
+                    string.Join("\n", Enumerable.Range(0, Nodes).Select(i => Tail(Path.Combine(run, "nodes", $"n{i}", "mamo.log")))));
+                Thread.Sleep(50);
+            }
             nodes[0].Kill();
             var killedAt = clock.Elapsed;
             var first = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step;

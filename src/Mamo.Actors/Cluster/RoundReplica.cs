@@ -15,8 +15,8 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
 {
     public ITimerScheduler Timers { get; set; } = null!;
     /// <summary>How often a replica offers itself again: a coordinator that moved to another node learns of it so.</summary>
-    static readonly TimeSpan RegisterEvery = TimeSpan.FromSeconds(3);
-    sealed record RegisterAgain;
+    internal static readonly TimeSpan RegisterEvery = TimeSpan.FromSeconds(3);
+    internal sealed record RegisterAgain;
 
     /// <summary>Told to the node's owner when the coordinator says the run is over.</summary>
     public sealed record Finished(long Round);
@@ -115,7 +115,8 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
         return (trained, reached);
     }
 
-    static void Load(MamoModel model, string prefix, IReadOnlyDictionary<string, Tensor> given)
+    /// <summary>Copies the given weights (named with <paramref name="prefix"/>) into a model: every parameter must be there.</summary>
+    internal static void Load(MamoModel model, string prefix, IReadOnlyDictionary<string, Tensor> given)
     {
         using var noGrad = no_grad();
         foreach (var (name, p) in model.named_parameters())

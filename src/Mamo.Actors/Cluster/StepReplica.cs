@@ -14,8 +14,6 @@ namespace Mamo.Actors.Cluster;
 public sealed class StepReplica : ReceiveActor, IWithTimers
 {
     public ITimerScheduler Timers { get; set; } = null!;
-    static readonly TimeSpan RegisterEvery = TimeSpan.FromSeconds(3);
-    sealed record RegisterAgain;
     /// <summary>From the step's thread: send these features (this actor alone may create the transfer).</summary>
     sealed record SendFeatures(long Attempt, List<(string Name, Tensor Value)> Tensors);
     sealed record Computed(StepCoordinator.StepStart Start, double Loss, IReadOnlyDictionary<string, double> Terms, List<(string Name, Tensor Value)> Gradient,
@@ -95,7 +93,7 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
             TryStep();
         });
         Receive<Coordinator.Finish>(f => owner.Tell(new RoundReplica.Finished(f.Round)));
-        Receive<RegisterAgain>(_ => coordinator.Tell(new Coordinator.Register(node, receiver)));
+        Receive<RoundReplica.RegisterAgain>(_ => coordinator.Tell(new Coordinator.Register(node, receiver)));
         Receive<WeightTransfer.Sent>(_ => { });
     }
 
@@ -108,7 +106,7 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
     protected override void PreStart()
     {
         coordinator.Tell(new Coordinator.Register(node, receiver));
-        Timers.StartPeriodicTimer("register", new RegisterAgain(), RegisterEvery);
+        Timers.StartPeriodicTimer("register", new RoundReplica.RegisterAgain(), RoundReplica.RegisterEvery);
     }
 
     void TryStep()
@@ -131,8 +129,8 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
         try
         {
             var given = w.Tensors.ToDictionary(t => t.Name, t => t.Value);
-            Load(trainer.Student, "student.", given);
-            if (s.WithTeacher) Load(trainer.Teacher, "teacher.", given);
+            RoundReplica.Load(trainer.Student, "student.", given);
+            if (s.WithTeacher) RoundReplica.Load(trainer.Teacher, "teacher.", given);
             else if (teacherStep == s.Step - 1) trainer.FollowStudent();
             else if (teacherStep != s.Step)
                 throw new InvalidOperationException($"the teacher here is of step {teacherStep} and step {s.Step} came without one");
@@ -183,13 +181,6 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
             var p = parts.data<float>().ToArray();
             return tensor(Enumerable.Range(0, p.Length / 3).Select(i => ((long)p[3 * i] << 42) | ((long)p[3 * i + 1] << 21) | (long)p[3 * i + 2]).ToArray());
         }
-    }
-
-    static void Load(MamoModel model, string prefix, IReadOnlyDictionary<string, Tensor> given)
-    {
-        using var noGrad = no_grad();
-        foreach (var (name, p) in model.named_parameters())
-            p.copy_(given.TryGetValue(prefix + name, out var t) ? t : throw new InvalidDataException($"the step's weights lack '{prefix + name}'"));
     }
 
     static void Dispose(WeightTransfer.Received? r)
