@@ -58,6 +58,8 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
     readonly long steps;
     long cursor, attempts;
     Attempt? current;
+    /// <summary>Since the last checkpoint: checkpoint.every bounds the work a lost coordinator takes with it.</summary>
+    readonly System.Diagnostics.Stopwatch sinceCheckpoint = System.Diagnostics.Stopwatch.StartNew();
 
     public StepCoordinator(MamoSettings settings, Device device)
     {
@@ -193,7 +195,8 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
         a.Dispose();
         current = null;
         var every = settings.CheckpointEverySteps;
-        if (trainer.Step >= steps || every > 0 && trainer.Step % every == 0)
+        var byTime = settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= settings.CheckpointEvery;
+        if (trainer.Step >= steps || every > 0 && trainer.Step % every == 0 || byTime)
             Log.Information("step {Step}: checkpoint {Path}", trainer.Step, WriteCheckpoint());
         if (trainer.Step >= steps)
             foreach (var replica in replicas.Keys) replica.Tell(new Coordinator.Finish(trainer.Step));
@@ -217,6 +220,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
         {
             [Checkpointer.SeedKey] = settings.Seed.ToString(CultureInfo.InvariantCulture),
         };
+        sinceCheckpoint.Restart();
         return Checkpoint.Commit(settings.RunDir, settings.Model, trainer.Parts(),
             new Checkpoint.State(trainer.Step, trainer.Optimizer.Step, trainer.Step, extra), settings.KeepLast);
     }
