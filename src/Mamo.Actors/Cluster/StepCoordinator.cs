@@ -92,6 +92,8 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
                 Context.Watch(Sender);
                 Log.Information("replica {Node} registered ({Count} now)", r.Node, replicas.Count + 1);
             }
+            // A replica actor that restarted keeps its reference but has a new receiver, and no teacher.
+            else if (!replicas[Sender].Receiver.Equals(r.Receiver)) holds.Remove(Sender);
             replicas[Sender] = (r.Node, r.Receiver);
             if (trainer.Step >= steps) Sender.Tell(new Coordinator.Finish(trainer.Step));
             else TryStart();
