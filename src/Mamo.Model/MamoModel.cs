@@ -155,16 +155,13 @@ public sealed class MamoModel : Module
         public Tensor? Fused { get; init; }              // [B, 1 + N + L, W]
         public Tensor? MaskedText { get; init; }         // [M, W] the fused text at the masked word positions
 
-        bool Sharded => Rows != Pairs;
+        /// <summary>[G] this shard's rows of the global batch; null when the batch is the whole.</summary>
+        public Tensor? Own { get; init; }
+        bool Sharded => Own is not null;
 
         /// <summary>Per-row losses of the global batch reduced to this shard's share: its own rows count, the others'
         /// carry only the gradient that flows into this shard's features (their value is another replica's).</summary>
-        public Tensor Share(Tensor rowLosses)
-        {
-            if (!Sharded) return rowLosses;
-            var own = arange(Pairs, device: rowLosses.device).ge(Before).logical_and(arange(Pairs, device: rowLosses.device).lt(Before + Rows));
-            return where(own, rowLosses, rowLosses - rowLosses.detach());
-        }
+        public Tensor Share(Tensor rowLosses) => Own is null ? rowLosses : where(Own, rowLosses, rowLosses - rowLosses.detach());
 
         /// <summary>[B, B] a global matrix's block of this shard's rows and columns.</summary>
         public Tensor OwnBlock(Tensor global) => Sharded ? global[(int)Before..(int)(Before + Rows), (int)Before..(int)(Before + Rows)] : global;
@@ -235,13 +232,17 @@ public sealed class MamoModel : Module
                 keys = gathered[3].to(images.device);
             }
         }
-        var e = new Encodings { ImageVisible = imageVisible, Pairs = pairs, Before = before, Rows = b, MaskedWords = globalMaskedWords };
+        var rows = arange(pairs, device: images.device);
+        var e = new Encodings
+        {
+            ImageVisible = imageVisible, Pairs = pairs, Before = before, Rows = b, MaskedWords = globalMaskedWords,
+            Own = pairs == b ? null : rows.ge(before).logical_and(rows.lt(before + b)),
+        };
         if (align)
         {
             // Each row learns the temperature once across the replicas: through its own rows only.
             var temp = temperature.clamp(c.TemperatureMin, c.TemperatureMax);
-            var rowTemp = pairs == b ? temp : where(arange(pairs, device: images.device).ge(before).logical_and(arange(pairs, device: images.device).lt(before + b)),
-                temp, temp.detach()).unsqueeze(1);
+            var rowTemp = e.Own is null ? temp : where(e.Own, temp, temp.detach()).unsqueeze(1);
             var cosine = imageFeat!.matmul(textFeat!.t());
             e = e with
             {

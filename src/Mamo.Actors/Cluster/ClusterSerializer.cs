@@ -87,10 +87,10 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(d.Round);
                     w.Write(d.Node);
                     w.Write(d.Samples);
-                    WritePositions(w, d.Positions);
+                    WriteMap(w, d.Positions, w.Write);
                     break;
                 case Coordinator.Commit c:
-                    WritePositions(w, c.Positions);
+                    WriteMap(w, c.Positions, w.Write);
                     break;
                 case Coordinator.Finish f:
                     w.Write(f.Round);
@@ -116,12 +116,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(d.Node);
                     w.Write(d.Samples);
                     w.Write(d.Loss);
-                    w.Write(d.Terms.Count);
-                    foreach (var (term, value) in d.Terms)
-                    {
-                        w.Write(term);
-                        w.Write(value);
-                    }
+                    WriteMap(w, d.Terms, w.Write);
                     break;
                 case StepCoordinator.Abort a:
                     w.Write(a.Attempt);
@@ -145,14 +140,14 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
                 RegisterManifest => new Coordinator.Register(r.ReadString(), ReadRef(r)),
                 StartManifest => new Coordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadBoolean(), ReadRef(r)),
-                DoneManifest => new Coordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadPositions(r)),
-                CommitManifest => new Coordinator.Commit(ReadPositions(r)),
+                DoneManifest => new Coordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions")),
+                CommitManifest => new Coordinator.Commit(ReadMap(r, r.ReadInt64, "stream positions")),
                 FinishManifest => new Coordinator.Finish(r.ReadInt64()),
                 GetProgressManifest => new Coordinator.GetProgress(),
                 ProgressManifest => new Coordinator.Progress(r.ReadInt64(), r.ReadString()),
                 StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
                     r.ReadBoolean(), ReadRef(r)),
-                StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadTerms(r)),
+                StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms")),
                 StepAbortManifest => new StepCoordinator.Abort(r.ReadInt64()),
                 _ => throw new SerializationException($"unknown manifest '{manifest}'"),
             };
@@ -165,39 +160,30 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         }
     }
 
-    static void WritePositions(BinaryWriter w, IReadOnlyDictionary<string, long> positions)
+    /// <summary>A small map by name (stream positions, loss terms): a count, then name and value pairs.</summary>
+    static void WriteMap<T>(BinaryWriter w, IReadOnlyDictionary<string, T> map, Action<T> write)
     {
-        w.Write(positions.Count);
-        foreach (var (partition, offset) in positions)
+        w.Write(map.Count);
+        foreach (var (name, value) in map)
         {
-            w.Write(partition);
-            w.Write(offset);
+            w.Write(name);
+            write(value);
         }
     }
 
-    /// <summary>Stream positions by partition; bounded as an offer's tensors are.</summary>
-    static Dictionary<string, long> ReadPositions(BinaryReader r)
+    /// <summary>Bounded as an offer's tensors are: at most MaxTensors entries, names of at most MaxName characters.</summary>
+    static Dictionary<string, T> ReadMap<T>(BinaryReader r, Func<T> read, string what)
     {
         var count = r.ReadInt32();
-        if (count is < 0 or > MaxTensors) throw new SerializationException($"{count} stream positions");
-        var positions = new Dictionary<string, long>(count);
+        if (count is < 0 or > MaxTensors) throw new SerializationException($"{count} {what}");
+        var map = new Dictionary<string, T>(count);
         for (int i = 0; i < count; i++)
         {
-            var partition = r.ReadString();
-            if (partition.Length > MaxName) throw new SerializationException("a partition name over 1024 characters");
-            positions[partition] = r.ReadInt64();
+            var name = r.ReadString();
+            if (name.Length > MaxName) throw new SerializationException($"a name over {MaxName} characters in the {what}");
+            map[name] = read();
         }
-        return positions;
-    }
-
-    /// <summary>Loss terms by name: a handful, never more than MaxTensors.</summary>
-    static Dictionary<string, double> ReadTerms(BinaryReader r)
-    {
-        var count = r.ReadInt32();
-        if (count is < 0 or > MaxTensors) throw new SerializationException($"{count} loss terms");
-        var terms = new Dictionary<string, double>(count);
-        for (int i = 0; i < count; i++) terms[r.ReadString()] = r.ReadDouble();
-        return terms;
+        return map;
     }
 
     /// <summary>An actor reference as its path; resolving it creates nothing.</summary>
