@@ -267,7 +267,7 @@ public sealed class MamoModel : Module
         positives = positives / positives.sum(1, keepdim: true);
         var lossI2T = -(F.log_softmax(e.ImageToText!, 1) * positives).sum(1);   // [G] one per image
         var lossT2I = -(F.log_softmax(e.TextToImage!, 1) * positives).sum(1);   // [G] one per text
-        return (e.Share(lossI2T).sum() + e.Share(lossT2I).sum()) / (2 * e.Pairs);
+        return Over(e.Share(lossI2T).sum() + e.Share(lossT2I).sum(), 2 * e.Pairs);
     }
 
     /// <summary>ITM: match or not on the fused [CLS], over the true pairs and one hard negative per image and per text,
@@ -293,14 +293,14 @@ public sealed class MamoModel : Module
         var itmMask = cat(new[] { attentionMask, attentionMask, attentionMask.index_select(0, negText) }, 0);
         var fusedCls = fusion.forward(itmImage, itmText, itmMask)[.., 0];                   // [3B, W]
         var labels = cat(new[] { ones(b, int64, imageTokens.device), zeros(2 * b, int64, imageTokens.device) });
-        return F.cross_entropy(itmHead.forward(fusedCls), labels, reduction: Reduction.Sum) / (3 * e.Pairs);
+        return Over(F.cross_entropy(itmHead.forward(fusedCls), labels, reduction: Reduction.Sum), 3 * e.Pairs);
     }
 
     /// <summary>MLM: the masked words, predicted over the vocabulary through the tied word embeddings.</summary>
     Tensor Mlm(Encodings e, JointMask mask)
     {
         var logits = F.linear(mlmTransform.forward(e.MaskedText!), text.WordEmbeddings, mlmBias);   // [M, V]
-        return F.cross_entropy(logits, mask.MaskedTokenLabels, reduction: Reduction.Sum) / Math.Max(1, e.MaskedWords);
+        return Over(F.cross_entropy(logits, mask.MaskedTokenLabels, reduction: Reduction.Sum), e.MaskedWords);
     }
 
     /// <summary>MIM (explicit target): the teacher image encoder's features of each masked patch, through a decoder.</summary>
@@ -309,8 +309,8 @@ public sealed class MamoModel : Module
         var (n, w) = (Config.NumPatches, Config.Width);
         var patchIndex = mask.Masked.unsqueeze(-1).expand(-1, -1, w);                              // [B, Nm, W]
         var decoded = mimHead.forward(mimDecoder.forward(e.Fused![.., 1..(1 + n)], null));          // [B, N, W]
-        return F.mse_loss(decoded.gather(1, patchIndex), targets.PatchFeatures.gather(1, patchIndex), Reduction.Sum)
-            / (e.Pairs * mask.Masked.shape[1] * w);
+        return Over(F.mse_loss(decoded.gather(1, patchIndex), targets.PatchFeatures.gather(1, patchIndex), Reduction.Sum),
+            e.Pairs * mask.Masked.shape[1] * w);
     }
 
     /// <summary>MRM (implicit target): the teacher's fused latents at every masked position of both modalities.</summary>
@@ -320,11 +320,19 @@ public sealed class MamoModel : Module
         var predicted = mrmHead.forward(e.Fused!);
         var target = targets.FusedLatents;
         var imageIndex = (mask.Masked + 1).unsqueeze(-1).expand(-1, -1, w);
-        var imageLoss = F.mse_loss(predicted.gather(1, imageIndex), target.gather(1, imageIndex), Reduction.Sum) / (e.Pairs * mask.Masked.shape[1] * w);
-        var textLoss = F.mse_loss(
+        var imageLoss = Over(F.mse_loss(predicted.gather(1, imageIndex), target.gather(1, imageIndex), Reduction.Sum), e.Pairs * mask.Masked.shape[1] * w);
+        var textLoss = Over(F.mse_loss(
             predicted[.., (1 + n)..].reshape(-1, w).index_select(0, mask.MaskedTokenPositions),
-            target[.., (1 + n)..].reshape(-1, w).index_select(0, mask.MaskedTokenPositions), Reduction.Sum) / (Math.Max(1, e.MaskedWords) * w);
+            target[.., (1 + n)..].reshape(-1, w).index_select(0, mask.MaskedTokenPositions), Reduction.Sum), e.MaskedWords * w);
         return (imageLoss + textLoss) / 2;
+    }
+
+    /// <summary>A sum over a count of the global batch (at least 1), as its mean. The scalar is explicit and lives
+    /// through the call: an implicit one can be finalised while the native division still reads it.</summary>
+    static Tensor Over(Tensor sum, long count)
+    {
+        using TorchSharp.Scalar n = (double)Math.Max(1, count);
+        return sum.div(n);
     }
 
     /// <summary>Keeps every other image a possible negative even when softmax underflows to 0.</summary>
