@@ -8,7 +8,8 @@ namespace Mamo.Actors;
 /// <summary>Streams fresh embeddings out: after each durable checkpoint, embeds the publish set with that model
 /// version and writes every vector to the output (a compacted topic then keeps the newest per id). It reads the
 /// weights from the checkpoint on disk, on its own thread, so training never waits for it; if checkpoints come
-/// faster than it publishes, it skips to the newest.</summary>
+/// faster than it publishes, it skips to the newest. A run that stops asks it to Drain: the final checkpoint's
+/// embeddings go out before the process exits.</summary>
 public sealed class EmbeddingPublisher : ReceiveActor
 {
     readonly IReadOnlyList<EmbeddingItem> items;
@@ -17,21 +18,36 @@ public sealed class EmbeddingPublisher : ReceiveActor
     readonly int batchSize;
     readonly Device device;
     Checkpointer.CheckpointDurable? newest;
+    long published;   // every checkpoint up to this step is published (or was tried)
+    (long Step, IActorRef ReplyTo)? drain;
 
-    public EmbeddingPublisher(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device)
+    /// <summary>Publish every checkpoint up to Step now, then reply Drained.</summary>
+    public sealed record Drain(long Step);
+    public sealed record Drained(long Step);
+
+    /// <summary>from: the step the run starts at, whose embeddings went out before.</summary>
+    public EmbeddingPublisher(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device, long from)
     {
         this.items = items;
         this.sink = sink;
         this.modality = modality;
         this.batchSize = batchSize;
         this.device = device;
+        published = from;
         Receive<Checkpointer.CheckpointDurable>(d =>
         {
             var first = newest is null;
             if (newest is null || d.Step > newest.Step) newest = d;
-            if (first) Self.Tell(PublishNewest.Instance);   // after the mailbox: newer checkpoints queued behind win
+            if (drain is not null) Publish();
+            else if (first) Self.Tell(PublishNewest.Instance);   // after the mailbox: newer checkpoints queued behind win
         });
-        Receive<PublishNewest>(_ => Publish());
+        Receive<PublishNewest>(_ => { if (newest is not null) Publish(); });
+        Receive<Drain>(d =>
+        {
+            drain = (d.Step, Sender);
+            if (newest is not null) Publish();
+            else AnswerDrain();
+        });
     }
 
     sealed class PublishNewest
@@ -39,8 +55,8 @@ public sealed class EmbeddingPublisher : ReceiveActor
         public static readonly PublishNewest Instance = new();
     }
 
-    public static Props Props(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device) =>
-        Akka.Actor.Props.Create(() => new EmbeddingPublisher(items, sink, modality, batchSize, device)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device, long from) =>
+        Akka.Actor.Props.Create(() => new EmbeddingPublisher(items, sink, modality, batchSize, device, from)).WithDispatcher(Dispatchers.Model);
 
     protected override void PreStart() => Context.System.EventStream.Subscribe(Self, typeof(Checkpointer.CheckpointDurable));
 
@@ -48,6 +64,7 @@ public sealed class EmbeddingPublisher : ReceiveActor
     {
         var checkpoint = newest!;
         newest = null;
+        published = Math.Max(published, checkpoint.Step);
         var clock = System.Diagnostics.Stopwatch.StartNew();
         try
         {
@@ -61,6 +78,14 @@ public sealed class EmbeddingPublisher : ReceiveActor
             // The checkpoint may already be pruned, or the broker away: the next checkpoint publishes again.
             Log.Warning("embeddings of step {Step} not published: {Error}", checkpoint.Step, e.Message);
         }
+        AnswerDrain();
+    }
+
+    void AnswerDrain()
+    {
+        if (drain is not { } d || published < d.Step) return;
+        d.ReplyTo.Tell(new Drained(published));
+        drain = null;
     }
 
     protected override void PostStop() => sink.Dispose();

@@ -157,8 +157,9 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                 ? context.ActorOf(Evaluator.Props(s.Model, device, evalSets, teacher, metrics, s.EvalK, s.EvalBatchSize, stopping.Token), "evaluator")
                 : null;
             context.ActorOf(Props.Create(() => new SourceCommitter(source)), "source-committer");
-            if (sink is not null) context.ActorOf(EmbeddingPublisher.Props(publishItems, sink, s.PublishModality, s.PublishBatchSize, device), "publisher");
-            return new RunSupervisor.Pipeline(trainer, teacher, metrics, evaluator);
+            var publisher = sink is null ? null
+                : context.ActorOf(EmbeddingPublisher.Props(publishItems, sink, s.PublishModality, s.PublishBatchSize, device, startStep), "publisher");
+            return new RunSupervisor.Pipeline(trainer, teacher, metrics, evaluator, publisher);
         }
 
         var pipeline = await supervisor.Ask<RunSupervisor.Pipeline>(
@@ -187,6 +188,13 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             var flushed = await supervisor.Ask<RunSupervisor.Flushed>(new RunSupervisor.Flush(), s.CheckpointWriteTimeout);
             // The committer may not have seen the last announcement before its pipeline stops: acknowledge it here too.
             source.Commit(flushed.Position);
+            if (pipeline.Publisher is { } publisher)
+            {
+                // Downstream gets the model the run ends with, not the one a checkpoint before it.
+                Log.Information("publishing the embeddings of step {Step} before stopping", flushed.Step);
+                try { await publisher.Ask<EmbeddingPublisher.Drained>(new EmbeddingPublisher.Drain(flushed.Step), s.CheckpointWriteTimeout); }
+                catch (AskTimeoutException) { Log.Warning("the embeddings of step {Step} were not published within {Timeout}", flushed.Step, s.CheckpointWriteTimeout); }
+            }
             Log.Information("stopped at step {Step} after {Elapsed}", flushed.Step, clock.Elapsed);
             return flushed.Step;
         }

@@ -11,7 +11,7 @@ namespace Mamo.Actors;
 public sealed class RunSupervisor : ReceiveActor
 {
     /// <summary>The actors the lifecycle and the stream graph talk to.</summary>
-    public sealed record Pipeline(IActorRef Trainer, IActorRef? Teacher, IActorRef Metrics, IActorRef? Evaluator);
+    public sealed record Pipeline(IActorRef Trainer, IActorRef? Teacher, IActorRef Metrics, IActorRef? Evaluator, IActorRef? Publisher);
 
     /// <summary>Create the pipeline's actors (with Context.ActorOf) and reply with them; the previous set must be
     /// stopped. From: the durable checkpoint they start from.</summary>
