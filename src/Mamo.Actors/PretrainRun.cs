@@ -50,20 +50,12 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         var bad = new List<BadInput>();
         using var source = OpenSource(s, decodeLimits, bad.Add, log);
 
-        var evalTransform = new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize));
         var evalSets = new List<Evaluator.NamedSet>();
         var system = System = ActorSystem.Create("mamo", s.Config);
         try
         {
-            if (s.EvalEverySteps > 0)
-                foreach (var spec in s.EvalSets)
-                {
-                    var set = EvalSet.Load(TrainingSamples.EvalManifest(spec, log), evalTransform, tokenizer, s.Model.MaxTextLength, decodeLimits);
-                    evalSets.Add(new Evaluator.NamedSet(spec.Replace("dataset:", "").Replace('/', '-'), set));
-                    Log.Information("eval set {Spec}: {Images} images, {Texts} captions", spec, set.ImageCount, set.TextCount);
-                }
-
-            publishItems = s.PublishOutput is null ? [] : PublishItems(s, new SamplePreparer(evalTransform, tokenizer, s.Model.MaxTextLength, decodeLimits), log);
+            if (s.EvalEverySteps > 0) LoadEvalSets(s, tokenizer, decodeLimits, evalSets, log);
+            publishItems = s.PublishOutput is null ? [] : PublishItems(s, tokenizer, decodeLimits, log);
 
             var preparer = new SamplePreparer(
                 new ImageTransform(s.TrainImages),
@@ -115,9 +107,31 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         return samples;
     }
 
-    /// <summary>The set whose embeddings go out after each checkpoint, prepared once.</summary>
-    static List<EmbeddingItem> PublishItems(MamoSettings s, SamplePreparer preparer, Action<string> log)
+    /// <summary>`publish.output`, with clear errors for a bad address or producer setting.</summary>
+    internal static IEmbeddingSink OpenSink(MamoSettings s)
     {
+        try { return EmbeddingSinks.Open(s.PublishOutput!, s.KafkaProducer); }
+        catch (FormatException e) { throw new SettingsException($"'mamo.publish.output': {e.Message}"); }
+        catch (ArgumentException e) { throw new SettingsException($"'mamo.kafka.producer': {e.Message}"); }
+    }
+
+    /// <summary>The held-out sets of `eval.sets`, into <paramref name="sets"/> (the caller disposes them, also when one
+    /// fails to load).</summary>
+    internal static void LoadEvalSets(MamoSettings s, TextTokenizer tokenizer, DecodeLimits decodeLimits, List<Evaluator.NamedSet> sets, Action<string> log)
+    {
+        var transform = new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize));
+        foreach (var spec in s.EvalSets)
+        {
+            var set = EvalSet.Load(TrainingSamples.EvalManifest(spec, log), transform, tokenizer, s.Model.MaxTextLength, decodeLimits);
+            sets.Add(new Evaluator.NamedSet(spec.Replace("dataset:", "").Replace('/', '-'), set));
+            Log.Information("eval set {Spec}: {Images} images, {Texts} captions", spec, set.ImageCount, set.TextCount);
+        }
+    }
+
+    /// <summary>The set whose embeddings go out after each checkpoint, prepared once.</summary>
+    internal static List<EmbeddingItem> PublishItems(MamoSettings s, TextTokenizer tokenizer, DecodeLimits decodeLimits, Action<string> log)
+    {
+        var preparer = new SamplePreparer(new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize)), tokenizer, s.Model.MaxTextLength, decodeLimits);
         var (samples, bad) = ManifestSource.ReadAll(TrainingSamples.EvalManifest(s.PublishInput, log));
         var items = EmbeddingItem.PrepareAll(samples, preparer, bad);
         foreach (var b in bad) Log.Warning("publish set: skipped {Location}: {Reason}", b.Location, b.Reason);
@@ -138,12 +152,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         using (var probe = objective(s.Model)) needsTargets = probe.NeedsTargets;
         using var stopping = new CancellationTokenSource();
         IEmbeddingSink? sink = null;
-        if (s.PublishOutput is { } output && usesTeacher)
-        {
-            try { sink = EmbeddingSinks.Open(output, s.KafkaProducer); }
-            catch (FormatException e) { throw new SettingsException($"'mamo.publish.output': {e.Message}"); }
-            catch (ArgumentException e) { throw new SettingsException($"'mamo.kafka.producer': {e.Message}"); }
-        }
+        if (s.PublishOutput is not null && usesTeacher) sink = OpenSink(s);
 
         RunSupervisor.Pipeline Create(IUntypedActorContext context)
         {

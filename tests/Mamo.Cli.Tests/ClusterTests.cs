@@ -44,10 +44,10 @@ public class ClusterTests(ITestOutputHelper output)
     }
 
     /// <summary>Runs the three nodes to max-steps and returns once every one has exited 0.</summary>
-    async Task RunNodes(string manifest, string run, int maxSteps)
+    async Task RunNodes(string manifest, string run, int maxSteps, params string[] more)
     {
         var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
-        var nodes = ports.Select((port, i) => StartNode(manifest, run, i, port, $"127.0.0.1:{ports[0]}", maxSteps, Nodes)).ToList();
+        var nodes = ports.Select((port, i) => StartNode(manifest, run, i, port, $"127.0.0.1:{ports[0]}", maxSteps, Nodes, more)).ToList();
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
         using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(4));
         try
@@ -69,10 +69,13 @@ public class ClusterTests(ITestOutputHelper output)
         using var folder = new TempFolder();
         var manifest = Manifest(folder);
         var run = folder.File("run");
-        // One round, the whole cluster stops, and a restart goes on from the cluster checkpoint with the second.
+        // One round, the whole cluster stops, and a restart goes on from the cluster checkpoint with the second. The
+        // restart also evaluates and publishes: every node has both roles, and each is done once, on the checkpoints.
         await RunNodes(manifest, run, maxSteps: InnerSteps);
         Assert.Equal("1", Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Extra["round"]);
-        await RunNodes(manifest, run, maxSteps: InnerSteps * Rounds);
+        var embeddings = folder.File("embeddings.jsonl");
+        await RunNodes(manifest, run, maxSteps: InnerSteps * Rounds, "--set", "eval.every-steps=1", "--set", "eval.sets=[\"dataset:emoji/test\"]",
+            "--set", $"publish.output=jsonl:{embeddings}");
 
         // Each round hands the replicas disjoint cursor ranges that together make one epoch of the 48 samples.
         var entries = Enumerable.Range(0, Nodes).SelectMany(i => File.ReadAllLines(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")))
@@ -93,6 +96,18 @@ public class ClusterTests(ITestOutputHelper output)
         var state = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!);
         Assert.Equal([Model.Checkpoint.StudentPart, Model.Checkpoint.TeacherPart, "outer-optimizer"], state.Parts);
         Assert.Equal(($"{Rounds}", $"{Samples * Rounds - 1}"), (state.Extra["round"], state.Extra["position:cursor"]));
+
+        // The evaluator scored the last checkpoint before the nodes left, each checkpoint at most once, into the run's
+        // metrics; the publisher wrote each item of the publish set (181 emoji, image and text) once with that version.
+        var evals = File.ReadAllLines(Path.Combine(run, "metrics.jsonl")).Select(l => JsonDocument.Parse(l).RootElement)
+            .Where(e => e.GetProperty("kind").GetString() == "eval").Select(e => (Step: e.GetProperty("step").GetInt64(), Set: e.GetProperty("set").GetString())).ToList();
+        Assert.Equal(evals.Distinct(), evals);
+        Assert.Contains((InnerSteps * Rounds, "emoji-test"), evals);
+        var last = File.ReadAllLines(embeddings).Select(l => JsonDocument.Parse(l).RootElement)
+            .Where(e => e.GetProperty("model_version").GetString() == $"step-{InnerSteps * Rounds}")
+            .Select(e => (Id: e.GetProperty("id").GetString(), Modality: e.GetProperty("modality").GetString())).ToList();
+        Assert.Equal(2 * 181, last.Count);
+        Assert.Equal(last.Distinct(), last);
     }
 
     [Fact]

@@ -13,10 +13,10 @@ namespace Mamo.Actors.Cluster;
 /// <summary>Where a node listens, whom it joins, its name and its roles (mamo pretrain --cluster ...).</summary>
 public sealed record ClusterNodeOptions(string Host, int Port, IReadOnlyList<string> SeedNodes, string Name, IReadOnlyList<string> Roles)
 {
-    public const string CoordinatorRole = "coordinator", TrainerRole = "trainer";
+    public const string CoordinatorRole = "coordinator", TrainerRole = "trainer", EvaluatorRole = "evaluator", PublisherRole = "publisher";
     /// <summary>A member's name travels as a role with this prefix (Akka members carry roles, not names).</summary>
     public const string NamePrefix = "node:";
-    public static readonly string[] AllRoles = [CoordinatorRole, TrainerRole, "evaluator", "publisher"];
+    public static readonly string[] AllRoles = [CoordinatorRole, TrainerRole, EvaluatorRole, PublisherRole];
 
     /// <summary>HOST:PORT, with a clear error naming the option.</summary>
     public static (string Host, int Port) ParseAddress(string value, string option)
@@ -28,9 +28,10 @@ public sealed record ClusterNodeOptions(string Host, int Port, IReadOnlyList<str
     }
 }
 
-/// <summary>One node of a DiLoCo cluster run, for the life of the process: it joins the cluster, hosts the coordinator
-/// singleton where it has that role (the oldest such node runs it) and a replica where it has the trainer role, and
-/// leaves once the coordinator says the last round is checkpointed. docs/CLUSTER.md.</summary>
+/// <summary>One node of a cluster run, for the life of the process: it joins the cluster, hosts the coordinator, evaluator
+/// and publisher singletons where it has those roles (the oldest such node runs each), and a replica where it has the
+/// trainer role. It leaves once the last round is checkpointed, and evaluated and published where the run does
+/// those. docs/CLUSTER.md.</summary>
 public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
 {
     public const string SingletonName = "coordinator";
@@ -50,14 +51,34 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
         using var source = node.Roles.Contains(ClusterNodeOptions.TrainerRole)
             ? PretrainRun.OpenSource(s, decodeLimits, b => Log.Warning("dead letter: {Reason} at {Location}", b.Reason, b.Location), log)
             : null;
+        // Every node knows from the settings whether the run evaluates and publishes, and so what to wait for at the end.
+        var followers = new List<string>();
+        if (s.EvalEverySteps > 0 && s.EvalSets.Count > 0) followers.Add(CheckpointFollower.EvaluatorName);
+        if (s.PublishOutput is not null)
+        {
+            followers.Add(CheckpointFollower.PublisherName);
+            // A bad output or producer setting is an error at start, not in a singleton. A file is not opened here: the
+            // publisher, on another node of this machine, may hold it.
+            if (KafkaSpec.IsKafka(s.PublishOutput)) PretrainRun.OpenSink(s).Dispose();
+            else if (!s.PublishOutput.StartsWith("jsonl:")) PretrainRun.OpenSink(s);
+        }
+        var evalSets = new List<Evaluator.NamedSet>();
+        if (followers.Contains(CheckpointFollower.EvaluatorName) && node.Roles.Contains(ClusterNodeOptions.EvaluatorRole))
+            PretrainRun.LoadEvalSets(s, tokenizer, decodeLimits, evalSets, log);
+        var publishItems = followers.Contains(CheckpointFollower.PublisherName) && node.Roles.Contains(ClusterNodeOptions.PublisherRole)
+            ? PretrainRun.PublishItems(s, tokenizer, decodeLimits, log) : null;
 
         var system = ActorSystem.Create("mamo", Config());
         ReplicaData? data = null;
         try
         {
             if (node.Roles.Contains(ClusterNodeOptions.CoordinatorRole))
-                system.ActorOf(ClusterSingletonManager.Props(everyStep ? StepCoordinator.Props(s, device) : Coordinator.Props(s), PoisonPill.Instance,
-                    ClusterSingletonManagerSettings.Create(system).WithRole(ClusterNodeOptions.CoordinatorRole).WithSingletonName(SingletonName)), SingletonName);
+                Singleton(system, SingletonName, ClusterNodeOptions.CoordinatorRole, everyStep ? StepCoordinator.Props(s, device) : Coordinator.Props(s));
+            if (evalSets.Count > 0)
+                Singleton(system, CheckpointFollower.EvaluatorName, ClusterNodeOptions.EvaluatorRole, CheckpointFollower.Evaluating(s, device, evalSets));
+            if (publishItems is not null)
+                Singleton(system, CheckpointFollower.PublisherName, ClusterNodeOptions.PublisherRole,
+                    CheckpointFollower.Publishing(s, device, publishItems, () => PretrainRun.OpenSink(s)));
             var coordinator = CoordinatorProxy(system);
             var finished = new TaskCompletionSource<RoundReplica.Finished>(TaskCreationOptions.RunContinuationsAsynchronously);
             if (source is not null)
@@ -70,25 +91,55 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
             }
             Log.Information("node {Node} ({Roles}) listening on {Host}:{Port}, joining {Seeds}", node.Name, string.Join(",", node.Roles), node.Host, node.Port,
                 string.Join(",", node.SeedNodes));
+            // A node without a replica ends with the run's last step, which the settings tell; else it runs until stopped.
+            var lastStep = everyStep ? s.MaxSteps : (s.MaxSteps + s.Cluster.InnerSteps - 1) / s.Cluster.InnerSteps * s.Cluster.InnerSteps;
+            if (source is null && s.MaxSteps > 0 && followers.Count > 0)
+                finished.SetResult(new RoundReplica.Finished(everyStep ? lastStep : lastStep / s.Cluster.InnerSteps));
             var done = await Task.WhenAny(finished.Task, Task.Delay(Timeout.Infinite, stop), system.WhenTerminated);
             // On SIGTERM Akka's own shutdown hook may stop the system before `stop` is seen: that is a stop, not a failure.
             if (done == system.WhenTerminated && !stop.IsCancellationRequested && !finished.Task.IsCompleted)
                 throw new InvalidOperationException("this node's actor system stopped (downed by the cluster?)");
             var rounds = finished.Task.IsCompleted ? finished.Task.Result.Round : 0;
+            var steps = everyStep ? rounds : rounds * s.Cluster.InnerSteps;
+            if (finished.Task.IsCompleted)   // a replica's node has its own work done: it waits a round's time at most
+                foreach (var name in followers) await AwaitFollower(system, name, steps, source is null ? null : s.Cluster.RoundTimeout, stop);
             Log.Information("node {Node} leaves the cluster after {Unit} {Round}", node.Name, everyStep ? "step" : "round", rounds);
-            return everyStep ? rounds : rounds * s.Cluster.InnerSteps;
+            return steps;
         }
         finally
         {
             await CoordinatedShutdown.Get(system).Run(CoordinatedShutdown.ClusterLeavingReason.Instance);
             data?.Dispose();
+            foreach (var set in evalSets) set.Set.Dispose();
         }
     }
 
+    /// <summary>Runs <paramref name="props"/> once in the cluster, on the oldest node with <paramref name="role"/>.</summary>
+    static void Singleton(ActorSystem system, string name, string role, Props props) =>
+        system.ActorOf(ClusterSingletonManager.Props(props, PoisonPill.Instance,
+            ClusterSingletonManagerSettings.Create(system).WithRole(role).WithSingletonName(name)), name);
+
+    /// <summary>Waits until the evaluator or publisher, wherever it runs, has done its work on the last checkpoint:
+    /// the node that hosts it must not leave before that.</summary>
+    async Task AwaitFollower(ActorSystem system, string name, long step, TimeSpan? timeout, CancellationToken stop)
+    {
+        var role = name == CheckpointFollower.EvaluatorName ? ClusterNodeOptions.EvaluatorRole : ClusterNodeOptions.PublisherRole;
+        var proxy = Proxy(system, name, role);
+        Log.Information("node {Node} waits for the {Follower} to finish step {Step}", node.Name, name, step);
+        try { await proxy.Ask<CheckpointFollower.Followed>(new CheckpointFollower.AwaitStep(step), timeout, stop); }
+        catch (AskTimeoutException)
+        {
+            Log.Warning("the {Follower} did not finish step {Step} within {Timeout} (is there a node with the {Role} role?)", name, step, timeout, role);
+        }
+        catch (OperationCanceledException) { }   // stopped: leave now
+    }
+
     /// <summary>Reaches the coordinator singleton wherever it runs.</summary>
-    public static IActorRef CoordinatorProxy(ActorSystem system) =>
-        system.ActorOf(ClusterSingletonProxy.Props($"/user/{SingletonName}",
-            ClusterSingletonProxySettings.Create(system).WithRole(ClusterNodeOptions.CoordinatorRole).WithSingletonName(SingletonName)), "coordinator-proxy");
+    public static IActorRef CoordinatorProxy(ActorSystem system) => Proxy(system, SingletonName, ClusterNodeOptions.CoordinatorRole);
+
+    static IActorRef Proxy(ActorSystem system, string name, string role) =>
+        system.ActorOf(ClusterSingletonProxy.Props($"/user/{name}",
+            ClusterSingletonProxySettings.Create(system).WithRole(role).WithSingletonName(name)), name + "-proxy");
 
     /// <summary>A node's own log, metrics and ledger go here, beside the run's shared checkpoints.</summary>
     public static string NodeDir(string runDir, string name) => Path.Combine(runDir, "nodes", name);

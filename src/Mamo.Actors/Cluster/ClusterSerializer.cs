@@ -18,6 +18,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
     const string GetProgressManifest = "get-progress", ProgressManifest = "progress";
     const string CommitManifest = "round-commit";
     const string StepStartManifest = "step-start", StepDoneManifest = "step-done", StepAbortManifest = "step-abort";
+    const string AwaitStepManifest = "follower-await", FollowedManifest = "follower-followed";
     /// <summary>Bounds a name and a dimension count: an offer is small, whatever the model.</summary>
     const int MaxName = 1024, MaxDims = 8, MaxTensors = 100_000;
 
@@ -38,6 +39,8 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         StepCoordinator.StepStart => StepStartManifest,
         StepCoordinator.StepDone => StepDoneManifest,
         StepCoordinator.Abort => StepAbortManifest,
+        CheckpointFollower.AwaitStep => AwaitStepManifest,
+        CheckpointFollower.Followed => FollowedManifest,
         _ => throw new ArgumentException($"no wire format for {o.GetType()}"),
     };
 
@@ -121,6 +124,12 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 case StepCoordinator.Abort a:
                     w.Write(a.Attempt);
                     break;
+                case CheckpointFollower.AwaitStep a:
+                    w.Write(a.Step);
+                    break;
+                case CheckpointFollower.Followed f:
+                    w.Write(f.Step);
+                    break;
                 default:
                     throw new ArgumentException($"no wire format for {obj.GetType()}");
             }
@@ -149,6 +158,8 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     r.ReadBoolean(), ReadRef(r)),
                 StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms")),
                 StepAbortManifest => new StepCoordinator.Abort(r.ReadInt64()),
+                AwaitStepManifest => new CheckpointFollower.AwaitStep(r.ReadInt64()),
+                FollowedManifest => new CheckpointFollower.Followed(r.ReadInt64()),
                 _ => throw new SerializationException($"unknown manifest '{manifest}'"),
             };
             if (r.BaseStream.Position != bytes.Length) throw new SerializationException($"{bytes.Length - r.BaseStream.Position} bytes left after a '{manifest}'");
