@@ -7,10 +7,14 @@ namespace Mamo.Actors;
 
 /// <summary>mamo.cluster: how the replicas of a cluster run synchronise (docs/CLUSTER.md).</summary>
 public sealed record ClusterSettings(string Sync, int InnerSteps, OuterOptimizerConfig OuterOptimizer, int MinReplicas, TimeSpan RoundTimeout,
-    string DeltaDType, int ChunkSize, int Window)
+    string DeltaDType, int ChunkSize, int Window, ClusterTls? Tls = null)
 {
     public const string DiLoCo = "diloco", EveryStep = "every-step";
 }
+
+/// <summary>mamo.cluster.tls: remoting over TLS with mutual authentication. Certificate: this node's PKCS#12 file (its
+/// key inside); Ca: the certificate of the authority that signed every node's, the only one a peer may chain to.</summary>
+public sealed record ClusterTls(string Certificate, string Password, string Ca);
 
 /// <summary>A configuration key or value that cannot be used; the message names the key.</summary>
 public sealed class SettingsException(string message) : Exception(message);
@@ -168,6 +172,17 @@ public sealed record MamoSettings
         TimeSpan Duration(string key) => Get(key, k => c.GetTimeSpan(k), v => v >= TimeSpan.Zero, "must not be negative");
         long Bytes(string key) => Get(key, k => c.GetByteSize(k) ?? throw new FormatException("not a size"), v => v > 0, "must be positive");
         string Str(string key) => Get(key, k => c.GetString(k), v => !string.IsNullOrWhiteSpace(v), "must not be empty");
+        static ClusterTls? Tls(Config c)
+        {
+            var certificate = c.GetString("mamo.cluster.tls.certificate");
+            var ca = c.GetString("mamo.cluster.tls.ca");
+            if (string.IsNullOrEmpty(certificate))
+                return string.IsNullOrEmpty(ca) ? null : throw new SettingsException("'mamo.cluster.tls.ca' is set but 'mamo.cluster.tls.certificate' is not");
+            if (!File.Exists(certificate)) throw new SettingsException($"'mamo.cluster.tls.certificate': no file {certificate}");
+            if (string.IsNullOrEmpty(ca)) throw new SettingsException("'mamo.cluster.tls.ca' must name the CA certificate the nodes' certificates chain to");
+            if (!File.Exists(ca)) throw new SettingsException($"'mamo.cluster.tls.ca': no file {ca}");
+            return new ClusterTls(certificate, c.GetString("mamo.cluster.tls.password") ?? "", ca);
+        }
 
         var preset = Get("preset", k => c.GetString(k), v => v is "tiny" or "small" or "base", "must be tiny, small or base");
         var weights = new LossWeights(NonNegative("loss-weights.itc"), NonNegative("loss-weights.itm"), NonNegative("loss-weights.mlm"),
@@ -274,7 +289,8 @@ public sealed record MamoSettings
                 Get("cluster.delta-dtype", k => c.GetString(k), v => Mamo.Actors.Cluster.WeightTransfer.DTypes.ContainsKey(v), "must be float32, bfloat16 or float16"),
                 (int)Get("cluster.chunk-size", k => c.GetByteSize(k) ?? throw new FormatException("not a size"), v => v is >= 1024 and <= 384 * 1024,
                     "must lie in [1 KiB, 384 KiB]: one chunk and its framing fit hocon/cluster.conf's 512 KiB frame"),
-                Int("cluster.window", 1)),
+                Int("cluster.window", 1),
+                Tls(c)),
         };
     }
 }

@@ -1,7 +1,7 @@
 using System.Globalization;
 using Akka.Actor;
-using Akka.Cluster.Tools.Singleton;
-using Akka.Configuration;
+using Akka.Cluster.Hosting;
+using Akka.Hosting;
 using Akka.Streams;
 using Mamo.Data;
 using Mamo.Data.Datasets;
@@ -68,18 +68,25 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
         var publishItems = followers.Contains(CheckpointFollower.PublisherName) && node.Roles.Contains(ClusterNodeOptions.PublisherRole)
             ? PretrainRun.PublishItems(s, tokenizer, decodeLimits, log) : null;
 
-        var system = ActorSystem.Create("mamo", Config());
+        var singletons = new List<Singleton>
+        {
+            Singleton.Of<CoordinatorKey>(SingletonName, ClusterNodeOptions.CoordinatorRole,
+                node.Roles.Contains(ClusterNodeOptions.CoordinatorRole) ? everyStep ? StepCoordinator.Props(s, device) : Coordinator.Props(s) : null),
+        };
+        if (followers.Contains(CheckpointFollower.EvaluatorName))
+            singletons.Add(Singleton.Of<EvaluatorKey>(CheckpointFollower.EvaluatorName, ClusterNodeOptions.EvaluatorRole,
+                evalSets.Count > 0 ? CheckpointFollower.Evaluating(s, device, evalSets) : null));
+        if (followers.Contains(CheckpointFollower.PublisherName))
+            singletons.Add(Singleton.Of<PublisherKey>(CheckpointFollower.PublisherName, ClusterNodeOptions.PublisherRole,
+                publishItems is not null ? CheckpointFollower.Publishing(s, device, publishItems, () => PretrainRun.OpenSink(s)) : null));
+
+        using var host = await ClusterNode.StartAsync(node, s.Config, s.Cluster.Tls, builder => { foreach (var singleton in singletons) singleton.Register(builder); });
+        var system = host.System();
+        var registry = ActorRegistry.For(system);
         ReplicaData? data = null;
         try
         {
-            if (node.Roles.Contains(ClusterNodeOptions.CoordinatorRole))
-                Singleton(system, SingletonName, ClusterNodeOptions.CoordinatorRole, everyStep ? StepCoordinator.Props(s, device) : Coordinator.Props(s));
-            if (evalSets.Count > 0)
-                Singleton(system, CheckpointFollower.EvaluatorName, ClusterNodeOptions.EvaluatorRole, CheckpointFollower.Evaluating(s, device, evalSets));
-            if (publishItems is not null)
-                Singleton(system, CheckpointFollower.PublisherName, ClusterNodeOptions.PublisherRole,
-                    CheckpointFollower.Publishing(s, device, publishItems, () => PretrainRun.OpenSink(s)));
-            var coordinator = CoordinatorProxy(system);
+            var coordinator = registry.Get<CoordinatorKey>();
             var finished = new TaskCompletionSource<RoundReplica.Finished>(TaskCreationOptions.RunContinuationsAsynchronously);
             if (source is not null)
             {
@@ -102,29 +109,44 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
             var rounds = finished.Task.IsCompleted ? finished.Task.Result.Round : 0;
             var steps = everyStep ? rounds : rounds * s.Cluster.InnerSteps;
             if (finished.Task.IsCompleted)   // a replica's node has its own work done: it waits a round's time at most
-                foreach (var name in followers) await AwaitFollower(system, name, steps, source is null ? null : s.Cluster.RoundTimeout, stop);
+                foreach (var follower in singletons.Skip(1))
+                    await AwaitFollower(follower.Proxy(registry), follower.Name, follower.Role, steps, source is null ? null : s.Cluster.RoundTimeout, stop);
             Log.Information("node {Node} leaves the cluster after {Unit} {Round}", node.Name, everyStep ? "step" : "round", rounds);
             return steps;
         }
         finally
         {
             await CoordinatedShutdown.Get(system).Run(CoordinatedShutdown.ClusterLeavingReason.Instance);
+            await host.StopAsync();
             data?.Dispose();
             foreach (var set in evalSets) set.Set.Dispose();
         }
     }
 
-    /// <summary>Runs <paramref name="props"/> once in the cluster, on the oldest node with <paramref name="role"/>.</summary>
-    static void Singleton(ActorSystem system, string name, string role, Props props) =>
-        system.ActorOf(ClusterSingletonManager.Props(props, PoisonPill.Instance,
-            ClusterSingletonManagerSettings.Create(system).WithRole(role).WithSingletonName(name)), name);
+    /// <summary>Registry keys of the singletons' proxies.</summary>
+    public sealed class CoordinatorKey;
+    sealed class EvaluatorKey;
+    sealed class PublisherKey;
+
+    /// <summary>One of the run's singletons: a node with the role hosts it (the oldest such node runs it), every node
+    /// reaches it through a proxy in the ActorRegistry.</summary>
+    sealed record Singleton(string Name, string Role, Action<AkkaConfigurationBuilder> Register, Func<IActorRegistry, IActorRef> Proxy)
+    {
+        public static Singleton Of<TKey>(string name, string role, Props? props)
+        {
+            var options = new ClusterSingletonOptions { Role = role, TerminationMessage = PoisonPill.Instance };
+            return new(name, role, builder =>
+            {
+                if (props is not null) builder.WithSingleton<TKey>(name, props, options);
+                else builder.WithSingletonProxy<TKey>(name, options);
+            }, registry => registry.Get<TKey>());
+        }
+    }
 
     /// <summary>Waits until the evaluator or publisher, wherever it runs, has done its work on the last checkpoint:
     /// the node that hosts it must not leave before that.</summary>
-    async Task AwaitFollower(ActorSystem system, string name, long step, TimeSpan? timeout, CancellationToken stop)
+    async Task AwaitFollower(IActorRef proxy, string name, string role, long step, TimeSpan? timeout, CancellationToken stop)
     {
-        var role = name == CheckpointFollower.EvaluatorName ? ClusterNodeOptions.EvaluatorRole : ClusterNodeOptions.PublisherRole;
-        var proxy = Proxy(system, name, role);
         Log.Information("node {Node} waits for the {Follower} to finish step {Step}", node.Name, name, step);
         try { await proxy.Ask<CheckpointFollower.Followed>(new CheckpointFollower.AwaitStep(step), timeout, stop); }
         catch (AskTimeoutException)
@@ -134,31 +156,8 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
         catch (OperationCanceledException) { }   // stopped: leave now
     }
 
-    /// <summary>Reaches the coordinator singleton wherever it runs.</summary>
-    public static IActorRef CoordinatorProxy(ActorSystem system) => Proxy(system, SingletonName, ClusterNodeOptions.CoordinatorRole);
-
-    static IActorRef Proxy(ActorSystem system, string name, string role) =>
-        system.ActorOf(ClusterSingletonProxy.Props($"/user/{name}",
-            ClusterSingletonProxySettings.Create(system).WithRole(role).WithSingletonName(name)), name + "-proxy");
-
     /// <summary>A node's own log, metrics and ledger go here, beside the run's shared checkpoints.</summary>
     public static string NodeDir(string runDir, string name) => Path.Combine(runDir, "nodes", name);
-
-    Config Config() => NodeConfig(node, settings.Config);
-
-    /// <summary>The node's address, seeds and roles (its name among them) over cluster.conf and the run's settings.</summary>
-    public static Config NodeConfig(ClusterNodeOptions node, Config settings)
-    {
-        string Quote(string v) => "\"" + v.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
-        var seeds = node.SeedNodes.Select(a => ClusterNodeOptions.ParseAddress(a, "--seed-nodes")).Select(a => Quote($"akka.tcp://mamo@{a.Host}:{a.Port}"));
-        var hocon = $"""
-            akka.remote.dot-netty.tcp.hostname = {Quote(node.Host)}
-            akka.remote.dot-netty.tcp.port = {node.Port}
-            akka.cluster.seed-nodes = [{string.Join(", ", seeds)}]
-            akka.cluster.roles = [{string.Join(", ", node.Roles.Append(ClusterNodeOptions.NamePrefix + node.Name).Select(Quote))}]
-            """;
-        return ConfigurationFactory.ParseString(hocon).WithFallback(ClusterNode.Config(settings));
-    }
 
     sealed class Completion : ReceiveActor
     {

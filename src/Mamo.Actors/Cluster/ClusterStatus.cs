@@ -1,5 +1,7 @@
 using Akka.Actor;
 using Akka.Cluster;
+using Akka.Cluster.Hosting;
+using Akka.Hosting;
 
 namespace Mamo.Actors.Cluster;
 
@@ -13,12 +15,16 @@ public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, 
 
     /// <summary>Joins the cluster at <paramref name="seeds"/> for as long as it takes to look (as a member of role
     /// "status", left out of the report), then leaves.</summary>
-    public static async Task<ClusterStatus> QueryAsync(IReadOnlyList<string> seeds, TimeSpan timeout)
+    /// <param name="settings">the run's settings: the cluster's TLS, if it uses it</param>
+    public static async Task<ClusterStatus> QueryAsync(IReadOnlyList<string> seeds, TimeSpan timeout, MamoSettings settings)
     {
         var options = new ClusterNodeOptions("127.0.0.1", 0, seeds, "status-" + Environment.ProcessId, [StatusRole]);
         // Quiet: stdout carries the report (one JSON object with --json), and nothing else.
         var quiet = Akka.Configuration.ConfigurationFactory.ParseString("akka { loglevel = ERROR, stdout-loglevel = OFF, log-dead-letters = off }");
-        var system = ActorSystem.Create("mamo", quiet.WithFallback(ClusterRun.NodeConfig(options, MamoSettings.Defaults())));
+        using var host = await ClusterNode.StartAsync(options, quiet.WithFallback(settings.Config), settings.Cluster.Tls,
+            builder => builder.WithSingletonProxy<ClusterRun.CoordinatorKey>(ClusterRun.SingletonName,
+                new ClusterSingletonOptions { Role = ClusterNodeOptions.CoordinatorRole }));
+        var system = host.System();
         try
         {
             var cluster = Akka.Cluster.Cluster.Get(system);
@@ -30,7 +36,7 @@ public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, 
             string? last = null;
             try
             {
-                var progress = await ClusterRun.CoordinatorProxy(system).Ask<Coordinator.Progress>(new Coordinator.GetProgress(), timeout);
+                var progress = await ActorRegistry.For(system).Get<ClusterRun.CoordinatorKey>().Ask<Coordinator.Progress>(new Coordinator.GetProgress(), timeout);
                 (round, last) = (progress.Round, progress.LastCheckpoint.Length > 0 ? progress.LastCheckpoint : null);
             }
             catch (Exception e) when (e is AskTimeoutException or TaskCanceledException) { }   // no coordinator yet: the report says so with nulls
@@ -45,7 +51,7 @@ public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, 
         }
         finally
         {
-            await CoordinatedShutdown.Get(system).Run(CoordinatedShutdown.ClusterLeavingReason.Instance);
+            await host.StopAsync();
         }
     }
 }

@@ -5,7 +5,7 @@ using Mamo.Actors.Cluster;
 
 namespace Mamo.Cli.Commands;
 
-/// <summary>`mamo cluster status --seed-nodes HOST:PORT[,...] [--json] [--timeout 20s]`: the members of a running
+/// <summary>`mamo cluster status --seed-nodes HOST:PORT[,...] [--json] [--timeout 20s] [--config F] [--set k=v]`: the members of a running
 /// cluster with their roles and reachability, the current round, and the last durable checkpoint.</summary>
 public static class ClusterCommand
 {
@@ -16,7 +16,11 @@ public static class ClusterCommand
         var seeds = new Option<string>("--seed-nodes") { Description = "HOST:PORT[,HOST:PORT...] of the cluster's seed nodes", Required = true };
         var json = new Option<bool>("--json") { Description = "Print one JSON object: {members: [{name, address, roles, status}], round, last_checkpoint}" };
         var timeout = new Option<int>("--timeout") { Description = "Seconds to wait for the cluster", DefaultValueFactory = _ => 20 };
-        var status = new Command("status", "Members, roles and reachability of a running cluster; its round and last checkpoint") { seeds, json, timeout };
+        var settingsOptions = new SettingsOptions();   // mamo.cluster.tls: a cluster over TLS is looked at with a certificate of its CA
+        var status = new Command("status", "Members, roles and reachability of a running cluster; its round and last checkpoint")
+        {
+            seeds, json, timeout, settingsOptions.Config, settingsOptions.Set,
+        };
         status.SetAction(async (parse, _) =>
         {
             var (output, error) = (parse.InvocationConfiguration.Output, parse.InvocationConfiguration.Error);
@@ -25,7 +29,7 @@ public static class ClusterCommand
             try
             {
                 foreach (var seed in list) ClusterNodeOptions.ParseAddress(seed, "--seed-nodes");
-                report = await ClusterStatus.QueryAsync(list, TimeSpan.FromSeconds(parse.GetValue(timeout)));
+                report = await ClusterStatus.QueryAsync(list, TimeSpan.FromSeconds(parse.GetValue(timeout)), settingsOptions.Load(parse));
             }
             catch (SettingsException e)
             {

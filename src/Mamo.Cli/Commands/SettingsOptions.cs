@@ -4,7 +4,7 @@ using Mamo.Actors;
 namespace Mamo.Cli.Commands;
 
 /// <summary>`--config FILE` and `--set key=value`, HOCON over hocon/mamo.conf, for each command that reads settings
-/// (pretrain; embed and ingest for the librdkafka properties under mamo.kafka).</summary>
+/// (pretrain; embed and ingest for the librdkafka properties under mamo.kafka; cluster status for mamo.cluster.tls).</summary>
 sealed class SettingsOptions
 {
     public Option<string?> Config { get; } = new("--config") { Description = "A HOCON file layered over hocon/mamo.conf" };
