@@ -14,7 +14,11 @@ public sealed record ClusterSettings(string Sync, int InnerSteps, OuterOptimizer
 
 /// <summary>mamo.cluster.tls: remoting over TLS with mutual authentication. Certificate: this node's PKCS#12 file (its
 /// key inside); Ca: the certificate of the authority that signed every node's, the only one a peer may chain to.</summary>
-public sealed record ClusterTls(string Certificate, string Password, string Ca);
+public sealed record ClusterTls(string Certificate, string Password, string Ca)
+{
+    /// <summary>Where the password comes from when the settings leave it empty: a file or a command line need not hold it.</summary>
+    public const string PasswordVariable = "MAMO_TLS_PASSWORD";
+}
 
 /// <summary>A configuration key or value that cannot be used; the message names the key.</summary>
 public sealed class SettingsException(string message) : Exception(message);
@@ -181,7 +185,8 @@ public sealed record MamoSettings
             if (!File.Exists(certificate)) throw new SettingsException($"'mamo.cluster.tls.certificate': no file {certificate}");
             if (string.IsNullOrEmpty(ca)) throw new SettingsException("'mamo.cluster.tls.ca' must name the CA certificate the nodes' certificates chain to");
             if (!File.Exists(ca)) throw new SettingsException($"'mamo.cluster.tls.ca': no file {ca}");
-            return new ClusterTls(certificate, c.GetString("mamo.cluster.tls.password") ?? "", ca);
+            var password = c.GetString("mamo.cluster.tls.password") is { Length: > 0 } p ? p : Environment.GetEnvironmentVariable(ClusterTls.PasswordVariable) ?? "";
+            return new ClusterTls(certificate, password, ca);
         }
 
         var preset = Get("preset", k => c.GetString(k), v => v is "tiny" or "small" or "base", "must be tiny, small or base");
