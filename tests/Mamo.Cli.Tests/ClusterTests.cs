@@ -256,6 +256,62 @@ public class ClusterTests(ITestOutputHelper output)
         Assert.NotEmpty(File.ReadAllLines(Path.Combine(run, "nodes", "n2", "ledger.jsonl")));
     }
 
+    [Fact]
+    public async Task A_killed_node_restarted_with_its_name_and_port_rejoins_and_trains_from_the_current_global_weights()
+    {
+        using var folder = new TempFolder();
+        var manifest = Manifest(folder);
+        var run = folder.File("run");
+        const int rounds = 8;
+        var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
+        Process Start(int i) => StartNode(manifest, run, i, ports[i], $"127.0.0.1:{ports[0]}", InnerSteps * rounds, minReplicas: 2,
+            "--set", "checkpoint.keep-last=20");
+        var nodes = Enumerable.Range(0, Nodes).Select(Start).ToList();
+        var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
+        long LatestRound() => Model.Checkpoint.Latest(run) is { } c ? long.Parse(Model.Checkpoint.ReadState(c).Extra["round"]) : 0;
+        var ledger = Path.Combine(run, "nodes", "n2", "ledger.jsonl");
+        long killedIn;
+        try
+        {
+            // n2 is not the coordinator (n0 is the oldest): kill it once it has trained, and restart it once the
+            // survivors have committed a round without it.
+            var clock = AwaitFirstCheckpoint(run, nodes[0]);
+            while (!(File.Exists(ledger) && new FileInfo(ledger).Length > 0))
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), "n2 did not train: " + Tail(Path.Combine(run, "nodes", "n2", "mamo.log")));
+                Thread.Sleep(50);
+            }
+            nodes[2].Kill();
+            killedIn = LatestRound();
+            while (LatestRound() <= killedIn)
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(3), "the survivors committed no round after the kill");
+                Thread.Sleep(50);
+            }
+            Assert.True(LatestRound() < rounds, "the run ended before the killed node could rejoin");
+            nodes[2] = Start(2);
+            logs[2] = (nodes[2].StandardOutput.ReadToEndAsync(), nodes[2].StandardError.ReadToEndAsync());
+            using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(4));
+            foreach (var p in nodes) await p.WaitForExitAsync(patience.Token);
+            for (int i = 0; i < Nodes; i++)
+                Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Err}");
+        }
+        finally
+        {
+            foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
+        }
+        // The new incarnation took a round after the kill, from exactly the θ of the cluster checkpoint before it.
+        var line = (await logs[2].Err).Split('\n').FirstOrDefault(l => l.Contains("n2 round ") && l.Contains(" starts from θ "));
+        Assert.True(line is not null, "the restarted node took no round: " + await logs[2].Err);
+        var match = System.Text.RegularExpressions.Regex.Match(line, @"n2 round (\d+) starts from θ ([0-9a-f]+)");
+        var round = int.Parse(match.Groups[1].Value);
+        Assert.True(round > killedIn, $"round {round}, killed in {killedIn}");
+        var theta = Model.SafeTensors.Load(Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(round * InnerSteps), Model.Checkpoint.StudentFile));
+        Assert.Equal(Model.Checkpoint.WeightHash(theta.Select(kv => (kv.Key, kv.Value))), match.Groups[2].Value);
+        Assert.Contains(File.ReadAllLines(ledger), l => JsonDocument.Parse(l).RootElement.GetProperty("round").GetInt64() == round);
+        Assert.Equal($"{rounds}", Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Extra["round"]);
+    }
+
     /// <summary>48 real emoji, so that one round of 3 replicas × 2 steps × 8 pairs is one epoch.</summary>
     internal static string Manifest(TempFolder folder)
     {
