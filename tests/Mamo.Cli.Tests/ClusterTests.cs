@@ -257,15 +257,15 @@ public class ClusterTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public async Task A_killed_node_restarted_with_its_name_and_port_rejoins_and_trains_from_the_current_global_weights()
+    public async Task A_killed_node_shows_in_cluster_status_as_removed_with_its_recovery_then_restarted_with_its_name_and_port_rejoins()
     {
         using var folder = new TempFolder();
         var manifest = Manifest(folder);
         var run = folder.File("run");
-        const int rounds = 8;
+        const int rounds = 16;   // a round takes about 2.5 s here: room for the recovery, the status and the restart
         var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
         Process Start(int i) => StartNode(manifest, run, i, ports[i], $"127.0.0.1:{ports[0]}", InnerSteps * rounds, minReplicas: 2,
-            "--set", "checkpoint.keep-last=20");
+            "--set", "checkpoint.keep-last=40");
         var nodes = Enumerable.Range(0, Nodes).Select(Start).ToList();
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
         long LatestRound() => Model.Checkpoint.Latest(run) is { } c ? long.Parse(Model.Checkpoint.ReadState(c).Extra["round"]) : 0;
@@ -273,10 +273,12 @@ public class ClusterTests(ITestOutputHelper output)
         long killedIn;
         try
         {
-            // n2 is not the coordinator (n0 is the oldest): kill it once it has trained, and restart it once the
-            // survivors have committed a round without it.
+            // n2 is not the coordinator (n0 is the oldest): kill it once a round it trained in is committed, and
+            // restart it once the survivors have committed a round without it.
             var clock = AwaitFirstCheckpoint(run, nodes[0]);
-            while (!(File.Exists(ledger) && new FileInfo(ledger).Length > 0))
+            long TrainedIn() => File.Exists(ledger) ? File.ReadAllLines(ledger).Where(l => l.EndsWith('}'))
+                .Select(l => JsonDocument.Parse(l).RootElement.GetProperty("round").GetInt64()).DefaultIfEmpty(long.MaxValue).Min() : long.MaxValue;
+            while (LatestRound() <= TrainedIn())
             {
                 Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), "n2 did not train: " + Tail(Path.Combine(run, "nodes", "n2", "mamo.log")));
                 Thread.Sleep(50);
@@ -288,6 +290,20 @@ public class ClusterTests(ITestOutputHelper output)
                 Assert.True(clock.Elapsed < TimeSpan.FromMinutes(3), "the survivors committed no round after the kill");
                 Thread.Sleep(50);
             }
+            // cluster status shows it removed, the rounds with and without it, and how long the recovery took.
+            var (code, stdout, stderr) = Cli.Run("cluster", "status", "--seed-nodes", $"127.0.0.1:{ports[0]}", "--json", "--timeout", "30");
+            Assert.True(code == 0, stderr);
+            output.WriteLine(stdout);
+            var report = JsonDocument.Parse(stdout).RootElement;
+            var gone = report.GetProperty("members").EnumerateArray().Single(m => m.GetProperty("name").GetString() == "n2");
+            Assert.Equal(("removed", $"127.0.0.1:{ports[2]}"), (gone.GetProperty("status").GetString(), gone.GetProperty("address").GetString()));
+            var recovery = report.GetProperty("recoveries").EnumerateArray().Single(r => r.GetProperty("lost").GetString() == "n2");
+            // From when the cluster marked n2 unreachable to the next round committed without it.
+            Assert.True(recovery.GetProperty("seconds").GetDouble() > 0, recovery.ToString());
+            var recent = report.GetProperty("recent_rounds").EnumerateArray()
+                .Select(r => (Round: r.GetProperty("round").GetInt64(), With: r.GetProperty("participants").EnumerateArray().Select(p => p.GetString()).ToList())).ToList();
+            Assert.Contains(recent, r => r.With.Contains("n2"));
+            Assert.Contains(recent, r => r.Round >= killedIn && r.With.SequenceEqual(["n0", "n1"]));
             Assert.True(LatestRound() < rounds, "the run ended before the killed node could rejoin");
             nodes[2] = Start(2);
             logs[2] = (nodes[2].StandardOutput.ReadToEndAsync(), nodes[2].StandardError.ReadToEndAsync());

@@ -103,6 +103,22 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 case Coordinator.Progress p:
                     w.Write(p.Round);
                     w.Write(p.LastCheckpoint);
+                    w.Write(p.Recent.Count);
+                    foreach (var r in p.Recent)
+                    {
+                        w.Write(r.Number);
+                        w.Write(r.Participants.Count);
+                        foreach (var n in r.Participants) w.Write(n);
+                        w.Write(r.Seconds);
+                    }
+                    w.Write(p.Recoveries.Count);
+                    foreach (var r in p.Recoveries)
+                    {
+                        w.Write(r.Lost);
+                        w.Write(r.Address);
+                        w.Write(r.At.Ticks);
+                        w.Write(r.Seconds ?? -1);
+                    }
                     break;
                 case StepCoordinator.StepStart s:
                     w.Write(s.Attempt);
@@ -153,7 +169,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 CommitManifest => new Coordinator.Commit(ReadMap(r, r.ReadInt64, "stream positions")),
                 FinishManifest => new Coordinator.Finish(r.ReadInt64()),
                 GetProgressManifest => new Coordinator.GetProgress(),
-                ProgressManifest => new Coordinator.Progress(r.ReadInt64(), r.ReadString()),
+                ProgressManifest => ReadProgress(r),
                 StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
                     r.ReadBoolean(), ReadRef(r)),
                 StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms")),
@@ -185,16 +201,47 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
     /// <summary>Bounded as an offer's tensors are: at most MaxTensors entries, names of at most MaxName characters.</summary>
     static Dictionary<string, T> ReadMap<T>(BinaryReader r, Func<T> read, string what)
     {
-        var count = r.ReadInt32();
-        if (count is < 0 or > MaxTensors) throw new SerializationException($"{count} {what}");
+        var count = Count(r, what);
         var map = new Dictionary<string, T>(count);
         for (int i = 0; i < count; i++)
         {
-            var name = r.ReadString();
-            if (name.Length > MaxName) throw new SerializationException($"a name over {MaxName} characters in the {what}");
+            var name = Name(r);
             map[name] = read();
         }
         return map;
+    }
+
+    /// <summary>Bounded as a map is: a history of at most MaxTensors entries, each of bounded names.</summary>
+    static Coordinator.Progress ReadProgress(BinaryReader r)
+    {
+        var (round, last) = (r.ReadInt64(), r.ReadString());
+        var rounds = new List<RunHistory.Round>();
+        for (int i = Count(r, "rounds"); i > 0; i--)
+        {
+            var number = r.ReadInt64();
+            var names = new List<string>();
+            for (int j = Count(r, "participants"); j > 0; j--) names.Add(Name(r));
+            rounds.Add(new RunHistory.Round(number, names, r.ReadDouble()));
+        }
+        var recoveries = new List<RunHistory.Recovery>();
+        for (int i = Count(r, "recoveries"); i > 0; i--)
+        {
+            var (lost, address, ticks, seconds) = (Name(r), Name(r), r.ReadInt64(), r.ReadDouble());
+            recoveries.Add(new RunHistory.Recovery(lost, address, new DateTime(ticks, DateTimeKind.Utc), seconds < 0 ? null : seconds));
+        }
+        return new Coordinator.Progress(round, last, rounds, recoveries);
+    }
+
+    static int Count(BinaryReader r, string what)
+    {
+        var count = r.ReadInt32();
+        return count is < 0 or > MaxTensors ? throw new SerializationException($"{count} {what}") : count;
+    }
+
+    static string Name(BinaryReader r)
+    {
+        var name = r.ReadString();
+        return name.Length > MaxName ? throw new SerializationException($"a name over {MaxName} characters") : name;
     }
 
     /// <summary>An actor reference as its path; resolving it creates nothing.</summary>

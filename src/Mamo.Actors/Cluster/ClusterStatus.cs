@@ -6,8 +6,10 @@ using Akka.Hosting;
 namespace Mamo.Actors.Cluster;
 
 /// <summary>What `mamo cluster status` reports: each member (its name, address, roles, and Akka's member status or
-/// "unreachable"), the coordinator's round and the last durable cluster checkpoint.</summary>
-public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, long? Round, string? LastCheckpoint)
+/// "unreachable"; a replica the coordinator lost that is no longer a member: "removed"), the coordinator's round, the
+/// last durable cluster checkpoint, the recent rounds and the recoveries (RunHistory).</summary>
+public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, long? Round, string? LastCheckpoint,
+    IReadOnlyList<RunHistory.Round> Recent, IReadOnlyList<RunHistory.Recovery> Recoveries)
 {
     public sealed record Member(string Name, string Address, IReadOnlyList<string> Roles, string Status);
 
@@ -32,26 +34,28 @@ public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, 
             cluster.RegisterOnMemberUp(() => up.TrySetResult());
             if (await Task.WhenAny(up.Task, Task.Delay(timeout)) != up.Task)
                 throw new TimeoutException($"could not join the cluster at {string.Join(",", seeds)} within {timeout.TotalSeconds:F0} s");
-            long? round = null;
-            string? last = null;
-            try
-            {
-                var progress = await ActorRegistry.For(system).Get<ClusterRun.CoordinatorKey>().Ask<Coordinator.Progress>(new Coordinator.GetProgress(), timeout);
-                (round, last) = (progress.Round, progress.LastCheckpoint.Length > 0 ? progress.LastCheckpoint : null);
-            }
+            Coordinator.Progress? progress = null;
+            try { progress = await ActorRegistry.For(system).Get<ClusterRun.CoordinatorKey>().Ask<Coordinator.Progress>(new Coordinator.GetProgress(), timeout); }
             catch (Exception e) when (e is AskTimeoutException or TaskCanceledException) { }   // no coordinator yet: the report says so with nulls
             var state = cluster.State;
             var members = state.Members.Where(m => m.Address != cluster.SelfAddress).Select(m => new Member(
                     m.Roles.FirstOrDefault(r => r.StartsWith(ClusterNodeOptions.NamePrefix))?[ClusterNodeOptions.NamePrefix.Length..] ?? m.Address.ToString(),
-                    $"{m.Address.Host}:{m.Address.Port}",
+                    HostPort(m.Address.ToString()),
                     m.Roles.Where(r => !r.StartsWith(ClusterNodeOptions.NamePrefix)).Order().ToList(),
                     state.Unreachable.Contains(m) ? "unreachable" : m.Status.ToString().ToLowerInvariant()))
-                .OrderBy(m => m.Name, StringComparer.Ordinal).ToList();
-            return new ClusterStatus(members, round, last);
+                .ToList();
+            var recoveries = progress?.Recoveries ?? [];
+            var removed = recoveries.Where(r => r.Lost != RunHistory.CoordinatorLost && members.All(m => m.Name != r.Lost))
+                .GroupBy(r => r.Lost).Select(g => new Member(g.Key, HostPort(g.Last().Address), [], "removed"));
+            members = [.. members.Concat(removed).OrderBy(m => m.Name, StringComparer.Ordinal)];
+            return new ClusterStatus(members, progress?.Round, progress?.LastCheckpoint is { Length: > 0 } last ? last : null,
+                progress?.Recent ?? [], recoveries);
         }
         finally
         {
             await host.StopAsync();
         }
     }
+
+    static string HostPort(string address) => Address.Parse(address) is { Host: { } host, Port: { } port } ? $"{host}:{port}" : address;
 }

@@ -33,8 +33,10 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     public sealed record Finish(long Round) : IClusterMessage;
     /// <summary>Asks for a Progress (mamo cluster status).</summary>
     public sealed record GetProgress : IClusterMessage;
-    /// <summary>The round in progress (or next) and the last durable cluster checkpoint ("" before the first).</summary>
-    public sealed record Progress(long Round, string LastCheckpoint) : IClusterMessage;
+    /// <summary>The round in progress (or next), the last durable cluster checkpoint ("" before the first), and the
+    /// coordinator's recent history.</summary>
+    public sealed record Progress(long Round, string LastCheckpoint, IReadOnlyList<RunHistory.Round> Recent, IReadOnlyList<RunHistory.Recovery> Recoveries)
+        : IClusterMessage;
     sealed record Deadline(long Round);
 
     public const string OuterOptimizerPart = "outer-optimizer", RoundKey = "round", UnfinishedKey = "unfinished";
@@ -67,6 +69,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     readonly OuterOptimizer outer;
     readonly IActorRef receiver;
     readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> replicas = new();
+    readonly RunHistory history = new();
     readonly long rounds;
     long round, cursor;
     /// <summary>The stream positions the last cluster checkpoint covers (a Kafka source: each partition's last offset).</summary>
@@ -88,7 +91,11 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         theta = MamoModel.Seeded(settings.Model, settings.Seed);
         teacher = Momentum.CreateTeacher(theta);
         outer = new OuterOptimizer(Checkpoint.Named(theta), cluster.OuterOptimizer);
-        if (Checkpoint.Latest(settings.RunDir) is { } dir) Resume(dir);
+        if (Checkpoint.Latest(settings.RunDir) is { } dir)
+        {
+            Resume(dir);
+            history.Lost(RunHistory.CoordinatorLost, ((ExtendedActorSystem)Context.System).Provider.DefaultAddress.ToString());
+        }
         receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "deltas");
 
         Receive<Register>(r =>
@@ -103,11 +110,17 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
             if (round >= rounds) Sender.Tell(new Finish(round));
             else TryStartRound();
         });
+        // A replica's node marked unreachable starts its recovery: that is when the cluster knows of the loss.
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(u =>
+        {
+            foreach (var (_, r) in replicas.Where(r => r.Key.Path.Address == u.Member.Address)) history.Lost(r.Node, u.Member.Address.ToString());
+        });
         Receive<Terminated>(t =>
         {
             rewind.Remove(t.ActorRef);
             if (!replicas.Remove(t.ActorRef, out var gone)) return;
             Log.Warning("replica {Node} left", gone.Node);
+            history.Lost(gone.Node, t.ActorRef.Path.Address.ToString());
             if (current is not null && current.Assigned.Any(a => a.Replica.Equals(t.ActorRef)))
             {
                 current.Lost.Add(gone.Node);
@@ -144,7 +157,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         {
             if (current is not null && ++current.Broadcasts == current.Assigned.Count) current.Broadcast = current.Clock.Elapsed;
         });
-        Receive<GetProgress>(_ => Sender.Tell(new Progress(round, Checkpoint.Latest(settings.RunDir) ?? "")));
+        Receive<GetProgress>(_ => Sender.Tell(new Progress(round, Checkpoint.Latest(settings.RunDir) ?? "", history.Rounds, history.Recoveries)));
     }
 
     public static Props Props(MamoSettings settings) => Akka.Actor.Props.Create(() => new Coordinator(settings)).WithDispatcher(Dispatchers.Model);
@@ -237,6 +250,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         var outerStep = r.Clock.Elapsed - outerStart;
         var path = WriteCheckpoint();
         Log.Information("round {Round} done with {Count} replicas; checkpoint {Path}", round - 1, reported.Count, path);
+        history.Committed(round - 1, reported.Select(a => a.Node), r.Clock.Elapsed);
         // The gather is the time from the last replica's inner steps to its last delta (the delta transfers overlap the
         // inner steps of slower replicas).
         Log.Information("round {Round} took {Total:F2} s: broadcast of θ {Broadcast:F2} s, inner steps until the last replica's end {Inner:F2} s, " +
@@ -264,8 +278,13 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
             new Checkpoint.State(step, 0, step, extra), settings.KeepLast);
     }
 
+    protected override void PreStart() =>
+        Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember));
+
     protected override void PostStop()
     {
+        Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
         theta.Dispose();
         teacher.Dispose();
         outer.Dispose();

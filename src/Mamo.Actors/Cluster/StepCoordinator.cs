@@ -39,6 +39,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
         public Dictionary<string, WeightTransfer.Received> Gradients { get; } = new();
         public Dictionary<string, StepDone> Done { get; } = new();
         public bool Gathered { get; set; }
+        public System.Diagnostics.Stopwatch Clock { get; } = System.Diagnostics.Stopwatch.StartNew();
 
         public void Dispose()
         {
@@ -55,6 +56,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
     readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> replicas = new();
     /// <summary>The step of the θ each replica last received: its teacher follows from there without being sent.</summary>
     readonly Dictionary<IActorRef, long> holds = new();
+    readonly RunHistory history = new();
     readonly long steps;
     long cursor, attempts;
     Attempt? current;
@@ -75,6 +77,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
             trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, objective);
             cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
             Log.Information("every-step coordinator resumes from {Checkpoint}: step {Step}, cursor {Cursor}", dir, trainer.Step, cursor);
+            history.Lost(RunHistory.CoordinatorLost, ((ExtendedActorSystem)Context.System).Provider.DefaultAddress.ToString());
         }
         else
         {
@@ -98,11 +101,17 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
             if (trainer.Step >= steps) Sender.Tell(new Coordinator.Finish(trainer.Step));
             else TryStart();
         });
+        // A replica's node marked unreachable starts its recovery: that is when the cluster knows of the loss.
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(u =>
+        {
+            foreach (var (_, r) in replicas.Where(r => r.Key.Path.Address == u.Member.Address)) history.Lost(r.Node, u.Member.Address.ToString());
+        });
         Receive<Terminated>(t =>
         {
             if (!replicas.Remove(t.ActorRef, out var gone)) return;
             holds.Remove(t.ActorRef);
             Log.Warning("replica {Node} left", gone.Node);
+            history.Lost(gone.Node, t.ActorRef.Path.Address.ToString());
             if (current?.Assigned.Any(a => a.Replica.Equals(t.ActorRef)) == true) Drop($"replica {gone.Node} left");
         });
         Receive<Deadline>(d =>
@@ -128,7 +137,8 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
             else TryApply();
         });
         Receive<WeightTransfer.Sent>(_ => { });
-        Receive<Coordinator.GetProgress>(_ => Sender.Tell(new Coordinator.Progress(trainer.Step, Checkpoint.Latest(settings.RunDir) ?? "")));
+        Receive<Coordinator.GetProgress>(_ => Sender.Tell(new Coordinator.Progress(trainer.Step, Checkpoint.Latest(settings.RunDir) ?? "",
+            history.Rounds, history.Recoveries)));
     }
 
     public static Props Props(MamoSettings settings, Device device) =>
@@ -193,6 +203,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
                 Log.Information("step {Step} loss {Loss:F4} over {Pairs} pairs from {Count} replicas", result.Step + 1, result.Loss, done.Sum(d => d.Samples), done.Count);
         }
         foreach (var p in a.Assigned) holds[p.Replica] = trainer.Step - 1;
+        history.Committed(trainer.Step - 1, a.Assigned.Select(p => p.Node), a.Clock.Elapsed);
         cursor += (long)a.Assigned.Count * settings.BatchSize;
         a.Dispose();
         current = null;
@@ -227,8 +238,13 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
             new Checkpoint.State(trainer.Step, trainer.Optimizer.Step, trainer.Step, extra), settings.KeepLast);
     }
 
+    protected override void PreStart() =>
+        Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember));
+
     protected override void PostStop()
     {
+        Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
         current?.Dispose();
         trainer.Dispose();
         base.PostStop();

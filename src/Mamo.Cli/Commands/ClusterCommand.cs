@@ -14,7 +14,10 @@ public static class ClusterCommand
     public static Command Create()
     {
         var seeds = new Option<string>("--seed-nodes") { Description = "HOST:PORT[,HOST:PORT...] of the cluster's seed nodes", Required = true };
-        var json = new Option<bool>("--json") { Description = "Print one JSON object: {members: [{name, address, roles, status}], round, last_checkpoint}" };
+        var json = new Option<bool>("--json")
+        {
+            Description = "Print one JSON object: {members: [{name, address, roles, status}], round, last_checkpoint, recent_rounds: [{round, participants, seconds}], recoveries: [{lost, address, at, seconds}]}",
+        };
         var timeout = new Option<int>("--timeout") { Description = "Seconds to wait for the cluster", DefaultValueFactory = _ => 20 };
         var settingsOptions = new SettingsOptions();   // mamo.cluster.tls: a cluster over TLS is looked at with a certificate of its CA
         var status = new Command("status", "Members, roles and reachability of a running cluster; its round and last checkpoint")
@@ -48,11 +51,16 @@ public static class ClusterCommand
                     members = report.Members.Select(m => new { name = m.Name, address = m.Address, roles = m.Roles, status = m.Status }),
                     round = report.Round,
                     last_checkpoint = report.LastCheckpoint,
+                    recent_rounds = report.Recent.Select(r => new { round = r.Number, participants = r.Participants, seconds = r.Seconds }),
+                    recoveries = report.Recoveries.Select(r => new { lost = r.Lost, address = r.Address, at = r.At, seconds = r.Seconds }),
                 }));
                 return 0;
             }
             foreach (var m in report.Members) output.WriteLine($"{m.Name,-16} {m.Address,-22} {m.Status,-12} {string.Join(",", m.Roles)}");
             output.WriteLine($"round {report.Round?.ToString() ?? "(no coordinator)"}, last checkpoint {report.LastCheckpoint ?? "(none yet)"}");
+            foreach (var r in report.Recent) output.WriteLine($"  round {r.Number}: {r.Seconds:F1} s, {string.Join(",", r.Participants)}");
+            foreach (var r in report.Recoveries)
+                output.WriteLine($"  lost {r.Lost} ({r.Address}) at {r.At:HH:mm:ss}: " + (r.Seconds is { } t ? $"next round committed {t:F1} s later" : "no round committed since"));
             return 0;
         });
         return new Command("cluster", "Inspect a running cluster") { status };
