@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Diagnostics;
 using System.Text.Json;
 using Mamo.Actors;
@@ -81,6 +82,7 @@ public class ClusterKafkaTests(ITestOutputHelper output)
         var pids = nodes.Select(p => p.Id).ToList();
         TimeSpan recovery;
         long killedIn;
+        var killedAtUtc = DateTimeOffset.MaxValue;
         try
         {
             // n0 is the oldest, so the coordinator runs there; n2 is a trainer only. Kill n2 mid-round: after the
@@ -93,6 +95,7 @@ public class ClusterKafkaTests(ITestOutputHelper output)
             }
             killedIn = LatestRound();
             nodes[2].Kill();
+            killedAtUtc = DateTimeOffset.UtcNow;
             var killedAt = clock.Elapsed;
             while (LatestRound() == killedIn)
             {
@@ -142,12 +145,17 @@ public class ClusterKafkaTests(ITestOutputHelper output)
         // n2's partitions moved to a survivor, which starts them after what the cluster checkpoint covers. (Its records
         // may not be trained before the end: a survivor's stream first drains what it had buffered of its own.)
         var deadPartitions = dead.SelectMany(e => e.GetProperty("position").EnumerateObject().Select(p => p.Name)).ToHashSet();
-        var survivorLogs = string.Join("\n", await Task.WhenAll(logs.Take(2).Select(async l => await l.Out + await l.Err)));
-        var moves = System.Text.RegularExpressions.Regex.Matches(survivorLogs, @"pairs \[\[(\d+)\]\] @(\d+)")
-            .Select(m => (Partition: $"pairs/{m.Groups[1].Value}", Start: long.Parse(m.Groups[2].Value))).ToList();
+        // The survivors' assignments after the kill, from their log files (which date each line). A partition nobody
+        // has committed yet starts where auto.offset.reset (earliest) says: offset 0, logged Unset.
+        var survivorLogs = string.Join("\n", Enumerable.Range(0, 2).SelectMany(i => File.ReadLines(Path.Combine(run, "nodes", $"n{i}", "mamo.log")))
+            .Where(l => l.Contains("Kafka partitions assigned") && DateTimeOffset.Parse(l[..30], CultureInfo.InvariantCulture) >= killedAtUtc));
+        var moves = System.Text.RegularExpressions.Regex.Matches(survivorLogs, @"pairs \[\[(\d+)\]\] @(\d+|Unset)")
+            .Select(m => (Partition: $"pairs/{m.Groups[1].Value}", Start: m.Groups[2].Value == "Unset" ? 0 : long.Parse(m.Groups[2].Value))).ToList();
         long Applied(string partition) => dead.Where(e => e.GetProperty("round").GetInt64() < lastRound)
             .Select(e => e.GetProperty("position").TryGetProperty(partition, out var o) ? o.GetInt64() : -1).DefaultIfEmpty(-1).Max();
-        Assert.Contains(moves, m => deadPartitions.Contains(m.Partition) && m.Start == Applied(m.Partition) + 1);
+        Assert.True(moves.Any(m => deadPartitions.Contains(m.Partition) && m.Start == Applied(m.Partition) + 1),
+            $"no move of n2's partitions ({string.Join(", ", deadPartitions.Select(p => $"{p} applied to {Applied(p)}"))}) in the survivors' moves " +
+            $"({string.Join(", ", moves)}):\n{survivorLogs}");
         // The group's committed offsets are the final checkpoint's.
         Assert.Equal(final.Offsets.ToDictionary(kv => kv.Key, kv => kv.Value + 1), KafkaTests.Committed(broker, "pairs", 4, "cluster"));
     }

@@ -249,7 +249,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         current = null;
         var outerStep = r.Clock.Elapsed - outerStart;
         var path = WriteCheckpoint();
-        Log.Information("round {Round} done with {Count} replicas; checkpoint {Path}", round - 1, reported.Count, path);
+        Log.Information("round {Round} done with {Count} replicas ({Participants}); checkpoint {Path}", round - 1, reported.Count,
+            string.Join(",", reported.Select(a => a.Node)), path);
         history.Committed(round - 1, reported.Select(a => a.Node), r.Clock.Elapsed);
         // The gather is the time from the last replica's inner steps to its last delta (the delta transfers overlap the
         // inner steps of slower replicas).

@@ -4,7 +4,7 @@ using Mamo.Data.Kafka;
 
 namespace Mamo.Cli.Commands;
 
-/// <summary>`mamo dev-broker [--port-file F] [--topics a,b] [--partitions N]`: librdkafka's in-memory mock cluster
+/// <summary>`mamo dev-broker [--port-file F] [--topics a,b] [--partitions N] [--session-timeout S]`: librdkafka's in-memory mock cluster
 /// on 127.0.0.1, for development and demos. Not durable, not for production: use docker-compose.yml for that.</summary>
 public static class DevBrokerCommand
 {
@@ -18,13 +18,20 @@ public static class DevBrokerCommand
         };
         var partitions = new Option<int>("--partitions") { Description = "Partitions per topic", DefaultValueFactory = _ => 4 };
         partitions.Validators.Add(r => { if (r.GetValueOrDefault<int>() < 1) r.AddError("--partitions must be 1 or more"); });
+        var sessionTimeout = new Option<int>("--session-timeout")
+        {
+            Description = "Seconds before the group gives a silent member's partitions to the others (0: the mock's default)",
+            DefaultValueFactory = _ => 0,
+        };
+        sessionTimeout.Validators.Add(r => { if (r.GetValueOrDefault<int>() < 0) r.AddError("--session-timeout must be 0 or more"); });
         var command = new Command("dev-broker", "DEVELOPMENT ONLY: an in-memory Kafka (librdkafka mock cluster) on 127.0.0.1; not durable")
         {
-            portFile, topics, partitions,
+            portFile, topics, partitions, sessionTimeout,
         };
         command.SetAction(async (parse, _) =>
         {
             using var cluster = new KafkaMockCluster();
+            if (parse.GetValue(sessionTimeout) is > 0 and var seconds) cluster.SetConsumerSessionTimeout(TimeSpan.FromSeconds(seconds));
             foreach (var topic in parse.GetValue(topics)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
                 cluster.CreateTopic(topic, parse.GetValue(partitions));
             Console.Error.WriteLine("mamo dev-broker: DEVELOPMENT BROKER (librdkafka mock cluster). Everything lives in this process's memory and is");
