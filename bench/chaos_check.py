@@ -3,13 +3,14 @@ logs under OUT/run/nodes, and the final cluster checkpoint, and prints one JSON 
 
 - covered: the records at or before the final checkpoint's offset of their partition;
 - applied: the ledger entries of the (round, node) contributions that a coordinator committed (its log line
-  "round R done with N replicas (a,b)");
+  "round R done with N replicas (a,b)"). A round that was given again (its coordinator died before the commit)
+  repeats its number, so of a node's entries for that round only the last INNER_STEPS are the applied attempt's;
 - lost: covered records in no applied entry (must be 0: exits 1 otherwise);
 - twice: records in two applied entries, with the rounds of both; wasted: records trained only in contributions that
   were never applied (a node killed mid-round, or a round abandoned)."""
 import collections, glob, json, os, re, sys
 
-out = sys.argv[1]
+out, inner_steps = sys.argv[1], int(sys.argv[2])
 run = os.path.join(out, "run")
 records = {}
 for line in open(os.path.join(out, "records.txt")):
@@ -31,19 +32,22 @@ for log in glob.glob(os.path.join(run, "nodes", "*", "mamo.log")):
             for node in m.group(2).split(","):
                 applied.add((int(m.group(1)), node))
 
-trained = collections.defaultdict(list)
-unapplied = set()
+attempts = collections.defaultdict(list)   # (round, node) -> its entries in the order the node wrote them
 for ledger in glob.glob(os.path.join(run, "nodes", "*", "ledger.jsonl")):
     node = os.path.basename(os.path.dirname(ledger))
     for line in open(ledger, errors="replace"):
-        if not line.rstrip().endswith("}"):
-            continue   # cut by SIGKILL
-        e = json.loads(line)
-        if (e["round"], node) in applied:
-            for i in e["ids"]:
-                trained[i].append((e["round"], node))
-        else:
-            unapplied.update(e["ids"])
+        if line.rstrip().endswith("}"):   # not a line cut by SIGKILL
+            e = json.loads(line)
+            attempts[(e["round"], node)].append(e)
+trained = collections.defaultdict(list)
+unapplied = set()
+for key, entries in attempts.items():
+    last = entries[-inner_steps:] if key in applied else []
+    for e in last:
+        for i in e["ids"]:
+            trained[i].append(key)
+    for e in entries[:len(entries) - len(last)]:
+        unapplied.update(e["ids"])
 
 lost = sorted(covered - trained.keys())
 twice = {i: t for i, t in trained.items() if len(t) > 1}

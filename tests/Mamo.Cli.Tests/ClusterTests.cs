@@ -49,17 +49,11 @@ public class ClusterTests(ITestOutputHelper output)
         var ports = Enumerable.Range(0, Nodes).Select(_ => FreePort()).ToArray();
         var nodes = ports.Select((port, i) => StartNode(manifest, run, i, port, $"127.0.0.1:{ports[0]}", maxSteps, Nodes, more)).ToList();
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
-        using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(4));
-        try
-        {
-            foreach (var p in nodes) await p.WaitForExitAsync(patience.Token);
-        }
+        try { await AllExitZero(nodes, logs, TimeSpan.FromMinutes(4)); }
         finally
         {
             foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
         }
-        for (int i = 0; i < Nodes; i++)
-            Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Out}{await logs[i].Err}");
         output.WriteLine(await logs[0].Out);
     }
 
@@ -235,24 +229,15 @@ public class ClusterTests(ITestOutputHelper output)
             AwaitFirstCheckpoint(run, nodes[0]);
             nodes.Add(Start(2));
             logs.Add((nodes[2].StandardOutput.ReadToEndAsync(), nodes[2].StandardError.ReadToEndAsync()));
-            using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(3));
-            foreach (var p in nodes) await p.WaitForExitAsync(patience.Token);
-            for (int i = 0; i < nodes.Count; i++)
-                Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Err}");
+            await AllExitZero(nodes, logs, TimeSpan.FromMinutes(3));
         }
         finally
         {
             foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
         }
         // The joiner's first round starts from exactly the θ of the cluster checkpoint before it.
-        var line = (await logs[2].Err).Split('\n').FirstOrDefault(l => l.Contains("n2 round ") && l.Contains(" starts from θ "));
-        Assert.True(line is not null, "the joining node took no round: " + await logs[2].Err);
-        var match = System.Text.RegularExpressions.Regex.Match(line, @"n2 round (\d+) starts from θ ([0-9a-f]+)");
-        var round = int.Parse(match.Groups[1].Value);
+        var round = FirstRoundFromItsCheckpoint(run, "n2", await logs[2].Err);
         Assert.InRange(round, 1, rounds - 1);   // it joined a running cluster, and still took a round
-        var before = Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(round * InnerSteps));
-        var theta = Model.SafeTensors.Load(Path.Combine(before, Model.Checkpoint.StudentFile));
-        Assert.Equal(Model.Checkpoint.WeightHash(theta.Select(kv => (kv.Key, kv.Value))), match.Groups[2].Value);
         Assert.NotEmpty(File.ReadAllLines(Path.Combine(run, "nodes", "n2", "ledger.jsonl")));
     }
 
@@ -307,25 +292,40 @@ public class ClusterTests(ITestOutputHelper output)
             Assert.True(LatestRound() < rounds, "the run ended before the killed node could rejoin");
             nodes[2] = Start(2);
             logs[2] = (nodes[2].StandardOutput.ReadToEndAsync(), nodes[2].StandardError.ReadToEndAsync());
-            using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(4));
-            foreach (var p in nodes) await p.WaitForExitAsync(patience.Token);
-            for (int i = 0; i < Nodes; i++)
-                Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Err}");
+            await AllExitZero(nodes, logs, TimeSpan.FromMinutes(4));
         }
         finally
         {
             foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
         }
         // The new incarnation took a round after the kill, from exactly the θ of the cluster checkpoint before it.
-        var line = (await logs[2].Err).Split('\n').FirstOrDefault(l => l.Contains("n2 round ") && l.Contains(" starts from θ "));
-        Assert.True(line is not null, "the restarted node took no round: " + await logs[2].Err);
-        var match = System.Text.RegularExpressions.Regex.Match(line, @"n2 round (\d+) starts from θ ([0-9a-f]+)");
-        var round = int.Parse(match.Groups[1].Value);
+        var round = FirstRoundFromItsCheckpoint(run, "n2", await logs[2].Err);
         Assert.True(round > killedIn, $"round {round}, killed in {killedIn}");
-        var theta = Model.SafeTensors.Load(Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(round * InnerSteps), Model.Checkpoint.StudentFile));
-        Assert.Equal(Model.Checkpoint.WeightHash(theta.Select(kv => (kv.Key, kv.Value))), match.Groups[2].Value);
         Assert.Contains(File.ReadAllLines(ledger), l => JsonDocument.Parse(l).RootElement.GetProperty("round").GetInt64() == round);
         Assert.Equal($"{rounds}", Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Extra["round"]);
+    }
+
+    /// <summary>Waits for every node to exit, each with code 0.</summary>
+    static async Task AllExitZero(List<Process> nodes, List<(Task<string> Out, Task<string> Err)> logs, TimeSpan patience)
+    {
+        using var cancel = new CancellationTokenSource(patience);
+        foreach (var p in nodes) await p.WaitForExitAsync(cancel.Token);
+        for (int i = 0; i < nodes.Count; i++)
+            Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Err}");
+    }
+
+    /// <summary>The first round <paramref name="node"/>'s log shows it taking, asserted to start from exactly the θ
+    /// of the cluster checkpoint before that round.</summary>
+    static int FirstRoundFromItsCheckpoint(string run, string node, string log)
+    {
+        var line = log.Split('\n').FirstOrDefault(l => l.Contains($"{node} round ") && l.Contains(" starts from θ "));
+        Assert.True(line is not null, $"{node} took no round: {log}");
+        var match = System.Text.RegularExpressions.Regex.Match(line, $@"{node} round (\d+) starts from θ ([0-9a-f]+)");
+        var round = int.Parse(match.Groups[1].Value);
+        var before = Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(round * InnerSteps));
+        var theta = Model.SafeTensors.Load(Path.Combine(before, Model.Checkpoint.StudentFile));
+        Assert.Equal(Model.Checkpoint.WeightHash(theta.Select(kv => (kv.Key, kv.Value))), match.Groups[2].Value);
+        return round;
     }
 
     /// <summary>48 real emoji, so that one round of 3 replicas × 2 steps × 8 pairs is one epoch.</summary>
