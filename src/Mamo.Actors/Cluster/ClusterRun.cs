@@ -109,7 +109,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
             var rounds = finished.Task.IsCompleted ? finished.Task.Result.Round : 0;
             var steps = everyStep ? rounds : rounds * s.Cluster.InnerSteps;
             if (finished.Task.IsCompleted)   // a replica's node has its own work done: it waits a round's time at most
-                foreach (var follower in singletons.Skip(1))
+                foreach (var follower in singletons.Where(x => x.Name != SingletonName))
                     await AwaitFollower(follower.Proxy(registry), follower.Name, follower.Role, steps, source is null ? null : s.Cluster.RoundTimeout, stop);
             Log.Information("node {Node} leaves the cluster after {Unit} {Round}", node.Name, everyStep ? "step" : "round", rounds);
             return steps;
