@@ -101,7 +101,7 @@ public sealed class CheckpointFollower : ReceiveActor, IWithTimers
 
     MomentumTeacher.TeacherSnapshot LoadTeacher(long step)
     {
-        foreach (var dir in new[] { newest! }.Concat(Checkpoint.Complete(runDir)))
+        foreach (var dir in (newest is null ? [] : new[] { newest }).Concat(Checkpoint.Complete(runDir)))
         {
             try
             {
