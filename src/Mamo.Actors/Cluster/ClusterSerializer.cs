@@ -253,14 +253,12 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         var tag = r.ReadString();
         var dtype = r.ReadString();
         var chunkSize = r.ReadInt32();
-        var count = r.ReadInt32();
-        if (count is < 0 or > MaxTensors) throw new SerializationException($"an offer of {count} tensors");
+        var count = Count(r, "tensors in an offer");
         var names = new string[count];
         var shapes = new long[count][];
         for (int i = 0; i < count; i++)
         {
-            names[i] = r.ReadString();
-            if (names[i].Length > MaxName) throw new SerializationException("a tensor name over 1024 characters");
+            names[i] = Name(r);
             var dims = r.ReadInt32();
             if (dims is < 0 or > MaxDims) throw new SerializationException($"a tensor of {dims} dimensions");
             shapes[i] = Enumerable.Range(0, dims).Select(_ => r.ReadInt64()).ToArray();

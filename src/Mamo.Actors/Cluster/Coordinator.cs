@@ -94,7 +94,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         if (Checkpoint.Latest(settings.RunDir) is { } dir)
         {
             Resume(dir);
-            history.Lost(RunHistory.CoordinatorLost, ((ExtendedActorSystem)Context.System).Provider.DefaultAddress.ToString());
+            history.CoordinatorStarted(Context.System);
         }
         receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "deltas");
 

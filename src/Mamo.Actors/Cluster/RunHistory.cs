@@ -23,6 +23,10 @@ public sealed class RunHistory
     public IReadOnlyList<Round> Rounds => [.. rounds];
     public IReadOnlyList<Recovery> Recoveries => [.. recoveries.Select(r => r.Recovery)];
 
+    /// <summary>A coordinator started on a checkpoint, on this node: a recovery until its first committed round.</summary>
+    public void CoordinatorStarted(Akka.Actor.ActorSystem system) =>
+        Lost(CoordinatorLost, ((Akka.Actor.ExtendedActorSystem)system).Provider.DefaultAddress.ToString());
+
     /// <summary>Starts a recovery, unless one for the same loss is still open.</summary>
     public void Lost(string what, string address)
     {

@@ -77,7 +77,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
             trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, objective);
             cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
             Log.Information("every-step coordinator resumes from {Checkpoint}: step {Step}, cursor {Cursor}", dir, trainer.Step, cursor);
-            history.Lost(RunHistory.CoordinatorLost, ((ExtendedActorSystem)Context.System).Provider.DefaultAddress.ToString());
+            history.CoordinatorStarted(Context.System);
         }
         else
         {
