@@ -59,8 +59,30 @@ public sealed class AdamW : IDisposable
         return nn.utils.clip_grad_norm_(parameters.Select(p => p.Param), config.ClipNorm > 0 ? config.ClipNorm : double.PositiveInfinity);
     }
 
+    /// <summary>A parameter that grew in place (a classifier head's new class) gets zero moments for its new rows.</summary>
+    void FollowShapes()
+    {
+        for (int i = 0; i < parameters.Length; i++)
+        {
+            var p = parameters[i].Param;
+            if (m[i].shape.SequenceEqual(p.shape)) continue;
+            m[i] = Grown(m[i], p);
+            v[i] = Grown(v[i], p);
+        }
+    }
+
+    static Tensor Grown(Tensor moment, Tensor param)
+    {
+        using var noGrad = no_grad();
+        var grown = zeros_like(param).DetachFromDisposeScope();
+        if (moment.shape[0] > 0) grown[..(int)moment.shape[0]].copy_(moment);
+        moment.Dispose();
+        return grown;
+    }
+
     public void Apply(double learningRate)
     {
+        FollowShapes();
         Step++;
         double bias1 = 1 - Math.Pow(config.Beta1, Step), bias2 = 1 - Math.Pow(config.Beta2, Step);
         using var scope = NewDisposeScope();
@@ -88,6 +110,7 @@ public sealed class AdamW : IDisposable
     public void LoadState(IReadOnlyDictionary<string, Tensor> state, long step)
     {
         using var noGrad = no_grad();
+        FollowShapes();
         var expected = State().ToList();
         var unknown = state.Keys.Except(expected.Select(e => e.Name)).FirstOrDefault();
         if (unknown is not null) throw new InvalidDataException($"optimizer state has '{unknown}', which no parameter matches");

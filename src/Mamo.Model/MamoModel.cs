@@ -25,6 +25,10 @@ public sealed class MamoLoss : IDisposable
     /// <summary>[2, B] the ITM hard negatives drawn (row 0: an image for each text, row 1: a text for each image), so
     /// that another implementation can replay the step exactly (the PyTorch parity check); null without ITM.</summary>
     public Tensor? ItmNegatives { get; init; }
+    /// <summary>Scores the objective keeps of its predictions (prequential accuracy), as plain numbers; null: none.</summary>
+    public IReadOnlyDictionary<string, double>? Scores { get; init; }
+    /// <summary>Each pair's prediction, made by this forward pass (before the step's update); null: none.</summary>
+    public IReadOnlyList<string>? Predictions { get; init; }
     public void Dispose() { Total.Dispose(); foreach (var t in Terms.Values) t.Dispose(); ItmNegatives?.Dispose(); }
 }
 

@@ -4,7 +4,13 @@ using static TorchSharp.torch;
 namespace Mamo.Model;
 
 /// <summary>The outcome of one training step, as plain numbers.</summary>
-public sealed record StepResult(long Step, double Loss, IReadOnlyDictionary<string, double> Terms, double LearningRate, double GradNorm, bool Skipped);
+/// <param name="Scores">the objective's running scores after this step's predictions; empty: none</param>
+/// <param name="Predictions">each pair's prediction, made before this step's update; null: the objective makes none</param>
+public sealed record StepResult(long Step, double Loss, IReadOnlyDictionary<string, double> Terms, double LearningRate, double GradNorm, bool Skipped)
+{
+    public IReadOnlyDictionary<string, double> Scores { get; init; } = new Dictionary<string, double>();
+    public IReadOnlyList<string>? Predictions { get; init; }
+}
 
 /// <summary>Student, objective, optimiser (and, in the bare loop, the momentum teacher), and the step that ties them
 /// together. Every random choice of step s (masks, ITM negatives) derives from (seed, s), so a resumed run repeats an
@@ -84,8 +90,12 @@ public sealed class MamoTrainer : IDisposable
         using var loss = Objective.Loss(Student, batch, targets, MaskSeed(Step));
         var total = loss.Total.ToDouble();
         if (double.IsFinite(total)) loss.Total.backward();
+        predictions = (loss.Scores, loss.Predictions);
         return (total, loss.Terms.ToDictionary(t => t.Key, t => t.Value.ToDouble()));
     }
+
+    /// <summary>What the last Backward's objective predicted, for the step result Update makes.</summary>
+    (IReadOnlyDictionary<string, double>? Scores, IReadOnlyList<string>? Predictions) predictions;
 
     /// <summary>Ends the step whose gradient the trained parameters hold: clipping and AdamW, or a skip where the loss
     /// or the gradient is not finite.</summary>
@@ -93,16 +103,22 @@ public sealed class MamoTrainer : IDisposable
     {
         var step = Step++;
         var lr = OptimizerConfig.LearningRateAt(step);
-        if (!double.IsFinite(loss)) return new StepResult(step, loss, terms, lr, double.NaN, Skipped: true);
+        var (scores, predicted) = predictions;
+        predictions = default;
+        StepResult Result(double gradNorm, bool skipped) => new(step, loss, terms, lr, gradNorm, skipped)
+        {
+            Scores = scores ?? new Dictionary<string, double>(), Predictions = predicted,
+        };
+        if (!double.IsFinite(loss)) return Result(double.NaN, skipped: true);
         var gradNorm = Optimizer.ClipGradients();
         if (!double.IsFinite(gradNorm))
         {
             Optimizer.ZeroGrad();
-            return new StepResult(step, loss, terms, lr, gradNorm, Skipped: true);
+            return Result(gradNorm, skipped: true);
         }
         Optimizer.Apply(lr);
         Student.ClampTemperature();
-        return new StepResult(step, loss, terms, lr, gradNorm, Skipped: false);
+        return Result(gradNorm, skipped: false);
     }
 
     /// <summary>The checkpoint parts this trainer holds (views, not copies): student, optimizer, the objective's own
@@ -116,7 +132,15 @@ public sealed class MamoTrainer : IDisposable
     }
 
     public void Save(string dir, IReadOnlyDictionary<string, string>? extra = null) =>
-        Checkpoint.Save(dir, Config, Parts(), new Checkpoint.State(Step, Optimizer.Step, Step, extra?.ToDictionary() ?? new()));
+        Checkpoint.Save(dir, Config, Parts(), new Checkpoint.State(Step, Optimizer.Step, Step, Extra(extra)));
+
+    /// <summary>The checkpoint's caller state: <paramref name="extra"/> and the objective's own.</summary>
+    public Dictionary<string, string> Extra(IReadOnlyDictionary<string, string>? extra = null)
+    {
+        var all = extra?.ToDictionary() ?? new();
+        foreach (var (k, v) in Objective.SaveState()) all[k] = v;
+        return all;
+    }
 
     /// <summary>Restores a trainer exactly as it was saved; without a teacher, only the student, the objective's parts
     /// and the optimiser. A config, if given, must have the checkpoint's architecture; its training settings (loss
@@ -130,6 +154,7 @@ public sealed class MamoTrainer : IDisposable
         var trainer = new MamoTrainer(config ?? saved, optimizer, device, seed, withTeacher, objective);
         try
         {
+            trainer.Objective.LoadState(Checkpoint.ReadState(dir).Extra);
             Checkpoint.LoadModel(dir, Checkpoint.StudentFile, trainer.Student);
             foreach (var (name, module) in trainer.Objective.Parts) Checkpoint.LoadModel(dir, Checkpoint.PartFile(name), module);
             if (trainer.teacher is not null) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, trainer.teacher);

@@ -50,6 +50,12 @@ public interface IObjective : IDisposable
 
     /// <summary>The loss of one step, each term where it is named; every random choice derives from <paramref name="seed"/>.</summary>
     MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed);
+
+    /// <summary>State of the objective's own that is not tensors (a label map, running scores), saved with each checkpoint.</summary>
+    IReadOnlyDictionary<string, string> SaveState() => new Dictionary<string, string>();
+
+    /// <summary>Restores what SaveState saved, before the parts and the optimiser load (a head takes its saved size here).</summary>
+    void LoadState(IReadOnlyDictionary<string, string> state) { }
 }
 
 /// <summary>MAMO pre-training: joint masking, then ITC, ITM, MLM, MIM and MRM (MamoModel.Forward) against the momentum

@@ -1,0 +1,194 @@
+using System.Text.Json;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+using static TorchSharp.torch.nn;
+using F = TorchSharp.torch.nn.functional;
+
+namespace Mamo.Model;
+
+/// <summary>Online classification settings (finetune.* keys).</summary>
+/// <param name="Labels">a closed label set, in class order; null: open, each new label adds a class</param>
+/// <param name="Window">records in the sliding window of the prequential accuracy</param>
+/// <param name="Fading">the fading factor of the prequential accuracy (Gama, Sebastião and Rodrigues 2013)</param>
+public sealed record ClassificationConfig(IReadOnlyList<string>? Labels = null, int Window = 1000, double Fading = 0.995);
+
+/// <summary>ALBEF's SNLI-VE head: an MLP on the fused [CLS]. Its output layer grows a row per new class, so a label
+/// first seen on the stream adds a class (class-incremental learning) without touching the others.</summary>
+public sealed class ClassifierHead : Module<Tensor, Tensor>
+{
+    readonly Linear hidden;
+    readonly Parameter weight, bias;   // [C, W], [C]
+
+    public ClassifierHead(int width, int classes) : base(nameof(ClassifierHead))
+    {
+        hidden = Linear(width, width);
+        weight = Parameter(empty(classes, width));
+        bias = Parameter(zeros(classes));
+        using (no_grad()) init.normal_(weight, std: 0.02);
+        RegisterComponents();
+    }
+
+    public int Classes => (int)weight.shape[0];
+
+    public override Tensor forward(Tensor fusedCls) => F.linear(F.relu(hidden.forward(fusedCls)), weight, bias);
+
+    /// <summary>Adds output rows up to <paramref name="classes"/>, in place (the parameters keep their identity, so the
+    /// optimiser follows them: AdamW.Apply gives the new rows zero moments). The old rows are unchanged.</summary>
+    public void Grow(int classes)
+    {
+        if (classes <= Classes) return;
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var added = classes - Classes;
+        var rows = empty(added, weight.shape[1], device: weight.device);
+        init.normal_(rows, std: 0.02);
+        weight.set_(cat(new[] { weight.detach(), rows }).contiguous());
+        bias.set_(cat(new[] { bias.detach(), zeros(added, device: bias.device) }));
+        weight.grad = null;   // a gradient of the old shape cannot take the next backward's
+        bias.grad = null;
+    }
+}
+
+/// <summary>Test-then-train scores over a labelled stream (river's progressive validation): each record is predicted
+/// before the step that learns from it. Accuracy three ways: cumulative, over the last <c>Window</c> records, and with
+/// a fading factor. Its state is plain numbers, saved in the checkpoint, so a resumed run continues the same sums.</summary>
+public sealed class Prequential(int window, double fading)
+{
+    long seen, correct;
+    double fadedCorrect, fadedSeen;
+    readonly Queue<bool> recent = new();
+    int recentCorrect;
+
+    public void Add(bool hit)
+    {
+        seen++;
+        if (hit) correct++;
+        fadedCorrect = fading * fadedCorrect + (hit ? 1 : 0);
+        fadedSeen = fading * fadedSeen + 1;
+        recent.Enqueue(hit);
+        if (hit) recentCorrect++;
+        if (recent.Count > window && recent.Dequeue()) recentCorrect--;
+    }
+
+    public long Seen => seen;
+    public double Cumulative => seen == 0 ? 0 : (double)correct / seen;
+    public double Windowed => recent.Count == 0 ? 0 : (double)recentCorrect / recent.Count;
+    public double Faded => fadedSeen == 0 ? 0 : fadedCorrect / fadedSeen;
+
+    public Dictionary<string, double> Scores() => new()
+    {
+        ["preq_acc"] = Cumulative, ["preq_acc_window"] = Windowed, ["preq_acc_faded"] = Faded,
+    };
+
+    sealed record Saved(long Seen, long Correct, double FadedCorrect, double FadedSeen, string Recent);
+
+    public string Save() => JsonSerializer.Serialize(new Saved(seen, correct, fadedCorrect, fadedSeen, new string(recent.Select(h => h ? '1' : '0').ToArray())));
+
+    public void Load(string json)
+    {
+        var s = JsonSerializer.Deserialize<Saved>(json) ?? throw new InvalidDataException("empty prequential state");
+        (seen, correct, fadedCorrect, fadedSeen) = (s.Seen, s.Correct, s.FadedCorrect, s.FadedSeen);
+        recent.Clear();
+        foreach (var c in s.Recent.TakeLast(window)) recent.Enqueue(c == '1');
+        recentCorrect = recent.Count(h => h);
+    }
+}
+
+/// <summary>Online fine-tuning for classification: cross-entropy of a head on the fused [CLS] of each image with its
+/// text (a fixed prompt by default, chosen before the batch reaches here), training the backbone and the head. The
+/// logits of the step's forward pass, made with the weights before its update, are the record's prequential
+/// prediction. The label map and the prequential sums are objective state, saved with every checkpoint.</summary>
+public sealed class OnlineClassification : IObjective
+{
+    public const string HeadPart = "head";
+    const string LabelsKey = "finetune.labels", PrequentialKey = "finetune.prequential";
+
+    readonly ClassifierHead head;
+    readonly List<string> labels = [];
+    readonly Dictionary<string, int> classOf = [];
+    readonly bool closed;
+    readonly Prequential prequential;
+
+    public OnlineClassification(MamoConfig config, ClassificationConfig classification)
+    {
+        closed = classification.Labels is not null;
+        foreach (var label in classification.Labels ?? []) AddClass(label);
+        head = new ClassifierHead(config.Width, labels.Count);
+        prequential = new Prequential(classification.Window, classification.Fading);
+        Parts = new Dictionary<string, Module> { [HeadPart] = head };
+    }
+
+    public static Func<MamoConfig, IObjective> With(ClassificationConfig classification) => c => new OnlineClassification(c, classification);
+
+    public double? TeacherMomentum => null;
+    public bool NeedsTargets => false;
+    public TeacherTargets Targets(MamoModel teacher, StepInput batch) => throw new InvalidOperationException("classification keeps no teacher");
+    public IReadOnlyDictionary<string, Module> Parts { get; }
+    public IReadOnlyList<string> Labels => labels;
+    public ClassifierHead Head => head;
+    public Prequential Prequential => prequential;
+
+    public IEnumerable<(string Name, Parameter Parameter)> TrainedParameters(MamoModel student) =>
+        student.named_parameters().Concat(head.named_parameters().Select(p => (HeadPart + "." + p.name, p.parameter)));
+
+    /// <summary>The class of a label, adding it to an open set; -1 for a label a closed set does not know.</summary>
+    public int Admit(string label) => classOf.TryGetValue(label, out var c) ? c : closed ? -1 : AddClass(label);
+
+    int AddClass(string label)
+    {
+        if (classOf.TryGetValue(label, out var c)) return c;
+        classOf[label] = labels.Count;
+        labels.Add(label);
+        return labels.Count - 1;
+    }
+
+    /// <summary>[B, C] the class logits of each pair.</summary>
+    public Tensor Logits(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask)
+    {
+        using var scope = NewDisposeScope();
+        var fused = model.FusedCls(model.EncodeImage(images), model.EncodeText(tokenIds, attentionMask), attentionMask);
+        return head.forward(fused).MoveToOuterDisposeScope();
+    }
+
+    public MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed)
+    {
+        using var scope = NewDisposeScope();
+        var device = student.Device;
+        var classes = batch.Labels!.Select(l => Admit(l ?? throw new ArgumentException("an unlabelled pair reached the classifier"))).ToArray();
+        if (classes.Contains(-1)) throw new ArgumentException("a label outside the closed label set reached the classifier");
+        head.Grow(labels.Count);
+        var logits = Logits(student, batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device));
+        var predicted = logits.detach().argmax(1).cpu().data<long>().ToArray();
+        for (int i = 0; i < classes.Length; i++) prequential.Add(predicted[i] == classes[i]);
+        var classify = F.cross_entropy(logits, tensor(classes.Select(c => (long)c).ToArray(), device: device));
+        return new MamoLoss
+        {
+            Total = classify.clone().MoveToOuterDisposeScope(),
+            Terms = new Dictionary<string, Tensor> { ["classify"] = classify.MoveToOuterDisposeScope() },
+            Scores = prequential.Scores(),
+            Predictions = predicted.Select(p => labels[(int)p]).ToArray(),
+        };
+    }
+
+    public IReadOnlyDictionary<string, string> SaveState() => new Dictionary<string, string>
+    {
+        [LabelsKey] = JsonSerializer.Serialize(labels), [PrequentialKey] = prequential.Save(),
+    };
+
+    public void LoadState(IReadOnlyDictionary<string, string> state)
+    {
+        if (state.TryGetValue(LabelsKey, out var saved))
+        {
+            var savedLabels = JsonSerializer.Deserialize<List<string>>(saved) ?? [];
+            // A closed set must be the saved one, in the same order: its classes are the head's rows.
+            if (closed && !savedLabels.SequenceEqual(labels))
+                throw new InvalidDataException($"the checkpoint's labels [{string.Join(", ", savedLabels)}] are not finetune.labels [{string.Join(", ", labels)}]");
+            foreach (var label in savedLabels) AddClass(label);
+            head.Grow(labels.Count);
+        }
+        if (state.TryGetValue(PrequentialKey, out var p)) prequential.Load(p);
+    }
+
+    public void Dispose() => head.Dispose();
+}

@@ -1,0 +1,103 @@
+using Xunit;
+using static TorchSharp.torch;
+
+namespace Mamo.Model.Tests;
+
+public sealed class ClassificationTests : IDisposable
+{
+    static readonly MamoConfig Tiny = MamoConfig.Tiny;
+    readonly string dir = Path.Combine(Path.GetTempPath(), "mamo-cls-" + Guid.NewGuid().ToString("N"));
+
+    static MamoTrainer Trainer(ClassificationConfig? c = null) =>
+        new(Tiny, new OptimizerConfig { WarmupSteps = 1 }, CPU, seed: 3, withTeacher: false, OnlineClassification.With(c ?? new ClassificationConfig()));
+
+    static StepResult Step(MamoTrainer trainer, int seed, params string[] labels)
+    {
+        var (images, ids, mask) = Pairs.Make(Tiny, labels.Length, seed);
+        using (images) using (ids) using (mask)
+            return trainer.StudentStep(new StepInput(images, ids, mask, Labels: labels), null);
+    }
+
+    static OnlineClassification Classifier(MamoTrainer t) => (OnlineClassification)t.Objective;
+
+    [Fact]
+    public void A_new_label_grows_the_head_and_keeps_the_old_classes()
+    {
+        using var trainer = Trainer();
+        Step(trainer, 1, "cat", "dog", "cat");
+        var head = Classifier(trainer).Head;
+        Assert.Equal(2, head.Classes);
+        var before = head.named_parameters().ToDictionary(p => p.name, p => p.parameter.detach().clone());
+
+        var result = Step(trainer, 2, "bird", "dog", "cat");
+
+        Assert.Equal(["cat", "dog", "bird"], Classifier(trainer).Labels);
+        Assert.Equal(3, head.Classes);
+        Assert.False(result.Skipped);
+        Assert.Equal(3, result.Predictions!.Count);
+        Assert.All(result.Predictions, p => Assert.Contains(p, Classifier(trainer).Labels));
+        // The optimiser's moments follow the grown rows: its state has the parameters' shapes.
+        var state = trainer.Optimizer.State().ToDictionary(s => s.Name, s => s.Value);
+        Assert.Equal([3L, Tiny.Width], state["m." + OnlineClassification.HeadPart + ".weight"].shape);
+        // Growth alone changes no old row: grow again without a step and compare.
+        var grownWeight = head.named_parameters().Single(p => p.name == "weight").parameter.detach().clone();
+        head.Grow(5);
+        var weight = head.named_parameters().Single(p => p.name == "weight").parameter;
+        Assert.True(Pairs.Same(grownWeight, weight[..3]));
+        Assert.Equal(2, before["weight"].shape[0]);
+    }
+
+    [Fact]
+    public void A_closed_label_set_rejects_an_unknown_label()
+    {
+        using var trainer = Trainer(new ClassificationConfig(Labels: ["cat", "dog"]));
+        Assert.Equal(2, Classifier(trainer).Head.Classes);
+        Assert.Equal(1, Classifier(trainer).Admit("dog"));
+        Assert.Equal(-1, Classifier(trainer).Admit("bird"));
+        Assert.Throws<ArgumentException>(() => Step(trainer, 1, "cat", "bird"));
+    }
+
+    [Fact]
+    public void A_checkpoint_restores_the_label_map_the_head_the_optimizer_and_the_prequential_sums()
+    {
+        using var trainer = Trainer();
+        Step(trainer, 1, "cat", "dog");
+        Step(trainer, 2, "bird", "cat");
+        trainer.Save(dir);
+        var next = Step(trainer, 3, "dog", "fish");
+
+        using var loaded = MamoTrainer.Load(dir, new OptimizerConfig { WarmupSteps = 1 }, CPU, seed: 3, withTeacher: false,
+            objective: OnlineClassification.With(new ClassificationConfig()));
+        Assert.Equal(["cat", "dog", "bird"], Classifier(loaded).Labels);
+        Assert.Equal(4, Classifier(loaded).Prequential.Seen);
+        var resumed = Step(loaded, 3, "dog", "fish");
+
+        Assert.Equal(next.Loss, resumed.Loss);
+        Assert.Equal(next.Predictions, resumed.Predictions);
+        Assert.Equal(next.Scores, resumed.Scores);
+        Assert.Equal(["cat", "dog", "bird", "fish"], Classifier(loaded).Labels);
+    }
+
+    [Fact]
+    public void Prequential_accuracy_is_cumulative_windowed_and_faded()
+    {
+        var p = new Prequential(window: 2, fading: 0.5);
+        foreach (var hit in new[] { true, false, true, true }) p.Add(hit);
+        Assert.Equal(0.75, p.Cumulative);
+        Assert.Equal(1.0, p.Windowed);
+        // Faded: (1*0.125 + 0*0.25 + 1*0.5 + 1) / (0.125 + 0.25 + 0.5 + 1)
+        Assert.Equal(1.625 / 1.875, p.Faded, 12);
+
+        var copy = new Prequential(window: 2, fading: 0.5);
+        copy.Load(p.Save());
+        p.Add(false);
+        copy.Add(false);
+        Assert.Equal(p.Scores(), copy.Scores());
+        Assert.Equal(0.5, copy.Windowed);
+    }
+
+    public void Dispose()
+    {
+        if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
+    }
+}
