@@ -13,8 +13,9 @@ public sealed class Checkpointer : ReceiveActor
 {
     /// <summary>Some parts of step Step's checkpoint, from the actor that owns them, with the state only it knows;
     /// the checkpointer owns (and disposes) the tensors.</summary>
+    /// <param name="Extra">state of the objective's own (MamoTrainer.Extra: a label map), saved in state.json</param>
     public sealed record Parts(long Step, IReadOnlyList<Checkpoint.Part> Tensors, StreamPosition? Position = null, long? OptimizerStep = null,
-        long? TeacherStep = null);
+        long? TeacherStep = null, IReadOnlyDictionary<string, string>? Extra = null);
 
     /// <summary>Published on the event stream once a checkpoint is on disk.</summary>
     public sealed record CheckpointDurable(long Step, StreamPosition Position, string Path);
@@ -57,10 +58,12 @@ public sealed class Checkpointer : ReceiveActor
         try
         {
             var position = arrived.Select(a => a.Position).FirstOrDefault(x => x is not null) ?? StreamPosition.None;
+            var extra = new Dictionary<string, string>(position.ToExtra()) { [SeedKey] = seed.ToString(CultureInfo.InvariantCulture) };
+            foreach (var (k, v) in arrived.SelectMany(a => a.Extra ?? new Dictionary<string, string>())) extra[k] = v;
             var state = new Checkpoint.State(p.Step,
                 arrived.Select(a => a.OptimizerStep).FirstOrDefault(x => x is not null) ?? 0,
                 arrived.Select(a => a.TeacherStep).FirstOrDefault(x => x is not null) ?? p.Step,
-                new Dictionary<string, string>(position.ToExtra()) { [SeedKey] = seed.ToString(CultureInfo.InvariantCulture) });
+                extra);
             var path = Checkpoint.Commit(runDir, config, arrived.SelectMany(a => a.Tensors), state, keepLast);
             Log.Information("checkpoint at step {Step} written to {Path}", p.Step, path);
             Context.System.EventStream.Publish(new CheckpointDurable(p.Step, position, path));

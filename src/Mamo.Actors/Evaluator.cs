@@ -7,8 +7,9 @@ using static TorchSharp.torch;
 
 namespace Mamo.Actors;
 
-/// <summary>Measures retrieval while training goes on: copies the teacher's weights (the only pause it causes the
-/// teacher), then ranks each held-out set on its own thread. Requests that arrive while it is busy collapse into
+/// <summary>Measures retrieval (and, when fine-tuning a classifier, accuracy on labelled sets) while training goes
+/// on: copies the weights of the model it evaluates (pre-training: the teacher's; fine-tuning: the student's, from the
+/// trainer), the only pause it causes their owner, then scores each held-out set on its own thread. Requests that arrive while it is busy collapse into
 /// one, served next with the teacher as it then stands (as EmbeddingPublisher does), so evaluations never queue up
 /// behind a slow one. A result is labelled with the teacher step it evaluated.</summary>
 public sealed class Evaluator : ReceiveActor
@@ -17,6 +18,8 @@ public sealed class Evaluator : ReceiveActor
     public sealed record EvaluateNow(long Step);
     /// <summary>One held-out set's result; Step: the teacher step evaluated (the updates its EMA holds).</summary>
     public sealed record EvalCompleted(long Step, string Set, int Images, int Texts, RetrievalMetrics Metrics, TimeSpan Took);
+    /// <summary>One labelled set's classification result; Step: the student step evaluated.</summary>
+    public sealed record ClassifyCompleted(long Step, string Set, ClassificationReport Report, TimeSpan Took);
     /// <summary>Asks for a Status.</summary>
     public sealed record GetStatus;
     /// <summary>Evaluations finished so far, whether one runs now, and whether a request waits for it.</summary>
@@ -25,19 +28,27 @@ public sealed class Evaluator : ReceiveActor
 
     /// <summary>A loaded held-out set, by name.</summary>
     public sealed record NamedSet(string Name, EvalSet Set);
+    /// <summary>A loaded labelled set, by name.</summary>
+    public sealed record NamedLabelledSet(string Name, LabelledSet Set);
 
     readonly IActorRef teacher, metrics;
     readonly IReadOnlyList<NamedSet> sets;
+    readonly IReadOnlyList<NamedLabelledSet> labelled;
+    readonly Func<MamoConfig, IObjective>? classifier;
     readonly MamoModel model;
     readonly int k, batchSize;
     readonly CancellationToken shutdown;
     bool busy, pending;
     long evaluations;
 
+    /// <param name="teacher">the actor that answers GetWeights with the weights to evaluate</param>
     /// <param name="shutdown">cancelled when the run stops, so that an evaluation in progress gives way</param>
+    /// <param name="classifier">the objective whose head scores <paramref name="labelled"/> (OnlineClassification)</param>
     public Evaluator(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize,
-        CancellationToken shutdown)
+        CancellationToken shutdown, IReadOnlyList<NamedLabelledSet>? labelled = null, Func<MamoConfig, IObjective>? classifier = null)
     {
+        this.labelled = labelled ?? [];
+        this.classifier = classifier;
         this.shutdown = shutdown;
         this.teacher = teacher;
         this.metrics = metrics;
@@ -50,7 +61,7 @@ public sealed class Evaluator : ReceiveActor
 
         Receive<EvaluateNow>(e =>
         {
-            if (sets.Count == 0) return;
+            if (sets.Count == 0 && this.labelled.Count == 0) return;
             if (busy) pending = true;
             else Request(e.Step);
         });
@@ -74,6 +85,7 @@ public sealed class Evaluator : ReceiveActor
                     var m = Retrieval.Evaluate(model, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, k, batchSize, shutdown);
                     metrics.Tell(new EvalCompleted(s.TeacherStep, name, set.ImageCount, set.TextCount, m, DateTime.UtcNow - started));
                 }
+                if (this.labelled.Count > 0) Classify(s);
             }
             catch (OperationCanceledException)
             {
@@ -85,6 +97,7 @@ public sealed class Evaluator : ReceiveActor
             }
             finally
             {
+                foreach (var (_, v) in s.Weights) v.Dispose();
                 evaluations++;
                 Self.Tell(new Finished());
             }
@@ -98,21 +111,33 @@ public sealed class Evaluator : ReceiveActor
     }
 
     public static Props Props(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize,
-        CancellationToken shutdown) =>
-        Akka.Actor.Props.Create(() => new Evaluator(config, device, sets, teacher, metrics, k, batchSize, shutdown)).WithDispatcher(Dispatchers.Model);
+        CancellationToken shutdown, IReadOnlyList<NamedLabelledSet>? labelled = null, Func<MamoConfig, IObjective>? classifier = null) =>
+        Akka.Actor.Props.Create(() => new Evaluator(config, device, sets, teacher, metrics, k, batchSize, shutdown, labelled, classifier)).WithDispatcher(Dispatchers.Model);
+
+    /// <summary>Each labelled set through the snapshot's head, with the label map of its state.</summary>
+    void Classify(MomentumTeacher.TeacherSnapshot s)
+    {
+        using var objective = classifier?.Invoke(model.Config) as OnlineClassification
+            ?? throw new InvalidOperationException("labelled sets need the classification objective");
+        objective.LoadState(s.State ?? new Dictionary<string, string>());
+        if (objective.Labels.Count == 0) return;   // nothing learnt yet: no class to predict
+        using (no_grad())
+            foreach (var (name, p) in objective.Head.named_parameters()) p.copy_(s.Weights.Single(w => w.Name == $"{OnlineClassification.HeadPart}.{name}").Value);
+        objective.Head.to(model.Device);
+        foreach (var (name, set) in labelled)
+        {
+            shutdown.ThrowIfCancellationRequested();
+            var started = DateTime.UtcNow;
+            var predicted = objective.Predict(model, set.Images, set.TokenIds, set.AttentionMask, batchSize);
+            metrics.Tell(new ClassifyCompleted(s.TeacherStep, name, ClassificationReport.Of(set.Labels, predicted), DateTime.UtcNow - started));
+        }
+    }
 
     void Load(MomentumTeacher.TeacherSnapshot s)
     {
-        try
-        {
-            var saved = s.Weights.ToDictionary(w => w.Name, w => w.Value);
-            using var noGrad = no_grad();
-            foreach (var (name, p) in model.named_parameters()) p.copy_(saved[name]);
-        }
-        finally
-        {
-            foreach (var (_, v) in s.Weights) v.Dispose();
-        }
+        var saved = s.Weights.ToDictionary(w => w.Name, w => w.Value);
+        using var noGrad = no_grad();
+        foreach (var (name, p) in model.named_parameters()) p.copy_(saved[name]);
     }
 
     protected override void PostStop()

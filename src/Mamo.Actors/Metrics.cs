@@ -8,8 +8,14 @@ using Serilog;
 namespace Mamo.Actors;
 
 /// <summary>What a progress display shows.</summary>
+/// <param name="Scores">the objective's running scores (prequential accuracy); empty: none</param>
+/// <param name="LastClassify">the latest held-out classification result; null: none yet</param>
 public sealed record RunProgress(long Step, double PairsPerSecond, double Loss, IReadOnlyDictionary<string, double> Terms, double LearningRate,
-    long DeadLetters, long NonFiniteSteps, Evaluator.EvalCompleted? LastEval, long? LastCheckpointStep, TimeSpan Elapsed, TimeSpan? Remaining);
+    long DeadLetters, long NonFiniteSteps, Evaluator.EvalCompleted? LastEval, long? LastCheckpointStep, TimeSpan Elapsed, TimeSpan? Remaining)
+{
+    public IReadOnlyDictionary<string, double> Scores { get; init; } = new Dictionary<string, double>();
+    public Evaluator.ClassifyCompleted? LastClassify { get; init; }
+}
 
 /// <summary>Structured logs, metrics.jsonl, the optional ledger, dead-letters.jsonl, and progress for the console.</summary>
 public sealed class Metrics : ReceiveActor
@@ -27,6 +33,7 @@ public sealed class Metrics : ReceiveActor
     readonly DateTime started = DateTime.UtcNow;
     readonly Func<long, TimeSpan?> remaining;
     Evaluator.EvalCompleted? lastEval;
+    Evaluator.ClassifyCompleted? lastClassify;
     long deadLetters, nonFinite, pairsSinceLog, lastCheckpoint = -1;
     DateTime lastLog = DateTime.UtcNow;
 
@@ -42,6 +49,7 @@ public sealed class Metrics : ReceiveActor
 
         Receive<TrainerReplica.StepCompleted>(OnStep);
         Receive<Evaluator.EvalCompleted>(OnEval);
+        Receive<Evaluator.ClassifyCompleted>(OnClassify);
         Receive<DeadLetter>(OnDeadLetter);
         Receive<Checkpointer.CheckpointDurable>(c => lastCheckpoint = c.Step);
     }
@@ -69,6 +77,13 @@ public sealed class Metrics : ReceiveActor
                 ["step"] = r.Step, ["position"] = new JsonObject(s.Position.Offsets.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))), ["loss"] = Finite(r.Loss), ["skipped"] = r.Skipped,
                 ["ids"] = new JsonArray(s.Ids.Select(i => (JsonNode)JsonValue.Create(i)!).ToArray()),
             };
+            // Test, then train: each prediction was made by the weights of `predicted_at` (before step `step`'s update).
+            if (r.Predictions is { } predicted)
+            {
+                line["predicted_at"] = r.Step;
+                line["predictions"] = Strings(predicted);
+                line["labels"] = Strings(s.Labels?.Select(l => l ?? "") ?? []);
+            }
             ledgerOut.WriteLine(line.ToJsonString());
         }
         if ((r.Step + 1) % everySteps != 0) return;
@@ -83,6 +98,7 @@ public sealed class Metrics : ReceiveActor
             ["elapsed_s"] = Math.Round((now - started).TotalSeconds, 3), ["loss"] = Finite(r.Loss),
         };
         foreach (var (name, value) in r.Terms) entry[name] = Finite(value);
+        foreach (var (name, value) in r.Scores) entry[name] = Math.Round(value, 6);
         entry["lr"] = r.LearningRate;
         entry["grad_norm"] = Finite(r.GradNorm);
         entry["pairs_per_s"] = Math.Round(pairsPerSecond, 2);
@@ -91,7 +107,7 @@ public sealed class Metrics : ReceiveActor
         Log.Information("step {Step} loss {Loss:F4} ({Terms}) lr {Lr:E2} {PairsPerSecond:F1} pairs/s",
             r.Step + 1, r.Loss, string.Join(" ", r.Terms.Select(t => $"{t.Key}={t.Value:F3}")), r.LearningRate, pairsPerSecond);
         progress?.Report(new RunProgress(r.Step + 1, pairsPerSecond, r.Loss, r.Terms, r.LearningRate, deadLetters, nonFinite, lastEval,
-            lastCheckpoint >= 0 ? lastCheckpoint : null, now - started, remaining(r.Step + 1)));
+            lastCheckpoint >= 0 ? lastCheckpoint : null, now - started, remaining(r.Step + 1)) { Scores = r.Scores, LastClassify = lastClassify });
     }
 
     void OnEval(Evaluator.EvalCompleted e)
@@ -111,6 +127,24 @@ public sealed class Metrics : ReceiveActor
         Log.Information("eval {Set} at step {Step}: TR@1 {Tr1:F1} TR@5 {Tr5:F1} TR@10 {Tr10:F1} IR@1 {Ir1:F1} IR@5 {Ir5:F1} IR@10 {Ir10:F1} r_mean {RMean:F1} (chance {Chance:F2}%, {Took:F0}s)",
             e.Set, e.Step, m.Tr1, m.Tr5, m.Tr10, m.Ir1, m.Ir5, m.Ir10, m.RMean, 100.0 / e.Images, e.Took.TotalSeconds);
     }
+
+    void OnClassify(Evaluator.ClassifyCompleted e)
+    {
+        lastClassify = e;
+        var r = e.Report;
+        var now = DateTime.UtcNow;
+        var entry = new JsonObject
+        {
+            ["kind"] = "eval", ["step"] = e.Step, ["time"] = now.ToString("O", CultureInfo.InvariantCulture),
+            ["elapsed_s"] = Math.Round((now - started).TotalSeconds, 3), ["set"] = e.Set, ["examples"] = r.Examples,
+            ["accuracy"] = Math.Round(r.Accuracy, 6), ["macro_f1"] = Math.Round(r.MacroF1, 6), ["took_s"] = Math.Round(e.Took.TotalSeconds, 2),
+        };
+        metricsOut.WriteLine(entry.ToJsonString());
+        Log.Information("eval {Set} at step {Step}: accuracy {Accuracy:P1} macro-F1 {MacroF1:F3} ({Examples} examples, {Took:F0}s)",
+            e.Set, e.Step, r.Accuracy, r.MacroF1, r.Examples, e.Took.TotalSeconds);
+    }
+
+    static JsonArray Strings(IEnumerable<string> values) => new(values.Select(v => (JsonNode)JsonValue.Create(v)!).ToArray());
 
     void OnDeadLetter(DeadLetter d)
     {

@@ -22,7 +22,8 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
     /// <summary>Asks for a copy of the current weights (for an evaluation).</summary>
     public sealed record GetWeights(long Step);
     /// <summary>A copy of the teacher's weights after TeacherStep updates; the receiver owns the tensors.</summary>
-    public sealed record TeacherSnapshot(long Step, long TeacherStep, (string Name, Tensor Value)[] Weights);
+    /// <param name="State">the objective's state where the weights are a fine-tuned student's (its label map); null: none</param>
+    public sealed record TeacherSnapshot(long Step, long TeacherStep, (string Name, Tensor Value)[] Weights, IReadOnlyDictionary<string, string>? State = null);
 
     readonly MamoModel teacher;
     readonly IObjective objective;

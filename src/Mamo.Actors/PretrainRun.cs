@@ -18,14 +18,18 @@ namespace Mamo.Actors;
 /// and (re)starts the pipeline under the RunSupervisor from the newest durable checkpoint (a new run first writes
 /// step 0's), with backoff after a failure. It ends the pipeline on max-steps, the time budget or `stop`, and then
 /// has the supervisor flush a final checkpoint. The stream itself is TrainingGraph; what a step computes is the
-/// objective (MAMO pre-training unless another is given).</summary>
-public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? progress = null, Func<MamoConfig, IObjective>? objective = null)
+/// objective (from the settings: MAMO pre-training, or a fine-tuning task, unless another is given). Fine-tuning
+/// runs the same pipeline: its new run starts from <c>init</c>'s weights, its records pass the task's admission, and
+/// its evaluator scores the student (from the trainer), also before the first step.</summary>
+/// <param name="init">the checkpoint whose student (and teacher) a new run starts from; null: random weights</param>
+public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? progress = null, Func<MamoConfig, IObjective>? objective = null,
+    string? init = null)
 {
     const int MaxBackoffDoublings = 20;
     /// <summary>Path of the supervisor under /user: the pipeline's actors are /user/run/NAME.</summary>
     public const string SupervisorName = "run";
 
-    readonly Func<MamoConfig, IObjective> objective = objective ?? MamoPretraining.With(settings.Pretraining);
+    readonly Func<MamoConfig, IObjective> objective = objective ?? FineTuning.Objective(settings);
     readonly Stopwatch clock = Stopwatch.StartNew();
     IReadOnlyList<EmbeddingItem> publishItems = [];
     long samplesRead;
@@ -51,10 +55,16 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         using var source = OpenSource(s, decodeLimits, bad.Add, log);
 
         var evalSets = new List<Evaluator.NamedSet>();
+        var labelledSets = new List<Evaluator.NamedLabelledSet>();
         var system = System = ActorSystem.Create("mamo", s.Config);
         try
         {
-            if (s.EvalEverySteps > 0) LoadEvalSets(s, tokenizer, decodeLimits, evalSets, log);
+            if (s.EvalEverySteps > 0 && s.FineTune.Task == FineTuneSettings.Classify)
+            {
+                LoadLabelledSets(s, tokenizer, decodeLimits, labelledSets, log);
+                LoadEvalSets(s, s.FineTune.ForgettingSets, tokenizer, decodeLimits, evalSets, log);
+            }
+            else if (s.EvalEverySteps > 0) LoadEvalSets(s, s.EvalSets.Concat(s.FineTune.IsFineTuning ? s.FineTune.ForgettingSets : []), tokenizer, decodeLimits, evalSets, log);
             publishItems = s.PublishOutput is null ? [] : PublishItems(s, tokenizer, decodeLimits, log);
 
             var preparer = new SamplePreparer(
@@ -67,7 +77,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                 var before = Checkpoint.Latest(s.RunDir);
                 try
                 {
-                    return await RunOnceAsync(supervisor, source, preparer, evalSets, bad, device, stop);
+                    return await RunOnceAsync(supervisor, source, preparer, evalSets, labelledSets, bad, device, stop);
                 }
                 catch (Exception e) when (e is not TrainerReplica.DivergedException and not SettingsException && !stop.IsCancellationRequested && attempt < s.MaxRestarts)
                 {
@@ -83,6 +93,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         {
             await system.Terminate();
             foreach (var set in evalSets) set.Set.Dispose();
+            foreach (var set in labelledSets) set.Set.Dispose();
         }
     }
 
@@ -102,7 +113,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             }
             catch (ArgumentException e) { throw new SettingsException($"'mamo.kafka': {e.Message}"); }
         }
-        var samples = TrainingSamples.Load(s.Source, s.Seed, s.MaxInMemoryBytes, decodeLimits, onBad, log);
+        var samples = TrainingSamples.Load(s.Source, s.Seed, s.MaxInMemoryBytes, decodeLimits, onBad, log, s.FineTune.LabelField);
         Log.Information("training on {Count} samples from {Source}", samples.Count, samples.Name);
         return samples;
     }
@@ -115,16 +126,33 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         catch (ArgumentException e) { throw new SettingsException($"'mamo.kafka.producer': {e.Message}"); }
     }
 
-    /// <summary>The held-out sets of `eval.sets`, into <paramref name="sets"/> (the caller disposes them, also when one
-    /// fails to load).</summary>
-    internal static void LoadEvalSets(MamoSettings s, TextTokenizer tokenizer, DecodeLimits decodeLimits, List<Evaluator.NamedSet> sets, Action<string> log)
+    /// <summary>The held-out retrieval sets of <paramref name="specs"/>, into <paramref name="sets"/> (the caller disposes
+    /// them, also when one fails to load).</summary>
+    internal static void LoadEvalSets(MamoSettings s, IEnumerable<string> specs, TextTokenizer tokenizer, DecodeLimits decodeLimits, List<Evaluator.NamedSet> sets,
+        Action<string> log)
     {
         var transform = new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize));
-        foreach (var spec in s.EvalSets)
+        foreach (var spec in specs.Distinct())
         {
             var set = EvalSet.Load(TrainingSamples.EvalManifest(spec, log), transform, tokenizer, s.Model.MaxTextLength, decodeLimits);
-            sets.Add(new Evaluator.NamedSet(spec.Replace("dataset:", "").Replace('/', '-'), set));
+            sets.Add(new Evaluator.NamedSet(SetName(spec), set));
             Log.Information("eval set {Spec}: {Images} images, {Texts} captions", spec, set.ImageCount, set.TextCount);
+        }
+    }
+
+    static string SetName(string spec) => spec.Replace("dataset:", "").Replace('/', '-');
+
+    /// <summary>Classify: the labelled sets of `eval.sets`, with the task's text.</summary>
+    static void LoadLabelledSets(MamoSettings s, TextTokenizer tokenizer, DecodeLimits decodeLimits, List<Evaluator.NamedLabelledSet> sets, Action<string> log)
+    {
+        var transform = new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize));
+        foreach (var spec in s.EvalSets.Distinct())
+        {
+            LabelledSet set;
+            try { set = LabelledSet.Load(TrainingSamples.EvalManifest(spec, log), transform, tokenizer, s.Model.MaxTextLength, s.FineTune.Prompt, s.FineTune.LabelField, decodeLimits); }
+            catch (Exception e) when (e is InvalidDataException or FileNotFoundException) { throw new SettingsException($"'mamo.eval.sets' {spec}: {e.Message}"); }
+            sets.Add(new Evaluator.NamedLabelledSet(SetName(spec), set));
+            Log.Information("labelled eval set {Spec}: {Count} images ({Skipped} skipped)", spec, set.Count, set.Bad.Count);
         }
     }
 
@@ -141,7 +169,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     }
 
     async Task<long> RunOnceAsync(IActorRef supervisor, ITrainingSource source, SamplePreparer preparer, IReadOnlyList<Evaluator.NamedSet> evalSets,
-        List<BadInput> loadBad, Device device, CancellationToken stop)
+        IReadOnlyList<Evaluator.NamedLabelledSet> labelledSets, List<BadInput> loadBad, Device device, CancellationToken stop)
     {
         var s = settings;
         var (from, state) = StartingCheckpoint(device);
@@ -162,8 +190,10 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             var checkpointer = context.ActorOf(Checkpointer.Props(s.RunDir, s.Model, Checkpoint.Parts(state), s.KeepLast, s.Seed), "checkpointer");
             var teacher = usesTeacher ? context.ActorOf(MomentumTeacher.Props(s.Model, objective, from, device, s.TeacherPipelined), "teacher") : null;
             var trainer = context.ActorOf(TrainerReplica.Props(s, objective, from, device, teacher, checkpointer), "trainer");
-            var evaluator = teacher is not null && evalSets.Count > 0
-                ? context.ActorOf(Evaluator.Props(s.Model, device, evalSets, teacher, metrics, s.EvalK, s.EvalBatchSize, stopping.Token), "evaluator")
+            // Pre-training evaluates the teacher; fine-tuning, the student it trains.
+            var evaluated = s.FineTune.IsFineTuning ? trainer : teacher;
+            var evaluator = evaluated is not null && evalSets.Count + labelledSets.Count > 0
+                ? context.ActorOf(Evaluator.Props(s.Model, device, evalSets, evaluated, metrics, s.EvalK, s.EvalBatchSize, stopping.Token, labelledSets, objective), "evaluator")
                 : null;
             context.ActorOf(Props.Create(() => new SourceCommitter(source)), "source-committer");
             var publisher = sink is null ? null
@@ -176,10 +206,14 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         try
         {
             var remainingSteps = s.MaxSteps > 0 ? s.MaxSteps - startStep : long.MaxValue;
+            // Fine-tuning scores the starting model first, the baseline that forgetting is measured against: the trainer
+            // hands the evaluator its weights before the graph sends it a batch.
+            if (s.FineTune.IsFineTuning && startStep == 0 && pipeline.Evaluator is { } first) pipeline.Trainer.Tell(new MomentumTeacher.GetWeights(0), first);
             if (remainingSteps > 0)
             {
                 var graph = TrainingGraph.Build(s, new TrainingGraph.Stages(source, preparer, position, startStep, remainingSteps, needsTargets,
-                    pipeline.Teacher, pipeline.Trainer, pipeline.Metrics, pipeline.Evaluator, () => Interlocked.Increment(ref samplesRead)));
+                    pipeline.Teacher, pipeline.Trainer, pipeline.Metrics, pipeline.Evaluator, () => Interlocked.Increment(ref samplesRead),
+                    FineTuning.Admission(s.FineTune)));
                 var (killSwitch, done) = graph.Run(System!.Materializer());
                 using var onStop = stop.Register(killSwitch.Shutdown);
                 var left = s.TimeBudget - clock.Elapsed;
@@ -238,11 +272,33 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             }
         }
         using var trainer = new MamoTrainer(s.Model, s.Optimizer, device, s.Seed, withTeacher: true, objective);
-        var fresh = new Checkpoint.State(0, 0, 0, new() { [Checkpointer.SeedKey] = s.Seed.ToString(CultureInfo.InvariantCulture) });
+        if (init is not null) StartFrom(init, trainer);
+        var fresh = new Checkpoint.State(0, 0, 0, trainer.Extra(new Dictionary<string, string> { [Checkpointer.SeedKey] = s.Seed.ToString(CultureInfo.InvariantCulture) }));
         var path = Checkpoint.Commit(s.RunDir, s.Model, trainer.Parts(), fresh, s.KeepLast);
-        Log.Information("new run in {RunDir}: {Preset} preset, {Parameters:N0} parameters, batch {Batch}, device {Device}",
-            s.RunDir, s.Preset, trainer.Student.parameters().Sum(p => p.numel()), s.BatchSize, device);
+        Log.Information("new run in {RunDir}: {Preset} preset, {Parameters:N0} parameters, batch {Batch}, device {Device}{From}",
+            s.RunDir, s.Preset, trainer.Student.parameters().Sum(p => p.numel()), s.BatchSize, device, init is null ? "" : $", from {init}");
         return (path, Checkpoint.ReadState(path));
+    }
+
+    /// <summary>A new run's student (and teacher) take the weights of <paramref name="dir"/>'s student (and teacher,
+    /// where it has one). The objective's own parts and state come too where <paramref name="dir"/> holds all of them
+    /// (fine-tuning a fine-tuned model further: the next domain of a drift stream); the optimiser starts fresh.</summary>
+    static void StartFrom(string dir, MamoTrainer trainer)
+    {
+        var saved = Checkpoint.ReadConfig(dir);
+        if (!saved.SameArchitecture(trainer.Config))
+            throw new SettingsException($"{dir} holds a model of another architecture than the one configured:\n{saved.ToJson()}");
+        var state = Checkpoint.ReadState(dir);
+        var parts = Checkpoint.Parts(state);
+        Checkpoint.LoadModel(dir, Checkpoint.StudentFile, trainer.Student);
+        if (trainer.Objective.Parts.Count > 0 && trainer.Objective.Parts.Keys.All(parts.Contains))
+        {
+            trainer.Objective.LoadState(state.Extra);
+            foreach (var (name, module) in trainer.Objective.Parts) Checkpoint.LoadModel(dir, Checkpoint.PartFile(name), module);
+        }
+        if (trainer.Objective.TeacherMomentum is null) return;
+        if (parts.Contains(Checkpoint.TeacherPart)) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, trainer.Teacher);
+        else Momentum.Update(trainer.Teacher, trainer.Student, 0);   // decay 0: the teacher becomes a copy of the student
     }
 
     TimeSpan? Remaining(long step, long startStep)

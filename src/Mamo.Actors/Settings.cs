@@ -20,6 +20,16 @@ public sealed record ClusterTls(string Certificate, string Password, string Ca)
     public const string PasswordVariable = "MAMO_TLS_PASSWORD";
 }
 
+/// <summary>mamo.finetune: what `mamo finetune` trains (docs/FINETUNE.md). Task "" is pre-training.</summary>
+/// <param name="Prompt">classify's text for every image; null: each record's own caption</param>
+/// <param name="Labels">a closed label set; null: open</param>
+public sealed record FineTuneSettings(string Task, string LabelField, string? Prompt, IReadOnlyList<string>? Labels, int Window, double Fading,
+    IReadOnlyList<string> ForgettingSets, double DistillAlpha)
+{
+    public const string Classify = "classify", Retrieval = "retrieval";
+    public bool IsFineTuning => Task.Length > 0;
+}
+
 /// <summary>A configuration key or value that cannot be used; the message names the key.</summary>
 public sealed class SettingsException(string message) : Exception(message);
 
@@ -75,19 +85,24 @@ public sealed record MamoSettings
     public required string PublishModality { get; init; }
     public required int PublishBatchSize { get; init; }
     public required ClusterSettings Cluster { get; init; }
+    public required FineTuneSettings FineTune { get; init; }
 
-    public static Config Defaults()
+    public static Config Defaults() => Embedded("mamo.conf");
+
+    static Config Embedded(string name)
     {
-        using var stream = typeof(MamoSettings).Assembly.GetManifestResourceStream("mamo.conf")
-            ?? throw new InvalidOperationException("mamo.conf is not embedded");
+        using var stream = typeof(MamoSettings).Assembly.GetManifestResourceStream(name)
+            ?? throw new InvalidOperationException($"{name} is not embedded");
         using var reader = new StreamReader(stream);
         return ConfigurationFactory.ParseString(reader.ReadToEnd());
     }
 
     /// <summary>Layers the user's configuration over the defaults and checks every key and value.</summary>
-    public static MamoSettings Load(string? configFile = null, IEnumerable<string>? sets = null)
+    /// <param name="layers">embedded files (finetune.conf) between the defaults and the user's settings, the first on top</param>
+    public static MamoSettings Load(string? configFile = null, IEnumerable<string>? sets = null, IEnumerable<string>? layers = null)
     {
         var defaults = Defaults();
+        foreach (var layer in (layers ?? []).Reverse()) defaults = Embedded(layer).WithFallback(defaults);
         var user = ConfigurationFactory.Empty;
         if (configFile is not null)
         {
@@ -284,6 +299,15 @@ public sealed record MamoSettings
             PublishInput = Str("publish.input"),
             PublishModality = Get("publish.modality", k => c.GetString(k), v => v is "image" or "text" or "both", "must be image, text or both"),
             PublishBatchSize = Int("publish.batch-size", 1),
+            FineTune = new FineTuneSettings(
+                Get("finetune.task", k => c.GetString(k), v => v is "" or FineTuneSettings.Classify or FineTuneSettings.Retrieval, "must be classify or retrieval"),
+                Str("finetune.label-field"),
+                Get("finetune.text", k => c.GetString(k), v => v is "prompt" or "caption", "must be prompt or caption") == "prompt" ? Str("finetune.prompt") : null,
+                Get("finetune.labels", k => c.GetStringList(k).ToList(), v => v.Distinct().Count() == v.Count, "must not repeat a label") is { Count: > 0 } closed ? closed : null,
+                Int("finetune.window", 1),
+                Get("finetune.fading", k => c.GetDouble(k), v => v is > 0 and <= 1, "must lie in (0, 1]"),
+                Get("finetune.forgetting-sets", k => c.GetStringList(k).ToList()),
+                Get("finetune.distill-alpha", k => c.GetDouble(k), v => v is >= 0 and < 1, "must lie in [0, 1)")),
             Cluster = new ClusterSettings(
                 Get("cluster.sync", k => c.GetString(k), v => v is ClusterSettings.DiLoCo or ClusterSettings.EveryStep, $"must be {ClusterSettings.DiLoCo} or {ClusterSettings.EveryStep}"),
                 Int("cluster.inner-steps", 1),

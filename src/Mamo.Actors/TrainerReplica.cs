@@ -9,14 +9,15 @@ namespace Mamo.Actors;
 /// <summary>The student, the objective and the optimiser, loaded from a checkpoint when the actor starts (so a new
 /// incarnation starts from durable state, never from a stale object). Trains on each batch it is sent, hands the
 /// teacher (where the objective keeps one) its new weights, and at checkpoint time sends its parts to the
-/// checkpointer.</summary>
+/// checkpointer. Fine-tuning evaluates the student: GetWeights gets a copy of it, its objective's parts and state.</summary>
 public sealed class TrainerReplica : ReceiveActor
 {
     /// <summary>Train step Step on a batch. Position: the stream records the batch covers. The trainer owns
     /// (and disposes) the batch and the targets.</summary>
     public sealed record Train(long Step, Batch Batch, TeacherTargets? Targets, StreamPosition Position);
-    /// <summary>Reply to Train; Position is where the stream stands after this step.</summary>
-    public sealed record StepCompleted(StepResult Result, StreamPosition Position, string[] Ids, int NonFiniteInARow);
+    /// <summary>Reply to Train; Position is where the stream stands after this step. Labels: each pair's, where the
+    /// stream has them (the ledger sets them beside the step's predictions).</summary>
+    public sealed record StepCompleted(StepResult Result, StreamPosition Position, string[] Ids, int NonFiniteInARow, IReadOnlyList<string?>? Labels = null);
     /// <summary>Send a checkpoint's parts now unless the last one covers this step; the reply is the step (a long).</summary>
     public sealed record CheckpointNow;
 
@@ -58,6 +59,11 @@ public sealed class TrainerReplica : ReceiveActor
                 t.Targets?.Dispose();
             }
         });
+        Receive<MomentumTeacher.GetWeights>(g => Sender.Tell(new MomentumTeacher.TeacherSnapshot(g.Step, trainer.Step,
+            trainer.Parts().Where(p => p.Name != Checkpoint.OptimizerPart)
+                .SelectMany(p => p.Tensors.Select(t => (p.Name == Checkpoint.StudentPart ? t.Name : $"{p.Name}.{t.Name}", Tensors.Copy(t.Value))))
+                .ToArray(),
+            trainer.Objective.SaveState())));
         Receive<CheckpointNow>(_ =>
         {
             if (trainer.Step != lastCheckpointStep) SendParts();
@@ -87,7 +93,7 @@ public sealed class TrainerReplica : ReceiveActor
                || settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= settings.CheckpointEvery;
         if (due) SendParts();
         else teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
-        return new StepCompleted(result, position, b.Ids, nonFiniteInARow);
+        return new StepCompleted(result, position, b.Ids, nonFiniteInARow, b.Labels);
     }
 
     /// <summary>The new student goes to the teacher (which then sends its own part) and this trainer's parts to the
@@ -98,7 +104,7 @@ public sealed class TrainerReplica : ReceiveActor
         lastCheckpointStep = trainer.Step;
         teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent(), SnapshotTo: checkpointer));
         var parts = trainer.Parts().Select(p => new Checkpoint.Part(p.Name, p.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())).ToArray();
-        checkpointer.Tell(new Checkpointer.Parts(trainer.Step, parts, position, trainer.Optimizer.Step));
+        checkpointer.Tell(new Checkpointer.Parts(trainer.Step, parts, position, trainer.Optimizer.Step, Extra: trainer.Objective.SaveState()));
     }
 
     Tensor[] CopyStudent() => studentParameters.Select(Tensors.Copy).ToArray();

@@ -25,8 +25,11 @@ public static class TrainingGraph
     public static Random SampleRandom(int seed, string partition, long offset) =>
         new(Seeds.Mix(seed ^ PreprocessSeedSalt ^ Seeds.StableHash(partition), offset));
 
+    /// <param name="Admit">a task's check of each record before it is prepared (FineTuning.Admission): the sample to
+    /// prepare, or why the record is a dead letter; null: every record is prepared as it is</param>
     public sealed record Stages(ITrainingSource Source, SamplePreparer Preparer, StreamPosition Resume, long StartStep, long Steps, bool NeedsTargets,
-        IActorRef? Teacher, IActorRef Trainer, IActorRef Metrics, IActorRef? Evaluator, Action OnRead);
+        IActorRef? Teacher, IActorRef Trainer, IActorRef Metrics, IActorRef? Evaluator, Action OnRead,
+        Func<ImageTextSample, (ImageTextSample? Sample, string? Reason)>? Admit = null);
 
     sealed record Prepared(Positioned Record, PreparedSample? Sample, BadInput? Bad);
     sealed record Collated(long Step, Batch Batch, StreamPosition Position);
@@ -40,6 +43,12 @@ public static class TrainingGraph
             .SelectAsync(s.PreprocessParallelism, x => Task.Run(() =>
             {
                 if (x.Item is not SampleItem { Sample: var sample }) return new Prepared(x, null, ((BadItem)x.Item).Bad);
+                if (g.Admit is not null)
+                {
+                    var (admitted, reason) = g.Admit(sample);
+                    if (admitted is null) return new Prepared(x, null, new BadInput(reason!, $"{sample.Position.Source}@{sample.Position.Offset} (id {sample.Id})", sample.Position));
+                    sample = admitted;
+                }
                 return g.Preparer.TryPrepareForTraining(sample, SampleRandom(s.Seed, x.Partition, x.Offset), out var p, out var bad)
                     ? new Prepared(x, p, null) : new Prepared(x, null, bad);
             }))

@@ -28,9 +28,10 @@ public sealed class TrainingSamples : ITrainingSource
     }
 
     /// <summary>Reads the whole source; bad records and undecodable images go to onBad, once, and are left out.</summary>
-    public static TrainingSamples Load(string spec, int seed, long maxBytes, DecodeLimits limits, Action<BadInput> onBad, Action<string>? log = null)
+    public static TrainingSamples Load(string spec, int seed, long maxBytes, DecodeLimits limits, Action<BadInput> onBad, Action<string>? log = null,
+        string labelField = ManifestSource.LabelField)
     {
-        var source = Open(spec, log);
+        var source = Open(spec, log, labelField);
         var kept = new List<ImageTextSample>();
         long bytes = 0;
         foreach (var item in source.Read(null, CancellationToken.None))
@@ -58,15 +59,15 @@ public sealed class TrainingSamples : ITrainingSource
         return new TrainingSamples(source.Name, kept, seed);
     }
 
-    /// <summary>dataset:NAME, manifest:PATH or wds:GLOB.</summary>
-    public static IImageTextSource Open(string spec, Action<string>? log = null)
+    /// <summary>dataset:NAME[/SPLIT] (the train split unless named), manifest:PATH or wds:GLOB.</summary>
+    public static IImageTextSource Open(string spec, Action<string>? log = null, string labelField = ManifestSource.LabelField)
     {
         var colon = spec.IndexOf(':');
         var (kind, arg) = colon > 0 ? (spec[..colon], spec[(colon + 1)..]) : ("", spec);
         return kind switch
         {
-            "dataset" => new ManifestSource(BuiltinDatasets.Ensure(arg, log: log).File(BuiltinDatasets.TrainSplit)),
-            "manifest" => File.Exists(arg) ? new ManifestSource(arg) : throw new SettingsException($"manifest not found: {arg}"),
+            "dataset" => new ManifestSource(DatasetFile(arg, BuiltinDatasets.TrainSplit, log), labelField: labelField),
+            "manifest" => File.Exists(arg) ? new ManifestSource(arg, labelField: labelField) : throw new SettingsException($"manifest not found: {arg}"),
             "wds" => new WebDatasetSource(arg),
             _ => throw new SettingsException($"unknown source '{spec}': use dataset:NAME, manifest:PATH or wds:GLOB"),
         };
@@ -75,13 +76,17 @@ public sealed class TrainingSamples : ITrainingSource
     /// <summary>An evaluation set spec (dataset:NAME/SPLIT or manifest:PATH) as a manifest path.</summary>
     public static string EvalManifest(string spec, Action<string>? log = null)
     {
-        if (spec.StartsWith("dataset:"))
-        {
-            var parts = spec["dataset:".Length..].Split('/', 2);
-            return BuiltinDatasets.Ensure(parts[0], log: log).File(parts.Length > 1 ? parts[1] : BuiltinDatasets.TestSplit);
-        }
+        if (spec.StartsWith("dataset:")) return DatasetFile(spec["dataset:".Length..], BuiltinDatasets.TestSplit, log);
         if (spec.StartsWith("manifest:")) return spec["manifest:".Length..];
         throw new SettingsException($"unknown eval set '{spec}': use dataset:NAME/SPLIT or manifest:PATH");
+    }
+
+    /// <summary>NAME[/SPLIT] of a built-in dataset as its manifest, fetched first if needed.</summary>
+    static string DatasetFile(string nameAndSplit, string defaultSplit, Action<string>? log)
+    {
+        var parts = nameAndSplit.Split('/', 2);
+        try { return BuiltinDatasets.Ensure(parts[0], log: log).File(parts.Length > 1 ? parts[1] : defaultSplit); }
+        catch (Exception e) when (e is ArgumentException or KeyNotFoundException) { throw new SettingsException(e.Message); }
     }
 
     public Source<Positioned, NotUsed> Open(StreamPosition resume) =>

@@ -11,6 +11,8 @@ public static class MamoRoot
         PretrainCommand.Create(),
         DatasetsCommand.Create(),
         EvalCommand.Create(),
+        FinetuneCommand.Create(),
+        PredictCommand.Create(),
         PlotCommand.Create(),
         BenchCommand.Create(),
         IngestCommand.Create(),

@@ -41,7 +41,10 @@ public sealed class ProgressDisplay : IProgress<RunProgress>
         table.AddRow("step", p.Step.ToString("N0"));
         table.AddRow("pairs/s", p.PairsPerSecond.ToString("F1"));
         table.AddRow("loss", $"{p.Loss:F4}  " + string.Join("  ", p.Terms.Select(t => $"{t.Key} {t.Value:F3}")));
+        if (p.Scores.Count > 0) table.AddRow("prequential", string.Join("  ", p.Scores.Select(t => $"{t.Key} {t.Value:F3}")));
         table.AddRow("learning rate", p.LearningRate.ToString("E2"));
+        if (p.LastClassify is { } c)
+            table.AddRow($"eval {Markup.Escape(c.Set)} @ {c.Step}", $"accuracy {c.Report.Accuracy:P1}  macro-F1 {c.Report.MacroF1:F3}  ({c.Report.Examples} examples)");
         if (p.LastEval is { } e)
             table.AddRow($"eval {Markup.Escape(e.Set)} @ {e.Step}",
                 $"TR@1 {e.Metrics.Tr1:F1}  IR@1 {e.Metrics.Ir1:F1}  r_mean {e.Metrics.RMean:F1}  (chance {100.0 / e.Images:F2})");

@@ -7,11 +7,14 @@ namespace Mamo.Data;
 /// A JSONL manifest, one image per line:
 /// <c>{"id": "...", "image": "relative/or/absolute.png", "captions": ["...", "..."]}</c> (or a single <c>"caption"</c>).
 /// Image paths resolve against the manifest's folder and must stay inside it. Offsets are 0-based line numbers;
-/// dead-letter locations name the 1-based line, as editors do. Images are read here but decoded later, so an
+/// dead-letter locations name the 1-based line, as editors do. A labelled manifest (fine-tuning) carries each record's
+/// class in the field <c>label</c>, or in the one named by <c>labelField</c>: a string or a number. Images are read here but decoded later, so an
 /// undecodable image is reported by <see cref="ImageDecoder"/>, not by this source.
 /// </summary>
-public sealed class ManifestSource(string path, SourceLimits? limits = null) : IImageTextSource
+public sealed class ManifestSource(string path, SourceLimits? limits = null, string labelField = ManifestSource.LabelField) : IImageTextSource
 {
+    public const string LabelField = "label";
+
     private static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
     private readonly SourceLimits _limits = limits ?? SourceLimits.Default;
 
@@ -20,11 +23,11 @@ public sealed class ManifestSource(string path, SourceLimits? limits = null) : I
     public string Name => Path;
 
     /// <summary>Reads a whole manifest into memory: the samples, and the dead letters met on the way.</summary>
-    public static (List<ImageTextSample> Samples, List<BadInput> Bad) ReadAll(string path, SourceLimits? limits = null)
+    public static (List<ImageTextSample> Samples, List<BadInput> Bad) ReadAll(string path, SourceLimits? limits = null, string labelField = LabelField)
     {
         var samples = new List<ImageTextSample>();
         var bad = new List<BadInput>();
-        foreach (var item in new ManifestSource(path, limits).Read(null, CancellationToken.None))
+        foreach (var item in new ManifestSource(path, limits, labelField).Read(null, CancellationToken.None))
         {
             if (item is SampleItem s) samples.Add(s.Sample);
             else if (item is BadItem b) bad.Add(b.Bad);
@@ -106,7 +109,7 @@ public sealed class ManifestSource(string path, SourceLimits? limits = null) : I
         ManifestLine? line;
         try
         {
-            line = ManifestLine.Parse(text);
+            line = ManifestLine.Parse(text, labelField);
         }
         catch (JsonException e)
         {
@@ -141,7 +144,7 @@ public sealed class ManifestSource(string path, SourceLimits? limits = null) : I
     /// <summary>One manifest line's fields, or the reason the JSON is well-formed but not a manifest record.</summary>
     private sealed record ManifestLine(string? Id, string Image, IReadOnlyList<string> Captions, string? Error, string? Label = null)
     {
-        public static ManifestLine Parse(string text)
+        public static ManifestLine Parse(string text, string labelField)
         {
             using var doc = JsonDocument.Parse(text);
             var root = doc.RootElement;
@@ -172,11 +175,12 @@ public sealed class ManifestSource(string path, SourceLimits? limits = null) : I
                 captions.Add(one.GetString()!);
             }
             string? label = null;
-            if (root.TryGetProperty("label", out var labelElement))
+            if (root.TryGetProperty(labelField, out var labelElement))
             {
                 if (labelElement.ValueKind is JsonValueKind.String) label = labelElement.GetString();
                 else if (labelElement.ValueKind is JsonValueKind.Number) label = labelElement.GetRawText();
-                else return Fail("\"label\" must be a string or number");
+                else if (labelElement.ValueKind is not JsonValueKind.Null) return Fail($"\"{labelField}\" must be a string or number");
+                if (string.IsNullOrWhiteSpace(label)) label = null;
             }
             return new ManifestLine(id, image.GetString()!, captions, null, label);
         }

@@ -103,9 +103,12 @@ public sealed class AdamW : IDisposable
         }
     }
 
-    /// <summary>The optimiser state as named tensors (views, not copies).</summary>
-    public IEnumerable<(string Name, Tensor Value)> State() =>
-        parameters.SelectMany((p, i) => new[] { ("m." + p.Name, m[i]), ("v." + p.Name, v[i]) });
+    /// <summary>The optimiser state as named tensors (views, not copies), each of its parameter's current shape.</summary>
+    public IEnumerable<(string Name, Tensor Value)> State()
+    {
+        FollowShapes();
+        return parameters.SelectMany((p, i) => new[] { ("m." + p.Name, m[i]), ("v." + p.Name, v[i]) }).ToList();
+    }
 
     public void LoadState(IReadOnlyDictionary<string, Tensor> state, long step)
     {

@@ -11,22 +11,48 @@ namespace Mamo.Model;
 /// <param name="Labels">a closed label set, in class order; null: open, each new label adds a class</param>
 /// <param name="Window">records in the sliding window of the prequential accuracy</param>
 /// <param name="Fading">the fading factor of the prequential accuracy (Gama, Sebastião and Rodrigues 2013)</param>
-public sealed record ClassificationConfig(IReadOnlyList<string>? Labels = null, int Window = 1000, double Fading = 0.995);
+/// <param name="Prompt">the text paired with every image (saved with the checkpoint, so `mamo predict` pairs the same);
+/// null: each record's caption</param>
+/// <param name="Seed">seeds the head's weights, each class's row apart, so a resumed run grows the rows an
+/// uninterrupted one would</param>
+public sealed record ClassificationConfig(IReadOnlyList<string>? Labels = null, int Window = 1000, double Fading = 0.995, string? Prompt = null, int Seed = 0);
 
 /// <summary>ALBEF's SNLI-VE head: an MLP on the fused [CLS]. Its output layer grows a row per new class, so a label
 /// first seen on the stream adds a class (class-incremental learning) without touching the others.</summary>
 public sealed class ClassifierHead : Module<Tensor, Tensor>
 {
+    const double InitStd = 0.02;
     readonly Linear hidden;
     readonly Parameter weight, bias;   // [C, W], [C]
+    readonly int seed;
 
-    public ClassifierHead(int width, int classes) : base(nameof(ClassifierHead))
+    /// <param name="seed">the hidden layer and each class's row draw from their own seed (Seeds.Mix(seed, class)), not
+    /// from the process's generator</param>
+    public ClassifierHead(int width, int classes, int seed) : base(nameof(ClassifierHead))
     {
+        this.seed = seed;
         hidden = Linear(width, width);
-        weight = Parameter(empty(classes, width));
+        weight = Parameter(Rows(0, classes, width));
         bias = Parameter(zeros(classes));
-        using (no_grad()) init.normal_(weight, std: 0.02);
+        using (no_grad())
+        {
+            using var g = new Generator((ulong)Seeds.Mix(seed, -1));
+            hidden.weight!.copy_(randn(width, width, generator: g) * InitStd);
+            hidden.bias!.zero_();
+        }
         RegisterComponents();
+    }
+
+    /// <summary>[count, W] the initial rows of classes first..first+count, each from its class's seed.</summary>
+    Tensor Rows(int first, int count, int width)
+    {
+        using var scope = NewDisposeScope();
+        var rows = Enumerable.Range(first, count).Select(c =>
+        {
+            using var g = new Generator((ulong)Seeds.Mix(seed, c));
+            return randn(1, width, generator: g) * InitStd;
+        }).ToArray();
+        return (count == 0 ? empty(0, width) : cat(rows)).MoveToOuterDisposeScope();
     }
 
     public int Classes => (int)weight.shape[0];
@@ -41,8 +67,7 @@ public sealed class ClassifierHead : Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var added = classes - Classes;
-        var rows = empty(added, weight.shape[1], device: weight.device);
-        init.normal_(rows, std: 0.02);
+        var rows = Rows(Classes, added, (int)weight.shape[1]).to(weight.device);
         weight.set_(cat(new[] { weight.detach(), rows }).contiguous());
         bias.set_(cat(new[] { bias.detach(), zeros(added, device: bias.device) }));
         weight.grad = null;   // a gradient of the old shape cannot take the next backward's
@@ -102,19 +127,21 @@ public sealed class Prequential(int window, double fading)
 public sealed class OnlineClassification : IObjective
 {
     public const string HeadPart = "head";
-    const string LabelsKey = "finetune.labels", PrequentialKey = "finetune.prequential";
+    public const string LabelsKey = "finetune.labels", PrequentialKey = "finetune.prequential", PromptKey = "finetune.prompt";
 
     readonly ClassifierHead head;
     readonly List<string> labels = [];
     readonly Dictionary<string, int> classOf = [];
     readonly bool closed;
     readonly Prequential prequential;
+    readonly string? prompt;
 
     public OnlineClassification(MamoConfig config, ClassificationConfig classification)
     {
+        prompt = classification.Prompt;
         closed = classification.Labels is not null;
         foreach (var label in classification.Labels ?? []) AddClass(label);
-        head = new ClassifierHead(config.Width, labels.Count);
+        head = new ClassifierHead(config.Width, labels.Count, classification.Seed);
         prequential = new Prequential(classification.Window, classification.Fading);
         Parts = new Dictionary<string, Module> { [HeadPart] = head };
     }
@@ -151,6 +178,24 @@ public sealed class OnlineClassification : IObjective
         return head.forward(fused).MoveToOuterDisposeScope();
     }
 
+    /// <summary>The predicted label of each pair, in batches, without gradients.</summary>
+    public string[] Predict(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask, int batchSize)
+    {
+        var device = model.Device;
+        var predicted = new List<string>();
+        model.eval();
+        head.eval();
+        using var noGrad = no_grad();
+        for (int start = 0; start < images.shape[0]; start += batchSize)
+        {
+            using var scope = NewDisposeScope();
+            var end = (int)Math.Min(images.shape[0], start + batchSize);
+            var logits = Logits(model, images[start..end].to(device), tokenIds[start..end].to(device), attentionMask[start..end].to(device));
+            predicted.AddRange(logits.argmax(1).cpu().data<long>().ToArray().Select(c => labels[(int)c]));
+        }
+        return predicted.ToArray();
+    }
+
     public MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed)
     {
         using var scope = NewDisposeScope();
@@ -173,8 +218,12 @@ public sealed class OnlineClassification : IObjective
 
     public IReadOnlyDictionary<string, string> SaveState() => new Dictionary<string, string>
     {
-        [LabelsKey] = JsonSerializer.Serialize(labels), [PrequentialKey] = prequential.Save(),
+        [LabelsKey] = JsonSerializer.Serialize(labels), [PrequentialKey] = prequential.Save(), [PromptKey] = JsonSerializer.Serialize(prompt),
     };
+
+    /// <summary>The prompt a checkpoint's classifier was trained with; null: captions (or not a classifier's checkpoint).</summary>
+    public static string? SavedPrompt(IReadOnlyDictionary<string, string> state) =>
+        state.TryGetValue(PromptKey, out var p) ? JsonSerializer.Deserialize<string?>(p) : null;
 
     public void LoadState(IReadOnlyDictionary<string, string> state)
     {
@@ -192,3 +241,34 @@ public sealed class OnlineClassification : IObjective
 
     public void Dispose() => head.Dispose();
 }
+
+/// <summary>Accuracy, macro-F1 and a per-class table of predictions against the truth.</summary>
+public sealed record ClassificationReport(double Accuracy, double MacroF1, IReadOnlyDictionary<string, ClassScores> PerClass, int Examples)
+{
+    public static ClassificationReport Of(IReadOnlyList<string> truth, IReadOnlyList<string> predicted)
+    {
+        if (truth.Count != predicted.Count) throw new ArgumentException($"{truth.Count} labels but {predicted.Count} predictions");
+        var classes = truth.Distinct().OrderBy(c => c, StringComparer.Ordinal).ToList();
+        var perClass = new SortedDictionary<string, ClassScores>(StringComparer.Ordinal);
+        foreach (var c in classes)
+        {
+            int tp = 0, fp = 0, fn = 0;
+            for (int i = 0; i < truth.Count; i++)
+            {
+                bool isTrue = truth[i] == c, isPredicted = predicted[i] == c;
+                if (isTrue && isPredicted) tp++;
+                else if (isPredicted) fp++;
+                else if (isTrue) fn++;
+            }
+            double precision = tp + fp == 0 ? 0 : (double)tp / (tp + fp), recall = tp + fn == 0 ? 0 : (double)tp / (tp + fn);
+            var f1 = precision + recall == 0 ? 0 : 2 * precision * recall / (precision + recall);
+            perClass[c] = new ClassScores(precision, recall, f1, tp + fn);
+        }
+        var accuracy = truth.Count == 0 ? 0 : (double)truth.Zip(predicted).Count(p => p.First == p.Second) / truth.Count;
+        // Macro-F1 over the classes of the truth, as scikit-learn's with labels = the true classes.
+        var macroF1 = perClass.Count == 0 ? 0 : perClass.Values.Average(v => v.F1);
+        return new ClassificationReport(accuracy, macroF1, perClass, truth.Count);
+    }
+}
+
+public sealed record ClassScores(double Precision, double Recall, double F1, int Support);

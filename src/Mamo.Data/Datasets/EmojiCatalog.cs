@@ -4,7 +4,8 @@ using System.Text.Json;
 namespace Mamo.Data.Datasets;
 
 /// <summary>One emoji: its codepoint key, image file name in the emoji-datasource packages, and captions.</summary>
-public sealed record EmojiEntry(string Code, string ImageFile, string Category, IReadOnlyList<string> Captions);
+/// <param name="Subcategory">Unicode's subgroup (e.g. "face-smiling"); null where the list has none</param>
+public sealed record EmojiEntry(string Code, string ImageFile, string Category, IReadOnlyList<string> Captions, string? Subcategory = null);
 
 /// <summary>
 /// The emoji list of emoji-datasource-google (names, categories) joined with emojibase-data's CLDR labels and tags
@@ -57,7 +58,7 @@ public static class EmojiCatalog
             var name = e.TryGetProperty("name", out var n) && n.ValueKind == JsonValueKind.String ? n.GetString()! : labelled.Label;
             var shortNames = e.GetProperty("short_names").EnumerateArray().Select(s => s.GetString()!).ToList();
             entries.Add(new EmojiEntry(code, e.GetProperty("image").GetString()!, category,
-                CaptionsFor(labelled.Label, name, shortNames, labelled.Tags, category, subcategory)));
+                CaptionsFor(labelled.Label, name, shortNames, labelled.Tags, category, subcategory), subcategory));
         }
         return entries;
     }

