@@ -270,7 +270,7 @@ public class KafkaTests(ITestOutputHelper output)
         return info;
     }
 
-    static (int Code, string Output) Kcat(IEnumerable<string> args)
+    internal static (int Code, string Output) Kcat(IEnumerable<string> args)
     {
         using var p = Process.Start(KcatInfo(args))!;
         var stderr = p.StandardError.ReadToEndAsync();
