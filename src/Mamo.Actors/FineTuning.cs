@@ -9,7 +9,8 @@ public static class FineTuning
 {
     public static Func<MamoConfig, IObjective> Objective(MamoSettings s) => s.FineTune.Task switch
     {
-        FineTuneSettings.Classify => OnlineClassification.With(new ClassificationConfig(s.FineTune.Labels, s.FineTune.Window, s.FineTune.Fading, s.FineTune.Prompt, s.Seed)),
+        FineTuneSettings.Classify => OnlineClassification.With(new ClassificationConfig(s.FineTune.Labels, s.FineTune.Window, s.FineTune.Fading, s.FineTune.Prompt, s.Seed, s.FineTune.Probe)),
+        FineTuneSettings.Retrieval => RetrievalFineTuning.With(s.Pretraining, s.FineTune.DistillAlpha, s.FineTune.Window, s.FineTune.Fading),
         _ => MamoPretraining.With(s.Pretraining),
     };
 

@@ -63,8 +63,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
                 using (var scope = NewDisposeScope())
                 {
                     var targets = objective.Targets(teacher, new StepInput(c.Images, c.TokenIds, c.AttentionMask));
-                    targets.PatchFeatures.DetachFromDisposeScope();
-                    targets.FusedLatents.DetachFromDisposeScope();
+                    foreach (var t in targets.All) t.DetachFromDisposeScope();
                     Sender.Tell(new TargetsReady(c.Step, targets));
                 }
                 c.Images.Dispose(); c.TokenIds.Dispose(); c.AttentionMask.Dispose();

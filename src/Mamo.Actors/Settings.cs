@@ -24,7 +24,7 @@ public sealed record ClusterTls(string Certificate, string Password, string Ca)
 /// <param name="Prompt">classify's text for every image; null: each record's own caption</param>
 /// <param name="Labels">a closed label set; null: open</param>
 public sealed record FineTuneSettings(string Task, string LabelField, string? Prompt, IReadOnlyList<string>? Labels, int Window, double Fading,
-    IReadOnlyList<string> ForgettingSets, double DistillAlpha)
+    IReadOnlyList<string> ForgettingSets, double DistillAlpha, bool Probe)
 {
     public const string Classify = "classify", Retrieval = "retrieval";
     public bool IsFineTuning => Task.Length > 0;
@@ -307,7 +307,8 @@ public sealed record MamoSettings
                 Int("finetune.window", 1),
                 Get("finetune.fading", k => c.GetDouble(k), v => v is > 0 and <= 1, "must lie in (0, 1]"),
                 Get("finetune.forgetting-sets", k => c.GetStringList(k).ToList()),
-                Get("finetune.distill-alpha", k => c.GetDouble(k), v => v is >= 0 and < 1, "must lie in [0, 1)")),
+                Get("finetune.distill-alpha", k => c.GetDouble(k), v => v is >= 0 and < 1, "must lie in [0, 1)"),
+                Bool("finetune.probe")),
             Cluster = new ClusterSettings(
                 Get("cluster.sync", k => c.GetString(k), v => v is ClusterSettings.DiLoCo or ClusterSettings.EveryStep, $"must be {ClusterSettings.DiLoCo} or {ClusterSettings.EveryStep}"),
                 Int("cluster.inner-steps", 1),

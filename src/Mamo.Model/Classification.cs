@@ -15,27 +15,32 @@ namespace Mamo.Model;
 /// null: each record's caption</param>
 /// <param name="Seed">seeds the head's weights, each class's row apart, so a resumed run grows the rows an
 /// uninterrupted one would</param>
-public sealed record ClassificationConfig(IReadOnlyList<string>? Labels = null, int Window = 1000, double Fading = 0.995, string? Prompt = null, int Seed = 0);
+/// <param name="Probe">a frozen linear probe: a linear head, and a backbone that does not train (the baseline)</param>
+public sealed record ClassificationConfig(IReadOnlyList<string>? Labels = null, int Window = 1000, double Fading = 0.995, string? Prompt = null, int Seed = 0,
+    bool Probe = false);
 
-/// <summary>ALBEF's SNLI-VE head: an MLP on the fused [CLS]. Its output layer grows a row per new class, so a label
-/// first seen on the stream adds a class (class-incremental learning) without touching the others.</summary>
+/// <summary>ALBEF's SNLI-VE head: an MLP on the fused [CLS] (or, for a linear probe, its output layer alone). Its
+/// output layer grows a row per new class, so a label first seen on the stream adds a class (class-incremental
+/// learning) without touching the others.</summary>
 public sealed class ClassifierHead : Module<Tensor, Tensor>
 {
     const double InitStd = 0.02;
-    readonly Linear hidden;
+    readonly Linear? hidden;
     readonly Parameter weight, bias;   // [C, W], [C]
     readonly int seed;
 
     /// <param name="seed">the hidden layer and each class's row draw from their own seed (Seeds.Mix(seed, class)), not
     /// from the process's generator</param>
-    public ClassifierHead(int width, int classes, int seed) : base(nameof(ClassifierHead))
+    /// <param name="linear">no hidden layer: a linear probe</param>
+    public ClassifierHead(int width, int classes, int seed, bool linear = false) : base(nameof(ClassifierHead))
     {
         this.seed = seed;
-        hidden = Linear(width, width);
         weight = Parameter(Rows(0, classes, width));
         bias = Parameter(zeros(classes));
-        using (no_grad())
+        if (!linear)
         {
+            hidden = Linear(width, width);
+            using var noGrad = no_grad();
             using var g = new Generator((ulong)Seeds.Mix(seed, -1));
             hidden.weight!.copy_(randn(width, width, generator: g) * InitStd);
             hidden.bias!.zero_();
@@ -57,7 +62,7 @@ public sealed class ClassifierHead : Module<Tensor, Tensor>
 
     public int Classes => (int)weight.shape[0];
 
-    public override Tensor forward(Tensor fusedCls) => F.linear(F.relu(hidden.forward(fusedCls)), weight, bias);
+    public override Tensor forward(Tensor fusedCls) => F.linear(hidden is null ? fusedCls : F.relu(hidden.forward(fusedCls)), weight, bias);
 
     /// <summary>Adds output rows up to <paramref name="classes"/>, in place (the parameters keep their identity, so the
     /// optimiser follows them: AdamW.Apply gives the new rows zero moments). The old rows are unchanged.</summary>
@@ -127,7 +132,7 @@ public sealed class Prequential(int window, double fading)
 public sealed class OnlineClassification : IObjective
 {
     public const string HeadPart = "head";
-    public const string LabelsKey = "finetune.labels", PrequentialKey = "finetune.prequential", PromptKey = "finetune.prompt";
+    public const string LabelsKey = "finetune.labels", PrequentialKey = "finetune.prequential", PromptKey = "finetune.prompt", ProbeKey = "finetune.probe";
 
     readonly ClassifierHead head;
     readonly List<string> labels = [];
@@ -135,13 +140,15 @@ public sealed class OnlineClassification : IObjective
     readonly bool closed;
     readonly Prequential prequential;
     readonly string? prompt;
+    readonly bool probe;
 
     public OnlineClassification(MamoConfig config, ClassificationConfig classification)
     {
         prompt = classification.Prompt;
+        probe = classification.Probe;
         closed = classification.Labels is not null;
         foreach (var label in classification.Labels ?? []) AddClass(label);
-        head = new ClassifierHead(config.Width, labels.Count, classification.Seed);
+        head = new ClassifierHead(config.Width, labels.Count, classification.Seed, linear: probe);
         prequential = new Prequential(classification.Window, classification.Fading);
         Parts = new Dictionary<string, Module> { [HeadPart] = head };
     }
@@ -157,7 +164,7 @@ public sealed class OnlineClassification : IObjective
     public Prequential Prequential => prequential;
 
     public IEnumerable<(string Name, Parameter Parameter)> TrainedParameters(MamoModel student) =>
-        student.named_parameters().Concat(head.named_parameters().Select(p => (HeadPart + "." + p.name, p.parameter)));
+        (probe ? [] : student.named_parameters()).Concat(head.named_parameters().Select(p => (HeadPart + "." + p.name, p.parameter)));
 
     /// <summary>The class of a label, adding it to an open set; -1 for a label a closed set does not know.</summary>
     public int Admit(string label) => classOf.TryGetValue(label, out var c) ? c : closed ? -1 : AddClass(label);
@@ -174,7 +181,9 @@ public sealed class OnlineClassification : IObjective
     public Tensor Logits(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask)
     {
         using var scope = NewDisposeScope();
-        var fused = model.FusedCls(model.EncodeImage(images), model.EncodeText(tokenIds, attentionMask), attentionMask);
+        Tensor fused;
+        using (probe ? no_grad() : null)   // a probe's backbone is frozen: no graph through it
+            fused = model.FusedCls(model.EncodeImage(images), model.EncodeText(tokenIds, attentionMask), attentionMask);
         return head.forward(fused).MoveToOuterDisposeScope();
     }
 
@@ -219,7 +228,12 @@ public sealed class OnlineClassification : IObjective
     public IReadOnlyDictionary<string, string> SaveState() => new Dictionary<string, string>
     {
         [LabelsKey] = JsonSerializer.Serialize(labels), [PrequentialKey] = prequential.Save(), [PromptKey] = JsonSerializer.Serialize(prompt),
+        [ProbeKey] = probe ? "true" : "false",
     };
+
+    /// <summary>The settings a checkpoint's classifier was trained with, as far as predicting needs them: its prompt and head.</summary>
+    public static ClassificationConfig Saved(IReadOnlyDictionary<string, string> state) =>
+        new(Prompt: SavedPrompt(state), Probe: state.TryGetValue(ProbeKey, out var p) && p == "true");
 
     /// <summary>The prompt a checkpoint's classifier was trained with; null: captions (or not a classifier's checkpoint).</summary>
     public static string? SavedPrompt(IReadOnlyDictionary<string, string> state) =>
@@ -272,3 +286,42 @@ public sealed record ClassificationReport(double Accuracy, double MacroF1, IRead
 }
 
 public sealed record ClassScores(double Precision, double Recall, double F1, int Support);
+
+/// <summary>The zero-shot baseline: each image takes the class whose prompt ("an emoji of the group X") it matches
+/// best, by ITC similarity or by ITM's match probability; nothing is trained.</summary>
+public static class ZeroShot
+{
+    /// <param name="promptIds">[C, L] one prompt per class</param>
+    /// <returns>each image's class index</returns>
+    public static int[] Classify(MamoModel model, Tensor images, Tensor promptIds, Tensor promptMask, bool itm, int batchSize)
+    {
+        var device = model.Device;
+        model.eval();
+        using var noGrad = no_grad();
+        using var scope = NewDisposeScope();
+        var (ids, mask) = (promptIds.to(device), promptMask.to(device));
+        var textTokens = model.EncodeText(ids, mask);
+        var textEmbedding = model.TextEmbedding(textTokens);
+        long classes = ids.shape[0];
+        var predicted = new List<int>();
+        for (int start = 0; start < images.shape[0]; start += batchSize)
+        {
+            using var batchScope = NewDisposeScope();
+            var end = (int)Math.Min(images.shape[0], start + batchSize);
+            var imageTokens = model.EncodeImage(images[start..end].to(device));
+            Tensor scores;
+            if (!itm) scores = model.ImageEmbedding(imageTokens).matmul(textEmbedding.t());   // [b, C]
+            else
+            {
+                long b = end - start;
+                // Every (image, class prompt) pair: images repeated per class, prompts tiled per image.
+                var pairImages = imageTokens.repeat_interleave(classes, 0);
+                var pairText = textTokens.repeat(b, 1, 1);
+                var pairMask = mask.repeat(b, 1);
+                scores = model.MatchProbability(pairImages, pairText, pairMask).reshape(b, classes);
+            }
+            predicted.AddRange(scores.argmax(1).cpu().data<long>().ToArray().Select(c => (int)c));
+        }
+        return predicted.ToArray();
+    }
+}

@@ -6,15 +6,21 @@ using F = TorchSharp.torch.nn.functional;
 
 namespace Mamo.Model;
 
-/// <summary>What the momentum teacher gives the student: latent targets of the unmasked pair.</summary>
+/// <summary>What the momentum teacher gives the student: latent targets of the unmasked pair (pre-training), or its
+/// ITC embeddings (momentum distillation when fine-tuning for retrieval). Each is null where the objective needs none.</summary>
 public sealed class TeacherTargets : IDisposable
 {
     /// <summary>[B, N, W] layer-normalised image-encoder features of every patch (the MIM target).</summary>
-    public required Tensor PatchFeatures { get; init; }
+    public Tensor? PatchFeatures { get; init; }
     /// <summary>[B, 1 + N + L, W] the average of the top-K fusion layers, each layer-normalised (the MRM target).</summary>
-    public required Tensor FusedLatents { get; init; }
+    public Tensor? FusedLatents { get; init; }
+    /// <summary>[B, E] the teacher's normalised ITC embeddings of the images and of the texts (distillation's).</summary>
+    public Tensor? ImageEmbedding { get; init; }
+    public Tensor? TextEmbedding { get; init; }
 
-    public void Dispose() { PatchFeatures.Dispose(); FusedLatents.Dispose(); }
+    public IEnumerable<Tensor> All => new[] { PatchFeatures, FusedLatents, ImageEmbedding, TextEmbedding }.OfType<Tensor>();
+
+    public void Dispose() { foreach (var t in All) t.Dispose(); }
 }
 
 /// <summary>Each enabled loss by name, and the weighted total that is back-propagated: what any objective returns.</summary>
@@ -29,7 +35,9 @@ public sealed class MamoLoss : IDisposable
     public IReadOnlyDictionary<string, double>? Scores { get; init; }
     /// <summary>Each pair's prediction, made by this forward pass (before the step's update); null: none.</summary>
     public IReadOnlyList<string>? Predictions { get; init; }
-    public void Dispose() { Total.Dispose(); foreach (var t in Terms.Values) t.Dispose(); ItmNegatives?.Dispose(); }
+    /// <summary>[B] bool: whether each text's most similar image in the batch (by ITC) is its own; null without ITC.</summary>
+    public Tensor? TextToImageHits { get; init; }
+    public void Dispose() { Total.Dispose(); foreach (var t in Terms.Values) t.Dispose(); ItmNegatives?.Dispose(); TextToImageHits?.Dispose(); }
 }
 
 /// <summary>MAMO's five losses of one step; a term whose weight is 0 is not computed (null).</summary>
@@ -181,16 +189,20 @@ public sealed class MamoModel : Module
     /// <param name="imageKeys">[B] identity of each image, so a duplicate is never taken as a negative; null: all distinct</param>
     /// <param name="generator">draws the ITM hard negatives, so a seeded step is reproducible</param>
     /// <param name="shard">where this batch is one replica's share of a global batch; null: it is the whole</param>
+    /// <param name="distillAlpha">ALBEF's momentum distillation: ITC's targets are this share of the teacher's
+    /// similarities (targets.ImageEmbedding, TextEmbedding) and the rest the true pairs; 0: the true pairs alone</param>
     public MamoLoss Forward(Tensor images, Tensor tokenIds, Tensor attentionMask, JointMask mask, PretrainingConfig objective, TeacherTargets? targets,
-        Tensor? imageKeys = null, Generator? generator = null, IBatchShard? shard = null)
+        Tensor? imageKeys = null, Generator? generator = null, IBatchShard? shard = null, double distillAlpha = 0)
     {
         var lw = objective.Weights;
         if ((lw.Mim > 0 || lw.Mrm > 0) && targets is null) throw new ArgumentException("MIM and MRM need the teacher's targets");
+        if (distillAlpha > 0 && (targets?.ImageEmbedding is null || shard is not null))
+            throw new ArgumentException("momentum distillation needs the teacher's embeddings of a whole batch");
         using var scope = NewDisposeScope();
         var e = Encode(images, tokenIds, attentionMask, mask, objective, imageKeys, shard);
         Tensor? negatives = null;
         var losses = new PretrainingLosses(
-            Itc: lw.Itc > 0 ? Itc(e) : null,
+            Itc: lw.Itc > 0 ? Itc(e, distillAlpha > 0 ? DistilledPositives(e, targets!, distillAlpha) : null) : null,
             Itm: lw.Itm > 0 ? Itm(e, attentionMask, objective.ItmNegativeGroup, generator, out negatives) : null,
             Mlm: lw.Mlm > 0 ? Mlm(e, mask) : null,
             Mim: lw.Mim > 0 ? Mim(e, mask, targets!) : null,
@@ -199,7 +211,28 @@ public sealed class MamoModel : Module
         var terms = losses.Named();
         foreach (var t in terms.Values) t.MoveToOuterDisposeScope();
         negatives?.MoveToOuterDisposeScope();
-        return new MamoLoss { Total = total, Terms = terms, ItmNegatives = negatives };
+        return new MamoLoss { Total = total, Terms = terms, ItmNegatives = negatives, TextToImageHits = TextToImageHits(e)?.MoveToOuterDisposeScope() };
+    }
+
+    /// <summary>[B] each of this shard's texts: is its most similar image of the global batch one of its own image?</summary>
+    static Tensor? TextToImageHits(Encodings e)
+    {
+        if (e.TextToImage is null) return null;
+        using var noGrad = no_grad();
+        var own = e.TextToImage[(int)e.Before..(int)(e.Before + e.Rows)];
+        var best = own.argmax(1, keepdim: true);
+        return e.SameImage![(int)e.Before..(int)(e.Before + e.Rows)].gather(1, best).squeeze(1);
+    }
+
+    /// <summary>ALBEF's ITC targets under distillation: alpha times the softmax of the teacher's similarities (at the
+    /// student's temperature), plus (1 - alpha) times the true pairs. Rows: [image → text targets, text → image targets].</summary>
+    (Tensor ImageToText, Tensor TextToImage) DistilledPositives(Encodings e, TeacherTargets targets, double alpha)
+    {
+        using var noGrad = no_grad();
+        var truth = e.SameImage!.to(e.ImageToText!.dtype);
+        truth = truth / truth.sum(1, keepdim: true);
+        var sim = targets.ImageEmbedding!.matmul(targets.TextEmbedding!.t()) / temperature.clamp(Config.TemperatureMin, Config.TemperatureMax);
+        return (alpha * F.softmax(sim, 1) + (1 - alpha) * truth, alpha * F.softmax(sim.t(), 1) + (1 - alpha) * truth);
     }
 
     Encodings Encode(Tensor images, Tensor tokenIds, Tensor attentionMask, JointMask mask, PretrainingConfig objective, Tensor? imageKeys, IBatchShard? shard)
@@ -264,13 +297,14 @@ public sealed class MamoModel : Module
         return e;
     }
 
-    /// <summary>ITC: symmetric InfoNCE over the global batch; each row's positives are spread over duplicates of its image.</summary>
-    static Tensor Itc(Encodings e)
+    /// <summary>ITC: symmetric InfoNCE over the global batch; each row's positives are spread over duplicates of its
+    /// image, or (momentum distillation) given.</summary>
+    static Tensor Itc(Encodings e, (Tensor ImageToText, Tensor TextToImage)? distilled = null)
     {
         var positives = e.SameImage!.to(e.ImageToText!.dtype);
         positives = positives / positives.sum(1, keepdim: true);
-        var lossI2T = -(F.log_softmax(e.ImageToText!, 1) * positives).sum(1);   // [G] one per image
-        var lossT2I = -(F.log_softmax(e.TextToImage!, 1) * positives).sum(1);   // [G] one per text
+        var lossI2T = -(F.log_softmax(e.ImageToText!, 1) * (distilled?.ImageToText ?? positives)).sum(1);   // [G] one per image
+        var lossT2I = -(F.log_softmax(e.TextToImage!, 1) * (distilled?.TextToImage ?? positives)).sum(1);   // [G] one per text
         return Over(e.Share(lossI2T).sum() + e.Share(lossT2I).sum(), 2 * e.Pairs);
     }
 
@@ -313,7 +347,7 @@ public sealed class MamoModel : Module
         var (n, w) = (Config.NumPatches, Config.Width);
         var patchIndex = mask.Masked.unsqueeze(-1).expand(-1, -1, w);                              // [B, Nm, W]
         var decoded = mimHead.forward(mimDecoder.forward(e.Fused![.., 1..(1 + n)], null));          // [B, N, W]
-        return Over(F.mse_loss(decoded.gather(1, patchIndex), targets.PatchFeatures.gather(1, patchIndex), Reduction.Sum),
+        return Over(F.mse_loss(decoded.gather(1, patchIndex), targets.PatchFeatures!.gather(1, patchIndex), Reduction.Sum),
             e.Pairs * mask.Masked.shape[1] * w);
     }
 
@@ -322,7 +356,7 @@ public sealed class MamoModel : Module
     {
         var (n, w) = (Config.NumPatches, Config.Width);
         var predicted = mrmHead.forward(e.Fused!);
-        var target = targets.FusedLatents;
+        var target = targets.FusedLatents!;
         var imageIndex = (mask.Masked + 1).unsqueeze(-1).expand(-1, -1, w);
         var imageLoss = Over(F.mse_loss(predicted.gather(1, imageIndex), target.gather(1, imageIndex), Reduction.Sum), e.Pairs * mask.Masked.shape[1] * w);
         var textLoss = Over(F.mse_loss(
@@ -374,6 +408,18 @@ public sealed class MamoModel : Module
         var latents = stack(hidden[^topK..].Select(h => F.layer_norm(h, shape)).ToArray()).mean(new long[] { 0 });
         var patches = F.layer_norm(imageTokens[.., 1..], shape);
         return new TeacherTargets { PatchFeatures = patches.MoveToOuterDisposeScope(), FusedLatents = latents.MoveToOuterDisposeScope() };
+    }
+
+    /// <summary>The teacher's ITC embeddings of an unmasked batch: momentum distillation's targets. Call on the teacher.</summary>
+    public TeacherTargets Embeddings(Tensor images, Tensor tokenIds, Tensor attentionMask)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        return new TeacherTargets
+        {
+            ImageEmbedding = ImageEmbedding(image.forward(images, null)).MoveToOuterDisposeScope(),
+            TextEmbedding = TextEmbedding(text.forward(tokenIds, attentionMask)).MoveToOuterDisposeScope(),
+        };
     }
 
     // ---- Inference ----

@@ -26,8 +26,8 @@ public class ModelTests
         Assert.Equal(new long[] { 4 }, p.shape);
         Assert.True(p.ge(0).all().ToBoolean() && p.le(1).all().ToBoolean());
         using var targets = model.Targets(images, ids, attn, Pretraining.MrmTopK);
-        Assert.Equal(new long[] { 4, n, w }, targets.PatchFeatures.shape);
-        Assert.Equal(new long[] { 4, 1 + n + l, w }, targets.FusedLatents.shape);
+        Assert.Equal(new long[] { 4, n, w }, targets.PatchFeatures!.shape);
+        Assert.Equal(new long[] { 4, 1 + n + l, w }, targets.FusedLatents!.shape);
         Assert.Equal(new long[] { 4, Pretraining.NumVisiblePatches(Tiny) }, mask.Visible.shape);
     }
 

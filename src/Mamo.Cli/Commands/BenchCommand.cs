@@ -180,8 +180,8 @@ public static class BenchCommand
             expected.AddRange(loss.Terms.Select(t => ("loss." + t.Key, t.Value)));
             expected.Add(("image_embedding", imageEmbedding));
             expected.Add(("text_embedding", textEmbedding));
-            expected.Add(("teacher.patch_features", targets.PatchFeatures));
-            expected.Add(("teacher.fused_latents", targets.FusedLatents));
+            expected.Add(("teacher.patch_features", targets.PatchFeatures!));
+            expected.Add(("teacher.fused_latents", targets.FusedLatents!));
             expected.AddRange(student.named_parameters().Where(p => p.parameter.grad is not null).Select(p => ("grad." + p.name, p.parameter.grad!)));
             SafeTensors.Save(Path.Combine(dir, "expected.safetensors"), expected);
             foreach (var (name, value) in loss.Terms) replayTerms[name] = value.ToDouble();

@@ -26,9 +26,15 @@ public static class PredictCommand
         var json = new Option<bool>("--json") { Description = "Print one JSON object instead of a table" };
         var output = new Option<string>("--out") { Description = "Where the predictions go, one JSON line per record", DefaultValueFactory = _ => "predictions.jsonl" };
         var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
+        var zeroShot = new Option<string?>("--zero-shot")
+        {
+            Description = "No head: each image takes the manifest label whose prompt it matches best, e.g. \"an emoji of the group {label}\" (the baseline)",
+        };
+        var score = new Option<string>("--score") { Description = "With --zero-shot: itm (match probability) or itc (similarity)", DefaultValueFactory = _ => "itm" };
+        score.AcceptOnlyFromAmong("itm", "itc");
         var command = new Command("predict", "Classify a labelled manifest with a fine-tuned checkpoint: accuracy, macro-F1, per class")
         {
-            checkpoint, manifest, labelField, json, output, device,
+            checkpoint, manifest, labelField, json, output, device, zeroShot, score,
         };
         command.SetAction(parse =>
         {
@@ -47,23 +53,40 @@ public static class PredictCommand
             {
                 var dev = PretrainRun.OpenDevice(parse.GetValue(device)!);
                 var state = Checkpoint.ReadState(dir);
-                if (!Checkpoint.Parts(state).Contains(OnlineClassification.HeadPart))
-                    return Fail($"{dir} holds no classifier head: fine-tune it with `mamo finetune --task classify` first");
+                var template = parse.GetValue(zeroShot);
+                if (template is not null && !template.Contains("{label}")) return Fail("--zero-shot: the prompt template must contain {label}");
+                if (template is null && !Checkpoint.Parts(state).Contains(OnlineClassification.HeadPart))
+                    return Fail($"{dir} holds no classifier head: fine-tune it with `mamo finetune --task classify` first, or rank prompts with --zero-shot");
                 var config = Checkpoint.ReadConfig(dir);
-                var prompt = OnlineClassification.SavedPrompt(state.Extra);
                 var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: error.WriteLine));
                 var transform = new ImageTransform(new ImageTransformOptions(ImageSize: config.ImageSize));
-                using var set = LabelledSet.Load(manifestPath, transform, tokenizer, config.MaxTextLength, prompt, parse.GetValue(labelField)!);
+                using var set = LabelledSet.Load(manifestPath, transform, tokenizer, config.MaxTextLength,
+                    template is null ? OnlineClassification.SavedPrompt(state.Extra) : "",   // zero-shot pairs the images with its own prompts
+                    parse.GetValue(labelField)!);
                 if (set.Bad.Count > 0) error.WriteLine($"mamo predict: skipped {set.Bad.Count} records (first: {set.Bad[0].Location}: {set.Bad[0].Reason})");
 
                 using var model = new MamoModel(config);
-                Checkpoint.LoadModel(dir, Checkpoint.StudentFile, model);
+                // Zero-shot ranks with the weights `mamo eval` ranks with: the teacher where there is one.
+                var weights = template is not null && Checkpoint.Parts(state).Contains(Checkpoint.TeacherPart) ? Checkpoint.TeacherFile : Checkpoint.StudentFile;
+                Checkpoint.LoadModel(dir, weights, model);
                 model.to(dev);
-                using var classifier = new OnlineClassification(config, new ClassificationConfig());
-                classifier.LoadState(state.Extra);
-                Checkpoint.LoadModel(dir, Checkpoint.PartFile(OnlineClassification.HeadPart), classifier.Head);
-                classifier.Head.to(dev);
-                var predicted = classifier.Predict(model, set.Images, set.TokenIds, set.AttentionMask, DefaultBatchSize);
+                string[] predicted;
+                if (template is not null)
+                {
+                    var classes = set.Labels.Distinct().Order(StringComparer.Ordinal).ToArray();
+                    var prompts = classes.Select(c => tokenizer.Encode(template.Replace("{label}", c.ToLowerInvariant()), config.MaxTextLength)).ToList();
+                    using var ids = torch.tensor(prompts.SelectMany(p => p.Ids).ToArray(), [classes.Length, config.MaxTextLength]);
+                    using var mask = torch.tensor(prompts.SelectMany(p => p.AttentionMask).ToArray(), [classes.Length, config.MaxTextLength]);
+                    predicted = ZeroShot.Classify(model, set.Images, ids, mask, itm: parse.GetValue(score) == "itm", DefaultBatchSize).Select(c => classes[c]).ToArray();
+                }
+                else
+                {
+                    using var classifier = new OnlineClassification(config, OnlineClassification.Saved(state.Extra));
+                    classifier.LoadState(state.Extra);
+                    Checkpoint.LoadModel(dir, Checkpoint.PartFile(OnlineClassification.HeadPart), classifier.Head);
+                    classifier.Head.to(dev);
+                    predicted = classifier.Predict(model, set.Images, set.TokenIds, set.AttentionMask, DefaultBatchSize);
+                }
                 var report = ClassificationReport.Of(set.Labels, predicted);
 
                 var outPath = parse.GetValue(output)!;

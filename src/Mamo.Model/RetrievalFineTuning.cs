@@ -1,0 +1,68 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+using static TorchSharp.torch.nn;
+
+namespace Mamo.Model;
+
+/// <summary>ALBEF's retrieval fine-tuning: ITC, where pairs of the same image are positives, plus ITM with hard
+/// negatives, on whole (unmasked) pairs of the target domain; with momentum distillation, ITC's targets mix in the
+/// teacher's similarities (alpha). Its prequential score is each text's in-batch IR@1, taken from the step's own
+/// ITC before the update. The MAMO heads that this objective does not use stay as they were.</summary>
+public sealed class RetrievalFineTuning : IObjective
+{
+    readonly PretrainingConfig retrieval;
+    readonly double alpha;
+    readonly Prequential prequential;
+    const string PrequentialKey = "finetune.prequential";
+
+    /// <param name="pretraining">its momentum and ITM settings; masking and the masked-modelling losses are off</param>
+    /// <param name="alpha">the distillation weight; 0: no teacher</param>
+    public RetrievalFineTuning(PretrainingConfig pretraining, double alpha, int window = 1000, double fading = 0.995)
+    {
+        retrieval = pretraining with
+        {
+            ImageMaskRatio = 0, TextMaskRatio = 0, AlignOnVisiblePatches = false,
+            Weights = new LossWeights(pretraining.Weights.Itc, pretraining.Weights.Itm, Mlm: 0, Mim: 0, Mrm: 0),
+        };
+        this.alpha = alpha;
+        prequential = new Prequential(window, fading);
+    }
+
+    public static Func<MamoConfig, IObjective> With(PretrainingConfig pretraining, double alpha, int window, double fading) =>
+        _ => new RetrievalFineTuning(pretraining, alpha, window, fading);
+
+    public double? TeacherMomentum => alpha > 0 ? retrieval.MomentumDecay : null;
+    public bool NeedsTargets => alpha > 0;
+    public IReadOnlyDictionary<string, Module> Parts { get; } = new Dictionary<string, Module>();
+    public IEnumerable<(string Name, Parameter Parameter)> TrainedParameters(MamoModel student) => student.named_parameters();
+
+    public TeacherTargets Targets(MamoModel teacher, StepInput batch)
+    {
+        var device = teacher.Device;
+        return teacher.Embeddings(batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device));
+    }
+
+    public MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed)
+    {
+        var device = student.Device;
+        using var cpuMask = JointMasking.Sample(student.Config, retrieval, batch.TokenIds, batch.AttentionMask, seed, batch.Shard?.FirstRow ?? 0);
+        using var mask = cpuMask.To(device);
+        using var generator = new Generator((ulong)seed, device);
+        var loss = student.Forward(batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device), mask, retrieval, targets,
+            batch.ImageKeys?.to(device), generator, batch.Shard, alpha);
+        if (loss.TextToImageHits is { } hits)
+            foreach (var hit in hits.cpu().data<bool>().ToArray()) prequential.Add(hit);
+        var scores = new Dictionary<string, double> { ["preq_ir1"] = prequential.Cumulative, ["preq_ir1_window"] = prequential.Windowed, ["preq_ir1_faded"] = prequential.Faded };
+        return new MamoLoss { Total = loss.Total, Terms = loss.Terms, ItmNegatives = loss.ItmNegatives, TextToImageHits = loss.TextToImageHits, Scores = scores };
+    }
+
+    public IReadOnlyDictionary<string, string> SaveState() => new Dictionary<string, string> { [PrequentialKey] = prequential.Save() };
+
+    public void LoadState(IReadOnlyDictionary<string, string> state)
+    {
+        if (state.TryGetValue(PrequentialKey, out var p)) prequential.Load(p);
+    }
+
+    public void Dispose() { }
+}
