@@ -96,6 +96,42 @@ public sealed class ClassificationTests : IDisposable
         Assert.Equal(0.5, copy.Windowed);
     }
 
+    [Fact]
+    public void Growth_draws_each_new_row_from_its_class_seed_not_from_the_process_generator()
+    {
+        using var a = new ClassifierHead(Tiny.Width, 1, seed: 9);
+        TorchSharp.torch.manual_seed(1);
+        a.Grow(3);
+        using var b = new ClassifierHead(Tiny.Width, 0, seed: 9);
+        TorchSharp.torch.manual_seed(2);
+        b.Grow(2);
+        b.Grow(3);
+        foreach (var ((name, pa), (_, pb)) in a.named_parameters().Zip(b.named_parameters())) Assert.True(Pairs.Same(pa, pb), name);
+    }
+
+    [Fact]
+    public void A_linear_probe_trains_its_head_only()
+    {
+        using var trainer = Trainer(new ClassificationConfig(Probe: true));
+        var before = trainer.Student.named_parameters().ToDictionary(p => p.name, p => p.parameter.detach().clone());
+        Step(trainer, 1, "cat", "dog");
+        Step(trainer, 2, "dog", "cat");
+        Assert.All(trainer.Student.named_parameters(), p => Assert.True(Pairs.Same(before[p.name], p.parameter), p.name));
+        Assert.Equal(["bias", "weight"], Classifier(trainer).Head.named_parameters().Select(p => p.name).Order());
+        Assert.All(trainer.Optimizer.State(), s => Assert.StartsWith("m." + OnlineClassification.HeadPart, s.Name.Replace("v.", "m.")));
+    }
+
+    [Fact]
+    public void Classification_report_scores_accuracy_macro_f1_and_each_class()
+    {
+        var r = ClassificationReport.Of(["a", "a", "b", "c"], ["a", "b", "b", "a"]);
+        Assert.Equal(0.5, r.Accuracy);
+        // a: P 1/2, R 1/2, F1 1/2; b: P 1/2, R 1, F1 2/3; c: P 0 (never predicted), R 0, F1 0.
+        Assert.Equal((0.5 + 2.0 / 3 + 0) / 3, r.MacroF1, 12);
+        Assert.Equal(1, r.PerClass["b"].Support);
+        Assert.Equal(0.5, r.PerClass["b"].Precision);
+    }
+
     public void Dispose()
     {
         if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
