@@ -6,7 +6,8 @@ using static TorchSharp.torch;
 namespace Mamo.Actors;
 
 /// <summary>Streams fresh embeddings out: after each durable checkpoint, embeds the publish set with that model
-/// version and writes every vector to the output (a compacted topic then keeps the newest per id). It reads the
+/// version and writes every vector to the output (a compacted topic then keeps the newest per id); a fine-tuned
+/// classifier's checkpoint also sends its prediction for each item. It reads the
 /// weights from the checkpoint on disk, on its own thread, so training never waits for it; if checkpoints come
 /// faster than it publishes, it skips to the newest. A run that stops asks it to Drain: the final checkpoint's
 /// embeddings go out before the process exits.</summary>
@@ -70,8 +71,10 @@ public sealed class EmbeddingPublisher : ReceiveActor
         {
             using var embedder = Embedder.Load(checkpoint.Path, device);
             var count = embedder.Embed(items, modality, batchSize, sink);
+            var predictions = embedder.Predict(items, batchSize, sink);
             sink.Flush();
-            Log.Information("published {Count} embeddings of model {Version} to {Output} in {Took:F1}s", count, embedder.Version, sink.Name, clock.Elapsed.TotalSeconds);
+            Log.Information("published {Count} embeddings and {Predictions} predictions of model {Version} to {Output} in {Took:F1}s", count, predictions,
+                embedder.Version, sink.Name, clock.Elapsed.TotalSeconds);
         }
         catch (Exception e) when (e is IOException or InvalidDataException or Confluent.Kafka.KafkaException)
         {

@@ -6,8 +6,9 @@ using static TorchSharp.torch;
 
 namespace Mamo.Actors;
 
-/// <summary>An item to embed: its id, the prepared image (eval transform) and its first caption, tokenised.</summary>
-public sealed record EmbeddingItem(string Id, float[] Pixels, long[] TokenIds, long[] AttentionMask)
+/// <summary>An item to embed: its id, the prepared image (eval transform) and its first caption, tokenised; for a
+/// classifier trained on a fixed prompt, also that prompt, tokenised (Prompt), which it pairs the image with.</summary>
+public sealed record EmbeddingItem(string Id, float[] Pixels, long[] TokenIds, long[] AttentionMask, (long[] Ids, long[] AttentionMask)? Prompt = null)
 {
     /// <summary>Prepares a sample, or says why it cannot be embedded.</summary>
     public static EmbeddingItem? Prepare(ImageTextSample sample, SamplePreparer preparer, out BadInput? bad) =>
@@ -27,8 +28,9 @@ public sealed record EmbeddingItem(string Id, float[] Pixels, long[] TokenIds, l
 }
 
 /// <summary>
-/// One model version, loaded from a checkpoint's teacher weights (the momentum model: the one evaluation scores),
-/// turning items into the unit-length ITC embeddings that retrieval ranks by. The version is the checkpoint's step.
+/// One model version, loaded from a checkpoint's teacher weights (the momentum model: the one evaluation scores), or
+/// its student's where it keeps no teacher (a fine-tuned classifier), turning items into the unit-length ITC embeddings
+/// that retrieval ranks by. The version is the checkpoint's step. A fine-tuned classifier's checkpoint also predicts.
 /// </summary>
 public sealed class Embedder : IDisposable
 {
@@ -57,7 +59,9 @@ public sealed class Embedder : IDisposable
         try
         {
             model.to(device);
-            Mamo.Model.Checkpoint.LoadModel(checkpointDir, Mamo.Model.Checkpoint.TeacherFile, model);
+            var parts = Mamo.Model.Checkpoint.Parts(Mamo.Model.Checkpoint.ReadState(checkpointDir));
+            Mamo.Model.Checkpoint.LoadModel(checkpointDir,
+                parts.Contains(Mamo.Model.Checkpoint.TeacherPart) ? Mamo.Model.Checkpoint.TeacherFile : Mamo.Model.Checkpoint.StudentFile, model);
             model.eval();
             return new Embedder(model, config, device, step, checkpointDir);
         }
@@ -100,6 +104,31 @@ public sealed class Embedder : IDisposable
         for (var i = 0; i < batch.Count; i++)
             sink.Write(new EmbeddingRecord(batch[i].Id, modality, Version, flat[(i * dim)..((i + 1) * dim)]));
         return batch.Count;
+    }
+
+    /// <summary>A fine-tuned classifier's prediction for each item, to the sink; 0 where the checkpoint has no head.</summary>
+    public int Predict(IReadOnlyList<EmbeddingItem> items, int batchSize, IEmbeddingSink sink)
+    {
+        var state = Mamo.Model.Checkpoint.ReadState(Checkpoint);
+        if (!Mamo.Model.Checkpoint.Parts(state).Contains(OnlineClassification.HeadPart)) return 0;
+        // The classifier pairs each image with the text it was trained with: the student's, not the teacher's, weights.
+        using var student = new MamoModel(Config);
+        Mamo.Model.Checkpoint.LoadModel(Checkpoint, Mamo.Model.Checkpoint.StudentFile, student);
+        student.to(device);
+        using var classifier = new OnlineClassification(Config, OnlineClassification.Saved(state.Extra));
+        classifier.LoadState(state.Extra);
+        if (classifier.Labels.Count == 0) return 0;   // an open label set before its first record: no class yet
+        Mamo.Model.Checkpoint.LoadModel(Checkpoint, Mamo.Model.Checkpoint.PartFile(OnlineClassification.HeadPart), classifier.Head);
+        classifier.Head.to(device);
+        int size = Config.ImageSize, length = Config.MaxTextLength;
+        using var scope = NewDisposeScope();
+        var images = tensor(items.SelectMany(i => i.Pixels).ToArray(), [items.Count, 3, size, size]);
+        var ids = tensor(items.SelectMany(i => i.Prompt?.Ids ?? i.TokenIds).ToArray(), [items.Count, length]);
+        var mask = tensor(items.SelectMany(i => i.Prompt?.AttentionMask ?? i.AttentionMask).ToArray(), [items.Count, length]);
+        var predicted = classifier.PredictWithProbability(student, images, ids, mask, batchSize);
+        for (var i = 0; i < items.Count; i++)
+            sink.Write(new PredictionRecord(items[i].Id, FineTuneSettings.Classify, Version, predicted[i].Label, predicted[i].Probability));
+        return items.Count;
     }
 
     public void Dispose() => model.Dispose();

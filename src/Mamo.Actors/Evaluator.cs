@@ -25,6 +25,9 @@ public sealed class Evaluator : ReceiveActor
     /// <summary>Evaluations finished so far, whether one runs now, and whether a request waits for it.</summary>
     public sealed record Status(long Evaluations, bool Busy, bool Pending);
     sealed record Finished;
+    /// <summary>Reply Drained once no evaluation runs or waits: a stopping run lets its last one finish.</summary>
+    public sealed record Drain;
+    public sealed record Drained;
 
     /// <summary>A loaded held-out set, by name.</summary>
     public sealed record NamedSet(string Name, EvalSet Set);
@@ -39,6 +42,7 @@ public sealed class Evaluator : ReceiveActor
     readonly int k, batchSize;
     readonly CancellationToken shutdown;
     bool busy, pending;
+    IActorRef? drainer;
     long evaluations;
 
     /// <param name="teacher">the actor that answers GetWeights with the weights to evaluate</param>
@@ -66,11 +70,21 @@ public sealed class Evaluator : ReceiveActor
             else Request(e.Step);
         });
         Receive<GetStatus>(_ => Sender.Tell(new Status(evaluations, busy, pending)));
+        Receive<Drain>(_ =>
+        {
+            if (busy || pending) drainer = Sender;
+            else Sender.Tell(new Drained());
+        });
         // Sent to itself after an evaluation: it queues behind the requests that came in meanwhile, which thus collapse.
         Receive<Finished>(_ =>
         {
             busy = false;
-            if (!pending) return;
+            if (!pending)
+            {
+                drainer?.Tell(new Drained());
+                drainer = null;
+                return;
+            }
             pending = false;
             Request(-1);
         });

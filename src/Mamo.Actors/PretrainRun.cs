@@ -162,6 +162,12 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         var preparer = new SamplePreparer(new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize)), tokenizer, s.Model.MaxTextLength, decodeLimits);
         var (samples, bad) = ManifestSource.ReadAll(TrainingSamples.EvalManifest(s.PublishInput, log));
         var items = EmbeddingItem.PrepareAll(samples, preparer, bad);
+        // A classifier trained on a fixed prompt predicts each image paired with that prompt.
+        if (s.FineTune.Task == FineTuneSettings.Classify && s.FineTune.Prompt is { } prompt)
+        {
+            var encoded = tokenizer.Encode(prompt, s.Model.MaxTextLength);
+            items = items.Select(i => i with { Prompt = encoded }).ToList();
+        }
         foreach (var b in bad) Log.Warning("publish set: skipped {Location}: {Reason}", b.Location, b.Reason);
         if (items.Count == 0) throw new SettingsException($"'mamo.publish.input' {s.PublishInput} has no usable item");
         Log.Information("publishing embeddings of {Count} items ({Modality}) to {Output} after each checkpoint", items.Count, s.PublishModality, s.PublishOutput);
@@ -180,7 +186,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         using (var probe = objective(s.Model)) needsTargets = probe.NeedsTargets;
         using var stopping = new CancellationTokenSource();
         IEmbeddingSink? sink = null;
-        if (s.PublishOutput is not null && usesTeacher) sink = OpenSink(s);
+        if (s.PublishOutput is not null) sink = OpenSink(s);
 
         RunSupervisor.Pipeline Create(IUntypedActorContext context)
         {
@@ -229,6 +235,12 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             }
 
             var flushed = await supervisor.Ask<RunSupervisor.Flushed>(new RunSupervisor.Flush(), s.CheckpointWriteTimeout);
+            if (pipeline.Evaluator is { } evaluator && !stop.IsCancellationRequested)
+            {
+                // The evaluation of the last steps is the one a run is judged by: let it finish (Ctrl-C does not wait).
+                try { await evaluator.Ask<Evaluator.Drained>(new Evaluator.Drain(), s.CheckpointWriteTimeout); }
+                catch (AskTimeoutException) { Log.Warning("the last evaluation did not finish within {Timeout}", s.CheckpointWriteTimeout); }
+            }
             // The committer may not have seen the last announcement before its pipeline stops: acknowledge it here too.
             source.Commit(flushed.Position);
             if (pipeline.Publisher is { } publisher)

@@ -188,10 +188,14 @@ public sealed class OnlineClassification : IObjective
     }
 
     /// <summary>The predicted label of each pair, in batches, without gradients.</summary>
-    public string[] Predict(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask, int batchSize)
+    public string[] Predict(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask, int batchSize) =>
+        PredictWithProbability(model, images, tokenIds, attentionMask, batchSize).Select(p => p.Label).ToArray();
+
+    /// <summary>The predicted label of each pair and the softmax probability the head gives it.</summary>
+    public (string Label, double Probability)[] PredictWithProbability(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask, int batchSize)
     {
         var device = model.Device;
-        var predicted = new List<string>();
+        var predicted = new List<(string, double)>();
         model.eval();
         head.eval();
         using var noGrad = no_grad();
@@ -199,8 +203,9 @@ public sealed class OnlineClassification : IObjective
         {
             using var scope = NewDisposeScope();
             var end = (int)Math.Min(images.shape[0], start + batchSize);
-            var logits = Logits(model, images[start..end].to(device), tokenIds[start..end].to(device), attentionMask[start..end].to(device));
-            predicted.AddRange(logits.argmax(1).cpu().data<long>().ToArray().Select(c => labels[(int)c]));
+            var (probability, best) = F.softmax(Logits(model, images[start..end].to(device), tokenIds[start..end].to(device), attentionMask[start..end].to(device)), 1).max(1);
+            var p = probability.cpu().data<float>().ToArray();
+            predicted.AddRange(best.cpu().data<long>().ToArray().Select((c, i) => (labels[(int)c], (double)p[i])));
         }
         return predicted.ToArray();
     }

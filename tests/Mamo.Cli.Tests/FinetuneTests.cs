@@ -115,7 +115,8 @@ public class FinetuneTests(ITestOutputHelper output)
         }
         using var folder = new TempFolder();
         var run = folder.File("run");
-        var (code, log) = MamoProcess.Run(FinetuneFor(2, Pretrained(folder), $"kafka://{cluster.BootstrapServers}/labelled", run, "--set", "checkpoint.every-steps=2"));
+        var (code, log) = MamoProcess.Run(FinetuneFor(2, Pretrained(folder), $"kafka://{cluster.BootstrapServers}/labelled", run, "--set", "checkpoint.every-steps=2",
+            "--set", $"publish.output=kafka://{cluster.BootstrapServers}/outputs", "--set", $"publish.input=manifest:{test}", "--set", "publish.modality=image"));
         Assert.True(code == 0, log);
 
         var ledger = Ledger(run);
@@ -127,5 +128,21 @@ public class FinetuneTests(ITestOutputHelper output)
         Assert.StartsWith("no label", dead.Headers[KafkaRecords.ErrorHeader]);
         // The final checkpoint covers every record, the dead letter too, and only then were the offsets committed.
         Assert.Equal(samples.Count, KafkaTests.Committed(cluster, "labelled", 1, "mamo")["labelled/0"]);
+
+        // Each checkpoint's model version (step 0's, then step 2's) published a prediction per publish-set item, with
+        // the task and version in headers and a label of the classifier's label map in the value.
+        var outputs = KafkaTests.ReadTopic(cluster, "outputs");
+        var predictions = outputs.Where(o => o.Headers.ContainsKey(EmbeddingSinks.TaskHeader)).ToList();
+        var items = ManifestSource.ReadAll(test).Samples.Count;
+        Assert.Equal(items, predictions.Count(p => p.Headers[EmbeddingSinks.ModelVersionHeader] == "step-2"));
+        Assert.All(predictions, p => Assert.Equal("classify", p.Headers[EmbeddingSinks.TaskHeader]));
+        Assert.Equal(items, outputs.Count(o => o.Headers.GetValueOrDefault(EmbeddingSinks.ModalityHeader) == "image" && o.Headers[EmbeddingSinks.ModelVersionHeader] == "step-2"));
+        var (listCode, listing) = KafkaTests.Kcat(["-C", "-b", cluster.BootstrapServers, "-t", "outputs", "-e", "-f", "%s\n"]);
+        Assert.True(listCode == 0, listing);
+        var known = samples.Where(s => s.Id != unlabelled).Select(s => s.Label).ToHashSet();
+        var values = listing.Split('\n').Where(l => l.StartsWith("{\"label\"")).Select(l => JsonDocument.Parse(l).RootElement).ToList();
+        Assert.Equal(predictions.Count, values.Count);
+        Assert.All(values, v => Assert.Contains(v.GetProperty("label").GetString(), known));
+        Assert.All(values, v => Assert.InRange(v.GetProperty("probability").GetDouble(), 1.0 / known.Count, 1.0));
     }
 }

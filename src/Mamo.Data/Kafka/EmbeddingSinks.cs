@@ -9,18 +9,24 @@ namespace Mamo.Data.Kafka;
 /// <summary>One embedding as published: the item's id, which modality, which model version made it.</summary>
 public sealed record EmbeddingRecord(string Id, string Modality, string ModelVersion, float[] Vector);
 
-/// <summary>Where embeddings go: a Kafka topic (kafka://HOST:PORT/TOPIC) or a JSONL file (jsonl:PATH).</summary>
+/// <summary>One prediction as published by a fine-tuned model: the item's id, the task, the model version, the label
+/// and its probability.</summary>
+public sealed record PredictionRecord(string Id, string Task, string ModelVersion, string Label, double Probability);
+
+/// <summary>Where a model version's outputs go, its embeddings and (fine-tuned) its predictions: a Kafka topic
+/// (kafka://HOST:PORT/TOPIC) or a JSONL file (jsonl:PATH).</summary>
 public interface IEmbeddingSink : IDisposable
 {
     string Name { get; }
     void Write(EmbeddingRecord record);
+    void Write(PredictionRecord record);
     /// <summary>Returns once everything written is acknowledged (Kafka: acks=all) or on disk.</summary>
     void Flush();
 }
 
 public static class EmbeddingSinks
 {
-    public const string ModelVersionHeader = "model-version", ModalityHeader = "modality", DimHeader = "dim";
+    public const string ModelVersionHeader = "model-version", ModalityHeader = "modality", DimHeader = "dim", TaskHeader = "task";
 
     /// <exception cref="FormatException">the spec is neither kafka://HOST:PORT/TOPIC nor jsonl:PATH</exception>
     public static IEmbeddingSink Open(string spec, IReadOnlyDictionary<string, string>? producerSettings = null)
@@ -80,7 +86,23 @@ sealed class KafkaEmbeddingSink : IEmbeddingSink
             { EmbeddingSinks.DimHeader, Encoding.UTF8.GetBytes(r.Vector.Length.ToString(CultureInfo.InvariantCulture)) },
         };
         // Key = item id: on a compacted topic the newest vector per id is what stays.
-        var message = new Message<byte[], byte[]> { Key = Encoding.UTF8.GetBytes(r.Id), Value = EmbeddingSinks.Encode(r.Vector), Headers = headers };
+        Produce(new Message<byte[], byte[]> { Key = Encoding.UTF8.GetBytes(r.Id), Value = EmbeddingSinks.Encode(r.Vector), Headers = headers });
+    }
+
+    /// <summary>Value: UTF-8 JSON {"label", "probability"}; headers model-version and task.</summary>
+    public void Write(PredictionRecord r)
+    {
+        var headers = new Headers
+        {
+            { EmbeddingSinks.ModelVersionHeader, Encoding.UTF8.GetBytes(r.ModelVersion) },
+            { EmbeddingSinks.TaskHeader, Encoding.UTF8.GetBytes(r.Task) },
+        };
+        var value = JsonSerializer.SerializeToUtf8Bytes(new { label = r.Label, probability = r.Probability });
+        Produce(new Message<byte[], byte[]> { Key = Encoding.UTF8.GetBytes(r.Id), Value = value, Headers = headers });
+    }
+
+    void Produce(Message<byte[], byte[]> message)
+    {
         while (true)
         {
             try
@@ -127,6 +149,11 @@ sealed class JsonlEmbeddingSink : IEmbeddingSink
     public void Write(EmbeddingRecord r) => writer.WriteLine(JsonSerializer.Serialize(new
     {
         id = r.Id, modality = r.Modality, model_version = r.ModelVersion, dim = r.Vector.Length, vector = r.Vector,
+    }));
+
+    public void Write(PredictionRecord r) => writer.WriteLine(JsonSerializer.Serialize(new
+    {
+        id = r.Id, task = r.Task, model_version = r.ModelVersion, label = r.Label, probability = r.Probability,
     }));
 
     public void Flush()
