@@ -5,7 +5,14 @@ using Mamo.Model;
 namespace Mamo.Cli;
 
 /// <summary>A `"kind":"train"` line of metrics.jsonl: the total loss, each enabled term, learning rate and throughput.</summary>
-public sealed record TrainRecord(long Step, double Loss, IReadOnlyDictionary<string, double> Terms, double? LearningRate, double? PairsPerSecond);
+/// <param name="Scores">fine-tuning's prequential scores (preq_*), as fractions; empty in pre-training</param>
+public sealed record TrainRecord(long Step, double Loss, IReadOnlyDictionary<string, double> Terms, double? LearningRate, double? PairsPerSecond)
+{
+    public IReadOnlyDictionary<string, double> Scores { get; init; } = new Dictionary<string, double>();
+}
+
+/// <summary>A `"kind":"eval"` line of a fine-tuned classifier: accuracy and macro-F1 on one labelled set, as fractions.</summary>
+public sealed record ClassifyRecord(long Step, string Set, double Accuracy, double MacroF1);
 
 /// <summary>A `"kind":"eval"` line of metrics.jsonl: retrieval on one held-out set. <see cref="Chance"/> is R@1 by chance, in percent.</summary>
 public sealed record EvalRecord(long Step, string Set, RetrievalMetrics Metrics, int? Images, int? Texts, double? Chance);
@@ -18,17 +25,20 @@ public sealed class MetricsLog
 {
     public const string FileName = "metrics.jsonl";
     /// <summary>The loss terms a train line may carry, in the order MAMO names them.</summary>
-    public static readonly IReadOnlyList<string> LossTerms = ["itc", "itm", "mlm", "mim", "mrm"];
+    public static readonly IReadOnlyList<string> LossTerms = ["itc", "itm", "mlm", "mim", "mrm", "classify"];
+    const string ScorePrefix = "preq_";
 
     public IReadOnlyList<TrainRecord> Train { get; }
     public IReadOnlyList<EvalRecord> Eval { get; }
+    public IReadOnlyList<ClassifyRecord> Classify { get; }
     public int Malformed { get; }
     public int UnknownKind { get; }
 
-    MetricsLog(IReadOnlyList<TrainRecord> train, IReadOnlyList<EvalRecord> eval, int malformed, int unknownKind)
+    MetricsLog(IReadOnlyList<TrainRecord> train, IReadOnlyList<EvalRecord> eval, IReadOnlyList<ClassifyRecord> classify, int malformed, int unknownKind)
     {
         Train = train;
         Eval = eval;
+        Classify = classify;
         Malformed = malformed;
         UnknownKind = unknownKind;
     }
@@ -39,6 +49,7 @@ public sealed class MetricsLog
     {
         var train = new List<TrainRecord>();
         var eval = new List<EvalRecord>();
+        var classify = new List<ClassifyRecord>();
         int malformed = 0, unknown = 0;
         foreach (var line in lines)
         {
@@ -52,6 +63,7 @@ public sealed class MetricsLog
                 {
                     case "train" when ParseTrain(root) is { } t: train.Add(t); break;
                     case "eval" when ParseEval(root) is { } e: eval.Add(e); break;
+                    case "eval" when ParseClassify(root) is { } c: classify.Add(c); break;
                     case "train" or "eval" or null: malformed++; break;
                     default: unknown++; break;
                 }
@@ -61,14 +73,23 @@ public sealed class MetricsLog
                 malformed++;
             }
         }
-        return new MetricsLog(train, eval, malformed, unknown);
+        return new MetricsLog(train, eval, classify, malformed, unknown);
     }
 
     static TrainRecord? ParseTrain(JsonElement line)
     {
         if (Integer(line, "step") is not { } step || Number(line, "loss") is not { } loss) return null;
         var terms = LossTerms.Where(t => Number(line, t) is not null).ToDictionary(t => t, t => Number(line, t)!.Value);
-        return new TrainRecord(step, loss, terms, Number(line, "lr"), Number(line, "pairs_per_s"));
+        var scores = line.EnumerateObject().Where(p => p.Name.StartsWith(ScorePrefix) && Number(line, p.Name) is not null)
+            .ToDictionary(p => p.Name, p => Number(line, p.Name)!.Value);
+        return new TrainRecord(step, loss, terms, Number(line, "lr"), Number(line, "pairs_per_s")) { Scores = scores };
+    }
+
+    static ClassifyRecord? ParseClassify(JsonElement line)
+    {
+        if (Integer(line, "step") is not { } step || !line.TryGetProperty("set", out var set) || set.ValueKind != JsonValueKind.String) return null;
+        if (Number(line, "accuracy") is not { } accuracy || Number(line, "macro_f1") is not { } f1) return null;
+        return new ClassifyRecord(step, set.GetString()!, accuracy, f1);
     }
 
     static EvalRecord? ParseEval(JsonElement line)

@@ -108,6 +108,30 @@ public class PlotTests
     }
 
     [Fact]
+    public void A_fine_tuning_run_gets_a_chart_of_its_prequential_and_held_out_accuracy()
+    {
+        using var run = new TempFolder();
+        var lines = Enumerable.Range(1, 20).Select(i => string.Create(CultureInfo.InvariantCulture,
+                $"{{\"kind\":\"train\",\"step\":{10 * i},\"loss\":{2.0 / i},\"classify\":{2.0 / i},\"preq_acc\":{i / 40.0},\"preq_acc_window\":{i / 30.0},\"preq_acc_faded\":{i / 25.0}}}"))
+            .Concat(Enumerable.Range(0, 3).Select(i => $"{{\"kind\":\"eval\",\"step\":{100 * i},\"set\":\"emoji-labels-test\",\"examples\":181,\"accuracy\":{0.2 + 0.2 * i},\"macro_f1\":0.1}}"))
+            .ToList();
+        File.WriteAllLines(run.File(MetricsLog.FileName), lines);
+
+        var log = MetricsLog.Parse(lines);
+        Assert.Equal(0, log.Malformed);
+        Assert.Equal(["preq_acc", "preq_acc_faded", "preq_acc_window"], log.Train[0].Scores.Keys.Order());
+        Assert.Equal(Enumerable.Range(0, 3).Select(i => 0.2 + 0.2 * i), log.Classify.Select(c => c.Accuracy));
+        Assert.Equal(["classify"], log.Train[0].Terms.Keys);
+
+        var (code, stdout, _) = Cli.Run("plot", run.Path);
+        Assert.Equal(0, code);
+        Assert.Contains(run.File("finetune.png"), stdout);
+        using var bitmap = SKBitmap.Decode(run.File("finetune.png"));
+        Assert.True(DistinctColours(bitmap) > 20, "finetune.png looks blank");
+        Assert.False(File.Exists(run.File("eval.png")));   // no retrieval evaluation in this run
+    }
+
+    [Fact]
     public void A_run_without_metrics_is_a_usage_error()
     {
         using var run = new TempFolder();

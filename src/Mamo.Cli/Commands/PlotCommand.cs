@@ -7,7 +7,7 @@ namespace Mamo.Cli.Commands;
 /// <summary>`mamo plot RUN_DIR [--out DIR]`: losses.png and eval.png from a run's metrics.jsonl.</summary>
 public static class PlotCommand
 {
-    public const string LossesFile = "losses.png", EvalFile = "eval.png";
+    public const string LossesFile = "losses.png", EvalFile = "eval.png", FinetuneFile = "finetune.png";
     const int Width = 1200, Height = 700;
     const float TotalLineWidth = 3, TermLineWidth = 1.5f, EvalLineWidth = 2, EvalMarkerSize = 5;
 
@@ -15,7 +15,7 @@ public static class PlotCommand
     {
         var runDir = new Argument<string>("run-dir") { Description = $"A run folder holding {MetricsLog.FileName}" };
         var outDir = new Option<string?>("--out") { Description = "Where to write the PNGs (default: the run folder)" };
-        var command = new Command("plot", $"Chart the losses ({LossesFile}) and the retrieval metrics ({EvalFile}) of a run over steps") { runDir, outDir };
+        var command = new Command("plot", $"Chart the losses ({LossesFile}), the retrieval metrics ({EvalFile}) and fine-tuning's scores ({FinetuneFile}) of a run over steps") { runDir, outDir };
         command.SetAction(parse =>
         {
             var output = parse.InvocationConfiguration.Output;
@@ -30,7 +30,7 @@ public static class PlotCommand
             var log = MetricsLog.Read(path);
             if (log.Malformed + log.UnknownKind > 0)
                 error.WriteLine($"mamo plot: skipped {log.Malformed} malformed lines and {log.UnknownKind} lines of unknown kind in {path}");
-            if (log.Train.Count == 0 && log.Eval.Count == 0)
+            if (log.Train.Count == 0 && log.Eval.Count == 0 && log.Classify.Count == 0)
             {
                 error.WriteLine($"mamo plot: {path} has no train or eval lines to plot");
                 return EvalCommand.UsageError;
@@ -43,6 +43,7 @@ public static class PlotCommand
             else error.WriteLine($"mamo plot: no train lines, so no {LossesFile}");
             if (log.Eval.Count > 0) output.WriteLine(Save(Eval(log.Eval), Path.Combine(dir, EvalFile)));
             else error.WriteLine($"mamo plot: no eval lines yet, so no {EvalFile}");
+            if (log.Classify.Count > 0 || log.Train.Any(t => t.Scores.Count > 0)) output.WriteLine(Save(Finetune(log), Path.Combine(dir, FinetuneFile)));
             return 0;
         });
         return command;
@@ -81,6 +82,32 @@ public static class PlotCommand
         plot.XLabel("step");
         plot.YLabel("loss (log scale)");
         plot.ShowLegend(Alignment.UpperRight);
+        return plot;
+    }
+
+    /// <summary>Fine-tuning: each prequential score (test, then train) and the held-out accuracy of each labelled set, in percent.</summary>
+    static Plot Finetune(MetricsLog log)
+    {
+        var plot = new Plot();
+        foreach (var score in log.Train.SelectMany(t => t.Scores.Keys).Distinct())
+        {
+            var points = log.Train.Where(t => t.Scores.ContainsKey(score)).ToArray();
+            var line = plot.Add.ScatterLine(points.Select(t => (double)t.Step).ToArray(), points.Select(t => 100 * t.Scores[score]).ToArray());
+            line.LegendText = score;
+            line.LineWidth = TermLineWidth;
+        }
+        foreach (var set in log.Classify.Select(c => c.Set).Distinct())
+        {
+            var points = log.Classify.Where(c => c.Set == set).OrderBy(c => c.Step).ToArray();
+            var line = plot.Add.Scatter(points.Select(c => (double)c.Step).ToArray(), points.Select(c => 100 * c.Accuracy).ToArray());
+            line.LegendText = $"{set} accuracy (held out)";
+            line.LineWidth = EvalLineWidth;
+            line.MarkerSize = EvalMarkerSize;
+        }
+        plot.Title("Online fine-tuning: prequential and held-out scores");
+        plot.XLabel("step");
+        plot.YLabel("%");
+        plot.ShowLegend(Alignment.LowerRight);
         return plot;
     }
 
