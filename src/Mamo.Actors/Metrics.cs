@@ -114,16 +114,11 @@ public sealed class Metrics : ReceiveActor
     {
         lastEval = e;
         var m = e.Metrics;
-        var now = DateTime.UtcNow;
-        var entry = new JsonObject
+        WriteEval(e.Step, e.Set, e.Took, new()
         {
-            ["kind"] = "eval", ["step"] = e.Step, ["time"] = now.ToString("O", CultureInfo.InvariantCulture),
-            ["elapsed_s"] = Math.Round((now - started).TotalSeconds, 3), ["set"] = e.Set, ["images"] = e.Images, ["texts"] = e.Texts,
-            ["chance"] = Math.Round(100.0 / e.Images, 4),
+            ["images"] = e.Images, ["texts"] = e.Texts, ["chance"] = Math.Round(100.0 / e.Images, 4),
             ["tr1"] = m.Tr1, ["tr5"] = m.Tr5, ["tr10"] = m.Tr10, ["ir1"] = m.Ir1, ["ir5"] = m.Ir5, ["ir10"] = m.Ir10, ["r_mean"] = m.RMean,
-            ["took_s"] = Math.Round(e.Took.TotalSeconds, 2),
-        };
-        metricsOut.WriteLine(entry.ToJsonString());
+        });
         Log.Information("eval {Set} at step {Step}: TR@1 {Tr1:F1} TR@5 {Tr5:F1} TR@10 {Tr10:F1} IR@1 {Ir1:F1} IR@5 {Ir5:F1} IR@10 {Ir10:F1} r_mean {RMean:F1} (chance {Chance:F2}%, {Took:F0}s)",
             e.Set, e.Step, m.Tr1, m.Tr5, m.Tr10, m.Ir1, m.Ir5, m.Ir10, m.RMean, 100.0 / e.Images, e.Took.TotalSeconds);
     }
@@ -132,16 +127,23 @@ public sealed class Metrics : ReceiveActor
     {
         lastClassify = e;
         var r = e.Report;
+        WriteEval(e.Step, e.Set, e.Took, new() { ["examples"] = r.Examples, ["accuracy"] = Math.Round(r.Accuracy, 6), ["macro_f1"] = Math.Round(r.MacroF1, 6) });
+        Log.Information("eval {Set} at step {Step}: accuracy {Accuracy:P1} macro-F1 {MacroF1:F3} ({Examples} examples, {Took:F0}s)",
+            e.Set, e.Step, r.Accuracy, r.MacroF1, r.Examples, e.Took.TotalSeconds);
+    }
+
+    /// <summary>An eval line of metrics.jsonl: kind, step, time and set, then the scores, then how long it took.</summary>
+    void WriteEval(long step, string set, TimeSpan took, Dictionary<string, JsonNode?> scores)
+    {
         var now = DateTime.UtcNow;
         var entry = new JsonObject
         {
-            ["kind"] = "eval", ["step"] = e.Step, ["time"] = now.ToString("O", CultureInfo.InvariantCulture),
-            ["elapsed_s"] = Math.Round((now - started).TotalSeconds, 3), ["set"] = e.Set, ["examples"] = r.Examples,
-            ["accuracy"] = Math.Round(r.Accuracy, 6), ["macro_f1"] = Math.Round(r.MacroF1, 6), ["took_s"] = Math.Round(e.Took.TotalSeconds, 2),
+            ["kind"] = "eval", ["step"] = step, ["time"] = now.ToString("O", CultureInfo.InvariantCulture),
+            ["elapsed_s"] = Math.Round((now - started).TotalSeconds, 3), ["set"] = set,
         };
+        foreach (var (k, v) in scores) entry[k] = v;
+        entry["took_s"] = Math.Round(took.TotalSeconds, 2);
         metricsOut.WriteLine(entry.ToJsonString());
-        Log.Information("eval {Set} at step {Step}: accuracy {Accuracy:P1} macro-F1 {MacroF1:F3} ({Examples} examples, {Took:F0}s)",
-            e.Set, e.Step, r.Accuracy, r.MacroF1, r.Examples, e.Took.TotalSeconds);
     }
 
     static JsonArray Strings(IEnumerable<string> values) => new(values.Select(v => (JsonNode)JsonValue.Create(v)!).ToArray());

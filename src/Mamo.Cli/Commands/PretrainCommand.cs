@@ -50,6 +50,7 @@ public static class PretrainCommand
             try
             {
                 settings = settingsOptions.Load(parse, sets);
+                if (settings.FineTune.IsFineTuning) throw new SettingsException("'mamo.finetune.task' is set: fine-tune with `mamo finetune --from CHECKPOINT --task ...`");
                 node = NodeOptions(parse.GetValue(cluster), parse.GetValue(seedNodes), parse.GetValue(nodeName), parse.GetValue(roles));
             }
             catch (SettingsException e)
