@@ -73,6 +73,12 @@ public static class EvalCommand
             try { dev = PretrainRun.OpenDevice(parse.GetValue(device)!); }
             catch (SettingsException e) { return Fail($"--device: {e.Message}"); }
             var weightsFile = parse.GetValue(weights) == Teacher ? Checkpoint.TeacherFile : Checkpoint.StudentFile;
+            // A fine-tuned checkpoint without distillation keeps no teacher: its student is the model.
+            if (weightsFile == Checkpoint.TeacherFile && !File.Exists(Path.Combine(dir, Checkpoint.TeacherFile)))
+            {
+                error.WriteLine($"mamo eval: {dir} keeps no momentum teacher; evaluating its student");
+                weightsFile = Checkpoint.StudentFile;
+            }
 
             try
             {
@@ -91,7 +97,7 @@ public static class EvalCommand
 
                 var chance = Percent / set.ImageCount;
                 if (parse.GetValue(json)) output.WriteLine(Json(metrics, set, chance, step));
-                else Table(output, metrics, set, chance, $"{dir} (step {step}, {parse.GetValue(weights)} weights)", manifestPath);
+                else Table(output, metrics, set, chance, $"{dir} (step {step}, {(weightsFile == Checkpoint.TeacherFile ? Teacher : Student)} weights)", manifestPath);
                 return 0;
             }
             catch (Exception e) when (e is InvalidDataException or JsonException or IOException)
