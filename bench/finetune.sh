@@ -17,8 +17,8 @@ DATA=${MAMO_DATA:-${XDG_CACHE_HOME:-$HOME/.cache}/mamo}
 "${MAMO[@]}" datasets fetch emoji-twitter >/dev/null
 TEST=$DATA/emoji-labels/test.jsonl
 mkdir -p "$OUT"
-acc() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{100*r[\"accuracy\"]:.1f} | {r[\"macro_f1\"]:.3f}")'; }
-ir1() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"ir1\"]:.2f} | {r[\"tr1\"]:.2f} | {r[\"r_mean\"]:.2f}")'; }
+acc() { python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.1f | %.3f" % (100*r["accuracy"], r["macro_f1"]))'; }
+ir1() { python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.2f | %.2f | %.2f" % (r["ir1"], r["tr1"], r["r_mean"]))'; }
 
 majority=$(python3 -c '
 import collections, json, sys

@@ -88,10 +88,25 @@ public class FinetuneTests(ITestOutputHelper output)
         Assert.Equal(lines.Select(l => l.GetProperty("label").GetString()!).Distinct().Order(StringComparer.Ordinal), perClass.EnumerateObject().Select(p => p.Name));
         Assert.Equal(perClass.EnumerateObject().Average(p => p.Value.GetProperty("f1").GetDouble()), report.GetProperty("macro_f1").GetDouble(), 12);
 
-        // A pre-training checkpoint has no head to predict with; a missing --from is named.
+        // A pre-training checkpoint has no head to predict with, but it can rank one prompt per label (the zero-shot
+        // baseline), by ITM or by ITC; a template without {label} and a missing --from are named.
         (exit, _, stderr) = Cli.Run("predict", "--checkpoint", init, "--manifest", test, "--out", predictions);
         Assert.Equal(2, exit);
         Assert.Contains("holds no classifier head", stderr);
+        var labels = lines.Select(l => l.GetProperty("label").GetString()).ToHashSet();
+        foreach (var score in new[] { "itm", "itc" })
+        {
+            (exit, stdout, stderr) = Cli.Run("predict", "--checkpoint", init, "--manifest", test, "--zero-shot", "an emoji of the group {label}",
+                "--score", score, "--json", "--out", predictions);
+            Assert.True(exit == 0, stderr);
+            var zeroShot = File.ReadAllLines(predictions).Select(l => JsonDocument.Parse(l).RootElement).ToList();
+            Assert.All(zeroShot, l => Assert.Contains(l.GetProperty("predicted").GetString(), labels));
+            Assert.Equal((double)zeroShot.Count(l => l.GetProperty("label").GetString() == l.GetProperty("predicted").GetString()) / zeroShot.Count,
+                JsonDocument.Parse(stdout).RootElement.GetProperty("accuracy").GetDouble(), 12);
+        }
+        (exit, _, stderr) = Cli.Run("predict", "--checkpoint", init, "--manifest", test, "--zero-shot", "an emoji", "--out", predictions);
+        Assert.Equal(2, exit);
+        Assert.Contains("must contain {label}", stderr);
         (exit, _, stderr) = Cli.Run("finetune", "--from", folder.File("nothing"), "--task", "classify");
         Assert.Equal(2, exit);
         Assert.Contains("no checkpoint at", stderr);
