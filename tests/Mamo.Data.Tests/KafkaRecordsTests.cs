@@ -20,6 +20,15 @@ public class KafkaRecordsTests
         Assert.Equal(("1f600", new SourcePosition("pairs/2", 41)), (item.Sample.Id, item.Sample.Position));
         Assert.Equal(sample.Captions, item.Sample.Captions);
         Assert.Equal(Png, item.Sample.Image);
+        Assert.Null(item.Sample.Label);
+
+        // A labelled sample carries its label in the header `label`, and a label that is not UTF-8 is a dead letter.
+        var labelled = KafkaRecords.ToMessage(sample with { Label = "Smileys & Emotion" });
+        Assert.Equal("Smileys & Emotion", Assert.IsType<SampleItem>(KafkaRecords.Read("pairs", 0, 1, labelled.Key, labelled.Value, labelled.Headers, SourceLimits.Default)).Sample.Label);
+        labelled.Headers.Remove(KafkaRecords.LabelHeader);
+        labelled.Headers.Add(KafkaRecords.LabelHeader, [0xC3, 0x28]);
+        var bad = Assert.IsType<BadItem>(KafkaRecords.Read("pairs", 0, 2, labelled.Key, labelled.Value, labelled.Headers, SourceLimits.Default));
+        Assert.Contains("invalid UTF-8 in label header", bad.Bad.Reason);
     }
 
     [Theory]

@@ -72,6 +72,18 @@ public class ManifestSourceTests
         var (samples, bad) = ManifestSource.ReadAll(manifest);
         Assert.Equal([("a", "warm"), ("b", "3"), ("c", null)], samples.Select(x => (x.Id, x.Label)));
         Assert.Contains("\"label\" must be a string or number", Assert.Single(bad).Reason);
+
+        // Another field holds the label when named; null and blank are no label.
+        File.WriteAllLines(manifest,
+        [
+            """{"id": "a", "image": "red.png", "caption": "red", "label": "warm", "subgroup": "face-smiling"}""",
+            """{"id": "b", "image": "red.png", "caption": "red", "subgroup": null}""",
+            """{"id": "c", "image": "red.png", "caption": "red", "subgroup": "  "}""",
+            """{"id": "d", "image": "red.png", "caption": "red", "subgroup": {"x": 1}}""",
+        ]);
+        (samples, bad) = ManifestSource.ReadAll(manifest, labelField: "subgroup");
+        Assert.Equal([("a", "face-smiling"), ("b", null), ("c", null)], samples.Select(x => (x.Id, x.Label)));
+        Assert.Contains("\"subgroup\" must be a string or number", Assert.Single(bad).Reason);
     }
 
     [Fact]
