@@ -24,7 +24,8 @@ majority=$(python3 -c '
 import collections, json, sys
 labels = [json.loads(l)["label"] for l in open(sys.argv[1])]
 label, n = collections.Counter(labels).most_common(1)[0]
-print(f"{100*n/len(labels):.1f} | {label} ({n} of {len(labels)}, {len(set(labels))} classes)")' "$TEST")
+f1 = 2 * (n / len(labels)) / (n / len(labels) + 1)   # the majority class: precision n/N, recall 1; every other class 0
+print(f"{100*n/len(labels):.1f} | {f1/len(set(labels)):.3f} ({label}, {n} of {len(labels)}; {len(set(labels))} classes)")' "$TEST")
 zs_itm=$("${MAMO[@]}" predict --checkpoint "$FROM" --manifest "$TEST" --zero-shot "an emoji of the group {label}" --score itm --json --out "$OUT/zs-itm.jsonl" | acc)
 zs_itc=$("${MAMO[@]}" predict --checkpoint "$FROM" --manifest "$TEST" --zero-shot "an emoji of the group {label}" --score itc --json --out "$OUT/zs-itc.jsonl" | acc)
 
