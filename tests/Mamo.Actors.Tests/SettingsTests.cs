@@ -60,4 +60,20 @@ public class SettingsTests
         var e = Assert.Throws<SettingsException>(() => MamoSettings.Load("/nonexistent/mamo.conf"));
         Assert.Contains("/nonexistent/mamo.conf", e.Message);
     }
+
+    [Fact]
+    public void Fine_tuning_layers_its_defaults_between_mamo_conf_and_the_user_and_checks_its_keys()
+    {
+        var s = MamoSettings.Load(null, ["finetune.task=classify", "optimizer.warmup-steps=7"], ["finetune.conf"]);
+        Assert.Equal(("dataset:emoji-labels", "runs/finetune", 1e-4, 7), (s.Source, s.RunDir, s.Optimizer.LearningRate, s.Optimizer.WarmupSteps));
+        Assert.Equal(["dataset:emoji-labels/test"], s.EvalSets);
+        Assert.Equal(("an emoji", null, 1000, 0.995), (s.FineTune.Prompt, s.FineTune.Labels, s.FineTune.Window, s.FineTune.Fading));
+        var retrieval = MamoSettings.Load(null, ["finetune.task=retrieval"], ["finetune-retrieval.conf", "finetune.conf"]);
+        Assert.Equal(("dataset:emoji-labels/twitter-train", 1e-4), (retrieval.Source, retrieval.Optimizer.LearningRate));
+        Assert.Null(MamoSettings.Load(null, ["finetune.text=caption"]).FineTune.Prompt);
+        Assert.Equal(["a", "b"], MamoSettings.Load(null, ["finetune.labels=[a, b]"]).FineTune.Labels);
+        Assert.Contains("must not repeat", Assert.Throws<SettingsException>(() => MamoSettings.Load(null, ["finetune.labels=[a, a]"])).Message);
+        Assert.Contains("classify or retrieval", Assert.Throws<SettingsException>(() => MamoSettings.Load(null, ["finetune.task=detect"])).Message);
+        Assert.Contains("finetune.fading", Assert.Throws<SettingsException>(() => MamoSettings.Load(null, ["finetune.fading=1.5"])).Message);
+    }
 }
