@@ -58,8 +58,10 @@ static class MamoProcess
         return (p.ExitCode, stdout + stderr.Result);
     }
 
-    /// <summary>Starts mamo and SIGKILLs it once the ledger shows `stepsDone` steps.</summary>
-    public static TimeSpan KillAfter(IEnumerable<string> args, string runDir, int stepsDone)
+    /// <summary>Starts mamo and SIGKILLs it once the ledger shows `stepsDone` steps and a checkpoint of at least step
+    /// `checkpointAtLeast` is complete (a checkpoint is written beside training and may land a few steps late on a
+    /// loaded machine).</summary>
+    public static TimeSpan KillAfter(IEnumerable<string> args, string runDir, int stepsDone, long checkpointAtLeast = 0)
     {
         using var p = Process.Start(StartInfo(args))!;
         _ = p.StandardOutput.ReadToEndAsync();
@@ -69,7 +71,7 @@ static class MamoProcess
         while (clock.Elapsed < TimeSpan.FromMinutes(5))
         {
             if (p.HasExited) throw new InvalidOperationException($"mamo exited ({p.ExitCode}) before it could be killed");
-            if (File.Exists(ledger) && File.ReadAllLines(ledger).Length >= stepsDone)
+            if (File.Exists(ledger) && File.ReadAllLines(ledger).Length >= stepsDone && (checkpointAtLeast == 0 || LastCheckpoint(runDir) >= checkpointAtLeast))
             {
                 p.Kill();   // SIGKILL: no chance to checkpoint
                 p.WaitForExit();

@@ -55,10 +55,11 @@ public class FinetuneTests(ITestOutputHelper output)
         Assert.Equal(Enumerable.Range(0, Steps).Select(i => (long)i), expected.Select(e => e.Step));
 
         var killed = folder.File("killed");
-        MamoProcess.KillAfter(Finetune(init, source, killed), killed, stepsDone: CheckpointEvery + 2);
+        MamoProcess.KillAfter(Finetune(init, source, killed), killed, stepsDone: CheckpointEvery + 2, checkpointAtLeast: CheckpointEvery);
         var beforeKill = Ledger(killed);
         var lastCheckpoint = MamoProcess.LastCheckpoint(killed);
         output.WriteLine($"killed after {beforeKill.Count} steps; last checkpoint at step {lastCheckpoint}");
+        Assert.True(lastCheckpoint >= CheckpointEvery, $"the kill came before the checkpoint of step {CheckpointEvery}");
         (code, log) = MamoProcess.Run(Finetune(init, source, killed));
         Assert.True(code == 0, log);
         var resumed = Ledger(killed).Skip(beforeKill.Count).ToList();

@@ -35,7 +35,7 @@ public class KafkaTests(ITestOutputHelper output)
         var run = folder.File("run");
         var args = Pretrain($"kafka://{cluster.BootstrapServers}/pairs?group=trainer", run, maxSteps: 30);
 
-        MamoProcess.KillAfter(args, run, stepsDone: CheckpointEvery + 2);
+        MamoProcess.KillAfter(args, run, stepsDone: CheckpointEvery + 2, checkpointAtLeast: CheckpointEvery);
         var beforeKill = MamoProcess.Ledger(run);
         var lastCheckpoint = MamoProcess.LastCheckpoint(run);
         var (code, log) = MamoProcess.Run(args);

@@ -13,7 +13,7 @@ public class PretrainTests(ITestOutputHelper output)
 {
     static (int Code, string Log) RunMamo(IEnumerable<string> args) => MamoProcess.Run(args);
     static ProcessStartInfo Mamo(IEnumerable<string> args) => MamoProcess.StartInfo(args);
-    static TimeSpan KillAfter(IEnumerable<string> args, string runDir, int stepsDone) => MamoProcess.KillAfter(args, runDir, stepsDone);
+    static TimeSpan KillAfter(IEnumerable<string> args, string runDir, int stepsDone, long checkpointAtLeast) => MamoProcess.KillAfter(args, runDir, stepsDone, checkpointAtLeast);
     static List<MamoProcess.LedgerEntry> Ledger(string runDir) => MamoProcess.Ledger(runDir);
 
     const int Batch = 8, Steps = 12, CheckpointEvery = 4, Samples = 40;
@@ -40,7 +40,7 @@ public class PretrainTests(ITestOutputHelper output)
 
         // The same run, killed with SIGKILL once it is past a checkpoint, then restarted.
         var killed = folder.File("killed");
-        var killedAt = KillAfter(["pretrain", "--source", "manifest:" + manifest, "--run-dir", killed, .. Common, "--max-steps", $"{Steps}"], killed, stepsDone: CheckpointEvery + 2);
+        var killedAt = KillAfter(["pretrain", "--source", "manifest:" + manifest, "--run-dir", killed, .. Common, "--max-steps", $"{Steps}"], killed, stepsDone: CheckpointEvery + 2, checkpointAtLeast: CheckpointEvery);
         var beforeKill = Ledger(killed);
         var lastCheckpoint = MamoProcess.LastCheckpoint(killed);
         output.WriteLine($"killed after {beforeKill.Count} steps (at {killedAt}); last checkpoint at step {lastCheckpoint}");
