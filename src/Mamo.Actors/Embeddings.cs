@@ -37,14 +37,16 @@ public sealed class Embedder : IDisposable
     public const string Image = "image", Text = "text", Both = "both";
     readonly MamoModel model;
     readonly Device device;
+    readonly IReadOnlyList<string> parts;
 
     public string Version { get; }
     public string Checkpoint { get; }
     public MamoConfig Config { get; }
 
-    Embedder(MamoModel model, MamoConfig config, Device device, long step, string checkpoint)
+    Embedder(MamoModel model, MamoConfig config, Device device, long step, string checkpoint, IReadOnlyList<string> parts)
     {
         this.model = model;
+        this.parts = parts;
         this.device = device;
         Config = config;
         Version = $"step-{step}";
@@ -54,16 +56,16 @@ public sealed class Embedder : IDisposable
     public static Embedder Load(string checkpointDir, Device device)
     {
         var config = Mamo.Model.Checkpoint.ReadConfig(checkpointDir);
-        var step = Mamo.Model.Checkpoint.ReadState(checkpointDir).Step;
+        var state = Mamo.Model.Checkpoint.ReadState(checkpointDir);
+        var parts = Mamo.Model.Checkpoint.Parts(state);
         var model = new MamoModel(config);
         try
         {
             model.to(device);
-            var parts = Mamo.Model.Checkpoint.Parts(Mamo.Model.Checkpoint.ReadState(checkpointDir));
             Mamo.Model.Checkpoint.LoadModel(checkpointDir,
                 parts.Contains(Mamo.Model.Checkpoint.TeacherPart) ? Mamo.Model.Checkpoint.TeacherFile : Mamo.Model.Checkpoint.StudentFile, model);
             model.eval();
-            return new Embedder(model, config, device, step, checkpointDir);
+            return new Embedder(model, config, device, state.Step, checkpointDir, parts);
         }
         catch
         {
@@ -109,17 +111,17 @@ public sealed class Embedder : IDisposable
     /// <summary>A fine-tuned classifier's prediction for each item, to the sink; 0 where the checkpoint has no head.</summary>
     public int Predict(IReadOnlyList<EmbeddingItem> items, int batchSize, IEmbeddingSink sink)
     {
-        var state = Mamo.Model.Checkpoint.ReadState(Checkpoint);
-        if (!Mamo.Model.Checkpoint.Parts(state).Contains(OnlineClassification.HeadPart)) return 0;
-        // The classifier pairs each image with the text it was trained with: the student's, not the teacher's, weights.
-        using var student = new MamoModel(Config);
-        Mamo.Model.Checkpoint.LoadModel(Checkpoint, Mamo.Model.Checkpoint.StudentFile, student);
-        student.to(device);
-        using var classifier = new OnlineClassification(Config, OnlineClassification.Saved(state.Extra));
-        classifier.LoadState(state.Extra);
+        if (!parts.Contains(OnlineClassification.HeadPart)) return 0;
+        using var classifier = OnlineClassification.Load(Checkpoint, Config, device);
         if (classifier.Labels.Count == 0) return 0;   // an open label set before its first record: no class yet
-        Mamo.Model.Checkpoint.LoadModel(Checkpoint, Mamo.Model.Checkpoint.PartFile(OnlineClassification.HeadPart), classifier.Head);
-        classifier.Head.to(device);
+        // The head was trained on the student: the embedding model where the checkpoint keeps no teacher.
+        using var ownStudent = parts.Contains(Mamo.Model.Checkpoint.TeacherPart) ? new MamoModel(Config) : null;
+        if (ownStudent is not null)
+        {
+            Mamo.Model.Checkpoint.LoadModel(Checkpoint, Mamo.Model.Checkpoint.StudentFile, ownStudent);
+            ownStudent.to(device);
+        }
+        var student = ownStudent ?? model;
         int size = Config.ImageSize, length = Config.MaxTextLength;
         using var scope = NewDisposeScope();
         var images = tensor(items.SelectMany(i => i.Pixels).ToArray(), [items.Count, 3, size, size]);

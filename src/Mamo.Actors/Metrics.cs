@@ -75,7 +75,7 @@ public sealed class Metrics : ReceiveActor
             var line = new JsonObject
             {
                 ["step"] = r.Step, ["position"] = new JsonObject(s.Position.Offsets.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))), ["loss"] = Finite(r.Loss), ["skipped"] = r.Skipped,
-                ["ids"] = new JsonArray(s.Ids.Select(i => (JsonNode)JsonValue.Create(i)!).ToArray()),
+                ["ids"] = Strings(s.Ids),
             };
             // Test, then train: each prediction was made by the weights of `predicted_at` (before step `step`'s update).
             if (r.Predictions is { } predicted)

@@ -46,7 +46,7 @@ public static class TrainingGraph
                 if (g.Admit is not null)
                 {
                     var (admitted, reason) = g.Admit(sample);
-                    if (admitted is null) return new Prepared(x, null, new BadInput(reason!, $"{sample.Position.Source}@{sample.Position.Offset} (id {sample.Id})", sample.Position));
+                    if (admitted is null) return new Prepared(x, null, new BadInput(reason!, sample.Location, sample.Position));
                     sample = admitted;
                 }
                 return g.Preparer.TryPrepareForTraining(sample, SampleRandom(s.Seed, x.Partition, x.Offset), out var p, out var bad)

@@ -44,7 +44,7 @@ public sealed class TrainingSamples : ITrainingSource
                 case SampleItem { Sample: var s }:
                     if (!ImageDecoder.TryDecode(s.Image, limits, out var bitmap, out var error))
                     {
-                        onBad(new BadInput(error!.Reason, $"{s.Position.Source}@{s.Position.Offset} (id {s.Id})", s.Position));
+                        onBad(new BadInput(error!.Reason, s.Location, s.Position));
                         break;
                     }
                     bitmap!.Dispose();

@@ -43,7 +43,7 @@ public sealed class LabelledSet : IDisposable
         {
             if (sample.Label is null)
             {
-                bad.Add(new BadInput($"no label (field '{labelField}')", $"{sample.Position.Source}:{sample.Position.Offset + 1}", sample.Position));
+                bad.Add(new BadInput($"no label (field '{labelField}')", sample.Location, sample.Position));
                 continue;
             }
             if (!preparer.TryPrepareForEvaluation(sample, out var image, out var captions, out var error))

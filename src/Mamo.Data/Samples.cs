@@ -10,7 +10,11 @@ public sealed record SourcePosition(string Source, long Offset);
 
 /// <summary>One image (still encoded) with its captions, as read from a source. Label: the class of a labelled
 /// stream (fine-tuning), null where the source has none.</summary>
-public sealed record ImageTextSample(string Id, byte[] Image, IReadOnlyList<string> Captions, SourcePosition Position, string? Label = null);
+public sealed record ImageTextSample(string Id, byte[] Image, IReadOnlyList<string> Captions, SourcePosition Position, string? Label = null)
+{
+    /// <summary>Where it came from, as a dead letter names it: its stream, offset and id.</summary>
+    public string Location => $"{Position.Source}@{Position.Offset} (id {Id})";
+}
 
 /// <summary>A dead letter: input that was skipped, why, and where it was.</summary>
 public sealed record BadInput(string Reason, string Location, SourcePosition? Position);

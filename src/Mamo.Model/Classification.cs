@@ -236,9 +236,25 @@ public sealed class OnlineClassification : IObjective
         [ProbeKey] = probe ? "true" : "false",
     };
 
-    /// <summary>The settings a checkpoint's classifier was trained with, as far as predicting needs them: its prompt and head.</summary>
-    public static ClassificationConfig Saved(IReadOnlyDictionary<string, string> state) =>
-        new(Prompt: SavedPrompt(state), Probe: state.TryGetValue(ProbeKey, out var p) && p == "true");
+    /// <summary>A checkpoint's classifier, to predict with: its label map and head (on <paramref name="device"/>), as it
+    /// was trained (prompt, probe or MLP head).</summary>
+    public static OnlineClassification Load(string dir, MamoConfig config, Device device)
+    {
+        var state = Checkpoint.ReadState(dir).Extra;
+        var classifier = new OnlineClassification(config, new ClassificationConfig(Prompt: SavedPrompt(state), Probe: state.TryGetValue(ProbeKey, out var p) && p == "true"));
+        try
+        {
+            classifier.LoadState(state);
+            Checkpoint.LoadModel(dir, Checkpoint.PartFile(HeadPart), classifier.Head);
+            classifier.Head.to(device);
+            return classifier;
+        }
+        catch
+        {
+            classifier.Dispose();
+            throw;
+        }
+    }
 
     /// <summary>The prompt a checkpoint's classifier was trained with; null: captions (or not a classifier's checkpoint).</summary>
     public static string? SavedPrompt(IReadOnlyDictionary<string, string> state) =>

@@ -112,6 +112,9 @@ public sealed record PretrainingConfig
     /// size here makes the same step on the replicas' concatenated batch.</summary>
     public int ItmNegativeGroup { get; init; }
     public LossWeights Weights { get; init; } = new();
+    /// <summary>ALBEF's momentum distillation (retrieval fine-tuning): ITC's targets are this share of the teacher's
+    /// similarities and the rest the true pairs; 0 (pre-training): the true pairs alone.</summary>
+    public double DistillAlpha { get; init; }
 
     /// <summary>The patches of a model's grid that the student sees.</summary>
     public int NumVisiblePatches(MamoConfig c) => Math.Max(1, c.NumPatches - (int)Math.Round(c.NumPatches * ImageMaskRatio));
@@ -129,6 +132,7 @@ public sealed record PretrainingConfig
         void Require(bool ok, string message) { if (!ok) throw new ArgumentException(message); }
         Require(MrmTopK >= 1 && MrmTopK <= c.FusionLayers, $"mrm top-k {MrmTopK} must lie in 1..{c.FusionLayers}");
         Require(ImageMaskRatio is >= 0 and < 1, "image mask ratio must lie in [0, 1)");
+        Require(DistillAlpha is >= 0 and < 1, "distillation alpha must lie in [0, 1)");
         Require(TextMaskRatio is >= 0 and < 1, "text mask ratio must lie in [0, 1)");
         Require(ImageMaskRatio > 0 || Weights.Mim == 0 && Weights.Mrm == 0, "MIM and MRM need an image mask ratio above 0");
         Require(TextMaskRatio > 0 || Weights.Mlm == 0 && Weights.Mrm == 0, "MLM and MRM need a text mask ratio above 0");

@@ -185,16 +185,14 @@ public sealed class MamoModel : Module
     /// <param name="attentionMask">[B, L]</param>
     /// <param name="mask">the joint mask of this batch</param>
     /// <param name="objective">the loss weights and what the alignment sees</param>
-    /// <param name="targets">the teacher's targets; required when MIM or MRM is on</param>
+    /// <param name="targets">the teacher's targets; required when MIM or MRM is on, or distillation (its embeddings)</param>
     /// <param name="imageKeys">[B] identity of each image, so a duplicate is never taken as a negative; null: all distinct</param>
     /// <param name="generator">draws the ITM hard negatives, so a seeded step is reproducible</param>
     /// <param name="shard">where this batch is one replica's share of a global batch; null: it is the whole</param>
-    /// <param name="distillAlpha">ALBEF's momentum distillation: ITC's targets are this share of the teacher's
-    /// similarities (targets.ImageEmbedding, TextEmbedding) and the rest the true pairs; 0: the true pairs alone</param>
     public MamoLoss Forward(Tensor images, Tensor tokenIds, Tensor attentionMask, JointMask mask, PretrainingConfig objective, TeacherTargets? targets,
-        Tensor? imageKeys = null, Generator? generator = null, IBatchShard? shard = null, double distillAlpha = 0)
+        Tensor? imageKeys = null, Generator? generator = null, IBatchShard? shard = null)
     {
-        var lw = objective.Weights;
+        var (lw, distillAlpha) = (objective.Weights, objective.DistillAlpha);
         if ((lw.Mim > 0 || lw.Mrm > 0) && targets is null) throw new ArgumentException("MIM and MRM need the teacher's targets");
         if (distillAlpha > 0 && (targets?.ImageEmbedding is null || shard is not null))
             throw new ArgumentException("momentum distillation needs the teacher's embeddings of a whole batch");

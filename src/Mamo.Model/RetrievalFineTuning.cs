@@ -12,28 +12,28 @@ namespace Mamo.Model;
 public sealed class RetrievalFineTuning : IObjective
 {
     readonly PretrainingConfig retrieval;
-    readonly double alpha;
+    readonly MamoPretraining forward;
     readonly Prequential prequential;
     const string PrequentialKey = "finetune.prequential";
 
     /// <param name="pretraining">its momentum and ITM settings; masking and the masked-modelling losses are off</param>
     /// <param name="alpha">the distillation weight; 0: no teacher</param>
-    public RetrievalFineTuning(PretrainingConfig pretraining, double alpha, int window = 1000, double fading = 0.995)
+    public RetrievalFineTuning(MamoConfig config, PretrainingConfig pretraining, double alpha, int window = 1000, double fading = 0.995)
     {
         retrieval = pretraining with
         {
-            ImageMaskRatio = 0, TextMaskRatio = 0, AlignOnVisiblePatches = false,
+            ImageMaskRatio = 0, TextMaskRatio = 0, AlignOnVisiblePatches = false, DistillAlpha = alpha,
             Weights = new LossWeights(pretraining.Weights.Itc, pretraining.Weights.Itm, Mlm: 0, Mim: 0, Mrm: 0),
         };
-        this.alpha = alpha;
+        forward = new MamoPretraining(config, retrieval);
         prequential = new Prequential(window, fading);
     }
 
     public static Func<MamoConfig, IObjective> With(PretrainingConfig pretraining, double alpha, int window, double fading) =>
-        _ => new RetrievalFineTuning(pretraining, alpha, window, fading);
+        c => new RetrievalFineTuning(c, pretraining, alpha, window, fading);
 
-    public double? TeacherMomentum => alpha > 0 ? retrieval.MomentumDecay : null;
-    public bool NeedsTargets => alpha > 0;
+    public double? TeacherMomentum => retrieval.DistillAlpha > 0 ? retrieval.MomentumDecay : null;
+    public bool NeedsTargets => retrieval.DistillAlpha > 0;
     public IReadOnlyDictionary<string, Module> Parts { get; } = new Dictionary<string, Module>();
     public IEnumerable<(string Name, Parameter Parameter)> TrainedParameters(MamoModel student) => student.named_parameters();
 
@@ -43,14 +43,11 @@ public sealed class RetrievalFineTuning : IObjective
         return teacher.Embeddings(batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device));
     }
 
+    /// <summary>Pre-training's step with these settings (no masks, ITC and ITM, distillation), and the texts' in-batch hits
+    /// added to the prequential sums.</summary>
     public MamoLoss Loss(MamoModel student, StepInput batch, TeacherTargets? targets, int seed)
     {
-        var device = student.Device;
-        using var cpuMask = JointMasking.Sample(student.Config, retrieval, batch.TokenIds, batch.AttentionMask, seed, batch.Shard?.FirstRow ?? 0);
-        using var mask = cpuMask.To(device);
-        using var generator = new Generator((ulong)seed, device);
-        var loss = student.Forward(batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device), mask, retrieval, targets,
-            batch.ImageKeys?.to(device), generator, batch.Shard, alpha);
+        var loss = forward.Loss(student, batch, targets, seed);
         if (loss.TextToImageHits is { } hits)
             foreach (var hit in hits.cpu().data<bool>().ToArray()) prequential.Add(hit);
         var scores = new Dictionary<string, double> { ["preq_ir1"] = prequential.Cumulative, ["preq_ir1_window"] = prequential.Windowed, ["preq_ir1_faded"] = prequential.Faded };
@@ -64,5 +61,5 @@ public sealed class RetrievalFineTuning : IObjective
         if (state.TryGetValue(PrequentialKey, out var p)) prequential.Load(p);
     }
 
-    public void Dispose() { }
+    public void Dispose() => forward.Dispose();
 }

@@ -17,8 +17,8 @@ public class RetrievalFineTuningTests
         StepInput batch = new(images, ids, mask);
         double Itc(double alpha)
         {
-            using var objective = new RetrievalFineTuning(new PretrainingConfig(), alpha);
-            using var targets = new RetrievalFineTuning(new PretrainingConfig(), 0.4).Targets(teacher, batch);
+            using var objective = new RetrievalFineTuning(Tiny, new PretrainingConfig(), alpha);
+            using var targets = new RetrievalFineTuning(Tiny, new PretrainingConfig(), 0.4).Targets(teacher, batch);
             using var loss = objective.Loss(model, batch, alpha > 0 ? targets : null, seed: 7);
             return loss.Terms["itc"].ToDouble();
         }
@@ -36,7 +36,7 @@ public class RetrievalFineTuningTests
         var (images, ids, mask) = Pairs.Make(Tiny, 4, seed: 5);
         // Every text of a batch whose four images are one image: whichever image it ranks first is its own.
         var same = images[..1].repeat(4, 1, 1, 1);
-        using var objective = new RetrievalFineTuning(new PretrainingConfig(), 0);
+        using var objective = new RetrievalFineTuning(Tiny, new PretrainingConfig(), 0);
         using var loss = objective.Loss(model, new StepInput(same, ids, mask, ImageKeys: zeros(4, ScalarType.Int64)), null, seed: 1);
         Assert.True(loss.TextToImageHits!.all().item<bool>());
         Assert.Equal(1.0, loss.Scores!["preq_ir1"]);

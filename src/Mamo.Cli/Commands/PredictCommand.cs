@@ -81,10 +81,7 @@ public static class PredictCommand
                 }
                 else
                 {
-                    using var classifier = new OnlineClassification(config, OnlineClassification.Saved(state.Extra));
-                    classifier.LoadState(state.Extra);
-                    Checkpoint.LoadModel(dir, Checkpoint.PartFile(OnlineClassification.HeadPart), classifier.Head);
-                    classifier.Head.to(dev);
+                    using var classifier = OnlineClassification.Load(dir, config, dev);
                     predicted = classifier.Predict(model, set.Images, set.TokenIds, set.AttentionMask, DefaultBatchSize);
                 }
                 var report = ClassificationReport.Of(set.Labels, predicted);
