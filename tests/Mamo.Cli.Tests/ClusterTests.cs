@@ -273,7 +273,8 @@ public class ClusterTests(ITestOutputHelper output)
             while (LatestRound() <= killedIn)
             {
                 if (clock.Elapsed >= TimeSpan.FromMinutes(3))
-                    Assert.Fail($"the survivors committed no round after round {killedIn}; the coordinator's log: " + Tail(Path.Combine(run, "nodes", "n0", "mamo.log")));
+                    Assert.Fail($"the survivors committed no round after round {killedIn}; exits: n0 {Exit(nodes[0])}, n1 {Exit(nodes[1])}; membership as each node saw it:\n"
+                        + string.Join("\n", Enumerable.Range(0, Nodes).Select(i => $"n{i}:\n" + Membership(Path.Combine(run, "nodes", $"n{i}", "mamo.log")))));
                 Thread.Sleep(50);
             }
             // cluster status shows it removed, the rounds with and without it, and how long the recovery took.
@@ -345,6 +346,14 @@ public class ClusterTests(ITestOutputHelper output)
         File.WriteAllLines(manifest, lines);
         return manifest;
     }
+
+    static string Exit(Process p) => p.HasExited ? $"exited {p.ExitCode}" : "running";
+
+    /// <summary>The lines of a node's log on reachability, downing, quarantine and the singleton.</summary>
+    static string Membership(string log) => File.Exists(log)
+        ? string.Join("\n", File.ReadLines(log).Where(l => new[] { "REACHABLE", "SBR", "quarantin", "removed", "Downing", "singleton", "stopped", "leader" }
+            .Any(w => l.Contains(w, StringComparison.OrdinalIgnoreCase))).Select(l => l.Length > 300 ? l[..300] : l).TakeLast(40))
+        : $"(no {log})";
 
     static string Tail(string log) => File.Exists(log) ? string.Join("\n", File.ReadLines(log).TakeLast(40)) : $"(no {log})";
 
