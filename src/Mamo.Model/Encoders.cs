@@ -30,12 +30,27 @@ public sealed class ImageEncoder : Module<Tensor, Tensor?, Tensor>
     public override Tensor forward(Tensor images, Tensor? visible)
     {
         using var scope = NewDisposeScope();
-        var x = patchEmbed.forward(images).flatten(2).transpose(1, 2);            // [B, N, W]
-        x = x + positionEmbedding[.., 1..];
+        var patches = patchEmbed.forward(images);                                 // [B, W, Gh, Gw]
+        var x = patches.flatten(2).transpose(1, 2);                               // [B, N, W]
+        x = x + PatchPositions(patches.shape[2], patches.shape[3]);
         if (visible is not null)
             x = x.gather(1, visible.unsqueeze(-1).expand(-1, -1, x.shape[2]));   // [B, Nv, W]
         var cls = (clsToken + positionEmbedding[.., ..1]).expand(x.shape[0], -1, -1);
         return blocks.forward(cat(new[] { cls, x }, 1), null).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>[1, Gh * Gw, W] the patches' position embeddings for a grid of that size: the trained ones as they
+    /// are, else resized bicubically as a 2-D grid, as ALBEF does to take images larger than it was trained on.</summary>
+    public Tensor PatchPositions(long gh, long gw)
+    {
+        var trained = positionEmbedding[.., 1..];
+        var g = (long)Math.Round(Math.Sqrt(numPatches));
+        if (gh == g && gw == g) return trained;
+        using var scope = NewDisposeScope();
+        var w = trained.shape[2];
+        var grid = trained.reshape(1, g, g, w).permute(0, 3, 1, 2);               // [1, W, G, G]
+        var resized = functional.interpolate(grid, [gh, gw], mode: InterpolationMode.Bicubic, align_corners: false);
+        return resized.permute(0, 2, 3, 1).reshape(1, gh * gw, w).MoveToOuterDisposeScope();
     }
 
     /// <summary>Puts the encoded visible patches back on the full grid; a masked patch becomes the learned
@@ -99,6 +114,11 @@ public sealed class FusionEncoder : Module<Tensor, Tensor, Tensor, Tensor>
     }
 
     public override Tensor forward(Tensor image, Tensor text, Tensor textMask) => Forward(image, text, textMask, keepHidden: false).Output;
+
+    public int Layers => blocks.Count;
+
+    /// <summary>The self-attention of fusion layer <paramref name="layer"/> (0 is the first).</summary>
+    public SelfAttention AttentionAt(int layer) => blocks.Blocks.ElementAt(layer).Attention;
 
     /// <param name="image">[B, Li, W]</param>
     /// <param name="text">[B, Lt, W]</param>

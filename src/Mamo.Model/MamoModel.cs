@@ -442,6 +442,16 @@ public sealed class MamoModel : Module
     public Tensor MatchProbability(Tensor imageTokens, Tensor textTokens, Tensor attentionMask)
     {
         using var scope = NewDisposeScope();
-        return F.softmax(itmHead.forward(FusedCls(imageTokens, textTokens, attentionMask)), -1)[.., 1].MoveToOuterDisposeScope();
+        return F.softmax(MatchLogits(imageTokens, textTokens, attentionMask), -1)[.., 1].MoveToOuterDisposeScope();
     }
+
+    /// <summary>[B, 2] ITM logits (no match, match) of given pairs.</summary>
+    public Tensor MatchLogits(Tensor imageTokens, Tensor textTokens, Tensor attentionMask) =>
+        itmHead.forward(FusedCls(imageTokens, textTokens, attentionMask));
+
+    /// <summary>The image encoder, whose position embeddings resize to larger images.</summary>
+    public ImageEncoder Image => image;
+
+    /// <summary>The fusion encoder, whose attention Grad-CAM reads.</summary>
+    public FusionEncoder Fusion => fusion;
 }

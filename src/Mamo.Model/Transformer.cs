@@ -14,6 +14,14 @@ public sealed class SelfAttention : Module<Tensor, Tensor?, Tensor>
     /// <summary>The output projection, which adds to the residual stream.</summary>
     public Linear Projection => proj;
 
+    /// <summary>When set, forward computes the attention explicitly and keeps it in <see cref="Attention"/>, part of
+    /// the autograd graph (Grad-CAM reads its gradient); else it runs the fused kernel.</summary>
+    public bool KeepAttention { get; set; }
+
+    /// <summary>[B, H, L, L] the softmax attention of the last forward with <see cref="KeepAttention"/>; the caller
+    /// owns it.</summary>
+    public Tensor? Attention { get; private set; }
+
     public SelfAttention(int width, int heads) : base(nameof(SelfAttention))
     {
         this.heads = heads;
@@ -29,7 +37,16 @@ public sealed class SelfAttention : Module<Tensor, Tensor?, Tensor>
         using var scope = NewDisposeScope();
         var (b, l, w) = (x.shape[0], x.shape[1], x.shape[2]);
         var qkvs = qkv.forward(x).view(b, l, 3, heads, w / heads).permute(2, 0, 3, 1, 4); // [3, B, H, L, D]
-        var y = functional.scaled_dot_product_attention(qkvs[0], qkvs[1], qkvs[2], bias); // [B, H, L, D]
+        Tensor y;
+        if (KeepAttention)
+        {
+            var scores = qkvs[0].matmul(qkvs[1].transpose(-2, -1)) / Math.Sqrt(w / heads);
+            var attention = functional.softmax(bias is null ? scores : scores + bias, -1);    // [B, H, L, L]
+            y = attention.matmul(qkvs[2]);
+            Attention?.Dispose();
+            Attention = attention.DetachFromDisposeScope();   // outlives every scope of the forward
+        }
+        else y = functional.scaled_dot_product_attention(qkvs[0], qkvs[1], qkvs[2], bias); // [B, H, L, D]
         return proj.forward(y.transpose(1, 2).reshape(b, l, w)).MoveToOuterDisposeScope();
     }
 }
@@ -71,6 +88,8 @@ public sealed class Block : Module<Tensor, Tensor?, Tensor>
         mlp = new Mlp(width, mlpRatio * width);
         RegisterComponents();
     }
+
+    public SelfAttention Attention => attn;
 
     /// <summary>The two projections that add to the residual stream.</summary>
     public IEnumerable<Linear> ResidualProjections => [attn.Projection, mlp.Projection];
