@@ -13,6 +13,7 @@ public static class MamoRoot
         EvalCommand.Create(),
         FinetuneCommand.Create(),
         PredictCommand.Create(),
+        GroundCommand.Create(),
         PlotCommand.Create(),
         BenchCommand.Create(),
         IngestCommand.Create(),

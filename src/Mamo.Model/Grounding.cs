@@ -79,11 +79,16 @@ public static class Grounding
         return heat[box.Y..(box.Y + box.H), box.X..(box.X + box.W)].sum().ToDouble() / Math.Sqrt((double)box.W * box.H);
     }
 
-    /// <summary>The index of the best-scoring proposal, the first on a tie.</summary>
+    /// <summary>Whether the heat has a maximum at all: a flat map (all 0, say) points nowhere.</summary>
+    public static bool HasPeak(Tensor heat) => heat.max().ToDouble() > heat.min().ToDouble();
+
+    /// <summary>The index of the best-scoring proposal, or -1 when two or more share the best score: a tie picks none,
+    /// so that the order of the proposals cannot score a hit.</summary>
     public static int BestBox(Tensor heat, IReadOnlyList<Box> proposals)
     {
         if (proposals.Count == 0) throw new ArgumentException("no proposals", nameof(proposals));
         var scores = proposals.Select(b => BoxScore(heat, b)).ToList();
-        return scores.IndexOf(scores.Max());
+        var best = scores.Max();
+        return scores.Count(s => s == best) == 1 ? scores.IndexOf(best) : -1;
     }
 }

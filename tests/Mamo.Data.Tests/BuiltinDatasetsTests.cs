@@ -69,3 +69,43 @@ public class BuiltinDatasetsTests
         Assert.Contains(BuiltinDatasets.Emoji, e.Message);
     }
 }
+
+/// <summary>emoji-grounding, built from emoji-labels: the benchmark uses test emoji only, tuning uses training emoji only,
+/// and each canvas is what docs/GROUNDING.md says it is.</summary>
+public class EmojiGroundingTests
+{
+    [Fact]
+    public void Canvases_hold_two_to_four_separate_emoji_of_the_right_splits_and_the_caption_names_the_target()
+    {
+        var grounding = BuiltinDatasets.Ensure(BuiltinDatasets.EmojiGrounding);
+        var labels = BuiltinDatasets.Ensure(BuiltinDatasets.EmojiLabels);
+        var test = File.ReadLines(labels.File(BuiltinDatasets.TestSplit)).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement)
+            .ToDictionary(e => e.GetProperty("id").GetString()!, e => (Name: e.GetProperty("captions")[0].GetString()!, Group: e.GetProperty("label").GetString()!));
+        string Code(GroundingCanvas c) => c.Id[(c.Id.IndexOf('-') + 1)..];   // STYLE-CODE
+        foreach (var split in new[] { "easy", "hard", "val" })
+        {
+            var canvases = GroundingSet.Read(grounding.File(split));
+            Assert.True(canvases.Count >= 300, $"{split}: {canvases.Count} canvases");
+            Assert.Equal(3, canvases.Select(c => c.Id[..c.Id.IndexOf('-')]).Distinct().Count());   // noto, twitter, openmoji
+            foreach (var c in canvases)
+            {
+                Assert.Equal((128, 128), (c.Width, c.Height));
+                Assert.InRange(c.Boxes.Count, 2, 4);
+                foreach (var a in c.Boxes)
+                    foreach (var b in c.Boxes.Where(b => !ReferenceEquals(a, b)))
+                        Assert.False(a.X < b.X + b.W && b.X < a.X + a.W && a.Y < b.Y + b.H && b.Y < a.Y + a.H, $"{c.Id}: boxes overlap");
+                Assert.Equal(split != "val", test.ContainsKey(Code(c)));
+                if (split != "val") Assert.Equal(test[Code(c)].Name, c.Caption);
+            }
+            // The target is not always listed first: a benchmark must not be scorable by the order of its boxes.
+            Assert.True(canvases.Count(c => c.Boxes[0].Target) < canvases.Count * 0.8, split);
+        }
+        Assert.DoesNotContain(File.ReadLines(grounding.File("train")), l => test.ContainsKey(Code(Line(l))));
+
+        static GroundingCanvas Line(string l)
+        {
+            var e = System.Text.Json.JsonDocument.Parse(l).RootElement;
+            return new GroundingCanvas(e.GetProperty("id").GetString()!, "", "", [], 0, 0);
+        }
+    }
+}

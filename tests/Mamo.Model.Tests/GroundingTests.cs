@@ -49,9 +49,11 @@ public class GroundingTests
         attention.Attention!.Dispose();
         Assert.True(fused.allclose(kept, rtol: 1e-5, atol: 1e-6), $"{fused.str()} vs {kept.str()}");
 
-        var heat = Grounding.GradCam(model, images, ids, mask, layer: 1);
+        var heat = Grounding.GradCam(model, images, ids, mask, layer: 0);
         Assert.Equal(new long[] { 2, Tiny.GridSize, Tiny.GridSize }, heat.shape);
-        Assert.True(heat.min().ToDouble() >= 0);
+        Assert.True(heat.min().ToDouble() >= 0 && heat.max().ToDouble() > 0);
+        // The ITM head reads the fused [CLS] alone: after the last layer no text query reaches the score.
+        Assert.Equal(0.0, Grounding.GradCam(model, images, ids, mask, layer: Tiny.FusionLayers - 1).abs().max().ToDouble());
         Assert.All(model.parameters(), p => Assert.Null(p.grad));
         Assert.Throws<ArgumentOutOfRangeException>(() => Grounding.GradCam(model, images, ids, mask, layer: Tiny.FusionLayers));
     }
@@ -95,6 +97,10 @@ public class GroundingTests
         Assert.Equal(2.1, Grounding.BoxScore(heat, wide), 6);
         Assert.Equal(1, Grounding.BestBox(heat, [small, square, wide]));
         Assert.Equal((3, 2), Grounding.Peak(heat));
+        Assert.True(Grounding.HasPeak(heat));
+        // A flat map ranks no box first and has no peak: the proposals' order cannot make a hit.
+        Assert.Equal(-1, Grounding.BestBox(zeros(10, 10), [small, square]));
+        Assert.False(Grounding.HasPeak(zeros(10, 10)));
         Assert.True(small.Contains(3, 2));
         Assert.False(square.Contains(3, 2));
         Assert.False(new Box(6, 6, 4, 4).Contains(10, 6));   // right and bottom edges are outside

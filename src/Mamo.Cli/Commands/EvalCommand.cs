@@ -16,7 +16,7 @@ public static class EvalCommand
     /// <summary>Exit code of a usage error: a missing input or an unusable option.</summary>
     public const int UsageError = 2;
     const int DefaultK = 16, DefaultBatchSize = 64;
-    const string Teacher = "teacher", Student = "student", Cpu = "cpu", Cuda = "cuda";
+    const string Teacher = "teacher", Student = "student", Cpu = "cpu", Cuda = "cuda", RetrievalTask = "retrieval", GroundingTask = "grounding";
     const double Percent = 100;
 
     public static Command Create()
@@ -49,9 +49,17 @@ public static class EvalCommand
         };
         batchSize.Validators.Add(r => { if (r.GetValueOrDefault<int>() < 1) r.AddError("--batch-size must be 1 or more"); });
 
-        var command = new Command("eval", "Image-text retrieval (TR@K, IR@K, r_mean) of a checkpoint on a manifest; ITC ranks, ITM re-ranks the top k")
+        var task = new Option<string>("--task")
         {
-            checkpoint, manifest, k, json, weights, device, batchSize,
+            Description = "retrieval, or grounding: Grad-CAM pointing and box ranking on a grounding manifest (image, caption, boxes; docs/GROUNDING.md)",
+            DefaultValueFactory = _ => RetrievalTask,
+        };
+        task.AcceptOnlyFromAmong(RetrievalTask, GroundingTask);
+        var layer = GroundCommand.LayerOption();
+        var command = new Command("eval", "Image-text retrieval (TR@K, IR@K, r_mean) of a checkpoint on a manifest; ITC ranks, ITM re-ranks the top k. " +
+            "With --task grounding: pointing-game and box accuracy")
+        {
+            checkpoint, manifest, k, json, weights, device, batchSize, task, layer,
         };
         command.SetAction(parse =>
         {
@@ -69,6 +77,7 @@ public static class EvalCommand
                             $"or a run folder with complete {Checkpoint.RunFolder}/step-* folders");
             var manifestPath = parse.GetValue(manifest)!;
             if (!File.Exists(manifestPath)) return Fail($"no manifest at {manifestPath}");
+            if (parse.GetValue(task) == GroundingTask) return EvaluateGrounding(dir, manifestPath, parse.GetValue(layer), parse.GetValue(json), output, error, Fail);
             torch.Device dev;
             try { dev = PretrainRun.OpenDevice(parse.GetValue(device)!); }
             catch (SettingsException e) { return Fail($"--device: {e.Message}"); }
@@ -110,6 +119,32 @@ public static class EvalCommand
             }
         });
         return command;
+    }
+
+    static int EvaluateGrounding(string dir, string manifestPath, int? layer, bool json, TextWriter output, TextWriter error, Func<string, int, int> fail)
+    {
+        try
+        {
+            var canvases = GroundingSet.Read(manifestPath);
+            using var grounder = Grounder.Open(dir, error);
+            var l = grounder.Layer(layer);
+            var r = GroundCommand.Benchmark(grounder, canvases, l, done => { if (done % 100 == 0) error.WriteLine($"mamo eval: {done}/{canvases.Count} canvases"); });
+            if (json)
+                output.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object>
+                {
+                    ["pointing_accuracy"] = r.PointingAccuracy, ["box_accuracy"] = r.BoxAccuracy, ["random_point"] = r.RandomPoint,
+                    ["centre_point"] = r.CentrePoint, ["canvases"] = r.Canvases, ["layer"] = r.Layer,
+                }));
+            else
+            {
+                output.WriteLine($"checkpoint {dir}, fusion layer {l}");
+                output.WriteLine($"manifest   {manifestPath}: {r.Canvases} canvases");
+                output.WriteLine($"pointing accuracy {r.PointingAccuracy:P1}   box accuracy {r.BoxAccuracy:P1}   random point {r.RandomPoint:P1}   centre point {r.CentrePoint:P1}");
+            }
+            return 0;
+        }
+        catch (UsageException e) { return fail(e.Message, UsageError); }
+        catch (Exception e) when (e is InvalidDataException or JsonException or IOException) { return fail(e.Message, UsageError); }
     }
 
     static string Json(RetrievalMetrics m, EvalSet set, double chance, long step) => JsonSerializer.Serialize(new Dictionary<string, object>

