@@ -97,35 +97,6 @@ public static class ClusterNode
         return ok;
     }
 
-    /// <summary>A peer that quarantined this node removed it from the cluster: this node can never talk to it again,
-    /// and Akka does not act on that by itself (akkadotnet/akka.net#8482), so it would wait for a singleton it cannot
-    /// reach. It stops instead, as a downed node does, so that its supervisor restarts it under a new incarnation and
-    /// it rejoins.</summary>
-    public static void StopWhenQuarantined(ActorSystem system) =>
-        system.ActorOf(Props.Create(() => new QuarantineWatch()), "quarantine-watch");
-
-    /// <summary>The reason a quarantined node's CoordinatedShutdown runs for.</summary>
-    public sealed class QuarantinedReason(Address by) : CoordinatedShutdown.Reason
-    {
-        public Address By { get; } = by;
-        public override int ExitCode => 1;
-        public override string ToString() => $"quarantined by {By}";
-    }
-
-    sealed class QuarantineWatch : ReceiveActor
-    {
-        public QuarantineWatch()
-        {
-            Receive<Akka.Remote.ThisActorSystemQuarantinedEvent>(e =>
-            {
-                Context.GetLogger().Error("{0} quarantined this node: the cluster removed it; stopping so that it can rejoin as a new incarnation", e.RemoteAddress);
-                CoordinatedShutdown.Get(Context.System).Run(new QuarantinedReason(e.RemoteAddress));
-            });
-        }
-
-        protected override void PreStart() => Context.System.EventStream.Subscribe(Self, typeof(Akka.Remote.ThisActorSystemQuarantinedEvent));
-    }
-
     /// <summary>The node's ActorSystem.</summary>
     public static ActorSystem System(this IHost host) => host.Services.GetRequiredService<ActorSystem>();
 

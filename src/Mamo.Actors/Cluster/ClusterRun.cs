@@ -82,7 +82,6 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
 
         using var host = await ClusterNode.StartAsync(node, s.Config, s.Cluster.Tls, builder => { foreach (var singleton in singletons) singleton.Register(builder); });
         var system = host.System();
-        ClusterNode.StopWhenQuarantined(system);
         var registry = ActorRegistry.For(system);
         ReplicaData? data = null;
         try
@@ -106,9 +105,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
             var done = await Task.WhenAny(finished.Task, Task.Delay(Timeout.Infinite, stop), system.WhenTerminated);
             // On SIGTERM Akka's own shutdown hook may stop the system before `stop` is seen: that is a stop, not a failure.
             if (done == system.WhenTerminated && !stop.IsCancellationRequested && !finished.Task.IsCompleted)
-                throw new InvalidOperationException(CoordinatedShutdown.Get(system).ShutdownReason is ClusterNode.QuarantinedReason q
-                    ? $"this node was {q}, which removed it from the cluster; restart it to rejoin"
-                    : "this node's actor system stopped (downed by the cluster?)");
+                throw new InvalidOperationException("this node's actor system stopped (downed by the cluster?)");
             var rounds = finished.Task.IsCompleted ? finished.Task.Result.Round : 0;
             var steps = everyStep ? rounds : rounds * s.Cluster.InnerSteps;
             if (finished.Task.IsCompleted)   // a replica's node has its own work done: it waits a round's time at most
