@@ -17,6 +17,8 @@ namespace Mamo.Actors;
 /// after a rebalance) at the newer of this source's last durable position for it and the group's committed offset:
 /// another member may have trained further while it was away. Records that cannot be used go to the dead-letter
 /// topic with `error` and `source-offset` headers; the producer is flushed before the offsets behind them are committed.
+/// A stream is offered each record once: one the consumer delivers again (a seek racing a fetch, a partition given
+/// back after a rebalance) is skipped, since the stream already trains on it.
 /// </summary>
 public sealed class KafkaTrainingSource : ITrainingSource
 {
@@ -40,6 +42,11 @@ public sealed class KafkaTrainingSource : ITrainingSource
     readonly ConcurrentDictionary<string, bool> assigned = new();
     /// <summary>Set by a rebalance (on the consumer thread, inside a poll): the loop settles the new partitions' pause state.</summary>
     bool reassigned;
+    /// <summary>The consumer thread's: per partition, the offset after the last record offered to the current stream.</summary>
+    readonly Dictionary<string, long> offeredUpTo = [];
+    /// <summary>The consumer thread's: per partition, the first offset delivered in this process, where a partition
+    /// with neither a durable nor a committed position starts again.</summary>
+    readonly Dictionary<string, long> firstDelivered = [];
 
     /// <summary>The partitions this consumer owns now ("TOPIC/N").</summary>
     public IReadOnlyCollection<string> Assigned => assigned.Keys.Order().ToList();
@@ -143,8 +150,16 @@ public sealed class KafkaTrainingSource : ITrainingSource
                     {
                         attach = null;
                         queue = next.Queue;
+                        offeredUpTo.Clear();
                         durable = durable.Merge(next.Resume);
-                        foreach (var start in StartOffsets(consumer, consumer.Assignment)) consumer.Seek(start);
+                        // Only to real offsets: a logical one (Unset, Beginning) resets the partition asynchronously,
+                        // and a record fetched meanwhile was seen delivered twice.
+                        foreach (var start in StartOffsets(consumer, consumer.Assignment))
+                        {
+                            var at = start.Offset.Value >= 0 ? start.Offset.Value
+                                : firstDelivered.GetValueOrDefault(KafkaRecords.PartitionKey(start.Topic, start.Partition.Value), -1);
+                            if (at >= 0) consumer.Seek(new TopicPartitionOffset(start.TopicPartition, new Offset(at)));
+                        }
                         consumer.Resume(consumer.Assignment);
                     }
                 }
@@ -171,6 +186,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 if (record is null || record.IsPartitionEOF) continue;
                 BrokerBack();
                 lastConsumeError = null;
+                var partition = KafkaRecords.PartitionKey(record.Topic, record.Partition.Value);
+                firstDelivered.TryAdd(partition, record.Offset.Value);
                 if (queue is null)
                 {
                     // Delivered while no stream runs (a partition assigned meanwhile): put it back for the next one.
@@ -178,14 +195,19 @@ public sealed class KafkaTrainingSource : ITrainingSource
                     consumer.Pause([record.TopicPartition]);
                     continue;
                 }
+                if (record.Offset.Value < offeredUpTo.GetValueOrDefault(partition, long.MinValue))
+                {
+                    Log.Debug("Kafka delivered {Partition}@{Offset} again; the stream already has it", partition, record.Offset.Value);
+                    continue;
+                }
                 var item = KafkaRecords.Read(record.Topic, record.Partition.Value, record.Offset.Value, record.Message.Key, record.Message.Value, record.Message.Headers, limits);
-                var partition = KafkaRecords.PartitionKey(record.Topic, record.Partition.Value);
                 if (item is BadItem) unusable[(partition, record.Offset.Value)] = record.Message;
                 if (!Offer(consumer, queue, new Positioned(partition, record.Offset.Value, item)))
                 {
                     unusable.TryRemove((partition, record.Offset.Value), out _);
                     consumer.Seek(record.TopicPartitionOffset);   // not taken: the next stream starts with it
                 }
+                else offeredUpTo[partition] = record.Offset.Value + 1;
             }
             CommitDurable(consumer);
         }
