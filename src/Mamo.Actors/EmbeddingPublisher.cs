@@ -25,6 +25,8 @@ public sealed class EmbeddingPublisher : ReceiveActor
     /// <summary>Publish every checkpoint up to Step now, then reply Drained.</summary>
     public sealed record Drain(long Step);
     public sealed record Drained(long Step);
+    /// <summary>On the event stream once a model's embeddings are out.</summary>
+    public sealed record Published(string Version, long Step, int Records, int Predictions, string Output);
 
     /// <summary>from: the step the run starts at, whose embeddings went out before.</summary>
     public EmbeddingPublisher(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device, long from)
@@ -73,6 +75,7 @@ public sealed class EmbeddingPublisher : ReceiveActor
             var count = embedder.Embed(items, modality, batchSize, sink);
             var predictions = embedder.Predict(items, batchSize, sink);
             sink.Flush();
+            Context.System.EventStream.Publish(new Published(embedder.Version, checkpoint.Step, count, predictions, sink.Name));
             Log.Information("published {Count} embeddings and {Predictions} predictions of model {Version} to {Output} in {Took:F1}s", count, predictions,
                 embedder.Version, sink.Name, clock.Elapsed.TotalSeconds);
         }

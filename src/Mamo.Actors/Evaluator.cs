@@ -17,7 +17,16 @@ public sealed class Evaluator : ReceiveActor
     /// <summary>Evaluate the teacher as it now stands; Step: where training is.</summary>
     public sealed record EvaluateNow(long Step);
     /// <summary>One held-out set's result; Step: the teacher step evaluated (the updates its EMA holds).</summary>
-    public sealed record EvalCompleted(long Step, string Set, int Images, int Texts, RetrievalMetrics Metrics, TimeSpan Took);
+    public sealed record EvalCompleted(long Step, string Set, int Images, int Texts, RetrievalMetrics Metrics, TimeSpan Took)
+    {
+        /// <summary>Fixed captions of the set and the images they retrieved, best first.</summary>
+        public IReadOnlyList<RetrievalProbe> Probes { get; init; } = [];
+        /// <summary>PNG thumbnails of the images in <see cref="Probes"/>, by image index.</summary>
+        public IReadOnlyDictionary<int, byte[]> Thumbnails { get; init; } = new Dictionary<int, byte[]>();
+    }
+    /// <summary>One probe caption (Truth: the index of its own image) and its top images.</summary>
+    public sealed record RetrievalProbe(string Caption, int Truth, IReadOnlyList<ProbeHit> Top);
+    public sealed record ProbeHit(int Image, string Id, double Score);
     /// <summary>One labelled set's classification result; Step: the student step evaluated.</summary>
     public sealed record ClassifyCompleted(long Step, string Set, ClassificationReport Report, TimeSpan Took);
     /// <summary>Asks for a Status.</summary>
@@ -96,8 +105,18 @@ public sealed class Evaluator : ReceiveActor
                 foreach (var (name, set) in sets)
                 {
                     var started = DateTime.UtcNow;
-                    var m = Retrieval.Evaluate(model, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, k, batchSize, shutdown);
-                    metrics.Tell(new EvalCompleted(s.TeacherStep, name, set.ImageCount, set.TextCount, m, DateTime.UtcNow - started));
+                    var (i2t, t2i) = Retrieval.Scores(model, set.Images, set.TokenIds, set.AttentionMask, k, batchSize, shutdown);
+                    using (i2t)
+                    using (t2i)
+                    {
+                        var m = Retrieval.Metrics(i2t, t2i, set.TextToImage);
+                        var probes = Probes(set, t2i);
+                        metrics.Tell(new EvalCompleted(s.TeacherStep, name, set.ImageCount, set.TextCount, m, DateTime.UtcNow - started)
+                        {
+                            Probes = probes,
+                            Thumbnails = probes.SelectMany(p => p.Top.Select(h => h.Image).Append(p.Truth)).Distinct().ToDictionary(i => i, i => set.Thumbnails[i]),
+                        });
+                    }
                 }
                 if (this.labelled.Count > 0) Classify(s);
             }
@@ -117,6 +136,15 @@ public sealed class Evaluator : ReceiveActor
             }
         });
     }
+
+    const int ProbeCaptions = 4, ProbeTop = 5;
+
+    /// <summary>The same captions at every evaluation (spread over the set), so the examples show the model changing.</summary>
+    static List<RetrievalProbe> Probes(EvalSet set, TorchSharp.torch.Tensor scoresT2I) =>
+        Enumerable.Range(0, ProbeCaptions).Select(i => (int)((long)i * set.TextCount / ProbeCaptions)).Distinct()
+            .Select(c => new RetrievalProbe(set.Captions[c], set.TextToImage[c],
+                Retrieval.Top(scoresT2I, c, ProbeTop).Select(h => new ProbeHit(h.Image, set.ImageIds[h.Image], h.Score)).ToList()))
+            .ToList();
 
     void Request(long step)
     {

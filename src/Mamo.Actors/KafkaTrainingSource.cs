@@ -51,6 +51,16 @@ public sealed class KafkaTrainingSource : ITrainingSource
     /// <summary>The partitions this consumer owns now ("TOPIC/N").</summary>
     public IReadOnlyCollection<string> Assigned => assigned.Keys.Order().ToList();
 
+    /// <summary>Refreshed on the consumer thread: where it stands in each partition it owns.</summary>
+    volatile IReadOnlyList<PartitionStatus> partitions = [];
+    readonly Dictionary<TopicPartition, long> committedByUs = [];
+    DateTime statusAt;
+    static readonly TimeSpan StatusEvery = TimeSpan.FromSeconds(1);
+
+    public IReadOnlyList<PartitionStatus> Partitions => partitions;
+
+    public string? PausedBecause => Volatile.Read(ref brokerDown) == 1 ? "Kafka broker unavailable" : null;
+
     /// <summary>Whether this consumer owns the partition ("TOPIC/N") now.</summary>
     public bool Owns(string partition) => assigned.ContainsKey(partition);
 
@@ -144,6 +154,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
             while (!closing.IsCancellationRequested)
             {
                 CommitDurable(consumer);
+                RefreshStatus(consumer);
                 lock (gate)
                 {
                     if (attach is { } next)
@@ -274,6 +285,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 if (consumer.Consume(TimeSpan.Zero) is { IsPartitionEOF: false } early)
                     consumer.Seek(early.TopicPartitionOffset);   // fetched before the pause: read again after it
                 CommitDurable(consumer);
+                RefreshStatus(consumer);
             }
             return offer.Result is QueueOfferResult.Enqueued;
         }
@@ -307,12 +319,37 @@ public sealed class KafkaTrainingSource : ITrainingSource
             if (offsets.Count == 0) return;
             deadLetters.Flush(FlushTimeout);   // dead letters before the offsets that skip them
             consumer.Commit(offsets);
+            foreach (var o in offsets) committedByUs[o.TopicPartition] = o.Offset.Value;
             Log.Debug("committed Kafka offsets {Offsets}", string.Join(", ", offsets));
         }
         catch (KafkaException e)
         {
             Log.Warning("Kafka offsets not committed ({Reason}); the checkpoint holds them, and the next checkpoint commits again", e.Error.Reason);
         }
+    }
+
+    /// <summary>Position and end offsets as the client last saw them (no broker round trip): the lag the dashboard shows.</summary>
+    void RefreshStatus(IConsumer<byte[]?, byte[]?> consumer)
+    {
+        if (DateTime.UtcNow - statusAt < StatusEvery) return;
+        statusAt = DateTime.UtcNow;
+        var list = new List<PartitionStatus>();
+        foreach (var tp in consumer.Assignment.OrderBy(tp => tp.Topic).ThenBy(tp => tp.Partition.Value))
+        {
+            long? position = null, end = null;
+            try
+            {
+                var p = consumer.Position(tp);
+                if (p != Offset.Unset) position = p.Value;
+                var w = consumer.GetWatermarkOffsets(tp);
+                if (w.High != Offset.Unset) end = w.High.Value;
+            }
+            catch (KafkaException) { }
+            long? lag = position is { } a && end is { } b ? Math.Max(0, b - a) : null;
+            list.Add(new PartitionStatus(KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value), position, end, lag,
+                committedByUs.TryGetValue(tp, out var c) ? c : null));
+        }
+        partitions = list;
     }
 
     int brokerDown;

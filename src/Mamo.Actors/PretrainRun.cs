@@ -32,6 +32,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     readonly Func<MamoConfig, IObjective> objective = objective ?? FineTuning.Objective(settings);
     readonly Stopwatch clock = Stopwatch.StartNew();
     IReadOnlyList<EmbeddingItem> publishItems = [];
+    RunStatus? status;
     long samplesRead;
 
     /// <summary>The run's actor system, alive from start to end whatever the pipeline restarts.</summary>
@@ -53,6 +54,8 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         var decodeLimits = new DecodeLimits(s.MaxImageBytes, s.MaxImagePixels);
         var bad = new List<BadInput>();
         using var source = OpenSource(s, decodeLimits, bad.Add, log);
+        status = new RunStatus(s.Preset, source, () => SamplesRead);
+        string? failure = null;
 
         var evalSets = new List<Evaluator.NamedSet>();
         var labelledSets = new List<Evaluator.NamedLabelledSet>();
@@ -84,14 +87,24 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                     if (Checkpoint.Latest(s.RunDir) != before) attempt = 0;   // it made progress: a fresh failure, not a crash loop
                     var backoff = TimeSpan.FromTicks(Math.Min(s.MaxBackoff.Ticks, s.MinBackoff.Ticks << Math.Min(attempt, MaxBackoffDoublings)));
                     Log.Error(e, "the pipeline failed; restarting from the last checkpoint in {Backoff} (restart {Attempt} of {Max})", backoff, attempt + 1, s.MaxRestarts);
+                    status!.Restarted();
+                    Metrics.AppendLine(s.RunDir, Metrics.State("restarting", status.Restarts, e.Message));
                     try { await Task.Delay(backoff, stop); }
                     catch (OperationCanceledException) { return Checkpoint.Latest(s.RunDir) is { } c ? Checkpoint.ReadState(c).Step : 0; }
                 }
             }
         }
+        catch (Exception e)
+        {
+            failure = e.Message;
+            throw;
+        }
         finally
         {
             await system.Terminate();
+            // Every actor has stopped: nothing else writes metrics.jsonl now.
+            try { Metrics.AppendLine(s.RunDir, Metrics.State("stopped", status!.Restarts, failure)); }
+            catch (IOException e) { Log.Warning("the stopped state was not written: {Error}", e.Message); }
             foreach (var set in evalSets) set.Set.Dispose();
             foreach (var set in labelledSets) set.Set.Dispose();
         }
@@ -190,7 +203,8 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
 
         RunSupervisor.Pipeline Create(IUntypedActorContext context)
         {
-            var metrics = context.ActorOf(Metrics.Props(s.RunDir, s.MetricsEverySteps, s.Ledger, progress, step => Remaining(step, startStep)), "metrics");
+            var metrics = context.ActorOf(Metrics.Props(s.RunDir, s.MetricsEverySteps, s.Ledger, progress, step => Remaining(step, startStep),
+                status, s.MetricsSampleEvery), "metrics");
             foreach (var b in loadBad) metrics.Tell(new Metrics.DeadLetter(b));
             loadBad.Clear();   // reported once, not again after a restart
             var checkpointer = context.ActorOf(Checkpointer.Props(s.RunDir, s.Model, Checkpoint.Parts(state), s.KeepLast, s.Seed), "checkpointer");

@@ -74,6 +74,8 @@ public sealed record MamoSettings
     public required TimeSpan MinBackoff { get; init; }
     public required TimeSpan MaxBackoff { get; init; }
     public required int MetricsEverySteps { get; init; }
+    /// <summary>How often process, Kafka and state lines go to metrics.jsonl (the dashboard's view between steps).</summary>
+    public required TimeSpan MetricsSampleEvery { get; init; }
     /// <summary>librdkafka properties passed as they are (SASL, TLS, timeouts).</summary>
     public required IReadOnlyDictionary<string, string> KafkaConsumer { get; init; }
     public required IReadOnlyDictionary<string, string> KafkaProducer { get; init; }
@@ -291,6 +293,7 @@ public sealed record MamoSettings
             MinBackoff = minBackoff,
             MaxBackoff = maxBackoff,
             MetricsEverySteps = Int("metrics.every-steps", 1),
+            MetricsSampleEvery = Get("metrics.sample-every", k => c.GetTimeSpan(k), v => v > TimeSpan.Zero, "must be positive"),
             KafkaConsumer = Flatten(c, "mamo.kafka.consumer"),
             KafkaProducer = Flatten(c, "mamo.kafka.producer"),
             DeadLetterTopic = c.GetString("mamo.kafka.dead-letter-topic") is { Length: > 0 } dlq ? dlq : null,

@@ -36,6 +36,10 @@ public sealed record StreamPosition(ImmutableSortedDictionary<string, long> Offs
 /// <summary>A record of a training stream and its place there.</summary>
 public sealed record Positioned(string Partition, long Offset, SourceItem Item);
 
+/// <summary>Where a consumer stands in one partition of a stream ("TOPIC/N"): its position (the next offset it reads),
+/// the partition's end, the records between them, and the group's last commit; null where not known yet.</summary>
+public sealed record PartitionStatus(string Partition, long? Position, long? End, long? Lag, long? Committed);
+
 /// <summary>A stream of training samples with no end, positioned so that a checkpoint can resume it.</summary>
 public interface ITrainingSource : IDisposable
 {
@@ -49,4 +53,10 @@ public interface ITrainingSource : IDisposable
 
     /// <summary>Everything up to <paramref name="durable"/> is in a checkpoint on disk: acknowledge it.</summary>
     void Commit(StreamPosition durable);
+
+    /// <summary>Why the stream delivers nothing now (e.g. its broker is unreachable); null while it can deliver.</summary>
+    string? PausedBecause => null;
+
+    /// <summary>The partitions this source reads now, where it has any.</summary>
+    IReadOnlyList<PartitionStatus> Partitions => [];
 }

@@ -20,5 +20,6 @@ public static class MamoRoot
         EmbedCommand.Create(),
         DevBrokerCommand.Create(),
         ClusterCommand.Create(),
+        DashboardCommand.Create(),
     };
 }

@@ -27,6 +27,8 @@ public sealed class MetricsLog
     /// <summary>The loss terms a train line may carry, in the order MAMO names them.</summary>
     public static readonly IReadOnlyList<string> LossTerms = ["itc", "itm", "mlm", "mim", "mrm", "classify"];
     const string ScorePrefix = "preq_";
+    /// <summary>Kinds written for the dashboard (docs/DASHBOARD.md), which the plots do not draw.</summary>
+    static readonly HashSet<string> DashboardKinds = ["start", "state", "process", "kafka", "checkpoint", "probe", "thumbnail", "publish"];
 
     public IReadOnlyList<TrainRecord> Train { get; }
     public IReadOnlyList<EvalRecord> Eval { get; }
@@ -65,6 +67,7 @@ public sealed class MetricsLog
                     case "eval" when ParseEval(root) is { } e: eval.Add(e); break;
                     case "eval" when ParseClassify(root) is { } c: classify.Add(c); break;
                     case "train" or "eval" or null: malformed++; break;
+                    case var other when DashboardKinds.Contains(other): break;
                     default: unknown++; break;
                 }
             }

@@ -1,3 +1,4 @@
+using SkiaSharp;
 using static TorchSharp.torch;
 
 namespace Mamo.Data;
@@ -9,6 +10,8 @@ namespace Mamo.Data;
 public sealed class EvalSet : IDisposable
 {
     private const int Channels = 3;
+    /// <summary>Side of <see cref="Thumbnails"/>, in pixels.</summary>
+    public const int ThumbnailSize = 48;
 
     /// <summary>[Ni, 3, S, S] float32.</summary>
     public Tensor Images { get; }
@@ -25,13 +28,22 @@ public sealed class EvalSet : IDisposable
     /// <summary>[Ni] the manifest id of each image.</summary>
     public string[] ImageIds { get; }
 
+    /// <summary>[Nt] each caption's text.</summary>
+    public string[] Captions { get; }
+
+    /// <summary>[Ni] each image as a small PNG, for showing retrieval results.</summary>
+    public byte[][] Thumbnails { get; }
+
     public IReadOnlyList<BadInput> Bad { get; }
 
     public int ImageCount => ImageIds.Length;
     public int TextCount => TextToImage.Length;
 
-    private EvalSet(Tensor images, Tensor tokenIds, Tensor attentionMask, int[] textToImage, string[] imageIds, IReadOnlyList<BadInput> bad)
+    private EvalSet(Tensor images, Tensor tokenIds, Tensor attentionMask, int[] textToImage, string[] imageIds, string[] captions, byte[][] thumbnails,
+        IReadOnlyList<BadInput> bad)
     {
+        Captions = captions;
+        Thumbnails = thumbnails;
         Images = images;
         TokenIds = tokenIds;
         AttentionMask = attentionMask;
@@ -51,6 +63,8 @@ public sealed class EvalSet : IDisposable
         var captions = new List<(long[] Ids, long[] AttentionMask)>();
         var textToImage = new List<int>();
         var imageIds = new List<string>();
+        var texts = new List<string>();
+        var thumbnails = new List<byte[]>();
         foreach (var sample in samples)
         {
             if (!preparer.TryPrepareForEvaluation(sample, out var image, out var encoded, out var error))
@@ -61,7 +75,9 @@ public sealed class EvalSet : IDisposable
             textToImage.AddRange(Enumerable.Repeat(pixels.Count, encoded.Count));
             pixels.Add(image);
             captions.AddRange(encoded);
+            texts.AddRange(sample.Captions);
             imageIds.Add(sample.Id);
+            thumbnails.Add(Thumbnail(sample.Image, limits ?? DecodeLimits.Default));
         }
         if (pixels.Count == 0)
         {
@@ -76,7 +92,22 @@ public sealed class EvalSet : IDisposable
         var attentionMask = tensor(captions.SelectMany(c => c.AttentionMask).ToArray(), [nt, maxTextLength], ScalarType.Int64);
         // The set outlives any dispose scope it is loaded in.
         return new EvalSet(images.DetachFromDisposeScope(), tokenIds.DetachFromDisposeScope(), attentionMask.DetachFromDisposeScope(),
-            textToImage.ToArray(), imageIds.ToArray(), bad);
+            textToImage.ToArray(), imageIds.ToArray(), texts.ToArray(), thumbnails.ToArray(), bad);
+    }
+
+    /// <summary>The image scaled to fit <see cref="ThumbnailSize"/>, as PNG (it decoded once already, so it decodes again).</summary>
+    private static byte[] Thumbnail(byte[] encoded, DecodeLimits limits)
+    {
+        if (!ImageDecoder.TryDecode(encoded, limits, out var rgb, out _)) return [];
+        using (rgb)
+        {
+            var scale = (float)ThumbnailSize / Math.Max(rgb.Width, rgb.Height);
+            var info = new SKImageInfo(Math.Max(1, (int)(rgb.Width * scale)), Math.Max(1, (int)(rgb.Height * scale)));
+            using var small = rgb.Resize(info, new SKSamplingOptions(SKFilterMode.Linear, SKMipmapMode.Linear));
+            using var image = SKImage.FromBitmap(small);
+            using var png = image.Encode(SKEncodedImageFormat.Png, 100);
+            return png.ToArray();
+        }
     }
 
     public void Dispose()

@@ -112,6 +112,17 @@ public static class Retrieval
     }
 
     /// <summary>Retrieval metrics of a model on an evaluation set: <see cref="Scores"/>, then <see cref="Metrics"/>.</summary>
+    /// <summary>The <paramref name="k"/> best-scored images of one caption, best first: (image index, score).</summary>
+    /// <param name="scoresT2I">[Nt, Ni]</param>
+    public static IReadOnlyList<(int Image, double Score)> Top(Tensor scoresT2I, int caption, int k)
+    {
+        using var scope = NewDisposeScope();
+        var (values, indices) = scoresT2I[caption].to(float64).nan_to_num(double.NegativeInfinity).topk((int)Math.Min(k, scoresT2I.shape[1]));
+        var v = values.data<double>().ToArray();
+        var i = indices.data<long>().ToArray();
+        return [.. i.Select((index, r) => ((int)index, v[r]))];
+    }
+
     public static RetrievalMetrics Evaluate(MamoModel model, Tensor images, Tensor tokenIds, Tensor attentionMask, int[] textToImage, int k, int batchSize,
         CancellationToken ct = default)
     {

@@ -70,7 +70,7 @@ public class KafkaTests(ITestOutputHelper output)
         using var p = Process.Start(MamoProcess.StartInfo(Pretrain($"kafka://{cluster.BootstrapServers}/pairs", run, maxSteps: steps,
             "--set", "kafka.consumer.queued.min.messages=1", "--set", "kafka.consumer.queued.max.messages.kbytes=1",
             "--set", "kafka.consumer.fetch.max.bytes=20000", "--set", "kafka.consumer.message.max.bytes=20000",
-            "--set", "kafka.consumer.max.partition.fetch.bytes=10000")))!;
+            "--set", "kafka.consumer.max.partition.fetch.bytes=10000", "--set", "metrics.sample-every=1s")))!;
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
         WaitFor(() => File.Exists(Path.Combine(run, "ledger.jsonl")) && MamoProcess.Ledger(run).Count >= 6, p);
@@ -78,6 +78,7 @@ public class KafkaTests(ITestOutputHelper output)
         WaitFor(() => File.ReadAllText(Path.Combine(run, "mamo.log")).Contains("Kafka broker unavailable"), p);
         // The run has seen the outage and cannot finish: at most about 110 records were read ahead of the trainer.
         Assert.InRange(MamoProcess.Ledger(run).Count, 6, steps - 1);
+        WaitFor(() => States(run).LastOrDefault() == "paused", p);   // and says so to its dashboard
         cluster.SetBrokerDown(1, down: false);
         using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(3));
         await p.WaitForExitAsync(patience.Token);
@@ -89,7 +90,21 @@ public class KafkaTests(ITestOutputHelper output)
         var final = StreamPosition.FromExtra(Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Extra);
         var covered = ReadTopic(cluster, "pairs").Where(r => r.Offset <= (final[KafkaRecords.PartitionKey("pairs", r.Partition)] ?? -1)).Select(r => r.Id);
         Assert.Equal(covered.Order(), ledger.SelectMany(e => e.Ids).Order());
+        // The dashboard's lines: running, paused while the broker was away, running again, stopped; and the consumer's
+        // position, end offset and lag in both partitions.
+        Assert.Equal(["running", "paused", "running", "stopped"], Collapse(States(run)));
+        var kafka = MetricLines(run).Where(l => (string?)l["kind"] == "kafka").Select(l => l["partitions"]!.AsObject()).ToList();
+        Assert.Contains(kafka, k => k.ContainsKey("pairs/0") && k.ContainsKey("pairs/1")
+            && k.All(p => p.Value!["lag"] is not null && (long)p.Value["lag"]! == (long)p.Value["end"]! - (long)p.Value["position"]!));
     }
+
+    static List<System.Text.Json.Nodes.JsonObject> MetricLines(string run) =>
+        File.ReadAllLines(Path.Combine(run, "metrics.jsonl")).Where(l => l.EndsWith('}')).Select(l => System.Text.Json.Nodes.JsonNode.Parse(l)!.AsObject()).ToList();
+
+    static List<string> States(string run) => MetricLines(run).Where(l => (string?)l["kind"] == "state").Select(l => (string)l["state"]!).ToList();
+
+    /// <summary>Runs of the same state as one.</summary>
+    static List<string> Collapse(List<string> states) => states.Where((s, i) => i == 0 || states[i - 1] != s).ToList();
 
     [Fact]
     public void Unusable_records_go_to_the_dead_letter_topic_with_reasons_and_training_goes_on()

@@ -17,7 +17,8 @@ public class PlotTests
         """[1, 2, 3]""",
         """{"kind":"train","step":5,"loss":"high"}""",               // loss is not a number
     ];
-    const string UnknownKind = """{"kind":"checkpoint","step":100,"path":"checkpoints/step-000000000100"}""";
+    const string UnknownKind = """{"kind":"forecast","step":100,"loss":0.5}""";
+    const string DashboardLine = """{"kind":"checkpoint","time":"2026-12-01T10:00:00Z","step":100,"path":"step-000000000100","bytes":1000,"offsets":{}}""";
 
     /// <summary>A metrics.jsonl as the Metrics actor writes it, with malformed and unknown lines mixed in.</summary>
     static IEnumerable<string> Lines()
@@ -41,7 +42,7 @@ public class PlotTests
                         $"\"chance\":{100.0 / images},\"tr1\":{r},\"tr5\":{3 * r},\"tr10\":{5 * r},\"ir1\":{r / 2},\"ir5\":{2 * r},\"ir10\":{4 * r},\"r_mean\":{(r + 3 * r + 5 * r + r / 2 + 2 * r + 4 * r) / 6}}}");
                 }
             if (i == 3) foreach (var bad in Malformed) yield return bad;
-            if (i == 7) { yield return UnknownKind; yield return ""; }
+            if (i == 7) { yield return UnknownKind; yield return DashboardLine; yield return ""; }
         }
     }
 

@@ -135,7 +135,7 @@ public class PretrainTests(ITestOutputHelper output)
     }
 
     /// <summary>Forty real emoji plus four bad lines: malformed JSON, an undecodable PNG, a missing file, no caption.</summary>
-    static string WriteManifest(TempFolder folder)
+    internal static string WriteManifest(TempFolder folder)
     {
         var emoji = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TrainSplit);
         var root = Path.GetDirectoryName(emoji)!;

@@ -25,9 +25,11 @@ public static class FinetuneCommand
         var settingsOptions = new SettingsOptions();
         var ledger = new Option<bool>("--ledger") { Description = "Write each step's sample ids, loss, predictions and labels to ledger.jsonl" };
         var plain = new Option<bool>("--plain") { Description = "Log lines instead of the live progress display" };
+        var dashboard = PretrainCommand.Dashboard();
         var command = new Command("finetune", "Fine-tune a pre-trained checkpoint online: predict each record, then learn from it")
         {
             from, task, source, runDir, labelField, text, maxSteps, timeBudget, device, settingsOptions.Config, settingsOptions.Set, ledger, plain,
+            dashboard.Listen, dashboard.Token,
         };
         command.SetAction(async (parse, _) =>
         {
@@ -53,20 +55,22 @@ public static class FinetuneCommand
             if (parse.GetValue(ledger)) Add("ledger", "on");
 
             MamoSettings settings;
+            (Mamo.Cli.Dashboard.DashboardAddress? Address, string? Token) serve;
             try
             {
+                serve = dashboard.Resolve(parse);
                 var model = Checkpoint.ReadConfig(checkpoint);
                 var preset = new[] { "tiny", "small", "base" }.FirstOrDefault(p => MamoConfig.Preset(p).SameArchitecture(model))
                     ?? throw new SettingsException($"{checkpoint} holds a model of no preset's architecture");
                 string[] layers = taskName == FineTuneSettings.Retrieval ? ["finetune-retrieval.conf", "finetune.conf"] : ["finetune.conf"];
                 settings = MamoSettings.Load(parse.GetValue(settingsOptions.Config), [$"preset={preset}", .. sets, .. parse.GetValue(settingsOptions.Set) ?? []], layers);
             }
-            catch (Exception e) when (e is SettingsException or IOException or System.Text.Json.JsonException or InvalidDataException)
+            catch (Exception e) when (e is SettingsException or IOException or System.Text.Json.JsonException or InvalidDataException or FormatException)
             {
                 error.WriteLine($"mamo finetune: {e.Message}");
                 return PretrainCommand.SettingsError;
             }
-            return await PretrainCommand.Train("finetune", settings, parse.GetValue(plain), init: checkpoint);
+            return await PretrainCommand.Train("finetune", settings, parse.GetValue(plain), init: checkpoint, dashboard: serve);
         });
         return command;
     }

@@ -2,6 +2,8 @@ using System.CommandLine;
 using System.Runtime.InteropServices;
 using Mamo.Actors;
 using Mamo.Actors.Cluster;
+using Mamo.Cli.Dashboard;
+using Microsoft.Extensions.Diagnostics.HealthChecks;
 using Serilog;
 using Serilog.Events;
 using Spectre.Console;
@@ -29,9 +31,11 @@ public static class PretrainCommand
         var seedNodes = new Option<string?>("--seed-nodes") { Description = "HOST:PORT[,HOST:PORT...] of the nodes to join (with --cluster)" };
         var nodeName = new Option<string?>("--node-name") { Description = "This node's name; its log and ledger go to RUN_DIR/nodes/NAME (default: HOST-PORT)" };
         var roles = new Option<string?>("--roles") { Description = "coordinator,trainer,evaluator,publisher (default: all)" };
+        var dashboard = Dashboard();
         var command = new Command("pretrain", "Continually pre-train MAMO on an image-text stream")
         {
             preset, source, runDir, maxSteps, timeBudget, device, settingsOptions.Config, settingsOptions.Set, ledger, plain, cluster, seedNodes, nodeName, roles,
+            dashboard.Listen, dashboard.Token,
         };
         command.SetAction(async (parse, _) =>
         {
@@ -47,18 +51,20 @@ public static class PretrainCommand
 
             MamoSettings settings;
             ClusterNodeOptions? node;
+            (DashboardAddress? Address, string? Token) serve;
             try
             {
                 settings = settingsOptions.Load(parse, sets);
                 if (settings.FineTune.IsFineTuning) throw new SettingsException("'mamo.finetune.task' is set: fine-tune with `mamo finetune --from CHECKPOINT --task ...`");
                 node = NodeOptions(parse.GetValue(cluster), parse.GetValue(seedNodes), parse.GetValue(nodeName), parse.GetValue(roles));
+                serve = dashboard.Resolve(parse);
             }
-            catch (SettingsException e)
+            catch (Exception e) when (e is SettingsException or FormatException)
             {
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");
                 return SettingsError;
             }
-            return await Train("pretrain", settings, parse.GetValue(plain), node);
+            return await Train("pretrain", settings, parse.GetValue(plain), node, dashboard: node is null ? serve : default);
         });
         return command;
     }
@@ -67,7 +73,13 @@ public static class PretrainCommand
     /// (or log lines), SIGINT/SIGTERM as a clean stop with a final checkpoint, and exit codes for settings errors and
     /// failed runs.</summary>
     /// <param name="init">the checkpoint a new fine-tuning run starts from</param>
-    internal static async Task<int> Train(string name, MamoSettings settings, bool plain, ClusterNodeOptions? node = null, string? init = null)
+    /// <summary>The training commands' --dashboard and --dashboard-token.</summary>
+    internal static DashboardOptions Dashboard() =>
+        new("--dashboard", "HOST:PORT of the run's live dashboard and /metrics, or off (default 127.0.0.1:8080, or the next free port)");
+
+    /// <param name="dashboard">where to serve the run's dashboard; no address: none</param>
+    internal static async Task<int> Train(string name, MamoSettings settings, bool plain, ClusterNodeOptions? node = null, string? init = null,
+        (DashboardAddress? Address, string? Token) dashboard = default)
     {
         var live = node is null && !plain && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
         var logDir = node is null ? settings.RunDir : ClusterRun.NodeDir(settings.RunDir, node.Name);
@@ -90,6 +102,7 @@ public static class PretrainCommand
             }
             var display = live ? new ProgressDisplay() : null;
             var run = new PretrainRun(settings, display, init: init);
+            await using var server = dashboard.Address is { } address ? await ServeDashboard(run, settings.RunDir, address, dashboard.Token) : null;
             var step = display is null ? await run.RunAsync(stop.Token) : await display.ShowWhile(() => run.RunAsync(stop.Token));
             Console.WriteLine($"checkpoint at step {step} in {Path.GetFullPath(settings.RunDir)}");
             return 0;
@@ -109,6 +122,29 @@ public static class PretrainCommand
         finally
         {
             await Log.CloseAndFlushAsync();
+        }
+    }
+
+    /// <summary>The run's dashboard over its folder; live while the run's actor system is, ready while it trains. A
+    /// dashboard that cannot bind is reported, and the run goes on without it.</summary>
+    static async Task<DashboardServer?> ServeDashboard(PretrainRun run, string runDir, DashboardAddress address, string? token)
+    {
+        var history = new RunFiles(runDir);
+        try
+        {
+            var server = await DashboardServer.StartAsync(history, address, token,
+                live: () => run.System is { WhenTerminated.IsCompleted: true } ? HealthCheckResult.Unhealthy("the run's actor system has terminated") : HealthCheckResult.Healthy(),
+                ready: () => history.State is "running" ? HealthCheckResult.Healthy("training")
+                    : HealthCheckResult.Unhealthy(history.State is null ? "starting" : $"{history.State}{(history.StateReason is { } r ? ": " + r : "")}"));
+            Console.WriteLine($"dashboard: {server.Address}");
+            Log.Information("dashboard at {Address}", server.Address);
+            return server;
+        }
+        catch (IOException e)
+        {
+            Log.Warning("the dashboard could not listen at {Address} or the ports after it ({Error}); the run goes on without it", address, e.Message);
+            Console.Error.WriteLine($"mamo: no dashboard: {e.Message}");
+            return null;
         }
     }
 

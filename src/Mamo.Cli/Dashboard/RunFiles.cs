@@ -1,0 +1,354 @@
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace Mamo.Cli.Dashboard;
+
+/// <summary>
+/// What the dashboard knows of a run, read from its folder only: metrics.jsonl and dead-letters.jsonl, followed as
+/// they grow (a run in progress, or one that stopped days ago). Reading the files, not the actors, is what makes
+/// history survive a restart and lets `mamo dashboard RUN_DIR` show exactly what the in-process dashboard shows.
+/// Each complete new line becomes an event with a sequence number; a line still being written waits for its newline.
+/// Lines that are not JSON objects are counted and skipped.
+/// </summary>
+public sealed class RunFiles
+{
+    public const string MetricsFile = "metrics.jsonl", DeadLetterFile = "dead-letters.jsonl";
+    const int RecentDeadLetters = 20, RecentEvents = 4096;
+
+    readonly object gate = new(), polling = new();
+    readonly FileFollower metrics, deadLetters;
+    readonly LinkedList<(long Seq, JsonObject Event)> recent = new();
+    long seq;
+
+    // Train curves as columns: step, then each key a train line carries (NaN where a line lacks it).
+    readonly List<double> trainSteps = [];
+    readonly Dictionary<string, List<double>> trainColumns = [];
+    readonly List<JsonObject> evals = [], checkpoints = [], publishes = [];
+    readonly Dictionary<string, JsonObject> probes = [];
+    readonly List<string> thumbnailSets = [];
+    readonly Dictionary<(int Set, int Image), byte[]> thumbnails = [];
+    readonly Dictionary<string, long> deadLettersByReason = [];
+    readonly LinkedList<JsonObject> latestDeadLetters = new();
+    readonly Dictionary<string, JsonObject> kafka = [];
+    readonly List<JsonObject> kafkaHistory = [], processHistory = [];
+    JsonObject? lastTrain, start, state, process;
+    int starts;
+
+    public RunFiles(string runDir)
+    {
+        RunDir = runDir;
+        metrics = new FileFollower(Path.Combine(runDir, MetricsFile));
+        deadLetters = new FileFollower(Path.Combine(runDir, DeadLetterFile));
+    }
+
+    public string RunDir { get; }
+
+    /// <summary>Lines of the run's files that were not JSON objects.</summary>
+    public long Malformed { get; private set; }
+
+    /// <summary>Whether metrics.jsonl has been read at least once.</summary>
+    public bool Loaded { get; private set; }
+
+    /// <summary>The newest state line's state (running, paused, restarting, stopped) and reason; null before one.</summary>
+    public string? State { get { lock (gate) return state is null ? null : Text(state, "state"); } }
+    public string? StateReason { get { lock (gate) return state is null ? null : Text(state, "reason"); } }
+
+    /// <summary>The sequence number of the newest event.</summary>
+    public long Sequence { get { lock (gate) return seq; } }
+
+    /// <summary>Reads what the files gained since the last call; returns how many events that made.</summary>
+    public int Poll()
+    {
+        lock (polling)   // the poll loop and a /metrics scrape may both ask
+        {
+            var added = 0;
+            foreach (var line in metrics.ReadNewLines()) added += Add(line, deadLetter: false);
+            foreach (var line in deadLetters.ReadNewLines()) added += Add(line, deadLetter: true);
+            Loaded |= metrics.Exists;
+            return added;
+        }
+    }
+
+    int Add(string line, bool deadLetter)
+    {
+        JsonObject? o;
+        try { o = JsonNode.Parse(line) as JsonObject; }
+        catch (JsonException) { o = null; }
+        lock (gate)
+        {
+            if (o is null)
+            {
+                Malformed++;
+                return 0;
+            }
+            if (deadLetter) o["kind"] = "dead_letter";
+            var kind = Text(o, "kind");
+            switch (kind)
+            {
+                case "train": AddTrain(o); break;
+                case "eval": evals.Add(o); break;
+                case "probe": probes[Text(o, "set") ?? ""] = o; break;
+                case "thumbnail": AddThumbnail(o); return 0;   // pixels are served, not streamed
+                case "checkpoint": checkpoints.Add(o); break;
+                case "publish": publishes.Add(o); break;
+                case "start": start = o; starts++; break;
+                case "state": state = o; break;
+                case "process": process = o; processHistory.Add(o); break;
+                case "kafka": AddKafka(o); break;
+                case "dead_letter": AddDeadLetter(o); break;
+            }
+            recent.AddLast((++seq, o));
+            if (recent.Count > RecentEvents) recent.RemoveFirst();
+            return 1;
+        }
+    }
+
+    void AddTrain(JsonObject o)
+    {
+        if (Number(o, "step") is not { } step) return;
+        lastTrain = o;
+        trainSteps.Add(step);
+        foreach (var (key, value) in o)
+        {
+            if (key is "kind" or "step" or "time" || Number(value) is not { } v) continue;
+            if (!trainColumns.TryGetValue(key, out var column))
+                trainColumns[key] = column = [.. Enumerable.Repeat(double.NaN, trainSteps.Count - 1)];
+            column.Add(v);
+        }
+        foreach (var column in trainColumns.Values)
+            if (column.Count < trainSteps.Count) column.Add(double.NaN);
+    }
+
+    void AddThumbnail(JsonObject o)
+    {
+        if (Text(o, "set") is not { } set || Number(o, "image") is not { } image || Text(o, "png") is not { } png) return;
+        byte[] bytes;
+        try { bytes = Convert.FromBase64String(png); }
+        catch (FormatException) { Malformed++; return; }
+        var index = thumbnailSets.IndexOf(set);
+        if (index < 0) { thumbnailSets.Add(set); index = thumbnailSets.Count - 1; }
+        thumbnails[(index, (int)image)] = bytes;
+    }
+
+    void AddKafka(JsonObject o)
+    {
+        kafkaHistory.Add(o);
+        if (o["partitions"] is not JsonObject partitions) return;
+        foreach (var (name, p) in partitions)
+            if (p is JsonObject po) kafka[name] = po;
+    }
+
+    void AddDeadLetter(JsonObject o)
+    {
+        var reason = Reason(Text(o, "reason") ?? "unknown");
+        deadLettersByReason[reason] = deadLettersByReason.GetValueOrDefault(reason) + 1;
+        latestDeadLetters.AddFirst(o);
+        if (latestDeadLetters.Count > RecentDeadLetters) latestDeadLetters.RemoveLast();
+    }
+
+    /// <summary>A dead letter's reason class: the text before the first colon, numbers as N ("malformed JSON on line
+    /// 6: ..." → "malformed JSON on line N"), so that a label has few values however the details vary.</summary>
+    public static string Reason(string reason)
+    {
+        var colon = reason.IndexOf(':');
+        var head = Digits.Replace((colon > 0 ? reason[..colon] : reason).Trim(), "N");
+        return head.Length is > 0 and <= 64 ? head : "other";
+    }
+
+    static readonly System.Text.RegularExpressions.Regex Digits = new(@"\d+", System.Text.RegularExpressions.RegexOptions.Compiled);
+
+    /// <summary>Events after <paramref name="after"/> still held (the newest few thousand).</summary>
+    public IReadOnlyList<(long Seq, JsonObject Event)> EventsAfter(long after)
+    {
+        lock (gate) return recent.Where(e => e.Seq > after).ToList();
+    }
+
+    /// <summary>A thumbnail of an evaluation image, by the index of its set in <see cref="Snapshot"/>'s
+    /// thumbnail_sets and its index in the set.</summary>
+    public byte[]? Thumbnail(int set, int image)
+    {
+        lock (gate) return thumbnails.GetValueOrDefault((set, image));
+    }
+
+    /// <summary>The whole state for a page that has just opened, with train curves downsampled to at most
+    /// <paramref name="maxPoints"/> rows.</summary>
+    public JsonObject Snapshot(int maxPoints)
+    {
+        lock (gate)
+        {
+            var keys = trainColumns.Keys.Order(StringComparer.Ordinal).ToList();
+            var (x, ys) = Downsampling.MinMax(trainSteps, keys.Select(k => (IReadOnlyList<double>)trainColumns[k]).ToList(), maxPoints);
+            var train = new JsonObject { ["step"] = Numbers(x) };
+            for (var i = 0; i < keys.Count; i++) train[keys[i]] = Numbers(ys[i]);
+            return new JsonObject
+            {
+                ["seq"] = seq,
+                ["run_dir"] = Path.GetFullPath(RunDir),
+                ["start"] = start?.DeepClone(),
+                ["starts"] = starts,
+                ["state"] = state?.DeepClone(),
+                ["last_train"] = lastTrain?.DeepClone(),
+                ["train"] = train,
+                ["train_points"] = trainSteps.Count,
+                ["evals"] = Clone(evals),
+                ["probes"] = new JsonObject(probes.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value.DeepClone()))),
+                ["thumbnail_sets"] = new JsonArray(thumbnailSets.Select(s => (JsonNode)JsonValue.Create(s)!).ToArray()),
+                ["checkpoints"] = Clone(checkpoints),
+                ["publishes"] = Clone(publishes),
+                ["kafka"] = new JsonObject(kafka.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value.DeepClone()))),
+                ["kafka_history"] = Clone(Downsampling.Every(kafkaHistory, maxPoints)),
+                ["process"] = process?.DeepClone(),
+                ["process_history"] = Clone(Downsampling.Every(processHistory, maxPoints)),
+                ["dead_letters"] = new JsonObject
+                {
+                    ["total"] = deadLettersByReason.Values.Sum(),
+                    ["by_reason"] = new JsonObject(deadLettersByReason.Select(r => KeyValuePair.Create(r.Key, (JsonNode?)r.Value))),
+                    ["latest"] = Clone(latestDeadLetters),
+                },
+                ["malformed"] = Malformed,
+            };
+        }
+    }
+
+    /// <summary>The values /metrics reports, as of the files read so far.</summary>
+    public MetricValues Values()
+    {
+        lock (gate)
+        {
+            var t = lastTrain;
+            var terms = t is null ? new Dictionary<string, double>()
+                : MetricsLog.LossTerms.Where(term => Number(t, term) is not null).ToDictionary(term => term, term => Number(t, term)!.Value);
+            if (t is not null && Number(t, "loss") is { } loss) terms["total"] = loss;
+            var recalls = new List<(string Set, string Direction, int K, double Value)>();
+            foreach (var e in evals.GroupBy(e => Text(e, "set") ?? "").Select(g => g.Last()))
+                foreach (var (name, direction) in new[] { ("tr", "image_to_text"), ("ir", "text_to_image") })
+                    foreach (var k in new[] { 1, 5, 10 })
+                        if (Number(e, $"{name}{k}") is { } r) recalls.Add((Text(e, "set")!, direction, k, r / 100));
+            var lags = kafka.Select(p => (Partition: p.Key, Lag: Number(p.Value, "lag"))).Where(p => p.Lag is not null)
+                .Select(p => (Topic: p.Partition[..Math.Max(0, p.Partition.LastIndexOf('/'))], Part: p.Partition[(p.Partition.LastIndexOf('/') + 1)..], Lag: p.Lag!.Value))
+                .ToList();
+            return new MetricValues(
+                t is null ? null : Number(t, "step"), terms, t is null ? null : Number(t, "pairs_per_s"), t is null ? null : Number(t, "lr"),
+                recalls, new Dictionary<string, long>(deadLettersByReason), lags,
+                checkpoints.Count == 0 ? null : Number(checkpoints[^1], "step"),
+                process is null ? null : Number(process, "rss_bytes"), process is null ? null : Number(process, "gc_heap_bytes"),
+                process is null ? null : Number(process, "cpu_s"), Math.Max(0, starts - 1));
+        }
+    }
+
+    static JsonArray Clone(IEnumerable<JsonObject> items) => new(items.Select(i => (JsonNode)i.DeepClone()).ToArray());
+
+    static JsonArray Numbers(IEnumerable<double> values) =>
+        new(values.Select(v => double.IsFinite(v) ? JsonValue.Create(v) : null).Cast<JsonNode?>().ToArray());
+
+    static string? Text(JsonObject o, string key) => o[key] is JsonValue v && v.TryGetValue<string>(out var s) ? s : null;
+
+    static double? Number(JsonObject o, string key) => Number(o[key]);
+
+    /// <summary>A number, or one written as a string ("NaN", "Infinity"); null otherwise.</summary>
+    static double? Number(JsonNode? node)
+    {
+        if (node is not JsonValue v) return null;
+        if (v.GetValueKind() == JsonValueKind.Number) return v.GetValue<double>();
+        return v.TryGetValue<string>(out var s) && double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture, out var d) ? d : null;
+    }
+
+    /// <summary>Reads the lines appended to a file since the last call. A file that does not exist yet is empty; one
+    /// that shrank (replaced) is read again from the start.</summary>
+    sealed class FileFollower(string path)
+    {
+        long offset;
+        readonly List<byte> partial = [];
+
+        public bool Exists => File.Exists(path);
+
+        public List<string> ReadNewLines()
+        {
+            var lines = new List<string>();
+            if (!File.Exists(path)) return lines;
+            using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+            if (stream.Length < offset)
+            {
+                offset = 0;
+                partial.Clear();
+            }
+            stream.Seek(offset, SeekOrigin.Begin);
+            var buffer = new byte[64 * 1024];
+            int read;
+            while ((read = stream.Read(buffer, 0, buffer.Length)) > 0)
+            {
+                offset += read;
+                var start = 0;
+                for (var i = 0; i < read; i++)
+                {
+                    if (buffer[i] != (byte)'\n') continue;
+                    partial.AddRange(buffer.AsSpan(start, i - start));
+                    var line = Encoding.UTF8.GetString(partial.ToArray()).TrimEnd('\r');
+                    partial.Clear();
+                    if (line.Length > 0) lines.Add(line);
+                    start = i + 1;
+                }
+                partial.AddRange(buffer.AsSpan(start, read - start));
+            }
+            return lines;
+        }
+    }
+}
+
+/// <summary>What /metrics reports; null: not known yet.</summary>
+public sealed record MetricValues(double? Step, IReadOnlyDictionary<string, double> Loss, double? PairsPerSecond, double? LearningRate,
+    IReadOnlyList<(string Set, string Direction, int K, double Value)> Recall, IReadOnlyDictionary<string, long> DeadLetters,
+    IReadOnlyList<(string Topic, string Partition, double Lag)> KafkaLag, double? CheckpointStep, double? ResidentBytes, double? GcHeapBytes,
+    double? CpuSeconds, int ProcessRestarts);
+
+/// <summary>Days of points drawn on a screen a few thousand pixels wide: server-side downsampling that keeps each
+/// bucket's extremes, so a spike survives however far the view is zoomed out.</summary>
+public static class Downsampling
+{
+    /// <summary>
+    /// At most <paramref name="maxPoints"/> rows of aligned columns. Rows are cut into maxPoints/2 buckets of
+    /// consecutive rows; each bucket becomes two rows, at its first and last x: the first holds each column's
+    /// minimum over the bucket, the second its maximum (NaNs ignored). Fewer rows than that come back as they are.
+    /// </summary>
+    public static (List<double> X, List<List<double>> Ys) MinMax(IReadOnlyList<double> x, IReadOnlyList<IReadOnlyList<double>> ys, int maxPoints)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxPoints, 2);
+        if (x.Count <= maxPoints) return ([.. x], ys.Select(y => y.ToList()).ToList());
+        var buckets = maxPoints / 2;
+        var outX = new List<double>(buckets * 2);
+        var outYs = ys.Select(_ => new List<double>(buckets * 2)).ToList();
+        for (var b = 0; b < buckets; b++)
+        {
+            int from = (int)((long)b * x.Count / buckets), to = (int)((long)(b + 1) * x.Count / buckets);   // [from, to)
+            outX.Add(x[from]);
+            outX.Add(x[to - 1]);
+            for (var c = 0; c < ys.Count; c++)
+            {
+                double min = double.NaN, max = double.NaN;
+                for (var i = from; i < to; i++)
+                {
+                    var v = ys[c][i];
+                    if (double.IsNaN(v)) continue;
+                    if (double.IsNaN(min) || v < min) min = v;
+                    if (double.IsNaN(max) || v > max) max = v;
+                }
+                outYs[c].Add(min);
+                outYs[c].Add(max);
+            }
+        }
+        return (outX, outYs);
+    }
+
+    /// <summary>Every k-th item, and the last, so that at most about <paramref name="maxPoints"/> remain.</summary>
+    public static List<T> Every<T>(IReadOnlyList<T> items, int maxPoints)
+    {
+        if (items.Count <= maxPoints) return [.. items];
+        var k = (items.Count + maxPoints - 1) / maxPoints;
+        var kept = new List<T>();
+        for (var i = 0; i < items.Count; i += k) kept.Add(items[i]);
+        if ((items.Count - 1) % k != 0) kept.Add(items[^1]);
+        return kept;
+    }
+}
