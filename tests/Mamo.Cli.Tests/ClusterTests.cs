@@ -102,6 +102,17 @@ public class ClusterTests(ITestOutputHelper output)
             .Select(e => (Id: e.GetProperty("id").GetString(), Modality: e.GetProperty("modality").GetString())).ToList();
         Assert.Equal(2 * 181, last.Count);
         Assert.Equal(last.Distinct(), last);
+
+        // The dashboard's cluster panel: cluster.jsonl has every round with its participants, the members with their
+        // roles, and the restarted coordinator as a recovery that its first round closed.
+        var cluster = new Mamo.Cli.Dashboard.RunFiles(run);
+        cluster.Poll();
+        var panel = cluster.Snapshot(100)["cluster"]!;
+        Assert.Equal(Enumerable.Range(0, Rounds).Select(r => (double)r), panel["round_seconds"]!["round"]!.AsArray().Select(r => (double)r!));
+        Assert.All(panel["latest_rounds"]!.AsArray(), r => Assert.Equal(Enumerable.Range(0, Nodes).Select(i => $"n{i}"), r!["participants"]!.AsArray().Select(p => (string)p!).Order()));
+        Assert.Equal(Enumerable.Range(0, Nodes).Select(i => $"n{i}"), panel["members"]!.AsArray().Select(m => (string)m!["name"]!));
+        Assert.All(panel["members"]!.AsArray(), m => Assert.Contains("trainer", m!["roles"]!.AsArray().Select(r => (string)r!)));
+        Assert.Contains(panel["recoveries"]!.AsArray(), r => (string?)r!["lost"] == "coordinator" && (double?)r["seconds"] > 0);
     }
 
     [Fact]

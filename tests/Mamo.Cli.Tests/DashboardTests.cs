@@ -138,6 +138,35 @@ public class DashboardTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task Lines_of_any_shape_are_counted_or_shown_never_a_failure()
+    {
+        // Every kind the dashboard reads, with each field replaced by values of the wrong type, plus garbage.
+        using var folder = new TempFolder();
+        string[] kinds = ["train", "eval", "probe", "thumbnail", "checkpoint", "publish", "start", "state", "process", "kafka"];
+        string[] fields = ["step", "loss", "set", "image", "png", "partitions", "lag", "state", "ir1", "tr5", "rss_bytes", "cpu_s", "probes", "offsets", "reason"];
+        JsonNode?[] values = [null, 1, -1e300, "NaN", "x", "@@@", new JsonArray(1, "a"), new JsonObject { ["pairs/0"] = 5 }, true, 1e20];
+        var random = new Random(7);
+        var lines = new List<string>();
+        for (var i = 0; i < 3000; i++)
+        {
+            if (i % 10 == 0) { lines.Add(new string((char)random.Next(32, 127), random.Next(0, 30))); continue; }
+            var line = new JsonObject { ["kind"] = kinds[random.Next(kinds.Length)] };
+            for (var f = 0; f < 4; f++) line[fields[random.Next(fields.Length)]] = values[random.Next(values.Length)]?.DeepClone();
+            lines.Add(line.ToJsonString());
+        }
+        File.WriteAllLines(folder.File(RunFiles.MetricsFile), lines);
+        File.WriteAllLines(folder.File(RunFiles.DeadLetterFile), lines.Take(500));
+        var history = new RunFiles(folder.Path);
+        history.Poll();
+        Assert.True(history.Malformed >= 300);
+        Assert.NotNull(history.Snapshot(50).ToJsonString());
+        await using var server = await DashboardServer.StartAsync(history, new DashboardAddress(IPAddress.Loopback, 0), token: null);
+        using var http = new HttpClient { BaseAddress = server.Address };
+        Assert.Equal(HttpStatusCode.OK, (await http.GetAsync("metrics")).StatusCode);
+        Assert.Equal(HttpStatusCode.OK, (await http.GetAsync("api/history")).StatusCode);
+    }
+
+    [Fact]
     public void Downsampling_keeps_each_buckets_extremes()
     {
         var x = Enumerable.Range(0, 10_000).Select(i => (double)i).ToList();

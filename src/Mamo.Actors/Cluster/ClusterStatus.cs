@@ -37,13 +37,7 @@ public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, 
             Coordinator.Progress? progress = null;
             try { progress = await ActorRegistry.For(system).Get<ClusterRun.CoordinatorKey>().Ask<Coordinator.Progress>(new Coordinator.GetProgress(), timeout); }
             catch (Exception e) when (e is AskTimeoutException or TaskCanceledException) { }   // no coordinator yet: the report says so with nulls
-            var state = cluster.State;
-            var members = state.Members.Where(m => m.Address != cluster.SelfAddress).Select(m => new Member(
-                    m.Roles.FirstOrDefault(r => r.StartsWith(ClusterNodeOptions.NamePrefix))?[ClusterNodeOptions.NamePrefix.Length..] ?? m.Address.ToString(),
-                    HostPort(m.Address.ToString()),
-                    m.Roles.Where(r => !r.StartsWith(ClusterNodeOptions.NamePrefix)).Order().ToList(),
-                    state.Unreachable.Contains(m) ? "unreachable" : m.Status.ToString().ToLowerInvariant()))
-                .ToList();
+            var members = MembersOf(cluster).Where(m => m.Address != HostPort(cluster.SelfAddress.ToString())).ToList();
             var recoveries = progress?.Recoveries ?? [];
             var removed = recoveries.Where(r => r.Lost != RunHistory.CoordinatorLost && members.All(m => m.Name != r.Lost))
                 .GroupBy(r => r.Lost).Select(g => new Member(g.Key, HostPort(g.Last().Address), [], "removed"));
@@ -55,6 +49,18 @@ public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, 
         {
             await host.StopAsync();
         }
+    }
+
+    /// <summary>The cluster's members as this node sees them: name, HOST:PORT, roles, and status.</summary>
+    public static List<Member> MembersOf(Akka.Cluster.Cluster cluster)
+    {
+        var state = cluster.State;
+        return state.Members.Select(m => new Member(
+                m.Roles.FirstOrDefault(r => r.StartsWith(ClusterNodeOptions.NamePrefix))?[ClusterNodeOptions.NamePrefix.Length..] ?? m.Address.ToString(),
+                HostPort(m.Address.ToString()),
+                m.Roles.Where(r => !r.StartsWith(ClusterNodeOptions.NamePrefix)).Order().ToList(),
+                state.Unreachable.Contains(m) ? "unreachable" : m.Status.ToString().ToLowerInvariant()))
+            .OrderBy(m => m.Name, StringComparer.Ordinal).ToList();
     }
 
     static string HostPort(string address) => Address.Parse(address) is { Host: { } host, Port: { } port } ? $"{host}:{port}" : address;

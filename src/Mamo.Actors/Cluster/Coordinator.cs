@@ -69,7 +69,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     readonly OuterOptimizer outer;
     readonly IActorRef receiver;
     readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> replicas = new();
-    readonly RunHistory history = new();
+    readonly RunHistory history;
     readonly long rounds;
     long round, cursor;
     /// <summary>The stream positions the last cluster checkpoint covers (a Kafka source: each partition's last offset).</summary>
@@ -86,6 +86,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     {
         this.settings = settings;
         cluster = settings.Cluster;
+        history = new RunHistory(Path.Combine(settings.RunDir, RunHistory.JournalFile));
         stream = KafkaSpec.IsKafka(settings.Source);
         rounds = settings.MaxSteps > 0 ? (settings.MaxSteps + cluster.InnerSteps - 1) / cluster.InnerSteps : long.MaxValue;
         theta = MamoModel.Seeded(settings.Model, settings.Seed);
@@ -251,7 +252,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         var path = WriteCheckpoint();
         Log.Information("round {Round} done with {Count} replicas ({Participants}); checkpoint {Path}", round - 1, reported.Count,
             string.Join(",", reported.Select(a => a.Node)), path);
-        history.Committed(round - 1, reported.Select(a => a.Node), r.Clock.Elapsed);
+        history.Committed(round - 1, reported.Select(a => a.Node), r.Clock.Elapsed, ClusterStatus.MembersOf(Akka.Cluster.Cluster.Get(Context.System)));
         // The gather is the time from the last replica's inner steps to its last delta (the delta transfers overlap the
         // inner steps of slower replicas).
         Log.Information("round {Round} took {Total:F2} s: broadcast of θ {Broadcast:F2} s, inner steps until the last replica's end {Inner:F2} s, " +

@@ -1,4 +1,6 @@
 using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json.Nodes;
 
 namespace Mamo.Actors.Cluster;
 
@@ -6,9 +8,14 @@ namespace Mamo.Actors.Cluster;
 /// steps) with their participants and length, and each recovery with the time until the next committed round. A
 /// recovery starts when a replica's node is marked unreachable (the failure detector's pause after a kill), or when
 /// the replica leaves, whichever is first; or when the coordinator starts on a checkpoint (after its node died, or
-/// in a restarted cluster). It lives in the coordinator's memory: a coordinator that moves starts a new one.</summary>
-public sealed class RunHistory
+/// in a restarted cluster). It lives in the coordinator's memory: a coordinator that moves starts a new one. It also
+/// appends each round, recovery and change of members to RUN_DIR/cluster.jsonl, the dashboard's cluster panel
+/// (docs/DASHBOARD.md), which outlives any coordinator.</summary>
+/// <param name="journal">the cluster.jsonl to append to; null: none</param>
+public sealed class RunHistory(string? journal = null)
 {
+    public const string JournalFile = "cluster.jsonl";
+
     /// <summary>A committed round: who contributed, and how long it took from start to commit.</summary>
     public sealed record Round(long Number, IReadOnlyList<string> Participants, double Seconds);
     /// <summary>What was lost (a replica's node name, or "coordinator"), its address, when, and the seconds until the
@@ -32,15 +39,53 @@ public sealed class RunHistory
     {
         if (recoveries.Any(r => r.Recovery.Lost == what && r.Recovery.Seconds is null)) return;
         Add(new Recovery(what, address, DateTime.UtcNow, null));
+        Append("recovery", new() { ["lost"] = what, ["address"] = address });
     }
 
-    public void Committed(long number, IEnumerable<string> participants, TimeSpan took)
+    /// <param name="members">the cluster's members now; a line is written when they differ from the last one's</param>
+    public void Committed(long number, IEnumerable<string> participants, TimeSpan took, IReadOnlyList<ClusterStatus.Member>? members = null)
     {
-        rounds.Enqueue(new Round(number, [.. participants], took.TotalSeconds));
+        var round = new Round(number, [.. participants], took.TotalSeconds);
+        rounds.Enqueue(round);
         while (rounds.Count > Kept) rounds.Dequeue();
+        if (members is not null && !members.SequenceEqual(lastMembers, MemberComparer.Instance))
+        {
+            lastMembers = members;
+            Append("members", new()
+            {
+                ["members"] = new JsonArray(members.Select(m => (JsonNode)new JsonObject
+                {
+                    ["name"] = m.Name, ["address"] = m.Address, ["roles"] = new JsonArray(m.Roles.Select(r => (JsonNode)r).ToArray()), ["status"] = m.Status,
+                }).ToArray()),
+            });
+        }
+        Append("round", new() { ["round"] = number, ["participants"] = new JsonArray(round.Participants.Select(p => (JsonNode)p).ToArray()), ["seconds"] = Math.Round(round.Seconds, 3) });
         for (int i = 0; i < recoveries.Count; i++)
             if (recoveries[i].Recovery.Seconds is null)
+            {
                 recoveries[i] = (recoveries[i].Recovery with { Seconds = recoveries[i].Clock.Elapsed.TotalSeconds }, recoveries[i].Clock);
+                Append("recovered", new() { ["lost"] = recoveries[i].Recovery.Lost, ["address"] = recoveries[i].Recovery.Address, ["seconds"] = Math.Round(recoveries[i].Recovery.Seconds!.Value, 3) });
+            }
+    }
+
+    IReadOnlyList<ClusterStatus.Member> lastMembers = [];
+
+    /// <summary>Members compared by value (a record's list of roles compares by reference).</summary>
+    sealed class MemberComparer : IEqualityComparer<ClusterStatus.Member>
+    {
+        public static readonly MemberComparer Instance = new();
+        public bool Equals(ClusterStatus.Member? a, ClusterStatus.Member? b) =>
+            a is not null && b is not null && a.Name == b.Name && a.Address == b.Address && a.Status == b.Status && a.Roles.SequenceEqual(b.Roles);
+        public int GetHashCode(ClusterStatus.Member m) => HashCode.Combine(m.Name, m.Address, m.Status);
+    }
+
+    void Append(string kind, Dictionary<string, JsonNode?> fields)
+    {
+        if (journal is null) return;
+        var line = new JsonObject { ["kind"] = kind, ["time"] = DateTime.UtcNow.ToString("O", CultureInfo.InvariantCulture) };
+        foreach (var (k, v) in fields) line[k] = v;
+        try { File.AppendAllText(journal, line.ToJsonString() + "\n"); }
+        catch (IOException e) { Serilog.Log.Warning("{Journal} not written: {Error}", journal, e.Message); }
     }
 
     void Add(Recovery r)

@@ -56,7 +56,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
     readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> replicas = new();
     /// <summary>The step of the θ each replica last received: its teacher follows from there without being sent.</summary>
     readonly Dictionary<IActorRef, long> holds = new();
-    readonly RunHistory history = new();
+    readonly RunHistory history;
     readonly long steps;
     long cursor, attempts;
     Attempt? current;
@@ -67,6 +67,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
     {
         this.settings = settings;
         cluster = settings.Cluster;
+        history = new RunHistory(Path.Combine(settings.RunDir, RunHistory.JournalFile));
         steps = settings.MaxSteps > 0 ? settings.MaxSteps : long.MaxValue;
         var objective = MamoPretraining.With(settings.Pretraining);
         if (Checkpoint.Latest(settings.RunDir) is { } dir)
@@ -203,7 +204,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
                 Log.Information("step {Step} loss {Loss:F4} over {Pairs} pairs from {Count} replicas", result.Step + 1, result.Loss, done.Sum(d => d.Samples), done.Count);
         }
         foreach (var p in a.Assigned) holds[p.Replica] = trainer.Step - 1;
-        history.Committed(trainer.Step - 1, a.Assigned.Select(p => p.Node), a.Clock.Elapsed);
+        history.Committed(trainer.Step - 1, a.Assigned.Select(p => p.Node), a.Clock.Elapsed, ClusterStatus.MembersOf(Akka.Cluster.Cluster.Get(Context.System)));
         cursor += (long)a.Assigned.Count * settings.BatchSize;
         a.Dispose();
         current = null;

@@ -64,7 +64,7 @@ public static class PretrainCommand
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");
                 return SettingsError;
             }
-            return await Train("pretrain", settings, parse.GetValue(plain), node, dashboard: node is null ? serve : default);
+            return await Train("pretrain", settings, parse.GetValue(plain), node, dashboard: serve);
         });
         return command;
     }
@@ -96,6 +96,8 @@ public static class PretrainCommand
         {
             if (node is not null)
             {
+                // A node serves the run's folder (shared by the nodes): evaluations, checkpoints and the cluster's rounds.
+                await using var nodeServer = dashboard.Address is { } at ? await ServeDashboard(null, settings.RunDir, at, dashboard.Token) : null;
                 var steps = await new ClusterRun(settings, node).RunAsync(stop.Token);
                 Console.WriteLine($"node {node.Name}: {steps} inner steps; checkpoints in {Path.GetFullPath(Path.Combine(settings.RunDir, Mamo.Model.Checkpoint.RunFolder))}");
                 return 0;
@@ -125,14 +127,15 @@ public static class PretrainCommand
         }
     }
 
-    /// <summary>The run's dashboard over its folder; live while the run's actor system is, ready while it trains. A
-    /// dashboard that cannot bind is reported, and the run goes on without it.</summary>
-    static async Task<DashboardServer?> ServeDashboard(PretrainRun run, string runDir, DashboardAddress address, string? token)
+    /// <summary>The run's dashboard over its folder; live while the run's actor system is, ready while it trains (a
+    /// cluster node, <paramref name="run"/> null: the dashboard's own checks). A dashboard that cannot bind is
+    /// reported, and the run goes on without it.</summary>
+    static async Task<DashboardServer?> ServeDashboard(PretrainRun? run, string runDir, DashboardAddress address, string? token)
     {
         var history = new RunFiles(runDir);
         try
         {
-            var server = await DashboardServer.StartAsync(history, address, token,
+            var server = run is null ? await DashboardServer.StartAsync(history, address, token) : await DashboardServer.StartAsync(history, address, token,
                 live: () => run.System is { WhenTerminated.IsCompleted: true } ? HealthCheckResult.Unhealthy("the run's actor system has terminated") : HealthCheckResult.Healthy(),
                 ready: () => history.State is "running" ? HealthCheckResult.Healthy("training")
                     : HealthCheckResult.Unhealthy(history.State is null ? "starting" : $"{history.State}{(history.StateReason is { } r ? ": " + r : "")}"));

@@ -6,7 +6,8 @@ using System.Text.Json.Nodes;
 namespace Mamo.Cli.Dashboard;
 
 /// <summary>
-/// What the dashboard knows of a run, read from its folder only: metrics.jsonl and dead-letters.jsonl, followed as
+/// What the dashboard knows of a run, read from its folder only: metrics.jsonl, dead-letters.jsonl and (a cluster
+/// run's) cluster.jsonl, followed as
 /// they grow (a run in progress, or one that stopped days ago). Reading the files, not the actors, is what makes
 /// history survive a restart and lets `mamo dashboard RUN_DIR` show exactly what the in-process dashboard shows.
 /// Each complete new line becomes an event with a sequence number; a line still being written waits for its newline.
@@ -15,10 +16,10 @@ namespace Mamo.Cli.Dashboard;
 public sealed class RunFiles
 {
     public const string MetricsFile = "metrics.jsonl", DeadLetterFile = "dead-letters.jsonl";
-    const int RecentDeadLetters = 20, RecentEvents = 4096;
+    const int RecentDeadLetters = 20, RecentEvents = 4096, RecentRounds = 50;
 
     readonly object gate = new(), polling = new();
-    readonly FileFollower metrics, deadLetters;
+    readonly FileFollower metrics, deadLetters, cluster;
     readonly LinkedList<(long Seq, JsonObject Event)> recent = new();
     long seq;
 
@@ -33,7 +34,10 @@ public sealed class RunFiles
     readonly LinkedList<JsonObject> latestDeadLetters = new();
     readonly Dictionary<string, JsonObject> kafka = [];
     readonly List<JsonObject> kafkaHistory = [], processHistory = [];
-    JsonObject? lastTrain, start, state, process;
+    readonly List<double> roundNumbers = [], roundSeconds = [];
+    readonly LinkedList<JsonObject> latestRounds = new();
+    readonly List<JsonObject> recoveries = [];
+    JsonObject? lastTrain, start, state, process, members;
     int starts;
 
     public RunFiles(string runDir)
@@ -41,6 +45,7 @@ public sealed class RunFiles
         RunDir = runDir;
         metrics = new FileFollower(Path.Combine(runDir, MetricsFile));
         deadLetters = new FileFollower(Path.Combine(runDir, DeadLetterFile));
+        cluster = new FileFollower(Path.Combine(runDir, Mamo.Actors.Cluster.RunHistory.JournalFile));
     }
 
     public string RunDir { get; }
@@ -66,6 +71,7 @@ public sealed class RunFiles
             var added = 0;
             foreach (var line in metrics.ReadNewLines()) added += Add(line, deadLetter: false);
             foreach (var line in deadLetters.ReadNewLines()) added += Add(line, deadLetter: true);
+            foreach (var line in cluster.ReadNewLines()) added += Add(line, deadLetter: false);
             Loaded |= metrics.Exists;
             return added;
         }
@@ -98,6 +104,10 @@ public sealed class RunFiles
                 case "process": process = o; processHistory.Add(o); break;
                 case "kafka": AddKafka(o); break;
                 case "dead_letter": AddDeadLetter(o); break;
+                case "members": members = o; break;
+                case "round": AddRound(o); break;
+                case "recovery": recoveries.Add(o); break;
+                case "recovered": Recovered(o); break;
             }
             recent.AddLast((++seq, o));
             if (recent.Count > RecentEvents) recent.RemoveFirst();
@@ -138,6 +148,22 @@ public sealed class RunFiles
         if (o["partitions"] is not JsonObject partitions) return;
         foreach (var (name, p) in partitions)
             if (p is JsonObject po) kafka[name] = po;
+    }
+
+    void AddRound(JsonObject o)
+    {
+        if (Number(o, "round") is not { } round) return;
+        roundNumbers.Add(round);
+        roundSeconds.Add(Number(o, "seconds") ?? double.NaN);
+        latestRounds.AddFirst(o);
+        if (latestRounds.Count > RecentRounds) latestRounds.RemoveLast();
+    }
+
+    /// <summary>Closes the open recovery of the same loss with the seconds it took.</summary>
+    void Recovered(JsonObject o)
+    {
+        var open = recoveries.LastOrDefault(r => Text(r, "lost") == Text(o, "lost") && r["seconds"] is null);
+        if (open is not null) open["seconds"] = o["seconds"]?.DeepClone();
     }
 
     void AddDeadLetter(JsonObject o)
@@ -208,8 +234,22 @@ public sealed class RunFiles
                     ["latest"] = Clone(latestDeadLetters),
                 },
                 ["malformed"] = Malformed,
+                ["cluster"] = roundNumbers.Count == 0 && members is null && recoveries.Count == 0 ? null : Cluster(maxPoints),
             };
         }
+    }
+
+    JsonObject Cluster(int maxPoints)
+    {
+        var (x, ys) = Downsampling.MinMax(roundNumbers, [roundSeconds], maxPoints);
+        return new JsonObject
+        {
+            ["members"] = members?["members"]?.DeepClone(),
+            ["rounds"] = roundNumbers.Count,
+            ["round_seconds"] = new JsonObject { ["round"] = Numbers(x), ["seconds"] = Numbers(ys[0]) },
+            ["latest_rounds"] = Clone(latestRounds),
+            ["recoveries"] = Clone(recoveries),
+        };
     }
 
     /// <summary>The values /metrics reports, as of the files read so far.</summary>
@@ -222,10 +262,10 @@ public sealed class RunFiles
                 : MetricsLog.LossTerms.Where(term => Number(t, term) is not null).ToDictionary(term => term, term => Number(t, term)!.Value);
             if (t is not null && Number(t, "loss") is { } loss) terms["total"] = loss;
             var recalls = new List<(string Set, string Direction, int K, double Value)>();
-            foreach (var e in evals.GroupBy(e => Text(e, "set") ?? "").Select(g => g.Last()))
+            foreach (var set in evals.Where(e => Number(e, "ir1") is not null).GroupBy(e => Text(e, "set") ?? ""))
                 foreach (var (name, direction) in new[] { ("tr", "image_to_text"), ("ir", "text_to_image") })
                     foreach (var k in new[] { 1, 5, 10 })
-                        if (Number(e, $"{name}{k}") is { } r) recalls.Add((Text(e, "set")!, direction, k, r / 100));
+                        if (Number(set.Last(), $"{name}{k}") is { } r) recalls.Add((set.Key, direction, k, r / 100));
             var lags = kafka.Select(p => (Partition: p.Key, Lag: Number(p.Value, "lag"))).Where(p => p.Lag is not null)
                 .Select(p => (Topic: p.Partition[..Math.Max(0, p.Partition.LastIndexOf('/'))], Part: p.Partition[(p.Partition.LastIndexOf('/') + 1)..], Lag: p.Lag!.Value))
                 .ToList();
@@ -234,7 +274,7 @@ public sealed class RunFiles
                 recalls, new Dictionary<string, long>(deadLettersByReason), lags,
                 checkpoints.Count == 0 ? null : Number(checkpoints[^1], "step"),
                 process is null ? null : Number(process, "rss_bytes"), process is null ? null : Number(process, "gc_heap_bytes"),
-                process is null ? null : Number(process, "cpu_s"), Math.Max(0, starts - 1));
+                process is null ? null : Number(process, "cpu_s"), Math.Max(0, starts - 1), roundNumbers.Count == 0 ? null : roundNumbers[^1]);
         }
     }
 
@@ -301,7 +341,7 @@ public sealed class RunFiles
 public sealed record MetricValues(double? Step, IReadOnlyDictionary<string, double> Loss, double? PairsPerSecond, double? LearningRate,
     IReadOnlyList<(string Set, string Direction, int K, double Value)> Recall, IReadOnlyDictionary<string, long> DeadLetters,
     IReadOnlyList<(string Topic, string Partition, double Lag)> KafkaLag, double? CheckpointStep, double? ResidentBytes, double? GcHeapBytes,
-    double? CpuSeconds, int ProcessRestarts);
+    double? CpuSeconds, int ProcessRestarts, double? ClusterRound);
 
 /// <summary>Days of points drawn on a screen a few thousand pixels wide: server-side downsampling that keeps each
 /// bucket's extremes, so a spike survives however far the view is zoomed out.</summary>

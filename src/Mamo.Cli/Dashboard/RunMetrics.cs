@@ -14,7 +14,7 @@ public sealed class RunMetrics
 
     readonly CollectorRegistry registry = Metrics.NewCustomRegistry();
     readonly RunFiles history;
-    readonly Gauge step, loss, pairsPerSecond, learningRate, recall, kafkaLag, checkpointStep, residentBytes, gcHeapBytes, cpuSeconds;
+    readonly Gauge step, loss, pairsPerSecond, learningRate, recall, kafkaLag, checkpointStep, residentBytes, gcHeapBytes, cpuSeconds, clusterRound;
     readonly Counter deadLetters, restarts;
 
     public RunMetrics(RunFiles history)
@@ -32,6 +32,7 @@ public sealed class RunMetrics
         residentBytes = f.CreateGauge("mamo_process_resident_memory_bytes", "Resident memory of the training process");
         gcHeapBytes = f.CreateGauge("mamo_process_gc_heap_bytes", "Managed heap of the training process");
         cpuSeconds = f.CreateGauge("mamo_process_cpu_seconds", "CPU time of the training process since it (last) started");
+        clusterRound = f.CreateGauge("mamo_cluster_round", "A cluster run's newest committed round (every-step: step)");
         restarts = f.CreateCounter("mamo_process_restarts_total", "Times the run's process started again on the same run folder");
         DotNetStats.Register(registry);
         registry.AddBeforeCollectCallback(Update);
@@ -53,6 +54,7 @@ public sealed class RunMetrics
         Set(gcHeapBytes, v.GcHeapBytes);
         Set(cpuSeconds, v.CpuSeconds);
         restarts.IncTo(v.ProcessRestarts);
+        Set(clusterRound, v.ClusterRound);
     }
 
     static void Set(Gauge gauge, double? value)

@@ -4,7 +4,7 @@
 
 const mamo = window.mamo = { seq: 0, charts: {}, train: { step: [] }, evals: [], probes: {}, thumbnailSets: [], checkpoints: [],
   publishes: [], kafka: {}, kafkaHistory: [], processHistory: [], deadLetters: { total: 0, by_reason: {}, latest: [] },
-  start: null, starts: 0, state: null, lastTrain: null, lastLineAt: null };
+  start: null, starts: 0, state: null, lastTrain: null, lastLineAt: null, cluster: null };
 
 const LOSS_TERMS = ["loss", "itc", "itm", "mlm", "mim", "mrm", "classify"];
 const COLOURS = ["#1d2330", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"];
@@ -58,6 +58,11 @@ function applySnapshot(h) {
   mamo.state = h.state;
   mamo.lastTrain = h.last_train;
   mamo.trainPoints = h.train_points;
+  mamo.cluster = h.cluster;
+}
+
+function clusterState() {
+  return mamo.cluster || (mamo.cluster = { members: null, rounds: 0, round_seconds: { round: [], seconds: [] }, latest_rounds: [], recoveries: [] });
 }
 
 function applyEvent(e) {
@@ -86,6 +91,22 @@ function applyEvent(e) {
       mamo.kafkaHistory.push(e);
       for (const [p, v] of Object.entries(e.partitions || {})) mamo.kafka[p] = v;
       break;
+    case "members": clusterState().members = e.members; break;
+    case "round": {
+      const c = clusterState();
+      c.rounds++;
+      c.round_seconds.round.push(e.round);
+      c.round_seconds.seconds.push(num(e.seconds));
+      c.latest_rounds.unshift(e);
+      c.latest_rounds.length = Math.min(c.latest_rounds.length, 50);
+      break;
+    }
+    case "recovery": clusterState().recoveries.push(e); break;
+    case "recovered": {
+      const open = clusterState().recoveries.filter(r => r.lost === e.lost && (r.seconds === undefined || r.seconds === null)).pop();
+      if (open) open.seconds = e.seconds;
+      break;
+    }
     case "dead_letter": {
       const d = mamo.deadLetters, reason = reasonClass(e.reason || "unknown");
       d.total++;
@@ -168,6 +189,10 @@ function renderCharts() {
   chart("read", "read-chart", ["samples read/s"], [pt, rate(ph, "samples_read")], { xLabel: "time", time: true });
   chart("process", "process-chart", ["RSS MiB", "GC heap MiB"],
     [pt, ph.map(p => num(p.rss_bytes) / 1048576), ph.map(p => num(p.gc_heap_bytes) / 1048576)], { xLabel: "time", time: true });
+
+  const c = mamo.cluster;
+  $("cluster-section").hidden = !c;
+  if (c) chart("rounds", "round-chart", ["seconds"], [c.round_seconds.round, c.round_seconds.seconds], { xLabel: "round" });
 
   const partitions = Object.keys(mamo.kafka).sort();
   $("kafka-section").hidden = partitions.length === 0;
@@ -253,6 +278,17 @@ function renderTables() {
     const k = mamo.kafka[p];
     cell(r, p); cell(r, k.position ?? "–", "num"); cell(r, k.end ?? "–", "num"); cell(r, k.lag ?? "–", "num"); cell(r, k.committed ?? "–", "num");
   });
+  const c = mamo.cluster;
+  if (c) {
+    $("cluster-rounds").textContent = `(${c.rounds} rounds)`;
+    fill($("cluster-members").tBodies[0], c.members || [], (r, m) => { cell(r, m.name); cell(r, m.address); cell(r, (m.roles || []).join(", ")); cell(r, m.status); });
+    fill($("cluster-recoveries").tBodies[0], c.recoveries.slice(-20).reverse(), (r, x) => {
+      cell(r, x.lost); cell(r, x.address); cell(r, time(x.time)); cell(r, num(x.seconds) !== null ? fmt(num(x.seconds), 1) + " s" : "recovering", "num");
+    });
+    fill($("cluster-latest").tBodies[0], c.latest_rounds.slice(0, 10), (r, x) => {
+      cell(r, x.round, "num"); cell(r, time(x.time)); cell(r, (x.participants || []).join(", ")); cell(r, fmt(num(x.seconds), 2), "num");
+    });
+  }
   fill($("checkpoints").tBodies[0], mamo.checkpoints.slice(-50).reverse(), (r, c) => {
     cell(r, c.step, "num"); cell(r, time(c.time)); cell(r, bytes(num(c.bytes)), "num");
     cell(r, Object.entries(c.offsets || {}).map(([p, o]) => `${p}@${o}`).join(" ") || "–");
