@@ -102,6 +102,9 @@ public class ClusterTests(ITestOutputHelper output)
             .Select(e => (Id: e.GetProperty("id").GetString(), Modality: e.GetProperty("modality").GetString())).ToList();
         Assert.Equal(2 * 181, last.Count);
         Assert.Equal(last.Distinct(), last);
+        // ... and the dashboard's embeddings panel has that version with its record count.
+        Assert.Contains(File.ReadAllLines(Path.Combine(run, "metrics.jsonl")).Select(l => JsonDocument.Parse(l).RootElement),
+            e => e.GetProperty("kind").GetString() == "publish" && e.GetProperty("version").GetString() == $"step-{InnerSteps * Rounds}" && e.GetProperty("records").GetInt32() == 2 * 181);
 
         // The dashboard's cluster panel: cluster.jsonl has every round with its participants, the members with their
         // roles, and the restarted coordinator as a recovery that its first round closed.
