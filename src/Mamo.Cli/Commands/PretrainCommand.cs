@@ -69,14 +69,14 @@ public static class PretrainCommand
         return command;
     }
 
-    /// <summary>A training run of `pretrain` or `finetune` to its end: logging to RUN_DIR/mamo.log, the live display
-    /// (or log lines), SIGINT/SIGTERM as a clean stop with a final checkpoint, and exit codes for settings errors and
-    /// failed runs.</summary>
-    /// <param name="init">the checkpoint a new fine-tuning run starts from</param>
     /// <summary>The training commands' --dashboard and --dashboard-token.</summary>
     internal static DashboardOptions Dashboard() =>
         new("--dashboard", "HOST:PORT of the run's live dashboard and /metrics, or off (default 127.0.0.1:8080, or the next free port)");
 
+    /// <summary>A training run of `pretrain` or `finetune` to its end: logging to RUN_DIR/mamo.log, the live display
+    /// (or log lines), SIGINT/SIGTERM as a clean stop with a final checkpoint, and exit codes for settings errors and
+    /// failed runs.</summary>
+    /// <param name="init">the checkpoint a new fine-tuning run starts from</param>
     /// <param name="dashboard">where to serve the run's dashboard; no address: none</param>
     internal static async Task<int> Train(string name, MamoSettings settings, bool plain, ClusterNodeOptions? node = null, string? init = null,
         (DashboardAddress? Address, string? Token) dashboard = default)
