@@ -206,12 +206,14 @@ public sealed record MamoSettings
             return new ClusterTls(certificate, password, ca);
         }
 
-        var preset = Get("preset", k => c.GetString(k), v => v is "tiny" or "small" or "base", "must be tiny, small or base");
+        var preset = Get("preset", k => c.GetString(k), v => MamoConfig.PresetNames.Contains(v), $"must be {string.Join(", ", MamoConfig.PresetNames)}");
         var weights = new LossWeights(NonNegative("loss-weights.itc"), NonNegative("loss-weights.itm"), NonNegative("loss-weights.mlm"),
             NonNegative("loss-weights.mim"), NonNegative("loss-weights.mrm"));
         var model = MamoConfig.Preset(preset) with
         {
             WeightInit = Get("model.weight-init", k => c.GetString(k), v => v is WeightInit.Bert or WeightInit.Torch, $"must be {WeightInit.Bert} or {WeightInit.Torch}"),
+            TextLayout = Get("model.text-layout", k => c.GetString(k), v => v is "preset" or TextLayouts.PreLn or TextLayouts.Bert,
+                $"must be {TextLayouts.PreLn}, {TextLayouts.Bert} or preset") is not "preset" and var layout ? layout : MamoConfig.Preset(preset).TextLayout,
         };
         var pretraining = new PretrainingConfig
         {

@@ -65,21 +65,26 @@ public sealed class ImageEncoder : Module<Tensor, Tensor?, Tensor>
     }
 }
 
-/// <summary>BERT-style text encoder: word + position embeddings, then transformer blocks.</summary>
+/// <summary>BERT-style text encoder: word + position embeddings, normed, then transformer blocks. In the bert layout
+/// (MamoConfig.TextLayout) it is BERT exactly: also token-type embeddings (every token type 0), BERT's 512 learned
+/// positions of which a text uses the first, LayerNorm eps 1e-12 and post-LN blocks.</summary>
 public sealed class TextEncoder : Module<Tensor, Tensor, Tensor>
 {
     readonly Embedding wordEmbedding;
     readonly Parameter positionEmbedding;
+    readonly Parameter? tokenTypeEmbedding;
     readonly LayerNorm embeddingNorm;
     readonly BlockStack blocks;
 
     public TextEncoder(MamoConfig c) : base(nameof(TextEncoder))
     {
+        var bert = c.TextLayout == TextLayouts.Bert;
         wordEmbedding = Embedding(c.VocabSize, c.Width);
         init.normal_(wordEmbedding.weight!, std: 0.02);
-        positionEmbedding = Parameter(init.trunc_normal_(empty(1, c.MaxTextLength, c.Width), std: 0.02));
-        embeddingNorm = LayerNorm(c.Width);
-        blocks = new BlockStack(c.TextLayers, c.Width, c.Heads, c.MlpRatio);
+        positionEmbedding = Parameter(init.trunc_normal_(empty(1, bert ? MamoConfig.BertPositions : c.MaxTextLength, c.Width), std: 0.02));
+        if (bert) tokenTypeEmbedding = Parameter(init.trunc_normal_(empty(MamoConfig.BertTokenTypes, c.Width), std: 0.02));
+        embeddingNorm = LayerNorm(c.Width, bert ? TextLayouts.BertEps : 1e-5);
+        blocks = new BlockStack(c.TextLayers, c.Width, c.Heads, c.MlpRatio, c.TextLayout);
         RegisterComponents();
     }
 
@@ -93,7 +98,9 @@ public sealed class TextEncoder : Module<Tensor, Tensor, Tensor>
     {
         using var scope = NewDisposeScope();
         var l = tokenIds.shape[1];
-        var x = embeddingNorm.forward(wordEmbedding.forward(tokenIds) + positionEmbedding[.., ..(int)l]);
+        var x = wordEmbedding.forward(tokenIds) + positionEmbedding[.., ..(int)l];
+        if (tokenTypeEmbedding is not null) x = x + tokenTypeEmbedding[0];   // one segment: type 0, as BERT gives a single text
+        x = embeddingNorm.forward(x);
         var bias = BlockStack.PaddingBias(attentionMask, x.dtype);
         return blocks.forward(x, bias).MoveToOuterDisposeScope();
     }
@@ -109,7 +116,8 @@ public sealed class FusionEncoder : Module<Tensor, Tensor, Tensor, Tensor>
     public FusionEncoder(MamoConfig c) : base(nameof(FusionEncoder))
     {
         modalityEmbedding = Parameter(init.trunc_normal_(empty(2, c.Width), std: 0.02));
-        blocks = new BlockStack(c.FusionLayers, c.Width, c.Heads, c.MlpRatio);
+        // As in ALBEF, the fusion layers continue the text encoder (an imported BERT's upper layers go here).
+        blocks = new BlockStack(c.FusionLayers, c.Width, c.Heads, c.MlpRatio, c.TextLayout);
         RegisterComponents();
     }
 

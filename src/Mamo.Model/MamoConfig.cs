@@ -41,6 +41,12 @@ public sealed record MamoConfig
     public double TemperatureMax { get; init; } = 0.5;
     /// <summary>How a new model's weights start: WeightInit.Bert or WeightInit.Torch.</summary>
     public string WeightInit { get; init; } = Model.WeightInit.Torch;
+    /// <summary>The text and fusion encoders' blocks: TextLayouts.PreLn (nanoGPT's) or TextLayouts.Bert (BERT's own, so
+    /// that imported BERT weights mean what they meant). Configs written before it existed read as pre-ln.</summary>
+    public string TextLayout { get; init; } = TextLayouts.PreLn;
+
+    /// <summary>BERT's learned positions and token types (bert layout).</summary>
+    public const int BertPositions = 512, BertTokenTypes = 2;
 
     // BERT uncased special token ids (bert-base-uncased vocab.txt).
     public int PadTokenId { get; init; } = 0;
@@ -65,12 +71,23 @@ public sealed record MamoConfig
         EmbedDim = 256, MaxTextLength = 40, DecoderLayers = 2,
     };
 
+    /// <summary>all-MiniLM-L6-v2's text encoder (BERT layout, width 384, 12 heads, 6 layers, MLP 1536), so that its
+    /// weights import as they are; a small ViT and two fusion layers beside it.</summary>
+    public static MamoConfig MiniLm => new()
+    {
+        ImageSize = 64, PatchSize = 8, Width = 384, Heads = 12, ImageLayers = 6, TextLayers = 6, FusionLayers = 2,
+        EmbedDim = 256, MaxTextLength = 32, TextLayout = TextLayouts.Bert,
+    };
+
+    public static readonly IReadOnlyList<string> PresetNames = ["tiny", "small", "base", "minilm"];
+
     public static MamoConfig Preset(string name) => name switch
     {
         "tiny" => Tiny,
         "small" => Small,
         "base" => Base,
-        _ => throw new ArgumentException($"unknown preset '{name}' (tiny, small, base)"),
+        "minilm" => MiniLm,
+        _ => throw new ArgumentException($"unknown preset '{name}' ({string.Join(", ", PresetNames)})"),
     };
 
     public void Validate()
@@ -82,6 +99,8 @@ public sealed record MamoConfig
         Require(MaxTextLength >= 3, "max text length must leave room for [CLS] and [SEP]");
         Require(TemperatureMin > 0 && TemperatureMin <= TemperatureInit && TemperatureInit <= TemperatureMax, "temperature must satisfy 0 < min <= init <= max");
         Require(WeightInit is Model.WeightInit.Bert or Model.WeightInit.Torch, $"weight init '{WeightInit}' must be {Model.WeightInit.Bert} or {Model.WeightInit.Torch}");
+        Require(TextLayout is TextLayouts.PreLn or TextLayouts.Bert, $"text layout '{TextLayout}' must be {TextLayouts.PreLn} or {TextLayouts.Bert}");
+        Require(TextLayout != TextLayouts.Bert || MaxTextLength <= BertPositions, $"the bert layout has {BertPositions} positions; max text length {MaxTextLength} exceeds them");
     }
 
     /// <summary>The same weights fit both: only how they start and the temperature's range may differ.</summary>
@@ -122,9 +141,9 @@ public sealed record PretrainingConfig
     /// <summary>The settings that go with each model preset (the deeper fusion encoders average three layers).</summary>
     public static PretrainingConfig Preset(string name) => name switch
     {
-        "tiny" => new(),
+        "tiny" or "minilm" => new(),
         "small" or "base" => new() { MrmTopK = 3 },
-        _ => throw new ArgumentException($"unknown preset '{name}' (tiny, small, base)"),
+        _ => throw new ArgumentException($"unknown preset '{name}' ({string.Join(", ", MamoConfig.PresetNames)})"),
     };
 
     public void Validate(MamoConfig c)

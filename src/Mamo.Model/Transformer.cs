@@ -73,18 +73,31 @@ public sealed class Mlp : Module<Tensor, Tensor>
     }
 }
 
-/// <summary>Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)).</summary>
+/// <summary>How a block stack places its LayerNorms: pre-LN as nanoGPT and ViT (x + f(ln(x)), one final norm), or
+/// post-LN as BERT (ln(x + f(x)), eps 1e-12, no final norm), so that imported BERT weights mean what they meant.</summary>
+public static class TextLayouts
+{
+    public const string PreLn = "pre-ln", Bert = "bert";
+    /// <summary>BERT's LayerNorm epsilon; pre-LN keeps TorchSharp's 1e-5.</summary>
+    public const double BertEps = 1e-12;
+}
+
+/// <summary>Transformer block. Pre-LN: x + attn(ln(x)), then x + mlp(ln(x)). Post-LN (BERT): ln(x + attn(x)), then
+/// ln(x + mlp(x)).</summary>
 public sealed class Block : Module<Tensor, Tensor?, Tensor>
 {
     readonly LayerNorm ln1, ln2;
     readonly SelfAttention attn;
     readonly Mlp mlp;
+    readonly bool postLn;
 
-    public Block(int width, int heads, int mlpRatio) : base(nameof(Block))
+    public Block(int width, int heads, int mlpRatio, bool postLn = false) : base(nameof(Block))
     {
-        ln1 = LayerNorm(width);
+        this.postLn = postLn;
+        var eps = postLn ? TextLayouts.BertEps : 1e-5;
+        ln1 = LayerNorm(width, eps);
         attn = new SelfAttention(width, heads);
-        ln2 = LayerNorm(width);
+        ln2 = LayerNorm(width, eps);
         mlp = new Mlp(width, mlpRatio * width);
         RegisterComponents();
     }
@@ -97,8 +110,16 @@ public sealed class Block : Module<Tensor, Tensor?, Tensor>
     public override Tensor forward(Tensor x, Tensor? bias)
     {
         using var scope = NewDisposeScope();
-        x = x + attn.forward(ln1.forward(x), bias);
-        x = x + mlp.forward(ln2.forward(x));
+        if (postLn)
+        {
+            x = ln1.forward(x + attn.forward(x, bias));
+            x = ln2.forward(x + mlp.forward(x));
+        }
+        else
+        {
+            x = x + attn.forward(ln1.forward(x), bias);
+            x = x + mlp.forward(ln2.forward(x));
+        }
         return x.MoveToOuterDisposeScope();
     }
 }
@@ -107,12 +128,14 @@ public sealed class Block : Module<Tensor, Tensor?, Tensor>
 public sealed class BlockStack : Module<Tensor, Tensor?, Tensor>
 {
     readonly ModuleList<Block> blocks;
-    readonly LayerNorm lnFinal;
+    readonly LayerNorm? lnFinal;
 
-    public BlockStack(int layers, int width, int heads, int mlpRatio) : base(nameof(BlockStack))
+    /// <param name="layout">TextLayouts.PreLn (a final norm after the blocks) or TextLayouts.Bert (post-LN blocks, none)</param>
+    public BlockStack(int layers, int width, int heads, int mlpRatio, string layout = TextLayouts.PreLn) : base(nameof(BlockStack))
     {
-        blocks = new ModuleList<Block>(Enumerable.Range(0, layers).Select(_ => new Block(width, heads, mlpRatio)).ToArray());
-        lnFinal = LayerNorm(width);
+        var postLn = layout == TextLayouts.Bert;
+        blocks = new ModuleList<Block>(Enumerable.Range(0, layers).Select(_ => new Block(width, heads, mlpRatio, postLn)).ToArray());
+        lnFinal = postLn ? null : LayerNorm(width);
         RegisterComponents();
     }
 
@@ -122,7 +145,7 @@ public sealed class BlockStack : Module<Tensor, Tensor?, Tensor>
 
     public override Tensor forward(Tensor x, Tensor? bias) => ForwardAll(x, bias, keepHidden: false).Output;
 
-    /// <summary>Runs every block; Hidden holds each block's output (before the final norm) when asked for.</summary>
+    /// <summary>Runs every block; Hidden holds each block's output (before the final norm, if any) when asked for.</summary>
     public (Tensor Output, Tensor[] Hidden) ForwardAll(Tensor x, Tensor? bias, bool keepHidden)
     {
         using var scope = NewDisposeScope();
@@ -132,7 +155,7 @@ public sealed class BlockStack : Module<Tensor, Tensor?, Tensor>
             x = block.forward(x, bias);
             if (keepHidden) hidden.Add(x);
         }
-        var output = lnFinal.forward(x);
+        var output = lnFinal is null ? x.alias() : lnFinal.forward(x);
         output.MoveToOuterDisposeScope();
         foreach (var h in hidden) h.MoveToOuterDisposeScope();
         return (output, hidden.ToArray());

@@ -55,6 +55,17 @@ public class SettingsTests
     }
 
     [Fact]
+    public void The_text_layout_is_the_presets_unless_set()
+    {
+        Assert.Equal(Mamo.Model.TextLayouts.PreLn, MamoSettings.Load(null, ["preset=tiny"]).Model.TextLayout);
+        Assert.Equal(Mamo.Model.TextLayouts.Bert, MamoSettings.Load(null, ["preset=minilm"]).Model.TextLayout);
+        Assert.Equal(384, MamoSettings.Load(null, ["preset=minilm"]).Model.Width);
+        Assert.Equal(Mamo.Model.TextLayouts.Bert, MamoSettings.Load(null, ["preset=tiny", "model.text-layout=bert"]).Model.TextLayout);
+        var e = Assert.Throws<SettingsException>(() => MamoSettings.Load(null, ["model.text-layout=post-ln"]));
+        Assert.Contains("must be pre-ln, bert or preset", e.Message);
+    }
+
+    [Fact]
     public void A_missing_config_file_is_a_clear_error()
     {
         var e = Assert.Throws<SettingsException>(() => MamoSettings.Load("/nonexistent/mamo.conf"));

@@ -60,7 +60,7 @@ public static class FinetuneCommand
             {
                 serve = dashboard.Resolve(parse);
                 var model = Checkpoint.ReadConfig(checkpoint);
-                var preset = new[] { "tiny", "small", "base" }.FirstOrDefault(p => MamoConfig.Preset(p).SameArchitecture(model))
+                var preset = MamoConfig.PresetNames.FirstOrDefault(p => MamoConfig.Preset(p).SameArchitecture(model))
                     ?? throw new SettingsException($"{checkpoint} holds a model of no preset's architecture");
                 string[] layers = taskName == FineTuneSettings.Retrieval ? ["finetune-retrieval.conf", "finetune.conf"] : ["finetune.conf"];
                 settings = MamoSettings.Load(parse.GetValue(settingsOptions.Config), [$"preset={preset}", .. sets, .. parse.GetValue(settingsOptions.Set) ?? []], layers);

@@ -18,7 +18,7 @@ public static class PretrainCommand
 
     public static Command Create()
     {
-        var preset = new Option<string?>("--preset") { Description = "Model preset: tiny, small or base" };
+        var preset = new Option<string?>("--preset") { Description = "Model preset: tiny, small, base or minilm (all-MiniLM-L6-v2's BERT text encoder)" };
         var source = new Option<string?>("--source") { Description = "dataset:NAME, manifest:PATH or wds:GLOB (default dataset:emoji)" };
         var runDir = new Option<string?>("--run-dir") { Description = "Checkpoints, metrics and logs go here; a run resumes from its last checkpoint" };
         var maxSteps = new Option<long?>("--max-steps") { Description = "Stop after this many steps in total" };
