@@ -64,6 +64,9 @@ public static class PretrainCommand
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");
                 return SettingsError;
             }
+            // A cluster node serves one only when asked (--dashboard ADDR): on one machine, N nodes would each start a
+            // web server beside their heartbeats, and a starved heartbeat reads as a dead node.
+            if (node is not null && parse.GetValue(dashboard.Listen) is null) serve = default;
             return await Train("pretrain", settings, parse.GetValue(plain), node, dashboard: serve);
         });
         return command;
