@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Globalization;
 using System.Text.Json.Nodes;
 
 namespace Mamo.Actors.Cluster;
@@ -48,16 +47,15 @@ public sealed class RunHistory(string? journal = null)
         var round = new Round(number, [.. participants], took.TotalSeconds);
         rounds.Enqueue(round);
         while (rounds.Count > Kept) rounds.Dequeue();
-        if (members is not null && !members.SequenceEqual(lastMembers, MemberComparer.Instance))
+        if (members is not null)
         {
-            lastMembers = members;
-            Append("members", new()
+            var list = new JsonArray(members.Select(m => (JsonNode)new JsonObject
             {
-                ["members"] = new JsonArray(members.Select(m => (JsonNode)new JsonObject
-                {
-                    ["name"] = m.Name, ["address"] = m.Address, ["roles"] = new JsonArray(m.Roles.Select(r => (JsonNode)r).ToArray()), ["status"] = m.Status,
-                }).ToArray()),
-            });
+                ["name"] = m.Name, ["address"] = m.Address, ["roles"] = new JsonArray(m.Roles.Select(r => (JsonNode)r).ToArray()), ["status"] = m.Status,
+            }).ToArray());
+            var written = list.ToJsonString();
+            if (written != lastMembers) Append("members", new() { ["members"] = list });
+            lastMembers = written;
         }
         Append("round", new() { ["round"] = number, ["participants"] = new JsonArray(round.Participants.Select(p => (JsonNode)p).ToArray()), ["seconds"] = Math.Round(round.Seconds, 3) });
         for (int i = 0; i < recoveries.Count; i++)
@@ -68,23 +66,13 @@ public sealed class RunHistory(string? journal = null)
             }
     }
 
-    IReadOnlyList<ClusterStatus.Member> lastMembers = [];
-
-    /// <summary>Members compared by value (a record's list of roles compares by reference).</summary>
-    sealed class MemberComparer : IEqualityComparer<ClusterStatus.Member>
-    {
-        public static readonly MemberComparer Instance = new();
-        public bool Equals(ClusterStatus.Member? a, ClusterStatus.Member? b) =>
-            a is not null && b is not null && a.Name == b.Name && a.Address == b.Address && a.Status == b.Status && a.Roles.SequenceEqual(b.Roles);
-        public int GetHashCode(ClusterStatus.Member m) => HashCode.Combine(m.Name, m.Address, m.Status);
-    }
+    /// <summary>The last members line as written: a new one goes out when the members differ.</summary>
+    string? lastMembers;
 
     void Append(string kind, Dictionary<string, JsonNode?> fields)
     {
         if (journal is null) return;
-        var line = new JsonObject { ["kind"] = kind, ["time"] = DateTime.UtcNow.ToString("O", CultureInfo.InvariantCulture) };
-        foreach (var (k, v) in fields) line[k] = v;
-        try { File.AppendAllText(journal, line.ToJsonString() + "\n"); }
+        try { File.AppendAllText(journal, Metrics.Line(kind, fields).ToJsonString() + "\n"); }
         catch (IOException e) { Serilog.Log.Warning("{Journal} not written: {Error}", journal, e.Message); }
     }
 
