@@ -21,5 +21,7 @@ public static class MamoRoot
         DevBrokerCommand.Create(),
         ClusterCommand.Create(),
         DashboardCommand.Create(),
+        ImportCommand.Create(),
+        ExportCommand.Create(),
     };
 }

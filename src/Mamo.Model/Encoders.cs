@@ -20,7 +20,7 @@ public sealed class ImageEncoder : Module<Tensor, Tensor?, Tensor>
         clsToken = Parameter(init.trunc_normal_(empty(1, 1, c.Width), std: 0.02));
         positionEmbedding = Parameter(init.trunc_normal_(empty(1, 1 + numPatches, c.Width), std: 0.02));
         maskToken = Parameter(init.trunc_normal_(empty(1, 1, c.Width), std: 0.02));
-        blocks = new BlockStack(c.ImageLayers, c.Width, c.Heads, c.MlpRatio);
+        blocks = new BlockStack(c.ImageLayers, c.Width, c.Heads, c.MlpRatio, eps: c.ImageNormEps);
         RegisterComponents();
     }
 
@@ -94,7 +94,11 @@ public sealed class TextEncoder : Module<Tensor, Tensor, Tensor>
     /// <param name="tokenIds">[B, L]</param>
     /// <param name="attentionMask">[B, L] of 1 (token) and 0 (padding)</param>
     /// <returns>[B, L, W] ([CLS] first)</returns>
-    public override Tensor forward(Tensor tokenIds, Tensor attentionMask)
+    public override Tensor forward(Tensor tokenIds, Tensor attentionMask) => Forward(tokenIds, attentionMask, keepHidden: false).Output;
+
+    /// <returns>Output [B, L, W]; Hidden, when asked for: the normed embeddings, then each block's output, as
+    /// transformers' hidden_states</returns>
+    public (Tensor Output, Tensor[] Hidden) Forward(Tensor tokenIds, Tensor attentionMask, bool keepHidden)
     {
         using var scope = NewDisposeScope();
         var l = tokenIds.shape[1];
@@ -102,7 +106,10 @@ public sealed class TextEncoder : Module<Tensor, Tensor, Tensor>
         if (tokenTypeEmbedding is not null) x = x + tokenTypeEmbedding[0];   // one segment: type 0, as BERT gives a single text
         x = embeddingNorm.forward(x);
         var bias = BlockStack.PaddingBias(attentionMask, x.dtype);
-        return blocks.forward(x, bias).MoveToOuterDisposeScope();
+        var (output, hidden) = blocks.ForwardAll(x, bias, keepHidden);
+        Tensor[] all = keepHidden ? [x, .. hidden] : [];
+        foreach (var h in all) h.MoveToOuterDisposeScope();
+        return (output.MoveToOuterDisposeScope(), all);
     }
 }
 

@@ -45,6 +45,9 @@ public sealed record MamoConfig
     /// that imported BERT weights mean what they meant). Configs written before it existed read as pre-ln.</summary>
     public string TextLayout { get; init; } = TextLayouts.PreLn;
 
+    /// <summary>The image encoder's LayerNorm epsilon: TorchSharp's 1e-5, or timm's 1e-6 for an imported ViT.</summary>
+    public double ImageNormEps { get; init; } = 1e-5;
+
     /// <summary>BERT's learned positions and token types (bert layout).</summary>
     public const int BertPositions = 512, BertTokenTypes = 2;
 
@@ -80,6 +83,15 @@ public sealed record MamoConfig
     };
 
     public static readonly IReadOnlyList<string> PresetNames = ["tiny", "small", "base", "minilm"];
+
+    /// <summary>The preset whose sizes <paramref name="c"/> has, or null. Its text layout and image LayerNorm epsilon
+    /// may be its own: an import sets them to the published model's.</summary>
+    public static string? PresetOf(MamoConfig c) =>
+        PresetNames.FirstOrDefault(p => (Preset(p) with { TextLayout = c.TextLayout, ImageNormEps = c.ImageNormEps }).SameArchitecture(c));
+
+    /// <summary>This config with <paramref name="saved"/>'s text layout and image epsilon (a checkpoint's, which a run
+    /// starting from it must keep).</summary>
+    public MamoConfig WithLayoutOf(MamoConfig saved) => this with { TextLayout = saved.TextLayout, ImageNormEps = saved.ImageNormEps };
 
     public static MamoConfig Preset(string name) => name switch
     {

@@ -452,6 +452,9 @@ public sealed class MamoModel : Module
     /// <summary>The image encoder, whose position embeddings resize to larger images.</summary>
     public ImageEncoder Image => image;
 
+    /// <summary>The text encoder, whose hidden states the import's parity test compares with the original model's.</summary>
+    public TextEncoder Text => text;
+
     /// <summary>The fusion encoder, whose attention Grad-CAM reads.</summary>
     public FusionEncoder Fusion => fusion;
 }

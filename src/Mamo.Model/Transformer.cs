@@ -91,13 +91,14 @@ public sealed class Block : Module<Tensor, Tensor?, Tensor>
     readonly Mlp mlp;
     readonly bool postLn;
 
-    public Block(int width, int heads, int mlpRatio, bool postLn = false) : base(nameof(Block))
+    /// <param name="eps">the LayerNorms' epsilon (TorchSharp's 1e-5 unless given; timm's ViTs use 1e-6)</param>
+    public Block(int width, int heads, int mlpRatio, bool postLn = false, double? eps = null) : base(nameof(Block))
     {
         this.postLn = postLn;
-        var eps = postLn ? TextLayouts.BertEps : 1e-5;
-        ln1 = LayerNorm(width, eps);
+        eps ??= postLn ? TextLayouts.BertEps : 1e-5;
+        ln1 = LayerNorm(width, eps.Value);
         attn = new SelfAttention(width, heads);
-        ln2 = LayerNorm(width, eps);
+        ln2 = LayerNorm(width, eps.Value);
         mlp = new Mlp(width, mlpRatio * width);
         RegisterComponents();
     }
@@ -131,11 +132,12 @@ public sealed class BlockStack : Module<Tensor, Tensor?, Tensor>
     readonly LayerNorm? lnFinal;
 
     /// <param name="layout">TextLayouts.PreLn (a final norm after the blocks) or TextLayouts.Bert (post-LN blocks, none)</param>
-    public BlockStack(int layers, int width, int heads, int mlpRatio, string layout = TextLayouts.PreLn) : base(nameof(BlockStack))
+    /// <param name="eps">every LayerNorm's epsilon, if not the layout's</param>
+    public BlockStack(int layers, int width, int heads, int mlpRatio, string layout = TextLayouts.PreLn, double? eps = null) : base(nameof(BlockStack))
     {
         var postLn = layout == TextLayouts.Bert;
-        blocks = new ModuleList<Block>(Enumerable.Range(0, layers).Select(_ => new Block(width, heads, mlpRatio, postLn)).ToArray());
-        lnFinal = postLn ? null : LayerNorm(width);
+        blocks = new ModuleList<Block>(Enumerable.Range(0, layers).Select(_ => new Block(width, heads, mlpRatio, postLn, eps)).ToArray());
+        lnFinal = postLn ? null : LayerNorm(width, eps ?? 1e-5);
         RegisterComponents();
     }
 

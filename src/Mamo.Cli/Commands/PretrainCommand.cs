@@ -3,6 +3,7 @@ using System.Runtime.InteropServices;
 using Mamo.Actors;
 using Mamo.Actors.Cluster;
 using Mamo.Cli.Dashboard;
+using Mamo.Model;
 using Microsoft.Extensions.Diagnostics.HealthChecks;
 using Serilog;
 using Serilog.Events;
@@ -32,9 +33,13 @@ public static class PretrainCommand
         var nodeName = new Option<string?>("--node-name") { Description = "This node's name; its log and ledger go to RUN_DIR/nodes/NAME (default: HOST-PORT)" };
         var roles = new Option<string?>("--roles") { Description = "coordinator,trainer,evaluator,publisher (default: all)" };
         var dashboard = Dashboard();
+        var init = new Option<string?>("--init")
+        {
+            Description = "A new run starts from this checkpoint's weights (`mamo import`'s, or another run's newest), in its architecture",
+        };
         var command = new Command("pretrain", "Continually pre-train MAMO on an image-text stream")
         {
-            preset, source, runDir, maxSteps, timeBudget, device, settingsOptions.Config, settingsOptions.Set, ledger, plain, cluster, seedNodes, nodeName, roles,
+            preset, source, runDir, maxSteps, timeBudget, device, init, settingsOptions.Config, settingsOptions.Set, ledger, plain, cluster, seedNodes, nodeName, roles,
             dashboard.Listen, dashboard.Token,
         };
         command.SetAction(async (parse, _) =>
@@ -52,14 +57,28 @@ public static class PretrainCommand
             MamoSettings settings;
             ClusterNodeOptions? node;
             (DashboardAddress? Address, string? Token) serve;
+            string? start = null;
             try
             {
-                settings = settingsOptions.Load(parse, sets);
+                if (parse.GetValue(init) is { } initPath)
+                {
+                    start = Checkpoint.Latest(initPath) ?? throw new SettingsException($"--init {initPath}: no checkpoint there (a folder holding {Checkpoint.ConfigFile}, or a run folder)");
+                    var saved = Checkpoint.ReadConfig(start);
+                    var savedPreset = MamoConfig.PresetOf(saved) ?? throw new SettingsException($"--init {start} holds a model of no preset's architecture");
+                    if (parse.GetValue(preset) is { } asked && asked != savedPreset)
+                        throw new SettingsException($"--init {start} holds a {savedPreset} model; --preset {asked} asks for another");
+                    Add("preset", savedPreset);
+                    settings = settingsOptions.Load(parse, sets);
+                    settings = settings with { Model = settings.Model.WithLayoutOf(saved) };
+                }
+                else settings = settingsOptions.Load(parse, sets);
                 if (settings.FineTune.IsFineTuning) throw new SettingsException("'mamo.finetune.task' is set: fine-tune with `mamo finetune --from CHECKPOINT --task ...`");
                 node = NodeOptions(parse.GetValue(cluster), parse.GetValue(seedNodes), parse.GetValue(nodeName), parse.GetValue(roles));
+                // The coordinator starts θ from the seed; giving it a checkpoint's is not built yet.
+                if (node is not null && start is not null) throw new SettingsException("--init does not combine with --cluster yet: start the cluster from random weights");
                 serve = dashboard.Resolve(parse);
             }
-            catch (Exception e) when (e is SettingsException or FormatException)
+            catch (Exception e) when (e is SettingsException or FormatException or IOException or System.Text.Json.JsonException)
             {
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");
                 return SettingsError;
@@ -67,7 +86,7 @@ public static class PretrainCommand
             // A cluster node serves one only when asked (--dashboard ADDR): on one machine, N nodes would each start a
             // web server beside their heartbeats, and a starved heartbeat reads as a dead node.
             if (node is not null && parse.GetValue(dashboard.Listen) is null) serve = default;
-            return await Train("pretrain", settings, parse.GetValue(plain), node, dashboard: serve);
+            return await Train("pretrain", settings, parse.GetValue(plain), node, init: start, dashboard: serve);
         });
         return command;
     }
@@ -79,7 +98,7 @@ public static class PretrainCommand
     /// <summary>A training run of `pretrain` or `finetune` to its end: logging to RUN_DIR/mamo.log, the live display
     /// (or log lines), SIGINT/SIGTERM as a clean stop with a final checkpoint, and exit codes for settings errors and
     /// failed runs.</summary>
-    /// <param name="init">the checkpoint a new fine-tuning run starts from</param>
+    /// <param name="init">the checkpoint a new run (pre-training with --init, or fine-tuning) starts from</param>
     /// <param name="dashboard">where to serve the run's dashboard; no address: none</param>
     internal static async Task<int> Train(string name, MamoSettings settings, bool plain, ClusterNodeOptions? node = null, string? init = null,
         (DashboardAddress? Address, string? Token) dashboard = default)

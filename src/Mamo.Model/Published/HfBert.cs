@@ -1,0 +1,124 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using static TorchSharp.torch;
+
+namespace Mamo.Model.Published;
+
+/// <summary>
+/// Hugging Face BERT's tensor names (transformers' BertModel) for our text encoder in the bert layout. BERT's
+/// encoder.layer.i is our text block i; as in ALBEF, layers above the text encoder's continue into the fusion encoder
+/// (layer TextLayers + j is fusion block j), where the published model has them. Our qkv is BERT's query, key and
+/// value concatenated; ln1 is attention.output.LayerNorm, ln2 output.LayerNorm (BERT's blocks are post-LN).
+/// </summary>
+public static class HfBert
+{
+    /// <summary>Our block's parameter -> BERT layer's tensors.</summary>
+    static readonly (string Ours, string[] Theirs, bool Matrix, bool Hidden)[] BlockTensors =
+    [
+        ("attn.qkv.weight", ["attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight"], true, false),
+        ("attn.qkv.bias", ["attention.self.query.bias", "attention.self.key.bias", "attention.self.value.bias"], false, false),
+        ("attn.proj.weight", ["attention.output.dense.weight"], true, false),
+        ("attn.proj.bias", ["attention.output.dense.bias"], false, false),
+        ("ln1.weight", ["attention.output.LayerNorm.weight"], false, false),
+        ("ln1.bias", ["attention.output.LayerNorm.bias"], false, false),
+        ("mlp.fc.weight", ["intermediate.dense.weight"], true, true),
+        ("mlp.fc.bias", ["intermediate.dense.bias"], false, true),
+        ("mlp.proj.weight", ["output.dense.weight"], true, false),
+        ("mlp.proj.bias", ["output.dense.bias"], false, false),
+        ("ln2.weight", ["output.LayerNorm.weight"], false, false),
+        ("ln2.bias", ["output.LayerNorm.bias"], false, false),
+    ];
+
+    /// <summary>The map for a config's text encoder and, where the published model has <paramref name="layers"/> &gt;
+    /// TextLayers, the fusion blocks those layers fill.</summary>
+    public static WeightMap Map(MamoConfig c, int layers)
+    {
+        if (c.TextLayout != TextLayouts.Bert) throw new ArgumentException($"BERT weights need the bert text layout, not {c.TextLayout}");
+        long w = c.Width, hidden = c.MlpRatio * c.Width;
+        var entries = new List<WeightMap.Entry>
+        {
+            new("text.wordEmbedding.weight", ["embeddings.word_embeddings.weight"], [c.VocabSize, w]),
+            new("text.positionEmbedding", ["embeddings.position_embeddings.weight"], [MamoConfig.BertPositions, w]),
+            new("text.tokenTypeEmbedding", ["embeddings.token_type_embeddings.weight"], [MamoConfig.BertTokenTypes, w]),
+            new("text.embeddingNorm.weight", ["embeddings.LayerNorm.weight"], [w]),
+            new("text.embeddingNorm.bias", ["embeddings.LayerNorm.bias"], [w]),
+        };
+        for (int layer = 0; layer < Math.Min(layers, c.TextLayers + c.FusionLayers); layer++)
+        {
+            var ours = layer < c.TextLayers ? $"text.blocks.blocks.{layer}" : $"fusion.blocks.blocks.{layer - c.TextLayers}";
+            foreach (var (name, theirs, matrix, toHidden) in BlockTensors)
+            {
+                long[] shape = matrix ? (toHidden ? [hidden, w] : name == "mlp.proj.weight" ? [w, hidden] : [w, w]) : [toHidden ? hidden : w];
+                entries.Add(new($"{ours}.{name}", theirs.Select(t => $"encoder.layer.{layer}.{t}").ToArray(), shape));
+            }
+        }
+        return new WeightMap(entries);
+    }
+
+    /// <summary>The number of encoder layers a published BERT has (the highest encoder.layer.i, plus one).</summary>
+    public static int Layers(IEnumerable<string> names) =>
+        names.Select(n => n.Split('.')).Where(p => p.Length > 2 && p[0] == "encoder" && p[1] == "layer" && int.TryParse(p[2], out _))
+            .Select(p => int.Parse(p[2]) + 1).DefaultIfEmpty(0).Max();
+
+    /// <summary>BERT tensors from a safetensors file (or a folder holding model.safetensors), under BertModel's names:
+    /// a BertForPreTraining's "bert." prefix is dropped, and the original checkpoints' LayerNorm gamma/beta read as
+    /// weight/bias. The caller owns the tensors.</summary>
+    public static Dictionary<string, Tensor> ReadSafeTensors(string path)
+    {
+        var file = Directory.Exists(path) ? Path.Combine(path, "model.safetensors") : path;
+        if (!File.Exists(file)) throw new FileNotFoundException($"no BERT weights at {file} (expected a .safetensors file or a folder with model.safetensors)");
+        return SafeTensors.Load(file).ToDictionary(kv => Normalise(kv.Key), kv => kv.Value);
+    }
+
+    static string Normalise(string name)
+    {
+        if (name.StartsWith("bert.")) name = name["bert.".Length..];
+        if (name.EndsWith("LayerNorm.gamma")) name = name[..^"gamma".Length] + "weight";
+        if (name.EndsWith("LayerNorm.beta")) name = name[..^"beta".Length] + "bias";
+        return name;
+    }
+
+    /// <summary>
+    /// BERT tensors from an ONNX export of BertModel. Named initializers keep their names; the exporter leaves each
+    /// Linear's weight anonymous and transposed, as the second input of a MatMul whose output an Add with the named
+    /// bias takes. So X.weight is that MatMul's initializer, transposed back to PyTorch's [out, in].
+    /// </summary>
+    public static Dictionary<string, Tensor> ReadOnnx(OnnxModel onnx)
+    {
+        var result = new Dictionary<string, Tensor>();
+        foreach (var (name, init) in onnx.Initializers)
+            if (init.DataType == OnnxModel.Float && (name.StartsWith("embeddings.") || name.StartsWith("encoder.") || name.StartsWith("pooler.")))
+                result[name] = onnx.Tensor(name);
+        foreach (var bias in result.Keys.Where(n => n.EndsWith(".bias")).ToList())
+        {
+            var weight = bias[..^"bias".Length] + "weight";
+            if (result.ContainsKey(weight)) continue;   // a LayerNorm, or a Linear exported with its name
+            var add = onnx.Nodes.FirstOrDefault(n => n.Op == "Add" && n.Inputs.Contains(bias));
+            var matmul = add?.Inputs.Where(i => i != bias).Select(onnx.Producer).FirstOrDefault(p => p?.Op == "MatMul");
+            var anonymous = matmul?.Inputs.FirstOrDefault(i => onnx.Initializers.ContainsKey(i));
+            if (anonymous is null) continue;
+            using var t = onnx.Tensor(anonymous);
+            result[weight] = t.t().contiguous();
+        }
+        return result;
+    }
+
+    /// <summary>transformers' config.json for the exported BertModel.</summary>
+    public static string ConfigJson(MamoConfig c, int layers) => new JsonObject
+    {
+        ["architectures"] = new JsonArray("BertModel"),
+        ["model_type"] = "bert",
+        ["hidden_size"] = c.Width,
+        ["num_hidden_layers"] = layers,
+        ["num_attention_heads"] = c.Heads,
+        ["intermediate_size"] = c.MlpRatio * c.Width,
+        ["hidden_act"] = "gelu",
+        ["layer_norm_eps"] = TextLayouts.BertEps,
+        ["max_position_embeddings"] = MamoConfig.BertPositions,
+        ["type_vocab_size"] = MamoConfig.BertTokenTypes,
+        ["vocab_size"] = c.VocabSize,
+        ["pad_token_id"] = c.PadTokenId,
+        ["hidden_dropout_prob"] = 0.0,
+        ["attention_probs_dropout_prob"] = 0.0,
+    }.ToJsonString(new JsonSerializerOptions { WriteIndented = true });
+}

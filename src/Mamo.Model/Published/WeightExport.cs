@@ -1,0 +1,37 @@
+namespace Mamo.Model.Published;
+
+/// <summary>`mamo export`: a checkpoint's encoder in a published layout, as OUT/model.safetensors under the original
+/// tensor names and OUT/config.json, so that transformers or timm load it. Importing the export gives the same
+/// tensors back, bit for bit.</summary>
+public static class WeightExport
+{
+    /// <returns>a line saying what was written</returns>
+    public static string Run(string checkpoint, string weightsFile, string format, string output)
+    {
+        var config = Checkpoint.ReadConfig(checkpoint);
+        var tensors = Checkpoint.LoadPart(Path.Combine(checkpoint, weightsFile));
+        try
+        {
+            var (map, json) = format switch
+            {
+                // The fusion layers go above the text encoder's, where an import puts them.
+                WeightSource.HfBert when config.TextLayout == TextLayouts.Bert =>
+                    (HfBert.Map(config, config.TextLayers + config.FusionLayers), HfBert.ConfigJson(config, config.TextLayers + config.FusionLayers)),
+                WeightSource.HfBert =>
+                    throw new InvalidDataException($"{checkpoint}: the text encoder is in the {config.TextLayout} layout; only the {TextLayouts.Bert} layout is BERT"),
+                WeightSource.TimmVit => (TimmVit.Map(config), TimmVit.ConfigJson(config)),
+                _ => throw new ArgumentException($"export format must be {WeightSource.HfBert} or {WeightSource.TimmVit}, not {format}"),
+            };
+            var exported = map.Export(tensors);
+            try
+            {
+                Directory.CreateDirectory(output);
+                SafeTensors.Save(Path.Combine(output, "model.safetensors"), exported, new Dictionary<string, string> { ["format"] = "pt" });
+                Checkpoint.WriteDurably(Path.Combine(output, "config.json"), json);
+            }
+            finally { foreach (var (_, t) in exported) t.Dispose(); }
+            return $"wrote {exported.Count} tensors of {checkpoint} ({weightsFile}) as {format} to {Path.GetFullPath(output)}";
+        }
+        finally { foreach (var t in tensors.Values) t.Dispose(); }
+    }
+}
