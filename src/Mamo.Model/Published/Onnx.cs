@@ -128,14 +128,15 @@ public sealed class OnnxModel
                 case TensorDims when v.WireType == 0: dims.Add((long)v.Varint); break;
                 case TensorDims: dims.AddRange(PackedVarints(v.Bytes).Select(d => (long)d)); break;
                 case TensorRawData: raw = v.Bytes; break;
-                case TensorFloatData when v.WireType == 5: floats.Add(BinaryPrimitives.ReadSingleLittleEndian(v.Raw.Span[^4..])); break;
+                case TensorFloatData when v.WireType == 5: floats.Add(BinaryPrimitives.ReadSingleLittleEndian(v.Bytes.Span)); break;
                 case TensorFloatData: floats.AddRange(PackedFloats(v.Bytes)); break;
                 case TensorDataLocation when v.Varint != 0: throw new InvalidDataException($"initializer '{name}' keeps its data in an external file, which is not read");
             }
         }
         if (dims.Any(d => d < 0)) throw new InvalidDataException($"initializer '{name}' has a negative dim");
         long count = 1;
-        foreach (var d in dims) count = checked(count * d);
+        foreach (var d in dims)
+            count = d == 0 || count <= long.MaxValue / 4 / d ? count * d : throw new InvalidDataException($"initializer '{name}' has dims too large to hold");
         var values = Array.Empty<float>();
         if (dataType == Float)
         {
