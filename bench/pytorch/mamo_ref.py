@@ -4,6 +4,9 @@ Two uses:
   mamo_ref.py bench  --config CONFIG.json --batch-size 32 --steps 10 --threads 2 [--json]
       times the same training step as `mamo bench step` (teacher targets, student forward/backward with all
       five losses, AdamW, EMA) on a synthetic batch of the same shapes;
+  mamo_ref.py timm-vit DIR
+      loads the ViT that `mamo bench export-vit --out DIR` wrote under timm's names, by those names, and compares its
+      image encoder's output with C#'s (the import, position resizing included); exits 1 at 1e-4 or more;
   mamo_ref.py parity DIR
       loads what `mamo bench export --out DIR` wrote (weights, batch, masks, ITM negatives, C#'s outputs),
       replays the step and prints the max relative difference of every loss, embedding, teacher target and
@@ -35,7 +38,8 @@ class Config:
         self.GridSize = self.ImageSize // self.PatchSize
         self.NumPatches = self.GridSize ** 2
         # Python's round() is banker's rounding, as C#'s Math.Round.
-        self.NumVisiblePatches = max(1, self.NumPatches - round(self.NumPatches * self.ImageMaskRatio))
+        if hasattr(self, "ImageMaskRatio"):  # a model config alone (export-vit) has no pre-training settings
+            self.NumVisiblePatches = max(1, self.NumPatches - round(self.NumPatches * self.ImageMaskRatio))
 
     @staticmethod
     def load(path):
@@ -83,11 +87,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width, heads, mlp_ratio):
+    def __init__(self, width, heads, mlp_ratio, eps=1e-5):
         super().__init__()
-        self.ln1 = nn.LayerNorm(width)
+        self.ln1 = nn.LayerNorm(width, eps=eps)
         self.attn = SelfAttention(width, heads)
-        self.ln2 = nn.LayerNorm(width)
+        self.ln2 = nn.LayerNorm(width, eps=eps)
         self.mlp = Mlp(width, mlp_ratio * width)
 
     def forward(self, x, bias):
@@ -96,10 +100,10 @@ class Block(nn.Module):
 
 
 class BlockStack(nn.Module):
-    def __init__(self, layers, width, heads, mlp_ratio):
+    def __init__(self, layers, width, heads, mlp_ratio, eps=1e-5):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(layers)])
-        self.lnFinal = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, eps) for _ in range(layers)])
+        self.lnFinal = nn.LayerNorm(width, eps=eps)
 
     def forward(self, x, bias, keep_hidden=False):
         """Returns the normed output and, when asked for, each block's output (before the final norm)."""
@@ -127,7 +131,7 @@ class ImageEncoder(nn.Module):
         self.clsToken = trunc_normal(1, 1, c.Width)
         self.positionEmbedding = trunc_normal(1, 1 + c.NumPatches, c.Width)
         self.maskToken = trunc_normal(1, 1, c.Width)
-        self.blocks = BlockStack(c.ImageLayers, c.Width, c.Heads, c.MlpRatio)
+        self.blocks = BlockStack(c.ImageLayers, c.Width, c.Heads, c.MlpRatio, getattr(c, "ImageNormEps", 1e-5))
 
     def forward(self, images, visible):
         """images [B, 3, S, S]; visible [B, Nv] or None -> [B, 1 + Nv, W] ([CLS] first)."""
@@ -635,6 +639,59 @@ def parity(args):
     return 1 if failed else 0
 
 
+# timm's VisionTransformer state dict (timm/models/vision_transformer.py) -> this ImageEncoder's attribute names.
+TIMM_NAMES = {
+    "cls_token": "clsToken", "pos_embed": "positionEmbedding",
+    "patch_embed.proj.weight": "patchEmbed.weight", "patch_embed.proj.bias": "patchEmbed.bias",
+    "norm.weight": "blocks.lnFinal.weight", "norm.bias": "blocks.lnFinal.bias",
+}
+TIMM_BLOCK_NAMES = {"norm1": "ln1", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "norm2": "ln2", "mlp.fc1": "mlp.fc", "mlp.fc2": "mlp.proj"}
+
+
+def from_timm(name):
+    if name in TIMM_NAMES:
+        return TIMM_NAMES[name]
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        inner, leaf = ".".join(parts[2:-1]), parts[-1]
+        return f"blocks.blocks.{parts[1]}.{TIMM_BLOCK_NAMES[inner]}.{leaf}"
+    return None  # head.*: the classifier is not part of the encoder
+
+
+def timm_vit(args):
+    """Loads timm.safetensors by timm's names into the reference ImageEncoder (the position grid resized as timm's
+    resample_abs_pos_embed does: bicubic, align_corners=False, class token kept) and compares its output with C#'s."""
+    torch.set_num_threads(args.threads)
+    d = args.dir.rstrip("/")
+    c = Config.load(f"{d}/config.json")
+    encoder = ImageEncoder(c).eval()
+    own = dict(encoder.named_parameters())
+    loaded = set()
+    with torch.no_grad():
+        for name, value in load_safetensors(f"{d}/timm.safetensors").items():
+            target = from_timm(name)
+            if target is None:
+                continue
+            if target == "positionEmbedding" and value.shape != own[target].shape:
+                g = int(round(math.sqrt(value.shape[1] - 1)))
+                grid = value[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+                grid = F.interpolate(grid, size=(c.GridSize, c.GridSize), mode="bicubic", align_corners=False)
+                value = torch.cat([value[:, :1], grid.permute(0, 2, 3, 1).reshape(1, c.NumPatches, -1)], 1)
+            own[target].copy_(value)
+            loaded.add(target)
+    missing = sorted(set(own) - loaded - {"maskToken"})
+    if missing:
+        raise SystemExit(f"timm.safetensors lacks {missing[:5]}")
+    expected = load_safetensors(f"{d}/expected.safetensors")
+    with torch.no_grad():
+        ours = encoder(expected["images"], None)
+    diff = relative_difference(ours, expected["features"])
+    ok = diff < args.tolerance
+    print(f"timm-vit parity of {d}: {c.ImageSize}px, width {c.Width}, {c.ImageLayers} blocks, eps {c.ImageNormEps:g}, torch {torch.__version__}: "
+          f"max|py - c#| / max|c#| = {diff:.3e} ({'ok' if ok else 'FAIL'}, gate < {args.tolerance:g})")
+    return 0 if ok else 1
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -650,8 +707,12 @@ def main():
     p.add_argument("dir")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=1e-4)
+    v = sub.add_parser("timm-vit", help="load a ViT by timm's names and compare with `mamo bench export-vit`'s output")
+    v.add_argument("dir")
+    v.add_argument("--threads", type=int, default=2)
+    v.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args()
-    return bench(args) if args.command == "bench" else parity(args)
+    return {"bench": bench, "parity": parity, "timm-vit": timm_vit}[args.command](args)
 
 
 if __name__ == "__main__":

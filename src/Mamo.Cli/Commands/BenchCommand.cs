@@ -12,7 +12,8 @@ namespace Mamo.Cli.Commands;
 /// synthetic batches of the preset's shapes, timed step by step, with its analytic FLOPs and the MFU against a
 /// matmul measured in the same run. Step time does not depend on the pixels.
 /// `mamo bench export`: one seeded step with every input, random draw and output written out, so that the
-/// PyTorch reference (bench/pytorch/mamo_ref.py) can replay it and compare.</summary>
+/// PyTorch reference (bench/pytorch/mamo_ref.py) can replay it and compare. `mamo bench export-vit`: the same for a
+/// ViT imported from timm's names.</summary>
 public static class BenchCommand
 {
     /// <summary>Memory is compared against the RSS after this many timed steps (allocator and caches settled).</summary>
@@ -109,7 +110,53 @@ public static class BenchCommand
             parse.InvocationConfiguration.Output.WriteLine(result);
             return 0;
         });
-        return new Command("bench", "Benchmarks") { step, export, BenchKafkaCommand.Create() };
+        var grid = new Option<int>("--grid") { Description = "The timm file's position grid (tiny's is 8; another size is resized on import)", DefaultValueFactory = _ => 4 };
+        var vitOut = new Option<string>("--out") { Description = "Folder to write into", Required = true };
+        var vitSeed = new Option<int>("--seed") { Description = "Seed of the weights and the images", DefaultValueFactory = _ => 1 };
+        var exportVit = new Command("export-vit", "Write a random ViT under timm's names, its import into tiny and the image encoder's output, for `mamo_ref.py timm-vit`")
+            { grid, vitSeed, vitOut };
+        exportVit.SetAction(parse =>
+        {
+            parse.InvocationConfiguration.Output.WriteLine(ExportVit(parse.GetValue(grid), parse.GetValue(vitSeed), parse.GetValue(vitOut)!));
+            return 0;
+        });
+        return new Command("bench", "Benchmarks") { step, export, exportVit, BenchKafkaCommand.Create() };
+    }
+
+    /// <summary>
+    /// The timm import's outside check: a seeded ViT of tiny's width and depth with a <paramref name="grid"/>² position
+    /// grid (LayerNorms perturbed, so that none is the identity), written under timm's names as `mamo export --format
+    /// timm-vit` writes them, imported into tiny with `mamo import`'s code, and run on seeded images. Files in
+    /// <paramref name="dir"/>: timm.safetensors, config.json (the imported MamoConfig), checkpoint/ (the import) and
+    /// expected.safetensors (images, features: the image encoder's [B, 1 + N, W]).
+    /// </summary>
+    static string ExportVit(int grid, int seed, string dir)
+    {
+        using var scope = NewDisposeScope();
+        var tiny = MamoConfig.Tiny;
+        var source = tiny with { ImageSize = grid * tiny.PatchSize, ImageNormEps = Mamo.Model.Published.TimmVit.TimmEps };
+        using var vit = MamoModel.Seeded(source, seed);
+        var parameters = vit.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
+        using (no_grad())
+            foreach (var (name, p) in parameters.Where(p => p.Key.Contains(".ln")))
+                p.add_(randn_like(p) * 0.1);
+        Directory.CreateDirectory(dir);
+        var timm = Path.Combine(dir, "timm.safetensors");
+        SafeTensors.Save(timm, Mamo.Model.Published.TimmVit.Map(source).Export(parameters));
+        var checkpoint = Path.Combine(dir, "checkpoint");
+        if (Directory.Exists(checkpoint)) Directory.Delete(checkpoint, recursive: true);
+        var imported = Mamo.Model.Published.WeightImport.Run(null, new(Mamo.Model.Published.WeightSource.TimmVit, timm), tiny, checkpoint, seed);
+        var config = Checkpoint.ReadConfig(checkpoint);
+        using var model = new MamoModel(config);
+        Checkpoint.LoadModel(checkpoint, Checkpoint.StudentFile, model);
+        model.eval();
+        manual_seed(seed);
+        var images = randn(4, 3, config.ImageSize, config.ImageSize);
+        using var noGrad = no_grad();
+        var features = model.Image.forward(images, null);
+        SafeTensors.Save(Path.Combine(dir, "expected.safetensors"), [("images", images), ("features", features)]);
+        File.WriteAllText(Path.Combine(dir, "config.json"), config.ToJson());
+        return $"{string.Join("; ", imported)}; wrote {dir}";
     }
 
     /// <summary>fp32 GFLOP/s of a 1024 × 1024 matmul, repeated for about <paramref name="seconds"/>: the peak the MFU is taken against.</summary>
