@@ -40,6 +40,8 @@ public static class WeightImport
     public static IReadOnlyList<string> Run(WeightSource? text, WeightSource? image, MamoConfig preset, string output, int seed)
     {
         if (text is null && image is null) throw new ArgumentException("nothing to import: give --text and/or --image");
+        if (Directory.Exists(output) && Directory.EnumerateFileSystemEntries(output).Any())
+            throw new IOException($"{output} exists and is not empty; choose a new --out");
         var config = Config(preset, text, image);
         using var model = MamoModel.Seeded(config, seed);
         var report = new List<string>();
@@ -72,8 +74,6 @@ public static class WeightImport
             }
             finally { foreach (var t in published.Values) t.Dispose(); }
         }
-        if (Directory.Exists(output) && Directory.EnumerateFileSystemEntries(output).Any())
-            throw new IOException($"{output} exists and is not empty; choose a new --out");
         Checkpoint.Save(output, config, [new Checkpoint.Part(Checkpoint.StudentPart, Checkpoint.Named(model))], new Checkpoint.State(0, 0, 0, extra));
         return report;
     }
