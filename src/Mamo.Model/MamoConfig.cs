@@ -112,6 +112,7 @@ public sealed record MamoConfig
         Require(TemperatureMin > 0 && TemperatureMin <= TemperatureInit && TemperatureInit <= TemperatureMax, "temperature must satisfy 0 < min <= init <= max");
         Require(WeightInit is Model.WeightInit.Bert or Model.WeightInit.Torch, $"weight init '{WeightInit}' must be {Model.WeightInit.Bert} or {Model.WeightInit.Torch}");
         Require(TextLayout is TextLayouts.PreLn or TextLayouts.Bert, $"text layout '{TextLayout}' must be {TextLayouts.PreLn} or {TextLayouts.Bert}");
+        Require(ImageNormEps > 0 && ImageNormEps < 1, $"image LayerNorm epsilon {ImageNormEps} must lie in (0, 1)");
         Require(TextLayout != TextLayouts.Bert || MaxTextLength <= BertPositions, $"the bert layout has {BertPositions} positions; max text length {MaxTextLength} exceeds them");
     }
 
