@@ -307,7 +307,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
     }
 
     /// <summary>A new run's student (and teacher) take the weights of <paramref name="dir"/>'s student (and teacher,
-    /// where it has one). The objective's own parts and state come too where <paramref name="dir"/> holds all of them
+    /// where it has one, else a copy). The objective's own parts and state come too where <paramref name="dir"/> holds all of them
     /// (fine-tuning a fine-tuned model further: the next domain of a drift stream); the optimiser starts fresh.</summary>
     static void StartFrom(string dir, MamoTrainer trainer)
     {
@@ -315,16 +315,12 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
         if (!saved.SameArchitecture(trainer.Config))
             throw new SettingsException($"{dir} holds a model of another architecture than the one configured:\n{saved.ToJson()}");
         var state = Checkpoint.ReadState(dir);
-        var parts = Checkpoint.Parts(state);
-        Checkpoint.LoadModel(dir, Checkpoint.StudentFile, trainer.Student);
-        if (trainer.Objective.Parts.Count > 0 && trainer.Objective.Parts.Keys.All(parts.Contains))
+        Checkpoint.LoadStart(dir, trainer.Student, trainer.Objective.TeacherMomentum is null ? null : trainer.Teacher);
+        if (trainer.Objective.Parts.Count > 0 && trainer.Objective.Parts.Keys.All(Checkpoint.Parts(state).Contains))
         {
             trainer.Objective.LoadState(state.Extra);
             foreach (var (name, module) in trainer.Objective.Parts) Checkpoint.LoadModel(dir, Checkpoint.PartFile(name), module);
         }
-        if (trainer.Objective.TeacherMomentum is null) return;
-        if (parts.Contains(Checkpoint.TeacherPart)) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, trainer.Teacher);
-        else Momentum.Update(trainer.Teacher, trainer.Student, 0);   // decay 0: the teacher becomes a copy of the student
     }
 
     TimeSpan? Remaining(long step, long startStep)

@@ -170,6 +170,16 @@ public static class Checkpoint
         }
     }
 
+    /// <summary>A new run's weights from another run's (or an import's) checkpoint: its student, and its teacher where
+    /// it saved one, else a copy of the student.</summary>
+    public static void LoadStart(string dir, MamoModel student, MamoModel? teacher)
+    {
+        LoadModel(dir, StudentFile, student);
+        if (teacher is null) return;
+        if (Parts(ReadState(dir)).Contains(TeacherPart)) LoadModel(dir, TeacherFile, teacher);
+        else Momentum.CopyWeights(student, teacher);
+    }
+
     public static void LoadOptimizer(string dir, AdamW optimizer)
     {
         var tensors = LoadPart(Path.Combine(dir, OptimizerFile));

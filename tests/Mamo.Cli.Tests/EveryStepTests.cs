@@ -43,14 +43,19 @@ public class EveryStepTests(ITestOutputHelper output)
         Model.SafeTensors.Load(Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(step), Model.Checkpoint.StudentFile));
 
     [Fact]
-    public async Task One_every_step_node_makes_the_same_20_steps_as_single_node_pretrain()
+    public async Task One_every_step_node_makes_the_same_20_steps_as_single_node_pretrain_from_the_same_init()
     {
         using var folder = new TempFolder();
         var manifest = ClusterTests.Manifest(folder);
-        var (single, cluster) = (folder.File("single"), folder.File("cluster"));
+        var (init, single, cluster) = (folder.File("init"), folder.File("single"), folder.File("cluster"));
         var port = ClusterTests.FreePort();
-        await Run(("single node", ["--source", "manifest:" + manifest, "--run-dir", single, "--max-steps", "20", "--set", "batch-size=8"]));
-        await Run(("n0", Node(manifest, cluster, 0, port, port, batch: 8, maxSteps: 20, replicas: 1)));
+        // Both start from another run's checkpoint (pretrain --init), not from the seed.
+        await Run(("init", ["--source", "manifest:" + manifest, "--run-dir", init, "--max-steps", "2", "--set", "batch-size=8"]));
+        await Run(("single node", ["--source", "manifest:" + manifest, "--run-dir", single, "--max-steps", "20", "--set", "batch-size=8", "--init", init]));
+        await Run(("n0", [.. Node(manifest, cluster, 0, port, port, batch: 8, maxSteps: 20, replicas: 1), "--init", init]));
+        var started = Student(init, 2);
+        var step0 = Student(cluster, 0);
+        foreach (var (name, value) in started) Assert.True(value.equal(step0[name]).all().item<bool>(), $"{name}: the cluster did not start from --init");
 
         var expected = Ledger(Path.Combine(single, "ledger.jsonl"));
         var actual = Ledger(Path.Combine(cluster, "nodes", "n0", "ledger.jsonl"));

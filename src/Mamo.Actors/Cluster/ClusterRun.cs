@@ -32,7 +32,9 @@ public sealed record ClusterNodeOptions(string Host, int Port, IReadOnlyList<str
 /// and publisher singletons where it has those roles (the oldest such node runs each), and a replica where it has the
 /// trainer role. It leaves once the last round is checkpointed, and evaluated and published where the run does
 /// those. docs/CLUSTER.md.</summary>
-public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
+/// <param name="init">the checkpoint a new run starts from (pretrain --init): the coordinator loads it; replicas take θ
+/// from the coordinator as always</param>
+public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, string? init = null)
 {
     public const string SingletonName = "coordinator";
 
@@ -71,7 +73,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node)
         var singletons = new List<Singleton>
         {
             Singleton.Of<CoordinatorKey>(SingletonName, ClusterNodeOptions.CoordinatorRole,
-                node.Roles.Contains(ClusterNodeOptions.CoordinatorRole) ? everyStep ? StepCoordinator.Props(s, device) : Coordinator.Props(s) : null),
+                node.Roles.Contains(ClusterNodeOptions.CoordinatorRole) ? everyStep ? StepCoordinator.Props(s, device, init) : Coordinator.Props(s, init) : null),
         };
         if (followers.Contains(CheckpointFollower.EvaluatorName))
             singletons.Add(Singleton.Of<EvaluatorKey>(CheckpointFollower.EvaluatorName, ClusterNodeOptions.EvaluatorRole,

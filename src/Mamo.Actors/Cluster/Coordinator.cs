@@ -82,7 +82,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     readonly List<long> unfinished = new();
     Round? current;
 
-    public Coordinator(MamoSettings settings)
+    /// <param name="init">a new run's θ and teacher come from this checkpoint (pretrain --init); null: from the seed</param>
+    public Coordinator(MamoSettings settings, string? init = null)
     {
         this.settings = settings;
         cluster = settings.Cluster;
@@ -96,6 +97,11 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         {
             Resume(dir);
             history.CoordinatorStarted(Context.System);
+        }
+        else if (init is not null)
+        {
+            Checkpoint.LoadStart(init, theta, teacher);
+            Log.Information("coordinator starts a new run from {Init}: θ {Hash}", init, Checkpoint.WeightHash(Checkpoint.Named(theta)));
         }
         receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "deltas");
 
@@ -161,7 +167,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         Receive<GetProgress>(_ => Sender.Tell(new Progress(round, Checkpoint.Latest(settings.RunDir) ?? "", history.Rounds, history.Recoveries)));
     }
 
-    public static Props Props(MamoSettings settings) => Akka.Actor.Props.Create(() => new Coordinator(settings)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(MamoSettings settings, string? init = null) =>
+        Akka.Actor.Props.Create(() => new Coordinator(settings, init)).WithDispatcher(Dispatchers.Model);
 
     void Resume(string dir)
     {

@@ -63,7 +63,8 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
     /// <summary>Since the last checkpoint: checkpoint.every bounds the work a lost coordinator takes with it.</summary>
     readonly System.Diagnostics.Stopwatch sinceCheckpoint = System.Diagnostics.Stopwatch.StartNew();
 
-    public StepCoordinator(MamoSettings settings, Device device)
+    /// <param name="init">a new run's weights come from this checkpoint (pretrain --init); null: from the seed</param>
+    public StepCoordinator(MamoSettings settings, Device device, string? init = null)
     {
         this.settings = settings;
         cluster = settings.Cluster;
@@ -84,6 +85,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
         {
             // As single-node, a new run's first checkpoint is its step 0: the weights every replica starts from.
             trainer = new MamoTrainer(settings.Model, settings.Optimizer, device, settings.Seed, withTeacher: true, objective);
+            if (init is not null) Checkpoint.LoadStart(init, trainer.Student, trainer.Teacher);
             WriteCheckpoint();
         }
         Log.Information("every-step coordinator at step {Step}, θ {Hash}", trainer.Step, Checkpoint.WeightHash(Checkpoint.Named(trainer.Student)));
@@ -142,8 +144,8 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
             history.Rounds, history.Recoveries)));
     }
 
-    public static Props Props(MamoSettings settings, Device device) =>
-        Akka.Actor.Props.Create(() => new StepCoordinator(settings, device)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(MamoSettings settings, Device device, string? init = null) =>
+        Akka.Actor.Props.Create(() => new StepCoordinator(settings, device, init)).WithDispatcher(Dispatchers.Model);
 
     void TryStart()
     {

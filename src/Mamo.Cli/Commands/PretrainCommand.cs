@@ -74,8 +74,6 @@ public static class PretrainCommand
                 else settings = settingsOptions.Load(parse, sets);
                 if (settings.FineTune.IsFineTuning) throw new SettingsException("'mamo.finetune.task' is set: fine-tune with `mamo finetune --from CHECKPOINT --task ...`");
                 node = NodeOptions(parse.GetValue(cluster), parse.GetValue(seedNodes), parse.GetValue(nodeName), parse.GetValue(roles));
-                // The coordinator starts θ from the seed; giving it a checkpoint's is not built yet.
-                if (node is not null && start is not null) throw new SettingsException("--init does not combine with --cluster yet: start the cluster from random weights");
                 serve = dashboard.Resolve(parse);
             }
             catch (Exception e) when (e is SettingsException or FormatException or IOException or System.Text.Json.JsonException)
@@ -120,7 +118,7 @@ public static class PretrainCommand
             {
                 // A node serves the run's folder (shared by the nodes): evaluations, checkpoints and the cluster's rounds.
                 await using var nodeServer = dashboard.Address is { } at ? await ServeDashboard(null, settings.RunDir, at, dashboard.Token) : null;
-                var steps = await new ClusterRun(settings, node).RunAsync(stop.Token);
+                var steps = await new ClusterRun(settings, node, init).RunAsync(stop.Token);
                 Console.WriteLine($"node {node.Name}: {steps} inner steps; checkpoints in {Path.GetFullPath(Path.Combine(settings.RunDir, Mamo.Model.Checkpoint.RunFolder))}");
                 return 0;
             }
