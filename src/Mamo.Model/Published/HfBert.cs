@@ -12,21 +12,21 @@ namespace Mamo.Model.Published;
 /// </summary>
 public static class HfBert
 {
-    /// <summary>Our block's parameter -> BERT layer's tensors.</summary>
-    static readonly (string Ours, string[] Theirs, bool Matrix, bool Hidden)[] BlockTensors =
+    /// <summary>Our block's parameter -> BERT layer's tensors, and each one's shape for width w and MLP width h.</summary>
+    static readonly (string Ours, string[] Theirs, Func<long, long, long[]> Shape)[] BlockTensors =
     [
-        ("attn.qkv.weight", ["attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight"], true, false),
-        ("attn.qkv.bias", ["attention.self.query.bias", "attention.self.key.bias", "attention.self.value.bias"], false, false),
-        ("attn.proj.weight", ["attention.output.dense.weight"], true, false),
-        ("attn.proj.bias", ["attention.output.dense.bias"], false, false),
-        ("ln1.weight", ["attention.output.LayerNorm.weight"], false, false),
-        ("ln1.bias", ["attention.output.LayerNorm.bias"], false, false),
-        ("mlp.fc.weight", ["intermediate.dense.weight"], true, true),
-        ("mlp.fc.bias", ["intermediate.dense.bias"], false, true),
-        ("mlp.proj.weight", ["output.dense.weight"], true, false),
-        ("mlp.proj.bias", ["output.dense.bias"], false, false),
-        ("ln2.weight", ["output.LayerNorm.weight"], false, false),
-        ("ln2.bias", ["output.LayerNorm.bias"], false, false),
+        ("attn.qkv.weight", ["attention.self.query.weight", "attention.self.key.weight", "attention.self.value.weight"], (w, _) => [w, w]),
+        ("attn.qkv.bias", ["attention.self.query.bias", "attention.self.key.bias", "attention.self.value.bias"], (w, _) => [w]),
+        ("attn.proj.weight", ["attention.output.dense.weight"], (w, _) => [w, w]),
+        ("attn.proj.bias", ["attention.output.dense.bias"], (w, _) => [w]),
+        ("ln1.weight", ["attention.output.LayerNorm.weight"], (w, _) => [w]),
+        ("ln1.bias", ["attention.output.LayerNorm.bias"], (w, _) => [w]),
+        ("mlp.fc.weight", ["intermediate.dense.weight"], (w, h) => [h, w]),
+        ("mlp.fc.bias", ["intermediate.dense.bias"], (_, h) => [h]),
+        ("mlp.proj.weight", ["output.dense.weight"], (w, h) => [w, h]),
+        ("mlp.proj.bias", ["output.dense.bias"], (w, _) => [w]),
+        ("ln2.weight", ["output.LayerNorm.weight"], (w, _) => [w]),
+        ("ln2.bias", ["output.LayerNorm.bias"], (w, _) => [w]),
     ];
 
     /// <summary>The map for a config's text encoder and, where the published model has <paramref name="layers"/> &gt;
@@ -46,11 +46,8 @@ public static class HfBert
         for (int layer = 0; layer < Math.Min(layers, c.TextLayers + c.FusionLayers); layer++)
         {
             var ours = layer < c.TextLayers ? $"text.blocks.blocks.{layer}" : $"fusion.blocks.blocks.{layer - c.TextLayers}";
-            foreach (var (name, theirs, matrix, toHidden) in BlockTensors)
-            {
-                long[] shape = matrix ? (toHidden ? [hidden, w] : name == "mlp.proj.weight" ? [w, hidden] : [w, w]) : [toHidden ? hidden : w];
-                entries.Add(new($"{ours}.{name}", theirs.Select(t => $"encoder.layer.{layer}.{t}").ToArray(), shape));
-            }
+            foreach (var (name, theirs, shape) in BlockTensors)
+                entries.Add(new($"{ours}.{name}", theirs.Select(t => $"encoder.layer.{layer}.{t}").ToArray(), shape(w, hidden)));
         }
         return new WeightMap(entries);
     }
