@@ -30,7 +30,7 @@ public static class WeightImport
 
     /// <summary>The config an import writes: the preset's, in the bert text layout when BERT weights come in, and with
     /// timm's LayerNorm epsilon when a ViT does.</summary>
-    public static MamoConfig Config(MamoConfig preset, WeightSource? text, WeightSource? image) => preset with
+    static MamoConfig Config(MamoConfig preset, WeightSource? text, WeightSource? image) => preset with
     {
         TextLayout = text is null ? preset.TextLayout : TextLayouts.Bert,
         ImageNormEps = image is null ? preset.ImageNormEps : TimmVit.TimmEps,
