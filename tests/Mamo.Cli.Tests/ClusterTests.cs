@@ -65,8 +65,17 @@ public class ClusterTests(ITestOutputHelper output)
         var run = folder.File("run");
         // One round, the whole cluster stops, and a restart goes on from the cluster checkpoint with the second. The
         // restart also evaluates and publishes: every node has both roles, and each is done once, on the checkpoints.
-        await RunNodes(manifest, run, maxSteps: InnerSteps);
+        // The run starts from another run's checkpoint (--init): round 0 begins at its θ on every replica.
+        var init = folder.File("init");
+        var (code, log) = MamoProcess.Run(["pretrain", "--plain", "--source", "manifest:" + manifest, "--run-dir", init, "--max-steps", "1",
+            "--set", $"batch-size={Batch}", "--set", "torch-threads=1", "--set", "eval.every-steps=0", "--dashboard", "off"]);
+        Assert.True(code == 0, log);
+        var initStudent = Model.SafeTensors.Load(Path.Combine(Model.Checkpoint.Latest(init)!, Model.Checkpoint.StudentFile));
+        var initHash = Model.Checkpoint.WeightHash(initStudent.Select(kv => (kv.Key, kv.Value)));
+        await RunNodes(manifest, run, maxSteps: InnerSteps, "--init", init);
         Assert.Equal("1", Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Extra["round"]);
+        for (int i = 0; i < Nodes; i++)
+            Assert.Contains($"n{i} round 0 starts from θ {initHash}", File.ReadAllText(Path.Combine(run, "nodes", $"n{i}", "mamo.log")));
         var embeddings = folder.File("embeddings.jsonl");
         await RunNodes(manifest, run, maxSteps: InnerSteps * Rounds, "--set", "eval.every-steps=1", "--set", "eval.sets=[\"dataset:emoji/test\"]",
             "--set", $"publish.output=jsonl:{embeddings}");
