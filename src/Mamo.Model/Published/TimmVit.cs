@@ -17,9 +17,11 @@ public static class TimmVit
 {
     public const double TimmEps = 1e-6;
 
-    static readonly (string Ours, string Theirs)[] BlockTensors =
+    /// <summary>Our block's module -> timm's, and its weight's shape for width w and MLP width h (its bias is [rows]).</summary>
+    static readonly (string Ours, string Theirs, Func<long, long, long[]> Weight)[] BlockModules =
     [
-        ("ln1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("ln2", "norm2"), ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2"),
+        ("ln1", "norm1", (w, _) => [w]), ("attn.qkv", "attn.qkv", (w, _) => [3 * w, w]), ("attn.proj", "attn.proj", (w, _) => [w, w]),
+        ("ln2", "norm2", (w, _) => [w]), ("mlp.fc", "mlp.fc1", (w, h) => [h, w]), ("mlp.proj", "mlp.fc2", (w, h) => [w, h]),
     ];
 
     public static WeightMap Map(MamoConfig c)
@@ -33,12 +35,11 @@ public static class TimmVit
             new("image.positionEmbedding", ["pos_embed"], [1, 1 + c.NumPatches, w]),
         };
         for (int i = 0; i < c.ImageLayers; i++)
-            foreach (var (ours, theirs) in BlockTensors)
+            foreach (var (ours, theirs, weight) in BlockModules)
             {
-                var (rows, cols) = ours switch { "attn.qkv" => (3 * w, w), "mlp.fc" => (hidden, w), "mlp.proj" => (w, hidden), _ => (w, w) };
-                var isNorm = ours.StartsWith("ln");
-                entries.Add(new($"image.blocks.blocks.{i}.{ours}.weight", [$"blocks.{i}.{theirs}.weight"], isNorm ? [w] : [rows, cols]));
-                entries.Add(new($"image.blocks.blocks.{i}.{ours}.bias", [$"blocks.{i}.{theirs}.bias"], [isNorm ? w : rows]));
+                var shape = weight(w, hidden);
+                entries.Add(new($"image.blocks.blocks.{i}.{ours}.weight", [$"blocks.{i}.{theirs}.weight"], shape));
+                entries.Add(new($"image.blocks.blocks.{i}.{ours}.bias", [$"blocks.{i}.{theirs}.bias"], [shape[0]]));
             }
         entries.Add(new("image.blocks.lnFinal.weight", ["norm.weight"], [w]));
         entries.Add(new("image.blocks.lnFinal.bias", ["norm.bias"], [w]));

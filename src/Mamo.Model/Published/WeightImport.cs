@@ -57,7 +57,9 @@ public static class WeightImport
                 var imported = HfBert.Map(config, layers).Import(published, text.ToString());
                 Copy(model, imported);
                 var fusion = Math.Min(layers - config.TextLayers, config.FusionLayers);
-                report.Add($"text: {imported.Count} tensors from {text} ({layers} layers: {config.TextLayers} text{(fusion > 0 ? $", {fusion} fusion" : "")})");
+                var unused = layers - config.TextLayers - fusion;
+                report.Add($"text: {imported.Count} tensors from {text} ({layers} layers: {config.TextLayers} text{(fusion > 0 ? $", {fusion} fusion" : "")}" +
+                           $"{(unused > 0 ? $", the top {unused} not used: the preset has no room for them" : "")})");
                 extra[TextSourceKey] = text.ToString();
             }
             finally { foreach (var t in published.Values) t.Dispose(); }
