@@ -15,8 +15,9 @@ namespace Mamo.Cli.Tests;
 public sealed class MiniLmImportFixture : IDisposable
 {
     readonly TempFolder temp = new();
-    public string Onnx { get; } = BuiltinDatasets.Ensure(BuiltinDatasets.MiniLm).File(BuiltinDatasets.ModelFile);
-    public string Vocab { get; } = BuiltinDatasets.Ensure(BuiltinDatasets.MiniLm).File(BuiltinDatasets.VocabFile);
+    static readonly DatasetInfo Fetched = BuiltinDatasets.Ensure(BuiltinDatasets.MiniLm);
+    public string Onnx => Fetched.File(BuiltinDatasets.ModelFile);
+    public string Vocab => Fetched.File(BuiltinDatasets.VocabFile);
     public string Checkpoint => temp.File("minilm");
     public string Folder => temp.Path;
     public (int Code, string Stdout, string Stderr) Import { get; }

