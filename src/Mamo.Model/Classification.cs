@@ -39,7 +39,7 @@ public sealed class ClassifierHead : Module<Tensor, Tensor>
         bias = Parameter(zeros(classes));
         if (!linear)
         {
-            hidden = Linear(width, width);
+            lock (Seeds.GlobalGenerator) hidden = Linear(width, width);   // its default init, overwritten below
             using var noGrad = no_grad();
             using var g = new Generator((ulong)Seeds.Mix(seed, -1));
             hidden.weight!.copy_(randn(width, width, generator: g) * InitStd);

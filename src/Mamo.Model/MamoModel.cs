@@ -98,8 +98,8 @@ public sealed class MamoModel : Module
 
     public MamoModel(MamoConfig config) : base(nameof(MamoModel))
     {
-        // Every model draws its initial weights from torch's one global generator, under one lock (see Seeded).
-        lock (GlobalGenerator)
+        // Every model draws its initial weights from torch's one global generator, under its lock (see Seeds).
+        lock (Seeds.GlobalGenerator)
         {
             config.Validate();
             Config = config;
@@ -121,20 +121,11 @@ public sealed class MamoModel : Module
         }
     }
 
-    static readonly object GlobalGenerator = new();
-
     /// <summary>A model initialised from <paramref name="seed"/>. Initialisation draws from torch's one global
     /// generator, so models built at once on two threads (a cluster node's coordinator, its replica and their
     /// teachers) would interleave their draws: building every model under one lock keeps a seed's weights the same in
     /// every process.</summary>
-    public static MamoModel Seeded(MamoConfig config, int seed)
-    {
-        lock (GlobalGenerator)
-        {
-            manual_seed(seed);
-            return new MamoModel(config);
-        }
-    }
+    public static MamoModel Seeded(MamoConfig config, int seed) => Seeds.FromGlobal(seed, () => new MamoModel(config));
 
     /// <summary>Keeps the learnable temperature inside its range (as ALBEF does after each step); a clamp in the
     /// forward alone would leave it stuck outside, where its gradient is zero.</summary>

@@ -1,3 +1,5 @@
+using static TorchSharp.torch;
+
 namespace Mamo.Model;
 
 /// <summary>Process-independent seeds and hashes. (HashCode.Combine and string.GetHashCode are randomised per
@@ -25,6 +27,22 @@ public static class Seeds
             ulong h = 14695981039346656037UL;
             foreach (var ch in text) { h ^= ch; h *= 1099511628211UL; }
             return (long)h;
+        }
+    }
+
+    /// <summary>Guards torch's one global generator, which module constructors (Linear's default init) draw from.
+    /// Every use of it goes under this lock: a draw on another thread while a model is built would change that
+    /// model's weights, so a seed would not give the same model in every process (or every test run).</summary>
+    public static readonly object GlobalGenerator = new();
+
+    /// <summary>Runs <paramref name="draw"/> on torch's global generator seeded with <paramref name="seed"/>, under
+    /// <see cref="GlobalGenerator"/>.</summary>
+    public static T FromGlobal<T>(int seed, Func<T> draw)
+    {
+        lock (GlobalGenerator)
+        {
+            manual_seed(seed);
+            return draw();
         }
     }
 }

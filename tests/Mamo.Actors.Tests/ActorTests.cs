@@ -38,7 +38,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
     {
         var ids = full(b, Tiny.MaxTextLength, 2000L);
         ids[.., 0] = tensor(101L);
-        return (randn(b, 3, Tiny.ImageSize, Tiny.ImageSize), ids, ones(b, Tiny.MaxTextLength, int64));
+        return (randn(new long[] { b, 3, Tiny.ImageSize, Tiny.ImageSize }, generator: new Generator((ulong)b)), ids, ones(b, Tiny.MaxTextLength, int64));
     }
 
     static Tensor[] Weights(MamoModel m) => m.parameters().Select(p => p.detach().clone().DetachFromDisposeScope()).ToArray();

@@ -97,13 +97,39 @@ public sealed class ClassificationTests : IDisposable
     }
 
     [Fact]
+    public void Heads_built_on_another_thread_leave_a_seeded_models_weights_as_they_are()
+    {
+        using var alone = MamoModel.Seeded(Tiny, 5);
+        using var stop = new CancellationTokenSource();
+        long built = 0;
+        var heads = new Thread(() =>
+        {
+            while (!stop.IsCancellationRequested)
+            {
+                using var head = new ClassifierHead(Tiny.Width, 2, seed: 1);
+                Interlocked.Increment(ref built);
+            }
+        });
+        heads.Start();
+        SpinWait.SpinUntil(() => Interlocked.Read(ref built) > 0);
+        var beside = Enumerable.Range(0, 3).Select(_ => MamoModel.Seeded(Tiny, 5)).ToList();
+        var during = Interlocked.Read(ref built);
+        stop.Cancel();
+        heads.Join();
+        Assert.True(during > 1, $"{during} heads built beside the models");
+        foreach (var model in beside)
+            using (model)
+                foreach (var ((name, pa), (_, pb)) in alone.named_parameters().Zip(model.named_parameters())) Assert.True(Pairs.Same(pa, pb), name);
+    }
+
+    [Fact]
     public void Growth_draws_each_new_row_from_its_class_seed_not_from_the_process_generator()
     {
         using var a = new ClassifierHead(Tiny.Width, 1, seed: 9);
-        TorchSharp.torch.manual_seed(1);
+        lock (Seeds.GlobalGenerator) TorchSharp.torch.manual_seed(1);   // another state of the process's generator
         a.Grow(3);
         using var b = new ClassifierHead(Tiny.Width, 0, seed: 9);
-        TorchSharp.torch.manual_seed(2);
+        lock (Seeds.GlobalGenerator) TorchSharp.torch.manual_seed(2);
         b.Grow(2);
         b.Grow(3);
         foreach (var ((name, pa), (_, pb)) in a.named_parameters().Zip(b.named_parameters())) Assert.True(Pairs.Same(pa, pb), name);

@@ -26,9 +26,9 @@ public sealed class PublishedWeightsTests : IDisposable
     static Dictionary<string, Tensor> TimmStateDict(MamoConfig c, int grid, int classes = 10)
     {
         long w = c.Width;
-        manual_seed(11);
-        Tensor Weight(params long[] shape) => randn(shape) * 0.05;
-        Tensor Norm() => 1 + randn(w) * 0.1;
+        var g = new Generator(11);
+        Tensor Weight(params long[] shape) => randn(shape, generator: g) * 0.05;
+        Tensor Norm() => 1 + randn(w, generator: g) * 0.1;
         var d = new Dictionary<string, Tensor>
         {
             ["cls_token"] = Weight(1, 1, w), ["pos_embed"] = Weight(1, 1 + grid * grid, w),
@@ -96,7 +96,7 @@ public sealed class PublishedWeightsTests : IDisposable
         using var model = Imported(Path.Combine(dir, "ckpt"));
         Assert.Equal(TimmVit.TimmEps, model.Config.ImageNormEps);
 
-        var images = randn(2, 3, Vit.ImageSize, Vit.ImageSize);
+        var images = randn(new long[] { 2, 3, Vit.ImageSize, Vit.ImageSize }, generator: new Generator(12));
         using var noGrad = no_grad();
         var ours = model.Image.forward(images, null);
         var theirs = TimmForward(timm, Vit, images);

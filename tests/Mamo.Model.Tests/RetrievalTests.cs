@@ -168,12 +168,13 @@ public class RetrievalTests
     public void Reranking_keeps_the_top_k_set_and_the_order_of_the_rest()
     {
         var rng = new Random(11);
+        var g = new Generator(11);
         for (int trial = 0; trial < 20; trial++)
         {
             using var scope = NewDisposeScope();
             int nq = rng.Next(1, 6), nc = rng.Next(1, 12), k = rng.Next(0, 14);
             var sims = Matrix(Random2D(rng, nq, nc)) * 2 - 1;
-            var scores = Retrieval.Rerank(sims, k, (q, c) => rand(q.shape[0], float64));
+            var scores = Retrieval.Rerank(sims, k, (q, c) => rand(new long[] { q.shape[0] }, float64, generator: g));
             int top = Math.Min(k, nc);
             for (int i = 0; i < nq; i++)
             {
