@@ -67,7 +67,8 @@ public sealed class EvalSet : IDisposable
         var thumbnails = new List<byte[]>();
         foreach (var sample in samples)
         {
-            if (!preparer.TryPrepareForEvaluation(sample, out var image, out var encoded, out var error))
+            byte[] thumbnail = [];
+            if (!preparer.TryPrepareForEvaluation(sample, out var image, out var encoded, out var error, decoded: rgb => thumbnail = Thumbnail(rgb)))
             {
                 bad.Add(error!);
                 continue;
@@ -77,7 +78,7 @@ public sealed class EvalSet : IDisposable
             captions.AddRange(encoded);
             texts.AddRange(sample.Captions);
             imageIds.Add(sample.Id);
-            thumbnails.Add(Thumbnail(sample.Image, limits ?? DecodeLimits.Default));
+            thumbnails.Add(thumbnail);
         }
         if (pixels.Count == 0)
         {
@@ -95,19 +96,15 @@ public sealed class EvalSet : IDisposable
             textToImage.ToArray(), imageIds.ToArray(), texts.ToArray(), thumbnails.ToArray(), bad);
     }
 
-    /// <summary>The image scaled to fit <see cref="ThumbnailSize"/>, as PNG (it decoded once already, so it decodes again).</summary>
-    private static byte[] Thumbnail(byte[] encoded, DecodeLimits limits)
+    /// <summary>The decoded image scaled to fit <see cref="ThumbnailSize"/>, as PNG.</summary>
+    private static byte[] Thumbnail(SKBitmap rgb)
     {
-        if (!ImageDecoder.TryDecode(encoded, limits, out var rgb, out _)) return [];
-        using (rgb)
-        {
-            var scale = (float)ThumbnailSize / Math.Max(rgb.Width, rgb.Height);
-            var info = new SKImageInfo(Math.Max(1, (int)(rgb.Width * scale)), Math.Max(1, (int)(rgb.Height * scale)));
-            using var small = rgb.Resize(info, new SKSamplingOptions(SKFilterMode.Linear, SKMipmapMode.Linear));
-            using var image = SKImage.FromBitmap(small);
-            using var png = image.Encode(SKEncodedImageFormat.Png, 100);
-            return png.ToArray();
-        }
+        var scale = (float)ThumbnailSize / Math.Max(rgb.Width, rgb.Height);
+        var info = new SKImageInfo(Math.Max(1, (int)(rgb.Width * scale)), Math.Max(1, (int)(rgb.Height * scale)));
+        using var small = rgb.Resize(info, new SKSamplingOptions(SKFilterMode.Linear, SKMipmapMode.Linear));
+        using var image = SKImage.FromBitmap(small);
+        using var png = image.Encode(SKEncodedImageFormat.Png, 100);
+        return png.ToArray();
     }
 
     public void Dispose()

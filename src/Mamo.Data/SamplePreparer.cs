@@ -21,15 +21,17 @@ public sealed class SamplePreparer(ImageTransform transform, TextTokenizer token
     }
 
     /// <summary>Evaluation: the centre crop, and every caption encoded.</summary>
-    public bool TryPrepareForEvaluation(ImageTextSample sample, out float[] pixels, out IReadOnlyList<(long[] Ids, long[] AttentionMask)> captions, out BadInput? bad)
+    /// <param name="decoded">sees the decoded image before it is transformed (an evaluation set's thumbnail)</param>
+    public bool TryPrepareForEvaluation(ImageTextSample sample, out float[] pixels, out IReadOnlyList<(long[] Ids, long[] AttentionMask)> captions, out BadInput? bad,
+        Action<SKBitmap>? decoded = null)
     {
         captions = [];
-        if (!TryPixels(sample, TransformMode.Eval, null, out pixels, out bad)) return false;
+        if (!TryPixels(sample, TransformMode.Eval, null, out pixels, out bad, decoded)) return false;
         captions = sample.Captions.Select(c => tokenizer.Encode(c, maxTextLength)).ToList();
         return true;
     }
 
-    private bool TryPixels(ImageTextSample sample, TransformMode mode, Random? random, out float[] pixels, out BadInput? bad)
+    private bool TryPixels(ImageTextSample sample, TransformMode mode, Random? random, out float[] pixels, out BadInput? bad, Action<SKBitmap>? decoded = null)
     {
         pixels = [];
         if (!ImageDecoder.TryDecode(sample.Image, _decodeLimits, out SKBitmap? rgb, out var error))
@@ -37,7 +39,11 @@ public sealed class SamplePreparer(ImageTransform transform, TextTokenizer token
             bad = new BadInput($"{error.Kind}: {error.Reason}", $"{sample.Position.Source}#{sample.Position.Offset} ({sample.Id})", sample.Position);
             return false;
         }
-        using (rgb) pixels = transform.Apply(rgb, mode, random);
+        using (rgb)
+        {
+            decoded?.Invoke(rgb);
+            pixels = transform.Apply(rgb, mode, random);
+        }
         bad = null;
         return true;
     }

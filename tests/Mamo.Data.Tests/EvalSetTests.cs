@@ -50,6 +50,10 @@ public class EvalSetTests(VocabFixture vocab) : IClassFixture<VocabFixture>
         Assert.Equal((1 - mean[0]) / std[0], set.Images[0, 0].mean().ToSingle(), 3);
         Assert.Equal((1 - mean[2]) / std[2], set.Images[1, 2].mean().ToSingle(), 3);
         Assert.Equal(-mean[0] / std[0], set.Images[1, 0].mean().ToSingle(), 3);
+        // One PNG thumbnail per image, of the whole image (not the crop) scaled to fit the thumbnail size.
+        var thumbnails = set.Thumbnails.Select(png => SKBitmap.Decode(png)).ToList();
+        Assert.Equal([(48, 48), (48, 24)], thumbnails.Select(t => (t.Width, t.Height)));
+        Assert.Equal([SKColors.Red, SKColors.Blue], thumbnails.Select(t => t.GetPixel(t.Width / 2, t.Height / 2)));
     }
 
     [Fact]
