@@ -43,6 +43,18 @@ public class ClusterTests(ITestOutputHelper output)
         return clock;
     }
 
+    /// <summary>Waits until each node has trained a step: then all three are members, and losing one leaves a majority
+    /// (a node still joining does not count towards the split-brain resolver's majority).</summary>
+    static void AwaitEveryNodeTrained(string run, Stopwatch clock)
+    {
+        while (!Enumerable.Range(0, Nodes).Select(i => new FileInfo(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl"))).All(f => f.Exists && f.Length > 0))
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), "not every node joined and trained; their logs:\n" +
+                string.Join("\n", Enumerable.Range(0, Nodes).Select(i => Tail(Path.Combine(run, "nodes", $"n{i}", "mamo.log")))));
+            Thread.Sleep(50);
+        }
+    }
+
     /// <summary>Runs the three nodes to max-steps and returns once every one has exited 0.</summary>
     async Task RunNodes(string manifest, string run, int maxSteps, params string[] more)
     {
@@ -190,12 +202,7 @@ public class ClusterTests(ITestOutputHelper output)
             // n0 is the oldest node, so the coordinator runs there: kill it once the first round is durable and all
             // three nodes have trained (the first round may start with two).
             var clock = AwaitFirstCheckpoint(run, nodes[0]);
-            while (!Enumerable.Range(0, Nodes).Select(i => new FileInfo(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl"))).All(f => f.Exists && f.Length > 0))
-            {
-                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), "not every node joined and trained; their logs:\n" +
-                    string.Join("\n", Enumerable.Range(0, Nodes).Select(i => Tail(Path.Combine(run, "nodes", $"n{i}", "mamo.log")))));
-                Thread.Sleep(50);
-            }
+            AwaitEveryNodeTrained(run, clock);
             nodes[0].Kill();
             var killedAt = clock.Elapsed;
             var first = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step;
@@ -281,9 +288,10 @@ public class ClusterTests(ITestOutputHelper output)
         long killedIn;
         try
         {
-            // n2 is not the coordinator (n0 is the oldest): kill it once a round it trained in is committed, and
-            // restart it once the survivors have committed a round without it.
+            // n2 is not the coordinator (n0 is the oldest): kill it once every node has trained and a round n2 trained
+            // in is committed, and restart it once the survivors have committed a round without it.
             var clock = AwaitFirstCheckpoint(run, nodes[0]);
+            AwaitEveryNodeTrained(run, clock);
             long TrainedIn() => File.Exists(ledger) ? File.ReadAllLines(ledger).Where(l => l.EndsWith('}'))
                 .Select(l => JsonDocument.Parse(l).RootElement.GetProperty("round").GetInt64()).DefaultIfEmpty(long.MaxValue).Min() : long.MaxValue;
             while (LatestRound() <= TrainedIn())
