@@ -1,6 +1,7 @@
-using System.Globalization;
 using System.Text.Json;
+using System.Text.Json.Nodes;
 using Mamo.Model;
+using static Mamo.Cli.MetricsFields;
 
 namespace Mamo.Cli;
 
@@ -56,63 +57,41 @@ public sealed class MetricsLog
         foreach (var line in lines)
         {
             if (string.IsNullOrWhiteSpace(line)) continue;
-            try
+            var root = ParseLine(line);
+            switch (root is null ? null : Text(root, "kind"))
             {
-                using var doc = JsonDocument.Parse(line);
-                var root = doc.RootElement;
-                var kind = root.ValueKind == JsonValueKind.Object && root.TryGetProperty("kind", out var k) && k.ValueKind == JsonValueKind.String ? k.GetString() : null;
-                switch (kind)
-                {
-                    case "train" when ParseTrain(root) is { } t: train.Add(t); break;
-                    case "eval" when ParseEval(root) is { } e: eval.Add(e); break;
-                    case "eval" when ParseClassify(root) is { } c: classify.Add(c); break;
-                    case "train" or "eval" or null: malformed++; break;
-                    case var other when DashboardKinds.Contains(other): break;
-                    default: unknown++; break;
-                }
-            }
-            catch (JsonException)
-            {
-                malformed++;
+                case "train" when ParseTrain(root!) is { } t: train.Add(t); break;
+                case "eval" when ParseEval(root!) is { } e: eval.Add(e); break;
+                case "eval" when ParseClassify(root!) is { } c: classify.Add(c); break;
+                case "train" or "eval" or null: malformed++; break;
+                case var other when DashboardKinds.Contains(other): break;
+                default: unknown++; break;
             }
         }
         return new MetricsLog(train, eval, classify, malformed, unknown);
     }
 
-    static TrainRecord? ParseTrain(JsonElement line)
+    static TrainRecord? ParseTrain(JsonObject line)
     {
         if (Integer(line, "step") is not { } step || Number(line, "loss") is not { } loss) return null;
         var terms = LossTerms.Where(t => Number(line, t) is not null).ToDictionary(t => t, t => Number(line, t)!.Value);
-        var scores = line.EnumerateObject().Where(p => p.Name.StartsWith(ScorePrefix) && Number(line, p.Name) is not null)
-            .ToDictionary(p => p.Name, p => Number(line, p.Name)!.Value);
+        var scores = line.Where(p => p.Key.StartsWith(ScorePrefix) && Number(p.Value) is not null).ToDictionary(p => p.Key, p => Number(p.Value)!.Value);
         return new TrainRecord(step, loss, terms, Number(line, "lr"), Number(line, "pairs_per_s")) { Scores = scores };
     }
 
-    static ClassifyRecord? ParseClassify(JsonElement line)
+    static ClassifyRecord? ParseClassify(JsonObject line)
     {
-        if (Integer(line, "step") is not { } step || !line.TryGetProperty("set", out var set) || set.ValueKind != JsonValueKind.String) return null;
+        if (Integer(line, "step") is not { } step || Text(line, "set") is not { } set) return null;
         if (Number(line, "accuracy") is not { } accuracy || Number(line, "macro_f1") is not { } f1) return null;
-        return new ClassifyRecord(step, set.GetString()!, accuracy, f1);
+        return new ClassifyRecord(step, set, accuracy, f1);
     }
 
-    static EvalRecord? ParseEval(JsonElement line)
+    static EvalRecord? ParseEval(JsonObject line)
     {
-        if (Integer(line, "step") is not { } step || !line.TryGetProperty("set", out var set) || set.ValueKind != JsonValueKind.String) return null;
+        if (Integer(line, "step") is not { } step || Text(line, "set") is not { } set) return null;
         var recalls = new[] { "tr1", "tr5", "tr10", "ir1", "ir5", "ir10" }.Select(name => Number(line, name)).ToArray();
         if (recalls.Any(r => r is null)) return null;
         var metrics = new RetrievalMetrics(recalls[0]!.Value, recalls[1]!.Value, recalls[2]!.Value, recalls[3]!.Value, recalls[4]!.Value, recalls[5]!.Value);
-        return new EvalRecord(step, set.GetString()!, metrics, (int?)Integer(line, "images"), (int?)Integer(line, "texts"), Number(line, "chance"));
+        return new EvalRecord(step, set, metrics, (int?)Integer(line, "images"), (int?)Integer(line, "texts"), Number(line, "chance"));
     }
-
-    /// <summary>A number, or a non-finite one written as a string ("NaN", "Infinity"); null when absent or not a number.</summary>
-    static double? Number(JsonElement line, string name)
-    {
-        if (!line.TryGetProperty(name, out var v)) return null;
-        if (v.ValueKind == JsonValueKind.Number && v.TryGetDouble(out var d)) return d;
-        if (v.ValueKind == JsonValueKind.String && double.TryParse(v.GetString(), NumberStyles.Float, CultureInfo.InvariantCulture, out d)) return d;
-        return null;
-    }
-
-    static long? Integer(JsonElement line, string name) =>
-        line.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.Number && v.TryGetInt64(out var i) ? i : null;
 }

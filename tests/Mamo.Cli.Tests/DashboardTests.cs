@@ -121,10 +121,10 @@ public class DashboardTests(ITestOutputHelper output)
     {
         using var folder = new TempFolder();
         var path = folder.File(RunFiles.MetricsFile);
-        File.WriteAllText(path, "{\"kind\":\"train\",\"step\":1,\"loss\":2.5,\"itc\":1.5}\nnot json\n{\"kind\":\"train\",\"st");
+        File.WriteAllText(path, "{\"kind\":\"train\",\"step\":1,\"loss\":2.5,\"itc\":1.5}\nnot json\n{\"kind\":\"train\",\"step\":1,\"step\":9,\"loss\":1}\n{\"kind\":\"train\",\"st");
         var history = new RunFiles(folder.Path);
         Assert.Equal(1, history.Poll());
-        Assert.Equal(1, history.Malformed);
+        Assert.Equal(2, history.Malformed);
         File.AppendAllText(path, "ep\":2,\"loss\":2.0,\"mlm\":0.5}\n");
         File.AppendAllText(folder.File(RunFiles.DeadLetterFile), "{\"reason\":\"Undecodable: bad PNG\",\"location\":\"m.jsonl@3\"}\n");
         Assert.Equal(2, history.Poll());

@@ -16,6 +16,8 @@ public class PlotTests
         """{"kind":"eval","step":3,"tr1":1}""",                      // no set, no recalls
         """[1, 2, 3]""",
         """{"kind":"train","step":5,"loss":"high"}""",               // loss is not a number
+        """{"kind":"train","step":5.5,"loss":1.0}""",               // step is not an integer
+        """{"kind":"train","step":5,"step":6,"loss":1.0}""",        // which step?
     ];
     const string UnknownKind = """{"kind":"forecast","step":100,"loss":0.5}""";
     const string DashboardLine = """{"kind":"checkpoint","time":"2026-12-01T10:00:00Z","step":100,"path":"step-000000000100","bytes":1000,"offsets":{}}""";

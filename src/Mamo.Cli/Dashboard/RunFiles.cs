@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using static Mamo.Cli.MetricsFields;
 
 namespace Mamo.Cli.Dashboard;
 
@@ -79,9 +80,7 @@ public sealed class RunFiles
 
     int Add(string line, bool deadLetter)
     {
-        JsonObject? o;
-        try { o = JsonNode.Parse(line) as JsonObject; }
-        catch (JsonException) { o = null; }
+        var o = ParseLine(line);
         lock (gate)
         {
             if (o is null)
@@ -282,18 +281,6 @@ public sealed class RunFiles
 
     static JsonArray Numbers(IEnumerable<double> values) =>
         new(values.Select(v => double.IsFinite(v) ? JsonValue.Create(v) : null).Cast<JsonNode?>().ToArray());
-
-    static string? Text(JsonObject o, string key) => o[key] is JsonValue v && v.TryGetValue<string>(out var s) ? s : null;
-
-    static double? Number(JsonObject o, string key) => Number(o[key]);
-
-    /// <summary>A number, or one written as a string ("NaN", "Infinity"); null otherwise.</summary>
-    static double? Number(JsonNode? node)
-    {
-        if (node is not JsonValue v) return null;
-        if (v.GetValueKind() == JsonValueKind.Number) return v.GetValue<double>();
-        return v.TryGetValue<string>(out var s) && double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture, out var d) ? d : null;
-    }
 
     /// <summary>Reads the lines appended to a file since the last call. A file that does not exist yet is empty; one
     /// that shrank (replaced) is read again from the start.</summary>
