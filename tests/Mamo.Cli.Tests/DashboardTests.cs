@@ -185,6 +185,25 @@ public class DashboardTests(ITestOutputHelper output)
         Assert.Equal(y[..150], sys[0]);
     }
 
+    [Fact]
+    public void A_weeks_process_history_stays_bounded_and_even_from_the_first_line_to_the_newest()
+    {
+        const int cap = 1000, day = 24 * 720;   // a process line every 5 s
+        var history = new BoundedHistory<int>(cap);
+        for (var i = 0; i < 7 * day; i++)
+        {
+            history.Add(i);
+            Assert.Equal(i, history.Items[^1]);
+            Assert.True(history.Items.Count <= cap, $"{history.Items.Count} kept after {i + 1}");
+        }
+        // Evenly spaced from the first line on, up to the newest, and thinned no more than the cap asks.
+        var stride = (int)history.Stride;
+        var onStride = history.Items.Take(history.Items.Count - 1).ToList();
+        Assert.Equal(Enumerable.Range(0, onStride.Count).Select(k => k * stride), onStride);
+        Assert.True(7 * day - 1 - onStride[^1] <= stride, $"the last on the stride is {onStride[^1]}");
+        Assert.True(history.Items.Count > cap / 2, $"{history.Items.Count} kept at stride {stride}");
+    }
+
     static async Task<Uri> DashboardAddressOf(Process mamo)
     {
         using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(2));

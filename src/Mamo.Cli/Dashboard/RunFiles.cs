@@ -18,6 +18,8 @@ public sealed class RunFiles
 {
     public const string MetricsFile = "metrics.jsonl", DeadLetterFile = "dead-letters.jsonl";
     const int RecentDeadLetters = 20, RecentEvents = 4096, RecentRounds = 50;
+    /// <summary>Process and Kafka lines kept for their charts, over the whole run.</summary>
+    const int HistoryCap = 8192;
 
     readonly object gate = new(), polling = new();
     readonly FileFollower metrics, deadLetters, cluster;
@@ -34,7 +36,7 @@ public sealed class RunFiles
     readonly Dictionary<string, long> deadLettersByReason = [];
     readonly LinkedList<JsonObject> latestDeadLetters = new();
     readonly Dictionary<string, JsonObject> kafka = [];
-    readonly List<JsonObject> kafkaHistory = [], processHistory = [];
+    readonly BoundedHistory<JsonObject> kafkaHistory = new(HistoryCap), processHistory = new(HistoryCap);
     readonly List<double> roundNumbers = [], roundSeconds = [];
     readonly LinkedList<JsonObject> latestRounds = new();
     readonly List<JsonObject> recoveries = [];
@@ -223,9 +225,9 @@ public sealed class RunFiles
                 ["checkpoints"] = Clone(checkpoints),
                 ["publishes"] = Clone(publishes),
                 ["kafka"] = new JsonObject(kafka.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value.DeepClone()))),
-                ["kafka_history"] = Clone(Downsampling.Every(kafkaHistory, maxPoints)),
+                ["kafka_history"] = Clone(Downsampling.Every(kafkaHistory.Items, maxPoints)),
                 ["process"] = process?.DeepClone(),
-                ["process_history"] = Clone(Downsampling.Every(processHistory, maxPoints)),
+                ["process_history"] = Clone(Downsampling.Every(processHistory.Items, maxPoints)),
                 ["dead_letters"] = new JsonObject
                 {
                     ["total"] = deadLettersByReason.Values.Sum(),
@@ -329,6 +331,39 @@ public sealed record MetricValues(double? Step, IReadOnlyDictionary<string, doub
     IReadOnlyList<(string Set, string Direction, int K, double Value)> Recall, IReadOnlyDictionary<string, long> DeadLetters,
     IReadOnlyList<(string Topic, string Partition, double Lag)> KafkaLag, double? CheckpointStep, double? ResidentBytes, double? GcHeapBytes,
     double? CpuSeconds, int ProcessRestarts, double? ClusterRound);
+
+/// <summary>A series that arrives every few seconds for as long as a run lives (weeks), kept bounded at an even
+/// resolution over the whole run: past the cap every other point goes and from then on only every other new one is
+/// kept (the stride doubles). The newest item is always the last, on the stride or not.</summary>
+public sealed class BoundedHistory<T>(int cap)
+{
+    readonly List<T> items = [];
+    long seen;
+    long stride = 1;
+    bool lastOffStride;
+
+    public IReadOnlyList<T> Items => items;
+
+    /// <summary>Seen items between two kept ones.</summary>
+    public long Stride => stride;
+
+    public void Add(T item)
+    {
+        if (lastOffStride) items.RemoveAt(items.Count - 1);
+        var index = seen++;
+        items.Add(item);
+        lastOffStride = index % stride != 0;
+        if (items.Count <= cap) return;
+        // Item k on the stride was seen k·stride-th: the even k are those on the doubled stride.
+        var onStride = lastOffStride ? items.Count - 1 : items.Count;
+        var kept = items.Take(onStride).Where((_, k) => k % 2 == 0).ToList();
+        stride *= 2;
+        lastOffStride = index % stride != 0;
+        if (lastOffStride) kept.Add(item);
+        items.Clear();
+        items.AddRange(kept);
+    }
+}
 
 /// <summary>Days of points drawn on a screen a few thousand pixels wide: server-side downsampling that keeps each
 /// bucket's extremes, so a spike survives however far the view is zoomed out.</summary>
