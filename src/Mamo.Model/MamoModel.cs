@@ -58,16 +58,17 @@ public sealed record PretrainingLosses(Tensor? Itc, Tensor? Itm, Tensor? Mlm, Te
             .Where(t => t.Item2 is not null).ToDictionary(t => t.Item1, t => t.Item2!);
 }
 
-/// <summary>The feature transform before the MLM output layer, as BERT's: dense, GELU, LayerNorm.</summary>
+/// <summary>The feature transform before the MLM output layer, as BERT's: dense, GELU, LayerNorm (BERT's eps in the
+/// bert layout, so that an imported MLM head predicts as it did).</summary>
 public sealed class MlmTransform : Module<Tensor, Tensor>
 {
     readonly Linear dense;
     readonly LayerNorm norm;
 
-    public MlmTransform(int width) : base(nameof(MlmTransform))
+    public MlmTransform(int width, double eps = 1e-5) : base(nameof(MlmTransform))
     {
         dense = Linear(width, width);
-        norm = LayerNorm(width);
+        norm = LayerNorm(width, eps);
         RegisterComponents();
     }
 
@@ -111,7 +112,7 @@ public sealed class MamoModel : Module
             textProjection = Linear(w, config.EmbedDim);
             temperature = Parameter(tensor((float)config.TemperatureInit));
             itmHead = Linear(w, 2);
-            mlmTransform = new MlmTransform(w);
+            mlmTransform = new MlmTransform(w, config.TextLayout == TextLayouts.Bert ? TextLayouts.BertEps : 1e-5);
             mlmBias = Parameter(zeros(config.VocabSize));
             mimDecoder = new BlockStack(config.DecoderLayers, w, config.Heads, config.MlpRatio);
             mimHead = Linear(w, w);
@@ -324,11 +325,11 @@ public sealed class MamoModel : Module
     }
 
     /// <summary>MLM: the masked words, predicted over the vocabulary through the tied word embeddings.</summary>
-    Tensor Mlm(Encodings e, JointMask mask)
-    {
-        var logits = F.linear(mlmTransform.forward(e.MaskedText!), text.WordEmbeddings, mlmBias);   // [M, V]
-        return Over(F.cross_entropy(logits, mask.MaskedTokenLabels, reduction: Reduction.Sum), e.MaskedWords);
-    }
+    Tensor Mlm(Encodings e, JointMask mask) =>
+        Over(F.cross_entropy(WordLogits(e.MaskedText!), mask.MaskedTokenLabels, reduction: Reduction.Sum), e.MaskedWords);
+
+    /// <summary>[M, V] the MLM head's scores over the vocabulary for fused text features [M, W].</summary>
+    public Tensor WordLogits(Tensor fusedText) => F.linear(mlmTransform.forward(fusedText), text.WordEmbeddings, mlmBias);
 
     /// <summary>MIM (explicit target): the teacher image encoder's features of each masked patch, through a decoder.</summary>
     Tensor Mim(Encodings e, JointMask mask, TeacherTargets targets)

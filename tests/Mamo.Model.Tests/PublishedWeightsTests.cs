@@ -169,6 +169,40 @@ public sealed class PublishedWeightsTests : IDisposable
         Assert.Contains(back.Keys, k => k.StartsWith("fusion.blocks.blocks.0."));   // layer 1 continues into the fusion encoder
     }
 
+    [Fact]
+    public void A_BertForPreTrainings_mlm_head_imports_and_scores_words_as_BERTs_and_an_untied_one_is_an_error()
+    {
+        using var scope = NewDisposeScope();
+        var c = MamoConfig.MiniLm with { TextLayers = 1, FusionLayers = 1, Width = 64, Heads = 4 };
+        long w = c.Width;
+        using var source = MamoModel.Seeded(c, 5);
+        var published = HfBert.Map(c, 1).Export(source.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter))
+            .ToDictionary(t => "bert." + t.Name, t => t.Value);
+        var g = new Generator(6);
+        // A small dense weight keeps the LayerNorm's input variance near 1e-4, where BERT's eps (1e-12) and
+        // TorchSharp's (1e-5) give different words' scores.
+        var (dense, denseBias) = (randn([w, w], generator: g) * 0.002, randn([w], generator: g) * 0.002);
+        var (gamma, beta, bias) = (1 + randn([w], generator: g) * 0.1, randn([w], generator: g) * 0.1, randn([c.VocabSize], generator: g) * 0.1);
+        var words = published["bert.embeddings.word_embeddings.weight"];
+        foreach (var (name, t) in new[] { ("transform.dense.weight", dense), ("transform.dense.bias", denseBias), ("transform.LayerNorm.gamma", gamma),
+                     ("transform.LayerNorm.beta", beta), ("bias", bias), ("decoder.weight", words) })
+            published[HfBert.MlmPrefix + name] = t;
+
+        var report = WeightImport.Run(new WeightSource(WeightSource.HfBert, Save(published, "pretraining.safetensors")), null, c, Path.Combine(dir, "mlm"), seed: 2);
+        Assert.EndsWith("; the MLM head)", Assert.Single(report));
+        using var model = Imported(Path.Combine(dir, "mlm"));
+        var fused = randn([5, w], generator: g);
+        using var noGrad = no_grad();
+        var bert = F.linear(F.layer_norm(F.gelu(F.linear(fused, dense, denseBias)), [w], gamma, beta, TextLayouts.BertEps), words, bias);
+        var difference = (model.WordLogits(fused) - bert).abs().max().ToDouble();
+        Assert.True(difference <= 1e-5 * bert.abs().max().ToDouble(), $"max difference {difference:E2}");
+
+        published[HfBert.MlmPrefix + "decoder.weight"] = randn([c.VocabSize, w], generator: g);
+        var e = Assert.Throws<InvalidDataException>(() => WeightImport.Run(
+            new WeightSource(WeightSource.HfBert, Save(published, "untied.safetensors")), null, c, Path.Combine(dir, "untied"), seed: 2));
+        Assert.Contains("'cls.predictions.decoder.weight' is not 'embeddings.word_embeddings.weight'", e.Message);
+    }
+
     // ---- ONNX
 
     /// <summary>A protobuf field, written by hand.</summary>

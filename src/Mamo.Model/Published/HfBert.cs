@@ -52,6 +52,31 @@ public static class HfBert
         return new WeightMap(entries);
     }
 
+    /// <summary>BertForPreTraining's and BertForMaskedLM's MLM head (cls.predictions): its transform, and the output
+    /// bias; the output weight is tied to the word embeddings, in BERT as here.</summary>
+    public static WeightMap MlmHead(MamoConfig c) => new(
+    [
+        new("mlmTransform.dense.weight", [MlmPrefix + "transform.dense.weight"], [c.Width, c.Width]),
+        new("mlmTransform.dense.bias", [MlmPrefix + "transform.dense.bias"], [c.Width]),
+        new("mlmTransform.norm.weight", [MlmPrefix + "transform.LayerNorm.weight"], [c.Width]),
+        new("mlmTransform.norm.bias", [MlmPrefix + "transform.LayerNorm.bias"], [c.Width]),
+        new("mlmBias", [MlmPrefix + "bias"], [c.VocabSize]),
+    ]);
+
+    public const string MlmPrefix = "cls.predictions.";
+    const string MlmDecoder = MlmPrefix + "decoder.weight", WordEmbeddings = "embeddings.word_embeddings.weight";
+
+    /// <summary>Whether the published model has an MLM head; one whose output weight is not the word embeddings (an
+    /// untied decoder) is an error, as this model has no separate output matrix.</summary>
+    public static bool HasMlmHead(IReadOnlyDictionary<string, Tensor> published, string source)
+    {
+        if (!published.Keys.Any(k => k.StartsWith(MlmPrefix))) return false;
+        if (published.TryGetValue(MlmDecoder, out var decoder) && published.TryGetValue(WordEmbeddings, out var words)
+            && !(decoder.shape.SequenceEqual(words.shape) && decoder.eq(words).all().item<bool>()))
+            throw new InvalidDataException($"{source}: '{MlmDecoder}' is not '{WordEmbeddings}'; MAMO ties the MLM output to the word embeddings, so an untied head cannot be imported");
+        return true;
+    }
+
     /// <summary>The number of encoder layers a published BERT has (the highest encoder.layer.i, plus one).</summary>
     public static int Layers(IEnumerable<string> names) =>
         names.Select(n => n.Split('.')).Where(p => p.Length > 2 && p[0] == "encoder" && p[1] == "layer" && int.TryParse(p[2], out _))

@@ -55,11 +55,20 @@ public static class WeightImport
                 if (layers < config.TextLayers)
                     throw new InvalidDataException($"{text} has {layers} encoder layers; the preset's text encoder has {config.TextLayers}");
                 var imported = HfBert.Map(config, layers).Import(published, text.ToString());
+                var count = imported.Count;
                 Copy(model, imported);
+                // BertForPreTraining and BertForMaskedLM bring their MLM head: continued pre-training starts from it.
+                var head = HfBert.HasMlmHead(published, text.ToString());
+                if (head)
+                {
+                    var mlm = HfBert.MlmHead(config).Import(published, text.ToString());
+                    count += mlm.Count;
+                    Copy(model, mlm);
+                }
                 var fusion = Math.Min(layers - config.TextLayers, config.FusionLayers);
                 var unused = layers - config.TextLayers - fusion;
-                report.Add($"text: {imported.Count} tensors from {text} ({layers} layers: {config.TextLayers} text{(fusion > 0 ? $", {fusion} fusion" : "")}" +
-                           $"{(unused > 0 ? $", the top {unused} not used: the preset has no room for them" : "")})");
+                report.Add($"text: {count} tensors from {text} ({layers} layers: {config.TextLayers} text{(fusion > 0 ? $", {fusion} fusion" : "")}" +
+                           $"{(unused > 0 ? $", the top {unused} not used: the preset has no room for them" : "")}{(head ? "; the MLM head" : "")})");
                 extra[TextSourceKey] = text.ToString();
             }
             finally { foreach (var t in published.Values) t.Dispose(); }
