@@ -83,7 +83,9 @@ public class ClusterTlsTests(ITestOutputHelper output)
             var clock = Stopwatch.StartNew();
             while (!File.Exists(seedLog) || Read(seedLog) is var log && !(log.Contains("refused TLS peer") && log.Contains("not an SSL/TLS record")))
             {
-                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2) && nodes.All(p => !p.HasExited), "the seed saw no refused attempt");
+                if (nodes.FirstOrDefault(p => p.HasExited) is { } gone)
+                    Assert.Fail($"node n{nodes.IndexOf(gone)} exited {gone.ExitCode} before the seed refused both: {await logs[nodes.IndexOf(gone)].Err}");
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), "the seed saw no refused attempt");
                 Thread.Sleep(200);
             }
             Assert.Contains("unable to get local issuer certificate", Read(seedLog));
