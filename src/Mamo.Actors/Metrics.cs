@@ -43,9 +43,9 @@ public sealed class Metrics : ReceiveActor, IWithTimers
 
     public const string MetricsFile = "metrics.jsonl", LedgerFile = "ledger.jsonl", DeadLetterFile = "dead-letters.jsonl";
 
-    readonly StreamWriter metricsOut;
+    readonly AppendFile metricsOut;
     readonly StreamWriter? ledgerOut;
-    readonly StreamWriter deadLetterOut;
+    readonly AppendFile deadLetterOut;
     readonly int everySteps;
     readonly IProgress<RunProgress>? progress;
     readonly DateTime started = DateTime.UtcNow;
@@ -73,8 +73,9 @@ public sealed class Metrics : ReceiveActor, IWithTimers
         this.progress = progress;
         this.remaining = remaining;
         Directory.CreateDirectory(runDir);
-        metricsOut = Append(Path.Combine(runDir, MetricsFile));
-        deadLetterOut = Append(Path.Combine(runDir, DeadLetterFile));
+        // Shared with the other writers of the run (a cluster's coordinator, evaluator and publisher): true appends.
+        metricsOut = new AppendFile(Path.Combine(runDir, MetricsFile));
+        deadLetterOut = new AppendFile(Path.Combine(runDir, DeadLetterFile));
         if (ledger) ledgerOut = Append(Path.Combine(runDir, LedgerFile));
 
         Receive<TrainerReplica.StepCompleted>(OnStep);
@@ -119,11 +120,7 @@ public sealed class Metrics : ReceiveActor, IWithTimers
     }
 
     /// <summary>Appends a line to RUN_DIR/metrics.jsonl while no Metrics actor writes there (between and after pipelines).</summary>
-    public static void AppendLine(string runDir, JsonObject line)
-    {
-        using var writer = Append(Path.Combine(runDir, MetricsFile));
-        writer.WriteLine(line.ToJsonString());
-    }
+    public static void AppendLine(string runDir, JsonObject line) => AppendFile.AppendLine(Path.Combine(runDir, MetricsFile), line.ToJsonString());
 
     void Write(JsonObject line) => metricsOut.WriteLine(line.ToJsonString());
 
@@ -290,7 +287,7 @@ public sealed class Metrics : ReceiveActor, IWithTimers
         Log.Warning("dead letter: {Reason} at {Location}", d.Bad.Reason, d.Bad.Location);
     }
 
-    static JsonNode? Finite(double v) => double.IsFinite(v) ? JsonValue.Create(v) : JsonValue.Create(v.ToString(CultureInfo.InvariantCulture));
+    internal static JsonNode? Finite(double v) => double.IsFinite(v) ? JsonValue.Create(v) : JsonValue.Create(v.ToString(CultureInfo.InvariantCulture));
 
     protected override void PostStop()
     {

@@ -72,7 +72,7 @@ public sealed class RunHistory(string? journal = null)
     void Append(string kind, Dictionary<string, JsonNode?> fields)
     {
         if (journal is null) return;
-        try { File.AppendAllText(journal, Metrics.Line(kind, fields).ToJsonString() + "\n"); }
+        try { AppendFile.AppendLine(journal, Metrics.Line(kind, fields).ToJsonString()); }
         catch (IOException e) { Serilog.Log.Warning("{Journal} not written: {Error}", journal, e.Message); }
     }
 
