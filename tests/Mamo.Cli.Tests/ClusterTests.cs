@@ -104,6 +104,16 @@ public class ClusterTests(ITestOutputHelper output)
         }
         Assert.Equal(Nodes * Rounds * InnerSteps, entries.Count);
         Assert.All(entries, e => Assert.True(double.IsFinite(e.GetProperty("loss").GetDouble())));
+        // The coordinator's training curve, for plots and the dashboard: one train line per round at the step it ends
+        // on, whose loss is the mean of the replicas' inner steps (each replica trained as many samples).
+        var curve = Mamo.Cli.MetricsLog.Read(Path.Combine(run, Mamo.Cli.MetricsLog.FileName)).Train;
+        Assert.Equal(Enumerable.Range(1, Rounds).Select(r => (long)r * InnerSteps), curve.Select(t => t.Step));
+        for (int round = 0; round < Rounds; round++)
+        {
+            var mean = entries.Where(e => e.GetProperty("round").GetInt64() == round).Average(e => e.GetProperty("loss").GetDouble());
+            Assert.Equal(mean, curve[round].Loss, 1e-9 * mean);
+            Assert.Contains("mlm", curve[round].Terms.Keys);
+        }
 
         // A cluster checkpoint after each round: global θ, the teacher and the outer optimizer, with the round and cursor.
         var checkpoints = Model.Checkpoint.Complete(run).Select(Path.GetFileName).Order().ToList();

@@ -70,6 +70,17 @@ public class EveryStepTests(ITestOutputHelper output)
         }
         output.WriteLine($"worst relative loss difference over 20 steps: {worst:E2}");
         Assert.True(worst <= 1e-5, $"worst relative loss difference {worst:E2}");
+        // The coordinator's training curve in the run's metrics.jsonl is single-node's: same steps, losses and terms.
+        var (singleCurve, clusterCurve) = (MetricsLog.Read(Path.Combine(single, MetricsLog.FileName)).Train, MetricsLog.Read(Path.Combine(cluster, MetricsLog.FileName)).Train);
+        Assert.NotEmpty(singleCurve);
+        Assert.Equal(singleCurve.Select(t => t.Step), clusterCurve.Select(t => t.Step));
+        foreach (var (a, b) in singleCurve.Zip(clusterCurve))
+        {
+            Assert.Equal(a.Terms.Keys.Order(), b.Terms.Keys.Order());
+            foreach (var (term, value) in a.Terms.Append(KeyValuePair.Create("total", a.Loss)))
+                Assert.True(Math.Abs((term == "total" ? b.Loss : b.Terms[term]) - value) <= 1e-5 * Math.Abs(value), $"step {a.Step} {term}: {value} vs {b.Terms.GetValueOrDefault(term, b.Loss)}");
+            Assert.Equal(a.LearningRate, b.LearningRate);
+        }
         // Its checkpoints are a single-node run's: student, optimizer and teacher, at step 20.
         Assert.Equal(new[] { Model.Checkpoint.StudentPart, Model.Checkpoint.OptimizerPart, Model.Checkpoint.TeacherPart }.Order(),
             Model.Checkpoint.ReadState(Model.Checkpoint.Latest(cluster)!).Parts!.Order());

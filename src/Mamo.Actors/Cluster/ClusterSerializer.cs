@@ -91,6 +91,8 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(d.Node);
                     w.Write(d.Samples);
                     WriteMap(w, d.Positions, w.Write);
+                    w.Write(d.Loss);
+                    WriteMap(w, d.Terms, w.Write);
                     break;
                 case Coordinator.Commit c:
                     WriteMap(w, c.Positions, w.Write);
@@ -165,7 +167,8 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
                 RegisterManifest => new Coordinator.Register(r.ReadString(), ReadRef(r)),
                 StartManifest => new Coordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadBoolean(), ReadRef(r)),
-                DoneManifest => new Coordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions")),
+                DoneManifest => new Coordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions"),
+                    r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms")),
                 CommitManifest => new Coordinator.Commit(ReadMap(r, r.ReadInt64, "stream positions")),
                 FinishManifest => new Coordinator.Finish(r.ReadInt64()),
                 GetProgressManifest => new Coordinator.GetProgress(),

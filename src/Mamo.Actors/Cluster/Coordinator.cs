@@ -24,9 +24,10 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     /// a Kafka source, on from the last batch, or from the last Commit's positions where Rewind (this replica's last
     /// round was not applied). Send the delta to DeltaReceiver.</summary>
     public sealed record RoundStart(long Round, long Cursor, int Steps, int BatchSize, bool Rewind, IActorRef DeltaReceiver) : IClusterMessage;
-    /// <summary>A replica's account of its round: the samples it trained on (its delta's weight) and the stream
-    /// positions they reach.</summary>
-    public sealed record RoundDone(long Round, string Node, long Samples, IReadOnlyDictionary<string, long> Positions) : IClusterMessage;
+    /// <summary>A replica's account of its round: the samples it trained on (its delta's weight), the stream
+    /// positions they reach, and its inner steps' mean loss and terms (NaN and none when every step was skipped).</summary>
+    public sealed record RoundDone(long Round, string Node, long Samples, IReadOnlyDictionary<string, long> Positions, double Loss,
+        IReadOnlyDictionary<string, double> Terms) : IClusterMessage;
     /// <summary>A cluster checkpoint covering these stream positions is durable: the sources may acknowledge them.</summary>
     public sealed record Commit(IReadOnlyDictionary<string, long> Positions) : IClusterMessage;
     /// <summary>The last round is done and checkpointed: the replica may stop.</summary>
@@ -49,6 +50,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         /// <summary>Ranges taken from the cursor's front this round (the others were unfinished ones given again).</summary>
         public int Fresh { get; } = fresh;
         public Dictionary<string, long> Samples { get; } = new();
+        public Dictionary<string, RoundDone> Reports { get; } = new();
         public Dictionary<string, IReadOnlyDictionary<string, long>> Positions { get; } = new();
         public Dictionary<string, WeightTransfer.Received> Deltas { get; } = new();
         /// <summary>Replicas that left during the round: the round does not wait for them.</summary>
@@ -70,6 +72,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     readonly IActorRef receiver;
     readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> replicas = new();
     readonly RunHistory history;
+    readonly TrainCurve curve;
     readonly long rounds;
     long round, cursor;
     /// <summary>The stream positions the last cluster checkpoint covers (a Kafka source: each partition's last offset).</summary>
@@ -88,6 +91,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         this.settings = settings;
         cluster = settings.Cluster;
         history = new RunHistory(Path.Combine(settings.RunDir, RunHistory.JournalFile));
+        curve = new TrainCurve(settings.RunDir);
         stream = KafkaSpec.IsKafka(settings.Source);
         rounds = settings.MaxSteps > 0 ? (settings.MaxSteps + cluster.InnerSteps - 1) / cluster.InnerSteps : long.MaxValue;
         theta = MamoModel.Seeded(settings.Model, settings.Seed);
@@ -138,6 +142,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         {
             if (current is null || d.Round != current.Number) return;
             current.Samples[d.Node] = d.Samples;
+            current.Reports[d.Node] = d;
             current.InnerSteps = current.Clock.Elapsed;
             current.Positions[d.Node] = d.Positions;
             TryComplete();
@@ -260,6 +265,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         Log.Information("round {Round} done with {Count} replicas ({Participants}); checkpoint {Path}", round - 1, reported.Count,
             string.Join(",", reported.Select(a => a.Node)), path);
         history.Committed(round - 1, reported.Select(a => a.Node), r.Clock.Elapsed, ClusterStatus.MembersOf(Akka.Cluster.Cluster.Get(Context.System)));
+        WriteCurve(r, reported.Select(a => r.Reports[a.Node]).ToList());
         // The gather is the time from the last replica's inner steps to its last delta (the delta transfers overlap the
         // inner steps of slower replicas).
         Log.Information("round {Round} took {Total:F2} s: broadcast of θ {Broadcast:F2} s, inner steps until the last replica's end {Inner:F2} s, " +
@@ -270,6 +276,19 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         if (round >= rounds)
             foreach (var replica in replicas.Keys) replica.Tell(new Finish(round));
         else TryStartRound();
+    }
+
+    /// <summary>The round's train line: its replicas' inner-step losses and terms, each replica weighted by its
+    /// samples (as its delta is), at the global step the round ends on.</summary>
+    void WriteCurve(Round r, IReadOnlyList<RoundDone> reports)
+    {
+        curve.Trained(reports.Sum(d => d.Samples));
+        var counted = reports.Where(d => double.IsFinite(d.Loss) && d.Samples > 0).ToList();
+        double Mean(Func<RoundDone, double> value) => counted.Sum(d => d.Samples * value(d)) / counted.Sum(d => d.Samples);
+        var loss = counted.Count == 0 ? double.NaN : Mean(d => d.Loss);
+        var terms = counted.Count == 0 ? new Dictionary<string, double>()
+            : counted[0].Terms.Keys.Where(k => counted.All(d => d.Terms.ContainsKey(k))).ToDictionary(k => k, k => Mean(d => d.Terms[k]));
+        curve.Write(round * cluster.InnerSteps, loss, terms, new() { ["round"] = r.Number, ["replicas"] = reports.Count });
     }
 
     string WriteCheckpoint()

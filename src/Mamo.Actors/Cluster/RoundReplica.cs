@@ -80,9 +80,9 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
             Load(trainer.Teacher, "teacher.", given);
             trainer.ContinueAt(s.Round * s.Steps);   // after a restart, the schedule goes on (AdamW's moments start afresh)
             Log.Information("{Node} round {Round} starts from θ {Hash}", node, s.Round, Checkpoint.WeightHash(Checkpoint.Named(trainer.Student)));
-            var (trained, reached) = Train(s);
+            var (trained, reached, loss, terms) = Train(s);
             var deltas = Delta(trainer.Student, "student.", given).Concat(Delta(trainer.Teacher, "teacher.", given)).ToList();
-            coordinator.Tell(new Coordinator.RoundDone(s.Round, node, trained, reached.Offsets));
+            coordinator.Tell(new Coordinator.RoundDone(s.Round, node, trained, reached.Offsets, loss, terms));
             Context.ActorOf(WeightTransfer.Sender.Props(s.DeltaReceiver, Self, $"delta/{s.Round}/{node}", deltas, settings.Cluster.DeltaDType,
                 settings.Cluster.ChunkSize, settings.Cluster.Window));
             foreach (var (_, t) in deltas) t.Dispose();
@@ -95,11 +95,12 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
 
     /// <summary>The inner steps: on cursors [Cursor, Cursor + Steps · BatchSize) of a file source, or on the next
     /// records of this node's Kafka partitions (from the last cluster checkpoint when told to rewind). Returns the
-    /// samples trained on and the stream position they reach.</summary>
-    (long Samples, StreamPosition Position) Train(Coordinator.RoundStart s)
+    /// samples trained on, the stream position they reach, and the mean loss and terms of the steps not skipped.</summary>
+    (long Samples, StreamPosition Position, double Loss, IReadOnlyDictionary<string, double> Terms) Train(Coordinator.RoundStart s)
     {
         long trained = 0;
         var reached = StreamPosition.None;
+        var (losses, terms) = (new List<double>(), new Dictionary<string, List<double>>());
         var from = data.Ranges ? ReplicaData.BeforeCursor(s.Cursor) : s.Rewind ? durable : null;
         foreach (var prepared in data.Batches(from, s.Steps, s.BatchSize, atLeast: 2))
         {
@@ -109,10 +110,15 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
             trained += batch.Size;
             reached = reached.Merge(prepared.Position);
             data.Record(result.Step, s.Round, prepared.Position, result.Loss, result.Skipped, batch.Ids);
+            if (!result.Skipped)
+            {
+                losses.Add(result.Loss);
+                foreach (var (name, value) in result.Terms) (terms.TryGetValue(name, out var l) ? l : terms[name] = []).Add(value);
+            }
             if ((result.Step + 1) % settings.MetricsEverySteps == 0)
                 Log.Information("{Node} round {Round} step {Step} loss {Loss:F4}", node, s.Round, result.Step + 1, result.Loss);
         }
-        return (trained, reached);
+        return (trained, reached, losses.Count == 0 ? double.NaN : losses.Average(), terms.ToDictionary(t => t.Key, t => t.Value.Average()));
     }
 
     /// <summary>Copies the given weights (named with <paramref name="prefix"/>) into a model: every parameter must be there.</summary>

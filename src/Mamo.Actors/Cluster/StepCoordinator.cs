@@ -57,6 +57,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
     /// <summary>The step of the θ each replica last received: its teacher follows from there without being sent.</summary>
     readonly Dictionary<IActorRef, long> holds = new();
     readonly RunHistory history;
+    readonly TrainCurve curve;
     readonly long steps;
     long cursor, attempts;
     Attempt? current;
@@ -69,6 +70,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
         this.settings = settings;
         cluster = settings.Cluster;
         history = new RunHistory(Path.Combine(settings.RunDir, RunHistory.JournalFile));
+        curve = new TrainCurve(settings.RunDir);
         steps = settings.MaxSteps > 0 ? settings.MaxSteps : long.MaxValue;
         var objective = MamoPretraining.With(settings.Pretraining);
         if (Checkpoint.Latest(settings.RunDir) is { } dir)
@@ -201,9 +203,16 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
             var terms = done.SelectMany(d => d.Terms).GroupBy(t => t.Key).ToDictionary(g => g.Key, g => g.Sum(t => t.Value));
             var result = trainer.Update(done.Sum(d => d.Loss), terms);
             trainer.FollowStudent();
+            curve.Trained(done.Sum(d => d.Samples));
             if (result.Skipped) Log.Warning("step {Step} skipped: loss {Loss}, gradient norm {Norm}", result.Step, result.Loss, result.GradNorm);
             else if ((result.Step + 1) % settings.MetricsEverySteps == 0)
+            {
                 Log.Information("step {Step} loss {Loss:F4} over {Pairs} pairs from {Count} replicas", result.Step + 1, result.Loss, done.Sum(d => d.Samples), done.Count);
+                curve.Write(result.Step + 1, result.Loss, result.Terms, new()
+                {
+                    ["lr"] = result.LearningRate, ["grad_norm"] = Metrics.Finite(result.GradNorm), ["replicas"] = done.Count,
+                });
+            }
         }
         foreach (var p in a.Assigned) holds[p.Replica] = trainer.Step - 1;
         history.Committed(trainer.Step - 1, a.Assigned.Select(p => p.Node), a.Clock.Elapsed, ClusterStatus.MembersOf(Akka.Cluster.Cluster.Get(Context.System)));
