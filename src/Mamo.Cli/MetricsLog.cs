@@ -1,4 +1,3 @@
-using System.Text.Json;
 using System.Text.Json.Nodes;
 using Mamo.Model;
 using static Mamo.Cli.MetricsFields;
