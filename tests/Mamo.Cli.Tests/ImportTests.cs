@@ -85,12 +85,16 @@ public sealed class ImportTests(MiniLmImportFixture minilm, ITestOutputHelper ou
         var (code, _, stderr) = Cli.Run("export", "--format", "hf-bert", minilm.Checkpoint, first);
         Assert.True(code == 0, stderr);
 
-        // The text layers are the original tensors, under their names; the two fusion layers are the seed's.
+        // The text layers are the original tensors, under BertForMaskedLM's names; the two fusion layers and the MLM
+        // head are the seed's, the head's decoder the word embeddings it is tied to.
         var exported = SafeTensors.Load(Path.Combine(first, "model.safetensors"));
         var original = HfBert.ReadOnnx(OnnxModel.Load(minilm.Onnx));
         foreach (var (name, value) in original.Where(o => !o.Key.StartsWith("pooler.")))
-            Assert.True(Same(value, exported[name]), $"{name} differs from the ONNX model's");
-        Assert.Equal(8, HfBert.Layers(exported.Keys));
+            Assert.True(Same(value, exported[HfBert.BertPrefix + name]), $"{name} differs from the ONNX model's");
+        Assert.Equal(8, HfBert.Layers(exported.Keys.Select(k => k[HfBert.BertPrefix.Length..])));
+        Assert.True(Same(exported["bert.embeddings.word_embeddings.weight"], exported["cls.predictions.decoder.weight"]));
+        Assert.Equal(["bias", "decoder.weight", "transform.LayerNorm.bias", "transform.LayerNorm.weight", "transform.dense.bias", "transform.dense.weight"],
+            exported.Keys.Where(k => k.StartsWith(HfBert.MlmPrefix)).Select(k => k[HfBert.MlmPrefix.Length..]).Order());
         var config = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(first, "config.json"))).RootElement;
         Assert.Equal(384, config.GetProperty("hidden_size").GetInt32());
         Assert.Equal(8, config.GetProperty("num_hidden_layers").GetInt32());
@@ -99,7 +103,7 @@ public sealed class ImportTests(MiniLmImportFixture minilm, ITestOutputHelper ou
         var again = Path.Combine(minilm.Folder, "reimported");
         (code, var stdout, stderr) = Cli.Run("import", "--text", $"hf-bert:{first}", "--preset", "minilm", "--out", again);
         Assert.True(code == 0, stderr);
-        Assert.Contains("8 layers: 6 text, 2 fusion", stdout);
+        Assert.Contains("8 layers: 6 text, 2 fusion; the MLM head", stdout);
         var second = Path.Combine(minilm.Folder, "export-2");
         Assert.Equal(0, Cli.Run("export", "--format", "hf-bert", again, second).ExitCode);
         Assert.Equal(File.ReadAllBytes(Path.Combine(first, "model.safetensors")), File.ReadAllBytes(Path.Combine(second, "model.safetensors")));

@@ -63,7 +63,17 @@ public static class HfBert
         new("mlmBias", [MlmPrefix + "bias"], [c.VocabSize]),
     ]);
 
-    public const string MlmPrefix = "cls.predictions.";
+    /// <summary>The export's map: the encoders under BertForMaskedLM's names ("bert." before BertModel's), then the MLM
+    /// head, with the decoder written out as the word embeddings it is tied to. transformers loads it as
+    /// BertForMaskedLM, and as BertModel (which drops the prefix and the head); an import reads it all back.</summary>
+    public static WeightMap MaskedLm(MamoConfig c, int layers) => new(
+    [
+        .. Map(c, layers).Entries.Select(e => e with { Theirs = [.. e.Theirs.Select(t => BertPrefix + t)] }),
+        .. MlmHead(c).Entries,
+        new("text.wordEmbedding.weight", [MlmDecoder], [c.VocabSize, c.Width]),
+    ]);
+
+    public const string MlmPrefix = "cls.predictions.", BertPrefix = "bert.";
     const string MlmDecoder = MlmPrefix + "decoder.weight", WordEmbeddings = "embeddings.word_embeddings.weight";
 
     /// <summary>Whether the published model has an MLM head; one whose output weight is not the word embeddings (an
@@ -94,7 +104,7 @@ public static class HfBert
 
     static string Normalise(string name)
     {
-        if (name.StartsWith("bert.")) name = name["bert.".Length..];
+        if (name.StartsWith(BertPrefix)) name = name[BertPrefix.Length..];
         if (name.EndsWith("LayerNorm.gamma")) name = name[..^"gamma".Length] + "weight";
         if (name.EndsWith("LayerNorm.beta")) name = name[..^"beta".Length] + "bias";
         return name;
@@ -125,10 +135,10 @@ public static class HfBert
         return result;
     }
 
-    /// <summary>transformers' config.json for the exported BertModel.</summary>
+    /// <summary>transformers' config.json for the exported BertForMaskedLM.</summary>
     public static string ConfigJson(MamoConfig c, int layers) => new JsonObject
     {
-        ["architectures"] = new JsonArray("BertModel"),
+        ["architectures"] = new JsonArray("BertForMaskedLM"),
         ["model_type"] = "bert",
         ["hidden_size"] = c.Width,
         ["num_hidden_layers"] = layers,

@@ -16,7 +16,7 @@ public static class WeightExport
             {
                 // The fusion layers go above the text encoder's, where an import puts them.
                 WeightSource.HfBert when config.TextLayout == TextLayouts.Bert =>
-                    (HfBert.Map(config, config.TextLayers + config.FusionLayers), HfBert.ConfigJson(config, config.TextLayers + config.FusionLayers)),
+                    (HfBert.MaskedLm(config, config.TextLayers + config.FusionLayers), HfBert.ConfigJson(config, config.TextLayers + config.FusionLayers)),
                 WeightSource.HfBert =>
                     throw new InvalidDataException($"{checkpoint}: the text encoder is in the {config.TextLayout} layout; only the {TextLayouts.Bert} layout is BERT"),
                 WeightSource.TimmVit => (TimmVit.Map(config), TimmVit.ConfigJson(config)),
