@@ -179,7 +179,8 @@ public sealed class MamoModel : Module
     /// <param name="objective">the loss weights and what the alignment sees</param>
     /// <param name="targets">the teacher's targets; required when MIM or MRM is on, or distillation (its embeddings)</param>
     /// <param name="imageKeys">[B] identity of each image, so a duplicate is never taken as a negative; null: all distinct</param>
-    /// <param name="generator">draws the ITM hard negatives, so a seeded step is reproducible</param>
+    /// <param name="generator">draws the ITM hard negatives, so a seeded step is reproducible; null: a generator of
+    /// seed 0, never torch's global one (a draw from that on one thread changes a model being built on another)</param>
     /// <param name="shard">where this batch is one replica's share of a global batch; null: it is the whole</param>
     public MamoLoss Forward(Tensor images, Tensor tokenIds, Tensor attentionMask, JointMask mask, PretrainingConfig objective, TeacherTargets? targets,
         Tensor? imageKeys = null, Generator? generator = null, IBatchShard? shard = null)
@@ -189,11 +190,12 @@ public sealed class MamoModel : Module
         if (distillAlpha > 0 && (targets?.ImageEmbedding is null || shard is not null))
             throw new ArgumentException("momentum distillation needs the teacher's embeddings of a whole batch");
         using var scope = NewDisposeScope();
+        using var own = generator is null ? new Generator(0, images.device) : null;
         var e = Encode(images, tokenIds, attentionMask, mask, objective, imageKeys, shard);
         Tensor? negatives = null;
         var losses = new PretrainingLosses(
             Itc: lw.Itc > 0 ? Itc(e, distillAlpha > 0 ? DistilledPositives(e, targets!, distillAlpha) : null) : null,
-            Itm: lw.Itm > 0 ? Itm(e, attentionMask, objective.ItmNegativeGroup, generator, out negatives) : null,
+            Itm: lw.Itm > 0 ? Itm(e, attentionMask, objective.ItmNegativeGroup, generator ?? own!, out negatives) : null,
             Mlm: lw.Mlm > 0 ? Mlm(e, mask) : null,
             Mim: lw.Mim > 0 ? Mim(e, mask, targets!) : null,
             Mrm: lw.Mrm > 0 ? Mrm(e, mask, targets!) : null);
@@ -300,7 +302,7 @@ public sealed class MamoModel : Module
 
     /// <summary>ITM: match or not on the fused [CLS], over the true pairs and one hard negative per image and per text,
     /// drawn from this shard's own pairs (as ALBEF draws them on each GPU).</summary>
-    Tensor Itm(Encodings e, Tensor attentionMask, int group, Generator? generator, out Tensor negatives)
+    Tensor Itm(Encodings e, Tensor attentionMask, int group, Generator generator, out Tensor negatives)
     {
         var (imageTokens, textTokens) = (e.ImageTokens!, e.TextTokens!);
         var b = imageTokens.shape[0];
