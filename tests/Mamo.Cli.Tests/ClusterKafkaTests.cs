@@ -86,9 +86,10 @@ public class ClusterKafkaTests(ITestOutputHelper output)
         try
         {
             // n0 is the oldest, so the coordinator runs there; n2 is a trainer only. Kill n2 mid-round: after the
-            // second round's checkpoint, once it has trained a step of the round in progress.
+            // second round's checkpoint, once every node has trained (all three are members, so the survivors are a
+            // majority: a node still joining is no part of SBR's count) and n2 has trained a step of the round in progress.
             var clock = Stopwatch.StartNew();
-            while (!(LatestRound() >= 2 && Read(2).Any(e => e.GetProperty("round").GetInt64() == LatestRound())))
+            while (!(LatestRound() >= 2 && Read(0).Count > 0 && Read(1).Count > 0 && Read(2).Any(e => e.GetProperty("round").GetInt64() == LatestRound())))
             {
                 Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2) && nodes.All(p => !p.HasExited), "the cluster did not get going: " + await Describe(nodes, logs));
                 Thread.Sleep(20);
@@ -99,7 +100,9 @@ public class ClusterKafkaTests(ITestOutputHelper output)
             var killedAt = clock.Elapsed;
             while (LatestRound() == killedIn)
             {
-                Assert.True(clock.Elapsed - killedAt < TimeSpan.FromSeconds(60), "no round was committed within 60 s of the kill");
+                if (clock.Elapsed - killedAt >= TimeSpan.FromSeconds(60))
+                    Assert.Fail("no round was committed within 60 s of the kill; membership as the survivors saw it:\n" + string.Join("\n",
+                        Enumerable.Range(0, 2).Select(i => $"n{i}:\n" + ClusterTests.Membership(Path.Combine(run, "nodes", $"n{i}", "mamo.log")))));
                 Thread.Sleep(20);
             }
             recovery = clock.Elapsed - killedAt;

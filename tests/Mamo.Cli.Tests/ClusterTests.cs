@@ -391,7 +391,7 @@ public class ClusterTests(ITestOutputHelper output)
     static string Exit(Process p) => p.HasExited ? $"exited {p.ExitCode}" : "running";
 
     /// <summary>The lines of a node's log on reachability, downing, quarantine and the singleton.</summary>
-    static string Membership(string log) => File.Exists(log)
+    internal static string Membership(string log) => File.Exists(log)
         ? string.Join("\n", File.ReadLines(log).Where(l => new[] { "REACHABLE", "SBR", "quarantin", "removed", "Downing", "singleton", "stopped", "leader" }
             .Any(w => l.Contains(w, StringComparison.OrdinalIgnoreCase))).Select(l => l.Length > 300 ? l[..300] : l).TakeLast(40))
         : $"(no {log})";
