@@ -49,9 +49,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         public IReadOnlyList<(string Node, IActorRef Replica, long Cursor)> Assigned { get; } = assigned;
         /// <summary>Ranges taken from the cursor's front this round (the others were unfinished ones given again).</summary>
         public int Fresh { get; } = fresh;
-        public Dictionary<string, long> Samples { get; } = new();
+        /// <summary>Each replica's account: its samples, stream positions and losses.</summary>
         public Dictionary<string, RoundDone> Reports { get; } = new();
-        public Dictionary<string, IReadOnlyDictionary<string, long>> Positions { get; } = new();
         public Dictionary<string, WeightTransfer.Received> Deltas { get; } = new();
         /// <summary>Replicas that left during the round: the round does not wait for them.</summary>
         public HashSet<string> Lost { get; } = new();
@@ -141,10 +140,8 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         Receive<RoundDone>(d =>
         {
             if (current is null || d.Round != current.Number) return;
-            current.Samples[d.Node] = d.Samples;
             current.Reports[d.Node] = d;
             current.InnerSteps = current.Clock.Elapsed;
-            current.Positions[d.Node] = d.Positions;
             TryComplete();
         });
         Receive<WeightTransfer.Received>(r =>
@@ -214,7 +211,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     void TryComplete()
     {
         var r = current!;
-        var reported = r.Assigned.Where(a => r.Samples.ContainsKey(a.Node) && r.Deltas.ContainsKey(a.Node)).ToList();
+        var reported = r.Assigned.Where(a => r.Reports.ContainsKey(a.Node) && r.Deltas.ContainsKey(a.Node)).ToList();
         var waiting = r.Assigned.Count(a => !r.Lost.Contains(a.Node)) - reported.Count;
         if (waiting > 0 && !r.Expired) return;
         var missed = r.Assigned.Where(a => !reported.Contains(a)).Select(a => a.Cursor).ToList();
@@ -236,7 +233,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         {
             var student = Checkpoint.Named(theta).Select(p => p.Value).ToList();
             var teachers = Checkpoint.Named(teacher).Select(p => p.Value).ToList();
-            var replicaDeltas = reported.Select(a => (Tensors: r.Deltas[a.Node].Tensors.ToDictionary(t => t.Name, t => t.Value), Samples: r.Samples[a.Node])).ToList();
+            var replicaDeltas = reported.Select(a => (Tensors: r.Deltas[a.Node].Tensors.ToDictionary(t => t.Name, t => t.Value), Samples: r.Reports[a.Node].Samples)).ToList();
             var studentNames = Checkpoint.Named(theta).Select(p => StudentPrefix + p.Name).ToList();
             var teacherNames = Checkpoint.Named(teacher).Select(p => TeacherPrefix + p.Name).ToList();
             var g = OuterOptimizer.OuterGradient(replicaDeltas.Select(d => ((IReadOnlyList<Tensor>)studentNames.Select(n => d.Tensors[n]).ToList(), d.Samples)).ToList());
@@ -254,7 +251,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
         if (stream)
         {
             // At least once: a stream's records past the checkpoint are read again by whoever holds their partition.
-            positions = reported.Aggregate(positions, (p, a) => p.Merge(new StreamPosition(r.Positions[a.Node].ToImmutableSortedDictionary())));
+            positions = reported.Aggregate(positions, (p, a) => p.Merge(new StreamPosition(r.Reports[a.Node].Positions.ToImmutableSortedDictionary())));
             rewind.UnionWith(r.Assigned.Where(a => !reported.Contains(a)).Select(a => a.Replica).Where(replicas.ContainsKey));
         }
         else unfinished.AddRange(missed);   // at least once: what a lost replica trained is trained again
