@@ -1,5 +1,6 @@
 using Mamo.Actors;
 using Spectre.Console;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Cli;
 

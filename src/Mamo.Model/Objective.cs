@@ -62,7 +62,7 @@ public interface IObjective : IDisposable
 /// teacher's targets.</summary>
 public sealed class MamoPretraining(MamoConfig config, PretrainingConfig pretraining) : IObjective
 {
-    /// <summary>The objective of these settings, for MamoTrainer and PretrainRun.</summary>
+    /// <summary>The objective of these settings, for MamoTrainer and TrainingRun.</summary>
     public static Func<MamoConfig, IObjective> With(PretrainingConfig pretraining) => c => new MamoPretraining(c, pretraining);
 
     public double? TeacherMomentum => pretraining.MomentumDecay;

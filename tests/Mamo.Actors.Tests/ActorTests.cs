@@ -4,6 +4,9 @@ using Mamo.Model;
 using TorchSharp;
 using Xunit;
 using static TorchSharp.torch;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Tests;
 

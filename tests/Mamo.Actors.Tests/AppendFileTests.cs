@@ -1,4 +1,5 @@
 using Xunit;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Tests;
 

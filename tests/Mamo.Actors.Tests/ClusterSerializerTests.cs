@@ -26,14 +26,14 @@ public sealed class ClusterSerializerTests : IDisposable
         new WeightTransfer.Offer(Guid.NewGuid(), "theta/3", ["a.weight", "b"], [[4, 2], []], "bfloat16", 262144),
         new WeightTransfer.Chunk(Guid.NewGuid(), 5, [1, 2, 3, 250]),
         new WeightTransfer.Ack(Guid.NewGuid(), 9),
-        new Coordinator.Register("n1", someone),
-        new Coordinator.RoundStart(7, 480, 50, 32, true, someone),
-        new Coordinator.RoundDone(7, "n2", 1600, new Dictionary<string, long> { ["pairs/0"] = 41, ["pairs/3"] = -1 }, 5.75,
+        new RoundCoordinator.Register("n1", someone),
+        new RoundCoordinator.RoundStart(7, 480, 50, 32, true, someone),
+        new RoundCoordinator.RoundDone(7, "n2", 1600, new Dictionary<string, long> { ["pairs/0"] = 41, ["pairs/3"] = -1 }, 5.75,
             new Dictionary<string, double> { ["itc"] = 2.25, ["mim"] = double.NaN }),
-        new Coordinator.Commit(new Dictionary<string, long> { ["cursor"] = 959 }),
-        new Coordinator.Finish(8),
-        new Coordinator.GetProgress(),
-        new Coordinator.Progress(8, "/run/checkpoints/step-000000000400", [new(7, ["n0", "n2"], 12.5)],
+        new RoundCoordinator.Commit(new Dictionary<string, long> { ["cursor"] = 959 }),
+        new RoundCoordinator.Finish(8),
+        new RoundCoordinator.GetProgress(),
+        new RoundCoordinator.Progress(8, "/run/checkpoints/step-000000000400", [new(7, ["n0", "n2"], 12.5)],
             [new("n1", "akka.tcp://mamo@127.0.0.1:4054", new DateTime(2026, 12, 2, 1, 2, 3, DateTimeKind.Utc), 13.25), new("coordinator", "akka.tcp://mamo@127.0.0.1:4053", DateTime.UtcNow, null)]),
         new StepCoordinator.StepStart(3, 12, 96, 4, 1, 4, false, someone),
         new StepCoordinator.StepDone(3, "n0", 4, 9.25, new Dictionary<string, double> { ["itc"] = 2.5, ["mlm"] = double.NaN }),
@@ -55,7 +55,7 @@ public sealed class ClusterSerializerTests : IDisposable
             Assert.IsType(m.GetType(), back);
             Assert.Equal(bytes, serializer.ToBinary(back));   // records holding maps compare by reference: compare their bytes
         }
-        Assert.Equal(someone, ((Coordinator.Register)serializer.FromBinary(serializer.ToBinary(Messages()[3]), serializer.Manifest(Messages()[3]))).Receiver);
+        Assert.Equal(someone, ((RoundCoordinator.Register)serializer.FromBinary(serializer.ToBinary(Messages()[3]), serializer.Manifest(Messages()[3]))).Receiver);
     }
 
     [Fact]

@@ -8,6 +8,9 @@ using Mamo.Data.Datasets;
 using Mamo.Model;
 using Xunit;
 using static TorchSharp.torch;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Tests;
 
@@ -26,13 +29,13 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
             var manifest = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit);
             var settings = MamoSettings.Load(null, [$"run-dir={runDir}", $"batch-size={Batch}", $"max-steps={2 * InnerSteps}", "ledger=on",
                 $"cluster.inner-steps={InnerSteps}", "cluster.min-replicas=1", "cluster.round-timeout=10m", $"source=\"manifest:{manifest}\""]);
-            var coordinator = Sys.ActorOf(Coordinator.Props(settings));
+            var coordinator = Sys.ActorOf(RoundCoordinator.Props(settings));
 
             // The doomed replica registers alone, is given round 0's first range, and dies before it reports.
             var doomed = CreateTestProbe();
-            coordinator.Tell(new Coordinator.Register("a-doomed", doomed.Ref), doomed.Ref);
-            Assert.Empty(doomed.ExpectMsg<Coordinator.Commit>(TimeSpan.FromSeconds(30)).Positions);   // a new run: no stream position yet
-            var start = doomed.ExpectMsg<Coordinator.RoundStart>(TimeSpan.FromSeconds(30));
+            coordinator.Tell(new RoundCoordinator.Register("a-doomed", doomed.Ref), doomed.Ref);
+            Assert.Empty(doomed.ExpectMsg<RoundCoordinator.Commit>(TimeSpan.FromSeconds(30)).Positions);   // a new run: no stream position yet
+            var start = doomed.ExpectMsg<RoundCoordinator.RoundStart>(TimeSpan.FromSeconds(30));
             Assert.Equal((0L, 0L), (start.Round, start.Cursor));
             Sys.Stop(doomed.Ref);
 
@@ -51,7 +54,7 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
             var expected = samples.From(0).Take(2 * Span).Select(x => x.Sample.Id).ToList();
             Assert.Equal(expected, ledger.SelectMany(e => e.GetProperty("ids").EnumerateArray().Select(i => i.GetString())));
             var state = Checkpoint.ReadState(Checkpoint.Latest(runDir)!);
-            Assert.Equal(("2", $"{2 * Span - 1}", ""), (state.Extra[Coordinator.RoundKey], state.Extra["position:cursor"], state.Extra[Coordinator.UnfinishedKey]));
+            Assert.Equal(("2", $"{2 * Span - 1}", ""), (state.Extra[RoundCoordinator.RoundKey], state.Extra["position:cursor"], state.Extra[RoundCoordinator.UnfinishedKey]));
         }
         finally { Directory.Delete(runDir, recursive: true); }
     }

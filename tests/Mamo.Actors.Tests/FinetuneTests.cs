@@ -5,6 +5,9 @@ using Mamo.Data.Datasets;
 using Mamo.Model;
 using Xunit;
 using static TorchSharp.torch;
+using Mamo.Actors.Run;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Tests;
 
@@ -36,7 +39,7 @@ public class FinetuneTests
         {
             var source = "dataset:emoji-labels/test";
             var s = Settings(Path.Combine(folder, "run"), source);
-            Assert.Equal(Steps, await new PretrainRun(s, init: Pretrained(folder)).RunAsync(CancellationToken.None));
+            Assert.Equal(Steps, await new TrainingRun(s, init: Pretrained(folder)).RunAsync(CancellationToken.None));
 
             var ledger = File.ReadAllLines(Path.Combine(s.RunDir, Metrics.LedgerFile)).Select(l => JsonDocument.Parse(l).RootElement).ToList();
             Assert.Equal(Enumerable.Range(0, Steps), ledger.Select(e => e.GetProperty("step").GetInt32()));
@@ -94,7 +97,7 @@ public class FinetuneTests
             var init = Pretrained(folder);
 
             var closed = Settings(Path.Combine(folder, "closed"), "manifest:" + manifest, "finetune.labels=[a, b]", "max-steps=2");
-            Assert.Equal(2, await new PretrainRun(closed, init: init).RunAsync(CancellationToken.None));
+            Assert.Equal(2, await new TrainingRun(closed, init: init).RunAsync(CancellationToken.None));
             var reasons = File.ReadAllLines(Path.Combine(closed.RunDir, Metrics.DeadLetterFile)).Select(l => JsonNode.Parse(l)!["reason"]!.GetValue<string>()).ToList();
             // Two steps of 8 take the records round more than once: each epoch reports each bad record again.
             Assert.Equal(["no label", "unknown label 'zebra'"], reasons.Select(r => r.StartsWith("no label") ? "no label" : r[..21]).Distinct().Order());
@@ -103,7 +106,7 @@ public class FinetuneTests
 
             // Open: zebra is a class of its own, added when it first came; the head has a row per class.
             var open = Settings(Path.Combine(folder, "open"), "manifest:" + manifest, "max-steps=3");
-            Assert.Equal(3, await new PretrainRun(open, init: init).RunAsync(CancellationToken.None));
+            Assert.Equal(3, await new TrainingRun(open, init: init).RunAsync(CancellationToken.None));
             Assert.All(File.ReadAllLines(Path.Combine(open.RunDir, Metrics.DeadLetterFile)), l => Assert.Contains("no label", l));
             Assert.NotEmpty(File.ReadAllLines(Path.Combine(open.RunDir, Metrics.DeadLetterFile)));
             var dir = Checkpoint.Latest(open.RunDir)!;

@@ -7,6 +7,7 @@ using Confluent.Kafka;
 using Mamo.Data;
 using Mamo.Data.Kafka;
 using Xunit;
+using Mamo.Actors.Sources;
 
 namespace Mamo.Actors.Tests;
 

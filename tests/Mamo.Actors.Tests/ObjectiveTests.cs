@@ -3,6 +3,8 @@ using System.Text.Json.Nodes;
 using Mamo.Data.Datasets;
 using Mamo.Model;
 using Xunit;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Tests;
 
@@ -25,15 +27,15 @@ public class ObjectiveTests
             Func<MamoConfig, IObjective> probe = c => new LinearProbe(c, Labels);
 
             var straight = Path.Combine(folder, "straight");
-            Assert.Equal(Steps, await new PretrainRun(Settings(straight, Steps), objective: probe).RunAsync(CancellationToken.None));
+            Assert.Equal(Steps, await new TrainingRun(Settings(straight, Steps), objective: probe).RunAsync(CancellationToken.None));
             // The other run starts from the same step-0 checkpoint: initialisation draws from the process's generator,
             // which the test classes running beside this one draw from too.
             var resumed = Path.Combine(folder, "resumed");
             var start = Path.Combine(resumed, Checkpoint.RunFolder, Checkpoint.StepFolderName(0));
             Directory.CreateDirectory(start);
             foreach (var file in Directory.GetFiles(Checkpoint.Complete(straight).Last())) File.Copy(file, Path.Combine(start, Path.GetFileName(file)));
-            Assert.Equal(CheckpointEvery, await new PretrainRun(Settings(resumed, CheckpointEvery), objective: probe).RunAsync(CancellationToken.None));
-            Assert.Equal(Steps, await new PretrainRun(Settings(resumed, Steps), objective: probe).RunAsync(CancellationToken.None));
+            Assert.Equal(CheckpointEvery, await new TrainingRun(Settings(resumed, CheckpointEvery), objective: probe).RunAsync(CancellationToken.None));
+            Assert.Equal(Steps, await new TrainingRun(Settings(resumed, Steps), objective: probe).RunAsync(CancellationToken.None));
 
             // The same steps on the same pairs with the same losses, whether stopped and resumed or not.
             var expected = Ledger(straight);

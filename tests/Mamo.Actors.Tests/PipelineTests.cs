@@ -1,5 +1,8 @@
 using Mamo.Data.Datasets;
 using Xunit;
+using Mamo.Actors.Pipeline;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
 
 namespace Mamo.Actors.Tests;
 
@@ -33,8 +36,8 @@ public class PipelineTests
                 $"data.buffered-batches={buffered}", $"data.preprocess-parallelism={parallelism}", "metrics.every-steps=1",
                 "source=\"dataset:emoji\""]);
             var worst = 0L;
-            PretrainRun? run = null;
-            run = new PretrainRun(settings, new StepProgress(step => worst = Math.Max(worst, run!.SamplesRead - step * batch)));
+            TrainingRun? run = null;
+            run = new TrainingRun(settings, new StepProgress(step => worst = Math.Max(worst, run!.SamplesRead - step * batch)));
             var finalStep = await run.RunAsync(CancellationToken.None);
             Assert.Equal(steps, finalStep);
             // Ahead of the trainer: the batches buffered and in the teacher/trainer stages, one being grouped,
@@ -61,18 +64,18 @@ public class PipelineTests
             var settings = MamoSettings.Load(null, [
                 $"run-dir={runDir}", "batch-size=4", "max-steps=10", "eval.every-steps=0", "checkpoint.every-steps=4", "metrics.every-steps=1",
                 "ledger=on", "supervision.min-backoff=3s", "source=\"dataset:emoji\""]);
-            PretrainRun? run = null;
+            TrainingRun? run = null;
             var killed = 0;
             Akka.Actor.ActorSystem? system = null;
             var reports = new List<(long Step, TimeSpan At)>();
             var clock = System.Diagnostics.Stopwatch.StartNew();
-            run = new PretrainRun(settings, new StepProgress(step =>
+            run = new TrainingRun(settings, new StepProgress(step =>
             {
                 lock (reports) reports.Add((step, clock.Elapsed));
                 system ??= run!.System;
                 // After step 6 the actor is killed, as an exception in its handler would stop it.
                 if (step == 6 && Interlocked.Exchange(ref killed, 1) == 0)
-                    run!.System!.ActorSelection($"/user/{PretrainRun.SupervisorName}/{victim}").Tell(Akka.Actor.Kill.Instance);
+                    run!.System!.ActorSelection($"/user/{TrainingRun.SupervisorName}/{victim}").Tell(Akka.Actor.Kill.Instance);
             }));
             Assert.Equal(10, await run.RunAsync(CancellationToken.None));
 

@@ -1,4 +1,5 @@
 using Xunit;
+using Mamo.Actors.Run;
 
 namespace Mamo.Actors.Tests;
 

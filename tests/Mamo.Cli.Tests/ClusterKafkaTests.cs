@@ -6,6 +6,7 @@ using Mamo.Data.Kafka;
 using Xunit;
 using Xunit.Abstractions;
 using Model = Mamo.Model;
+using Mamo.Actors.Sources;
 
 namespace Mamo.Cli.Tests;
 
@@ -78,7 +79,7 @@ public class ClusterKafkaTests(ITestOutputHelper output)
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
         var ledger = Enumerable.Range(0, 3).Select(i => Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")).ToList();
         List<JsonElement> Read(int i) => File.Exists(ledger[i]) ? File.ReadAllLines(ledger[i]).Select(l => JsonDocument.Parse(l).RootElement).ToList() : [];
-        long LatestRound() => Model.Checkpoint.Latest(run) is { } c ? long.Parse(Model.Checkpoint.ReadState(c).Extra[Actors.Cluster.Coordinator.RoundKey]) : 0;
+        long LatestRound() => Model.Checkpoint.Latest(run) is { } c ? long.Parse(Model.Checkpoint.ReadState(c).Extra[Actors.Cluster.RoundCoordinator.RoundKey]) : 0;
         var pids = nodes.Select(p => p.Id).ToList();
         TimeSpan recovery;
         long killedIn;

@@ -9,6 +9,7 @@ using Mamo.Data.Tests;
 using Xunit;
 using Xunit.Abstractions;
 using Model = Mamo.Model;
+using Mamo.Actors.Sources;
 
 namespace Mamo.Cli.Tests;
 

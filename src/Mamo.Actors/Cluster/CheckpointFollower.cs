@@ -3,6 +3,9 @@ using Mamo.Data.Kafka;
 using Mamo.Model;
 using Serilog;
 using static TorchSharp.torch;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
+using Mamo.Actors.Sources;
 
 namespace Mamo.Actors.Cluster;
 

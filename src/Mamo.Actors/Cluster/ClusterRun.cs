@@ -7,6 +7,8 @@ using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Data.Kafka;
 using Serilog;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Cluster;
 
@@ -46,12 +48,12 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         if (everyStep && KafkaSpec.IsKafka(s.Source))
             throw new SettingsException("cluster.sync = every-step trains from file sources (dataset:, manifest:, wds:) so far; use diloco with Kafka");
         if (s.TorchThreads > 0) TorchSharp.torch.set_num_threads(s.TorchThreads);
-        var device = PretrainRun.OpenDevice(s.Device);
+        var device = TrainingRun.OpenDevice(s.Device);
         Action<string> log = m => Log.Information("{Message}", m);
         var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: log));
         var decodeLimits = new DecodeLimits(s.MaxImageBytes, s.MaxImagePixels);
         using var source = node.Roles.Contains(ClusterNodeOptions.TrainerRole)
-            ? PretrainRun.OpenSource(s, decodeLimits, b => Log.Warning("dead letter: {Reason} at {Location}", b.Reason, b.Location), log)
+            ? TrainingRun.OpenSource(s, decodeLimits, b => Log.Warning("dead letter: {Reason} at {Location}", b.Reason, b.Location), log)
             : null;
         // Every node knows from the settings whether the run evaluates and publishes, and so what to wait for at the end.
         var followers = new List<string>();
@@ -61,26 +63,26 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
             followers.Add(CheckpointFollower.PublisherName);
             // A bad output or producer setting is an error at start, not in a singleton. A file is not opened here: the
             // publisher, on another node of this machine, may hold it.
-            if (KafkaSpec.IsKafka(s.PublishOutput)) PretrainRun.OpenSink(s).Dispose();
-            else if (!s.PublishOutput.StartsWith("jsonl:")) PretrainRun.OpenSink(s);
+            if (KafkaSpec.IsKafka(s.PublishOutput)) TrainingRun.OpenSink(s).Dispose();
+            else if (!s.PublishOutput.StartsWith("jsonl:")) TrainingRun.OpenSink(s);
         }
         var evalSets = new List<Evaluator.NamedSet>();
         if (followers.Contains(CheckpointFollower.EvaluatorName) && node.Roles.Contains(ClusterNodeOptions.EvaluatorRole))
-            PretrainRun.LoadEvalSets(s, s.EvalSets, tokenizer, decodeLimits, evalSets, log);
+            TrainingRun.LoadEvalSets(s, s.EvalSets, tokenizer, decodeLimits, evalSets, log);
         var publishItems = followers.Contains(CheckpointFollower.PublisherName) && node.Roles.Contains(ClusterNodeOptions.PublisherRole)
-            ? PretrainRun.PublishItems(s, tokenizer, decodeLimits, log) : null;
+            ? TrainingRun.PublishItems(s, tokenizer, decodeLimits, log) : null;
 
         var singletons = new List<Singleton>
         {
             Singleton.Of<CoordinatorKey>(SingletonName, ClusterNodeOptions.CoordinatorRole,
-                node.Roles.Contains(ClusterNodeOptions.CoordinatorRole) ? everyStep ? StepCoordinator.Props(s, device, init) : Coordinator.Props(s, init) : null),
+                node.Roles.Contains(ClusterNodeOptions.CoordinatorRole) ? everyStep ? StepCoordinator.Props(s, device, init) : RoundCoordinator.Props(s, init) : null),
         };
         if (followers.Contains(CheckpointFollower.EvaluatorName))
             singletons.Add(Singleton.Of<EvaluatorKey>(CheckpointFollower.EvaluatorName, ClusterNodeOptions.EvaluatorRole,
                 evalSets.Count > 0 ? CheckpointFollower.Evaluating(s, device, evalSets) : null));
         if (followers.Contains(CheckpointFollower.PublisherName))
             singletons.Add(Singleton.Of<PublisherKey>(CheckpointFollower.PublisherName, ClusterNodeOptions.PublisherRole,
-                publishItems is not null ? CheckpointFollower.Publishing(s, device, publishItems, () => PretrainRun.OpenSink(s)) : null));
+                publishItems is not null ? CheckpointFollower.Publishing(s, device, publishItems, () => TrainingRun.OpenSink(s)) : null));
 
         using var host = await ClusterNode.StartAsync(node, s.Config, s.Cluster.Tls, builder => { foreach (var singleton in singletons) singleton.Register(builder); });
         var system = host.System();

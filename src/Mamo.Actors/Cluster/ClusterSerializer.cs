@@ -29,13 +29,13 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         WeightTransfer.Offer => OfferManifest,
         WeightTransfer.Chunk => ChunkManifest,
         WeightTransfer.Ack => AckManifest,
-        Coordinator.Register => RegisterManifest,
-        Coordinator.RoundStart => StartManifest,
-        Coordinator.RoundDone => DoneManifest,
-        Coordinator.Finish => FinishManifest,
-        Coordinator.Commit => CommitManifest,
-        Coordinator.GetProgress => GetProgressManifest,
-        Coordinator.Progress => ProgressManifest,
+        RoundCoordinator.Register => RegisterManifest,
+        RoundCoordinator.RoundStart => StartManifest,
+        RoundCoordinator.RoundDone => DoneManifest,
+        RoundCoordinator.Finish => FinishManifest,
+        RoundCoordinator.Commit => CommitManifest,
+        RoundCoordinator.GetProgress => GetProgressManifest,
+        RoundCoordinator.Progress => ProgressManifest,
         StepCoordinator.StepStart => StepStartManifest,
         StepCoordinator.StepDone => StepDoneManifest,
         StepCoordinator.Abort => StepAbortManifest,
@@ -74,11 +74,11 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(a.Id.ToByteArray());
                     w.Write(a.Index);
                     break;
-                case Coordinator.Register g:
+                case RoundCoordinator.Register g:
                     w.Write(g.Node);
                     w.Write(Akka.Serialization.Serialization.SerializedActorPath(g.Receiver));
                     break;
-                case Coordinator.RoundStart s:
+                case RoundCoordinator.RoundStart s:
                     w.Write(s.Round);
                     w.Write(s.Cursor);
                     w.Write(s.Steps);
@@ -86,7 +86,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(s.Rewind);
                     w.Write(Akka.Serialization.Serialization.SerializedActorPath(s.DeltaReceiver));
                     break;
-                case Coordinator.RoundDone d:
+                case RoundCoordinator.RoundDone d:
                     w.Write(d.Round);
                     w.Write(d.Node);
                     w.Write(d.Samples);
@@ -94,15 +94,15 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(d.Loss);
                     WriteMap(w, d.Terms, w.Write);
                     break;
-                case Coordinator.Commit c:
+                case RoundCoordinator.Commit c:
                     WriteMap(w, c.Positions, w.Write);
                     break;
-                case Coordinator.Finish f:
+                case RoundCoordinator.Finish f:
                     w.Write(f.Round);
                     break;
-                case Coordinator.GetProgress:
+                case RoundCoordinator.GetProgress:
                     break;
-                case Coordinator.Progress p:
+                case RoundCoordinator.Progress p:
                     w.Write(p.Round);
                     w.Write(p.LastCheckpoint);
                     w.Write(p.Recent.Count);
@@ -165,13 +165,13 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 OfferManifest => ReadOffer(r),
                 ChunkManifest => new WeightTransfer.Chunk(new Guid(r.ReadBytes(16)), r.ReadInt32(), ReadBytes(r)),
                 AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
-                RegisterManifest => new Coordinator.Register(r.ReadString(), ReadRef(r)),
-                StartManifest => new Coordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadBoolean(), ReadRef(r)),
-                DoneManifest => new Coordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions"),
+                RegisterManifest => new RoundCoordinator.Register(r.ReadString(), ReadRef(r)),
+                StartManifest => new RoundCoordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadBoolean(), ReadRef(r)),
+                DoneManifest => new RoundCoordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions"),
                     r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms")),
-                CommitManifest => new Coordinator.Commit(ReadMap(r, r.ReadInt64, "stream positions")),
-                FinishManifest => new Coordinator.Finish(r.ReadInt64()),
-                GetProgressManifest => new Coordinator.GetProgress(),
+                CommitManifest => new RoundCoordinator.Commit(ReadMap(r, r.ReadInt64, "stream positions")),
+                FinishManifest => new RoundCoordinator.Finish(r.ReadInt64()),
+                GetProgressManifest => new RoundCoordinator.GetProgress(),
                 ProgressManifest => ReadProgress(r),
                 StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
                     r.ReadBoolean(), ReadRef(r)),
@@ -215,7 +215,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
     }
 
     /// <summary>Bounded as a map is: a history of at most MaxTensors entries, each of bounded names.</summary>
-    static Coordinator.Progress ReadProgress(BinaryReader r)
+    static RoundCoordinator.Progress ReadProgress(BinaryReader r)
     {
         var (round, last) = (r.ReadInt64(), r.ReadString());
         var rounds = new List<RunHistory.Round>();
@@ -232,7 +232,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
             var (lost, address, ticks, seconds) = (Name(r), Name(r), r.ReadInt64(), r.ReadDouble());
             recoveries.Add(new RunHistory.Recovery(lost, address, new DateTime(ticks, DateTimeKind.Utc), seconds < 0 ? null : seconds));
         }
-        return new Coordinator.Progress(round, last, rounds, recoveries);
+        return new RoundCoordinator.Progress(round, last, rounds, recoveries);
     }
 
     static int Count(BinaryReader r, string what)

@@ -2,6 +2,7 @@ using Akka.Actor;
 using Akka.Cluster;
 using Akka.Cluster.Hosting;
 using Akka.Hosting;
+using Mamo.Actors.Run;
 
 namespace Mamo.Actors.Cluster;
 
@@ -34,8 +35,8 @@ public sealed record ClusterStatus(IReadOnlyList<ClusterStatus.Member> Members, 
             cluster.RegisterOnMemberUp(() => up.TrySetResult());
             if (await Task.WhenAny(up.Task, Task.Delay(timeout)) != up.Task)
                 throw new TimeoutException($"could not join the cluster at {string.Join(",", seeds)} within {timeout.TotalSeconds:F0} s");
-            Coordinator.Progress? progress = null;
-            try { progress = await ActorRegistry.For(system).Get<ClusterRun.CoordinatorKey>().Ask<Coordinator.Progress>(new Coordinator.GetProgress(), timeout); }
+            RoundCoordinator.Progress? progress = null;
+            try { progress = await ActorRegistry.For(system).Get<ClusterRun.CoordinatorKey>().Ask<RoundCoordinator.Progress>(new RoundCoordinator.GetProgress(), timeout); }
             catch (Exception e) when (e is AskTimeoutException or TaskCanceledException) { }   // no coordinator yet: the report says so with nulls
             var members = MembersOf(cluster).Where(m => m.Address != HostPort(cluster.SelfAddress.ToString())).ToList();
             var recoveries = progress?.Recoveries ?? [];

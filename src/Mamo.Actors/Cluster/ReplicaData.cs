@@ -6,6 +6,9 @@ using Mamo.Data;
 using Mamo.Model;
 using Serilog;
 using static TorchSharp.torch;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Cluster;
 

@@ -5,6 +5,9 @@ using Mamo.Data;
 using Mamo.Model;
 using Serilog;
 using static TorchSharp.torch;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Cluster;
 
@@ -26,7 +29,7 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
     readonly IActorRef coordinator, owner, receiver;
     readonly string node;
     readonly MamoTrainer trainer;
-    Coordinator.RoundStart? start;
+    RoundCoordinator.RoundStart? start;
     /// <summary>What the last cluster checkpoint covers of the stream: where a rewind starts.</summary>
     StreamPosition durable = StreamPosition.None;
     WeightTransfer.Received? weights;
@@ -43,20 +46,20 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
             MamoPretraining.With(settings.Pretraining));
         receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "weights");
 
-        Receive<Coordinator.RoundStart>(s => { start = s; TryTrain(); });
+        Receive<RoundCoordinator.RoundStart>(s => { start = s; TryTrain(); });
         Receive<WeightTransfer.Received>(w =>
         {
             if (weights is not null) foreach (var (_, t) in weights.Tensors) t.Dispose();
             weights = w;
             TryTrain();
         });
-        Receive<Coordinator.Finish>(f => owner.Tell(new Finished(f.Round)));
-        Receive<Coordinator.Commit>(c =>
+        Receive<RoundCoordinator.Finish>(f => owner.Tell(new Finished(f.Round)));
+        Receive<RoundCoordinator.Commit>(c =>
         {
             durable = new StreamPosition(c.Positions.ToImmutableSortedDictionary());
             data.Commit(durable);
         });
-        Receive<RegisterAgain>(_ => coordinator.Tell(new Coordinator.Register(node, receiver)));
+        Receive<RegisterAgain>(_ => coordinator.Tell(new RoundCoordinator.Register(node, receiver)));
         Receive<WeightTransfer.Sent>(_ => { });
     }
 
@@ -65,7 +68,7 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
 
     protected override void PreStart()
     {
-        coordinator.Tell(new Coordinator.Register(node, receiver));
+        coordinator.Tell(new RoundCoordinator.Register(node, receiver));
         Timers.StartPeriodicTimer("register", new RegisterAgain(), RegisterEvery);
     }
 
@@ -82,7 +85,7 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
             Log.Information("{Node} round {Round} starts from θ {Hash}", node, s.Round, Checkpoint.WeightHash(Checkpoint.Named(trainer.Student)));
             var (trained, reached, loss, terms) = Train(s);
             var deltas = Delta(trainer.Student, "student.", given).Concat(Delta(trainer.Teacher, "teacher.", given)).ToList();
-            coordinator.Tell(new Coordinator.RoundDone(s.Round, node, trained, reached.Offsets, loss, terms));
+            coordinator.Tell(new RoundCoordinator.RoundDone(s.Round, node, trained, reached.Offsets, loss, terms));
             Context.ActorOf(WeightTransfer.Sender.Props(s.DeltaReceiver, Self, $"delta/{s.Round}/{node}", deltas, settings.Cluster.DeltaDType,
                 settings.Cluster.ChunkSize, settings.Cluster.Window));
             foreach (var (_, t) in deltas) t.Dispose();
@@ -96,7 +99,7 @@ public sealed class RoundReplica : ReceiveActor, IWithTimers
     /// <summary>The inner steps: on cursors [Cursor, Cursor + Steps · BatchSize) of a file source, or on the next
     /// records of this node's Kafka partitions (from the last cluster checkpoint when told to rewind). Returns the
     /// samples trained on, the stream position they reach, and the mean loss and terms of the steps not skipped.</summary>
-    (long Samples, StreamPosition Position, double Loss, IReadOnlyDictionary<string, double> Terms) Train(Coordinator.RoundStart s)
+    (long Samples, StreamPosition Position, double Loss, IReadOnlyDictionary<string, double> Terms) Train(RoundCoordinator.RoundStart s)
     {
         long trained = 0;
         var reached = StreamPosition.None;

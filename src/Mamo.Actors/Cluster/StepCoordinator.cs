@@ -3,6 +3,9 @@ using Akka.Actor;
 using Mamo.Model;
 using Serilog;
 using static TorchSharp.torch;
+using Mamo.Actors.Run;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Cluster;
 
@@ -76,7 +79,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
         if (Checkpoint.Latest(settings.RunDir) is { } dir)
         {
             var state = Checkpoint.ReadState(dir);
-            if (state.Extra.ContainsKey(Coordinator.RoundKey))
+            if (state.Extra.ContainsKey(RoundCoordinator.RoundKey))
                 throw new InvalidOperationException($"{dir} is a checkpoint of a diloco run; every-step resumes from a single-node or every-step checkpoint");
             trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, objective);
             cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
@@ -93,7 +96,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
         Log.Information("every-step coordinator at step {Step}, θ {Hash}", trainer.Step, Checkpoint.WeightHash(Checkpoint.Named(trainer.Student)));
         receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "data");
 
-        Receive<Coordinator.Register>(r =>
+        Receive<RoundCoordinator.Register>(r =>
         {
             if (!replicas.ContainsKey(Sender))
             {
@@ -103,7 +106,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
             // A replica actor that restarted keeps its reference but has a new receiver, and no teacher.
             else if (!replicas[Sender].Receiver.Equals(r.Receiver)) holds.Remove(Sender);
             replicas[Sender] = (r.Node, r.Receiver);
-            if (trainer.Step >= steps) Sender.Tell(new Coordinator.Finish(trainer.Step));
+            if (trainer.Step >= steps) Sender.Tell(new RoundCoordinator.Finish(trainer.Step));
             else TryStart();
         });
         // A replica's node marked unreachable starts its recovery: that is when the cluster knows of the loss.
@@ -142,7 +145,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
             else TryApply();
         });
         Receive<WeightTransfer.Sent>(_ => { });
-        Receive<Coordinator.GetProgress>(_ => Sender.Tell(new Coordinator.Progress(trainer.Step, Checkpoint.Latest(settings.RunDir) ?? "",
+        Receive<RoundCoordinator.GetProgress>(_ => Sender.Tell(new RoundCoordinator.Progress(trainer.Step, Checkpoint.Latest(settings.RunDir) ?? "",
             history.Rounds, history.Recoveries)));
     }
 
@@ -224,7 +227,7 @@ public sealed class StepCoordinator : ReceiveActor, IWithTimers
         if (trainer.Step >= steps || every > 0 && trainer.Step % every == 0 || byTime)
             Log.Information("step {Step}: checkpoint {Path}", trainer.Step, WriteCheckpoint());
         if (trainer.Step >= steps)
-            foreach (var replica in replicas.Keys) replica.Tell(new Coordinator.Finish(trainer.Step));
+            foreach (var replica in replicas.Keys) replica.Tell(new RoundCoordinator.Finish(trainer.Step));
         else TryStart();
     }
 

@@ -3,6 +3,9 @@ using Akka.Actor;
 using Mamo.Model;
 using Serilog;
 using static TorchSharp.torch;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Cluster;
 
@@ -92,8 +95,8 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
             else throw new InvalidOperationException($"{node}: the step of attempt {attempt} failed", f.Cause);
             TryStep();
         });
-        Receive<Coordinator.Finish>(f => owner.Tell(new RoundReplica.Finished(f.Round)));
-        Receive<RoundReplica.RegisterAgain>(_ => coordinator.Tell(new Coordinator.Register(node, receiver)));
+        Receive<RoundCoordinator.Finish>(f => owner.Tell(new RoundReplica.Finished(f.Round)));
+        Receive<RoundReplica.RegisterAgain>(_ => coordinator.Tell(new RoundCoordinator.Register(node, receiver)));
         Receive<WeightTransfer.Sent>(_ => { });
     }
 
@@ -105,7 +108,7 @@ public sealed class StepReplica : ReceiveActor, IWithTimers
 
     protected override void PreStart()
     {
-        coordinator.Tell(new Coordinator.Register(node, receiver));
+        coordinator.Tell(new RoundCoordinator.Register(node, receiver));
         Timers.StartPeriodicTimer("register", new RoundReplica.RegisterAgain(), RoundReplica.RegisterEvery);
     }
 

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Text.Json.Nodes;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Cluster;
 

@@ -8,6 +8,7 @@ using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Data.Kafka;
 using Mamo.Model;
+using Mamo.Actors.Sources;
 
 namespace Mamo.Cli.Commands;
 

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Text.Json;
 using Mamo.Actors;
 using Mamo.Actors.Cluster;
+using Mamo.Actors.Run;
 
 namespace Mamo.Cli.Commands;
 

@@ -7,6 +7,9 @@ using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Data.Kafka;
 using Mamo.Model;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
+using Mamo.Actors.Sources;
 
 namespace Mamo.Cli.Commands;
 
@@ -56,7 +59,7 @@ public static class EmbedCommand
             if (watched is null && Newest() is null) return Fail($"no checkpoint at {fixedDir}");
 
             TorchSharp.torch.Device dev;
-            try { dev = PretrainRun.OpenDevice(parse.GetValue(device)!); }
+            try { dev = TrainingRun.OpenDevice(parse.GetValue(device)!); }
             catch (SettingsException e) { return Fail(e.Message); }
 
             MamoSettings settings;

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using Mamo.Actors;
 using Mamo.Model;
+using Mamo.Actors.Run;
 
 namespace Mamo.Cli.Commands;
 

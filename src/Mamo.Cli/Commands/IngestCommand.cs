@@ -5,6 +5,8 @@ using Mamo.Actors;
 using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Data.Kafka;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
 
 namespace Mamo.Cli.Commands;
 

@@ -7,6 +7,7 @@ using Mamo.Data.Datasets;
 using Mamo.Model;
 using Spectre.Console;
 using TorchSharp;
+using Mamo.Actors.Run;
 
 namespace Mamo.Cli.Commands;
 
@@ -51,7 +52,7 @@ public static class PredictCommand
             if (!File.Exists(manifestPath)) return Fail($"no manifest at {manifestPath}");
             try
             {
-                var dev = PretrainRun.OpenDevice(parse.GetValue(device)!);
+                var dev = TrainingRun.OpenDevice(parse.GetValue(device)!);
                 var state = Checkpoint.ReadState(dir);
                 var template = parse.GetValue(zeroShot);
                 if (template is not null && !template.Contains("{label}")) return Fail("--zero-shot: the prompt template must contain {label}");

@@ -8,6 +8,7 @@ using Microsoft.Extensions.Diagnostics.HealthChecks;
 using Serilog;
 using Serilog.Events;
 using Spectre.Console;
+using Mamo.Actors.Run;
 
 namespace Mamo.Cli.Commands;
 
@@ -123,7 +124,7 @@ public static class PretrainCommand
                 return 0;
             }
             var display = live ? new ProgressDisplay() : null;
-            var run = new PretrainRun(settings, display, init: init);
+            var run = new TrainingRun(settings, display, init: init);
             await using var server = dashboard.Address is { } address ? await ServeDashboard(run, settings.RunDir, address, dashboard.Token) : null;
             var step = display is null ? await run.RunAsync(stop.Token) : await display.ShowWhile(() => run.RunAsync(stop.Token));
             Console.WriteLine($"checkpoint at step {step} in {Path.GetFullPath(settings.RunDir)}");
@@ -150,7 +151,7 @@ public static class PretrainCommand
     /// <summary>The run's dashboard over its folder; live while the run's actor system is, ready while it trains (a
     /// cluster node, <paramref name="run"/> null: the dashboard's own checks). A dashboard that cannot bind is
     /// reported, and the run goes on without it.</summary>
-    static async Task<DashboardServer?> ServeDashboard(PretrainRun? run, string runDir, DashboardAddress address, string? token)
+    static async Task<DashboardServer?> ServeDashboard(TrainingRun? run, string runDir, DashboardAddress address, string? token)
     {
         var history = new RunFiles(runDir);
         try

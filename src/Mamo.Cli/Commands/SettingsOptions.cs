@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Mamo.Actors;
+using Mamo.Actors.Run;
 
 namespace Mamo.Cli.Commands;
 

@@ -3,8 +3,9 @@ using Akka.Streams.Dsl;
 using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Model;
+using Mamo.Actors.Run;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Sources;
 
 /// <summary>A file source (built-in dataset, manifest, WebDataset shards) held in memory and replayed epoch after
 /// epoch in a new seeded order each time: a stream with no end, as a live feed has none. A sample's place in

@@ -4,7 +4,7 @@ using Akka;
 using Akka.Streams.Dsl;
 using Mamo.Data;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Sources;
 
 /// <summary>Where a training stream stands: for each of its partitions (a file source has one, "cursor"; a Kafka
 /// source one per topic partition, "TOPIC/N") the offset of the last record consumed. A checkpoint stores it,

@@ -2,7 +2,7 @@ using System.Runtime.InteropServices;
 using System.Text;
 using Microsoft.Win32.SafeHandles;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>
 /// A file that several processes append whole lines to: RUN_DIR/metrics.jsonl gets the coordinator's train lines,

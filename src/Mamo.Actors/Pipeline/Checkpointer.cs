@@ -2,8 +2,9 @@ using System.Globalization;
 using Akka.Actor;
 using Mamo.Model;
 using Serilog;
+using Mamo.Actors.Sources;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>Makes progress durable. Joins the named parts of a step as the actors that own them send them (the
 /// trainer: student, optimizer and the objective's own parts; the teacher: its EMA weights), writes the checkpoint

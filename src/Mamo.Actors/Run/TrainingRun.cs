@@ -11,8 +11,10 @@ using Mamo.Model;
 using Serilog;
 using TorchSharp;
 using static TorchSharp.torch;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Pipeline;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Run;
 
 /// <summary>The lifecycle of a training run: it opens the source, holds one ActorSystem for the run's whole life,
 /// and (re)starts the pipeline under the RunSupervisor from the newest durable checkpoint (a new run first writes
@@ -22,7 +24,7 @@ namespace Mamo.Actors;
 /// runs the same pipeline: its new run starts from <c>init</c>'s weights, its records pass the task's admission, and
 /// its evaluator scores the student (from the trainer), also before the first step.</summary>
 /// <param name="init">the checkpoint whose student (and teacher) a new run starts from; null: random weights</param>
-public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? progress = null, Func<MamoConfig, IObjective>? objective = null,
+public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? progress = null, Func<MamoConfig, IObjective>? objective = null,
     string? init = null)
 {
     const int MaxBackoffDoublings = 20;
@@ -82,7 +84,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
                 {
                     return await RunOnceAsync(supervisor, source, preparer, evalSets, labelledSets, bad, device, stop);
                 }
-                catch (Exception e) when (e is not TrainerReplica.DivergedException and not SettingsException && !stop.IsCancellationRequested && attempt < s.MaxRestarts)
+                catch (Exception e) when (e is not Trainer.DivergedException and not SettingsException && !stop.IsCancellationRequested && attempt < s.MaxRestarts)
                 {
                     if (Checkpoint.Latest(s.RunDir) != before) attempt = 0;   // it made progress: a fresh failure, not a crash loop
                     var backoff = TimeSpan.FromTicks(Math.Min(s.MaxBackoff.Ticks, s.MinBackoff.Ticks << Math.Min(attempt, MaxBackoffDoublings)));
@@ -209,7 +211,7 @@ public sealed class PretrainRun(MamoSettings settings, IProgress<RunProgress>? p
             loadBad.Clear();   // reported once, not again after a restart
             var checkpointer = context.ActorOf(Checkpointer.Props(s.RunDir, s.Model, Checkpoint.Parts(state), s.KeepLast, s.Seed), "checkpointer");
             var teacher = usesTeacher ? context.ActorOf(MomentumTeacher.Props(s.Model, objective, from, device, s.TeacherPipelined), "teacher") : null;
-            var trainer = context.ActorOf(TrainerReplica.Props(s, objective, from, device, teacher, checkpointer), "trainer");
+            var trainer = context.ActorOf(Trainer.Props(s, objective, from, device, teacher, checkpointer), "trainer");
             // Pre-training evaluates the teacher; fine-tuning, the student it trains.
             var evaluated = s.FineTune.IsFineTuning ? trainer : teacher;
             var evaluator = evaluated is not null && evalSets.Count + labelledSets.Count > 0

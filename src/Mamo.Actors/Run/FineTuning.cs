@@ -1,7 +1,7 @@
 using Mamo.Data;
 using Mamo.Model;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Run;
 
 /// <summary>What a run trains, from its settings: MAMO pre-training, or a fine-tuning task (docs/FINETUNE.md); and
 /// what a fine-tuning task asks of each record before it is prepared.</summary>

@@ -3,14 +3,16 @@ using Mamo.Data;
 using Mamo.Model;
 using TorchSharp;
 using static TorchSharp.torch;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>The student, the objective and the optimiser, loaded from a checkpoint when the actor starts (so a new
 /// incarnation starts from durable state, never from a stale object). Trains on each batch it is sent, hands the
 /// teacher (where the objective keeps one) its new weights, and at checkpoint time sends its parts to the
 /// checkpointer. Fine-tuning evaluates the student: GetWeights gets a copy of it, its objective's parts and state.</summary>
-public sealed class TrainerReplica : ReceiveActor
+public sealed class Trainer : ReceiveActor
 {
     /// <summary>Train step Step on a batch. Position: the stream records the batch covers. The trainer owns
     /// (and disposes) the batch and the targets.</summary>
@@ -36,7 +38,7 @@ public sealed class TrainerReplica : ReceiveActor
 
     /// <param name="checkpoint">the checkpoint to start from (a new run's is step 0)</param>
     /// <param name="teacher">the momentum teacher; null when the objective keeps none</param>
-    public TrainerReplica(MamoSettings settings, Func<MamoConfig, IObjective> objective, string checkpoint, Device device, IActorRef? teacher, IActorRef checkpointer)
+    public Trainer(MamoSettings settings, Func<MamoConfig, IObjective> objective, string checkpoint, Device device, IActorRef? teacher, IActorRef checkpointer)
     {
         trainer = MamoTrainer.Load(checkpoint, settings.Optimizer, device, settings.Seed, withTeacher: false, config: settings.Model, objective);
         var state = Checkpoint.ReadState(checkpoint);
@@ -72,7 +74,7 @@ public sealed class TrainerReplica : ReceiveActor
     }
 
     public static Props Props(MamoSettings settings, Func<MamoConfig, IObjective> objective, string checkpoint, Device device, IActorRef? teacher, IActorRef checkpointer) =>
-        Akka.Actor.Props.Create(() => new TrainerReplica(settings, objective, checkpoint, device, teacher, checkpointer)).WithDispatcher(Dispatchers.Model);
+        Akka.Actor.Props.Create(() => new Trainer(settings, objective, checkpoint, device, teacher, checkpointer)).WithDispatcher(Dispatchers.Model);
 
     StepCompleted TrainStep(Train t)
     {

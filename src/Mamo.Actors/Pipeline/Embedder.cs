@@ -3,8 +3,9 @@ using Mamo.Data.Kafka;
 using Mamo.Model;
 using TorchSharp;
 using static TorchSharp.torch;
+using Mamo.Actors.Run;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>An item to embed: its id, the prepared image (eval transform) and its first caption, tokenised; for a
 /// classifier trained on a fixed prompt, also that prompt, tokenised (Prompt), which it pairs the image with.</summary>

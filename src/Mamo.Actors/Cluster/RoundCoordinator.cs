@@ -6,6 +6,9 @@ using Mamo.Data.Kafka;
 using Mamo.Model;
 using Serilog;
 using static TorchSharp.torch;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Cluster;
 
@@ -14,7 +17,7 @@ namespace Mamo.Actors.Cluster;
 /// (so each sample of an epoch is trained once across the cluster), gathers their deltas, applies the outer step,
 /// averages the replicas' teachers (an EMA is linear: the mean of EMAs that started equal is the EMA of the mean
 /// student's path), and writes the cluster checkpoint before the next round starts.</summary>
-public sealed class Coordinator : ReceiveActor, IWithTimers
+public sealed class RoundCoordinator : ReceiveActor, IWithTimers
 {
     public ITimerScheduler Timers { get; set; } = null!;
 
@@ -85,7 +88,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     Round? current;
 
     /// <param name="init">a new run's θ and teacher come from this checkpoint (pretrain --init); null: from the seed</param>
-    public Coordinator(MamoSettings settings, string? init = null)
+    public RoundCoordinator(MamoSettings settings, string? init = null)
     {
         this.settings = settings;
         cluster = settings.Cluster;
@@ -170,7 +173,7 @@ public sealed class Coordinator : ReceiveActor, IWithTimers
     }
 
     public static Props Props(MamoSettings settings, string? init = null) =>
-        Akka.Actor.Props.Create(() => new Coordinator(settings, init)).WithDispatcher(Dispatchers.Model);
+        Akka.Actor.Props.Create(() => new RoundCoordinator(settings, init)).WithDispatcher(Dispatchers.Model);
 
     void Resume(string dir)
     {

@@ -7,7 +7,7 @@ using Mamo.Data;
 using Mamo.Data.Kafka;
 using Serilog;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Sources;
 
 /// <summary>
 /// Training records from Kafka topics (docs/KAFKA.md). One consumer lives as long as the run, on a thread of its own

@@ -5,7 +5,7 @@ using Mamo.Model;
 using Serilog;
 using static TorchSharp.torch;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>Measures retrieval (and, when fine-tuning a classifier, accuracy on labelled sets) while training goes
 /// on: copies the weights of the model it evaluates (pre-training: the teacher's; fine-tuning: the student's, from the

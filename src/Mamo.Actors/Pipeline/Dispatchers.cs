@@ -1,4 +1,4 @@
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>Dispatcher ids, defined in hocon/mamo.conf.</summary>
 public static class Dispatchers

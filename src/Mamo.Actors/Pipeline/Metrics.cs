@@ -5,8 +5,9 @@ using System.Text.Json.Nodes;
 using Akka.Actor;
 using Mamo.Data;
 using Serilog;
+using Mamo.Actors.Sources;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>What a progress display shows.</summary>
 /// <param name="Scores">the objective's running scores (prequential accuracy); empty: none</param>
@@ -78,7 +79,7 @@ public sealed class Metrics : ReceiveActor, IWithTimers
         deadLetterOut = new AppendFile(Path.Combine(runDir, DeadLetterFile));
         if (ledger) ledgerOut = Append(Path.Combine(runDir, LedgerFile));
 
-        Receive<TrainerReplica.StepCompleted>(OnStep);
+        Receive<Trainer.StepCompleted>(OnStep);
         Receive<Evaluator.EvalCompleted>(OnEval);
         Receive<Evaluator.ClassifyCompleted>(OnClassify);
         Receive<DeadLetter>(OnDeadLetter);
@@ -167,7 +168,7 @@ public sealed class Metrics : ReceiveActor, IWithTimers
 
     static StreamWriter Append(string path) => new(new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read)) { AutoFlush = true };
 
-    void OnStep(TrainerReplica.StepCompleted s)
+    void OnStep(Trainer.StepCompleted s)
     {
         var r = s.Result;
         pairsSinceLog += s.Ids.Length;

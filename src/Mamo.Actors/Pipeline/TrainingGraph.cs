@@ -4,12 +4,14 @@ using Akka.Streams;
 using Akka.Streams.Dsl;
 using Mamo.Data;
 using Mamo.Model;
+using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>The training stream: source ─► preprocess (parallel) ─► batches ─► teacher targets ─► step ─► metrics and
 /// evaluator. Every edge backpressures, so a slow trainer slows the readers. It knows nothing of resume, restarts,
-/// stop or budget: the run's lifecycle (PretrainRun) gives it a start and a step count, and stops it with the kill
+/// stop or budget: the run's lifecycle (TrainingRun) gives it a start and a step count, and stops it with the kill
 /// switch it materialises.</summary>
 public static class TrainingGraph
 {
@@ -94,7 +96,7 @@ public static class TrainingGraph
                 if (g.Evaluator is not null && s.EvalEverySteps > 0 && stepsDone % s.EvalEverySteps == 0) g.Evaluator.Tell(new Evaluator.EvaluateNow(stepsDone));
                 return done;
             })
-            .ToMaterialized(Sink.Ignore<TrainerReplica.StepCompleted>(), Keep.Both);
+            .ToMaterialized(Sink.Ignore<Trainer.StepCompleted>(), Keep.Both);
     }
 
     static async Task<TeacherTargets> Targets(IActorRef teacher, Collated c)
@@ -105,6 +107,6 @@ public static class TrainingGraph
         return ready.Targets;
     }
 
-    static Task<TrainerReplica.StepCompleted> Train(IActorRef trainer, WithTargets w) =>
-        trainer.Ask<TrainerReplica.StepCompleted>(new TrainerReplica.Train(w.Input.Step, w.Input.Batch, w.Targets, w.Input.Position));
+    static Task<Trainer.StepCompleted> Train(IActorRef trainer, WithTargets w) =>
+        trainer.Ask<Trainer.StepCompleted>(new Trainer.Train(w.Input.Step, w.Input.Batch, w.Targets, w.Input.Position));
 }

@@ -3,7 +3,7 @@ using Mamo.Data.Kafka;
 using Serilog;
 using static TorchSharp.torch;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>Streams fresh embeddings out: after each durable checkpoint, embeds the publish set with that model
 /// version and writes every vector to the output (a compacted topic then keeps the newest per id); a fine-tuned

@@ -3,7 +3,7 @@ using Mamo.Model;
 using TorchSharp;
 using static TorchSharp.torch;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>Owns the momentum (EMA) weights, loaded from a checkpoint's teacher part: folds in each student update
 /// and computes the targets.

@@ -3,7 +3,7 @@ using Akka.Configuration.Hocon;
 using Mamo.Data;
 using Mamo.Model;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Run;
 
 /// <summary>mamo.cluster: how the replicas of a cluster run synchronise (docs/CLUSTER.md).</summary>
 public sealed record ClusterSettings(string Sync, int InnerSteps, OuterOptimizerConfig OuterOptimizer, int MinReplicas, TimeSpan RoundTimeout,

@@ -1,6 +1,6 @@
 using static TorchSharp.torch;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 static class Tensors
 {

@@ -1,7 +1,8 @@
 using Akka.Actor;
 using Serilog;
+using Mamo.Actors.Sources;
 
-namespace Mamo.Actors;
+namespace Mamo.Actors.Pipeline;
 
 /// <summary>The parent of a pipeline's actors, for the whole life of the process. It creates them as its children,
 /// stops any child that throws (a restarted actor would carry stale state next to its peers), watches every one, and
@@ -82,7 +83,7 @@ public sealed class RunSupervisor : ReceiveActor
         {
             if (pipeline is null || failure is not null) { Sender.Tell(new Status.Failure(new InvalidOperationException("no pipeline runs"))); return; }
             var replyTo = Sender;
-            pipeline.Trainer.Ask<long>(new TrainerReplica.CheckpointNow())
+            pipeline.Trainer.Ask<long>(new Trainer.CheckpointNow())
                 .PipeTo(Self, success: step => new FlushAt(step, replyTo), failure: e => new Status.Failure(e));
         });
         Receive<FlushAt>(f =>
