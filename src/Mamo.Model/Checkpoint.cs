@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using System.Text.Json;
 using System.Text.RegularExpressions;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace Mamo.Model;
@@ -153,20 +154,47 @@ public static class Checkpoint
     public static void LoadModel(string dir, string file, nn.Module model)
     {
         var tensors = LoadPart(Path.Combine(dir, file));
-        try
-        {
-            using var noGrad = no_grad();
-            foreach (var (name, p) in model.named_parameters())
-            {
-                if (!tensors.TryGetValue(name, out var saved)) throw new InvalidDataException($"{dir}/{file} lacks '{name}'");
-                if (!saved.shape.SequenceEqual(p.shape))
-                    throw new InvalidDataException($"{dir}/{file}: '{name}' has shape [{string.Join(",", saved.shape)}], the model [{string.Join(",", p.shape)}]");
-                p.copy_(saved);
-            }
-        }
+        try { Load(model, tensors, $"{dir}/{file}"); }
         finally
         {
             foreach (var t in tensors.Values) t.Dispose();
+        }
+    }
+
+    /// <summary>Copies named tensors into a module's parameters of the same names and shapes; <paramref name="origin"/>
+    /// names them in an error.</summary>
+    public static void Load(nn.Module model, IReadOnlyDictionary<string, Tensor> tensors, string origin)
+    {
+        using var noGrad = no_grad();
+        foreach (var (name, p) in model.named_parameters())
+        {
+            if (!tensors.TryGetValue(name, out var saved)) throw new InvalidDataException($"{origin} lacks '{name}'");
+            if (!saved.shape.SequenceEqual(p.shape))
+                throw new InvalidDataException($"{origin}: '{name}' has shape [{string.Join(",", saved.shape)}], the model [{string.Join(",", p.shape)}]");
+            p.copy_(saved);
+        }
+    }
+
+    /// <summary>Which of a checkpoint's models inference uses unless told: its momentum teacher where it keeps one (the
+    /// model pre-training evaluates and publishes), else its student (a fine-tuned classifier keeps no teacher).</summary>
+    public static string InferencePart(string dir) => Parts(ReadState(dir)).Contains(TeacherPart) ? TeacherPart : StudentPart;
+
+    /// <summary>A checkpoint's model for inference, on <paramref name="device"/> in eval mode: <paramref name="part"/>
+    /// (student or teacher), by default InferencePart's.</summary>
+    public static MamoModel LoadInference(string dir, Device device, string? part = null)
+    {
+        var model = new MamoModel(ReadConfig(dir));
+        try
+        {
+            model.to(device);
+            LoadModel(dir, PartFile(part ?? InferencePart(dir)), model);
+            model.eval();
+            return model;
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
         }
     }
 

@@ -1,3 +1,4 @@
+using System.Text;
 using System.Text.Json;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -13,29 +14,26 @@ namespace Mamo.Model;
 /// <param name="Fading">the fading factor of the prequential accuracy (Gama, Sebastião and Rodrigues 2013)</param>
 /// <param name="Prompt">the text paired with every image (saved with the checkpoint, so `mamo predict` pairs the same);
 /// null: each record's caption</param>
-/// <param name="Seed">seeds the head's weights, each class's row apart, so a resumed run grows the rows an
-/// uninterrupted one would</param>
+/// <param name="Seed">seeds the hidden layer of the head's MLP</param>
 /// <param name="Probe">a frozen linear probe: a linear head, and a backbone that does not train (the baseline)</param>
 public sealed record ClassificationConfig(IReadOnlyList<string>? Labels = null, int Window = 1000, double Fading = 0.995, string? Prompt = null, int Seed = 0,
     bool Probe = false);
 
 /// <summary>ALBEF's SNLI-VE head: an MLP on the fused [CLS] (or, for a linear probe, its output layer alone). Its
 /// output layer grows a row per new class, so a label first seen on the stream adds a class (class-incremental
-/// learning) without touching the others.</summary>
+/// learning) without touching the others. Every class's row starts at zero, as ViT's fine-tuning head does: a row's
+/// start is then the same wherever and whenever its class appears (a resumed run, another replica).</summary>
 public sealed class ClassifierHead : Module<Tensor, Tensor>
 {
     const double InitStd = 0.02;
     readonly Linear? hidden;
     readonly Parameter weight, bias;   // [C, W], [C]
-    readonly int seed;
 
-    /// <param name="seed">the hidden layer and each class's row draw from their own seed (Seeds.Mix(seed, class)), not
-    /// from the process's generator</param>
+    /// <param name="seed">the hidden layer draws from its own seed, not from the process's generator</param>
     /// <param name="linear">no hidden layer: a linear probe</param>
     public ClassifierHead(int width, int classes, int seed, bool linear = false) : base(nameof(ClassifierHead))
     {
-        this.seed = seed;
-        weight = Parameter(Rows(0, classes, width));
+        weight = Parameter(zeros(classes, width));
         bias = Parameter(zeros(classes));
         if (!linear)
         {
@@ -48,23 +46,11 @@ public sealed class ClassifierHead : Module<Tensor, Tensor>
         RegisterComponents();
     }
 
-    /// <summary>[count, W] the initial rows of classes first..first+count, each from its class's seed.</summary>
-    Tensor Rows(int first, int count, int width)
-    {
-        using var scope = NewDisposeScope();
-        var rows = Enumerable.Range(first, count).Select(c =>
-        {
-            using var g = new Generator((ulong)Seeds.Mix(seed, c));
-            return randn(1, width, generator: g) * InitStd;
-        }).ToArray();
-        return (count == 0 ? empty(0, width) : cat(rows)).MoveToOuterDisposeScope();
-    }
-
     public int Classes => (int)weight.shape[0];
 
     public override Tensor forward(Tensor fusedCls) => F.linear(hidden is null ? fusedCls : F.relu(hidden.forward(fusedCls)), weight, bias);
 
-    /// <summary>Adds output rows up to <paramref name="classes"/>, in place (the parameters keep their identity, so the
+    /// <summary>Adds zero rows up to <paramref name="classes"/>, in place (the parameters keep their identity, so the
     /// optimiser follows them: AdamW.Apply gives the new rows zero moments). The old rows are unchanged.</summary>
     public void Grow(int classes)
     {
@@ -72,12 +58,14 @@ public sealed class ClassifierHead : Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var added = classes - Classes;
-        var rows = Rows(Classes, added, (int)weight.shape[1]).to(weight.device);
-        weight.set_(cat(new[] { weight.detach(), rows }).contiguous());
+        weight.set_(cat(new[] { weight.detach(), zeros(added, weight.shape[1], device: weight.device) }).contiguous());
         bias.set_(cat(new[] { bias.detach(), zeros(added, device: bias.device) }));
         weight.grad = null;   // a gradient of the old shape cannot take the next backward's
         bias.grad = null;
     }
+
+    /// <summary>The parameters with a row per class (the output layer's), by name.</summary>
+    public static readonly IReadOnlySet<string> PerClass = new HashSet<string> { "weight", "bias" };
 }
 
 /// <summary>Test-then-train scores over a labelled stream (river's progressive validation): each record is predicted
@@ -128,26 +116,31 @@ public sealed class Prequential(int window, double fading)
 /// <summary>Online fine-tuning for classification: cross-entropy of a head on the fused [CLS] of each image with its
 /// text (a fixed prompt by default, chosen before the batch reaches here), training the backbone and the head. The
 /// logits of the step's forward pass, made with the weights before its update, are the record's prequential
-/// prediction. The label map and the prequential sums are objective state, saved with every checkpoint.</summary>
+/// prediction. The label map and the prequential sums are objective state, saved with every checkpoint. On a shard of
+/// a global batch (every-step), the labels of the whole batch are admitted first, in its row order, so every replica
+/// has the same classes.</summary>
 public sealed class OnlineClassification : IObjective
 {
     public const string HeadPart = "head";
     public const string LabelsKey = "finetune.labels", PrequentialKey = "finetune.prequential", PromptKey = "finetune.prompt", ProbeKey = "finetune.probe";
+    const string AdmittedKey = "finetune.admitted", HitsKey = "finetune.hits";
 
     readonly ClassifierHead head;
     readonly List<string> labels = [];
     readonly Dictionary<string, int> classOf = [];
-    readonly bool closed;
+    readonly IReadOnlyList<string>? closedSet;
     readonly Prequential prequential;
     readonly string? prompt;
     readonly bool probe;
+    /// <summary>Since StartObserving: the labels admitted and each prediction's hit; null: not observing.</summary>
+    (List<string> Admitted, StringBuilder Hits)? observed;
 
     public OnlineClassification(MamoConfig config, ClassificationConfig classification)
     {
         prompt = classification.Prompt;
         probe = classification.Probe;
-        closed = classification.Labels is not null;
-        foreach (var label in classification.Labels ?? []) AddClass(label);
+        closedSet = classification.Labels;
+        foreach (var label in closedSet ?? []) AddClass(label);
         head = new ClassifierHead(config.Width, labels.Count, classification.Seed, linear: probe);
         prequential = new Prequential(classification.Window, classification.Fading);
         Parts = new Dictionary<string, Module> { [HeadPart] = head };
@@ -167,13 +160,14 @@ public sealed class OnlineClassification : IObjective
         (probe ? [] : student.named_parameters()).Concat(head.named_parameters().Select(p => (HeadPart + "." + p.name, p.parameter)));
 
     /// <summary>The class of a label, adding it to an open set; -1 for a label a closed set does not know.</summary>
-    public int Admit(string label) => classOf.TryGetValue(label, out var c) ? c : closed ? -1 : AddClass(label);
+    public int Admit(string label) => classOf.TryGetValue(label, out var c) ? c : closedSet is not null ? -1 : AddClass(label);
 
     int AddClass(string label)
     {
         if (classOf.TryGetValue(label, out var c)) return c;
         classOf[label] = labels.Count;
         labels.Add(label);
+        observed?.Admitted.Add(label);
         return labels.Count - 1;
     }
 
@@ -214,13 +208,18 @@ public sealed class OnlineClassification : IObjective
     {
         using var scope = NewDisposeScope();
         var device = student.Device;
-        var classes = batch.Labels!.Select(l => Admit(l ?? throw new ArgumentException("an unlabelled pair reached the classifier"))).ToArray();
-        if (classes.Contains(-1)) throw new ArgumentException("a label outside the closed label set reached the classifier");
+        var own = batch.Labels!.Select(l => l ?? throw new ArgumentException("an unlabelled pair reached the classifier")).ToList();
+        // A shard admits the global batch's labels in its row order, as one process would: every replica's classes agree.
+        var rows = batch.Shard is { } shard ? GatherLabels(shard, own) : own;
+        if (rows.Select(Admit).Contains(-1)) throw new ArgumentException("a label outside the closed label set reached the classifier");
+        var classes = own.Select(Admit).ToArray();
         head.Grow(labels.Count);
         var logits = Logits(student, batch.Images.to(device), batch.TokenIds.to(device), batch.AttentionMask.to(device));
         var predicted = logits.detach().argmax(1).cpu().data<long>().ToArray();
-        for (int i = 0; i < classes.Length; i++) prequential.Add(predicted[i] == classes[i]);
-        var classify = F.cross_entropy(logits, tensor(classes.Select(c => (long)c).ToArray(), device: device));
+        for (int i = 0; i < classes.Length; i++) Record(predicted[i] == classes[i]);
+        var truth = tensor(classes.Select(c => (long)c).ToArray(), device: device);
+        // A shard's share of the global batch's mean: its rows' sum over all the rows.
+        var classify = batch.Shard is null ? F.cross_entropy(logits, truth) : F.cross_entropy(logits, truth, reduction: Reduction.Sum) / rows.Count;
         return new MamoLoss
         {
             Total = classify.clone().MoveToOuterDisposeScope(),
@@ -229,6 +228,29 @@ public sealed class OnlineClassification : IObjective
             Predictions = predicted.Select(p => labels[(int)p]).ToArray(),
         };
     }
+
+    void Record(bool hit)
+    {
+        prequential.Add(hit);
+        observed?.Hits.Append(hit ? '1' : '0');
+    }
+
+    /// <summary>Every replica's labels of the global batch, in its row order: lengths first, then the UTF-8 bytes padded to
+    /// the longest (one all-gather each; bytes travel exactly as float32).</summary>
+    static List<string> GatherLabels(IBatchShard shard, IReadOnlyList<string> own)
+    {
+        using var scope = NewDisposeScope();
+        var bytes = own.Select(Encoding.UTF8.GetBytes).ToList();
+        var lengths = shard.AllGather([tensor(bytes.Select(b => (float)b.Length).ToArray(), new long[] { own.Count, 1 })])[0].data<float>().ToArray();
+        var width = (int)lengths.DefaultIfEmpty(0).Max();
+        var padded = new float[own.Count * width];
+        for (int i = 0; i < bytes.Count; i++)
+            for (int j = 0; j < bytes[i].Length; j++) padded[i * width + j] = bytes[i][j];
+        var all = shard.AllGather([tensor(padded, new long[] { own.Count, width })])[0].data<float>().ToArray();
+        return lengths.Select((n, i) => Encoding.UTF8.GetString(all.Skip(i * width).Take((int)n).Select(f => (byte)f).ToArray())).ToList();
+    }
+
+    public IReadOnlyDictionary<string, double> Scores() => prequential.Scores();
 
     public IReadOnlyDictionary<string, string> SaveState() => new Dictionary<string, string>
     {
@@ -266,13 +288,50 @@ public sealed class OnlineClassification : IObjective
         {
             var savedLabels = JsonSerializer.Deserialize<List<string>>(saved) ?? [];
             // A closed set must be the saved one, in the same order: its classes are the head's rows.
-            if (closed && !savedLabels.SequenceEqual(labels))
-                throw new InvalidDataException($"the checkpoint's labels [{string.Join(", ", savedLabels)}] are not finetune.labels [{string.Join(", ", labels)}]");
-            foreach (var label in savedLabels) AddClass(label);
+            if (closedSet is not null && !savedLabels.SequenceEqual(closedSet))
+                throw new InvalidDataException($"the checkpoint's labels [{string.Join(", ", savedLabels)}] are not finetune.labels [{string.Join(", ", closedSet)}]");
+            labels.Clear();
+            classOf.Clear();
+            foreach (var label in savedLabels)
+            {
+                classOf[label] = labels.Count;
+                labels.Add(label);
+            }
             head.Grow(labels.Count);
         }
         if (state.TryGetValue(PrequentialKey, out var p)) prequential.Load(p);
     }
+
+    public void StartObserving() => observed = ([], new StringBuilder());
+
+    public IReadOnlyDictionary<string, string> Observations() => observed is not var (admitted, hits) ? new Dictionary<string, string>()
+        : new Dictionary<string, string> { [AdmittedKey] = JsonSerializer.Serialize(admitted), [HitsKey] = hits.ToString() };
+
+    public void Replay(IReadOnlyDictionary<string, string> observations)
+    {
+        foreach (var label in Admitted(observations)) Admit(label);
+        head.Grow(labels.Count);
+        foreach (var hit in observations.GetValueOrDefault(HitsKey, "")) Record(hit == '1');
+    }
+
+    /// <summary>A replica's head rows are the classes it started its round with, then the ones it admitted: each moves
+    /// to its label's row here.</summary>
+    public Tensor Align(string name, Tensor value, IReadOnlyDictionary<string, string> observations)
+    {
+        if (!name.StartsWith(HeadPart + ".") || !ClassifierHead.PerClass.Contains(name[(HeadPart.Length + 1)..])) return value;
+        var admitted = Admitted(observations);
+        var started = (int)value.shape[0] - admitted.Count;
+        if (started < 0 || started > labels.Count) throw new InvalidDataException($"'{name}' has {value.shape[0]} rows for {admitted.Count} admitted labels");
+        using var scope = NewDisposeScope();
+        var rows = Enumerable.Range(0, started).Concat(admitted.Select(l => classOf.TryGetValue(l, out var c) ? c
+            : throw new InvalidDataException($"label '{l}' was not replayed"))).Select(c => (long)c).ToArray();
+        var shape = value.shape.ToArray();
+        shape[0] = labels.Count;
+        return zeros(shape, value.dtype, value.device).index_copy_(0, tensor(rows, device: value.device), value).MoveToOuterDisposeScope();
+    }
+
+    static List<string> Admitted(IReadOnlyDictionary<string, string> observations) =>
+        observations.TryGetValue(AdmittedKey, out var a) ? JsonSerializer.Deserialize<List<string>>(a) ?? [] : [];
 
     public void Dispose() => head.Dispose();
 }

@@ -1,4 +1,5 @@
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace Mamo.Model;
@@ -22,7 +23,9 @@ public sealed class MamoTrainer : IDisposable
     /// <summary>The momentum teacher, when this trainer owns one (the bare loop); the actor system keeps it in its own actor.</summary>
     public MamoModel Teacher => teacher ?? throw new InvalidOperationException("this trainer has no teacher of its own");
     readonly MamoModel? teacher;
-    public AdamW Optimizer { get; }
+    /// <summary>AdamW over the trained parameters, made on first use: a coordinator that only holds θ makes none.</summary>
+    public AdamW Optimizer => adamW ??= new AdamW(Objective.TrainedParameters(Student), OptimizerConfig);
+    AdamW? adamW;
     public OptimizerConfig OptimizerConfig { get; }
     public Device Device { get; }
     public int Seed { get; }
@@ -40,17 +43,13 @@ public sealed class MamoTrainer : IDisposable
         Objective = objective?.Invoke(config) ?? new MamoPretraining(config, new PretrainingConfig());
         foreach (var part in Objective.Parts.Values) part.to(device);
         if (withTeacher && Objective.TeacherMomentum is not null) teacher = Momentum.CreateTeacher(Student);
-        Optimizer = new AdamW(Objective.TrainedParameters(Student), optimizer);
     }
 
     public MamoConfig Config => Student.Config;
 
-    /// <summary>Moves the step (and so the learning-rate schedule and the step seeds) forward to where a run stands:
-    /// a replica that joins a cluster run, or comes back after a restart, continues the run's schedule.</summary>
-    public void ContinueAt(long step)
-    {
-        if (step > Step) Step = step;
-    }
+    /// <summary>Sets the step (and so the learning-rate schedule and the step seeds) to where a cluster round starts: a
+    /// replica takes each round's first step from its coordinator, a round given again included.</summary>
+    public void StartAt(long step) => Step = step;
 
     public int MaskSeed(long step) => Seeds.Mix(Seed, step);
 
@@ -86,12 +85,26 @@ public sealed class MamoTrainer : IDisposable
         using var scope = NewDisposeScope();
         Student.train();
         foreach (var part in Objective.Parts.Values) part.train();
-        Optimizer.ZeroGrad();
+        foreach (var (_, p) in Objective.TrainedParameters(Student)) p.grad?.zero_();
         using var loss = Objective.Loss(Student, batch, targets, MaskSeed(Step));
         var total = loss.Total.ToDouble();
         if (double.IsFinite(total)) loss.Total.backward();
         predictions = (loss.Scores, loss.Predictions);
         return (total, loss.Terms.ToDictionary(t => t.Key, t => t.Value.ToDouble()));
+    }
+
+    /// <summary>A data-parallel replica's share of step Step (every-step, docs/CLUSTER.md): the forward and backward of its
+    /// shard of the global batch, whose gradient the trained parameters then hold. The update is the coordinator's, so
+    /// the step does not advance here.</summary>
+    public StepResult Gradient(StepInput shard, TeacherTargets? targets)
+    {
+        var (loss, terms) = Backward(shard, targets);
+        var (scores, predicted) = predictions;
+        predictions = default;
+        return new StepResult(Step, loss, terms, OptimizerConfig.LearningRateAt(Step), double.NaN, Skipped: !double.IsFinite(loss))
+        {
+            Scores = scores ?? new Dictionary<string, double>(), Predictions = predicted,
+        };
     }
 
     /// <summary>What the last Backward's objective predicted, for the step result Update makes.</summary>
@@ -129,6 +142,50 @@ public sealed class MamoTrainer : IDisposable
         yield return new(Checkpoint.OptimizerPart, Optimizer.State().ToList());
         foreach (var (name, module) in Objective.Parts) yield return new(name, Checkpoint.Named(module));
         if (teacher is not null) yield return new(Checkpoint.TeacherPart, Checkpoint.Named(teacher));
+    }
+
+    public const string StudentPrefix = "student.", TeacherPrefix = "teacher.";
+
+    /// <summary>The weights a cluster round starts from and hands in (views), under names that say whose:
+    /// "student.NAME", "PART.NAME" for the objective's own parts, and "teacher.NAME" where this trainer keeps the teacher.</summary>
+    public IEnumerable<(string Name, Tensor Value)> Weights()
+    {
+        foreach (var (name, p) in Student.named_parameters()) yield return (StudentPrefix + name, p);
+        foreach (var (part, module) in Objective.Parts)
+            foreach (var (name, p) in module.named_parameters()) yield return ($"{part}.{name}", p);
+        if (teacher is not null) foreach (var (name, p) in teacher.named_parameters()) yield return (TeacherPrefix + name, p);
+    }
+
+    /// <summary>Loads weights named as Weights names them: every student and part parameter must be there, and the
+    /// teacher's where this trainer keeps one; a part's tensor of another shape takes its place (a head with the classes
+    /// of another replica).</summary>
+    public void LoadWeights(IReadOnlyDictionary<string, Tensor> weights)
+    {
+        using var noGrad = no_grad();
+        foreach (var (name, p) in Weights())
+        {
+            if (!weights.TryGetValue(name, out var given)) throw new InvalidDataException($"the weights lack '{name}'");
+            if (given.shape.SequenceEqual(p.shape)) p.copy_(given);
+            else if (!name.StartsWith(StudentPrefix) && !name.StartsWith(TeacherPrefix)) p.set_(given.to(p.device).clone());
+            else throw new InvalidDataException($"'{name}' has shape [{string.Join(",", given.shape)}], the model [{string.Join(",", p.shape)}]");
+        }
+    }
+
+    /// <summary>The gradient the last Backward left in each trained parameter (copies on the CPU), named as Weights names them.</summary>
+    public List<(string Name, Tensor Value)> Gradients()
+    {
+        var trained = Objective.TrainedParameters(Student).Select(p => p.Parameter).ToHashSet(ReferenceEqualityComparer.Instance);
+        return Weights().Where(w => trained.Contains(w.Value) && w.Value.grad is not null)
+            .Select(w => (w.Name, w.Value.grad!.detach().cpu().clone().DetachFromDisposeScope())).ToList();
+    }
+
+    /// <summary>Sets each trained parameter's gradient from tensors named as Weights names them (none where absent).</summary>
+    public void SetGradients(IReadOnlyDictionary<string, Tensor> gradients)
+    {
+        var trained = Objective.TrainedParameters(Student).Select(p => p.Parameter).ToHashSet(ReferenceEqualityComparer.Instance);
+        using var noGrad = no_grad();
+        foreach (var (name, p) in Weights())
+            if (trained.Contains(p)) ((Parameter)p).grad = gradients.TryGetValue(name, out var g) ? g.to(p.device) : null;
     }
 
     public void Save(string dir, IReadOnlyDictionary<string, string>? extra = null) =>
@@ -171,7 +228,7 @@ public sealed class MamoTrainer : IDisposable
 
     public void Dispose()
     {
-        Optimizer.Dispose();
+        adamW?.Dispose();
         Student.Dispose();
         Objective.Dispose();
         teacher?.Dispose();

@@ -54,8 +54,31 @@ public interface IObjective : IDisposable
     /// <summary>State of the objective's own that is not tensors (a label map, running scores), saved with each checkpoint.</summary>
     IReadOnlyDictionary<string, string> SaveState() => new Dictionary<string, string>();
 
-    /// <summary>Restores what SaveState saved, before the parts and the optimiser load (a head takes its saved size here).</summary>
+    /// <summary>Restores what SaveState saved, before the parts and the optimiser load (a head takes its saved size here).
+    /// The saved state replaces the objective's own: a cluster replica loads the coordinator's at the start of each round.</summary>
     void LoadState(IReadOnlyDictionary<string, string> state) { }
+
+    /// <summary>The running scores of its predictions (prequential accuracy); empty: none.</summary>
+    IReadOnlyDictionary<string, double> Scores() => new Dictionary<string, double>();
+
+    // Data parallelism (docs/CLUSTER.md): replicas train shares of the work from the coordinator's state and hand in
+    // what they observed; the coordinator replays each replica's observations in replica order (the global batch's row
+    // order), so its state is what one process would have recorded.
+
+    /// <summary>Records what the objective observes from now on (Observations), afresh; off until called, so that a
+    /// run that never hands anything in keeps no record.</summary>
+    void StartObserving() { }
+
+    /// <summary>What it observed since StartObserving: the labels it admitted, its prequential hits.</summary>
+    IReadOnlyDictionary<string, string> Observations() => new Dictionary<string, string>();
+
+    /// <summary>Another replica's observations, recorded here as if this objective had trained its rows.</summary>
+    void Replay(IReadOnlyDictionary<string, string> observations) { }
+
+    /// <summary>A tensor of one of a replica's parts (a value or a change), laid out as this objective's part once the
+    /// replica's observations are replayed: a head's rows moved to their labels' rows here, zero where the replica had none.</summary>
+    /// <param name="name">the part's name and the tensor's, "PART.NAME"</param>
+    Tensor Align(string name, Tensor value, IReadOnlyDictionary<string, string> observations) => value;
 }
 
 /// <summary>MAMO pre-training: joint masking, then ITC, ITM, MLM, MIM and MRM (MamoModel.Forward) against the momentum

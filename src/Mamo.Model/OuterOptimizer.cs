@@ -43,11 +43,13 @@ public sealed class OuterOptimizer : IDisposable
         }).ToArray();
     }
 
-    /// <summary>Applies one outer step to θ in place.</summary>
+    /// <summary>Applies one outer step to θ in place. A tensor of θ that grew rows (a classifier head's new class) gets
+    /// zero momentum for them.</summary>
     public void Apply(IReadOnlyList<Tensor> theta, IReadOnlyList<Tensor> outerGradient)
     {
         if (theta.Count != momentum.Length || outerGradient.Count != momentum.Length)
             throw new ArgumentException($"the outer step expects {momentum.Length} tensors, got θ {theta.Count} and g {outerGradient.Count}");
+        FollowShapes(theta);
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
         for (int i = 0; i < momentum.Length; i++)
@@ -58,6 +60,20 @@ public sealed class OuterOptimizer : IDisposable
             theta[i].add_(update, alpha: -config.LearningRate);
         }
         Step++;
+    }
+
+    void FollowShapes(IReadOnlyList<Tensor> theta)
+    {
+        using var noGrad = no_grad();
+        for (int i = 0; i < momentum.Length; i++)
+        {
+            var (name, v) = momentum[i];
+            if (v.shape.SequenceEqual(theta[i].shape)) continue;
+            var grown = zeros_like(theta[i]).DetachFromDisposeScope();
+            if (v.shape[0] > 0) grown[..(int)v.shape[0]].copy_(v);
+            v.Dispose();
+            momentum[i] = (name, grown);
+        }
     }
 
     /// <summary>The momentum buffers by parameter name (views, not copies).</summary>

@@ -14,7 +14,9 @@ public sealed class RetrievalFineTuning : IObjective
     readonly PretrainingConfig retrieval;
     readonly MamoPretraining forward;
     readonly Prequential prequential;
-    const string PrequentialKey = "finetune.prequential";
+    const string PrequentialKey = "finetune.prequential", HitsKey = "finetune.hits";
+    /// <summary>Each text's hit since StartObserving; null: not observing.</summary>
+    System.Text.StringBuilder? observed;
 
     /// <param name="pretraining">its momentum and ITM settings; masking and the masked-modelling losses are off</param>
     /// <param name="alpha">the distillation weight; 0: no teacher</param>
@@ -49,9 +51,27 @@ public sealed class RetrievalFineTuning : IObjective
     {
         var loss = forward.Loss(student, batch, targets, seed);
         if (loss.TextToImageHits is { } hits)
-            foreach (var hit in hits.cpu().data<bool>().ToArray()) prequential.Add(hit);
-        var scores = new Dictionary<string, double> { ["preq_ir1"] = prequential.Cumulative, ["preq_ir1_window"] = prequential.Windowed, ["preq_ir1_faded"] = prequential.Faded };
-        return new MamoLoss { Total = loss.Total, Terms = loss.Terms, ItmNegatives = loss.ItmNegatives, TextToImageHits = loss.TextToImageHits, Scores = scores };
+            foreach (var hit in hits.cpu().data<bool>().ToArray()) Record(hit);
+        return new MamoLoss { Total = loss.Total, Terms = loss.Terms, ItmNegatives = loss.ItmNegatives, TextToImageHits = loss.TextToImageHits, Scores = Scores() };
+    }
+
+    void Record(bool hit)
+    {
+        prequential.Add(hit);
+        observed?.Append(hit ? '1' : '0');
+    }
+
+    public IReadOnlyDictionary<string, double> Scores() =>
+        new Dictionary<string, double> { ["preq_ir1"] = prequential.Cumulative, ["preq_ir1_window"] = prequential.Windowed, ["preq_ir1_faded"] = prequential.Faded };
+
+    public void StartObserving() => observed = new();
+
+    public IReadOnlyDictionary<string, string> Observations() =>
+        observed is null ? new Dictionary<string, string>() : new Dictionary<string, string> { [HitsKey] = observed.ToString() };
+
+    public void Replay(IReadOnlyDictionary<string, string> observations)
+    {
+        foreach (var hit in observations.GetValueOrDefault(HitsKey, "")) Record(hit == '1');
     }
 
     public IReadOnlyDictionary<string, string> SaveState() => new Dictionary<string, string> { [PrequentialKey] = prequential.Save() };

@@ -29,7 +29,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
 
     IActorRef Teacher(MamoModel student, long teacherStep, bool pipelined, double decay = 0.995) =>
         Sys.ActorOf(MomentumTeacher.Props(student.Config, MamoPretraining.With(new PretrainingConfig { MomentumDecay = decay }),
-            TeacherCheckpoint(student, teacherStep), CPU, pipelined));
+            TeacherCheckpoint(student, teacherStep), CPU, pipelined ? 1 : 0));
 
     protected override void Dispose(bool disposing)
     {
@@ -58,10 +58,10 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets.Dispose();
         teacher.Tell(new MomentumTeacher.ComputeTargets(2, images.clone(), ids.clone(), mask.clone()));
         // Served after the request for step 2: had the teacher answered that one, its targets would come first.
-        teacher.Tell(new MomentumTeacher.GetWeights(0));
-        var waiting = ExpectMsg<MomentumTeacher.TeacherSnapshot>(TimeSpan.FromSeconds(30));
-        Assert.Equal(0, waiting.TeacherStep);
-        foreach (var (_, t) in waiting.Weights) t.Dispose();
+        teacher.Tell(new Evaluator.GetWeights(0));
+        var waiting = ExpectMsg<Evaluator.Weights>(TimeSpan.FromSeconds(30));
+        Assert.Equal(0, waiting.WeightsStep);
+        foreach (var (_, t) in waiting.Tensors) t.Dispose();
         teacher.Tell(new MomentumTeacher.StudentUpdated(1, Weights(student)));
         ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets.Dispose();
 
@@ -79,10 +79,10 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         using var student = new MamoModel(Tiny);
         var teacher = Teacher(student, teacherStep: 0, pipelined: true);
         for (int step = 1; step <= 5; step++) teacher.Tell(new MomentumTeacher.StudentUpdated(step, Weights(student)));
-        teacher.Tell(new MomentumTeacher.GetWeights(5));
-        var snapshot = ExpectMsg<MomentumTeacher.TeacherSnapshot>(TimeSpan.FromSeconds(30));
-        Assert.Equal(4, snapshot.TeacherStep);   // lag 1: the fifth update waits for the targets of step 6
-        foreach (var (_, t) in snapshot.Weights) t.Dispose();
+        teacher.Tell(new Evaluator.GetWeights(5));
+        var snapshot = ExpectMsg<Evaluator.Weights>(TimeSpan.FromSeconds(30));
+        Assert.Equal(4, snapshot.WeightsStep);   // lag 1: the fifth update waits for the targets of step 6
+        foreach (var (_, t) in snapshot.Tensors) t.Dispose();
     }
 
     [Fact]
@@ -109,8 +109,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         var runDir = Directory.CreateTempSubdirectory("mamo-ckpt-").FullName;
         folders.Add(runDir);
         using var student = new MamoModel(Tiny);
-        var checkpointer = Sys.ActorOf(Checkpointer.Props(runDir, Tiny, [Checkpoint.StudentPart, Checkpoint.TeacherPart], keepLast: 2, seed: 1));
-        Sys.EventStream.Subscribe(TestActor, typeof(Checkpointer.CheckpointDurable));
+        var checkpointer = Sys.ActorOf(Checkpointer.Props(runDir, Tiny, [Checkpoint.StudentPart, Checkpoint.TeacherPart], keepLast: 2, seed: 1, [TestActor]));
         Checkpoint.Part Part(string name) => new(name, student.named_parameters().Select(p => (p.name, p.parameter.detach().clone().DetachFromDisposeScope())).ToArray());
         foreach (var step in new long[] { 10, 20, 30 })
         {
@@ -120,7 +119,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
             checkpointer.Tell(new Identify(step));
             Assert.Equal(step, ExpectMsg<ActorIdentity>(TimeSpan.FromSeconds(30)).MessageId);
             Assert.False(Directory.Exists(Path.Combine(runDir, Checkpoint.RunFolder, Checkpoint.StepFolderName(step))));
-            checkpointer.Tell(new Checkpointer.Parts(step, [Part(Checkpoint.StudentPart)], StreamPosition.None.Advance("t/0", step * 8 - 1).Advance("t/1", step), OptimizerStep: step));
+            checkpointer.Tell(new Checkpointer.Parts(step, [Part(Checkpoint.StudentPart)], StreamPosition.None.Advance(new("t/0", step * 8 - 1)).Advance(new("t/1", step)), OptimizerStep: step));
             var durable = ExpectMsg<Checkpointer.CheckpointDurable>(TimeSpan.FromSeconds(30));
             Assert.Equal(step, durable.Step);
             Assert.True(File.Exists(Path.Combine(durable.Path, Checkpoint.StateFile)));
@@ -151,7 +150,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
             Momentum.Update(reference, student, 0.995);
         }
         var expected = Retrieval.Evaluate(reference, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, 2, 64);
-        var evaluator = Sys.ActorOf(Evaluator.Props(Tiny, CPU, [new Evaluator.NamedSet("emoji-test", set)], teacher, TestActor, 2, 64, CancellationToken.None));
+        var evaluator = Sys.ActorOf(Evaluator.Props(Tiny, CPU, [new RetrievalSet("emoji-test", set)], teacher, TestActor, 2, 64, CancellationToken.None));
 
         evaluator.Tell(new Evaluator.EvaluateNow(7));
         evaluator.Tell(new Evaluator.EvaluateNow(8));   // these two arrive while the first runs: one evaluation follows it
@@ -163,6 +162,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
             Assert.Equal((2L, "emoji-test", set.ImageCount, set.TextCount), (done.Step, done.Set, done.Images, done.Texts));
             foreach (var (got, want) in new[] { (done.Metrics.Ir1, expected.Ir1), (done.Metrics.Tr5, expected.Tr5), (done.Metrics.RMean, expected.RMean) })
                 Assert.Equal(want, got, 6);
+            Assert.Equal(2L, ExpectMsg<Evaluator.EvaluationDone>(TimeSpan.FromSeconds(30)).Step);
         }
         AwaitAssert(() => Assert.Equal(new Evaluator.Status(2, Busy: false, Pending: false),
             evaluator.Ask<Evaluator.Status>(new Evaluator.GetStatus(), TimeSpan.FromSeconds(10)).Result), TimeSpan.FromSeconds(30));

@@ -23,20 +23,22 @@ public sealed class ClusterSerializerTests : IDisposable
     /// <summary>One of each message that crosses nodes.</summary>
     IClusterMessage[] Messages() =>
     [
-        new WeightTransfer.Offer(Guid.NewGuid(), "theta/3", ["a.weight", "b"], [[4, 2], []], "bfloat16", 262144),
+        new WeightTransfer.Offer(Guid.NewGuid(), new WeightTransfer.Tag(WeightTransfer.Kind.Delta, 1_733_000_000_000_000_003, "n2"), ["a.weight", "b"], [[4, 2], []],
+            "bfloat16", 262144),
         new WeightTransfer.Chunk(Guid.NewGuid(), 5, [1, 2, 3, 250]),
         new WeightTransfer.Ack(Guid.NewGuid(), 9),
-        new RoundCoordinator.Register("n1", someone),
-        new RoundCoordinator.RoundStart(7, 480, 50, 32, true, someone),
-        new RoundCoordinator.RoundDone(7, "n2", 1600, new Dictionary<string, long> { ["pairs/0"] = 41, ["pairs/3"] = -1 }, 5.75,
-            new Dictionary<string, double> { ["itc"] = 2.25, ["mim"] = double.NaN }),
-        new RoundCoordinator.Commit(new Dictionary<string, long> { ["cursor"] = 959 }),
-        new RoundCoordinator.Finish(8),
-        new RoundCoordinator.GetProgress(),
-        new RoundCoordinator.Progress(8, "/run/checkpoints/step-000000000400", [new(7, ["n0", "n2"], 12.5)],
+        new Coordination.Register("n1", someone),
+        new RoundCoordinator.RoundStart(12, 7, 350, 480, 400, true, new Dictionary<string, string> { ["finetune.labels"] = "[\"cat\"]" }, someone),
+        new RoundCoordinator.RoundDone(12, 7, "n2", 1600, new Dictionary<string, long> { ["pairs/0"] = 41, ["pairs/3"] = -1 }, 5.75,
+            new Dictionary<string, double> { ["itc"] = 2.25, ["mim"] = double.NaN }, new Dictionary<string, string> { ["finetune.hits"] = "0110" }, true),
+        new Coordination.Commit(new Dictionary<string, long> { ["cursor"] = 959 }, 8, [12, 13]),
+        new Coordination.Finish(8, 400),
+        new Coordination.GetProgress(),
+        new Coordination.Progress(8, "/run/checkpoints/step-000000000400", [new(7, ["n0", "n2"], 12.5)],
             [new("n1", "akka.tcp://mamo@127.0.0.1:4054", new DateTime(2026, 12, 2, 1, 2, 3, DateTimeKind.Utc), 13.25), new("coordinator", "akka.tcp://mamo@127.0.0.1:4053", DateTime.UtcNow, null)]),
-        new StepCoordinator.StepStart(3, 12, 96, 4, 1, 4, false, someone),
-        new StepCoordinator.StepDone(3, "n0", 4, 9.25, new Dictionary<string, double> { ["itc"] = 2.5, ["mlm"] = double.NaN }),
+        new StepCoordinator.StepStart(3, 12, 96, 4, 1, 4, false, new Dictionary<string, string>(), someone),
+        new StepCoordinator.StepDone(3, "n0", 4, 9.25, new Dictionary<string, double> { ["itc"] = 2.5, ["mlm"] = double.NaN },
+            new Dictionary<string, string> { ["finetune.admitted"] = "[\"dog\"]" }),
         new StepCoordinator.Abort(3),
         new CheckpointFollower.AwaitStep(400),
         new CheckpointFollower.Followed(400),
@@ -55,7 +57,7 @@ public sealed class ClusterSerializerTests : IDisposable
             Assert.IsType(m.GetType(), back);
             Assert.Equal(bytes, serializer.ToBinary(back));   // records holding maps compare by reference: compare their bytes
         }
-        Assert.Equal(someone, ((RoundCoordinator.Register)serializer.FromBinary(serializer.ToBinary(Messages()[3]), serializer.Manifest(Messages()[3]))).Receiver);
+        Assert.Equal(someone, ((Coordination.Register)serializer.FromBinary(serializer.ToBinary(Messages()[3]), serializer.Manifest(Messages()[3]))).Receiver);
     }
 
     [Fact]

@@ -67,7 +67,7 @@ public class ClusterTransferTests(TwoNodes nodes, ITestOutputHelper output) : IC
         var remote = await nodes.A.ActorSelection(new RootActorPath(Akka.Cluster.Cluster.Get(nodes.B).SelfAddress) / "user" / name)
             .ResolveOne(TimeSpan.FromSeconds(10));
         var requester = Inbox.Create(nodes.A);
-        nodes.A.ActorOf(WeightTransfer.Sender.Props(remote, requester.Receiver, "test", tensors, dtype, ChunkSize, window: 16));
+        nodes.A.ActorOf(WeightTransfer.Sender.Props(remote, requester.Receiver, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, 1), tensors, dtype, ChunkSize, window: 16));
         var received = (WeightTransfer.Received)await owner.ReceiveAsync(TimeSpan.FromMinutes(3));
         var sent = (WeightTransfer.Sent)await requester.ReceiveAsync(TimeSpan.FromMinutes(1));
         return (received, sent);

@@ -21,7 +21,7 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
     const int Batch = 4, InnerSteps = 2, Span = Batch * InnerSteps;
 
     [Fact]
-    public void A_replica_that_dies_mid_round_does_not_hold_the_round_and_its_range_is_trained_again()
+    public async Task A_replica_that_dies_mid_round_does_not_hold_the_round_and_its_range_is_trained_again()
     {
         var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
         try
@@ -33,22 +33,23 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
 
             // The doomed replica registers alone, is given round 0's first range, and dies before it reports.
             var doomed = CreateTestProbe();
-            coordinator.Tell(new RoundCoordinator.Register("a-doomed", doomed.Ref), doomed.Ref);
-            Assert.Empty(doomed.ExpectMsg<RoundCoordinator.Commit>(TimeSpan.FromSeconds(30)).Positions);   // a new run: no stream position yet
+            coordinator.Tell(new Coordination.Register("a-doomed", doomed.Ref), doomed.Ref);
+            Assert.Empty(doomed.ExpectMsg<Coordination.Commit>(TimeSpan.FromSeconds(30)).Positions);   // a new run: no stream position yet
             var start = doomed.ExpectMsg<RoundCoordinator.RoundStart>(TimeSpan.FromSeconds(30));
-            Assert.Equal((0L, 0L), (start.Round, start.Cursor));
+            Assert.Equal((0L, 0L, Span), (start.Round, start.Cursor, start.Records));
             Sys.Stop(doomed.Ref);
 
-            // A real replica joins and trains: round 0 again, on the dead one's range, then round 1 on the next.
-            var samples = TrainingSamples.Load(settings.Source, settings.Seed, settings.MaxInMemoryBytes, new DecodeLimits(), _ => { });
-            var preparer = new SamplePreparer(new ImageTransform(settings.TrainImages), new TextTokenizer(BuiltinDatasets.EnsureVocab()),
-                settings.Model.MaxTextLength);
-            var nodeDir = ClusterRun.NodeDir(runDir, "b");
-            using var data = new ReplicaData(settings, samples, preparer, Sys.Materializer(), "b", nodeDir);
-            Sys.ActorOf(RoundReplica.Props(settings, data, coordinator, TestActor, "b", CPU));
-            Assert.Equal(2, ExpectMsg<RoundReplica.Finished>(TimeSpan.FromMinutes(2)).Round);
+            // A real replica (the single-node pipeline with the replica's hooks) joins and trains: round 0 again, on the
+            // dead one's range, then round 1 on the next; the run ends when the coordinator says so.
+            using var inputs = RunInputs.Open(settings, TrainingTask.Of(settings), evaluate: false, publish: false);
+            var hooks = new ReplicaHooks(settings, "b", coordinator);
+            await new TrainingRun(settings).RunAsync(Sys, inputs, hooks, CancellationToken.None).WaitAsync(TimeSpan.FromMinutes(2));
+            Assert.Equal(2 * InnerSteps, hooks.FinalStep);
 
-            var ledger = File.ReadAllLines(Path.Combine(nodeDir, Metrics.LedgerFile)).Select(l => JsonDocument.Parse(l).RootElement).ToList();
+            var samples = (TrainingSamples)inputs.Source!;
+            var nodeDir = ClusterRun.NodeDir(runDir, "b");
+            var ledger = File.ReadAllLines(Path.Combine(nodeDir, Metrics.LedgerFile)).Select(l => JsonDocument.Parse(l).RootElement)
+                .Where(e => e.TryGetProperty("step", out _)).ToList();
             var cursors = ledger.Select(e => (e.GetProperty("round").GetInt64(), e.GetProperty("position").GetProperty("cursor").GetInt64())).ToList();
             Assert.Equal([(0L, Batch - 1L), (0L, Span - 1L), (1L, Span + Batch - 1L), (1L, 2L * Span - 1)], cursors);
             var expected = samples.From(0).Take(2 * Span).Select(x => x.Sample.Id).ToList();

@@ -43,9 +43,9 @@ public class FinetuneTests
 
             var ledger = File.ReadAllLines(Path.Combine(s.RunDir, Metrics.LedgerFile)).Select(l => JsonDocument.Parse(l).RootElement).ToList();
             Assert.Equal(Enumerable.Range(0, Steps), ledger.Select(e => e.GetProperty("step").GetInt32()));
-            var samples = TrainingSamples.Load(source, s.Seed, s.MaxInMemoryBytes, new DecodeLimits(), _ => { });
+            var samples = TrainingSamples.Load(source, s.Seed, s.MaxInMemoryBytes, _ => { });
             var preparer = new SamplePreparer(new ImageTransform(s.TrainImages), new TextTokenizer(BuiltinDatasets.EnsureVocab()), s.Model.MaxTextLength);
-            var admit = FineTuning.Admission(s.FineTune)!;
+            var admit = TrainingTask.Of(s).Admit;
             long cursor = 0;
             foreach (var entry in ledger)
             {
@@ -59,14 +59,14 @@ public class FinetuneTests
                 Assert.Equal(entry.GetProperty("labels").EnumerateArray().Select(i => i.GetString()), records.Select(r => r.Sample.Label));
                 var prepared = records.Select(r =>
                 {
-                    Assert.True(preparer.TryPrepareForTraining(admit(r.Sample).Sample!, TrainingGraph.SampleRandom(s.Seed, TrainingSamples.CursorPartition, r.Cursor), out var p, out _));
+                    Assert.True(preparer.TryPrepareForTraining(admit(r.Sample).Sample!, TrainingGraph.SampleRandom(s.Seed, new(TrainingSamples.CursorPartition, r.Cursor)), out var p, out _));
                     return p!;
                 }).ToList();
 
                 StepResult Replay(long fromStep)
                 {
                     var dir = Path.Combine(s.RunDir, Checkpoint.RunFolder, Checkpoint.StepFolderName(fromStep));
-                    using var trainer = MamoTrainer.Load(dir, s.Optimizer, CPU, s.Seed, withTeacher: false, s.Model, FineTuning.Objective(s));
+                    using var trainer = MamoTrainer.Load(dir, s.Optimizer, CPU, s.Seed, withTeacher: false, s.Model, TrainingTask.Of(s).Objective);
                     using var batch = Collator.Collate(prepared, s.Model.ImageSize);
                     using var keys = tensor(batch.Ids.Select(Seeds.StableHash).ToArray());
                     return trainer.StudentStep(new StepInput(batch.Images, batch.TokenIds, batch.AttentionMask, keys, batch.Labels), null);

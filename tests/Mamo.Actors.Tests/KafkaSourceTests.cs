@@ -43,11 +43,11 @@ public class KafkaSourceTests : TestKit
             if (fromA.Next() is { } x) seenA.Add(x);
             if (fromB.Next() is { } y) seenB.Add(y);
         }
-        Assert.Equal(a.Assigned.Order(), seenA.Select(r => r.Partition).Distinct().Order());
-        Assert.Equal(b.Assigned.Order(), seenB.Select(r => r.Partition).Distinct().Order());
+        Assert.Equal(a.Assigned.Order(), seenA.Select(r => r.At.Source).Distinct().Order());
+        Assert.Equal(b.Assigned.Order(), seenB.Select(r => r.At.Source).Distinct().Order());
 
         // A checkpoints the first half of what it read, the commit lands, then A leaves the group.
-        var position = seenA.Where(r => r.Offset < Records / Partitions / 2).Aggregate(StreamPosition.None, (p, r) => p.Advance(r.Partition, r.Offset));
+        var position = seenA.Where(r => r.At.Offset < Records / Partitions / 2).Aggregate(StreamPosition.None, (p, r) => p.Advance(r.At));
         var ofA = a.Assigned.ToHashSet();
         a.Commit(position);
         WaitUntil(() => Committed(cluster, "replicas").Count == ofA.Count, "A's commit");
@@ -59,7 +59,7 @@ public class KafkaSourceTests : TestKit
         while (firstFromA.Count < ofA.Count)
         {
             Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"B did not take over {string.Join(",", ofA.Except(firstFromA.Keys))}");
-            if (fromB.Next() is { } r && ofA.Contains(r.Partition)) firstFromA.TryAdd(r.Partition, r.Offset);
+            if (fromB.Next() is { } r && ofA.Contains(r.At.Source)) firstFromA.TryAdd(r.At.Source, r.At.Offset);
         }
         foreach (var (partition, offset) in firstFromA) Assert.Equal(position[partition]! + 1, offset);
         Assert.Equal(Partitions, b.Assigned.Count);
@@ -75,7 +75,7 @@ public class KafkaSourceTests : TestKit
         Produce(cluster, 10 * Partitions);   // offsets 0..9 of each partition
 
         // A resumes from a checkpoint that covers offsets 0..9 of every partition (its commit never landed).
-        var checkpoint = Enumerable.Range(0, Partitions).Aggregate(StreamPosition.None, (p, i) => p.Advance($"pairs/{i}", 9));
+        var checkpoint = Enumerable.Range(0, Partitions).Aggregate(StreamPosition.None, (p, i) => p.Advance(new($"pairs/{i}", 9)));
         using var a = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
         var fromA = new Puller(a.Open(checkpoint).RunWith(Sink.Queue<Positioned>(), materializer));
         WaitUntil(() => a.Assigned.Count == Partitions, "A to own every partition");
@@ -92,7 +92,7 @@ public class KafkaSourceTests : TestKit
         {
             Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"B read only {readByB}");
             fromA.Next();
-            if (fromB.Next() is { } r && r.Offset <= 29) readByB = readByB.Advance(r.Partition, r.Offset);
+            if (fromB.Next() is { } r && r.At.Offset <= 29) readByB = readByB.Advance(r.At);
         }
         b.Commit(readByB);
         WaitUntil(() => ofB.All(p => Committed(cluster, "replicas").GetValueOrDefault(p) == 30), "B's commit");
@@ -104,13 +104,13 @@ public class KafkaSourceTests : TestKit
         while (firstBack.Count < ofB.Count)
         {
             Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"A did not take back {string.Join(",", ofB.Except(firstBack.Keys))}");
-            if (fromA.Next() is { } r && ofB.Contains(r.Partition)) firstBack.TryAdd(r.Partition, r.Offset);
+            if (fromA.Next() is { } r && ofB.Contains(r.At.Source)) firstBack.TryAdd(r.At.Source, r.At.Offset);
         }
         Assert.All(firstBack, kv => Assert.Equal(30, kv.Value));
 
         // A commits a checkpoint older than B's for those partitions: theirs stay where B left them.
         var ofA = Enumerable.Range(0, Partitions).Select(i => $"pairs/{i}").Except(ofB).ToList();
-        var stale = ofB.Aggregate(ofA.Aggregate(StreamPosition.None, (p, x) => p.Advance(x, 14)), (p, x) => p.Advance(x, 19));
+        var stale = ofB.Aggregate(ofA.Aggregate(StreamPosition.None, (p, x) => p.Advance(new(x, 14))), (p, x) => p.Advance(new(x, 19)));
         a.Commit(stale);
         WaitUntil(() => ofA.All(p => Committed(cluster, "replicas").GetValueOrDefault(p) == 15), "A's commit");
         Assert.All(ofB, p => Assert.Equal(30, Committed(cluster, "replicas")[p]));

@@ -12,7 +12,7 @@ public class PipelineTests
     public void Training_samples_resume_at_a_cursor_and_reshuffle_each_epoch()
     {
         var samples = TrainingSamples.Load("manifest:" + BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit),
-            seed: 7, maxBytes: 1 << 30, new Mamo.Data.DecodeLimits(), _ => { });
+            seed: 7, maxBytes: 1 << 30, _ => { });
         int n = samples.Count;
         var full = samples.From(0).Take(3 * n).ToList();
         Assert.Equal(Enumerable.Range(0, 3 * n).Select(i => (long)i), full.Select(x => x.Cursor));

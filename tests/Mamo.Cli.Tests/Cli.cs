@@ -41,6 +41,20 @@ static class MamoProcess
             e.GetProperty("loss").GetDouble(), e.GetProperty("ids").EnumerateArray().Select(i => i.GetString()!).ToArray()))
         .ToList();
 
+    /// <summary>The step lines of a ledger file (a cluster replica's also has a line for each round's outcome), in order;
+    /// a line cut by SIGKILL is not a record.</summary>
+    public static List<JsonElement> Steps(string ledger) => File.ReadAllLines(ledger).Where(l => l.EndsWith('}'))
+        .Select(l => JsonDocument.Parse(l).RootElement).Where(e => e.TryGetProperty("step", out _)).ToList();
+
+    /// <summary>A cluster replica's round outcomes from its ledger: the attempts its coordinator applied, and the ones it did not.</summary>
+    public static (HashSet<long> Applied, HashSet<long> NotApplied) Outcomes(string ledger)
+    {
+        var lines = File.ReadAllLines(ledger).Where(l => l.EndsWith('}')).Select(l => JsonDocument.Parse(l).RootElement)
+            .Where(e => e.TryGetProperty("applied", out _)).ToList();
+        return (lines.Where(e => e.GetProperty("applied").GetBoolean()).Select(e => e.GetProperty("attempt").GetInt64()).ToHashSet(),
+            lines.Where(e => !e.GetProperty("applied").GetBoolean()).Select(e => e.GetProperty("attempt").GetInt64()).ToHashSet());
+    }
+
     public static ProcessStartInfo StartInfo(IEnumerable<string> args)
     {
         var info = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };

@@ -40,8 +40,7 @@ public class ClusterKafkaTests(ITestOutputHelper output)
         for (int i = 0; i < Nodes; i++)
             Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Err}");
 
-        var ledgers = Enumerable.Range(0, Nodes).Select(i => File.ReadAllLines(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl"))
-            .Select(l => JsonDocument.Parse(l).RootElement).ToList()).ToList();
+        var ledgers = Enumerable.Range(0, Nodes).Select(i => MamoProcess.Steps(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl"))).ToList();
         Assert.All(ledgers, l => Assert.Equal(Rounds * InnerSteps, l.Count));   // both nodes trained every round
         var partitions = ledgers.Select(l => l.SelectMany(e => e.GetProperty("position").EnumerateObject().Select(p => p.Name)).ToHashSet()).ToList();
         output.WriteLine($"partitions trained: n0 {string.Join(",", partitions[0].Order())}; n1 {string.Join(",", partitions[1].Order())}");
@@ -78,7 +77,7 @@ public class ClusterKafkaTests(ITestOutputHelper output)
             "--set", "torch-threads=1", "--set", "eval.every-steps=0", "--set", "data.preprocess-parallelism=1"]))!).ToList();
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
         var ledger = Enumerable.Range(0, 3).Select(i => Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")).ToList();
-        List<JsonElement> Read(int i) => File.Exists(ledger[i]) ? File.ReadAllLines(ledger[i]).Select(l => JsonDocument.Parse(l).RootElement).ToList() : [];
+        List<JsonElement> Read(int i) => File.Exists(ledger[i]) ? MamoProcess.Steps(ledger[i]) : [];
         long LatestRound() => Model.Checkpoint.Latest(run) is { } c ? long.Parse(Model.Checkpoint.ReadState(c).Extra[Actors.Cluster.RoundCoordinator.RoundKey]) : 0;
         var pids = nodes.Select(p => p.Id).ToList();
         TimeSpan recovery;

@@ -93,8 +93,7 @@ public class ClusterTests(ITestOutputHelper output)
             "--set", $"publish.output=jsonl:{embeddings}");
 
         // Each round hands the replicas disjoint cursor ranges that together make one epoch of the 48 samples.
-        var entries = Enumerable.Range(0, Nodes).SelectMany(i => File.ReadAllLines(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")))
-            .Select(l => JsonDocument.Parse(l).RootElement).ToList();
+        var entries = Enumerable.Range(0, Nodes).SelectMany(i => MamoProcess.Steps(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl"))).ToList();
         var ids = File.ReadLines(manifest).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("id").GetString()).Order().ToList();
         for (int round = 0; round < Rounds; round++)
         {
@@ -245,7 +244,7 @@ public class ClusterTests(ITestOutputHelper output)
         // Nothing lost: every cursor up to the final position was trained, by someone, at least once.
         var final = long.Parse(state.Extra["position:cursor"]);
         var trained = Enumerable.Range(0, Nodes).Select(i => Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")).Where(File.Exists)
-            .SelectMany(File.ReadAllLines).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("position").GetProperty("cursor").GetInt64())
+            .SelectMany(MamoProcess.Steps).Select(e => e.GetProperty("position").GetProperty("cursor").GetInt64())
             .ToHashSet();
         var batchEnds = Enumerable.Range(1, (int)((final + 1) / Batch)).Select(k => (long)k * Batch - 1);
         Assert.All(batchEnds.Where(c => !state.Extra["unfinished"].Split(',', StringSplitOptions.RemoveEmptyEntries).Select(long.Parse)
@@ -278,7 +277,7 @@ public class ClusterTests(ITestOutputHelper output)
         // The joiner's first round starts from exactly the θ of the cluster checkpoint before it.
         var round = FirstRoundFromItsCheckpoint(run, "n2", await logs[2].Err);
         Assert.InRange(round, 1, rounds - 1);   // it joined a running cluster, and still took a round
-        Assert.NotEmpty(File.ReadAllLines(Path.Combine(run, "nodes", "n2", "ledger.jsonl")));
+        Assert.NotEmpty(MamoProcess.Steps(Path.Combine(run, "nodes", "n2", "ledger.jsonl")));
     }
 
     [Fact]
@@ -302,8 +301,8 @@ public class ClusterTests(ITestOutputHelper output)
             // in is committed, and restart it once the survivors have committed a round without it.
             var clock = AwaitFirstCheckpoint(run, nodes[0]);
             AwaitEveryNodeTrained(run, clock);
-            long TrainedIn() => File.Exists(ledger) ? File.ReadAllLines(ledger).Where(l => l.EndsWith('}'))
-                .Select(l => JsonDocument.Parse(l).RootElement.GetProperty("round").GetInt64()).DefaultIfEmpty(long.MaxValue).Min() : long.MaxValue;
+            long TrainedIn() => File.Exists(ledger) ? MamoProcess.Steps(ledger)
+                .Select(e => e.GetProperty("round").GetInt64()).DefaultIfEmpty(long.MaxValue).Min() : long.MaxValue;
             while (LatestRound() <= TrainedIn())
             {
                 Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), "n2 did not train: " + Tail(Path.Combine(run, "nodes", "n2", "mamo.log")));
@@ -344,7 +343,7 @@ public class ClusterTests(ITestOutputHelper output)
         // The new incarnation took a round after the kill, from exactly the θ of the cluster checkpoint before it.
         var round = FirstRoundFromItsCheckpoint(run, "n2", await logs[2].Err);
         Assert.True(round > killedIn, $"round {round}, killed in {killedIn}");
-        Assert.Contains(File.ReadAllLines(ledger), l => JsonDocument.Parse(l).RootElement.GetProperty("round").GetInt64() == round);
+        Assert.Contains(MamoProcess.Steps(ledger), e => e.GetProperty("round").GetInt64() == round);
         Assert.Equal($"{rounds}", Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Extra["round"]);
     }
 

@@ -37,7 +37,7 @@ public class EveryStepTests(ITestOutputHelper output)
          "--cluster", $"127.0.0.1:{port}", "--seed-nodes", $"127.0.0.1:{seedPort}", "--node-name", $"n{i}",
          "--set", "cluster.sync=every-step", "--set", $"cluster.min-replicas={replicas}"];
 
-    static List<JsonElement> Ledger(string path) => File.ReadAllLines(path).Select(l => JsonDocument.Parse(l).RootElement).ToList();
+    static List<JsonElement> Ledger(string path) => MamoProcess.Steps(path);
 
     static IReadOnlyDictionary<string, TorchSharp.torch.Tensor> Student(string run, long step) =>
         Model.SafeTensors.Load(Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(step), Model.Checkpoint.StudentFile));

@@ -11,10 +11,10 @@ namespace Mamo.Actors.Cluster;
 
 /// <summary>The evaluator or the publisher of a cluster run: a cluster singleton on the oldest node with that role,
 /// so that the work is done once however many nodes have the role, and moves when that node is lost. It follows the
-/// run's checkpoints in the shared run directory and hands each new one (the global θ's teacher, as single-node
-/// evaluates and publishes the teacher) to its worker: an Evaluator, whose teacher it plays by loading the
-/// checkpoint's teacher part, or an EmbeddingPublisher. It reads the directory rather than waiting for a word from
-/// the coordinator: a follower that moved or restarted catches up on the newest checkpoint by itself.</summary>
+/// run's checkpoints in the shared run directory and hands each new one to its worker: an Evaluator, whose weights it
+/// gives from the checkpoint (the teacher, or a fine-tuned student with its head, as the run's task says: what a
+/// single node evaluates), or an EmbeddingPublisher. It reads the directory rather than waiting for a word from the
+/// coordinator: a follower that moved or restarted catches up on the newest checkpoint by itself.</summary>
 public sealed class CheckpointFollower : ReceiveActor, IWithTimers
 {
     /// <summary>Reply Followed once the work on a checkpoint at or past Step is done (a node leaves after that).</summary>
@@ -31,17 +31,18 @@ public sealed class CheckpointFollower : ReceiveActor, IWithTimers
     readonly string runDir;
     readonly IActorRef worker;
     readonly IActorRef? metrics;
-    readonly int sets;
+    readonly bool evaluatesStudent, evaluating;
     readonly CancellationTokenSource stopping = new();
     readonly List<(long Step, IActorRef ReplyTo)> waiters = [];
-    readonly Dictionary<long, int> setsDone = new();
     string? newest;
     long seen, done;   // the newest checkpoint handed on, and the newest whose work is done (step 0: nothing trained)
 
-    public CheckpointFollower(string runDir, Func<IUntypedActorContext, CancellationToken, (IActorRef Worker, IActorRef? Metrics)> create, int sets)
+    public CheckpointFollower(string runDir, Func<IUntypedActorContext, CancellationToken, (IActorRef Worker, IActorRef? Metrics)> create, bool evaluating,
+        bool evaluatesStudent)
     {
         this.runDir = runDir;
-        this.sets = sets;
+        this.evaluating = evaluating;
+        this.evaluatesStudent = evaluatesStudent;
         (worker, metrics) = create(Context, stopping.Token);
 
         Receive<Poll>(_ => Follow());
@@ -50,35 +51,31 @@ public sealed class CheckpointFollower : ReceiveActor, IWithTimers
             waiters.Add((a.Step, Sender));
             Answer();
         });
-        // The evaluator's teacher: the newest checkpoint's teacher part (an older one if it was pruned meanwhile).
-        Receive<MomentumTeacher.GetWeights>(g => Sender.Tell(LoadTeacher(g.Step)));
-        Receive<Evaluator.EvalCompleted>(e =>
-        {
-            metrics!.Forward(e);
-            if ((setsDone[e.Step] = setsDone.GetValueOrDefault(e.Step) + 1) < this.sets) return;
-            setsDone.Remove(e.Step);
-            Done(e.Step);
-        });
+        // The evaluator's weights: the newest checkpoint's (an older one if it was pruned meanwhile).
+        Receive<Evaluator.GetWeights>(g => Sender.Tell(LoadWeights(g.Step)));
+        Receive<Evaluator.EvaluationDone>(e => Done(e.Step));
+        Receive<Evaluator.EvalCompleted>(e => metrics!.Forward(e));
+        Receive<Evaluator.ClassifyCompleted>(e => metrics!.Forward(e));
         Receive<EmbeddingPublisher.Drained>(d => Done(d.Step));
     }
 
-    /// <summary>Evaluates each new checkpoint on the sets; results go to RUN_DIR/metrics.jsonl, as single-node's do.</summary>
-    public static Props Evaluating(MamoSettings s, Device device, IReadOnlyList<Evaluator.NamedSet> sets)
+    /// <summary>Evaluates each new checkpoint on the held-out sets; results go to RUN_DIR/metrics.jsonl, as single-node's do.</summary>
+    public static Props Evaluating(MamoSettings s, TrainingTask task, Device device, IReadOnlyList<HeldOutSet> sets)
     {
         Func<IUntypedActorContext, CancellationToken, (IActorRef, IActorRef?)> create = (context, token) =>
         {
-            var metrics = context.ActorOf(Metrics.Props(s.RunDir, s.MetricsEverySteps, false, null, _ => null), "metrics");
+            var metrics = context.ActorOf(Metrics.Props(s.RunDir, s.RunDir, s.MetricsEverySteps, false, null, _ => null), "metrics");
             return (context.ActorOf(Evaluator.Props(s.Model, device, sets, context.Self, context.Self, s.EvalK, s.EvalBatchSize, token), "evaluator"), metrics);
         };
-        return Props.Create(() => new CheckpointFollower(s.RunDir, create, sets.Count)).WithDispatcher(Dispatchers.Io);
+        return Props.Create(() => new CheckpointFollower(s.RunDir, create, true, task.EvaluatesStudent)).WithDispatcher(Dispatchers.Io);
     }
 
-    /// <summary>Publishes the embeddings of each new checkpoint to a sink it opens.</summary>
-    public static Props Publishing(MamoSettings s, Device device, IReadOnlyList<EmbeddingItem> items, Func<IEmbeddingSink> open)
+    /// <summary>Publishes the embeddings of each new checkpoint (and the task's predictions) to a sink it opens.</summary>
+    public static Props Publishing(MamoSettings s, TrainingTask task, Device device, IReadOnlyList<EmbeddingItem> items, Func<IEmbeddingSink> open)
     {
         Func<IUntypedActorContext, CancellationToken, (IActorRef, IActorRef?)> create = (context, _) =>
-            (context.ActorOf(EmbeddingPublisher.Props(items, open(), s.PublishModality, s.PublishBatchSize, device, 0), "publisher"), null);
-        return Props.Create(() => new CheckpointFollower(s.RunDir, create, 0)).WithDispatcher(Dispatchers.Io);
+            (context.ActorOf(EmbeddingPublisher.Props(items, open(), s.PublishModality, s.PublishBatchSize, device, 0, task.Predictions), "publisher"), null);
+        return Props.Create(() => new CheckpointFollower(s.RunDir, create, false, task.EvaluatesStudent)).WithDispatcher(Dispatchers.Io);
     }
 
     protected override void PreStart() => Timers.StartPeriodicTimer("poll", new Poll(), TimeSpan.Zero, PollInterval);
@@ -91,10 +88,10 @@ public sealed class CheckpointFollower : ReceiveActor, IWithTimers
         Checkpoint.State state;
         try { state = Checkpoint.ReadState(dir); }
         catch (Exception e) when (e is IOException or System.Text.Json.JsonException) { return; }   // pruned while read: the next poll sees the newer one
-        if (state.Step <= seen) return;
+        if (state.Step < seen || state.Step == seen && newest is not null) return;
         (seen, newest) = (state.Step, dir);
         Log.Information("{Follower} follows checkpoint {Checkpoint} (step {Step})", Self.Path.Parent.Name, dir, state.Step);
-        if (sets > 0) worker.Tell(new Evaluator.EvaluateNow(state.Step));
+        if (evaluating) worker.Tell(new Evaluator.EvaluateNow(state.Step));
         else
         {
             worker.Tell(new Checkpointer.CheckpointDurable(state.Step, StreamPosition.FromExtra(state.Extra), dir));
@@ -102,15 +99,20 @@ public sealed class CheckpointFollower : ReceiveActor, IWithTimers
         }
     }
 
-    MomentumTeacher.TeacherSnapshot LoadTeacher(long step)
+    /// <summary>The weights the run evaluates, from the newest readable checkpoint: its teacher, or (fine-tuning) its
+    /// student with the objective's parts and state.</summary>
+    Evaluator.Weights LoadWeights(long step)
     {
         foreach (var dir in (newest is null ? [] : new[] { newest }).Concat(Checkpoint.Complete(runDir)))
         {
             try
             {
                 var state = Checkpoint.ReadState(dir);
-                var weights = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.TeacherFile)).Select(kv => (kv.Key, kv.Value)).ToArray();
-                return new MomentumTeacher.TeacherSnapshot(step, state.TeacherStep, weights);
+                var part = evaluatesStudent ? Checkpoint.StudentPart : Checkpoint.InferencePart(dir);
+                var weights = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.PartFile(part))).Select(kv => (kv.Key, kv.Value)).ToList();
+                foreach (var other in Checkpoint.Parts(state).Except([Checkpoint.StudentPart, Checkpoint.TeacherPart, Checkpoint.OptimizerPart, RoundCoordinator.OuterOptimizerPart]))
+                    weights.AddRange(Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.PartFile(other))).Select(kv => ($"{other}.{kv.Key}", kv.Value)));
+                return new Evaluator.Weights(step, state.Step, [.. weights], state.Extra);
             }
             catch (Exception e) when (e is IOException or InvalidDataException or System.Text.Json.JsonException)
             {

@@ -6,6 +6,7 @@ using Akka.Streams;
 using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Data.Kafka;
+using Mamo.Actors.Sources;
 using Serilog;
 using Mamo.Actors.Run;
 using Mamo.Actors.Pipeline;
@@ -31,99 +32,89 @@ public sealed record ClusterNodeOptions(string Host, int Port, IReadOnlyList<str
 }
 
 /// <summary>One node of a cluster run, for the life of the process: it joins the cluster, hosts the coordinator, evaluator
-/// and publisher singletons where it has those roles (the oldest such node runs each), and a replica where it has the
-/// trainer role. It leaves once the last round is checkpointed, and evaluated and published where the run does
-/// those. docs/CLUSTER.md.</summary>
-/// <param name="init">the checkpoint a new run starts from (pretrain --init): the coordinator loads it; replicas take θ
-/// from the coordinator as always</param>
+/// and publisher singletons where it has those roles (the oldest such node runs each), and, where it has the trainer
+/// role, runs the single-node pipeline as a replica (TrainingRun with ReplicaHooks) under its own supervisor, which
+/// restarts it with backoff and ends the node after too many failures. It leaves once the last round is checkpointed,
+/// and evaluated and published where the run does those. docs/CLUSTER.md.</summary>
+/// <param name="init">the checkpoint a new run starts from (pretrain --init, finetune --from): the coordinator loads it;
+/// replicas take θ from the coordinator as always</param>
 public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, string? init = null)
 {
     public const string SingletonName = "coordinator";
 
-    /// <summary>Runs until the coordinator finishes the run or `stop`; returns the inner steps each replica took.</summary>
+    /// <summary>Runs until the coordinator finishes the run or `stop`; returns the step the run reached.</summary>
     public async Task<long> RunAsync(CancellationToken stop)
     {
         var s = settings;
         var everyStep = s.Cluster.Sync == ClusterSettings.EveryStep;
-        if (everyStep && KafkaSpec.IsKafka(s.Source))
+        if (everyStep && !ITrainingSource.ReadWholeSpec(s.Source))
             throw new SettingsException("cluster.sync = every-step trains from file sources (dataset:, manifest:, wds:) so far; use diloco with Kafka");
-        if (s.TorchThreads > 0) TorchSharp.torch.set_num_threads(s.TorchThreads);
-        var device = TrainingRun.OpenDevice(s.Device);
-        Action<string> log = m => Log.Information("{Message}", m);
-        var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: log));
-        var decodeLimits = new DecodeLimits(s.MaxImageBytes, s.MaxImagePixels);
-        using var source = node.Roles.Contains(ClusterNodeOptions.TrainerRole)
-            ? TrainingRun.OpenSource(s, decodeLimits, b => Log.Warning("dead letter: {Reason} at {Location}", b.Reason, b.Location), log)
-            : null;
+        var task = TrainingTask.Of(s);
         // Every node knows from the settings whether the run evaluates and publishes, and so what to wait for at the end.
         var followers = new List<string>();
-        if (s.EvalEverySteps > 0 && s.EvalSets.Count > 0) followers.Add(CheckpointFollower.EvaluatorName);
+        if (task.Evaluates) followers.Add(CheckpointFollower.EvaluatorName);
         if (s.PublishOutput is not null)
         {
             followers.Add(CheckpointFollower.PublisherName);
             // A bad output or producer setting is an error at start, not in a singleton. A file is not opened here: the
             // publisher, on another node of this machine, may hold it.
-            if (KafkaSpec.IsKafka(s.PublishOutput)) TrainingRun.OpenSink(s).Dispose();
-            else if (!s.PublishOutput.StartsWith("jsonl:")) TrainingRun.OpenSink(s);
+            if (KafkaSpec.IsKafka(s.PublishOutput)) RunInputs.OpenSink(s).Dispose();
+            else if (!s.PublishOutput.StartsWith("jsonl:")) RunInputs.OpenSink(s);
         }
-        var evalSets = new List<Evaluator.NamedSet>();
-        if (followers.Contains(CheckpointFollower.EvaluatorName) && node.Roles.Contains(ClusterNodeOptions.EvaluatorRole))
-            TrainingRun.LoadEvalSets(s, s.EvalSets, tokenizer, decodeLimits, evalSets, log);
-        var publishItems = followers.Contains(CheckpointFollower.PublisherName) && node.Roles.Contains(ClusterNodeOptions.PublisherRole)
-            ? TrainingRun.PublishItems(s, tokenizer, decodeLimits, log) : null;
+        var trains = node.Roles.Contains(ClusterNodeOptions.TrainerRole);
+        var evaluates = followers.Contains(CheckpointFollower.EvaluatorName) && node.Roles.Contains(ClusterNodeOptions.EvaluatorRole);
+        var publishes = followers.Contains(CheckpointFollower.PublisherName) && node.Roles.Contains(ClusterNodeOptions.PublisherRole);
+        using var inputs = RunInputs.Open(s, task, train: trains, evaluate: evaluates, publish: publishes);
 
         var singletons = new List<Singleton>
         {
             Singleton.Of<CoordinatorKey>(SingletonName, ClusterNodeOptions.CoordinatorRole,
-                node.Roles.Contains(ClusterNodeOptions.CoordinatorRole) ? everyStep ? StepCoordinator.Props(s, device, init) : RoundCoordinator.Props(s, init) : null),
+                node.Roles.Contains(ClusterNodeOptions.CoordinatorRole) ? everyStep ? StepCoordinator.Props(s, inputs.Device, init) : RoundCoordinator.Props(s, init) : null),
         };
         if (followers.Contains(CheckpointFollower.EvaluatorName))
             singletons.Add(Singleton.Of<EvaluatorKey>(CheckpointFollower.EvaluatorName, ClusterNodeOptions.EvaluatorRole,
-                evalSets.Count > 0 ? CheckpointFollower.Evaluating(s, device, evalSets) : null));
+                evaluates ? CheckpointFollower.Evaluating(s, task, inputs.Device, inputs.HeldOut) : null));
         if (followers.Contains(CheckpointFollower.PublisherName))
             singletons.Add(Singleton.Of<PublisherKey>(CheckpointFollower.PublisherName, ClusterNodeOptions.PublisherRole,
-                publishItems is not null ? CheckpointFollower.Publishing(s, device, publishItems, () => TrainingRun.OpenSink(s)) : null));
+                publishes ? CheckpointFollower.Publishing(s, task, inputs.Device, inputs.PublishItems, () => RunInputs.OpenSink(s)) : null));
 
         using var host = await ClusterNode.StartAsync(node, s.Config, s.Cluster.Tls, builder => { foreach (var singleton in singletons) singleton.Register(builder); });
         var system = host.System();
         var registry = ActorRegistry.For(system);
-        ReplicaData? data = null;
         try
         {
-            var coordinator = registry.Get<CoordinatorKey>();
-            var finished = new TaskCompletionSource<RoundReplica.Finished>(TaskCreationOptions.RunContinuationsAsynchronously);
-            if (source is not null)
-            {
-                var owner = system.ActorOf(Props.Create(() => new Completion(finished)), "finished");
-                var preparer = new SamplePreparer(new ImageTransform(s.TrainImages), tokenizer, s.Model.MaxTextLength, decodeLimits);
-                data = new ReplicaData(s, source, preparer, system.Materializer(), node.Name, NodeDir(s.RunDir, node.Name));
-                system.ActorOf(everyStep ? StepReplica.Props(s, data, coordinator, owner, node.Name, device)
-                    : RoundReplica.Props(s, data, coordinator, owner, node.Name, device), "replica");
-            }
             Log.Information("node {Node} ({Roles}) listening on {Host}:{Port}, joining {Seeds}", node.Name, string.Join(",", node.Roles), node.Host, node.Port,
                 string.Join(",", node.SeedNodes));
-            // A node without a replica ends with the run's last step, which the settings tell; else it runs until stopped.
-            var lastStep = everyStep ? s.MaxSteps : (s.MaxSteps + s.Cluster.InnerSteps - 1) / s.Cluster.InnerSteps * s.Cluster.InnerSteps;
-            if (source is null && s.MaxSteps > 0 && followers.Count > 0)
-                finished.SetResult(new RoundReplica.Finished(everyStep ? lastStep : lastStep / s.Cluster.InnerSteps));
-            var done = await Task.WhenAny(finished.Task, Task.Delay(Timeout.Infinite, stop), system.WhenTerminated);
-            // On SIGTERM Akka's own shutdown hook may stop the system before `stop` is seen: that is a stop, not a failure.
-            if (done == system.WhenTerminated && !stop.IsCancellationRequested && !finished.Task.IsCompleted)
-                throw new InvalidOperationException("this node's actor system stopped (downed by the cluster?)");
-            var rounds = finished.Task.IsCompleted ? finished.Task.Result.Round : 0;
-            var steps = everyStep ? rounds : rounds * s.Cluster.InnerSteps;
-            if (finished.Task.IsCompleted)   // a replica's node has its own work done: it waits a round's time at most
+            // The run's last step, which a node's followers wait for: the coordinator says it to a replica; a node without
+            // one knows it from the settings (and without max-steps it runs until stopped).
+            var finalStep = s.MaxSteps <= 0 ? -1 : everyStep ? s.MaxSteps : (s.MaxSteps + s.Cluster.InnerSteps - 1) / s.Cluster.InnerSteps * s.Cluster.InnerSteps;
+            if (trains)
+            {
+                var hooks = new ReplicaHooks(s, node.Name, registry.Get<CoordinatorKey>());
+                var training = new TrainingRun(s).RunAsync(system, inputs, hooks, stop);
+                // A downed node's actor system stops under its pipeline: that is the end of the node, not of the run.
+                if (await Task.WhenAny(training, system.WhenTerminated) != training && !stop.IsCancellationRequested)
+                    throw new InvalidOperationException("this node's actor system stopped (downed by the cluster?)");
+                await training;
+                finalStep = hooks.FinalStep;
+            }
+            else if (finalStep < 0 || followers.Count == 0)
+            {
+                await Task.WhenAny(Task.Delay(Timeout.Infinite, stop), system.WhenTerminated);
+                if (system.WhenTerminated.IsCompleted && !stop.IsCancellationRequested)
+                    throw new InvalidOperationException("this node's actor system stopped (downed by the cluster?)");
+                finalStep = -1;
+            }
+            if (finalStep >= 0)   // the node's own work is done: it waits for the followers, a round's time at most where it trained
                 foreach (var follower in singletons.Where(x => x.Name != SingletonName))
-                    await AwaitFollower(follower.Proxy(registry), follower.Name, follower.Role, steps, source is null ? null : s.Cluster.RoundTimeout, stop);
-            Log.Information("node {Node} leaves the cluster after {Unit} {Round}", node.Name, everyStep ? "step" : "round", rounds);
-            return steps;
+                    await AwaitFollower(follower.Proxy(registry), follower.Name, follower.Role, finalStep, trains ? s.Cluster.RoundTimeout : null, stop);
+            Log.Information("node {Node} leaves the cluster at step {Step}", node.Name, finalStep);
+            return Math.Max(finalStep, 0);
         }
         finally
         {
             await CoordinatedShutdown.Get(system).Run(CoordinatedShutdown.ClusterLeavingReason.Instance);
             await host.StopAsync();
-            data?.Dispose();
-            foreach (var set in evalSets) set.Set.Dispose();
         }
     }
 
@@ -160,11 +151,6 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         catch (OperationCanceledException) { }   // stopped: leave now
     }
 
-    /// <summary>A node's own log, metrics and ledger go here, beside the run's shared checkpoints.</summary>
+    /// <summary>A node's own log, metrics, ledger and replica checkpoints go here, beside the run's shared checkpoints.</summary>
     public static string NodeDir(string runDir, string name) => Path.Combine(runDir, "nodes", name);
-
-    sealed class Completion : ReceiveActor
-    {
-        public Completion(TaskCompletionSource<RoundReplica.Finished> done) => Receive<RoundReplica.Finished>(f => done.TrySetResult(f));
-    }
 }

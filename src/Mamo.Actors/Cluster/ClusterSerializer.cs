@@ -29,13 +29,13 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         WeightTransfer.Offer => OfferManifest,
         WeightTransfer.Chunk => ChunkManifest,
         WeightTransfer.Ack => AckManifest,
-        RoundCoordinator.Register => RegisterManifest,
+        Coordination.Register => RegisterManifest,
         RoundCoordinator.RoundStart => StartManifest,
         RoundCoordinator.RoundDone => DoneManifest,
-        RoundCoordinator.Finish => FinishManifest,
-        RoundCoordinator.Commit => CommitManifest,
-        RoundCoordinator.GetProgress => GetProgressManifest,
-        RoundCoordinator.Progress => ProgressManifest,
+        Coordination.Finish => FinishManifest,
+        Coordination.Commit => CommitManifest,
+        Coordination.GetProgress => GetProgressManifest,
+        Coordination.Progress => ProgressManifest,
         StepCoordinator.StepStart => StepStartManifest,
         StepCoordinator.StepDone => StepDoneManifest,
         StepCoordinator.Abort => StepAbortManifest,
@@ -53,7 +53,9 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
             {
                 case WeightTransfer.Offer o:
                     w.Write(o.Id.ToByteArray());
-                    w.Write(o.Tag);
+                    w.Write((int)o.Tag.Kind);
+                    w.Write(o.Tag.Attempt);
+                    w.Write(o.Tag.Node);
                     w.Write(o.DType);
                     w.Write(o.ChunkSize);
                     w.Write(o.Names.Count);
@@ -74,35 +76,44 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(a.Id.ToByteArray());
                     w.Write(a.Index);
                     break;
-                case RoundCoordinator.Register g:
+                case Coordination.Register g:
                     w.Write(g.Node);
                     w.Write(Akka.Serialization.Serialization.SerializedActorPath(g.Receiver));
                     break;
                 case RoundCoordinator.RoundStart s:
+                    w.Write(s.Attempt);
                     w.Write(s.Round);
+                    w.Write(s.FirstStep);
                     w.Write(s.Cursor);
-                    w.Write(s.Steps);
-                    w.Write(s.BatchSize);
+                    w.Write(s.Records);
                     w.Write(s.Rewind);
+                    WriteMap(w, s.State, w.Write);
                     w.Write(Akka.Serialization.Serialization.SerializedActorPath(s.DeltaReceiver));
                     break;
                 case RoundCoordinator.RoundDone d:
+                    w.Write(d.Attempt);
                     w.Write(d.Round);
                     w.Write(d.Node);
                     w.Write(d.Samples);
                     WriteMap(w, d.Positions, w.Write);
                     w.Write(d.Loss);
                     WriteMap(w, d.Terms, w.Write);
+                    WriteMap(w, d.Observations, w.Write);
+                    w.Write(d.Partial);
                     break;
-                case RoundCoordinator.Commit c:
+                case Coordination.Commit c:
                     WriteMap(w, c.Positions, w.Write);
+                    w.Write(c.Through);
+                    w.Write(c.Applied.Count);
+                    foreach (var a in c.Applied) w.Write(a);
                     break;
-                case RoundCoordinator.Finish f:
+                case Coordination.Finish f:
                     w.Write(f.Round);
+                    w.Write(f.Step);
                     break;
-                case RoundCoordinator.GetProgress:
+                case Coordination.GetProgress:
                     break;
-                case RoundCoordinator.Progress p:
+                case Coordination.Progress p:
                     w.Write(p.Round);
                     w.Write(p.LastCheckpoint);
                     w.Write(p.Recent.Count);
@@ -130,6 +141,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(s.Index);
                     w.Write(s.FirstRow);
                     w.Write(s.WithTeacher);
+                    WriteMap(w, s.State, w.Write);
                     w.Write(Akka.Serialization.Serialization.SerializedActorPath(s.Receiver));
                     break;
                 case StepCoordinator.StepDone d:
@@ -138,6 +150,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(d.Samples);
                     w.Write(d.Loss);
                     WriteMap(w, d.Terms, w.Write);
+                    WriteMap(w, d.Observations, w.Write);
                     break;
                 case StepCoordinator.Abort a:
                     w.Write(a.Attempt);
@@ -165,17 +178,20 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 OfferManifest => ReadOffer(r),
                 ChunkManifest => new WeightTransfer.Chunk(new Guid(r.ReadBytes(16)), r.ReadInt32(), ReadBytes(r)),
                 AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
-                RegisterManifest => new RoundCoordinator.Register(r.ReadString(), ReadRef(r)),
-                StartManifest => new RoundCoordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadBoolean(), ReadRef(r)),
-                DoneManifest => new RoundCoordinator.RoundDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions"),
-                    r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms")),
-                CommitManifest => new RoundCoordinator.Commit(ReadMap(r, r.ReadInt64, "stream positions")),
-                FinishManifest => new RoundCoordinator.Finish(r.ReadInt64()),
-                GetProgressManifest => new RoundCoordinator.GetProgress(),
+                RegisterManifest => new Coordination.Register(r.ReadString(), ReadRef(r)),
+                StartManifest => new RoundCoordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadBoolean(),
+                    ReadMap(r, r.ReadString, "state"), ReadRef(r)),
+                DoneManifest => new RoundCoordinator.RoundDone(r.ReadInt64(), r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions"),
+                    r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"), ReadMap(r, r.ReadString, "observations"), r.ReadBoolean()),
+                CommitManifest => new Coordination.Commit(ReadMap(r, r.ReadInt64, "stream positions"), r.ReadInt64(),
+                    Enumerable.Range(0, Count(r, "attempts")).Select(_ => r.ReadInt64()).ToList()),
+                FinishManifest => new Coordination.Finish(r.ReadInt64(), r.ReadInt64()),
+                GetProgressManifest => new Coordination.GetProgress(),
                 ProgressManifest => ReadProgress(r),
                 StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
-                    r.ReadBoolean(), ReadRef(r)),
-                StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms")),
+                    r.ReadBoolean(), ReadMap(r, r.ReadString, "state"), ReadRef(r)),
+                StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"),
+                    ReadMap(r, r.ReadString, "observations")),
                 StepAbortManifest => new StepCoordinator.Abort(r.ReadInt64()),
                 AwaitStepManifest => new CheckpointFollower.AwaitStep(r.ReadInt64()),
                 FollowedManifest => new CheckpointFollower.Followed(r.ReadInt64()),
@@ -215,7 +231,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
     }
 
     /// <summary>Bounded as a map is: a history of at most MaxTensors entries, each of bounded names.</summary>
-    static RoundCoordinator.Progress ReadProgress(BinaryReader r)
+    static Coordination.Progress ReadProgress(BinaryReader r)
     {
         var (round, last) = (r.ReadInt64(), r.ReadString());
         var rounds = new List<RunHistory.Round>();
@@ -232,7 +248,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
             var (lost, address, ticks, seconds) = (Name(r), Name(r), r.ReadInt64(), r.ReadDouble());
             recoveries.Add(new RunHistory.Recovery(lost, address, new DateTime(ticks, DateTimeKind.Utc), seconds < 0 ? null : seconds));
         }
-        return new RoundCoordinator.Progress(round, last, rounds, recoveries);
+        return new Coordination.Progress(round, last, rounds, recoveries);
     }
 
     static int Count(BinaryReader r, string what)
@@ -253,7 +269,9 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
     static WeightTransfer.Offer ReadOffer(BinaryReader r)
     {
         var id = new Guid(r.ReadBytes(16));
-        var tag = r.ReadString();
+        var kind = r.ReadInt32();
+        if (!Enum.IsDefined((WeightTransfer.Kind)kind)) throw new SerializationException($"unknown transfer kind {kind}");
+        var tag = new WeightTransfer.Tag((WeightTransfer.Kind)kind, r.ReadInt64(), Name(r));
         var dtype = r.ReadString();
         var chunkSize = r.ReadInt32();
         var count = Count(r, "tensors in an offer");

@@ -2,61 +2,53 @@ using System.Collections.Immutable;
 using System.Diagnostics;
 using System.Globalization;
 using Akka.Actor;
-using Mamo.Data.Kafka;
+using Mamo.Actors.Pipeline;
+using Mamo.Actors.Run;
+using Mamo.Actors.Sources;
 using Mamo.Model;
 using Serilog;
 using static TorchSharp.torch;
-using Mamo.Actors.Sources;
-using Mamo.Actors.Run;
-using Mamo.Actors.Pipeline;
 
 namespace Mamo.Actors.Cluster;
 
-/// <summary>The cluster singleton of DiLoCo training. It holds the global weights θ, the teacher, the outer optimiser
-/// and the round; each round it gives every registered replica θ and a disjoint range of the file source's cursor
-/// (so each sample of an epoch is trained once across the cluster), gathers their deltas, applies the outer step,
-/// averages the replicas' teachers (an EMA is linear: the mean of EMAs that started equal is the EMA of the mean
-/// student's path), and writes the cluster checkpoint before the next round starts.</summary>
-public sealed class RoundCoordinator : ReceiveActor, IWithTimers
+/// <summary>The cluster singleton of DiLoCo training. It holds the global weights θ (the student and the objective's
+/// parts), the teacher, the objective's state, the outer optimiser and the round. Each round it gives every registered
+/// replica θ and its share of the data: a disjoint range of a file source's cursor (so each sample of an epoch is
+/// trained once across the cluster), or the next records of the node's Kafka partitions. It gathers their deltas,
+/// replays what each replica's objective observed (in node order, so the label map and the prequential sums are what
+/// one process would have), applies the outer step, averages the replicas' teachers (an EMA is linear: the mean of EMAs
+/// that started equal is the EMA of the mean student's path), and writes the cluster checkpoint; the next round starts
+/// once it is durable.</summary>
+public sealed class RoundCoordinator : Coordination
 {
-    public ITimerScheduler Timers { get; set; } = null!;
-
-    /// <summary>A replica (the sender) offers itself; Receiver takes θ.</summary>
-    public sealed record Register(string Node, IActorRef Receiver) : IClusterMessage;
-    /// <summary>Train Steps steps of BatchSize samples, from the θ that follows: from Cursor on for a file source; for
-    /// a Kafka source, on from the last batch, or from the last Commit's positions where Rewind (this replica's last
-    /// round was not applied). Send the delta to DeltaReceiver.</summary>
-    public sealed record RoundStart(long Round, long Cursor, int Steps, int BatchSize, bool Rewind, IActorRef DeltaReceiver) : IClusterMessage;
-    /// <summary>A replica's account of its round: the samples it trained on (its delta's weight), the stream
-    /// positions they reach, and its inner steps' mean loss and terms (NaN and none when every step was skipped).</summary>
-    public sealed record RoundDone(long Round, string Node, long Samples, IReadOnlyDictionary<string, long> Positions, double Loss,
-        IReadOnlyDictionary<string, double> Terms) : IClusterMessage;
-    /// <summary>A cluster checkpoint covering these stream positions is durable: the sources may acknowledge them.</summary>
-    public sealed record Commit(IReadOnlyDictionary<string, long> Positions) : IClusterMessage;
-    /// <summary>The last round is done and checkpointed: the replica may stop.</summary>
-    public sealed record Finish(long Round) : IClusterMessage;
-    /// <summary>Asks for a Progress (mamo cluster status).</summary>
-    public sealed record GetProgress : IClusterMessage;
-    /// <summary>The round in progress (or next), the last durable cluster checkpoint ("" before the first), and the
-    /// coordinator's recent history.</summary>
-    public sealed record Progress(long Round, string LastCheckpoint, IReadOnlyList<RunHistory.Round> Recent, IReadOnlyList<RunHistory.Recovery> Recoveries)
-        : IClusterMessage;
+    /// <summary>Train the round's records from the θ and objective state that follow: cursors [Cursor, Cursor + Records)
+    /// of a file source, or the next Records records of the node's Kafka partitions (Rewind: read the stream again from
+    /// the last cluster checkpoint first: this replica's last round was not applied). Its steps are numbered from
+    /// FirstStep. Send the delta to DeltaReceiver.</summary>
+    public sealed record RoundStart(long Attempt, long Round, long FirstStep, long Cursor, int Records, bool Rewind, IReadOnlyDictionary<string, string> State,
+        IActorRef DeltaReceiver) : IClusterMessage;
+    /// <summary>A replica's account of its attempt: the samples it trained on (its delta's weight), the stream positions
+    /// they reach, its steps' mean loss and terms (NaN and none when every step was skipped), what its objective
+    /// observed, and whether it was cut short (its node stopped: the rest of its range is trained by another).</summary>
+    public sealed record RoundDone(long Attempt, long Round, string Node, long Samples, IReadOnlyDictionary<string, long> Positions, double Loss,
+        IReadOnlyDictionary<string, double> Terms, IReadOnlyDictionary<string, string> Observations, bool Partial) : IClusterMessage;
     sealed record Deadline(long Round);
 
     public const string OuterOptimizerPart = "outer-optimizer", RoundKey = "round", UnfinishedKey = "unfinished";
-    const string StudentPrefix = "student.", TeacherPrefix = "teacher.";
 
-    sealed class Round(long number, IReadOnlyList<(string Node, IActorRef Replica, long Cursor)> assigned, int fresh)
+    sealed record Assignment(string Node, IActorRef Replica, long Attempt, long Cursor, int Records);
+
+    sealed class Round(long number, IReadOnlyList<Assignment> assigned, int fresh)
     {
         public long Number { get; } = number;
-        public IReadOnlyList<(string Node, IActorRef Replica, long Cursor)> Assigned { get; } = assigned;
+        public IReadOnlyList<Assignment> Assigned { get; } = assigned;
         /// <summary>Ranges taken from the cursor's front this round (the others were unfinished ones given again).</summary>
         public int Fresh { get; } = fresh;
-        /// <summary>Each replica's account: its samples, stream positions and losses.</summary>
-        public Dictionary<string, RoundDone> Reports { get; } = new();
-        public Dictionary<string, WeightTransfer.Received> Deltas { get; } = new();
-        /// <summary>Replicas that left during the round: the round does not wait for them.</summary>
-        public HashSet<string> Lost { get; } = new();
+        /// <summary>Each attempt's account, and its delta.</summary>
+        public Dictionary<long, RoundDone> Reports { get; } = new();
+        public Dictionary<long, WeightTransfer.Received> Deltas { get; } = new();
+        /// <summary>Attempts whose replica left during the round: the round does not wait for them.</summary>
+        public HashSet<long> Lost { get; } = new();
         public bool Expired { get; set; }
         /// <summary>The round's time line, for its breakdown in the log: θ sent to every replica, the last replica's
         /// inner steps done, the last delta in.</summary>
@@ -65,96 +57,64 @@ public sealed class RoundCoordinator : ReceiveActor, IWithTimers
         public TimeSpan Broadcast { get; set; }
         public TimeSpan InnerSteps { get; set; }
         public TimeSpan Gathered { get; set; }
+
+        public void Dispose()
+        {
+            foreach (var d in Deltas.Values) foreach (var (_, t) in d.Tensors) t.Dispose();
+            Deltas.Clear();
+        }
     }
 
-    readonly MamoSettings settings;
-    readonly ClusterSettings cluster;
-    readonly MamoModel theta, teacher;
-    readonly OuterOptimizer outer;
-    readonly IActorRef receiver;
-    readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> replicas = new();
-    readonly RunHistory history;
-    readonly TrainCurve curve;
+    /// <summary>θ (the student and the objective's parts), the teacher where the objective keeps one, and the objective
+    /// whose state the replicas share. Its optimiser is never made: the replicas' own AdamW make the inner steps.</summary>
+    readonly MamoTrainer global;
+    OuterOptimizer outer = null!;
     readonly long rounds;
+    readonly bool ranges;
     long round, cursor;
     /// <summary>The stream positions the last cluster checkpoint covers (a Kafka source: each partition's last offset).</summary>
     StreamPosition positions = StreamPosition.None;
-    /// <summary>A Kafka source: the group assigns the partitions, the coordinator keeps only their positions.</summary>
-    readonly bool stream;
     /// <summary>Replicas whose last round was not applied: they read their stream again from the checkpoint.</summary>
     readonly HashSet<IActorRef> rewind = new();
-    /// <summary>Ranges (their first cursor) whose replica left or missed the deadline: assigned again first.</summary>
-    readonly List<long> unfinished = new();
+    /// <summary>Ranges (first cursor, records) whose replica left, missed the deadline or stopped short: given again first.</summary>
+    readonly List<(long Start, int Records)> unfinished = new();
     Round? current;
+    bool writing;
 
-    /// <param name="init">a new run's θ and teacher come from this checkpoint (pretrain --init); null: from the seed</param>
-    public RoundCoordinator(MamoSettings settings, string? init = null)
+    /// <param name="init">a new run's θ and teacher come from this checkpoint (pretrain --init, finetune --from); null: from the seed</param>
+    public RoundCoordinator(MamoSettings settings, string? init = null) : base(settings, Parts(settings))
     {
-        this.settings = settings;
-        cluster = settings.Cluster;
-        history = new RunHistory(Path.Combine(settings.RunDir, RunHistory.JournalFile));
-        curve = new TrainCurve(settings.RunDir);
-        stream = KafkaSpec.IsKafka(settings.Source);
-        rounds = settings.MaxSteps > 0 ? (settings.MaxSteps + cluster.InnerSteps - 1) / cluster.InnerSteps : long.MaxValue;
-        theta = MamoModel.Seeded(settings.Model, settings.Seed);
-        teacher = Momentum.CreateTeacher(theta);
-        outer = new OuterOptimizer(Checkpoint.Named(theta), cluster.OuterOptimizer);
-        if (Checkpoint.Latest(settings.RunDir) is { } dir)
+        rounds = settings.MaxSteps > 0 ? (settings.MaxSteps + Cluster.InnerSteps - 1) / Cluster.InnerSteps : long.MaxValue;
+        ranges = ITrainingSource.ReadWholeSpec(settings.Source);
+        global = new MamoTrainer(settings.Model, settings.Optimizer, CPU, settings.Seed, withTeacher: true, Task.Objective);
+        if (StartingPoint.Resume(settings) is { } resumed) Resume(resumed.Dir, resumed.State);
+        else
         {
-            Resume(dir);
-            history.CoordinatorStarted(Context.System);
+            if (init is not null)
+            {
+                StartingPoint.StartFrom(init, global);
+                Log.Information("coordinator starts a new run from {Init}: θ {Hash}", init, Checkpoint.WeightHash(Checkpoint.Named(global.Student)));
+            }
+            outer = new OuterOptimizer(Theta(), Cluster.OuterOptimizer);
+            // Fine-tuning is judged against its starting model: step 0's checkpoint is the evaluators' baseline.
+            if (Task.EvaluatesStudent) Write();
         }
-        else if (init is not null)
-        {
-            Checkpoint.LoadStart(init, theta, teacher);
-            Log.Information("coordinator starts a new run from {Init}: θ {Hash}", init, Checkpoint.WeightHash(Checkpoint.Named(theta)));
-        }
-        receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "deltas");
 
-        Receive<Register>(r =>
-        {
-            if (!replicas.ContainsKey(Sender))
-            {
-                Context.Watch(Sender);
-                Log.Information("replica {Node} registered ({Count} now)", r.Node, replicas.Count + 1);
-                Sender.Tell(new Commit(positions.Offsets));   // where its stream would rewind to
-            }
-            replicas[Sender] = (r.Node, r.Receiver);
-            if (round >= rounds) Sender.Tell(new Finish(round));
-            else TryStartRound();
-        });
-        // A replica's node marked unreachable starts its recovery: that is when the cluster knows of the loss.
-        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(u =>
-        {
-            foreach (var (_, r) in replicas.Where(r => r.Key.Path.Address == u.Member.Address)) history.Lost(r.Node, u.Member.Address.ToString());
-        });
-        Receive<Terminated>(t =>
-        {
-            rewind.Remove(t.ActorRef);
-            if (!replicas.Remove(t.ActorRef, out var gone)) return;
-            Log.Warning("replica {Node} left", gone.Node);
-            history.Lost(gone.Node, t.ActorRef.Path.Address.ToString());
-            if (current is not null && current.Assigned.Any(a => a.Replica.Equals(t.ActorRef)))
-            {
-                current.Lost.Add(gone.Node);
-                TryComplete();
-            }
-        });
         Receive<RoundDone>(d =>
         {
-            if (current is null || d.Round != current.Number) return;
-            current.Reports[d.Node] = d;
+            if (current is null || current.Assigned.All(a => a.Attempt != d.Attempt)) return;
+            current.Reports[d.Attempt] = d;
             current.InnerSteps = current.Clock.Elapsed;
             TryComplete();
         });
         Receive<WeightTransfer.Received>(r =>
         {
-            if (current is null || r.Tag.Split('/') is not ["delta", var number, var node] || number != current.Number.ToString(CultureInfo.InvariantCulture))
+            if (current is null || r.Tag.Kind != WeightTransfer.Kind.Delta || current.Assigned.All(a => a.Attempt != r.Tag.Attempt))
             {
                 foreach (var (_, t) in r.Tensors) t.Dispose();
                 return;
             }
-            current.Deltas[node] = r;
+            current.Deltas[r.Tag.Attempt] = r;
             current.Gathered = current.Clock.Elapsed;
             TryComplete();
         });
@@ -165,156 +125,225 @@ public sealed class RoundCoordinator : ReceiveActor, IWithTimers
             Log.Warning("round {Round} reached its deadline with {Count} of {Of} deltas", d.Round, current.Deltas.Count, current.Assigned.Count);
             TryComplete();
         });
-        Receive<WeightTransfer.Sent>(_ =>
-        {
-            if (current is not null && ++current.Broadcasts == current.Assigned.Count) current.Broadcast = current.Clock.Elapsed;
-        });
-        Receive<GetProgress>(_ => Sender.Tell(new Progress(round, Checkpoint.Latest(settings.RunDir) ?? "", history.Rounds, history.Recoveries)));
     }
 
     public static Props Props(MamoSettings settings, string? init = null) =>
         Akka.Actor.Props.Create(() => new RoundCoordinator(settings, init)).WithDispatcher(Dispatchers.Model);
 
-    void Resume(string dir)
+    /// <summary>The parts of a DiLoCo cluster checkpoint: θ's, the teacher's where the objective keeps one, and the outer optimiser's.</summary>
+    static IReadOnlyCollection<string> Parts(MamoSettings s)
     {
-        var state = Checkpoint.ReadState(dir);
-        Checkpoint.LoadModel(dir, Checkpoint.StudentFile, theta);
-        Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, teacher);
+        using var objective = TrainingTask.Of(s).Objective(s.Model);
+        return [Checkpoint.StudentPart, .. objective.TeacherMomentum is null ? Array.Empty<string>() : [Checkpoint.TeacherPart], .. objective.Parts.Keys, OuterOptimizerPart];
+    }
+
+    /// <summary>θ: the student's and the objective parts' weights, as MamoTrainer.Weights names them (views).</summary>
+    List<(string Name, Tensor Value)> Theta() => global.Weights().Where(w => !w.Name.StartsWith(MamoTrainer.TeacherPrefix)).ToList();
+
+    protected override long Through => round;
+    protected override long Total => rounds;
+    protected override long FinalStep => rounds * Cluster.InnerSteps;
+    protected override long StateThrough(Checkpointer.CheckpointDurable d) => d.Step / Cluster.InnerSteps;
+
+    void Resume(string dir, Checkpoint.State state)
+    {
+        global.Objective.LoadState(state.Extra);
+        Checkpoint.LoadModel(dir, Checkpoint.StudentFile, global.Student);
+        foreach (var (name, module) in global.Objective.Parts) Checkpoint.LoadModel(dir, Checkpoint.PartFile(name), module);
+        if (global.Objective.TeacherMomentum is not null) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, global.Teacher);
+        round = StateNumber(state, RoundKey, 0);
         var saved = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.PartFile(OuterOptimizerPart)));
-        try { outer.LoadState(saved, long.Parse(state.Extra[RoundKey], CultureInfo.InvariantCulture)); }
+        try
+        {
+            // Before parts were named, the outer optimiser's buffers were the student's own names.
+            var named = saved.ToDictionary(kv => kv.Key.StartsWith(MamoTrainer.StudentPrefix) || global.Objective.Parts.Keys.Any(p => kv.Key.StartsWith(p + "."))
+                ? kv.Key : MamoTrainer.StudentPrefix + kv.Key, kv => kv.Value);
+            outer = new OuterOptimizer(Theta(), Cluster.OuterOptimizer);
+            outer.LoadState(named, round);
+        }
         finally { foreach (var t in saved.Values) t.Dispose(); }
-        round = outer.Step;
         positions = StreamPosition.FromExtra(state.Extra);
         cursor = (positions[TrainingSamples.CursorPartition] ?? -1) + 1;
-        if (state.Extra.TryGetValue(UnfinishedKey, out var left) && left.Length > 0)
-            unfinished.AddRange(left.Split(',').Select(x => long.Parse(x, CultureInfo.InvariantCulture)));
+        if (state.Extra.TryGetValue(UnfinishedKey, out var left))
+            foreach (var range in left.Split(',', StringSplitOptions.RemoveEmptyEntries))
+            {
+                // "start:records"; a bare start is a whole round's range (checkpoints before partial rounds).
+                var parts = range.Split(':');
+                unfinished.Add((long.Parse(parts[0], CultureInfo.InvariantCulture),
+                    parts.Length > 1 ? int.Parse(parts[1], CultureInfo.InvariantCulture) : Cluster.InnerSteps * Settings.BatchSize));
+            }
+        History.CoordinatorStarted(Context.System);
         Log.Information("coordinator resumes from {Checkpoint}: round {Round}, cursor {Cursor}", dir, round, cursor);
     }
 
-    void TryStartRound()
+    protected override void TryStart()
     {
-        if (current is not null || round >= rounds || replicas.Count < cluster.MinReplicas) return;
-        var span = (long)cluster.InnerSteps * settings.BatchSize;
-        var again = unfinished.Order().Take(replicas.Count).ToList();
-        foreach (var start in again) unfinished.Remove(start);
-        var assigned = replicas.OrderBy(r => r.Value.Node, StringComparer.Ordinal)
-            .Select((r, i) => (r.Value.Node, r.Key, i < again.Count ? again[i] : cursor + (i - again.Count) * span)).ToList();
-        current = new Round(round, assigned, assigned.Count - again.Count);
-        var weights = Checkpoint.Named(theta).Select(p => (StudentPrefix + p.Name, p.Value))
-            .Concat(Checkpoint.Named(teacher).Select(p => (TeacherPrefix + p.Name, p.Value))).ToList();
-        foreach (var (node, replica, start) in assigned)
+        if (current is not null || writing || round >= rounds || Replicas.Count < Cluster.MinReplicas) return;
+        var span = Cluster.InnerSteps * Settings.BatchSize;
+        var again = unfinished.OrderBy(u => u.Start).Take(Replicas.Count).ToList();
+        if (!ranges) again.Clear();
+        foreach (var range in again) unfinished.Remove(range);
+        var fresh = 0;
+        var assigned = Replicas.OrderBy(r => r.Value.Node, StringComparer.Ordinal).Select((r, i) =>
         {
-            replica.Tell(new RoundStart(round, start, cluster.InnerSteps, settings.BatchSize, rewind.Remove(replica), receiver));
-            Context.ActorOf(WeightTransfer.Sender.Props(replicas[replica].Receiver, Self, $"weights/{round}", weights, "float32", cluster.ChunkSize, cluster.Window));
+            var (start, records) = !ranges ? (-1L, span) : i < again.Count ? again[i] : (cursor + (long)fresh++ * span, span);
+            return new Assignment(r.Value.Node, r.Key, NextAttempt(), start, records);
+        }).ToList();
+        current = new Round(round, assigned, fresh);
+        var weights = global.Weights().ToList();
+        var state = global.Objective.SaveState();
+        foreach (var a in assigned)
+        {
+            a.Replica.Tell(new RoundStart(a.Attempt, round, round * Cluster.InnerSteps, a.Cursor, a.Records, rewind.Remove(a.Replica), state, Receiver));
+            Context.ActorOf(WeightTransfer.Sender.Props(Replicas[a.Replica].Receiver, Self, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, a.Attempt), weights,
+                "float32", Cluster.ChunkSize, Cluster.Window));
         }
-        Timers.StartSingleTimer("deadline", new Deadline(round), cluster.RoundTimeout);
+        Timers.StartSingleTimer("deadline", new Deadline(round), Cluster.RoundTimeout);
         Log.Information("round {Round}: {Count} replicas from cursor {Cursor}", round, assigned.Count, cursor);
+    }
+
+    protected override void Left(IActorRef replica, string node)
+    {
+        rewind.Remove(replica);
+        if (current?.Assigned.FirstOrDefault(a => a.Replica.Equals(replica)) is not { } a) return;
+        current.Lost.Add(a.Attempt);
+        TryComplete();
+    }
+
+    protected override void Sent(WeightTransfer.Sent sent)
+    {
+        if (current is not null && ++current.Broadcasts == current.Assigned.Count) current.Broadcast = current.Clock.Elapsed;
     }
 
     void TryComplete()
     {
         var r = current!;
-        var reported = r.Assigned.Where(a => r.Reports.ContainsKey(a.Node) && r.Deltas.ContainsKey(a.Node)).ToList();
-        var waiting = r.Assigned.Count(a => !r.Lost.Contains(a.Node)) - reported.Count;
+        var reported = r.Assigned.Where(a => r.Reports.ContainsKey(a.Attempt) && r.Deltas.ContainsKey(a.Attempt)).ToList();
+        var waiting = r.Assigned.Count(a => !r.Lost.Contains(a.Attempt)) - reported.Count;
         if (waiting > 0 && !r.Expired) return;
-        var missed = r.Assigned.Where(a => !reported.Contains(a)).Select(a => a.Cursor).ToList();
-        if (reported.Count == 0 || reported.Count < cluster.MinReplicas)
+        var missed = r.Assigned.Where(a => !reported.Contains(a)).ToList();
+        if (reported.Count == 0 || reported.Count < Cluster.MinReplicas)
         {
             if (waiting > 0) return;   // past the deadline but short of min-replicas: the ones still training may yet report
             // Nobody left to report: the round is given again from the same θ, its ranges first.
-            Log.Warning("round {Round} abandoned: {Count} of the {Min} replicas it needs reported", r.Number, reported.Count, cluster.MinReplicas);
-            foreach (var d in r.Deltas.Values) foreach (var (_, t) in d.Tensors) t.Dispose();
-            unfinished.AddRange(r.Assigned.Select(a => a.Cursor));
-            if (stream) rewind.UnionWith(r.Assigned.Select(a => a.Replica).Where(replicas.ContainsKey));   // what they read is read again
-            cursor += r.Fresh * (long)cluster.InnerSteps * settings.BatchSize;
+            Log.Warning("round {Round} abandoned: {Count} of the {Min} replicas it needs reported", r.Number, reported.Count, Cluster.MinReplicas);
+            GiveAgain(r.Assigned);
+            cursor += r.Fresh * (long)Cluster.InnerSteps * Settings.BatchSize;
+            r.Dispose();
             current = null;
-            TryStartRound();
+            TryStart();
             return;
         }
         var outerStart = r.Clock.Elapsed;
-        try
+        try { OuterStep(reported.Select(a => (r.Reports[a.Attempt], r.Deltas[a.Attempt])).ToList()); }
+        finally { r.Dispose(); }
+        cursor += r.Fresh * (long)Cluster.InnerSteps * Settings.BatchSize;
+        foreach (var a in reported)
         {
-            var student = Checkpoint.Named(theta).Select(p => p.Value).ToList();
-            var teachers = Checkpoint.Named(teacher).Select(p => p.Value).ToList();
-            var replicaDeltas = reported.Select(a => (Tensors: r.Deltas[a.Node].Tensors.ToDictionary(t => t.Name, t => t.Value), Samples: r.Reports[a.Node].Samples)).ToList();
-            var studentNames = Checkpoint.Named(theta).Select(p => StudentPrefix + p.Name).ToList();
-            var teacherNames = Checkpoint.Named(teacher).Select(p => TeacherPrefix + p.Name).ToList();
-            var g = OuterOptimizer.OuterGradient(replicaDeltas.Select(d => ((IReadOnlyList<Tensor>)studentNames.Select(n => d.Tensors[n]).ToList(), d.Samples)).ToList());
-            outer.Apply(student, g);
-            // The replicas' teachers started from this one; their weighted mean is it minus the mean delta.
-            var gTeacher = OuterOptimizer.OuterGradient(replicaDeltas.Select(d => ((IReadOnlyList<Tensor>)teacherNames.Select(n => d.Tensors[n]).ToList(), d.Samples)).ToList());
-            using (no_grad()) foreach (var (t, d) in teachers.Zip(gTeacher)) t.sub_(d);
-            foreach (var t in g.Concat(gTeacher)) t.Dispose();
-        }
-        finally
-        {
-            foreach (var d in r.Deltas.Values) foreach (var (_, t) in d.Tensors) t.Dispose();
-        }
-        cursor += r.Fresh * (long)cluster.InnerSteps * settings.BatchSize;
-        if (stream)
-        {
+            var done = r.Reports[a.Attempt];
+            if (ranges)
+            {
+                // A replica that stopped short trained its range up to its position: the rest is trained by another.
+                var reached = done.Positions.TryGetValue(TrainingSamples.CursorPartition, out var c) ? c : a.Cursor - 1;
+                var end = a.Cursor + a.Records;
+                if (reached + 1 < end) unfinished.Add((reached + 1, (int)(end - reached - 1)));
+            }
             // At least once: a stream's records past the checkpoint are read again by whoever holds their partition.
-            positions = reported.Aggregate(positions, (p, a) => p.Merge(new StreamPosition(r.Reports[a.Node].Positions.ToImmutableSortedDictionary())));
-            rewind.UnionWith(r.Assigned.Where(a => !reported.Contains(a)).Select(a => a.Replica).Where(replicas.ContainsKey));
+            else positions = positions.Merge(new StreamPosition(done.Positions.ToImmutableSortedDictionary()));
         }
-        else unfinished.AddRange(missed);   // at least once: what a lost replica trained is trained again
+        GiveAgain(missed);
         round++;
         current = null;
         var outerStep = r.Clock.Elapsed - outerStart;
-        var path = WriteCheckpoint();
+        Applied(reported.Select(a => a.Attempt));
+        var path = Write();
         Log.Information("round {Round} done with {Count} replicas ({Participants}); checkpoint {Path}", round - 1, reported.Count,
             string.Join(",", reported.Select(a => a.Node)), path);
-        history.Committed(round - 1, reported.Select(a => a.Node), r.Clock.Elapsed, ClusterStatus.MembersOf(Akka.Cluster.Cluster.Get(Context.System)));
-        WriteCurve(r, reported.Select(a => r.Reports[a.Node]).ToList());
+        History.Committed(round - 1, reported.Select(a => a.Node), r.Clock.Elapsed, Members());
+        WriteCurve(r, reported.Select(a => r.Reports[a.Attempt]).ToList());
         // The gather is the time from the last replica's inner steps to its last delta (the delta transfers overlap the
         // inner steps of slower replicas).
         Log.Information("round {Round} took {Total:F2} s: broadcast of θ {Broadcast:F2} s, inner steps until the last replica's end {Inner:F2} s, " +
-            "gather of the deltas {Gather:F2} s, outer step {Outer:F2} s, checkpoint {Checkpoint:F2} s", round - 1, r.Clock.Elapsed.TotalSeconds,
-            r.Broadcast.TotalSeconds, r.InnerSteps.TotalSeconds, Math.Max(0, (r.Gathered - r.InnerSteps).TotalSeconds), outerStep.TotalSeconds,
-            (r.Clock.Elapsed - outerStart - outerStep).TotalSeconds);
-        foreach (var replica in replicas.Keys) replica.Tell(new Commit(positions.Offsets));
-        if (round >= rounds)
-            foreach (var replica in replicas.Keys) replica.Tell(new Finish(round));
-        else TryStartRound();
+            "gather of the deltas {Gather:F2} s, outer step {Outer:F2} s", round - 1, r.Clock.Elapsed.TotalSeconds,
+            r.Broadcast.TotalSeconds, r.InnerSteps.TotalSeconds, Math.Max(0, (r.Gathered - r.InnerSteps).TotalSeconds), outerStep.TotalSeconds);
+    }
+
+    /// <summary>What was assigned and not applied is given again: a file source's range to whoever comes next, a
+    /// stream's records by the replica itself, which reads them again from the checkpoint.</summary>
+    void GiveAgain(IEnumerable<Assignment> assignments)
+    {
+        foreach (var a in assignments)
+            if (ranges) unfinished.Add((a.Cursor, a.Records));
+            else if (Replicas.ContainsKey(a.Replica)) rewind.Add(a.Replica);
+    }
+
+    /// <summary>Each replica's observations replayed in node order, then the outer step on the samples-weighted mean of
+    /// their deltas (θ − θᵢ, each laid out as θ is), and the teacher moved by the mean of the teachers' deltas.</summary>
+    void OuterStep(IReadOnlyList<(RoundDone Report, WeightTransfer.Received Delta)> replicas)
+    {
+        foreach (var (report, _) in replicas) global.Objective.Replay(report.Observations);
+        using var scope = NewDisposeScope();
+        Tensor[] Mean(IReadOnlyList<(string Name, Tensor Value)> of)
+        {
+            var deltas = replicas.Select(x =>
+            {
+                var given = x.Delta.Tensors.ToDictionary(t => t.Name, t => t.Value);
+                return ((IReadOnlyList<Tensor>)of.Select(w => given.TryGetValue(w.Name, out var d) ? global.Objective.Align(w.Name, d, x.Report.Observations)
+                    : throw new InvalidDataException($"a delta lacks '{w.Name}'")).ToList(), x.Report.Samples);
+            }).ToList();
+            return OuterOptimizer.OuterGradient(deltas);
+        }
+        var theta = Theta();
+        outer.Apply(theta.Select(t => t.Value).ToList(), Mean(theta));
+        if (global.Objective.TeacherMomentum is null) return;
+        // The replicas' teachers started from this one; their weighted mean is it minus the mean delta.
+        var teacher = global.Weights().Where(w => w.Name.StartsWith(MamoTrainer.TeacherPrefix)).ToList();
+        using var noGrad = no_grad();
+        foreach (var (t, d) in teacher.Zip(Mean(teacher))) t.Value.sub_(d);
     }
 
     /// <summary>The round's train line: its replicas' inner-step losses and terms, each replica weighted by its
-    /// samples (as its delta is), at the global step the round ends on.</summary>
+    /// samples (as its delta is), at the global step the round ends on, with the objective's scores after it.</summary>
     void WriteCurve(Round r, IReadOnlyList<RoundDone> reports)
     {
-        curve.Trained(reports.Sum(d => d.Samples));
+        Curve.Trained(reports.Sum(d => d.Samples));
         var counted = reports.Where(d => double.IsFinite(d.Loss) && d.Samples > 0).ToList();
         double Mean(Func<RoundDone, double> value) => counted.Sum(d => d.Samples * value(d)) / counted.Sum(d => d.Samples);
         var loss = counted.Count == 0 ? double.NaN : Mean(d => d.Loss);
         var terms = counted.Count == 0 ? new Dictionary<string, double>()
             : counted[0].Terms.Keys.Where(k => counted.All(d => d.Terms.ContainsKey(k))).ToDictionary(k => k, k => Mean(d => d.Terms[k]));
-        curve.Write(round * cluster.InnerSteps, loss, terms, new() { ["round"] = r.Number, ["replicas"] = reports.Count });
+        Curve.Write(new TrainLine(round * Cluster.InnerSteps, loss, terms) { Scores = global.Objective.Scores(), Round = r.Number, Replicas = reports.Count });
     }
 
-    string WriteCheckpoint()
+    /// <summary>The cluster checkpoint of the round just applied (or of step 0); the next round starts once it is durable.</summary>
+    string Write()
     {
-        var step = round * cluster.InnerSteps;
-        if (!stream) positions = StreamPosition.None.Advance(TrainingSamples.CursorPartition, cursor - 1);
-        var extra = new Dictionary<string, string>(positions.ToExtra())
+        var step = round * Cluster.InnerSteps;
+        if (ranges) positions = TrainingSamples.BeforeCursor(cursor);
+        var extra = new Dictionary<string, string>(global.Objective.SaveState())
         {
-            [Checkpointer.SeedKey] = settings.Seed.ToString(CultureInfo.InvariantCulture),
             [RoundKey] = round.ToString(CultureInfo.InvariantCulture),
-            [UnfinishedKey] = string.Join(",", unfinished.Order().Select(x => x.ToString(CultureInfo.InvariantCulture))),
+            [UnfinishedKey] = string.Join(",", unfinished.OrderBy(u => u.Start).Select(u => FormattableString.Invariant($"{u.Start}:{u.Records}"))),
         };
-        return Checkpoint.Commit(settings.RunDir, settings.Model,
-            [new(Checkpoint.StudentPart, Checkpoint.Named(theta)), new(Checkpoint.TeacherPart, Checkpoint.Named(teacher)), new(OuterOptimizerPart, outer.State())],
-            new Checkpoint.State(step, 0, step, extra), settings.KeepLast);
+        var parts = new List<(string, IEnumerable<(string, Tensor)>)> { (Checkpoint.StudentPart, Checkpoint.Named(global.Student)) };
+        if (global.Objective.TeacherMomentum is not null) parts.Add((Checkpoint.TeacherPart, Checkpoint.Named(global.Teacher)));
+        parts.AddRange(global.Objective.Parts.Select(p => (p.Key, (IEnumerable<(string, Tensor)>)Checkpoint.Named(p.Value))));
+        parts.Add((OuterOptimizerPart, outer.State()));
+        writing = true;
+        WriteCheckpoint(step, parts, positions, extra);
+        return Path.Combine(Settings.RunDir, Checkpoint.RunFolder, Checkpoint.StepFolderName(step));
     }
 
-    protected override void PreStart() =>
-        Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
-            typeof(Akka.Cluster.ClusterEvent.UnreachableMember));
+    protected override void CheckpointDone(Checkpointer.CheckpointDurable d)
+    {
+        writing = false;
+        TryStart();
+    }
 
     protected override void PostStop()
     {
-        Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
-        theta.Dispose();
-        teacher.Dispose();
+        current?.Dispose();
+        global.Dispose();
         outer.Dispose();
         base.PostStop();
     }

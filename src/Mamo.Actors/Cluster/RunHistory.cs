@@ -73,7 +73,12 @@ public sealed class RunHistory(string? journal = null)
     void Append(string kind, Dictionary<string, JsonNode?> fields)
     {
         if (journal is null) return;
-        try { AppendFile.AppendLine(journal, Metrics.Line(kind, fields).ToJsonString()); }
+        try
+        {
+            var line = new JsonObject { ["kind"] = kind, ["time"] = DateTime.UtcNow.ToString("O", System.Globalization.CultureInfo.InvariantCulture) };
+            foreach (var (k, v) in fields) line[k] = v;
+            AppendFile.AppendLine(journal, line.ToJsonString());
+        }
         catch (IOException e) { Serilog.Log.Warning("{Journal} not written: {Error}", journal, e.Message); }
     }
 

@@ -12,17 +12,25 @@ namespace Mamo.Actors.Cluster;
 /// transfer's dtype (float32, bfloat16 or float16) and arrive as float32.</summary>
 public static class WeightTransfer
 {
+    /// <summary>What a transfer carries: θ for a round (Weights), a replica's change of it (Delta), an every-step replica's
+    /// features for the all-gather (Features), all of them back (Gathered), or its gradient (Gradient).</summary>
+    public enum Kind { Weights, Delta, Features, Gathered, Gradient }
+
+    /// <summary>A transfer's identity: its kind, the round attempt it belongs to, and the node it comes from ("" from a
+    /// coordinator).</summary>
+    public sealed record Tag(Kind Kind, long Attempt, string Node = "");
+
     /// <summary>Announces a transfer: what it is (Tag), the tensors' names and shapes, the wire dtype and the chunk size.</summary>
-    public sealed record Offer(Guid Id, string Tag, IReadOnlyList<string> Names, IReadOnlyList<long[]> Shapes, string DType, int ChunkSize) : IClusterMessage;
+    public sealed record Offer(Guid Id, Tag Tag, IReadOnlyList<string> Names, IReadOnlyList<long[]> Shapes, string DType, int ChunkSize) : IClusterMessage;
     /// <summary>Bytes [Index · ChunkSize, ...) of the transfer's concatenated tensors.</summary>
     public sealed record Chunk(Guid Id, int Index, byte[] Bytes) : IClusterMessage;
     /// <summary>From the receiver: chunk Index has arrived (-1: the offer was accepted).</summary>
     public sealed record Ack(Guid Id, int Index) : IClusterMessage;
 
-    /// <summary>To the sender's requester once every chunk is acknowledged.</summary>
-    public sealed record Sent(Guid Id, long Bytes, TimeSpan Took);
+    /// <summary>To the sender's requester once every chunk is acknowledged (Delivered), or when the receiver went away.</summary>
+    public sealed record Sent(Guid Id, Tag Tag, long Bytes, TimeSpan Took, bool Delivered = true);
     /// <summary>To the receiver's owner: the tensors (float32, CPU); the owner disposes them.</summary>
-    public sealed record Received(Guid Id, string Tag, IReadOnlyList<(string Name, Tensor Value)> Tensors, IActorRef From);
+    public sealed record Received(Guid Id, Tag Tag, IReadOnlyList<(string Name, Tensor Value)> Tensors, IActorRef From);
 
     public static readonly IReadOnlyDictionary<string, ScalarType> DTypes = new Dictionary<string, ScalarType>
     {
@@ -71,6 +79,7 @@ public static class WeightTransfer
             Receive<ReceiveTimeout>(_ =>
             {
                 Log.Warning("weight transfer {Id} ({Tag}) abandoned: no acknowledgement for {Seconds} s", id, offer.Tag, GiveUpAfter.TotalSeconds);
+                requester.Tell(new Sent(id, offer.Tag, payload.LongLength, clock.Elapsed, Delivered: false));
                 Context.Stop(Self);
             });
             Receive<Ack>(a =>
@@ -79,7 +88,7 @@ public static class WeightTransfer
                 if (a.Index >= 0) acked++;
                 while (next < chunks && next - acked < window) SendChunk(next++);
                 if (acked < chunks) return;
-                requester.Tell(new Sent(id, payload.LongLength, clock.Elapsed));
+                requester.Tell(new Sent(id, offer.Tag, payload.LongLength, clock.Elapsed));
                 Context.Stop(Self);
             });
         }
@@ -92,7 +101,7 @@ public static class WeightTransfer
         }
 
         /// <param name="tensors">encoded here, on the caller's thread: the caller may change or dispose them afterwards</param>
-        public static Props Props(IActorRef target, IActorRef requester, string tag, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype, int chunkSize, int window)
+        public static Props Props(IActorRef target, IActorRef requester, Tag tag, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype, int chunkSize, int window)
         {
             if (!DTypes.TryGetValue(dtype, out var scalar)) throw new ArgumentException($"unknown transfer dtype '{dtype}' ({string.Join(", ", DTypes.Keys)})");
             var payload = Encode(tensors, scalar);

@@ -9,7 +9,8 @@ namespace Mamo.Actors.Pipeline;
 /// <summary>Makes progress durable. Joins the named parts of a step as the actors that own them send them (the
 /// trainer: student, optimizer and the objective's own parts; the teacher: its EMA weights), writes the checkpoint
 /// once every declared part of that step is in (Checkpoint.Commit: a kill at any moment leaves the previous one
-/// whole), keeps the last K, and only then announces CheckpointDurable, on which sources commit.</summary>
+/// whole), keeps the last K, and only then announces CheckpointDurable to its listeners, on which sources commit.
+/// The one writer of checkpoints: a single node's, a cluster replica's own, and a coordinator's.</summary>
 public sealed class Checkpointer : ReceiveActor
 {
     /// <summary>Some parts of step Step's checkpoint, from the actor that owns them, with the state only it knows;
@@ -18,7 +19,7 @@ public sealed class Checkpointer : ReceiveActor
     public sealed record Parts(long Step, IReadOnlyList<Checkpoint.Part> Tensors, StreamPosition? Position = null, long? OptimizerStep = null,
         long? TeacherStep = null, IReadOnlyDictionary<string, string>? Extra = null);
 
-    /// <summary>Published on the event stream once a checkpoint is on disk.</summary>
+    /// <summary>To the listeners once a checkpoint is on disk.</summary>
     public sealed record CheckpointDurable(long Step, StreamPosition Position, string Path);
 
     public const string SeedKey = "seed";
@@ -28,10 +29,13 @@ public sealed class Checkpointer : ReceiveActor
     readonly IReadOnlySet<string> declared;
     readonly int keepLast, seed;
     readonly Dictionary<long, List<Parts>> pending = new();
+    readonly IReadOnlyList<IActorRef> listeners;
 
     /// <param name="parts">the names of the parts every checkpoint of this run holds</param>
-    public Checkpointer(string runDir, MamoConfig config, IReadOnlyCollection<string> parts, int keepLast, int seed)
+    /// <param name="listeners">told CheckpointDurable, in this order</param>
+    public Checkpointer(string runDir, MamoConfig config, IReadOnlyCollection<string> parts, int keepLast, int seed, IReadOnlyList<IActorRef> listeners)
     {
+        this.listeners = listeners;
         this.seed = seed;
         this.runDir = runDir;
         this.config = config;
@@ -40,8 +44,8 @@ public sealed class Checkpointer : ReceiveActor
         Receive<Parts>(OnParts);
     }
 
-    public static Props Props(string runDir, MamoConfig config, IReadOnlyCollection<string> parts, int keepLast, int seed) =>
-        Akka.Actor.Props.Create(() => new Checkpointer(runDir, config, parts, keepLast, seed)).WithDispatcher(Dispatchers.Io);
+    public static Props Props(string runDir, MamoConfig config, IReadOnlyCollection<string> parts, int keepLast, int seed, IReadOnlyList<IActorRef> listeners) =>
+        Akka.Actor.Props.Create(() => new Checkpointer(runDir, config, parts, keepLast, seed, listeners)).WithDispatcher(Dispatchers.Io);
 
     void OnParts(Parts p)
     {
@@ -67,7 +71,8 @@ public sealed class Checkpointer : ReceiveActor
                 extra);
             var path = Checkpoint.Commit(runDir, config, arrived.SelectMany(a => a.Tensors), state, keepLast);
             Log.Information("checkpoint at step {Step} written to {Path}", p.Step, path);
-            Context.System.EventStream.Publish(new CheckpointDurable(p.Step, position, path));
+            var durable = new CheckpointDurable(p.Step, position, path);
+            foreach (var listener in listeners) listener.Tell(durable);
         }
         finally
         {

@@ -29,51 +29,33 @@ public sealed record EmbeddingItem(string Id, float[] Pixels, long[] TokenIds, l
 }
 
 /// <summary>
-/// One model version, loaded from a checkpoint's teacher weights (the momentum model: the one evaluation scores), or
-/// its student's where it keeps no teacher (a fine-tuned classifier), turning items into the unit-length ITC embeddings
-/// that retrieval ranks by. The version is the checkpoint's step. A fine-tuned classifier's checkpoint also predicts.
+/// One model version, loaded from a checkpoint for inference (its momentum teacher, the model evaluation scores, or its
+/// student where it keeps no teacher), turning items into the unit-length ITC embeddings that retrieval ranks by. The
+/// version is the checkpoint's step.
 /// </summary>
 public sealed class Embedder : IDisposable
 {
     public const string Image = "image", Text = "text", Both = "both";
     readonly MamoModel model;
     readonly Device device;
-    readonly IReadOnlyList<string> parts;
 
     public string Version { get; }
     public string Checkpoint { get; }
-    public MamoConfig Config { get; }
+    public MamoConfig Config => model.Config;
 
-    Embedder(MamoModel model, MamoConfig config, Device device, long step, string checkpoint, IReadOnlyList<string> parts)
+    Embedder(MamoModel model, Device device, long step, string checkpoint)
     {
         this.model = model;
-        this.parts = parts;
         this.device = device;
-        Config = config;
-        Version = $"step-{step}";
+        Version = VersionOf(step);
         Checkpoint = checkpoint;
     }
 
-    public static Embedder Load(string checkpointDir, Device device)
-    {
-        var config = Mamo.Model.Checkpoint.ReadConfig(checkpointDir);
-        var state = Mamo.Model.Checkpoint.ReadState(checkpointDir);
-        var parts = Mamo.Model.Checkpoint.Parts(state);
-        var model = new MamoModel(config);
-        try
-        {
-            model.to(device);
-            Mamo.Model.Checkpoint.LoadModel(checkpointDir,
-                parts.Contains(Mamo.Model.Checkpoint.TeacherPart) ? Mamo.Model.Checkpoint.TeacherFile : Mamo.Model.Checkpoint.StudentFile, model);
-            model.eval();
-            return new Embedder(model, config, device, state.Step, checkpointDir, parts);
-        }
-        catch
-        {
-            model.Dispose();
-            throw;
-        }
-    }
+    /// <summary>The version name of a checkpoint's step.</summary>
+    public static string VersionOf(long step) => $"step-{step}";
+
+    public static Embedder Load(string checkpointDir, Device device) =>
+        new(Mamo.Model.Checkpoint.LoadInference(checkpointDir, device), device, Mamo.Model.Checkpoint.ReadState(checkpointDir).Step, checkpointDir);
 
     /// <summary>Embeds the items in batches and hands each vector to the sink; modality image, text or both.</summary>
     public int Embed(IReadOnlyList<EmbeddingItem> items, string modality, int batchSize, IEmbeddingSink sink)
@@ -109,30 +91,35 @@ public sealed class Embedder : IDisposable
         return batch.Count;
     }
 
-    /// <summary>A fine-tuned classifier's prediction for each item, to the sink; 0 where the checkpoint has no head.</summary>
-    public int Predict(IReadOnlyList<EmbeddingItem> items, int batchSize, IEmbeddingSink sink)
+    public void Dispose() => model.Dispose();
+}
+
+/// <summary>What a publisher sends beside a version's embeddings; the run's task says which (Run/TrainingTask).</summary>
+public interface IPredictionPublisher
+{
+    /// <summary>Writes the checkpoint's output for each item to the sink; returns how many it wrote.</summary>
+    int Publish(string checkpoint, IReadOnlyList<EmbeddingItem> items, int batchSize, IEmbeddingSink sink, Device device);
+}
+
+/// <summary>A fine-tuned classifier's prediction of each item, with its head's probability: the head was trained on
+/// the student, so the student predicts.</summary>
+public sealed class ClassifierPredictions : IPredictionPublisher
+{
+    public int Publish(string checkpoint, IReadOnlyList<EmbeddingItem> items, int batchSize, IEmbeddingSink sink, Device device)
     {
-        if (!parts.Contains(OnlineClassification.HeadPart)) return 0;
-        using var classifier = OnlineClassification.Load(Checkpoint, Config, device);
+        var config = Checkpoint.ReadConfig(checkpoint);
+        using var classifier = OnlineClassification.Load(checkpoint, config, device);
         if (classifier.Labels.Count == 0) return 0;   // an open label set before its first record: no class yet
-        // The head was trained on the student: the embedding model where the checkpoint keeps no teacher.
-        using var ownStudent = parts.Contains(Mamo.Model.Checkpoint.TeacherPart) ? new MamoModel(Config) : null;
-        if (ownStudent is not null)
-        {
-            Mamo.Model.Checkpoint.LoadModel(Checkpoint, Mamo.Model.Checkpoint.StudentFile, ownStudent);
-            ownStudent.to(device);
-        }
-        var student = ownStudent ?? model;
-        int size = Config.ImageSize, length = Config.MaxTextLength;
+        using var student = Checkpoint.LoadInference(checkpoint, device, Checkpoint.StudentPart);
+        int size = config.ImageSize, length = config.MaxTextLength;
         using var scope = NewDisposeScope();
         var images = tensor(items.SelectMany(i => i.Pixels).ToArray(), [items.Count, 3, size, size]);
         var ids = tensor(items.SelectMany(i => i.Prompt?.Ids ?? i.TokenIds).ToArray(), [items.Count, length]);
         var mask = tensor(items.SelectMany(i => i.Prompt?.AttentionMask ?? i.AttentionMask).ToArray(), [items.Count, length]);
         var predicted = classifier.PredictWithProbability(student, images, ids, mask, batchSize);
+        var version = Embedder.VersionOf(Checkpoint.ReadState(checkpoint).Step);
         for (var i = 0; i < items.Count; i++)
-            sink.Write(new PredictionRecord(items[i].Id, FineTuneSettings.Classify, Version, predicted[i].Label, predicted[i].Probability));
+            sink.Write(new PredictionRecord(items[i].Id, FineTuneSettings.Classify, version, predicted[i].Label, predicted[i].Probability));
         return items.Count;
     }
-
-    public void Dispose() => model.Dispose();
 }

@@ -6,8 +6,8 @@ using static TorchSharp.torch;
 namespace Mamo.Actors.Pipeline;
 
 /// <summary>Streams fresh embeddings out: after each durable checkpoint, embeds the publish set with that model
-/// version and writes every vector to the output (a compacted topic then keeps the newest per id); a fine-tuned
-/// classifier's checkpoint also sends its prediction for each item. It reads the
+/// version and writes every vector to the output (a compacted topic then keeps the newest per id), and whatever the
+/// run's task sends beside them (a fine-tuned classifier's prediction of each item). It reads the
 /// weights from the checkpoint on disk, on its own thread, so training never waits for it; if checkpoints come
 /// faster than it publishes, it skips to the newest. A run that stops asks it to Drain: the final checkpoint's
 /// embeddings go out before the process exits.</summary>
@@ -18,6 +18,7 @@ public sealed class EmbeddingPublisher : ReceiveActor
     readonly string modality;
     readonly int batchSize;
     readonly Device device;
+    readonly IPredictionPublisher? predictions;
     Checkpointer.CheckpointDurable? newest;
     long published;   // every checkpoint up to this step is published (or was tried)
     (long Step, IActorRef ReplyTo)? drain;
@@ -28,9 +29,12 @@ public sealed class EmbeddingPublisher : ReceiveActor
     /// <summary>On the event stream once a model's embeddings are out.</summary>
     public sealed record Published(string Version, long Step, int Records, int Predictions, string Output);
 
-    /// <summary>from: the step the run starts at, whose embeddings went out before.</summary>
-    public EmbeddingPublisher(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device, long from)
+    /// <param name="from">the step the run starts at, whose embeddings went out before</param>
+    /// <param name="predictions">what goes out beside the embeddings (the task's); null: nothing</param>
+    public EmbeddingPublisher(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device, long from,
+        IPredictionPublisher? predictions)
     {
+        this.predictions = predictions;
         this.items = items;
         this.sink = sink;
         this.modality = modality;
@@ -58,10 +62,9 @@ public sealed class EmbeddingPublisher : ReceiveActor
         public static readonly PublishNewest Instance = new();
     }
 
-    public static Props Props(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device, long from) =>
-        Akka.Actor.Props.Create(() => new EmbeddingPublisher(items, sink, modality, batchSize, device, from)).WithDispatcher(Dispatchers.Model);
-
-    protected override void PreStart() => Context.System.EventStream.Subscribe(Self, typeof(Checkpointer.CheckpointDurable));
+    public static Props Props(IReadOnlyList<EmbeddingItem> items, IEmbeddingSink sink, string modality, int batchSize, Device device, long from,
+        IPredictionPublisher? predictions) =>
+        Akka.Actor.Props.Create(() => new EmbeddingPublisher(items, sink, modality, batchSize, device, from, predictions)).WithDispatcher(Dispatchers.Model);
 
     void Publish()
     {
@@ -73,10 +76,10 @@ public sealed class EmbeddingPublisher : ReceiveActor
         {
             using var embedder = Embedder.Load(checkpoint.Path, device);
             var count = embedder.Embed(items, modality, batchSize, sink);
-            var predictions = embedder.Predict(items, batchSize, sink);
+            var predicted = predictions?.Publish(checkpoint.Path, items, batchSize, sink, device) ?? 0;
             sink.Flush();
-            Context.System.EventStream.Publish(new Published(embedder.Version, checkpoint.Step, count, predictions, sink.Name));
-            Log.Information("published {Count} embeddings and {Predictions} predictions of model {Version} to {Output} in {Took:F1}s", count, predictions,
+            Context.System.EventStream.Publish(new Published(embedder.Version, checkpoint.Step, count, predicted, sink.Name));
+            Log.Information("published {Count} embeddings and {Predictions} predictions of model {Version} to {Output} in {Took:F1}s", count, predicted,
                 embedder.Version, sink.Name, clock.Elapsed.TotalSeconds);
         }
         catch (Exception e) when (e is IOException or InvalidDataException or Confluent.Kafka.KafkaException)

@@ -7,15 +7,23 @@ using static TorchSharp.torch;
 
 namespace Mamo.Actors.Pipeline;
 
-/// <summary>Measures retrieval (and, when fine-tuning a classifier, accuracy on labelled sets) while training goes
-/// on: copies the weights of the model it evaluates (pre-training: the teacher's; fine-tuning: the student's, from the
-/// trainer), the only pause it causes their owner, then scores each held-out set on its own thread. Requests that arrive while it is busy collapse into
-/// one, served next with the teacher as it then stands (as EmbeddingPublisher does), so evaluations never queue up
-/// behind a slow one. A result is labelled with the teacher step it evaluated.</summary>
+/// <summary>Measures the model while training goes on, on the run's held-out sets (each says what scoring it means:
+/// retrieval R@K, or a classifier's accuracy): copies the weights of the model it evaluates (pre-training: the
+/// teacher's; fine-tuning: the student's, from the trainer), the only pause it causes their owner, then scores each
+/// set on its own thread. Requests that arrive while it is busy collapse into one, served next with the weights as
+/// they then stand (as EmbeddingPublisher does), so evaluations never queue up behind a slow one. A result is labelled
+/// with the step of the weights it evaluated.</summary>
 public sealed class Evaluator : ReceiveActor
 {
-    /// <summary>Evaluate the teacher as it now stands; Step: where training is.</summary>
+    /// <summary>Evaluate the model as it now stands; Step: where training is.</summary>
     public sealed record EvaluateNow(long Step);
+    /// <summary>Asks the owner of the evaluated model for a copy of its weights (Weights).</summary>
+    public sealed record GetWeights(long Step);
+    /// <summary>A copy of the evaluated model's weights after WeightsStep updates (a teacher's EMA updates, or a
+    /// student's steps), labelled with the Step asked about; the receiver owns the tensors. The weights of the
+    /// objective's own parts are named "PART.NAME".</summary>
+    /// <param name="State">the objective's state where the weights are a fine-tuned student's (its label map); null: none</param>
+    public sealed record Weights(long Step, long WeightsStep, (string Name, Tensor Value)[] Tensors, IReadOnlyDictionary<string, string>? State = null);
     /// <summary>One held-out set's result; Step: the teacher step evaluated (the updates its EMA holds).</summary>
     public sealed record EvalCompleted(long Step, string Set, int Images, int Texts, RetrievalMetrics Metrics, TimeSpan Took)
     {
@@ -38,15 +46,11 @@ public sealed class Evaluator : ReceiveActor
     public sealed record Drain;
     public sealed record Drained;
 
-    /// <summary>A loaded held-out set, by name.</summary>
-    public sealed record NamedSet(string Name, EvalSet Set);
-    /// <summary>A loaded labelled set, by name.</summary>
-    public sealed record NamedLabelledSet(string Name, LabelledSet Set);
+    /// <summary>To the metrics target after every set of an evaluation is scored; Step: the weights' step.</summary>
+    public sealed record EvaluationDone(long Step);
 
-    readonly IActorRef teacher, metrics;
-    readonly IReadOnlyList<NamedSet> sets;
-    readonly IReadOnlyList<NamedLabelledSet> labelled;
-    readonly Func<MamoConfig, IObjective>? classifier;
+    readonly IActorRef owner, metrics;
+    readonly IReadOnlyList<HeldOutSet> sets;
     readonly MamoModel model;
     readonly int k, batchSize;
     readonly CancellationToken shutdown;
@@ -54,16 +58,13 @@ public sealed class Evaluator : ReceiveActor
     IActorRef? drainer;
     long evaluations;
 
-    /// <param name="teacher">the actor that answers GetWeights with the weights to evaluate</param>
+    /// <param name="owner">the actor that answers GetWeights with the weights to evaluate (the teacher, or the trainer)</param>
     /// <param name="shutdown">cancelled when the run stops, so that an evaluation in progress gives way</param>
-    /// <param name="classifier">the objective whose head scores <paramref name="labelled"/> (OnlineClassification)</param>
-    public Evaluator(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize,
-        CancellationToken shutdown, IReadOnlyList<NamedLabelledSet>? labelled = null, Func<MamoConfig, IObjective>? classifier = null)
+    public Evaluator(MamoConfig config, Device device, IReadOnlyList<HeldOutSet> sets, IActorRef owner, IActorRef metrics, int k, int batchSize,
+        CancellationToken shutdown)
     {
-        this.labelled = labelled ?? [];
-        this.classifier = classifier;
         this.shutdown = shutdown;
-        this.teacher = teacher;
+        this.owner = owner;
         this.metrics = metrics;
         this.sets = sets;
         this.k = k;
@@ -74,7 +75,7 @@ public sealed class Evaluator : ReceiveActor
 
         Receive<EvaluateNow>(e =>
         {
-            if (sets.Count == 0 && this.labelled.Count == 0) return;
+            if (sets.Count == 0) return;
             if (busy) pending = true;
             else Request(e.Step);
         });
@@ -97,90 +98,44 @@ public sealed class Evaluator : ReceiveActor
             pending = false;
             Request(-1);
         });
-        Receive<MomentumTeacher.TeacherSnapshot>(s =>
+        Receive<Weights>(w =>
         {
             try
             {
-                Load(s);
-                foreach (var (name, set) in sets)
+                Checkpoint.Load(model, w.Tensors.ToDictionary(t => t.Name, t => t.Value), $"the weights of step {w.WeightsStep}");
+                foreach (var set in sets)
                 {
-                    var started = DateTime.UtcNow;
-                    var (i2t, t2i) = Retrieval.Scores(model, set.Images, set.TokenIds, set.AttentionMask, k, batchSize, shutdown);
-                    using (i2t)
-                    using (t2i)
-                    {
-                        var m = Retrieval.Metrics(i2t, t2i, set.TextToImage);
-                        var probes = Probes(set, t2i);
-                        metrics.Tell(new EvalCompleted(s.TeacherStep, name, set.ImageCount, set.TextCount, m, DateTime.UtcNow - started)
-                        {
-                            Probes = probes,
-                            Thumbnails = probes.SelectMany(p => p.Top.Select(h => h.Image).Append(p.Truth)).Distinct().ToDictionary(i => i, i => set.Thumbnails[i]),
-                        });
-                    }
+                    shutdown.ThrowIfCancellationRequested();
+                    if (set.Score(model, w, k, batchSize, shutdown) is { } result) metrics.Tell(result);
                 }
-                if (this.labelled.Count > 0) Classify(s);
+                metrics.Tell(new EvaluationDone(w.WeightsStep));
             }
             catch (OperationCanceledException)
             {
-                Log.Information("evaluation at step {Step} cancelled: the run is stopping", s.Step);
+                Log.Information("evaluation at step {Step} cancelled: the run is stopping", w.Step);
             }
             catch (Exception ex)
             {
-                Log.Error(ex, "evaluation at step {Step} failed", s.Step);
+                Log.Error(ex, "evaluation at step {Step} failed", w.Step);
             }
             finally
             {
-                foreach (var (_, v) in s.Weights) v.Dispose();
+                foreach (var (_, v) in w.Tensors) v.Dispose();
                 evaluations++;
                 Self.Tell(new Finished());
             }
         });
     }
 
-    const int ProbeCaptions = 4, ProbeTop = 5;
-
-    /// <summary>The same captions at every evaluation (spread over the set), so the examples show the model changing.</summary>
-    static List<RetrievalProbe> Probes(EvalSet set, TorchSharp.torch.Tensor scoresT2I) =>
-        Enumerable.Range(0, ProbeCaptions).Select(i => (int)((long)i * set.TextCount / ProbeCaptions)).Distinct()
-            .Select(c => new RetrievalProbe(set.Captions[c], set.TextToImage[c],
-                Retrieval.Top(scoresT2I, c, ProbeTop).Select(h => new ProbeHit(h.Image, set.ImageIds[h.Image], h.Score)).ToList()))
-            .ToList();
-
     void Request(long step)
     {
         busy = true;
-        teacher.Tell(new MomentumTeacher.GetWeights(step));
+        owner.Tell(new GetWeights(step));
     }
 
-    public static Props Props(MamoConfig config, Device device, IReadOnlyList<NamedSet> sets, IActorRef teacher, IActorRef metrics, int k, int batchSize,
-        CancellationToken shutdown, IReadOnlyList<NamedLabelledSet>? labelled = null, Func<MamoConfig, IObjective>? classifier = null) =>
-        Akka.Actor.Props.Create(() => new Evaluator(config, device, sets, teacher, metrics, k, batchSize, shutdown, labelled, classifier)).WithDispatcher(Dispatchers.Model);
-
-    /// <summary>Each labelled set through the snapshot's head, with the label map of its state.</summary>
-    void Classify(MomentumTeacher.TeacherSnapshot s)
-    {
-        using var objective = classifier?.Invoke(model.Config) as OnlineClassification
-            ?? throw new InvalidOperationException("labelled sets need the classification objective");
-        objective.LoadState(s.State ?? new Dictionary<string, string>());
-        if (objective.Labels.Count == 0) return;   // nothing learnt yet: no class to predict
-        using (no_grad())
-            foreach (var (name, p) in objective.Head.named_parameters()) p.copy_(s.Weights.Single(w => w.Name == $"{OnlineClassification.HeadPart}.{name}").Value);
-        objective.Head.to(model.Device);
-        foreach (var (name, set) in labelled)
-        {
-            shutdown.ThrowIfCancellationRequested();
-            var started = DateTime.UtcNow;
-            var predicted = objective.Predict(model, set.Images, set.TokenIds, set.AttentionMask, batchSize);
-            metrics.Tell(new ClassifyCompleted(s.TeacherStep, name, ClassificationReport.Of(set.Labels, predicted), DateTime.UtcNow - started));
-        }
-    }
-
-    void Load(MomentumTeacher.TeacherSnapshot s)
-    {
-        var saved = s.Weights.ToDictionary(w => w.Name, w => w.Value);
-        using var noGrad = no_grad();
-        foreach (var (name, p) in model.named_parameters()) p.copy_(saved[name]);
-    }
+    public static Props Props(MamoConfig config, Device device, IReadOnlyList<HeldOutSet> sets, IActorRef owner, IActorRef metrics, int k, int batchSize,
+        CancellationToken shutdown) =>
+        Akka.Actor.Props.Create(() => new Evaluator(config, device, sets, owner, metrics, k, batchSize, shutdown)).WithDispatcher(Dispatchers.Model);
 
     protected override void PostStop()
     {

@@ -11,16 +11,21 @@ namespace Mamo.Actors.Pipeline;
 /// Flush: a final checkpoint, replied to once it is durable.</summary>
 public sealed class RunSupervisor : ReceiveActor
 {
-    /// <summary>The actors the lifecycle and the stream graph talk to.</summary>
-    public sealed record Pipeline(IActorRef Trainer, IActorRef? Teacher, IActorRef Metrics, IActorRef? Evaluator, IActorRef? Publisher);
+    /// <summary>The actors the lifecycle and the stream graph talk to. Replica: a cluster replica's link to its
+    /// coordinator (Cluster/Replica), which a stopping run lets hand in its last work.</summary>
+    public sealed record Pipeline(IActorRef Trainer, IActorRef? Teacher, IActorRef Metrics, IActorRef? Evaluator, IActorRef? Publisher, IActorRef? Replica = null);
 
     /// <summary>Create the pipeline's actors (with Context.ActorOf) and reply with them; the previous set must be
     /// stopped. From: the durable checkpoint they start from.</summary>
     public sealed record Start(Func<IUntypedActorContext, Pipeline> Create, Checkpointer.CheckpointDurable From);
     /// <summary>Reply (once) when a child of the pipeline stops before StopPipeline: the pipeline has failed.</summary>
     public sealed record AwaitFailure;
-    /// <summary>Reply to AwaitFailure; Cause: the exception that stopped it, when it threw.</summary>
-    public sealed record PipelineFailed(string Child, Exception? Cause);
+    /// <summary>Reply to AwaitFailure; Cause: the exception that stopped it, when it threw. Requested: a child asked for
+    /// the restart (RestartPipeline), which is no failure.</summary>
+    public sealed record PipelineFailed(string Child, Exception? Cause, bool Requested = false);
+    /// <summary>From a child: the pipeline must start again from durable state (a replica whose stream must be read again
+    /// from the last cluster checkpoint).</summary>
+    public sealed record RestartPipeline(string Why);
     /// <summary>Have the trainer checkpoint now; reply Flushed once that checkpoint is durable.</summary>
     public sealed record Flush;
     public sealed record Flushed(long Step, StreamPosition Position);
@@ -79,12 +84,19 @@ public sealed class RunSupervisor : ReceiveActor
             flush?.ReplyTo.Tell(new Status.Failure(new InvalidOperationException($"actor {t.ActorRef.Path.Name} of the pipeline stopped")));
             flush = null;
         });
+        Receive<RestartPipeline>(r =>
+        {
+            if (pipeline is null || failure is not null) return;
+            failure = new PipelineFailed(Sender.Path.Name, new InvalidOperationException(r.Why), Requested: true);
+            Log.Information("actor {Child} restarts the pipeline: {Why}", Sender.Path.Name, r.Why);
+            failureWaiter?.Tell(failure);
+        });
         Receive<Flush>(_ =>
         {
             if (pipeline is null || failure is not null) { Sender.Tell(new Status.Failure(new InvalidOperationException("no pipeline runs"))); return; }
             var replyTo = Sender;
-            pipeline.Trainer.Ask<long>(new Trainer.CheckpointNow())
-                .PipeTo(Self, success: step => new FlushAt(step, replyTo), failure: e => new Status.Failure(e));
+            pipeline.Trainer.Ask<Trainer.CheckpointComing>(new Trainer.CheckpointNow())
+                .PipeTo(Self, success: c => new FlushAt(c.Step ?? -1, replyTo), failure: e => new Status.Failure(e));
         });
         Receive<FlushAt>(f =>
         {
@@ -108,8 +120,6 @@ public sealed class RunSupervisor : ReceiveActor
 
     public static Props Props() => Akka.Actor.Props.Create(() => new RunSupervisor());
 
-    protected override void PreStart() => Context.System.EventStream.Subscribe(Self, typeof(Checkpointer.CheckpointDurable));
-
     /// <summary>A child that throws is stopped, and its exception kept for the failure report.</summary>
     protected override SupervisorStrategy SupervisorStrategy() => new OneForOneStrategy(e =>
     {
@@ -117,6 +127,7 @@ public sealed class RunSupervisor : ReceiveActor
         return Directive.Stop;
     });
 
+    /// <summary>Flushed once the checkpoint of the flush's step is durable; at once where none was coming (step -1).</summary>
     void TryAnswerFlush()
     {
         if (flush is not { } f || durable is not { } d || d.Step < f.Step) return;

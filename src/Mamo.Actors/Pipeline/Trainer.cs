@@ -1,30 +1,53 @@
 using Akka.Actor;
+using Mamo.Actors.Run;
+using Mamo.Actors.Sources;
 using Mamo.Data;
 using Mamo.Model;
+using Serilog;
 using TorchSharp;
 using static TorchSharp.torch;
-using Mamo.Actors.Sources;
-using Mamo.Actors.Run;
 
 namespace Mamo.Actors.Pipeline;
 
 /// <summary>The student, the objective and the optimiser, loaded from a checkpoint when the actor starts (so a new
 /// incarnation starts from durable state, never from a stale object). Trains on each batch it is sent, hands the
 /// teacher (where the objective keeps one) its new weights, and at checkpoint time sends its parts to the
-/// checkpointer. Fine-tuning evaluates the student: GetWeights gets a copy of it, its objective's parts and state.</summary>
-public sealed class Trainer : ReceiveActor
+/// checkpointer. Fine-tuning evaluates the student: GetWeights gets a copy of it, its objective's parts and state.
+/// A cluster replica's batches come in rounds (docs/CLUSTER.md): the steps of a round wait for its weights
+/// (LoadRound), and the round's work goes back to whoever sent them: after its last step the trained weights
+/// (DiLoCo), or, where its batch is a shard of a global batch (every-step), the step's gradient.</summary>
+public sealed class Trainer : ReceiveActor, IWithUnboundedStash
 {
-    /// <summary>Train step Step on a batch. Position: the stream records the batch covers. The trainer owns
-    /// (and disposes) the batch and the targets.</summary>
-    public sealed record Train(long Step, Batch Batch, TeacherTargets? Targets, StreamPosition Position);
+    /// <summary>Train step Step on a batch. Position: the stream records the batch covers. The trainer owns (and
+    /// disposes) the batch and the targets. Batch null: the round ended with too few usable pairs for a step.</summary>
+    public sealed record Train(long Step, Batch? Batch, TeacherTargets? Targets, StreamPosition Position, Round? Round = null, bool EndsRound = false);
     /// <summary>Reply to Train; Position is where the stream stands after this step. Labels: each pair's, where the
-    /// stream has them (the ledger sets them beside the step's predictions).</summary>
-    public sealed record StepCompleted(StepResult Result, StreamPosition Position, string[] Ids, int NonFiniteInARow, IReadOnlyList<string?>? Labels = null);
-    /// <summary>Send a checkpoint's parts now unless the last one covers this step; the reply is the step (a long).</summary>
+    /// stream has them (the ledger sets them beside the step's predictions). Result null: nothing was trained (a round
+    /// end without a batch, or a round that was given up).</summary>
+    public sealed record StepCompleted(StepResult? Result, StreamPosition Position, string[] Ids, int NonFiniteInARow, IReadOnlyList<string?>? Labels = null,
+        Round? Round = null);
+    /// <summary>Send a checkpoint's parts now unless the last one covers this step (a replica: hand in the round in
+    /// hand); the reply is CheckpointComing.</summary>
     public sealed record CheckpointNow;
+    /// <summary>Step: the step whose checkpoint is on its way; null: none is (a replica with no round in hand).</summary>
+    public sealed record CheckpointComing(long? Step);
+
+    /// <summary>A round's weights ("student.", "teacher." and the objective's parts, as MamoTrainer.Weights names them)
+    /// and the objective's state; Shard: where its batch is a shard of a global batch. The trainer owns the tensors.</summary>
+    public sealed record LoadRound(Round Round, IReadOnlyList<(string Name, Tensor Value)> Weights, IReadOnlyDictionary<string, string> State, IBatchShard? Shard);
+    /// <summary>The round will get no weights (its coordinator gave it up): its steps are dropped.</summary>
+    public sealed record GiveUpRound(long Attempt);
+    /// <summary>A round's work, to the sender of its LoadRound: the pairs trained, the stream position they reach, the
+    /// mean loss and terms of the steps not skipped, what the objective observed, and the tensors: the weights after
+    /// its last step (DiLoCo), or the step's gradient (a shard), named as MamoTrainer.Weights names them. Partial: the
+    /// round was cut short (the node stops). The receiver owns the tensors.</summary>
+    public sealed record RoundTrained(Round Round, long Step, long Samples, StreamPosition Position, double Loss, IReadOnlyDictionary<string, double> Terms,
+        IReadOnlyDictionary<string, string> Observations, IReadOnlyList<(string Name, Tensor Value)> Tensors, bool Partial);
 
     /// <summary>Too many non-finite losses in a row: the run stops rather than restarts.</summary>
     public sealed class DivergedException(string message) : Exception(message);
+
+    public IStash Stash { get; set; } = null!;
 
     readonly MamoTrainer trainer;
     readonly IActorRef? teacher;
@@ -32,70 +55,206 @@ public sealed class Trainer : ReceiveActor
     readonly MamoSettings settings;
     readonly Tensor[] studentParameters;
     readonly System.Diagnostics.Stopwatch sinceCheckpoint = System.Diagnostics.Stopwatch.StartNew();
+    readonly string? replicaDir;
+    readonly HashSet<long> givenUp = [];
     StreamPosition position;
     long lastCheckpointStep;
     int nonFiniteInARow;
+    /// <summary>A replica's round in hand, who sent its weights, and what it has trained so far.</summary>
+    (Round Round, IActorRef From, IBatchShard? Shard, RoundWork Work)? round;
+    /// <summary>The step a replica's optimiser state stands at (-1: fresh).</summary>
+    long optimizerAt = -1;
 
-    /// <param name="checkpoint">the checkpoint to start from (a new run's is step 0)</param>
-    /// <param name="teacher">the momentum teacher; null when the objective keeps none</param>
-    public Trainer(MamoSettings settings, Func<MamoConfig, IObjective> objective, string checkpoint, Device device, IActorRef? teacher, IActorRef checkpointer)
+    sealed class RoundWork
     {
-        trainer = MamoTrainer.Load(checkpoint, settings.Optimizer, device, settings.Seed, withTeacher: false, config: settings.Model, objective);
-        var state = Checkpoint.ReadState(checkpoint);
-        position = StreamPosition.FromExtra(state.Extra);
+        public long Samples, Steps;
+        public StreamPosition Position = StreamPosition.None;
+        public readonly List<double> Losses = [];
+        public readonly Dictionary<string, List<double>> Terms = [];
+    }
+
+    /// <param name="checkpoint">the checkpoint to start from (a new run's is step 0); null: a replica's fresh trainer,
+    /// which takes its weights from each round</param>
+    /// <param name="teacher">the momentum teacher; null when the objective keeps none</param>
+    /// <param name="seed">the seed of its step randomness (a DiLoCo replica's mixes in its node)</param>
+    /// <param name="replicaDir">a replica's own run folder, whose checkpoints keep its optimiser state; null: a single node</param>
+    public Trainer(MamoSettings settings, Func<MamoConfig, IObjective> objective, string? checkpoint, Device device, IActorRef? teacher, IActorRef checkpointer,
+        int seed, string? replicaDir = null)
+    {
+        trainer = checkpoint is null
+            ? new MamoTrainer(settings.Model, settings.Optimizer, device, seed, withTeacher: false, objective)
+            : MamoTrainer.Load(checkpoint, settings.Optimizer, device, seed, withTeacher: false, config: settings.Model, objective);
+        var state = checkpoint is null ? null : Checkpoint.ReadState(checkpoint);
+        position = state is null ? StreamPosition.None : StreamPosition.FromExtra(state.Extra);
         lastCheckpointStep = trainer.Step;
+        if (checkpoint is not null && replicaDir is not null) optimizerAt = trainer.Step;
         this.teacher = teacher;
         this.checkpointer = checkpointer;
         this.settings = settings;
+        this.replicaDir = replicaDir;
         studentParameters = trainer.Student.parameters().Select(p => (Tensor)p).ToArray();
         // A pipelined teacher's checkpoint is one update behind the student's: hand it the update it lacks.
-        if (state.TeacherStep < trainer.Step) teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
+        if (state is not null && replicaDir is null && state.TeacherStep < trainer.Step) teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
 
         Receive<Train>(t =>
         {
-            try { Sender.Tell(TrainStep(t)); }
-            catch (Exception e) { Sender.Tell(new Status.Failure(e)); }
-            finally
+            if (t.Round is { } r && givenUp.Contains(r.Attempt))
             {
-                t.Batch.Dispose();
-                t.Targets?.Dispose();
+                Dispose(t);
+                Sender.Tell(new StepCompleted(null, t.Position, [], nonFiniteInARow, Round: r));
+                return;
             }
+            if (t.Round is { } next && round?.Round.Attempt != next.Attempt)
+            {
+                Stash.Stash();   // its round's weights are on their way
+                return;
+            }
+            try { Sender.Tell(TrainStep(t)); }
+            catch (Exception e) when (Dropped(e))
+            {
+                Log.Information("step {Step} of round {Round} dropped: its coordinator gave it up", t.Step, t.Round?.Number);
+                Sender.Tell(new StepCompleted(null, t.Position, [], nonFiniteInARow, Round: t.Round));
+            }
+            catch (Exception e) { Sender.Tell(new Status.Failure(e)); }   // the stream fails: the pipeline restarts from durable state
+            finally { Dispose(t); }
         });
-        Receive<MomentumTeacher.GetWeights>(g => Sender.Tell(new MomentumTeacher.TeacherSnapshot(g.Step, trainer.Step,
+        Receive<LoadRound>(OnLoadRound);
+        Receive<GiveUpRound>(g =>
+        {
+            givenUp.Add(g.Attempt);
+            Stash.UnstashAll();
+        });
+        Receive<Evaluator.GetWeights>(g => Sender.Tell(new Evaluator.Weights(g.Step, trainer.Step,
             trainer.Parts().Where(p => p.Name != Checkpoint.OptimizerPart)
                 .SelectMany(p => p.Tensors.Select(t => (p.Name == Checkpoint.StudentPart ? t.Name : $"{p.Name}.{t.Name}", Tensors.Copy(t.Value))))
                 .ToArray(),
             trainer.Objective.SaveState())));
         Receive<CheckpointNow>(_ =>
         {
+            if (replicaDir is not null)
+            {
+                // A replica that stops hands in the round in hand: its steps are not lost.
+                Sender.Tell(new CheckpointComing(round is { Work.Steps: > 0 } r ? HandIn(r.Round, partial: true) : null));
+                return;
+            }
             if (trainer.Step != lastCheckpointStep) SendParts();
-            Sender.Tell(trainer.Step);
+            Sender.Tell(new CheckpointComing(trainer.Step));
         });
     }
 
-    public static Props Props(MamoSettings settings, Func<MamoConfig, IObjective> objective, string checkpoint, Device device, IActorRef? teacher, IActorRef checkpointer) =>
-        Akka.Actor.Props.Create(() => new Trainer(settings, objective, checkpoint, device, teacher, checkpointer)).WithDispatcher(Dispatchers.Model);
+    public static Props Props(MamoSettings settings, Func<MamoConfig, IObjective> objective, string? checkpoint, Device device, IActorRef? teacher,
+        IActorRef checkpointer, int seed, string? replicaDir = null) =>
+        Akka.Actor.Props.Create(() => new Trainer(settings, objective, checkpoint, device, teacher, checkpointer, seed, replicaDir)).WithDispatcher(Dispatchers.Model);
+
+    static bool Dropped(Exception e) =>
+        e is OperationCanceledException || e is AggregateException a && a.Flatten().InnerExceptions.All(x => x is OperationCanceledException);
 
     StepCompleted TrainStep(Train t)
     {
         if (t.Step != trainer.Step) throw new InvalidOperationException($"batch for step {t.Step} reached a trainer at step {trainer.Step}");
+        if (settings.FailAtStep is { } fail && t.Step == fail && FaultInjected.TryClaim())
+            throw new InvalidOperationException($"supervision.fail-at-step: the fault injected at step {t.Step}");
         var b = t.Batch;
-        StepResult result;
-        using (var scope = NewDisposeScope())
-        {
-            var keys = tensor(b.Ids.Select(Seeds.StableHash).ToArray());
-            result = trainer.StudentStep(new StepInput(b.Images, b.TokenIds, b.AttentionMask, keys, b.Labels), t.Targets);
-        }
+        var shard = round?.Shard;
+        StepResult? result = null;
+        // A round's last, short batch: one pair is no step for ITC and ITM unless the rest of the global batch is elsewhere.
+        if (b is not null && (b.Size >= 2 || shard is not null))
+            using (var scope = NewDisposeScope())
+            {
+                var keys = tensor(b.Ids.Select(Seeds.StableHash).ToArray());
+                var input = new StepInput(b.Images, b.TokenIds, b.AttentionMask, keys, b.Labels, shard);
+                result = shard is null ? trainer.StudentStep(input, t.Targets) : trainer.Gradient(input, t.Targets);
+            }
         position = position.Merge(t.Position);
-        nonFiniteInARow = result.Skipped ? nonFiniteInARow + 1 : 0;
-        if (nonFiniteInARow >= settings.MaxNonFiniteSteps)
-            throw new DivergedException($"{nonFiniteInARow} non-finite losses in a row (last at step {result.Step}): the run diverged; lower optimizer.learning-rate or check the data");
+        if (result is not null)
+        {
+            nonFiniteInARow = result.Skipped ? nonFiniteInARow + 1 : 0;
+            if (nonFiniteInARow >= settings.MaxNonFiniteSteps)
+                throw new DivergedException($"{nonFiniteInARow} non-finite losses in a row (last at step {result.Step}): the run diverged; lower optimizer.learning-rate or check the data");
+        }
+        if (round is { } r)
+        {
+            r.Work.Position = r.Work.Position.Merge(t.Position);
+            if (result is not null) Count(r.Work, result, b!.Size);
+            if (t.EndsRound || shard is not null) HandIn(r.Round, partial: false);
+            else if (result is not null) teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent(), Round: r.Round));
+        }
+        else if (result is not null)
+        {
+            var due = settings.CheckpointEverySteps > 0 && trainer.Step % settings.CheckpointEverySteps == 0
+                   || settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= settings.CheckpointEvery;
+            if (due) SendParts();
+            else teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
+        }
+        return new StepCompleted(result, position, b?.Ids ?? [], nonFiniteInARow, b?.Labels, t.Round);
+    }
 
-        var due = settings.CheckpointEverySteps > 0 && trainer.Step % settings.CheckpointEverySteps == 0
-               || settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= settings.CheckpointEvery;
-        if (due) SendParts();
-        else teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
-        return new StepCompleted(result, position, b.Ids, nonFiniteInARow, b.Labels);
+    static void Count(RoundWork work, StepResult result, int pairs)
+    {
+        work.Steps++;
+        work.Samples += pairs;
+        if (result.Skipped) return;
+        work.Losses.Add(result.Loss);
+        foreach (var (name, value) in result.Terms) (work.Terms.TryGetValue(name, out var l) ? l : work.Terms[name] = []).Add(value);
+    }
+
+    /// <summary>A round's weights, state and (where they changed) optimiser state: the replica's side of "load θ".</summary>
+    void OnLoadRound(LoadRound l)
+    {
+        try
+        {
+            var weights = l.Weights.ToDictionary(w => w.Name, w => w.Value);
+            trainer.Objective.LoadState(l.State);
+            trainer.LoadWeights(weights);
+            foreach (var part in trainer.Objective.Parts.Values) part.to(trainer.Device);
+            trainer.StartAt(l.Round.FirstStep);
+            // The optimiser goes on from the step the round starts at: from memory after the round before, else from this
+            // replica's checkpoint of that step (a restart, a round given again), else fresh.
+            if (optimizerAt != l.Round.FirstStep && l.Shard is null) LoadOptimizer(l.Round.FirstStep);
+            trainer.Objective.StartObserving();
+            var teacherWeights = l.Weights.Where(w => w.Name.StartsWith(MamoTrainer.TeacherPrefix))
+                .Select(w => (w.Name[MamoTrainer.TeacherPrefix.Length..], Tensors.Copy(w.Value))).ToArray();
+            if (teacherWeights.Length > 0) teacher?.Tell(new MomentumTeacher.Reset(l.Round, teacherWeights));
+            // Every-step's teacher follows the global θ by the coordinator's EMA; a round that brought a teacher makes this a no-op.
+            teacher?.Tell(new MomentumTeacher.StudentUpdated(l.Round.FirstStep, CopyStudent(), Round: l.Round));
+            round = (l.Round, Sender, l.Shard, new RoundWork());
+            position = StreamPosition.None;
+        }
+        finally
+        {
+            foreach (var (_, t) in l.Weights) t.Dispose();
+        }
+        Stash.UnstashAll();
+    }
+
+    void LoadOptimizer(long step)
+    {
+        var dir = Path.Combine(replicaDir!, Checkpoint.RunFolder, Checkpoint.StepFolderName(step));
+        if (File.Exists(Path.Combine(dir, Checkpoint.StateFile)) && File.Exists(Path.Combine(dir, Checkpoint.OptimizerFile)))
+        {
+            Checkpoint.LoadOptimizer(dir, trainer.Optimizer);
+            Log.Information("optimizer state of step {Step} loaded from {Checkpoint}", step, dir);
+        }
+        else if (optimizerAt >= 0) Log.Information("no optimizer state of step {Step} in {Dir}: the one of step {At} goes on", step, replicaDir, optimizerAt);
+        optimizerAt = step;
+    }
+
+    /// <summary>The round's work to whoever sent its weights; the teacher sends its part there too (DiLoCo), and the
+    /// optimiser state goes to this replica's own checkpoint. Returns the step it hands in at.</summary>
+    long HandIn(Round r, bool partial)
+    {
+        var (_, from, shard, work) = round!.Value;
+        round = null;
+        var tensors = shard is null ? trainer.Weights().Select(w => (w.Name, Tensors.Copy(w.Value))).ToList() : trainer.Gradients();
+        var step = trainer.Step;
+        from.Tell(new RoundTrained(r, step, work.Samples, work.Position, work.Losses.Count == 0 ? double.NaN : work.Losses.Average(),
+            work.Terms.ToDictionary(t => t.Key, t => t.Value.Average()), trainer.Objective.Observations(), tensors, partial));
+        if (shard is not null) return step;
+        teacher?.Tell(new MomentumTeacher.StudentUpdated(step, CopyStudent(), SnapshotTo: from, Round: r, FoldAll: true));
+        optimizerAt = step;
+        checkpointer.Tell(new Checkpointer.Parts(step, [new Checkpoint.Part(Checkpoint.OptimizerPart, trainer.Optimizer.State().Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())],
+            work.Position, trainer.Optimizer.Step));
+        return step;
     }
 
     /// <summary>The new student goes to the teacher (which then sends its own part) and this trainer's parts to the
@@ -111,9 +270,22 @@ public sealed class Trainer : ReceiveActor
 
     Tensor[] CopyStudent() => studentParameters.Select(Tensors.Copy).ToArray();
 
+    static void Dispose(Train t)
+    {
+        t.Batch?.Dispose();
+        t.Targets?.Dispose();
+    }
+
     protected override void PostStop()
     {
         trainer.Dispose();
         base.PostStop();
     }
+}
+
+/// <summary>supervision.fail-at-step fires once per process: the restarted pipeline then gets past that step.</summary>
+static class FaultInjected
+{
+    static int claimed;
+    public static bool TryClaim() => Interlocked.Exchange(ref claimed, 1) == 0;
 }

@@ -73,6 +73,8 @@ public sealed record MamoSettings
     public required int MaxRestarts { get; init; }
     public required TimeSpan MinBackoff { get; init; }
     public required TimeSpan MaxBackoff { get; init; }
+    /// <summary>supervision.fail-at-step: the step at which the trainer throws once per process; null: never.</summary>
+    public required long? FailAtStep { get; init; }
     public required int MetricsEverySteps { get; init; }
     /// <summary>How often process, Kafka and state lines go to metrics.jsonl (the dashboard's view between steps).</summary>
     public required TimeSpan MetricsSampleEvery { get; init; }
@@ -294,6 +296,7 @@ public sealed record MamoSettings
             MaxRestarts = Int("supervision.max-restarts", 0),
             MinBackoff = minBackoff,
             MaxBackoff = maxBackoff,
+            FailAtStep = Long("supervision.fail-at-step", 0) is > 0 and var fail ? fail : null,
             MetricsEverySteps = Int("metrics.every-steps", 1),
             MetricsSampleEvery = Get("metrics.sample-every", k => c.GetTimeSpan(k), v => v > TimeSpan.Zero, "must be positive"),
             KafkaConsumer = Flatten(c, "mamo.kafka.consumer"),

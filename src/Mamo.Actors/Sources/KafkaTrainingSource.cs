@@ -61,8 +61,11 @@ public sealed class KafkaTrainingSource : ITrainingSource
 
     public string? PausedBecause => Volatile.Read(ref brokerDown) == 1 ? "Kafka broker unavailable" : null;
 
-    /// <summary>Whether this consumer owns the partition ("TOPIC/N") now.</summary>
-    public bool Owns(string partition) => assigned.ContainsKey(partition);
+    /// <summary>Whether this consumer owns the record's partition now: one read before a rebalance moved it away is the
+    /// new owner's, which reads it again from the committed offset.</summary>
+    public bool Owns(Positioned record) => assigned.ContainsKey(record.At.Source);
+
+    public bool ReadWhole => false;
 
     public string Name => spec.ToString();
 
@@ -129,17 +132,19 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 return NotUsed.Instance;
             });
 
-    public void DeadLetter(Positioned record, BadInput bad)
+    public bool DeadLetter(Positioned record, BadInput bad)
     {
-        var message = unusable.TryRemove((record.Partition, record.Offset), out var raw) ? raw
+        var (partition, offset) = (record.At.Source, record.At.Offset);
+        var message = unusable.TryRemove((partition, offset), out var raw) ? raw
             : record.Item is SampleItem { Sample: var s } ? KafkaRecords.ToMessage(s) : null;
-        if (message is null) return;
-        var topic = record.Partition[..record.Partition.LastIndexOf('/')];
-        var dlq = KafkaRecords.DeadLetter(message.Key, message.Value, message.Headers, bad.Reason, $"{record.Partition}@{record.Offset}");
+        if (message is null) return true;
+        var topic = partition[..partition.LastIndexOf('/')];
+        var dlq = KafkaRecords.DeadLetter(message.Key, message.Value, message.Headers, bad.Reason, $"{partition}@{offset}");
         deadLetters.Produce(deadLetterTopic ?? topic + ".dlq", dlq, report =>
         {
-            if (report.Error.IsError) Log.Error("dead letter for {Partition}@{Offset} not written: {Error}", record.Partition, record.Offset, report.Error.Reason);
+            if (report.Error.IsError) Log.Error("dead letter for {Partition}@{Offset} not written: {Error}", partition, offset, report.Error.Reason);
         });
+        return true;
     }
 
     public void Commit(StreamPosition durable) => commits.Enqueue(durable);
@@ -213,7 +218,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 }
                 var item = KafkaRecords.Read(record.Topic, record.Partition.Value, record.Offset.Value, record.Message.Key, record.Message.Value, record.Message.Headers, limits);
                 if (item is BadItem) unusable[(partition, record.Offset.Value)] = record.Message;
-                if (!Offer(consumer, queue, new Positioned(partition, record.Offset.Value, item)))
+                if (!Offer(consumer, queue, new Positioned(new SourcePosition(partition, record.Offset.Value), item)))
                 {
                     unusable.TryRemove((partition, record.Offset.Value), out _);
                     consumer.Seek(record.TopicPartitionOffset);   // not taken: the next stream starts with it

@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using Akka;
 using Akka.Streams.Dsl;
 using Mamo.Data;
@@ -9,7 +10,9 @@ namespace Mamo.Actors.Sources;
 
 /// <summary>A file source (built-in dataset, manifest, WebDataset shards) held in memory and replayed epoch after
 /// epoch in a new seeded order each time: a stream with no end, as a live feed has none. A sample's place in
-/// that stream is its cursor (epoch * N + index), so a checkpoint's cursor says exactly where to resume.</summary>
+/// that stream is its cursor (epoch * N + index), so a checkpoint's cursor says exactly where to resume. Images are
+/// decoded where they are prepared, once per epoch: one that cannot be is a dead letter there, reported once, and
+/// comes round again as a known dead letter, so that every cursor keeps its sample.</summary>
 public sealed class TrainingSamples : ITrainingSource
 {
     /// <summary>The one partition of a file source's stream.</summary>
@@ -17,9 +20,12 @@ public sealed class TrainingSamples : ITrainingSource
 
     readonly IReadOnlyList<ImageTextSample> samples;
     readonly int seed;
+    /// <summary>Samples (by index) that came back as dead letters, with why.</summary>
+    readonly ConcurrentDictionary<int, BadInput> bad = new();
 
     public string Name { get; }
     public int Count => samples.Count;
+    public bool ReadWhole => true;
 
     TrainingSamples(string name, IReadOnlyList<ImageTextSample> samples, int seed)
     {
@@ -28,8 +34,8 @@ public sealed class TrainingSamples : ITrainingSource
         this.seed = seed;
     }
 
-    /// <summary>Reads the whole source; bad records and undecodable images go to onBad, once, and are left out.</summary>
-    public static TrainingSamples Load(string spec, int seed, long maxBytes, DecodeLimits limits, Action<BadInput> onBad, Action<string>? log = null,
+    /// <summary>Reads the whole source; records that cannot be read go to onBad, once, and are left out.</summary>
+    public static TrainingSamples Load(string spec, int seed, long maxBytes, Action<BadInput> onBad, Action<string>? log = null,
         string labelField = ManifestSource.LabelField)
     {
         var source = Open(spec, log, labelField);
@@ -39,16 +45,10 @@ public sealed class TrainingSamples : ITrainingSource
         {
             switch (item)
             {
-                case BadItem bad:
-                    onBad(bad.Bad);
+                case BadItem b:
+                    onBad(b.Bad);
                     break;
                 case SampleItem { Sample: var s }:
-                    if (!ImageDecoder.TryDecode(s.Image, limits, out var bitmap, out var error))
-                    {
-                        onBad(new BadInput(error!.Reason, s.Location, s.Position));
-                        break;
-                    }
-                    bitmap!.Dispose();
                     bytes += s.Image.Length;
                     if (bytes > maxBytes)
                         throw new SettingsException($"source '{spec}' holds more than mamo.data.max-in-memory-bytes ({maxBytes} bytes) of images; raise it, or stream the data from Kafka");
@@ -59,6 +59,9 @@ public sealed class TrainingSamples : ITrainingSource
         if (kept.Count == 0) throw new SettingsException($"source '{spec}' has no usable samples");
         return new TrainingSamples(source.Name, kept, seed);
     }
+
+    /// <summary>The position just before cursor <paramref name="cursor"/>: where a stream that starts there resumes.</summary>
+    public static StreamPosition BeforeCursor(long cursor) => StreamPosition.None.Advance(new SourcePosition(CursorPartition, cursor - 1));
 
     /// <summary>dataset:NAME[/SPLIT] (the train split unless named), manifest:PATH or wds:GLOB.</summary>
     public static IImageTextSource Open(string spec, Action<string>? log = null, string labelField = ManifestSource.LabelField)
@@ -91,10 +94,11 @@ public sealed class TrainingSamples : ITrainingSource
     }
 
     public Source<Positioned, NotUsed> Open(StreamPosition resume) =>
-        Source.From(From((resume[CursorPartition] ?? -1) + 1).Select(x => new Positioned(CursorPartition, x.Cursor, new SampleItem(x.Sample))));
+        Source.From(Indexed((resume[CursorPartition] ?? -1) + 1).Select(x => new Positioned(new SourcePosition(CursorPartition, x.Cursor),
+            bad.TryGetValue(x.Index, out var known) ? new BadItem(known) : new SampleItem(samples[x.Index]))));
 
-    /// <summary>The sample is still in memory and comes round again next epoch; dead-letters.jsonl has the record.</summary>
-    public void DeadLetter(Positioned record, BadInput bad) { }
+    /// <summary>Remembers the sample, so that later epochs know it; it is reported the first time only.</summary>
+    public bool DeadLetter(Positioned record, BadInput why) => bad.TryAdd(IndexAt(record.At.Offset), why);
 
     /// <summary>Files need no acknowledgement: the checkpoint's cursor is the whole story.</summary>
     public void Commit(StreamPosition durable) { }
@@ -102,16 +106,20 @@ public sealed class TrainingSamples : ITrainingSource
     public void Dispose() { }
 
     /// <summary>Every sample from cursor `first` on, forever.</summary>
-    public IEnumerable<(long Cursor, ImageTextSample Sample)> From(long first)
+    public IEnumerable<(long Cursor, ImageTextSample Sample)> From(long first) => Indexed(first).Select(x => (x.Cursor, samples[x.Index]));
+
+    IEnumerable<(long Cursor, int Index)> Indexed(long first)
     {
         long n = samples.Count;
         for (long epoch = first / n; ; epoch++)
         {
             var order = Order(epoch);
             for (long i = epoch == first / n ? first % n : 0; i < n; i++)
-                yield return (epoch * n + i, samples[order[i]]);
+                yield return (epoch * n + i, order[i]);
         }
     }
+
+    int IndexAt(long cursor) => Order(cursor / samples.Count)[cursor % samples.Count];
 
     int[] Order(long epoch)
     {

@@ -17,10 +17,10 @@ public sealed record StreamPosition(ImmutableSortedDictionary<string, long> Offs
     public long? this[string partition] => Offsets.TryGetValue(partition, out var o) ? o : null;
 
     /// <summary>The furthest of the two for each partition: records arrive in order within a partition.</summary>
-    public StreamPosition Advance(string partition, long offset) =>
-        this[partition] is { } known && known >= offset ? this : new(Offsets.SetItem(partition, offset));
+    public StreamPosition Advance(SourcePosition at) =>
+        this[at.Source] is { } known && known >= at.Offset ? this : new(Offsets.SetItem(at.Source, at.Offset));
 
-    public StreamPosition Merge(StreamPosition other) => other.Offsets.Aggregate(this, (p, kv) => p.Advance(kv.Key, kv.Value));
+    public StreamPosition Merge(StreamPosition other) => other.Offsets.Aggregate(this, (p, kv) => p.Advance(new SourcePosition(kv.Key, kv.Value)));
 
     /// <summary>As checkpoint state entries ("position:PARTITION" = offset).</summary>
     public IEnumerable<KeyValuePair<string, string>> ToExtra() =>
@@ -33,8 +33,19 @@ public sealed record StreamPosition(ImmutableSortedDictionary<string, long> Offs
     public override string ToString() => Offsets.Count == 0 ? "start" : string.Join(", ", Offsets.Select(kv => $"{kv.Key}@{kv.Value}"));
 }
 
-/// <summary>A record of a training stream and its place there.</summary>
-public sealed record Positioned(string Partition, long Offset, SourceItem Item);
+/// <summary>A share of training that starts from weights of its own: a cluster round (DiLoCo's inner steps, or one
+/// every-step step), which a replica's source assigns to its records. A single node's records belong to no round: its
+/// run is one share with no end.</summary>
+/// <param name="Attempt">unique among the run's rounds, a round given again included: its weights and its hand-in
+/// match on it</param>
+/// <param name="Number">the coordinator's round (DiLoCo) or step (every-step)</param>
+/// <param name="FirstStep">the global step of its first batch</param>
+/// <param name="ResetsTeacher">its weights bring the teacher (every DiLoCo round): targets of its steps wait for them</param>
+public sealed record Round(long Attempt, long Number, long FirstStep, bool ResetsTeacher);
+
+/// <summary>A record of a training stream and its place there (At: its partition and offset). A replica's source
+/// marks the round it belongs to, and the round's last record.</summary>
+public sealed record Positioned(SourcePosition At, SourceItem Item, Round? Round = null, bool EndsRound = false);
 
 /// <summary>Where a consumer stands in one partition of a stream ("TOPIC/N"): its position (the next offset it reads),
 /// the partition's end, the records between them, and the group's last commit; null where not known yet.</summary>
@@ -43,13 +54,26 @@ public sealed record PartitionStatus(string Partition, long? Position, long? End
 /// <summary>A stream of training samples with no end, positioned so that a checkpoint can resume it.</summary>
 public interface ITrainingSource : IDisposable
 {
+    /// <summary>Whether the source a spec names is read whole by every reader (a file source), as ReadWhole says,
+    /// before anything is opened: a coordinator splits it into cursor ranges.</summary>
+    static bool ReadWholeSpec(string spec) => !Mamo.Data.Kafka.KafkaSpec.IsKafka(spec);
+
     string Name { get; }
+
+    /// <summary>Whether every reader reads all of it (a file source, held whole on each node), so that a cluster splits
+    /// it into cursor ranges; false where it splits itself between its readers (a Kafka consumer group).</summary>
+    bool ReadWhole { get; }
+
+    /// <summary>Whether a record read earlier is still this reader's to train on; false once its partition moved to
+    /// another member of the group, which reads it again from the committed offset.</summary>
+    bool Owns(Positioned record) => true;
 
     /// <summary>Every record after <paramref name="resume"/>, for as long as the stream runs.</summary>
     Source<Positioned, NotUsed> Open(StreamPosition resume);
 
-    /// <summary>A record that cannot be trained on; the source may keep a copy where its producer will find it.</summary>
-    void DeadLetter(Positioned record, BadInput bad);
+    /// <summary>A record that cannot be trained on; the source may keep a copy where its producer will find it. Returns
+    /// whether it is news: a file source's sample comes round again each epoch, and is reported once.</summary>
+    bool DeadLetter(Positioned record, BadInput bad);
 
     /// <summary>Everything up to <paramref name="durable"/> is in a checkpoint on disk: acknowledge it.</summary>
     void Commit(StreamPosition durable);

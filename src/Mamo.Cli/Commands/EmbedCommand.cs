@@ -59,7 +59,7 @@ public static class EmbedCommand
             if (watched is null && Newest() is null) return Fail($"no checkpoint at {fixedDir}");
 
             TorchSharp.torch.Device dev;
-            try { dev = TrainingRun.OpenDevice(parse.GetValue(device)!); }
+            try { dev = RunInputs.OpenDevice(parse.GetValue(device)!); }
             catch (SettingsException e) { return Fail(e.Message); }
 
             MamoSettings settings;

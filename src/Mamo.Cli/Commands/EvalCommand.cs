@@ -80,7 +80,7 @@ public static class EvalCommand
             if (!File.Exists(manifestPath)) return Fail($"no manifest at {manifestPath}");
             if (parse.GetValue(task) == GroundingTask) return EvaluateGrounding(dir, manifestPath, parse.GetValue(layer), parse.GetValue(json), output, error, Fail);
             torch.Device dev;
-            try { dev = TrainingRun.OpenDevice(parse.GetValue(device)!); }
+            try { dev = RunInputs.OpenDevice(parse.GetValue(device)!); }
             catch (SettingsException e) { return Fail($"--device: {e.Message}"); }
             var weightsFile = parse.GetValue(weights) == Teacher ? Checkpoint.TeacherFile : Checkpoint.StudentFile;
             // A fine-tuned checkpoint without distillation keeps no teacher: its student is the model.

@@ -27,11 +27,13 @@ public static class FinetuneCommand
         var ledger = new Option<bool>("--ledger") { Description = "Write each step's sample ids, loss, predictions and labels to ledger.jsonl" };
         var plain = new Option<bool>("--plain") { Description = "Log lines instead of the live progress display" };
         var dashboard = PretrainCommand.Dashboard();
+        var cluster = new ClusterOptions();
         var command = new Command("finetune", "Fine-tune a pre-trained checkpoint online: predict each record, then learn from it")
         {
             from, task, source, runDir, labelField, text, maxSteps, timeBudget, device, settingsOptions.Config, settingsOptions.Set, ledger, plain,
             dashboard.Listen, dashboard.Token,
         };
+        foreach (var option in cluster.All) command.Options.Add(option);
         command.SetAction(async (parse, _) =>
         {
             var error = parse.InvocationConfiguration.Error;
@@ -57,9 +59,11 @@ public static class FinetuneCommand
 
             MamoSettings settings;
             (Mamo.Cli.Dashboard.DashboardAddress? Address, string? Token) serve;
+            Mamo.Actors.Cluster.ClusterNodeOptions? node;
             try
             {
                 serve = dashboard.Resolve(parse);
+                node = cluster.Resolve(parse);
                 var model = Checkpoint.ReadConfig(checkpoint);
                 var preset = MamoConfig.PresetOf(model) ?? throw new SettingsException($"{checkpoint} holds a model of no preset's architecture");
                 string[] layers = taskName == FineTuneSettings.Retrieval ? ["finetune-retrieval.conf", "finetune.conf"] : ["finetune.conf"];
@@ -71,7 +75,8 @@ public static class FinetuneCommand
                 error.WriteLine($"mamo finetune: {e.Message}");
                 return PretrainCommand.SettingsError;
             }
-            return await PretrainCommand.Train("finetune", settings, parse.GetValue(plain), init: checkpoint, dashboard: serve);
+            return await PretrainCommand.Train("finetune", settings, parse.GetValue(plain), node, init: checkpoint,
+                dashboard: PretrainCommand.NodeDashboard(node, dashboard, parse, serve));
         });
         return command;
     }

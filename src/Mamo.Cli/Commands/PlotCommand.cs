@@ -1,6 +1,7 @@
 using System.CommandLine;
 using ScottPlot;
 using ScottPlot.TickGenerators;
+using Mamo.Actors.Pipeline;
 
 namespace Mamo.Cli.Commands;
 
@@ -56,7 +57,7 @@ public static class PlotCommand
     }
 
     /// <summary>The total loss and each term against step, on a log scale: the terms differ by orders of magnitude.</summary>
-    static Plot Losses(IReadOnlyList<TrainRecord> train)
+    static Plot Losses(IReadOnlyList<TrainLine> train)
     {
         var plot = new Plot();
         void Line(string name, IEnumerable<(long Step, double Value)> points, float width)
@@ -69,7 +70,7 @@ public static class PlotCommand
             line.LineWidth = width;
         }
         Line("loss", train.Select(t => (t.Step, t.Loss)), TotalLineWidth);
-        foreach (var term in MetricsLog.LossTerms)
+        foreach (var term in TrainLine.LossTerms)
             Line(term, train.Where(t => t.Terms.ContainsKey(term)).Select(t => (t.Step, t.Terms[term])), TermLineWidth);
 
         plot.Axes.Left.TickGenerator = new NumericAutomatic
@@ -112,7 +113,7 @@ public static class PlotCommand
     }
 
     /// <summary>TR@1, IR@1 and r_mean of each held-out set against step, one colour per set, with its chance level dashed.</summary>
-    static Plot Eval(IReadOnlyList<EvalRecord> eval)
+    static Plot Eval(IReadOnlyList<RetrievalEvalLine> eval)
     {
         var plot = new Plot();
         var palette = new ScottPlot.Palettes.Category10();
@@ -121,7 +122,7 @@ public static class PlotCommand
         {
             var records = eval.Where(e => e.Set == set).OrderBy(e => e.Step).ToArray();
             var colour = palette.GetColor(index);
-            void Line(string metric, EvalRecord[] points, Func<EvalRecord, double> value, LinePattern pattern, float markerSize)
+            void Line(string metric, RetrievalEvalLine[] points, Func<RetrievalEvalLine, double> value, LinePattern pattern, float markerSize)
             {
                 if (points.Length == 0) return;
                 var line = plot.Add.Scatter(points.Select(e => (double)e.Step).ToArray(), points.Select(value).ToArray());

@@ -52,7 +52,7 @@ public static class PredictCommand
             if (!File.Exists(manifestPath)) return Fail($"no manifest at {manifestPath}");
             try
             {
-                var dev = TrainingRun.OpenDevice(parse.GetValue(device)!);
+                var dev = RunInputs.OpenDevice(parse.GetValue(device)!);
                 var state = Checkpoint.ReadState(dir);
                 var template = parse.GetValue(zeroShot);
                 if (template is not null && !template.Contains("{label}")) return Fail("--zero-shot: the prompt template must contain {label}");

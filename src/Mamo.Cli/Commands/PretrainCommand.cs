@@ -29,10 +29,7 @@ public static class PretrainCommand
         var settingsOptions = new SettingsOptions();
         var ledger = new Option<bool>("--ledger") { Description = "Write each step's sample ids and loss to ledger.jsonl" };
         var plain = new Option<bool>("--plain") { Description = "Log lines instead of the live progress display" };
-        var cluster = new Option<string?>("--cluster") { Description = "Run as a cluster node listening on HOST:PORT (docs/CLUSTER.md)" };
-        var seedNodes = new Option<string?>("--seed-nodes") { Description = "HOST:PORT[,HOST:PORT...] of the nodes to join (with --cluster)" };
-        var nodeName = new Option<string?>("--node-name") { Description = "This node's name; its log and ledger go to RUN_DIR/nodes/NAME (default: HOST-PORT)" };
-        var roles = new Option<string?>("--roles") { Description = "coordinator,trainer,evaluator,publisher (default: all)" };
+        var cluster = new ClusterOptions();
         var dashboard = Dashboard();
         var init = new Option<string?>("--init")
         {
@@ -40,9 +37,9 @@ public static class PretrainCommand
         };
         var command = new Command("pretrain", "Continually pre-train MAMO on an image-text stream")
         {
-            preset, source, runDir, maxSteps, timeBudget, device, init, settingsOptions.Config, settingsOptions.Set, ledger, plain, cluster, seedNodes, nodeName, roles,
-            dashboard.Listen, dashboard.Token,
+            preset, source, runDir, maxSteps, timeBudget, device, init, settingsOptions.Config, settingsOptions.Set, ledger, plain, dashboard.Listen, dashboard.Token,
         };
+        foreach (var option in cluster.All) command.Options.Add(option);
         command.SetAction(async (parse, _) =>
         {
             var sets = new List<string>();
@@ -74,7 +71,7 @@ public static class PretrainCommand
                 }
                 else settings = settingsOptions.Load(parse, sets);
                 if (settings.FineTune.IsFineTuning) throw new SettingsException("'mamo.finetune.task' is set: fine-tune with `mamo finetune --from CHECKPOINT --task ...`");
-                node = NodeOptions(parse.GetValue(cluster), parse.GetValue(seedNodes), parse.GetValue(nodeName), parse.GetValue(roles));
+                node = cluster.Resolve(parse);
                 serve = dashboard.Resolve(parse);
             }
             catch (Exception e) when (e is SettingsException or FormatException or IOException or System.Text.Json.JsonException)
@@ -82,13 +79,15 @@ public static class PretrainCommand
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");
                 return SettingsError;
             }
-            // A cluster node serves one only when asked (--dashboard ADDR): on one machine, N nodes would each start a
-            // web server beside their heartbeats, and a starved heartbeat reads as a dead node.
-            if (node is not null && parse.GetValue(dashboard.Listen) is null) serve = default;
-            return await Train("pretrain", settings, parse.GetValue(plain), node, init: start, dashboard: serve);
+            return await Train("pretrain", settings, parse.GetValue(plain), node, init: start, dashboard: NodeDashboard(node, dashboard, parse, serve));
         });
         return command;
     }
+
+    /// <summary>A cluster node serves a dashboard only when asked (--dashboard ADDR): on one machine, N nodes would each
+    /// start a web server beside their heartbeats, and a starved heartbeat reads as a dead node.</summary>
+    internal static (DashboardAddress? Address, string? Token) NodeDashboard(ClusterNodeOptions? node, DashboardOptions dashboard, ParseResult parse,
+        (DashboardAddress? Address, string? Token) serve) => node is not null && parse.GetValue(dashboard.Listen) is null ? default : serve;
 
     /// <summary>The training commands' --dashboard and --dashboard-token.</summary>
     internal static DashboardOptions Dashboard() =>
@@ -120,7 +119,7 @@ public static class PretrainCommand
                 // A node serves the run's folder (shared by the nodes): evaluations, checkpoints and the cluster's rounds.
                 await using var nodeServer = dashboard.Address is { } at ? await ServeDashboard(null, settings.RunDir, at, dashboard.Token) : null;
                 var steps = await new ClusterRun(settings, node, init).RunAsync(stop.Token);
-                Console.WriteLine($"node {node.Name}: {steps} inner steps; checkpoints in {Path.GetFullPath(Path.Combine(settings.RunDir, Mamo.Model.Checkpoint.RunFolder))}");
+                Console.WriteLine($"node {node.Name}: the run reached step {steps}; checkpoints in {Path.GetFullPath(Path.Combine(settings.RunDir, Mamo.Model.Checkpoint.RunFolder))}");
                 return 0;
             }
             var display = live ? new ProgressDisplay() : null;
@@ -170,26 +169,6 @@ public static class PretrainCommand
             Console.Error.WriteLine($"mamo: no dashboard: {e.Message}");
             return null;
         }
-    }
-
-    /// <summary>The cluster options, or null without --cluster (the single-node program).</summary>
-    static ClusterNodeOptions? NodeOptions(string? cluster, string? seeds, string? name, string? roles)
-    {
-        if (cluster is null)
-        {
-            if (seeds is not null || name is not null || roles is not null) throw new SettingsException("--seed-nodes, --node-name and --roles need --cluster HOST:PORT");
-            return null;
-        }
-        var (host, port) = ClusterNodeOptions.ParseAddress(cluster, "--cluster");
-        var seedList = (seeds ?? cluster).Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        foreach (var seed in seedList) ClusterNodeOptions.ParseAddress(seed, "--seed-nodes");
-        var roleList = roles is null ? ClusterNodeOptions.AllRoles : roles.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        if (roleList.FirstOrDefault(r => !ClusterNodeOptions.AllRoles.Contains(r)) is { } unknown)
-            throw new SettingsException($"--roles: unknown role '{unknown}' ({string.Join(", ", ClusterNodeOptions.AllRoles)})");
-        var nodeName = name ?? $"{host}-{port}";
-        if (nodeName.Length == 0 || nodeName.Any(c => !(char.IsLetterOrDigit(c) || c is '-' or '_' or '.')) || nodeName.StartsWith('.'))
-            throw new SettingsException($"--node-name '{nodeName}': use letters, digits, '-', '_' and '.' (it names a folder)");
-        return new ClusterNodeOptions(host, port, seedList, nodeName, roleList);
     }
 
     /// <summary>The first signal finishes the step in hand and checkpoints; a second one exits at once.</summary>

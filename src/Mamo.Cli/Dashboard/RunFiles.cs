@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json.Nodes;
-using static Mamo.Cli.MetricsFields;
+using Mamo.Actors.Pipeline;
+using static Mamo.Actors.Pipeline.MetricsLine;
 
 namespace Mamo.Cli.Dashboard;
 
@@ -80,7 +81,7 @@ public sealed class RunFiles
 
     int Add(string line, bool deadLetter)
     {
-        var o = ParseLine(line);
+        var o = ParseObject(line);
         lock (gate)
         {
             if (o is null)
@@ -258,7 +259,7 @@ public sealed class RunFiles
         {
             var t = lastTrain;
             var terms = t is null ? new Dictionary<string, double>()
-                : MetricsLog.LossTerms.Where(term => Number(t, term) is not null).ToDictionary(term => term, term => Number(t, term)!.Value);
+                : TrainLine.LossTerms.Where(term => Number(t, term) is not null).ToDictionary(term => term, term => Number(t, term)!.Value);
             if (t is not null && Number(t, "loss") is { } loss) terms["total"] = loss;
             var recalls = new List<(string Set, string Direction, int K, double Value)>();
             foreach (var set in evals.Where(e => Number(e, "ir1") is not null).GroupBy(e => Text(e, "set") ?? ""))

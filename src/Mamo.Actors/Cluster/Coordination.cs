@@ -1,0 +1,148 @@
+using System.Globalization;
+using Akka.Actor;
+using Mamo.Actors.Pipeline;
+using Mamo.Actors.Run;
+using Mamo.Actors.Sources;
+using Mamo.Model;
+using Serilog;
+
+namespace Mamo.Actors.Cluster;
+
+/// <summary>The protocol both coordinators speak with their replicas, and what they share: the replicas that
+/// registered, their recoveries and rounds for `mamo cluster status`, the run's training curve, and the cluster
+/// checkpoint, written by a Checkpointer of their own (the one writer) and acknowledged to the replicas once durable
+/// (Commit). A subclass says how a round goes (RoundCoordinator: DiLoCo; StepCoordinator: every-step).</summary>
+public abstract class Coordination : ReceiveActor, IWithTimers
+{
+    /// <summary>A replica (the sender) offers itself; Receiver takes θ.</summary>
+    public sealed record Register(string Node, IActorRef Receiver) : IClusterMessage;
+    /// <summary>A cluster checkpoint is durable: it covers these stream positions, which the sources may acknowledge, and
+    /// Through rounds (every-step: steps); of the attempts since the last Commit it applied Applied.</summary>
+    public sealed record Commit(IReadOnlyDictionary<string, long> Positions, long Through, IReadOnlyList<long> Applied) : IClusterMessage;
+    /// <summary>The run is done and checkpointed at Step (after Round rounds, every-step: steps): the replica may stop.</summary>
+    public sealed record Finish(long Round, long Step) : IClusterMessage;
+    /// <summary>Asks for a Progress (mamo cluster status).</summary>
+    public sealed record GetProgress : IClusterMessage;
+    /// <summary>The round in progress (or next), the last durable cluster checkpoint ("" before the first), and the
+    /// coordinator's recent history.</summary>
+    public sealed record Progress(long Round, string LastCheckpoint, IReadOnlyList<RunHistory.Round> Recent, IReadOnlyList<RunHistory.Recovery> Recoveries)
+        : IClusterMessage;
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    protected readonly MamoSettings Settings;
+    protected readonly ClusterSettings Cluster;
+    protected readonly TrainingTask Task;
+    /// <summary>The registered replicas, by their actor: node name and data-plane receiver.</summary>
+    protected readonly Dictionary<IActorRef, (string Node, IActorRef Receiver)> Replicas = new();
+    protected readonly RunHistory History;
+    protected readonly TrainCurve Curve;
+    protected readonly IActorRef Writer, Receiver;
+    /// <summary>Attempts applied since the last Commit.</summary>
+    readonly List<long> applied = [];
+    /// <summary>Unique among the run's attempts, across coordinators: a new one counts on from its start time.</summary>
+    long attempts = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() * 1_000_000;
+    /// <summary>What the last durable cluster checkpoint covers of the stream.</summary>
+    protected StreamPosition Durable = StreamPosition.None;
+
+    /// <param name="parts">the parts of each cluster checkpoint</param>
+    protected Coordination(MamoSettings settings, IReadOnlyCollection<string> parts)
+    {
+        Settings = settings;
+        Cluster = settings.Cluster;
+        Task = TrainingTask.Of(settings);
+        History = new RunHistory(Path.Combine(settings.RunDir, RunHistory.JournalFile));
+        Curve = new TrainCurve(settings.RunDir);
+        Writer = Context.ActorOf(Checkpointer.Props(settings.RunDir, settings.Model, parts, settings.KeepLast, settings.Seed, [Self]), "checkpointer");
+        Receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "data");
+
+        Receive<Register>(r =>
+        {
+            if (!Replicas.ContainsKey(Sender))
+            {
+                Context.Watch(Sender);
+                Log.Information("replica {Node} registered ({Count} now)", r.Node, Replicas.Count + 1);
+                Sender.Tell(new Commit(Durable.Offsets, Through, []));   // where its stream would rewind to
+            }
+            else if (!Replicas[Sender].Receiver.Equals(r.Receiver)) Reregistered(Sender);
+            Replicas[Sender] = (r.Node, r.Receiver);
+            if (Through >= Total) Sender.Tell(new Finish(Through, FinalStep));
+            else TryStart();
+        });
+        // A replica's node marked unreachable starts its recovery: that is when the cluster knows of the loss.
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(u =>
+        {
+            foreach (var (_, r) in Replicas.Where(r => r.Key.Path.Address == u.Member.Address)) History.Lost(r.Node, u.Member.Address.ToString());
+        });
+        Receive<Terminated>(t =>
+        {
+            if (!Replicas.Remove(t.ActorRef, out var gone)) return;
+            Log.Warning("replica {Node} left", gone.Node);
+            History.Lost(gone.Node, t.ActorRef.Path.Address.ToString());
+            Left(t.ActorRef, gone.Node);
+        });
+        Receive<Checkpointer.CheckpointDurable>(d =>
+        {
+            Durable = d.Position;
+            var commit = new Commit(d.Position.Offsets, StateThrough(d), [.. applied]);
+            applied.Clear();
+            foreach (var replica in Replicas.Keys) replica.Tell(commit);
+            if (commit.Through >= Total)
+                foreach (var replica in Replicas.Keys) replica.Tell(new Finish(commit.Through, FinalStep));
+            CheckpointDone(d);
+        });
+        Receive<WeightTransfer.Sent>(Sent);
+        Receive<GetProgress>(_ => Sender.Tell(new Progress(Through, Model.Checkpoint.Latest(settings.RunDir) ?? "", History.Rounds, History.Recoveries)));
+    }
+
+    /// <summary>Rounds (every-step: steps) done and applied so far.</summary>
+    protected abstract long Through { get; }
+    /// <summary>Rounds (every-step: steps) the run takes; long.MaxValue without max-steps.</summary>
+    protected abstract long Total { get; }
+    /// <summary>The global step the run ends on.</summary>
+    protected abstract long FinalStep { get; }
+    /// <summary>Starts the next round if it can.</summary>
+    protected abstract void TryStart();
+    /// <summary>A replica left (its node died, or it stopped).</summary>
+    protected abstract void Left(IActorRef replica, string node);
+    /// <summary>A replica actor registered again with a new receiver: it restarted and holds nothing of before.</summary>
+    protected virtual void Reregistered(IActorRef replica) { }
+    protected virtual void Sent(WeightTransfer.Sent sent) { }
+    /// <summary>A cluster checkpoint is durable, and the replicas were told.</summary>
+    protected virtual void CheckpointDone(Checkpointer.CheckpointDurable d) { }
+
+    /// <summary>The rounds (steps) a durable checkpoint covers, from its step.</summary>
+    protected abstract long StateThrough(Checkpointer.CheckpointDurable d);
+
+    /// <summary>A new attempt's number.</summary>
+    protected long NextAttempt() => ++attempts;
+
+    /// <summary>The attempts a checkpoint about to be written applies: the replicas learn it with the Commit.</summary>
+    protected void Applied(IEnumerable<long> attemptsApplied) => applied.AddRange(attemptsApplied);
+
+    /// <summary>Writes a cluster checkpoint through the checkpointer: copies of <paramref name="parts"/> (the caller may
+    /// change them at once), with the run's seed and the objective's state.</summary>
+    protected void WriteCheckpoint(long step, IEnumerable<(string Part, IEnumerable<(string Name, TorchSharp.torch.Tensor Value)> Tensors)> parts,
+        StreamPosition position, IReadOnlyDictionary<string, string> extra, long optimizerStep = 0)
+    {
+        var copies = parts.Select(p => new Model.Checkpoint.Part(p.Part, p.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())).ToArray();
+        Writer.Tell(new Checkpointer.Parts(step, copies, position, optimizerStep, TeacherStep: step, Extra: extra));
+    }
+
+    /// <summary>The cluster's members now, for the history.</summary>
+    protected IReadOnlyList<ClusterStatus.Member> Members() => ClusterStatus.MembersOf(Akka.Cluster.Cluster.Get(Context.System));
+
+    /// <summary>A number of the checkpoint's state, or <paramref name="otherwise"/>.</summary>
+    protected static long StateNumber(Model.Checkpoint.State state, string key, long otherwise) =>
+        state.Extra.TryGetValue(key, out var v) ? long.Parse(v, CultureInfo.InvariantCulture) : otherwise;
+
+    protected override void PreStart() =>
+        Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember));
+
+    protected override void PostStop()
+    {
+        Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
+        base.PostStop();
+    }
+}

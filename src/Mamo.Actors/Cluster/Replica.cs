@@ -1,0 +1,347 @@
+using System.Collections.Immutable;
+using Akka.Actor;
+using Mamo.Actors.Pipeline;
+using Mamo.Actors.Run;
+using Mamo.Actors.Sources;
+using Mamo.Model;
+using Serilog;
+using static TorchSharp.torch;
+
+namespace Mamo.Actors.Cluster;
+
+/// <summary>The hooks that make a node's pipeline a cluster replica (Run/IReplica): its folder, its seed, its teacher's
+/// lag, its assigned source, and its link to the coordinator. One per node for the run's life; the link is made anew
+/// with each pipeline.</summary>
+public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef coordinator) : IReplica
+{
+    AssignedSource? assigned;
+    long finalStep = -1;
+
+    public string Dir => ClusterRun.NodeDir(settings.RunDir, node);
+    /// <summary>DiLoCo: masks and negatives differ between replicas, the seed mixes in the node. Every-step: a row's
+    /// masks and negatives depend on its step and its row of the global batch only.</summary>
+    public int Seed => EveryStep ? settings.Seed : Seeds.Mix(settings.Seed, Seeds.StableHash(node));
+    /// <summary>Every-step: targets within the step, from the teacher of the θ it starts from, as its coordinator's.</summary>
+    public int TeacherLag => EveryStep || !settings.TeacherPipelined ? 0 : 1;
+    bool EveryStep => settings.Cluster.Sync == ClusterSettings.EveryStep;
+
+    /// <summary>The run's last step, once the coordinator has said the run is over; -1 before.</summary>
+    public long FinalStep => Interlocked.Read(ref finalStep);
+    internal void Finished(long step) => Interlocked.Exchange(ref finalStep, step);
+
+    public ITrainingSource Assigned(ITrainingSource source) => assigned = new AssignedSource(source);
+
+    public Props Props(IActorRef trainer, IActorRef metrics) =>
+        Akka.Actor.Props.Create(() => new Replica(settings, node, coordinator, assigned!, trainer, metrics, this)).WithDispatcher(Dispatchers.Io);
+}
+
+/// <summary>A replica pipeline's link to its coordinator, a child of the node's run supervisor. It registers; for each
+/// round it assigns the source the round's records (a cursor range, or the next records of the node's partitions) and
+/// gives the trainer the round's weights and the objective's state; it hands the coordinator what the trainer (and the
+/// teacher) hand it back: the deltas of a DiLoCo round (θ − θᵢ), or an every-step replica's gradient, whose all-gather
+/// it relays; and once a cluster checkpoint is durable, it acknowledges to the source what it covers and marks in the
+/// ledger which rounds it applied.</summary>
+public sealed class Replica : ReceiveActor, IWithTimers
+{
+    /// <summary>Reply Drained once everything handed in has been sent: a stopping node waits for it before it leaves.</summary>
+    public sealed record Drain;
+    public sealed record Drained;
+    internal sealed record RegisterAgain;
+    /// <summary>From the trainer's thread: an all-gather's own tensors, and where the gathered ones go.</summary>
+    sealed record Gather(long Attempt, List<(string Name, Tensor Value)> Tensors, TaskCompletionSource<IReadOnlyList<Tensor>> Gathered);
+
+    /// <summary>How often a replica offers itself again: a coordinator that moved to another node learns of it so.</summary>
+    internal static readonly TimeSpan RegisterEvery = TimeSpan.FromSeconds(3);
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    /// <summary>A round started: how it was given (RoundStart or StepStart), the round, and, once here, its weights.</summary>
+    sealed class Started(object start, Round round, IActorRef deltaReceiver, IReadOnlyDictionary<string, string> state)
+    {
+        public object Start { get; } = start;
+        public Round Round { get; } = round;
+        public IActorRef DeltaReceiver { get; } = deltaReceiver;
+        public IReadOnlyDictionary<string, string> State { get; } = state;
+        public WeightTransfer.Received? Weights { get; set; }
+        public bool Loaded { get; set; }
+        public Trainer.RoundTrained? Trained { get; set; }
+        public Checkpointer.Parts? Teacher { get; set; }
+    }
+
+    readonly MamoSettings settings;
+    readonly string node;
+    readonly IActorRef coordinator, trainer, metrics, receiver;
+    readonly AssignedSource source;
+    readonly ReplicaHooks hooks;
+    readonly bool keepsTeacher;
+    readonly Dictionary<long, Started> started = [];
+    /// <summary>Rounds handed in and not yet known applied or not: a Commit says.</summary>
+    readonly List<Round> handedIn = [];
+    /// <summary>Transfers under way: a stopping node waits for them.</summary>
+    int sending;
+    (long Attempt, TaskCompletionSource<IReadOnlyList<Tensor>> Gathered)? gather;
+    IActorRef? drainer, lastCoordinator;
+    /// <summary>Rounds trained since the last durable cluster checkpoint: what a stream reads again if its coordinator changes.</summary>
+    bool trainedSinceCommit;
+
+    public Replica(MamoSettings settings, string node, IActorRef coordinator, AssignedSource source, IActorRef trainer, IActorRef metrics, ReplicaHooks hooks)
+    {
+        this.settings = settings;
+        this.node = node;
+        this.coordinator = coordinator;
+        this.source = source;
+        this.trainer = trainer;
+        this.metrics = metrics;
+        this.hooks = hooks;
+        using (var objective = TrainingTask.Of(settings).Objective(settings.Model)) keepsTeacher = objective.TeacherMomentum is not null;
+        source.Attach();
+        receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "data");
+
+        Receive<RoundCoordinator.RoundStart>(s => Begin(s, new Round(s.Attempt, s.Round, s.FirstStep, ResetsTeacher: true), s.DeltaReceiver, s.State,
+            s.Rewind ? "its last round was not applied" : null, new AssignedSource.Assignment(default!, s.Cursor, s.Records)));
+        Receive<StepCoordinator.StepStart>(s => Begin(s, new Round(s.Attempt, s.Step, s.Step, ResetsTeacher: false), s.Receiver, s.State, null,
+            new AssignedSource.Assignment(default!, s.Cursor, s.BatchSize)));
+        Receive<WeightTransfer.Received>(OnReceived);
+        Receive<StepCoordinator.Abort>(a =>
+        {
+            if (gather is { } g && g.Attempt == a.Attempt) g.Gathered.TrySetCanceled();
+            if (started.Remove(a.Attempt, out var s)) GiveUp(s, "its coordinator dropped it");
+        });
+        Receive<Gather>(g =>
+        {
+            if (!started.TryGetValue(g.Attempt, out var s))
+            {
+                g.Gathered.TrySetCanceled();
+                return;
+            }
+            gather = (g.Attempt, g.Gathered);
+            Send(s.DeltaReceiver, WeightTransfer.Kind.Features, g.Attempt, g.Tensors, "float32");
+            foreach (var (_, v) in g.Tensors) v.Dispose();
+        });
+        Receive<Trainer.RoundTrained>(t =>
+        {
+            if (!started.TryGetValue(t.Round.Attempt, out var s))
+            {
+                foreach (var (_, v) in t.Tensors) v.Dispose();
+                return;
+            }
+            s.Trained = t;
+            TryHandIn(s);
+        });
+        // The teacher's part after the round's last update (DiLoCo), for the teacher's delta.
+        Receive<Checkpointer.Parts>(p =>
+        {
+            if (started.Values.FirstOrDefault(s => s.Loaded && s.Teacher is null && s.Start is RoundCoordinator.RoundStart) is not { } s)
+            {
+                foreach (var part in p.Tensors) foreach (var (_, v) in part.Tensors) v.Dispose();
+                return;
+            }
+            s.Teacher = p;
+            TryHandIn(s);
+        });
+        Receive<Coordination.Commit>(OnCommit);
+        Receive<Coordination.Finish>(f =>
+        {
+            Log.Information("{Node}: the run is done at step {Step}", node, f.Step);
+            hooks.Finished(f.Step);
+            source.Complete();
+        });
+        Receive<WeightTransfer.Sent>(s =>
+        {
+            sending--;
+            if (!s.Delivered) Log.Warning("{Node}: the {Kind} of attempt {Attempt} was not delivered", node, s.Tag.Kind, s.Tag.Attempt);
+            TryDrained();
+        });
+        Receive<Drain>(_ =>
+        {
+            drainer = Sender;
+            TryDrained();
+        });
+        Receive<RegisterAgain>(_ => coordinator.Tell(new Coordination.Register(node, receiver)));
+    }
+
+    protected override void PreStart()
+    {
+        coordinator.Tell(new Coordination.Register(node, receiver));
+        Timers.StartPeriodicTimer("register", new RegisterAgain(), RegisterEvery);
+    }
+
+    /// <summary>A round given: its records to the source, and (once its weights are here) its weights to the trainer.</summary>
+    void Begin(object start, Round round, IActorRef deltaReceiver, IReadOnlyDictionary<string, string> state, string? rewind, AssignedSource.Assignment share)
+    {
+        var stream = !source.ReadWhole;
+        // A stream's records since the last durable cluster checkpoint are read again where a round of them was not
+        // applied: the coordinator said so, or it is a new one (the old one died with what it had not checkpointed).
+        if (stream && rewind is null && trainedSinceCommit && lastCoordinator is not null && !Sender.Equals(lastCoordinator)) rewind = "its coordinator changed";
+        lastCoordinator = Sender;
+        if (stream && rewind is not null)
+        {
+            Context.Parent.Tell(new RunSupervisor.RestartPipeline($"{node} reads its stream again from the last cluster checkpoint: {rewind}"));
+            return;
+        }
+        // A round still without its weights will not get them now: its coordinator moved on.
+        foreach (var old in started.Values.Where(s => s.Weights is null).ToList())
+        {
+            started.Remove(old.Round.Attempt);
+            GiveUp(old, "its coordinator gave another round");
+        }
+        started[round.Attempt] = new Started(start, round, deltaReceiver, state);
+        source.Assign(share with { Round = round });
+    }
+
+    void OnReceived(WeightTransfer.Received r)
+    {
+        var tag = r.Tag;
+        if (tag.Kind == WeightTransfer.Kind.Gathered && gather is { } g && g.Attempt == tag.Attempt)
+        {
+            gather = null;
+            if (!g.Gathered.TrySetResult(r.Tensors.Select(t => t.Value).ToList())) Dispose(r);
+            return;
+        }
+        if (tag.Kind != WeightTransfer.Kind.Weights || !started.TryGetValue(tag.Attempt, out var s))
+        {
+            Dispose(r);
+            return;
+        }
+        s.Weights = r;
+        if (s.Round.ResetsTeacher)
+            Log.Information("{Node} round {Round} starts from θ {Hash}", node, s.Round.Number, Checkpoint.WeightHash(r.Tensors
+                .Where(t => t.Name.StartsWith(MamoTrainer.StudentPrefix)).Select(t => (t.Name[MamoTrainer.StudentPrefix.Length..], t.Value))));
+        // The trainer owns what it is given; a DiLoCo round keeps θ here, to hand in θ − θᵢ.
+        var shard = s.Start is StepCoordinator.StepStart step ? new Shard(step, Self, settings.Cluster.RoundTimeout) : null;
+        trainer.Tell(new Trainer.LoadRound(s.Round, r.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToList(), s.State, shard));
+        s.Loaded = true;
+        trainedSinceCommit = true;
+        if (shard is not null)
+        {
+            Dispose(r);
+            s.Weights = new WeightTransfer.Received(r.Id, r.Tag, [], r.From);
+        }
+    }
+
+    /// <summary>Once the trainer's work (and, where the objective keeps one, the teacher's part) is here: DiLoCo's deltas
+    /// and account of the round, or every-step's gradient and account of the step, to the coordinator.</summary>
+    void TryHandIn(Started s)
+    {
+        if (s.Trained is not { } t) return;
+        var everyStep = s.Start is StepCoordinator.StepStart;
+        if (!everyStep && keepsTeacher && s.Teacher is null) return;
+        started.Remove(s.Round.Attempt);
+        handedIn.Add(s.Round);
+        try
+        {
+            if (everyStep)
+            {
+                coordinator.Tell(new StepCoordinator.StepDone(s.Round.Attempt, node, t.Samples, t.Loss, t.Terms, t.Observations));
+                Send(s.DeltaReceiver, WeightTransfer.Kind.Gradient, s.Round.Attempt, t.Tensors, "float32");
+                return;
+            }
+            var given = s.Weights!.Tensors.ToDictionary(w => w.Name, w => w.Value);
+            var teacher = s.Teacher?.Tensors.SelectMany(p => p.Tensors).Select(w => (Name: MamoTrainer.TeacherPrefix + w.Name, w.Value)) ?? [];
+            using var scope = NewDisposeScope();
+            var deltas = t.Tensors.Concat(teacher).Select(w => (w.Name, Delta(given, w.Name, w.Value))).ToList();
+            coordinator.Tell(new RoundCoordinator.RoundDone(s.Round.Attempt, s.Round.Number, node, t.Samples, t.Position.Offsets, t.Loss, t.Terms, t.Observations, t.Partial));
+            Send(s.DeltaReceiver, WeightTransfer.Kind.Delta, s.Round.Attempt, deltas, settings.Cluster.DeltaDType);
+            if (t.Partial) Log.Information("{Node} hands in round {Round} cut short after {Samples} samples", node, s.Round.Number, t.Samples);
+        }
+        finally
+        {
+            foreach (var (_, v) in t.Tensors) v.Dispose();
+            foreach (var part in s.Teacher?.Tensors ?? []) foreach (var (_, v) in part.Tensors) v.Dispose();
+            if (s.Weights is { } w) Dispose(w);
+        }
+    }
+
+    /// <summary>θ − θᵢ; a tensor that grew rows in the round (a head's new classes) grew them from zero.</summary>
+    static Tensor Delta(IReadOnlyDictionary<string, Tensor> given, string name, Tensor end)
+    {
+        if (!given.TryGetValue(name, out var start)) throw new InvalidDataException($"the round's weights lack '{name}'");
+        if (start.shape.SequenceEqual(end.shape)) return start - end;
+        var grown = zeros_like(end);
+        grown[..(int)start.shape[0]].copy_(start);
+        return grown - end;
+    }
+
+    void Send(IActorRef to, WeightTransfer.Kind kind, long attempt, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype)
+    {
+        Context.ActorOf(WeightTransfer.Sender.Props(to, Self, new WeightTransfer.Tag(kind, attempt, node), tensors, dtype, settings.Cluster.ChunkSize,
+            settings.Cluster.Window));
+        sending++;
+    }
+
+    /// <summary>A round that will not be applied: the trainer drops its steps, and a stream is read again from the
+    /// last cluster checkpoint (what was assigned to it may be in the stream already).</summary>
+    void GiveUp(Started s, string why)
+    {
+        Log.Information("{Node} gives up round {Round} (attempt {Attempt}): {Why}", node, s.Round.Number, s.Round.Attempt, why);
+        trainer.Tell(new Trainer.GiveUpRound(s.Round.Attempt));
+        if (s.Weights is { } w) Dispose(w);
+        if (!source.ReadWhole && s.Loaded) Context.Parent.Tell(new RunSupervisor.RestartPipeline($"{node} reads its stream again: a round of it was given up"));
+    }
+
+    /// <summary>A durable cluster checkpoint: the source acknowledges what it covers, and the ledger says which of the
+    /// rounds handed in it applied (one before its last round that it did not apply never will be).</summary>
+    void OnCommit(Coordination.Commit c)
+    {
+        source.Commit(new StreamPosition(c.Positions.ToImmutableSortedDictionary()));
+        foreach (var round in handedIn.ToList())
+        {
+            var applied = c.Applied.Contains(round.Attempt);
+            if (!applied && round.Number >= c.Through) continue;
+            metrics.Tell(new Metrics.RoundOutcome(round, applied));
+            handedIn.Remove(round);
+        }
+        if (started.Count == 0) trainedSinceCommit = false;
+    }
+
+    void TryDrained()
+    {
+        if (drainer is null || sending > 0 || started.Values.Any(s => s.Trained is not null)) return;
+        drainer.Tell(new Drained());
+        drainer = null;
+    }
+
+    static void Dispose(WeightTransfer.Received r)
+    {
+        foreach (var (_, t) in r.Tensors) t.Dispose();
+    }
+
+    protected override void PostStop()
+    {
+        gather?.Gathered.TrySetCanceled();
+        foreach (var s in started.Values) if (s.Weights is { } w) Dispose(w);
+        base.PostStop();
+    }
+
+    /// <summary>An every-step replica's place in the step's global batch; its all-gathers go through the coordinator.
+    /// Integer tensors (the image keys) travel as three exact float32 parts of 22, 21 and 21 bits.</summary>
+    sealed class Shard(StepCoordinator.StepStart s, IActorRef replica, TimeSpan timeout) : IBatchShard
+    {
+        public long FirstRow => s.FirstRow;
+        public int Index => s.Index;
+
+        public IReadOnlyList<Tensor> AllGather(IReadOnlyList<Tensor> local)
+        {
+            var wire = local.Select((t, i) => (Name: $"{i}", Value: t.dtype == ScalarType.Int64 ? Split(t) : t.detach().cpu().clone().DetachFromDisposeScope())).ToList();
+            var gathered = new TaskCompletionSource<IReadOnlyList<Tensor>>(TaskCreationOptions.RunContinuationsAsynchronously);
+            replica.Tell(new Gather(s.Attempt, wire, gathered));
+            if (!gathered.Task.Wait(timeout)) throw new OperationCanceledException($"no gathered features within {timeout}");
+            var all = gathered.Task.Result;
+            try { return all.Select((t, i) => local[i].dtype == ScalarType.Int64 ? Join(t) : t.clone()).ToList(); }
+            finally { foreach (var t in all) t.Dispose(); }
+        }
+
+        static Tensor Split(Tensor keys)
+        {
+            var k = keys.cpu().data<long>().ToArray();
+            var parts = k.SelectMany(x => new float[] { (x >> 42) & 0x3FFFFF, (x >> 21) & 0x1FFFFF, x & 0x1FFFFF }).ToArray();
+            return tensor(parts, new long[] { k.Length, 3 }).DetachFromDisposeScope();
+        }
+
+        static Tensor Join(Tensor parts)
+        {
+            var p = parts.data<float>().ToArray();
+            return tensor(Enumerable.Range(0, p.Length / 3).Select(i => ((long)p[3 * i] << 42) | ((long)p[3 * i + 1] << 21) | (long)p[3 * i + 2]).ToArray());
+        }
+    }
+}
