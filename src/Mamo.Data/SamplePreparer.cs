@@ -36,7 +36,7 @@ public sealed class SamplePreparer(ImageTransform transform, TextTokenizer token
         pixels = [];
         if (!ImageDecoder.TryDecode(sample.Image, _decodeLimits, out SKBitmap? rgb, out var error))
         {
-            bad = new BadInput($"{error.Kind}: {error.Reason}", $"{sample.Position.Source}#{sample.Position.Offset} ({sample.Id})", sample.Position);
+            bad = new BadInput($"{error.Kind}: {error.Reason}", sample.Location, sample.Position);
             return false;
         }
         using (rgb)

@@ -117,7 +117,8 @@ public sealed record RetrievalEvalLine(long Step, string Set, RetrievalMetrics M
     public override string Kind => "eval";
     public double? ElapsedSeconds { get; init; }
     public double? TookSeconds { get; init; }
-    public double? Chance => Images is > 0 and var n ? Math.Round(100.0 / n, 4) : null;
+    /// <summary>R@1 by chance, in percent: one over the images.</summary>
+    public double? Chance { get; init; } = Images is > 0 and var n ? Math.Round(100.0 / n, 4) : null;
 
     protected override void Write(JsonObject line)
     {
@@ -139,7 +140,7 @@ public sealed record RetrievalEvalLine(long Step, string Set, RetrievalMetrics M
         var metrics = new RetrievalMetrics(recalls[0]!.Value, recalls[1]!.Value, recalls[2]!.Value, recalls[3]!.Value, recalls[4]!.Value, recalls[5]!.Value);
         return new RetrievalEvalLine(step, set, metrics, (int?)Integer(line, "images"), (int?)Integer(line, "texts"))
         {
-            ElapsedSeconds = Number(line, "elapsed_s"), TookSeconds = Number(line, "took_s"),
+            Chance = Number(line, "chance"), ElapsedSeconds = Number(line, "elapsed_s"), TookSeconds = Number(line, "took_s"),
         };
     }
 }
