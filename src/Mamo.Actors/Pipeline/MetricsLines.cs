@@ -200,6 +200,12 @@ public sealed record ProcessLine(long RssBytes, double CpuSeconds, long GcHeapBy
         (line["rss_bytes"], line["cpu_s"], line["gc_heap_bytes"]) = (RssBytes, Math.Round(CpuSeconds, 3), GcHeapBytes);
         (line["gc"], line["threads"], line["samples_read"]) = (new JsonArray(Collections.Select(c => (JsonNode)c).ToArray()), Threads, SamplesRead);
     }
+
+    public static ProcessLine? Parse(JsonObject line) =>
+        Integer(line, "rss_bytes") is { } rss && Number(line, "cpu_s") is { } cpu && Integer(line, "gc_heap_bytes") is { } heap
+            ? new ProcessLine(rss, cpu, heap, line["gc"] is JsonArray gc ? gc.Select(g => (int?)g ?? 0).ToArray() : [], (int)(Integer(line, "threads") ?? 0),
+                Integer(line, "samples_read") ?? 0)
+            : null;
 }
 
 /// <summary>`kafka`: where the consumer stands in each partition it reads.</summary>
@@ -229,6 +235,9 @@ public sealed record CheckpointLine(long Step, string Path, long Bytes, IReadOnl
         (line["step"], line["path"], line["bytes"]) = (Step, Path, Bytes);
         line["offsets"] = new JsonObject(Offsets.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value)));
     }
+
+    public static CheckpointLine? Parse(JsonObject line) =>
+        Integer(line, "step") is { } step ? new CheckpointLine(step, Text(line, "path") ?? "", Integer(line, "bytes") ?? 0, ReadOffsets(line["offsets"])) : null;
 }
 
 /// <summary>`publish`: a model version's embeddings (and the task's predictions) went out.</summary>

@@ -23,6 +23,10 @@ public abstract class TrainingTask(MamoSettings settings)
         _ => new Pretraining(s),
     };
 
+    /// <summary>The embedded defaults a fine-tuning task layers over mamo.conf (hocon/finetune*.conf), the first on top.</summary>
+    public static IReadOnlyList<string> ConfigLayers(string task) =>
+        task == FineTuneSettings.Retrieval ? ["finetune-retrieval.conf", "finetune.conf"] : ["finetune.conf"];
+
     /// <summary>Builds the objective of each trainer, coordinator and evaluator of the run.</summary>
     public abstract Func<MamoConfig, IObjective> Objective { get; }
 

@@ -82,13 +82,9 @@ public static class EvalCommand
             torch.Device dev;
             try { dev = RunInputs.OpenDevice(parse.GetValue(device)!); }
             catch (SettingsException e) { return Fail($"--device: {e.Message}"); }
-            var weightsFile = parse.GetValue(weights) == Teacher ? Checkpoint.TeacherFile : Checkpoint.StudentFile;
+            var part = parse.GetValue(weights) == Teacher ? Checkpoint.InferencePart(dir) : Checkpoint.StudentPart;
             // A fine-tuned checkpoint without distillation keeps no teacher: its student is the model.
-            if (weightsFile == Checkpoint.TeacherFile && !File.Exists(Path.Combine(dir, Checkpoint.TeacherFile)))
-            {
-                error.WriteLine($"mamo eval: {dir} keeps no momentum teacher; evaluating its student");
-                weightsFile = Checkpoint.StudentFile;
-            }
+            if (parse.GetValue(weights) == Teacher && part == Checkpoint.StudentPart) error.WriteLine($"mamo eval: {dir} keeps no momentum teacher; evaluating its student");
 
             try
             {
@@ -100,14 +96,12 @@ public static class EvalCommand
                 if (set.Bad.Count > 0)
                     error.WriteLine($"mamo eval: skipped {set.Bad.Count} bad records of {manifestPath} (first: {set.Bad[0].Location}: {set.Bad[0].Reason})");
 
-                using var model = new MamoModel(config);
-                model.to(dev);
-                Checkpoint.LoadModel(dir, weightsFile, model);
+                using var model = Checkpoint.LoadInference(dir, dev, part);
                 var metrics = Retrieval.Evaluate(model, set.Images, set.TokenIds, set.AttentionMask, set.TextToImage, parse.GetValue(k), parse.GetValue(batchSize));
 
                 var chance = Percent / set.ImageCount;
                 if (parse.GetValue(json)) output.WriteLine(Json(metrics, set, chance, step));
-                else Table(output, metrics, set, chance, $"{dir} (step {step}, {(weightsFile == Checkpoint.TeacherFile ? Teacher : Student)} weights)", manifestPath);
+                else Table(output, metrics, set, chance, $"{dir} (step {step}, {part} weights)", manifestPath);
                 return 0;
             }
             catch (Exception e) when (e is InvalidDataException or JsonException or IOException)

@@ -28,7 +28,7 @@ public static class ExportCommand
             try
             {
                 var parts = Checkpoint.Parts(Checkpoint.ReadState(dir));
-                var part = parse.GetValue(weights) ?? (parts.Contains(Checkpoint.TeacherPart) ? Checkpoint.TeacherPart : Checkpoint.StudentPart);
+                var part = parse.GetValue(weights) ?? Checkpoint.InferencePart(dir);
                 if (!parts.Contains(part)) throw new InvalidDataException($"{dir} holds no {part} weights");
                 parse.InvocationConfiguration.Output.WriteLine(WeightExport.Run(dir, Checkpoint.PartFile(part), parse.GetValue(format)!, parse.GetValue(output)!));
                 return 0;

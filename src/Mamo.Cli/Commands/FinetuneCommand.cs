@@ -66,8 +66,8 @@ public static class FinetuneCommand
                 node = cluster.Resolve(parse);
                 var model = Checkpoint.ReadConfig(checkpoint);
                 var preset = MamoConfig.PresetOf(model) ?? throw new SettingsException($"{checkpoint} holds a model of no preset's architecture");
-                string[] layers = taskName == FineTuneSettings.Retrieval ? ["finetune-retrieval.conf", "finetune.conf"] : ["finetune.conf"];
-                settings = MamoSettings.Load(parse.GetValue(settingsOptions.Config), [$"preset={preset}", .. sets, .. parse.GetValue(settingsOptions.Set) ?? []], layers);
+                settings = MamoSettings.Load(parse.GetValue(settingsOptions.Config), [$"preset={preset}", .. sets, .. parse.GetValue(settingsOptions.Set) ?? []],
+                    TrainingTask.ConfigLayers(taskName));
                 settings = settings with { Model = settings.Model.WithLayoutOf(model) };
             }
             catch (Exception e) when (e is SettingsException or IOException or System.Text.Json.JsonException or InvalidDataException or FormatException)

@@ -135,11 +135,7 @@ public sealed class Grounder : IDisposable
         var dir = Checkpoint.Latest(checkpoint) ?? throw new UsageException($"no checkpoint at {checkpoint}");
         var config = Checkpoint.ReadConfig(dir);
         var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: log.WriteLine));
-        var model = new MamoModel(config);
-        var weights = File.Exists(Path.Combine(dir, Checkpoint.TeacherFile)) ? Checkpoint.TeacherFile : Checkpoint.StudentFile;
-        Checkpoint.LoadModel(dir, weights, model);
-        model.eval();
-        return new Grounder(model, tokenizer, config);
+        return new Grounder(Checkpoint.LoadInference(dir, torch.CPU), tokenizer, config);
     }
 
     /// <summary>The layer asked for, checked, or the default. The last fusion layer is refused: the ITM head reads the

@@ -66,11 +66,9 @@ public static class PredictCommand
                     parse.GetValue(labelField)!);
                 if (set.Bad.Count > 0) error.WriteLine($"mamo predict: skipped {set.Bad.Count} records (first: {set.Bad[0].Location}: {set.Bad[0].Reason})");
 
-                using var model = new MamoModel(config);
-                // Zero-shot ranks with the weights `mamo eval` ranks with: the teacher where there is one.
-                var weights = template is not null && Checkpoint.Parts(state).Contains(Checkpoint.TeacherPart) ? Checkpoint.TeacherFile : Checkpoint.StudentFile;
-                Checkpoint.LoadModel(dir, weights, model);
-                model.to(dev);
+                // Zero-shot ranks with the weights `mamo eval` ranks with (the teacher where there is one); a head, with the
+                // student it was trained on.
+                using var model = Checkpoint.LoadInference(dir, dev, template is null ? Checkpoint.StudentPart : null);
                 string[] predicted;
                 if (template is not null)
                 {

@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json.Nodes;
 using Mamo.Actors.Pipeline;
+using Mamo.Actors.Sources;
 using static Mamo.Actors.Pipeline.MetricsLine;
 
 namespace Mamo.Cli.Dashboard;
@@ -40,6 +41,13 @@ public sealed class RunFiles
     readonly LinkedList<JsonObject> latestRounds = new();
     readonly List<JsonObject> recoveries = [];
     JsonObject? lastTrain, start, state, process, members;
+    // What the page and /metrics read, through the types that wrote it.
+    TrainLine? lastTrainLine;
+    StateLine? stateLine;
+    ProcessLine? processLine;
+    long? lastCheckpoint;
+    readonly Dictionary<string, RetrievalEvalLine> lastEvals = [];
+    readonly Dictionary<string, PartitionStatus> partitions = [];
     int starts;
 
     public RunFiles(string runDir)
@@ -59,8 +67,8 @@ public sealed class RunFiles
     public bool Loaded { get; private set; }
 
     /// <summary>The newest state line's state (running, paused, restarting, stopped) and reason; null before one.</summary>
-    public string? State { get { lock (gate) return state is null ? null : Text(state, "state"); } }
-    public string? StateReason { get { lock (gate) return state is null ? null : Text(state, "reason"); } }
+    public string? State { get { lock (gate) return stateLine?.State; } }
+    public string? StateReason { get { lock (gate) return stateLine?.Reason; } }
 
     /// <summary>The sequence number of the newest event.</summary>
     public long Sequence { get { lock (gate) return seq; } }
@@ -94,14 +102,14 @@ public sealed class RunFiles
             switch (kind)
             {
                 case "train": AddTrain(o); break;
-                case "eval": evals.Add(o); break;
+                case "eval": AddEval(o); break;
                 case "probe": probes[Text(o, "set") ?? ""] = o; break;
                 case "thumbnail": AddThumbnail(o); return 0;   // pixels are served, not streamed
-                case "checkpoint": checkpoints.Add(o); break;
+                case "checkpoint": checkpoints.Add(o); lastCheckpoint = CheckpointLine.Parse(o)?.Step ?? lastCheckpoint; break;
                 case "publish": publishes.Add(o); break;
                 case "start": start = o; starts++; break;
-                case "state": state = o; break;
-                case "process": process = o; processHistory.Add(o); break;
+                case "state": (state, stateLine) = (o, StateLine.Parse(o) ?? stateLine); break;
+                case "process": (process, processLine) = (o, ProcessLine.Parse(o) ?? processLine); processHistory.Add(o); break;
                 case "kafka": AddKafka(o); break;
                 case "dead_letter": AddDeadLetter(o); break;
                 case "members": members = o; break;
@@ -117,9 +125,9 @@ public sealed class RunFiles
 
     void AddTrain(JsonObject o)
     {
-        if (Number(o, "step") is not { } step) return;
-        lastTrain = o;
-        trainSteps.Add(step);
+        if (TrainLine.Parse(o) is not { } line) return;
+        (lastTrain, lastTrainLine) = (o, line);
+        trainSteps.Add(line.Step);
         foreach (var (key, value) in o)
         {
             if (key is "kind" or "step" or "time" || Number(value) is not { } v) continue;
@@ -131,22 +139,30 @@ public sealed class RunFiles
             if (column.Count < trainSteps.Count) column.Add(double.NaN);
     }
 
+    void AddEval(JsonObject o)
+    {
+        evals.Add(o);
+        if (RetrievalEvalLine.Parse(o) is { } line) lastEvals[line.Set] = line;
+    }
+
     void AddThumbnail(JsonObject o)
     {
-        if (Text(o, "set") is not { } set || Number(o, "image") is not { } image || Text(o, "png") is not { } png) return;
-        byte[] bytes;
-        try { bytes = Convert.FromBase64String(png); }
-        catch (FormatException) { Malformed++; return; }
-        var index = thumbnailSets.IndexOf(set);
-        if (index < 0) { thumbnailSets.Add(set); index = thumbnailSets.Count - 1; }
-        thumbnails[(index, (int)image)] = bytes;
+        if (ThumbnailLine.Parse(o) is not { } line)
+        {
+            if (o["png"] is not null) Malformed++;
+            return;
+        }
+        var index = thumbnailSets.IndexOf(line.Set);
+        if (index < 0) { thumbnailSets.Add(line.Set); index = thumbnailSets.Count - 1; }
+        thumbnails[(index, line.Image)] = line.Png;
     }
 
     void AddKafka(JsonObject o)
     {
         kafkaHistory.Add(o);
-        if (o["partitions"] is not JsonObject partitions) return;
-        foreach (var (name, p) in partitions)
+        foreach (var p in KafkaLine.Parse(o).Partitions) partitions[p.Partition] = p;
+        if (o["partitions"] is not JsonObject all) return;
+        foreach (var (name, p) in all)
             if (p is JsonObject po) kafka[name] = po;
     }
 
@@ -168,7 +184,7 @@ public sealed class RunFiles
 
     void AddDeadLetter(JsonObject o)
     {
-        var reason = Reason(Text(o, "reason") ?? "unknown");
+        var reason = Reason(DeadLetterLine.Parse(o)?.Reason ?? "unknown");
         deadLettersByReason[reason] = deadLettersByReason.GetValueOrDefault(reason) + 1;
         latestDeadLetters.AddFirst(o);
         if (latestDeadLetters.Count > RecentDeadLetters) latestDeadLetters.RemoveLast();
@@ -257,24 +273,22 @@ public sealed class RunFiles
     {
         lock (gate)
         {
-            var t = lastTrain;
-            var terms = t is null ? new Dictionary<string, double>()
-                : TrainLine.LossTerms.Where(term => Number(t, term) is not null).ToDictionary(term => term, term => Number(t, term)!.Value);
-            if (t is not null && Number(t, "loss") is { } loss) terms["total"] = loss;
+            var t = lastTrainLine;
+            var terms = t is null ? new Dictionary<string, double>() : new Dictionary<string, double>(t.Terms) { ["total"] = t.Loss };
             var recalls = new List<(string Set, string Direction, int K, double Value)>();
-            foreach (var set in evals.Where(e => Number(e, "ir1") is not null).GroupBy(e => Text(e, "set") ?? ""))
-                foreach (var (name, direction) in new[] { ("tr", "image_to_text"), ("ir", "text_to_image") })
-                    foreach (var k in new[] { 1, 5, 10 })
-                        if (Number(set.Last(), $"{name}{k}") is { } r) recalls.Add((set.Key, direction, k, r / 100));
-            var lags = kafka.Select(p => (Partition: p.Key, Lag: Number(p.Value, "lag"))).Where(p => p.Lag is not null)
-                .Select(p => (Topic: p.Partition[..Math.Max(0, p.Partition.LastIndexOf('/'))], Part: p.Partition[(p.Partition.LastIndexOf('/') + 1)..], Lag: p.Lag!.Value))
+            foreach (var (set, e) in lastEvals)
+            {
+                var m = e.Metrics;
+                foreach (var (direction, k, r) in new[] { ("image_to_text", 1, m.Tr1), ("image_to_text", 5, m.Tr5), ("image_to_text", 10, m.Tr10),
+                             ("text_to_image", 1, m.Ir1), ("text_to_image", 5, m.Ir5), ("text_to_image", 10, m.Ir10) })
+                    recalls.Add((set, direction, k, r / 100));
+            }
+            var lags = partitions.Values.Where(p => p.Lag is not null)
+                .Select(p => (Topic: p.Partition[..Math.Max(0, p.Partition.LastIndexOf('/'))], Part: p.Partition[(p.Partition.LastIndexOf('/') + 1)..], Lag: (double)p.Lag!.Value))
                 .ToList();
-            return new MetricValues(
-                t is null ? null : Number(t, "step"), terms, t is null ? null : Number(t, "pairs_per_s"), t is null ? null : Number(t, "lr"),
-                recalls, new Dictionary<string, long>(deadLettersByReason), lags,
-                checkpoints.Count == 0 ? null : Number(checkpoints[^1], "step"),
-                process is null ? null : Number(process, "rss_bytes"), process is null ? null : Number(process, "gc_heap_bytes"),
-                process is null ? null : Number(process, "cpu_s"), Math.Max(0, starts - 1), roundNumbers.Count == 0 ? null : roundNumbers[^1]);
+            return new MetricValues(t?.Step, terms, t?.PairsPerSecond, t?.LearningRate, recalls, new Dictionary<string, long>(deadLettersByReason), lags,
+                lastCheckpoint, processLine?.RssBytes, processLine?.GcHeapBytes, processLine?.CpuSeconds, Math.Max(0, starts - 1),
+                roundNumbers.Count == 0 ? null : roundNumbers[^1]);
         }
     }
 
