@@ -110,6 +110,26 @@ public sealed class AdamW : IDisposable
         return parameters.SelectMany((p, i) => new[] { ("m." + p.Name, m[i]), ("v." + p.Name, v[i]) }).ToList();
     }
 
+    /// <summary>Lays each parameter's moments out anew (a classifier head whose classes came in another order): the
+    /// map takes a parameter's name and a moment, and gives the moment in the parameter's current layout.</summary>
+    public void Remap(Func<string, Tensor, Tensor> map)
+    {
+        using var noGrad = no_grad();
+        for (int i = 0; i < parameters.Length; i++)
+        {
+            var name = parameters[i].Name;
+            (m[i], v[i]) = (Replaced(m[i], map(name, m[i])), Replaced(v[i], map(name, v[i])));
+        }
+        FollowShapes();
+    }
+
+    static Tensor Replaced(Tensor old, Tensor mapped)
+    {
+        if (ReferenceEquals(old, mapped)) return old;
+        old.Dispose();
+        return mapped.DetachFromDisposeScope();
+    }
+
     public void LoadState(IReadOnlyDictionary<string, Tensor> state, long step)
     {
         using var noGrad = no_grad();

@@ -9,7 +9,8 @@ namespace Mamo.Actors.Cluster;
 /// <summary>A replica's source: the node's own, read as its coordinator assigns it. An assignment is a round's share
 /// of the data: a cursor range of a file source (every node holds it whole), or the next records of the node's
 /// partitions of a Kafka stream (the consumer group splits those between the nodes). Its records carry their round,
-/// and the last one ends it. Nothing is read before it is assigned, beyond what the node's source buffers.</summary>
+/// and the last one ends it. Nothing is read before it is assigned, beyond what the node's source buffers. One per
+/// pipeline: a pipeline that starts again gets a new one, so nothing assigned to the one before reaches it.</summary>
 public sealed class AssignedSource(ITrainingSource source) : ITrainingSource
 {
     /// <summary>A round's share: records [Cursor, Cursor + Records) of a source read whole, or the next Records of a stream.</summary>
@@ -29,16 +30,6 @@ public sealed class AssignedSource(ITrainingSource source) : ITrainingSource
     public void Commit(StreamPosition durable) => source.Commit(durable);
     public string? PausedBecause => source.PausedBecause;
     public IReadOnlyList<PartitionStatus> Partitions => source.Partitions;
-
-    /// <summary>A new pipeline's link to the coordinator starts: what was assigned to an earlier one is not its to read.</summary>
-    public void Attach()
-    {
-        lock (gate)
-        {
-            (queue, completed) = (null, false);
-            early.Clear();
-        }
-    }
 
     /// <summary>The records of the rounds assigned to the pipeline's link.</summary>
     public Source<Positioned, NotUsed> Open(StreamPosition resume)

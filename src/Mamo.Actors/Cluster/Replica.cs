@@ -17,6 +17,7 @@ public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef c
     AssignedSource? assigned;
     long finalStep = -1;
 
+    public string Node => node;
     public string Dir => ClusterRun.NodeDir(settings.RunDir, node);
     /// <summary>DiLoCo: masks and negatives differ between replicas, the seed mixes in the node. Every-step: a row's
     /// masks and negatives depend on its step and its row of the global batch only.</summary>
@@ -43,10 +44,12 @@ public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef c
 /// ledger which rounds it applied.</summary>
 public sealed class Replica : ReceiveActor, IWithTimers
 {
-    /// <summary>Reply Drained once everything handed in has been sent: a stopping node waits for it before it leaves.</summary>
+    /// <summary>Reply Drained once everything handed in has been sent, and the coordinator has said whether it applied it
+    /// (at most a round's deadline later): a stopping node waits for it before it leaves.</summary>
     public sealed record Drain;
     public sealed record Drained;
     internal sealed record RegisterAgain;
+    sealed record DrainDeadline;
     /// <summary>From the trainer's thread: an all-gather's own tensors, and where the gathered ones go.</summary>
     sealed record Gather(long Attempt, List<(string Name, Tensor Value)> Tensors, TaskCompletionSource<IReadOnlyList<Tensor>> Gathered);
 
@@ -94,7 +97,6 @@ public sealed class Replica : ReceiveActor, IWithTimers
         this.metrics = metrics;
         this.hooks = hooks;
         using (var objective = TrainingTask.Of(settings).Objective(settings.Model)) keepsTeacher = objective.TeacherMomentum is not null;
-        source.Attach();
         receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "data");
 
         Receive<RoundCoordinator.RoundStart>(s => Begin(s, new Round(s.Attempt, s.Round, s.FirstStep, ResetsTeacher: true), s.DeltaReceiver, s.State,
@@ -155,6 +157,13 @@ public sealed class Replica : ReceiveActor, IWithTimers
         Receive<Drain>(_ =>
         {
             drainer = Sender;
+            Timers.StartSingleTimer(nameof(DrainDeadline), new DrainDeadline(), settings.Cluster.RoundTimeout);
+            TryDrained();
+        });
+        Receive<DrainDeadline>(_ =>
+        {
+            if (handedIn.Count > 0) Log.Warning("{Node} leaves without word whether its last rounds were applied", node);
+            handedIn.Clear();
             TryDrained();
         });
         Receive<RegisterAgain>(_ => coordinator.Tell(new Coordination.Register(node, receiver)));
@@ -292,11 +301,12 @@ public sealed class Replica : ReceiveActor, IWithTimers
             handedIn.Remove(round);
         }
         if (started.Count == 0) trainedSinceCommit = false;
+        TryDrained();
     }
 
     void TryDrained()
     {
-        if (drainer is null || sending > 0 || started.Values.Any(s => s.Trained is not null)) return;
+        if (drainer is null || sending > 0 || handedIn.Count > 0 || started.Values.Any(s => s.Trained is not null)) return;
         drainer.Tell(new Drained());
         drainer = null;
     }

@@ -219,7 +219,8 @@ public sealed class RoundCoordinator : Coordination
     {
         var r = current!;
         var reported = r.Assigned.Where(a => r.Reports.ContainsKey(a.Attempt) && r.Deltas.ContainsKey(a.Attempt)).ToList();
-        var waiting = r.Assigned.Count(a => !r.Lost.Contains(a.Attempt)) - reported.Count;
+        // A replica that stopped after it handed in its (partial) round is reported, not waited for.
+        var waiting = r.Assigned.Count(a => !r.Lost.Contains(a.Attempt) && !reported.Contains(a));
         if (waiting > 0 && !r.Expired) return;
         var missed = r.Assigned.Where(a => !reported.Contains(a)).ToList();
         if (reported.Count == 0 || reported.Count < Cluster.MinReplicas)

@@ -56,6 +56,7 @@ public sealed class Metrics : ReceiveActor, IWithTimers
     readonly Func<long, TimeSpan?> remaining;
     readonly RunStatus? status;
     readonly TimeSpan sampleEvery;
+    readonly string? node;
     readonly HashSet<(string Set, int Image)> thumbnailsWritten = [];
     string? pausedBecause;
     Evaluator.EvalCompleted? lastEval;
@@ -70,9 +71,11 @@ public sealed class Metrics : ReceiveActor, IWithTimers
     /// <param name="dir">where metrics.jsonl and the ledger go: the run's folder (a cluster replica's own)</param>
     /// <param name="deadLetterDir">where dead-letters.jsonl goes: the run's folder, whichever process read the record</param>
     /// <param name="status">null: no start, state, process or kafka lines (a cluster follower's metrics)</param>
+    /// <param name="node">the cluster node whose replica this is, named in its dead letters; null: a single node</param>
     public Metrics(string dir, string deadLetterDir, int everySteps, bool ledger, IProgress<RunProgress>? progress, Func<long, TimeSpan?> remaining,
-        RunStatus? status = null, TimeSpan sampleEvery = default)
+        RunStatus? status = null, TimeSpan sampleEvery = default, string? node = null)
     {
+        this.node = node;
         this.status = status;
         this.sampleEvery = sampleEvery > TimeSpan.Zero ? sampleEvery : TimeSpan.FromSeconds(5);
         this.everySteps = everySteps;
@@ -97,8 +100,8 @@ public sealed class Metrics : ReceiveActor, IWithTimers
     }
 
     public static Props Props(string dir, string deadLetterDir, int everySteps, bool ledger, IProgress<RunProgress>? progress, Func<long, TimeSpan?> remaining,
-        RunStatus? status = null, TimeSpan sampleEvery = default) =>
-        Akka.Actor.Props.Create(() => new Metrics(dir, deadLetterDir, everySteps, ledger, progress, remaining, status, sampleEvery)).WithDispatcher(Dispatchers.Io);
+        RunStatus? status = null, TimeSpan sampleEvery = default, string? node = null) =>
+        Akka.Actor.Props.Create(() => new Metrics(dir, deadLetterDir, everySteps, ledger, progress, remaining, status, sampleEvery, node)).WithDispatcher(Dispatchers.Io);
 
     protected override void PreStart()
     {
@@ -204,7 +207,7 @@ public sealed class Metrics : ReceiveActor, IWithTimers
     void OnDeadLetter(DeadLetter d)
     {
         deadLetters++;
-        deadLetterOut.WriteLine(new DeadLetterLine(d.Bad.Reason, d.Bad.Location, d.Bad.Position?.Source, d.Bad.Position?.Offset).ToJson().ToJsonString());
+        deadLetterOut.WriteLine(new DeadLetterLine(d.Bad.Reason, d.Bad.Location, d.Bad.Position?.Source, d.Bad.Position?.Offset) { Node = node }.ToJson().ToJsonString());
         Log.Warning("dead letter: {Reason} at {Location}", d.Bad.Reason, d.Bad.Location);
     }
 

@@ -279,19 +279,26 @@ public sealed record ThumbnailLine(string Set, int Image, byte[] Png) : MetricsL
     }
 }
 
-/// <summary>A line of dead-letters.jsonl: what could not be used, why, and where it was.</summary>
+/// <summary>A line of dead-letters.jsonl: what could not be used, why, and where it was; in a cluster run, which node
+/// read it (Node).</summary>
 public sealed record DeadLetterLine(string Reason, string Location, string? Source, long? Offset)
 {
     public DateTime Time { get; init; } = DateTime.UtcNow;
+    public string? Node { get; init; }
 
-    public JsonObject ToJson() => new()
+    public JsonObject ToJson()
     {
-        ["time"] = Time.ToString("O", CultureInfo.InvariantCulture), ["reason"] = Reason, ["location"] = Location, ["source"] = Source, ["offset"] = Offset,
-    };
+        var line = new JsonObject
+        {
+            ["time"] = Time.ToString("O", CultureInfo.InvariantCulture), ["reason"] = Reason, ["location"] = Location, ["source"] = Source, ["offset"] = Offset,
+        };
+        if (Node is not null) line["node"] = Node;
+        return line;
+    }
 
     public static DeadLetterLine? Parse(JsonObject line) =>
         MetricsLine.Text(line, "reason") is { } reason ? new DeadLetterLine(reason, MetricsLine.Text(line, "location") ?? "", MetricsLine.Text(line, "source"),
-            MetricsLine.Integer(line, "offset")) : null;
+            MetricsLine.Integer(line, "offset")) { Node = MetricsLine.Text(line, "node") } : null;
 }
 
 /// <summary>A line of ledger.jsonl (--ledger): a step's sample ids, where the stream stood after it, and its loss; a

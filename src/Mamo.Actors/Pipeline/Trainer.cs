@@ -204,13 +204,20 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         try
         {
             var weights = l.Weights.ToDictionary(w => w.Name, w => w.Value);
+            // What this replica's objective admitted in its last round: how its moments are laid out now.
+            var observed = trainer.Objective.Observations();
             trainer.Objective.LoadState(l.State);
             trainer.LoadWeights(weights);
             foreach (var part in trainer.Objective.Parts.Values) part.to(trainer.Device);
             trainer.StartAt(l.Round.FirstStep);
             // The optimiser goes on from the step the round starts at: from memory after the round before, else from this
-            // replica's checkpoint of that step (a restart, a round given again), else fresh.
-            if (optimizerAt != l.Round.FirstStep && l.Shard is null) LoadOptimizer(l.Round.FirstStep);
+            // replica's checkpoint of that step (a restart, a round given again), else fresh; its moments follow the
+            // objective's parts into the round's layout (a head's rows in the coordinator's order of its classes).
+            if (l.Shard is null)
+            {
+                if (optimizerAt == l.Round.FirstStep) trainer.Optimizer.Remap((name, moment) => trainer.Objective.Align(name, moment, observed));
+                else LoadOptimizer(l.Round.FirstStep);
+            }
             trainer.Objective.StartObserving();
             var teacherWeights = l.Weights.Where(w => w.Name.StartsWith(MamoTrainer.TeacherPrefix))
                 .Select(w => (w.Name[MamoTrainer.TeacherPrefix.Length..], Tensors.Copy(w.Value))).ToArray();
@@ -232,7 +239,16 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         var dir = Path.Combine(replicaDir!, Checkpoint.RunFolder, Checkpoint.StepFolderName(step));
         if (File.Exists(Path.Combine(dir, Checkpoint.StateFile)) && File.Exists(Path.Combine(dir, Checkpoint.OptimizerFile)))
         {
-            Checkpoint.LoadOptimizer(dir, trainer.Optimizer);
+            var state = Checkpoint.ReadState(dir);
+            var saved = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.OptimizerFile));
+            try
+            {
+                // Saved in the layout of the round that ended there, with what it observed: laid out as this round's.
+                using var scope = NewDisposeScope();
+                var aligned = saved.ToDictionary(kv => kv.Key, kv => trainer.Objective.Align(kv.Key[2..], kv.Value, state.Extra));
+                trainer.Optimizer.LoadState(aligned, state.OptimizerStep);
+            }
+            finally { foreach (var t in saved.Values) t.Dispose(); }
             Log.Information("optimizer state of step {Step} loaded from {Checkpoint}", step, dir);
         }
         else if (optimizerAt >= 0) Log.Information("no optimizer state of step {Step} in {Dir}: the one of step {At} goes on", step, replicaDir, optimizerAt);
@@ -252,8 +268,9 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         if (shard is not null) return step;
         teacher?.Tell(new MomentumTeacher.StudentUpdated(step, CopyStudent(), SnapshotTo: from, Round: r, FoldAll: true));
         optimizerAt = step;
+        // With what the objective observed in the round: the layout of the moments of its parts.
         checkpointer.Tell(new Checkpointer.Parts(step, [new Checkpoint.Part(Checkpoint.OptimizerPart, trainer.Optimizer.State().Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())],
-            work.Position, trainer.Optimizer.Step));
+            work.Position, trainer.Optimizer.Step, Extra: trainer.Objective.Observations()));
         return step;
     }
 

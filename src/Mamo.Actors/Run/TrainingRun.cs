@@ -16,6 +16,9 @@ namespace Mamo.Actors.Run;
 /// the one implementation.</summary>
 public interface IReplica
 {
+    /// <summary>The node's name, which its dead letters carry.</summary>
+    string Node { get; }
+
     /// <summary>The replica's own folder: its log, metrics, ledger and optimiser checkpoints (RUN_DIR/nodes/NAME).</summary>
     string Dir { get; }
 
@@ -26,7 +29,8 @@ public interface IReplica
     /// <summary>How many updates behind the student the teacher's targets are (every-step: 0, as its coordinator's).</summary>
     int TeacherLag { get; }
 
-    /// <summary>The node's source as the coordinator assigns it: each round's records, marked with their round.</summary>
+    /// <summary>The node's source as the coordinator assigns it to a pipeline: each round's records, marked with their
+    /// round. Each pipeline gets its own: nothing assigned to an earlier one reaches it.</summary>
     ITrainingSource Assigned(ITrainingSource source);
 
     /// <summary>The actor that links a pipeline to its coordinator (Cluster/Replica): registers, gives the trainer each
@@ -90,10 +94,9 @@ public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? p
     {
         var s = settings;
         System ??= system;
-        var source = replica is null ? inputs.Source! : replica.Assigned(inputs.Source!);
         var dir = replica?.Dir ?? s.RunDir;
         Directory.CreateDirectory(dir);
-        status = new RunStatus(s.Preset, source, () => SamplesRead);
+        status = new RunStatus(s.Preset, inputs.Source!, () => SamplesRead);
         var preparer = inputs.TrainingPreparer(s);
         var supervisor = system.ActorOf(RunSupervisor.Props(), SupervisorName);
         try
@@ -103,7 +106,7 @@ public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? p
                 var before = Checkpoint.Latest(dir);
                 try
                 {
-                    return await RunOnceAsync(supervisor, source, preparer, inputs, replica, stop);
+                    return await RunOnceAsync(supervisor, replica?.Assigned(inputs.Source!) ?? inputs.Source!, preparer, inputs, replica, stop);
                 }
                 catch (RestartRequested e)
                 {
@@ -156,7 +159,7 @@ public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? p
         {
             // A replica's metrics and ledger are its own; dead letters go to the run's one file, whichever node read them.
             var metrics = context.ActorOf(Metrics.Props(dir: replica?.Dir ?? s.RunDir, deadLetterDir: s.RunDir, s.MetricsEverySteps, s.Ledger, progress,
-                step => Remaining(step, startStep), status, s.MetricsSampleEvery), "metrics");
+                step => Remaining(step, startStep), status, s.MetricsSampleEvery, replica?.Node), "metrics");
             foreach (var b in inputs.LoadBad) metrics.Tell(new Metrics.DeadLetter(b));
             inputs.LoadBad.Clear();   // reported once, not again after a restart
             var publisher = replica is null && inputs.PublishItems.Count > 0
