@@ -65,6 +65,9 @@ public interface IObjective : IDisposable
     // what they observed; the coordinator replays each replica's observations in replica order (the global batch's row
     // order), so its state is what one process would have recorded.
 
+    /// <summary>Why a step of this objective cannot be split into shards of a global batch (every-step); null: it can.</summary>
+    string? NotShardable => null;
+
     /// <summary>Records what the objective observes from now on (Observations), afresh; off until called, so that a
     /// run that never hands anything in keeps no record.</summary>
     void StartObserving() { }

@@ -36,6 +36,7 @@ public sealed class RetrievalFineTuning : IObjective
 
     public double? TeacherMomentum => retrieval.DistillAlpha > 0 ? retrieval.MomentumDecay : null;
     public bool NeedsTargets => retrieval.DistillAlpha > 0;
+    public string? NotShardable => retrieval.DistillAlpha > 0 ? "momentum distillation needs the teacher's embeddings of the whole batch" : null;
     public IReadOnlyDictionary<string, Module> Parts { get; } = new Dictionary<string, Module>();
     public IEnumerable<(string Name, Parameter Parameter)> TrainedParameters(MamoModel student) => student.named_parameters();
 

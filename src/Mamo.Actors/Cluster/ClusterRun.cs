@@ -50,6 +50,9 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         if (everyStep && !ITrainingSource.ReadWholeSpec(s.Source))
             throw new SettingsException("cluster.sync = every-step trains from file sources (dataset:, manifest:, wds:) so far; use diloco with Kafka");
         var task = TrainingTask.Of(s);
+        using (var objective = task.Objective(s.Model))
+            if (everyStep && objective.NotShardable is { } why)
+                throw new SettingsException($"cluster.sync = every-step splits each step's batch between the replicas, which this run cannot: {why}; use diloco, or set finetune.distill-alpha = 0");
         // Every node knows from the settings whether the run evaluates and publishes, and so what to wait for at the end.
         var followers = new List<string>();
         if (task.Evaluates) followers.Add(CheckpointFollower.EvaluatorName);
