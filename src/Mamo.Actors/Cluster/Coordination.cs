@@ -89,7 +89,8 @@ public abstract class Coordination : ReceiveActor, IWithTimers
             foreach (var replica in Replicas.Keys) replica.Tell(commit);
             if (commit.Through >= Total)
                 foreach (var replica in Replicas.Keys) replica.Tell(new Finish(commit.Through, FinalStep));
-            CheckpointDone(d);
+            Writing = false;
+            TryStart();
         });
         Receive<WeightTransfer.Sent>(Sent);
         Receive<GetProgress>(_ => Sender.Tell(new Progress(Through, Model.Checkpoint.Latest(settings.RunDir) ?? "", History.Rounds, History.Recoveries)));
@@ -108,8 +109,10 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     /// <summary>A replica actor registered again with a new receiver: it restarted and holds nothing of before.</summary>
     protected virtual void Reregistered(IActorRef replica) { }
     protected virtual void Sent(WeightTransfer.Sent sent) { }
-    /// <summary>A cluster checkpoint is durable, and the replicas were told.</summary>
-    protected virtual void CheckpointDone(Checkpointer.CheckpointDurable d) { }
+
+    /// <summary>A cluster checkpoint is being written: the next round (step) starts once it is durable and the replicas
+    /// know what it covers, so a round always starts from a durable θ.</summary>
+    protected bool Writing { get; private set; }
 
     /// <summary>The rounds (steps) a durable checkpoint covers, from its step.</summary>
     protected abstract long StateThrough(Checkpointer.CheckpointDurable d);
@@ -125,6 +128,7 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     protected void WriteCheckpoint(long step, IEnumerable<(string Part, IEnumerable<(string Name, TorchSharp.torch.Tensor Value)> Tensors)> parts,
         StreamPosition position, IReadOnlyDictionary<string, string> extra, long optimizerStep = 0)
     {
+        Writing = true;
         var copies = parts.Select(p => new Model.Checkpoint.Part(p.Part, p.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())).ToArray();
         Writer.Tell(new Checkpointer.Parts(step, copies, position, optimizerStep, TeacherStep: step, Extra: extra));
     }

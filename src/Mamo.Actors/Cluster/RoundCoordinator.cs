@@ -79,7 +79,6 @@ public sealed class RoundCoordinator : Coordination
     /// <summary>Ranges (first cursor, records) whose replica left, missed the deadline or stopped short: given again first.</summary>
     readonly List<(long Start, int Records)> unfinished = new();
     Round? current;
-    bool writing;
 
     /// <param name="init">a new run's θ and teacher come from this checkpoint (pretrain --init, finetune --from); null: from the seed</param>
     public RoundCoordinator(MamoSettings settings, string? init = null) : base(settings, Parts(settings))
@@ -178,7 +177,7 @@ public sealed class RoundCoordinator : Coordination
 
     protected override void TryStart()
     {
-        if (current is not null || writing || round >= rounds || Replicas.Count < Cluster.MinReplicas) return;
+        if (current is not null || Writing || round >= rounds || Replicas.Count < Cluster.MinReplicas) return;
         var span = Cluster.InnerSteps * Settings.BatchSize;
         var again = unfinished.OrderBy(u => u.Start).Take(Replicas.Count).ToList();
         if (!ranges) again.Clear();
@@ -330,15 +329,8 @@ public sealed class RoundCoordinator : Coordination
         if (global.Objective.TeacherMomentum is not null) parts.Add((Checkpoint.TeacherPart, Checkpoint.Named(global.Teacher)));
         parts.AddRange(global.Objective.Parts.Select(p => (p.Key, (IEnumerable<(string, Tensor)>)Checkpoint.Named(p.Value))));
         parts.Add((OuterOptimizerPart, outer.State()));
-        writing = true;
         WriteCheckpoint(step, parts, positions, extra);
         return Path.Combine(Settings.RunDir, Checkpoint.RunFolder, Checkpoint.StepFolderName(step));
-    }
-
-    protected override void CheckpointDone(Checkpointer.CheckpointDurable d)
-    {
-        writing = false;
-        TryStart();
     }
 
     protected override void PostStop()

@@ -55,7 +55,6 @@ public sealed class StepCoordinator : Coordination
     readonly long steps;
     long cursor;
     Attempt? current;
-    bool writing;
     /// <summary>Since the last checkpoint: checkpoint.every bounds the work a lost coordinator takes with it.</summary>
     readonly Stopwatch sinceCheckpoint = Stopwatch.StartNew();
 
@@ -122,7 +121,7 @@ public sealed class StepCoordinator : Coordination
 
     protected override void TryStart()
     {
-        if (current is not null || writing || trainer.Step >= steps || Replicas.Count < Cluster.MinReplicas) return;
+        if (current is not null || Writing || trainer.Step >= steps || Replicas.Count < Cluster.MinReplicas) return;
         var step = trainer.Step;
         var assigned = Replicas.OrderBy(r => r.Value.Node, StringComparer.Ordinal)
             .Select((r, i) => new Participant(r.Value.Node, r.Key, r.Value.Receiver, cursor + (long)i * Settings.BatchSize)).ToList();
@@ -217,16 +216,9 @@ public sealed class StepCoordinator : Coordination
     void Write()
     {
         sinceCheckpoint.Restart();
-        writing = true;
         WriteCheckpoint(trainer.Step, trainer.Parts().Select(p => (p.Name, (IEnumerable<(string, Tensor)>)p.Tensors)), TrainingSamples.BeforeCursor(cursor),
             trainer.Objective.SaveState(), trainer.Optimizer.Step);
         Log.Information("step {Step}: checkpoint", trainer.Step);
-    }
-
-    protected override void CheckpointDone(Checkpointer.CheckpointDurable d)
-    {
-        writing = false;
-        TryStart();
     }
 
     protected override void PostStop()
