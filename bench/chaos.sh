@@ -75,4 +75,4 @@ for i in $(seq 0 $((NODES - 1))); do kill -TERM "${PID[$i]}" 2>/dev/null || true
 for i in $(seq 0 $((NODES - 1))); do wait "${PID[$i]}" 2>/dev/null || true; done
 sleep 5   # the reader catches up with the last records fed
 kill "$RECORDS" "$BROKER" 2>/dev/null || true
-python3 bench/chaos_check.py "$OUT" 10
+python3 bench/chaos_check.py "$OUT"

@@ -2,15 +2,15 @@
 logs under OUT/run/nodes, and the final cluster checkpoint, and prints one JSON object.
 
 - covered: the records at or before the final checkpoint's offset of their partition;
-- applied: the ledger entries of the (round, node) contributions that a coordinator committed (its log line
-  "round R done with N replicas (a,b)"). A round that was given again (its coordinator died before the commit)
-  repeats its number, so of a node's entries for that round only the last INNER_STEPS are the applied attempt's;
-- lost: covered records in no applied entry (must be 0: exits 1 otherwise);
-- twice: records in two applied entries, with the rounds of both; wasted: records trained only in contributions that
-  were never applied (a node killed mid-round, or a round abandoned)."""
+- applied: the step lines of the attempts a coordinator applied. A replica's ledger says so after each durable cluster
+  checkpoint ({"attempt": A, "applied": true}); a node killed before that word reached it is covered by the
+  coordinator's log line "round R done with N replicas (a,b); attempts A,B";
+- lost: covered records in no applied step (must be 0: exits 1 otherwise);
+- twice: records in two applied steps, with the rounds of both; wasted: records trained only in attempts that were never
+  applied (a node killed mid-round, or a round abandoned)."""
 import collections, glob, json, os, re, sys
 
-out, inner_steps = sys.argv[1], int(sys.argv[2])
+out = sys.argv[1]
 run = os.path.join(out, "run")
 records = {}
 for line in open(os.path.join(out, "records.txt")):
@@ -24,37 +24,41 @@ extra = final.get("Extra") or final.get("extra") or {}
 offsets = {int(k.rsplit("/", 1)[1]): int(v) for k, v in extra.items() if k.startswith("position:pairs/")}
 covered = {i for i, (p, o) in records.items() if o <= offsets.get(p, -1)}
 
-applied = set()
-done = re.compile(r"round (\d+) done with \d+ replicas \(([^)]*)\)")
+applied, rounds = set(), set()
+done = re.compile(r"round (\d+) done with \d+ replicas \([^)]*\); attempts ([\d,]+)")
 for log in glob.glob(os.path.join(run, "nodes", "*", "mamo.log")):
     for line in open(log, errors="replace"):
         if m := done.search(line):
-            for node in m.group(2).split(","):
-                applied.add((int(m.group(1)), node))
+            rounds.add(int(m.group(1)))
+            applied.update(int(a) for a in m.group(2).split(","))
 
-attempts = collections.defaultdict(list)   # (round, node) -> its entries in the order the node wrote them
+steps = []   # (node, round, attempt, ids)
 for ledger in glob.glob(os.path.join(run, "nodes", "*", "ledger.jsonl")):
     node = os.path.basename(os.path.dirname(ledger))
     for line in open(ledger, errors="replace"):
-        if line.rstrip().endswith("}"):   # not a line cut by SIGKILL
-            e = json.loads(line)
-            attempts[(e["round"], node)].append(e)
+        if not line.rstrip().endswith("}"):   # a line cut by SIGKILL
+            continue
+        e = json.loads(line)
+        if "step" in e:
+            steps.append((node, e["round"], e["attempt"], e["ids"]))
+        elif e.get("applied"):
+            applied.add(e["attempt"])
+
 trained = collections.defaultdict(list)
 unapplied = set()
-for key, entries in attempts.items():
-    last = entries[-inner_steps:] if key in applied else []
-    for e in last:
-        for i in e["ids"]:
-            trained[i].append(key)
-    for e in entries[:len(entries) - len(last)]:
-        unapplied.update(e["ids"])
+for node, rnd, attempt, ids in steps:
+    for i in ids:
+        if attempt in applied:
+            trained[i].append((rnd, node))
+        else:
+            unapplied.add(i)
 
 lost = sorted(covered - trained.keys())
 twice = {i: t for i, t in trained.items() if len(t) > 1}
 gaps = collections.Counter(max(r for r, _ in t) - min(r for r, _ in t) for t in twice.values())
 kills = [l.strip() for l in open(os.path.join(out, "kills.log"))]
 print(json.dumps({
-    "kills": len(kills), "rounds_committed": len({r for r, _ in applied}), "final_checkpoint": os.path.dirname(checkpoints[-1]),
+    "kills": len(kills), "rounds_committed": len(rounds), "final_checkpoint": os.path.dirname(checkpoints[-1]),
     "records": len(records), "covered": len(covered), "lost": len(lost), "twice": len(twice),
     "twice_round_gaps": dict(sorted(gaps.items())), "wasted": len(unapplied - trained.keys()),
 }, indent=1))

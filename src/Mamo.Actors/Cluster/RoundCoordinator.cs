@@ -257,8 +257,8 @@ public sealed class RoundCoordinator : Coordination
         var outerStep = r.Clock.Elapsed - outerStart;
         Applied(reported.Select(a => a.Attempt));
         var path = Write();
-        Log.Information("round {Round} done with {Count} replicas ({Participants}); checkpoint {Path}", round - 1, reported.Count,
-            string.Join(",", reported.Select(a => a.Node)), path);
+        Log.Information("round {Round} done with {Count} replicas ({Participants}); attempts {Attempts}; checkpoint {Path}", round - 1, reported.Count,
+            string.Join(",", reported.Select(a => a.Node)), string.Join(",", reported.Select(a => a.Attempt)), path);
         History.Committed(round - 1, reported.Select(a => a.Node), r.Clock.Elapsed, Members());
         WriteCurve(r, reported.Select(a => r.Reports[a.Attempt]).ToList());
         // The gather is the time from the last replica's inner steps to its last delta (the delta transfers overlap the
