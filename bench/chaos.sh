@@ -2,7 +2,8 @@
 # Chaos soak of a DiLoCo cluster on Kafka (issue "Cluster fault tolerance", test 7).
 #
 # Three node processes train `tiny` from a 6-partition topic of the dev broker, fed live by `mamo ingest`. Every 1-3
-# minutes one node, chosen at random (the coordinator's too), is SIGKILLed and restarted under its name and port.
+# minutes one node, chosen at random (the coordinator's too), is SIGKILLed; its supervisor starts it again under its
+# name and port.
 # At the end every node is stopped with SIGTERM, and bench/chaos_check.py checks, against every record kcat saw arrive,
 # the ledgers: no record up to the final checkpoint's offsets is lost, and each record trained twice into the model
 # is reported with the rounds that trained it.
@@ -46,15 +47,23 @@ FEED=$!
 
 PORT0=$(( 20000 + RANDOM % 20000 ))
 SEEDS="127.0.0.1:$PORT0,127.0.0.1:$((PORT0 + 1))"
-declare -a PID
-start() {
-  "${MAMO[@]}" pretrain --plain --ledger --source "kafka://$B/pairs?group=chaos" --run-dir "$OUT/run" \
-    --cluster "127.0.0.1:$((PORT0 + $1))" --seed-nodes "$SEEDS" --node-name "n$1" \
-    --set batch-size=8 --set cluster.inner-steps=10 --set cluster.min-replicas=2 --set torch-threads=1 \
-    --set eval.every-steps=0 --set checkpoint.keep-last=3 >>"$OUT/n$1.out" 2>&1 &
-  PID[$1]=$!
+# Each node runs under a supervisor, as systemd or Kubernetes would run it: a node that exits other than 0 (SIGKILLed,
+# or ended by itself: a downed node, one that could not join) is started again 5 s later under its name and port.
+supervise() {
+  while [ ! -e "$OUT/stopping" ]; do
+    "${MAMO[@]}" pretrain --plain --ledger --source "kafka://$B/pairs?group=chaos" --run-dir "$OUT/run" \
+      --cluster "127.0.0.1:$((PORT0 + $1))" --seed-nodes "$SEEDS" --node-name "n$1" \
+      --set batch-size=8 --set cluster.inner-steps=10 --set cluster.min-replicas=2 --set torch-threads=1 \
+      --set eval.every-steps=0 --set checkpoint.keep-last=3 >>"$OUT/n$1.out" 2>&1 &
+    echo $! >"$OUT/n$1.pid"
+    code=0; wait $! || code=$?
+    [ "$code" = 0 ] && break
+    echo "$(date -u +%FT%TZ) n$1 exited $code" >>"$OUT/exits.log"
+    sleep 5
+  done
 }
-for i in $(seq 0 $((NODES - 1))); do start "$i"; done
+declare -a SUPERVISOR
+for i in $(seq 0 $((NODES - 1))); do supervise "$i" & SUPERVISOR[$i]=$!; done
 
 : >"$OUT/kills.log"
 END=$(( SECONDS + DURATION ))
@@ -63,16 +72,16 @@ while true; do
   [ $(( SECONDS + PAUSE )) -lt "$END" ] || break
   sleep "$PAUSE"
   i=$(( RANDOM % NODES ))
-  kill -9 "${PID[$i]}" 2>/dev/null || true
-  echo "$(date -u +%FT%TZ) SIGKILL n$i (pid ${PID[$i]})" | tee -a "$OUT/kills.log"
-  sleep 5
-  start "$i"
+  pid=$(cat "$OUT/n$i.pid")
+  kill -9 "$pid" 2>/dev/null || true
+  echo "$(date -u +%FT%TZ) SIGKILL n$i (pid $pid)" | tee -a "$OUT/kills.log"
 done
 sleep $(( END > SECONDS ? END - SECONDS : 0 ))
 
 kill "$FEED" 2>/dev/null || true
-for i in $(seq 0 $((NODES - 1))); do kill -TERM "${PID[$i]}" 2>/dev/null || true; done
-for i in $(seq 0 $((NODES - 1))); do wait "${PID[$i]}" 2>/dev/null || true; done
+touch "$OUT/stopping"
+for i in $(seq 0 $((NODES - 1))); do kill -TERM "$(cat "$OUT/n$i.pid")" 2>/dev/null || true; done
+for i in $(seq 0 $((NODES - 1))); do wait "${SUPERVISOR[$i]}" 2>/dev/null || true; done
 sleep 5   # the reader catches up with the last records fed
 kill "$RECORDS" "$BROKER" 2>/dev/null || true
 python3 bench/chaos_check.py "$OUT"

@@ -5,7 +5,9 @@ logs under OUT/run/nodes, and the final cluster checkpoint, and prints one JSON 
 - applied: the step lines of the attempts a coordinator applied. A replica's ledger says so after each durable cluster
   checkpoint ({"attempt": A, "applied": true}); a node killed before that word reached it is covered by the
   coordinator's log line "round R done with N replicas (a,b); attempts A,B";
-- lost: covered records in no applied step (must be 0: exits 1 otherwise);
+- expired: records the broker's retention deleted before the group read them (the group fell behind the feed), as the
+  nodes' sources reported them ("Kafka pairs/P: records A..B (N) were deleted by the broker's retention");
+- lost: covered records in no applied step and not expired (must be 0: exits 1 otherwise);
 - twice: records in two applied steps, with the rounds of both; wasted: records trained only in attempts that were never
   applied (a node killed mid-round, or a round abandoned)."""
 import collections, glob, json, os, re, sys
@@ -24,13 +26,18 @@ extra = final.get("Extra") or final.get("extra") or {}
 offsets = {int(k.rsplit("/", 1)[1]): int(v) for k, v in extra.items() if k.startswith("position:pairs/")}
 covered = {i for i, (p, o) in records.items() if o <= offsets.get(p, -1)}
 
-applied, rounds = set(), set()
+applied, rounds, expired = set(), set(), set()
 done = re.compile(r"round (\d+) done with \d+ replicas \([^)]*\); attempts ([\d,]+)")
+deleted = re.compile(r"Kafka \"?pairs/(\d+)\"?: records (\d+)\.\.(\d+) \(\d+\) were deleted by the broker's retention")
+at = {po: i for i, po in records.items()}
 for log in glob.glob(os.path.join(run, "nodes", "*", "mamo.log")):
     for line in open(log, errors="replace"):
         if m := done.search(line):
             rounds.add(int(m.group(1)))
             applied.update(int(a) for a in m.group(2).split(","))
+        elif m := deleted.search(line):
+            p = int(m.group(1))
+            expired.update(at[(p, o)] for o in range(int(m.group(2)), int(m.group(3)) + 1) if (p, o) in at)
 
 steps = []   # (node, round, attempt, ids)
 for ledger in glob.glob(os.path.join(run, "nodes", "*", "ledger.jsonl")):
@@ -53,13 +60,13 @@ for node, rnd, attempt, ids in steps:
         else:
             unapplied.add(i)
 
-lost = sorted(covered - trained.keys())
+lost = sorted(covered - trained.keys() - expired)
 twice = {i: t for i, t in trained.items() if len(t) > 1}
 gaps = collections.Counter(max(r for r, _ in t) - min(r for r, _ in t) for t in twice.values())
 kills = [l.strip() for l in open(os.path.join(out, "kills.log"))]
 print(json.dumps({
     "kills": len(kills), "rounds_committed": len(rounds), "final_checkpoint": os.path.dirname(checkpoints[-1]),
-    "records": len(records), "covered": len(covered), "lost": len(lost), "twice": len(twice),
+    "records": len(records), "covered": len(covered), "expired": len(expired), "lost": len(lost), "twice": len(twice),
     "twice_round_gaps": dict(sorted(gaps.items())), "wasted": len(unapplied - trained.keys()),
 }, indent=1))
 sys.exit(1 if lost else 0)

@@ -116,6 +116,63 @@ public class KafkaSourceTests : TestKit
         Assert.All(ofB, p => Assert.Equal(30, Committed(cluster, "replicas")[p]));
     }
 
+    [Fact]
+    public void A_stream_that_stalls_gets_every_record_of_every_partition_once_and_in_order()
+    {
+        using var cluster = new KafkaMockCluster();
+        cluster.CreateTopic("pairs", Partitions);
+        var spec = KafkaSpec.Parse($"kafka://{cluster.BootstrapServers}/pairs?group=slow");
+        const int backlog = 150 * Partitions;
+        Produce(cluster, backlog);
+        using var source = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
+        var from = new Puller(source.Open(StreamPosition.None).RunWith(Sink.Queue<Positioned>(), Sys.Materializer()));
+
+        // The reader stalls longer than an offer waits, again and again: the consumer pauses, polls and resumes meanwhile.
+        var read = new List<SourcePosition>();
+        var clock = Stopwatch.StartNew();
+        while (read.Count < backlog)
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(120), $"read {read.Count} of {backlog}");
+            if (from.Next() is { } r) read.Add(r.At);
+            if (read.Count % 50 == 49) Thread.Sleep(300);
+        }
+        foreach (var partition in read.GroupBy(p => p.Source))
+            Assert.Equal(Enumerable.Range(0, backlog / Partitions).Select(i => (long)i), partition.Select(p => p.Offset));
+    }
+
+    [Fact]
+    public void Records_the_broker_deleted_before_the_group_read_them_are_counted_and_reading_goes_on_from_the_oldest_held()
+    {
+        // The mock broker keeps about 5 MB of each partition's log: 200 records of 64 KB leave the oldest deleted.
+        using var cluster = new KafkaMockCluster();
+        cluster.CreateTopic("pairs", Partitions);
+        var image = new byte[64 * 1024];
+        using (var producer = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig { BootstrapServers = cluster.BootstrapServers }).Build())
+        {
+            for (var i = 0; i < 200; i++)
+                producer.Produce(new TopicPartition("pairs", 0), KafkaRecords.ToMessage(new ImageTextSample($"r{i}", image, ["caption"], new SourcePosition("", 0))));
+            producer.Flush(TimeSpan.FromSeconds(30));
+        }
+        long oldestHeld;
+        using (var probe = new ConsumerBuilder<byte[], byte[]>(new ConsumerConfig { BootstrapServers = cluster.BootstrapServers, GroupId = "probe" }).Build())
+            oldestHeld = probe.QueryWatermarkOffsets(new TopicPartition("pairs", 0), TimeSpan.FromSeconds(10)).Low.Value;
+        Assert.InRange(oldestHeld, 11, 199);   // the premise: some records, though not all, are gone
+
+        // A checkpoint that trained offsets 0..9: the stream should start at 10, which the broker no longer has.
+        var spec = KafkaSpec.Parse($"kafka://{cluster.BootstrapServers}/pairs?group=behind");
+        using var source = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
+        var from = new Puller(source.Open(StreamPosition.None.Advance(new("pairs/0", 9))).RunWith(Sink.Queue<Positioned>(), Sys.Materializer()));
+        Positioned? first = null;
+        var clock = Stopwatch.StartNew();
+        while (first is null)
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), "no record read");
+            first = from.Next();
+        }
+        Assert.Equal(new SourcePosition("pairs/0", oldestHeld), first.At);
+        WaitUntil(() => source.Partitions.Any(p => p.Partition == "pairs/0" && p.Expired == oldestHeld - 10), "the expired count in the partition's status");
+    }
+
     /// <summary>Records r{first}.. r{first + records - 1}, spread round-robin over the partitions.</summary>
     static void Produce(KafkaMockCluster cluster, int records, int first = 0)
     {

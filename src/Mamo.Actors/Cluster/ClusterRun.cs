@@ -67,7 +67,9 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         var trains = node.Roles.Contains(ClusterNodeOptions.TrainerRole);
         var evaluates = followers.Contains(CheckpointFollower.EvaluatorName) && node.Roles.Contains(ClusterNodeOptions.EvaluatorRole);
         var publishes = followers.Contains(CheckpointFollower.PublisherName) && node.Roles.Contains(ClusterNodeOptions.PublisherRole);
-        using var inputs = RunInputs.Open(s, task, train: trains, evaluate: evaluates, publish: publishes);
+        // The source opens once the node is a member: a Kafka consumer of a node that cannot join would hold partitions
+        // nobody trains.
+        using var inputs = RunInputs.Open(s, task, train: false, evaluate: evaluates, publish: publishes);
 
         var singletons = new List<Singleton>
         {
@@ -93,6 +95,11 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
             var finalStep = s.MaxSteps <= 0 ? -1 : everyStep ? s.MaxSteps : (s.MaxSteps + s.Cluster.InnerSteps - 1) / s.Cluster.InnerSteps * s.Cluster.InnerSteps;
             if (trains)
             {
+                var up = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+                Akka.Cluster.Cluster.Get(system).RegisterOnMemberUp(() => up.TrySetResult());
+                if (await Task.WhenAny(up.Task, system.WhenTerminated, Task.Delay(Timeout.Infinite, stop)) != up.Task)
+                    throw stop.IsCancellationRequested ? new OperationCanceledException(stop) : new InvalidOperationException("this node could not join the cluster");
+                inputs.OpenSource(s);
                 var hooks = new ReplicaHooks(s, node.Name, registry.Get<CoordinatorKey>());
                 var training = new TrainingRun(s).RunAsync(system, inputs, hooks, stop);
                 // A downed node's actor system stops under its pipeline: that is the end of the node, not of the run.

@@ -38,8 +38,11 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     protected readonly RunHistory History;
     protected readonly TrainCurve Curve;
     protected readonly IActorRef Writer, Receiver;
-    /// <summary>Attempts applied since the last Commit.</summary>
+    /// <summary>Attempts applied since the last checkpoint was written, and the ones the last durable one applied (which
+    /// it keeps in its state, so that a coordinator that resumes from it can tell a replica that registers).</summary>
     readonly List<long> applied = [];
+    IReadOnlyList<long> lastApplied = [];
+    public const string AppliedKey = "applied";
     /// <summary>Unique among the run's attempts, across coordinators: a new one counts on from its start time.</summary>
     long attempts = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() * 1_000_000;
     /// <summary>What the last durable cluster checkpoint covers of the stream.</summary>
@@ -62,7 +65,7 @@ public abstract class Coordination : ReceiveActor, IWithTimers
             {
                 Context.Watch(Sender);
                 Log.Information("replica {Node} registered ({Count} now)", r.Node, Replicas.Count + 1);
-                Sender.Tell(new Commit(Durable.Offsets, Through, []));   // where its stream would rewind to
+                Sender.Tell(new Commit(Durable.Offsets, Through, lastApplied));   // where its stream would rewind to, and what the checkpoint holds
             }
             else if (!Replicas[Sender].Receiver.Equals(r.Receiver)) Reregistered(Sender);
             Replicas[Sender] = (r.Node, r.Receiver);
@@ -84,8 +87,7 @@ public abstract class Coordination : ReceiveActor, IWithTimers
         Receive<Checkpointer.CheckpointDurable>(d =>
         {
             Durable = d.Position;
-            var commit = new Commit(d.Position.Offsets, StateThrough(d), [.. applied]);
-            applied.Clear();
+            var commit = new Commit(d.Position.Offsets, StateThrough(d), lastApplied = writing);
             foreach (var replica in Replicas.Keys) replica.Tell(commit);
             if (commit.Through >= Total)
                 foreach (var replica in Replicas.Keys) replica.Tell(new Finish(commit.Through, FinalStep));
@@ -113,6 +115,8 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     /// <summary>A cluster checkpoint is being written: the next round (step) starts once it is durable and the replicas
     /// know what it covers, so a round always starts from a durable θ.</summary>
     protected bool Writing { get; private set; }
+    /// <summary>The attempts the checkpoint being written applies.</summary>
+    IReadOnlyList<long> writing = [];
 
     /// <summary>The rounds (steps) a durable checkpoint covers, from its step.</summary>
     protected abstract long StateThrough(Checkpointer.CheckpointDurable d);
@@ -123,12 +127,23 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     /// <summary>The attempts a checkpoint about to be written applies: the replicas learn it with the Commit.</summary>
     protected void Applied(IEnumerable<long> attemptsApplied) => applied.AddRange(attemptsApplied);
 
+    /// <summary>A coordinator that resumes from a checkpoint: what it covers and which attempts it applied.</summary>
+    protected void Resumed(Model.Checkpoint.State state)
+    {
+        Durable = StreamPosition.FromExtra(state.Extra);
+        lastApplied = state.Extra.TryGetValue(AppliedKey, out var a)
+            ? a.Split(',', StringSplitOptions.RemoveEmptyEntries).Select(x => long.Parse(x, CultureInfo.InvariantCulture)).ToList() : [];
+    }
+
     /// <summary>Writes a cluster checkpoint through the checkpointer: copies of <paramref name="parts"/> (the caller may
     /// change them at once), with the run's seed and the objective's state.</summary>
     protected void WriteCheckpoint(long step, IEnumerable<(string Part, IEnumerable<(string Name, TorchSharp.torch.Tensor Value)> Tensors)> parts,
         StreamPosition position, IReadOnlyDictionary<string, string> extra, long optimizerStep = 0)
     {
         Writing = true;
+        writing = [.. applied];
+        applied.Clear();
+        extra = new Dictionary<string, string>(extra) { [AppliedKey] = string.Join(",", writing.Select(a => a.ToString(CultureInfo.InvariantCulture))) };
         var copies = parts.Select(p => new Model.Checkpoint.Part(p.Part, p.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())).ToArray();
         Writer.Tell(new Checkpointer.Parts(step, copies, position, optimizerStep, TeacherStep: step, Extra: extra));
     }

@@ -33,7 +33,7 @@ public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef c
     public ITrainingSource Assigned(ITrainingSource source) => assigned = new AssignedSource(source);
 
     public Props Props(IActorRef trainer, IActorRef metrics) =>
-        Akka.Actor.Props.Create(() => new Replica(settings, node, coordinator, assigned!, trainer, metrics, this)).WithDispatcher(Dispatchers.Io);
+        Akka.Actor.Props.Create(() => new Replica(settings, node, coordinator, assigned!, trainer, metrics, this)).WithDispatcher(Dispatchers.Model);
 }
 
 /// <summary>A replica pipeline's link to its coordinator, a child of the node's run supervisor. It registers; for each

@@ -151,6 +151,7 @@ public sealed class RoundCoordinator : Coordination
         foreach (var (name, module) in global.Objective.Parts) Checkpoint.LoadModel(dir, Checkpoint.PartFile(name), module);
         if (global.Objective.TeacherMomentum is not null) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, global.Teacher);
         round = StateNumber(state, RoundKey, 0);
+        Resumed(state);
         var saved = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.PartFile(OuterOptimizerPart)));
         try
         {

@@ -69,6 +69,7 @@ public sealed class StepCoordinator : Coordination
         var (dir, state) = resumed ?? StartingPoint.Choose(settings, Task.Objective, init, device);
         trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, Task.Objective);
         cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
+        Resumed(state);
         if (state.Step > 0) History.CoordinatorStarted(Context.System);
         Log.Information("every-step coordinator at step {Step} (cursor {Cursor}), θ {Hash}", trainer.Step, cursor, Checkpoint.WeightHash(Checkpoint.Named(trainer.Student)));
 

@@ -215,12 +215,13 @@ public sealed record KafkaLine(IReadOnlyList<PartitionStatus> Partitions) : Metr
 
     protected override void Write(JsonObject line) => line["partitions"] = new JsonObject(Partitions.Select(p => KeyValuePair.Create(p.Partition, (JsonNode?)new JsonObject
     {
-        ["position"] = p.Position, ["end"] = p.End, ["lag"] = p.Lag, ["committed"] = p.Committed,
+        ["position"] = p.Position, ["end"] = p.End, ["lag"] = p.Lag, ["committed"] = p.Committed, ["expired"] = p.Expired,
     })));
 
     public static KafkaLine Parse(JsonObject line) => new(line["partitions"] is JsonObject partitions
         ? partitions.Where(p => p.Value is JsonObject).Select(p => (Name: p.Key, Status: (JsonObject)p.Value!))
-            .Select(p => new PartitionStatus(p.Name, Integer(p.Status, "position"), Integer(p.Status, "end"), Integer(p.Status, "lag"), Integer(p.Status, "committed")))
+            .Select(p => new PartitionStatus(p.Name, Integer(p.Status, "position"), Integer(p.Status, "end"), Integer(p.Status, "lag"), Integer(p.Status, "committed"),
+                Integer(p.Status, "expired") ?? 0))
             .ToList()
         : []);
 }

@@ -19,8 +19,8 @@ public sealed class RunInputs : IDisposable
     public required Device Device { get; init; }
     public required TextTokenizer Tokenizer { get; init; }
     public required DecodeLimits Limits { get; init; }
-    /// <summary>Null where the process does not train (a cluster node without the trainer role).</summary>
-    public ITrainingSource? Source { get; init; }
+    /// <summary>Null where the process does not train (a cluster node without the trainer role), or until it opens it.</summary>
+    public ITrainingSource? Source { get; private set; }
     /// <summary>Dead letters found while the source was read, which the first pipeline reports.</summary>
     public List<BadInput> LoadBad { get; } = [];
     public List<HeldOutSet> HeldOut { get; } = [];
@@ -34,17 +34,15 @@ public sealed class RunInputs : IDisposable
         if (s.TorchThreads > 0) torch.set_num_threads(s.TorchThreads);
         Action<string> log = m => Log.Information("{Message}", m);
         var limits = new DecodeLimits(s.MaxImageBytes, s.MaxImagePixels);
-        var bad = new List<BadInput>();
         var inputs = new RunInputs
         {
             Device = OpenDevice(s.Device),
             Tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: log)),
             Limits = limits,
-            Source = train ? OpenSource(s, bad.Add, log) : null,
         };
         try
         {
-            inputs.LoadBad.AddRange(bad);
+            if (train) inputs.OpenSource(s);
             if (evaluate && task.Evaluates) task.LoadHeldOut(new HeldOutLoader(s, inputs.Tokenizer, limits, log), inputs.HeldOut);
             if (publish && s.PublishOutput is not null) inputs.PublishItems = PreparePublishSet(s, task, inputs.Tokenizer, limits, log);
             return inputs;
@@ -58,6 +56,10 @@ public sealed class RunInputs : IDisposable
 
     /// <summary>The preparer of training records: decode, crop and augment, tokenise.</summary>
     public SamplePreparer TrainingPreparer(MamoSettings s) => new(new ImageTransform(s.TrainImages), Tokenizer, s.Model.MaxTextLength, Limits);
+
+    /// <summary>Opens the training source (a cluster node: once it has joined, so that its Kafka consumer joins the group
+    /// only then); what it finds bad while it reads goes to LoadBad.</summary>
+    public void OpenSource(MamoSettings s) => Source = OpenSource(s, LoadBad.Add, m => Log.Information("{Message}", m));
 
     /// <summary>kafka://... streams from Kafka; dataset:, manifest: and wds: sources are read into memory.</summary>
     static ITrainingSource OpenSource(MamoSettings s, Action<BadInput> onBad, Action<string> log)

@@ -18,7 +18,9 @@ namespace Mamo.Actors.Sources;
 /// another member may have trained further while it was away. Records that cannot be used go to the dead-letter
 /// topic with `error` and `source-offset` headers; the producer is flushed before the offsets behind them are committed.
 /// A stream is offered each record once: one the consumer delivers again (a seek racing a fetch, a partition given
-/// back after a rebalance) is skipped, since the stream already trains on it.
+/// back after a rebalance) is skipped, since the stream already trains on it. Records the broker deleted before this
+/// group read them (the group fell behind the topic's retention) are reported, per range and as a count per
+/// partition, since nothing can train them any more.
 /// </summary>
 public sealed class KafkaTrainingSource : ITrainingSource
 {
@@ -47,6 +49,11 @@ public sealed class KafkaTrainingSource : ITrainingSource
     /// <summary>The consumer thread's: per partition, the first offset delivered in this process, where a partition
     /// with neither a durable nor a committed position starts again.</summary>
     readonly Dictionary<string, long> firstDelivered = [];
+    /// <summary>The consumer thread's: per partition, the offset the next record should have (where it was started or
+    /// the one after the last delivered); a record past it shows a gap, which retention may have made.</summary>
+    readonly Dictionary<string, long> nextExpected = [];
+    /// <summary>Per partition, records that retention deleted before this consumer read them, since it started.</summary>
+    readonly ConcurrentDictionary<string, long> expired = new();
 
     /// <summary>The partitions this consumer owns now ("TOPIC/N").</summary>
     public IReadOnlyCollection<string> Assigned => assigned.Keys.Order().ToList();
@@ -174,7 +181,9 @@ public sealed class KafkaTrainingSource : ITrainingSource
                         {
                             var at = start.Offset.Value >= 0 ? start.Offset.Value
                                 : firstDelivered.GetValueOrDefault(KafkaRecords.PartitionKey(start.Topic, start.Partition.Value), -1);
-                            if (at >= 0) consumer.Seek(new TopicPartitionOffset(start.TopicPartition, new Offset(at)));
+                            if (at < 0) continue;
+                            consumer.Seek(new TopicPartitionOffset(start.TopicPartition, new Offset(at)));
+                            nextExpected[KafkaRecords.PartitionKey(start.Topic, start.Partition.Value)] = at;
                         }
                         consumer.Resume(consumer.Assignment);
                     }
@@ -204,6 +213,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 lastConsumeError = null;
                 var partition = KafkaRecords.PartitionKey(record.Topic, record.Partition.Value);
                 firstDelivered.TryAdd(partition, record.Offset.Value);
+                CheckGap(consumer, record.TopicPartition, partition, record.Offset.Value);
                 if (queue is null)
                 {
                     // Delivered while no stream runs (a partition assigned meanwhile): put it back for the next one.
@@ -244,8 +254,36 @@ public sealed class KafkaTrainingSource : ITrainingSource
         reassigned = true;
         lock (gate) if (attach is { } next) durable = durable.Merge(next.Resume);
         var starts = StartOffsets(c, partitions);
+        foreach (var start in starts)
+        {
+            var key = KafkaRecords.PartitionKey(start.Topic, start.Partition.Value);
+            if (start.Offset.Value >= 0) nextExpected[key] = start.Offset.Value;
+            else nextExpected.Remove(key);   // where auto.offset.reset puts it: no gap to see before its first record
+        }
         Log.Information("Kafka partitions assigned: {Partitions}", string.Join(", ", starts));
         return starts;
+    }
+
+    /// <summary>A record past the expected offset: compaction and transaction markers leave such gaps too, so only the
+    /// part below the partition's first offset still held (its low watermark) was deleted by retention.</summary>
+    void CheckGap(IConsumer<byte[]?, byte[]?> c, TopicPartition tp, string partition, long offset)
+    {
+        var expected = nextExpected.GetValueOrDefault(partition, offset);
+        nextExpected[partition] = Math.Max(expected, offset + 1);
+        if (offset <= expected) return;
+        long low;
+        try { low = c.QueryWatermarkOffsets(tp, CommittedTimeout).Low.Value; }
+        catch (KafkaException e)
+        {
+            Log.Warning("Kafka {Partition}: offsets {From}..{To} were not delivered, and the broker did not say why ({Reason})",
+                partition, expected, offset - 1, e.Error.Reason);
+            return;
+        }
+        var deletedTo = Math.Min(low, offset);
+        if (deletedTo <= expected) return;
+        expired.AddOrUpdate(partition, deletedTo - expected, (_, n) => n + deletedTo - expected);
+        Log.Warning("Kafka {Partition}: records {From}..{To} ({Count}) were deleted by the broker's retention before this " +
+            "group read them; the group fell behind the topic (raise retention, or add replicas)", partition, expected, deletedTo - 1, deletedTo - expected);
     }
 
     /// <summary>Where each partition starts: after this source's last durable position for it or at the group's
@@ -351,8 +389,9 @@ public sealed class KafkaTrainingSource : ITrainingSource
             }
             catch (KafkaException) { }
             long? lag = position is { } a && end is { } b ? Math.Max(0, b - a) : null;
-            list.Add(new PartitionStatus(KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value), position, end, lag,
-                committedByUs.TryGetValue(tp, out var c) ? c : null));
+            var key = KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value);
+            list.Add(new PartitionStatus(key, position, end, lag, committedByUs.TryGetValue(tp, out var c) ? c : null,
+                expired.GetValueOrDefault(key)));
         }
         partitions = list;
     }

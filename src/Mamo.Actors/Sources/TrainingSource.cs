@@ -48,8 +48,9 @@ public sealed record Round(long Attempt, long Number, long FirstStep, bool Reset
 public sealed record Positioned(SourcePosition At, SourceItem Item, Round? Round = null, bool EndsRound = false);
 
 /// <summary>Where a consumer stands in one partition of a stream ("TOPIC/N"): its position (the next offset it reads),
-/// the partition's end, the records between them, and the group's last commit; null where not known yet.</summary>
-public sealed record PartitionStatus(string Partition, long? Position, long? End, long? Lag, long? Committed);
+/// the partition's end, the records between them, and the group's last commit; null where not known yet. Expired:
+/// records the broker's retention deleted before this consumer read them, since its process started.</summary>
+public sealed record PartitionStatus(string Partition, long? Position, long? End, long? Lag, long? Committed, long Expired = 0);
 
 /// <summary>A stream of training samples with no end, positioned so that a checkpoint can resume it.</summary>
 public interface ITrainingSource : IDisposable

@@ -2,6 +2,7 @@ using System.Text;
 using System.Text.Json.Nodes;
 using Mamo.Actors.Pipeline;
 using Mamo.Actors.Sources;
+using Mamo.Data.Kafka;
 using static Mamo.Actors.Pipeline.MetricsLine;
 
 namespace Mamo.Cli.Dashboard;
@@ -48,6 +49,9 @@ public sealed class RunFiles
     long? lastCheckpoint;
     readonly Dictionary<string, RetrievalEvalLine> lastEvals = [];
     readonly Dictionary<string, PartitionStatus> partitions = [];
+    /// <summary>Records retention deleted unread, per partition: those of the processes before the current one, and
+    /// the current one's count (a process counts from its start).</summary>
+    readonly Dictionary<string, long> expiredBefore = [], expiredNow = [];
     int starts;
 
     public RunFiles(string runDir)
@@ -107,7 +111,7 @@ public sealed class RunFiles
                 case "thumbnail": AddThumbnail(o); return 0;   // pixels are served, not streamed
                 case "checkpoint": checkpoints.Add(o); lastCheckpoint = CheckpointLine.Parse(o)?.Step ?? lastCheckpoint; break;
                 case "publish": publishes.Add(o); break;
-                case "start": start = o; starts++; break;
+                case "start": start = o; starts++; Fold(expiredNow, expiredBefore); break;
                 case "state": (state, stateLine) = (o, StateLine.Parse(o) ?? stateLine); break;
                 case "process": (process, processLine) = (o, ProcessLine.Parse(o) ?? processLine); processHistory.Add(o); break;
                 case "kafka": AddKafka(o); break;
@@ -160,10 +164,20 @@ public sealed class RunFiles
     void AddKafka(JsonObject o)
     {
         kafkaHistory.Add(o);
-        foreach (var p in KafkaLine.Parse(o).Partitions) partitions[p.Partition] = p;
+        foreach (var p in KafkaLine.Parse(o).Partitions)
+        {
+            partitions[p.Partition] = p;
+            expiredNow[p.Partition] = Math.Max(expiredNow.GetValueOrDefault(p.Partition), p.Expired);
+        }
         if (o["partitions"] is not JsonObject all) return;
         foreach (var (name, p) in all)
             if (p is JsonObject po) kafka[name] = po;
+    }
+
+    static void Fold(Dictionary<string, long> from, Dictionary<string, long> into)
+    {
+        foreach (var (key, n) in from) into[key] = into.GetValueOrDefault(key) + n;
+        from.Clear();
     }
 
     void AddRound(JsonObject o)
@@ -284,9 +298,14 @@ public sealed class RunFiles
                     recalls.Add((set, direction, k, r / 100));
             }
             var lags = partitions.Values.Where(p => p.Lag is not null)
-                .Select(p => (Topic: p.Partition[..Math.Max(0, p.Partition.LastIndexOf('/'))], Part: p.Partition[(p.Partition.LastIndexOf('/') + 1)..], Lag: (double)p.Lag!.Value))
+                .Select(p =>
+                {
+                    var (topic, part) = KafkaRecords.SplitPartitionKey(p.Partition);
+                    return (topic, part, (double)p.Lag!.Value);
+                })
                 .ToList();
-            return new MetricValues(t?.Step, terms, t?.PairsPerSecond, t?.LearningRate, recalls, new Dictionary<string, long>(deadLettersByReason), lags,
+            var expired = expiredBefore.Keys.Union(expiredNow.Keys).ToDictionary(k => k, k => expiredBefore.GetValueOrDefault(k) + expiredNow.GetValueOrDefault(k));
+            return new MetricValues(t?.Step, terms, t?.PairsPerSecond, t?.LearningRate, recalls, new Dictionary<string, long>(deadLettersByReason), lags, expired,
                 lastCheckpoint, processLine?.RssBytes, processLine?.GcHeapBytes, processLine?.CpuSeconds, Math.Max(0, starts - 1),
                 roundNumbers.Count == 0 ? null : roundNumbers[^1]);
         }
@@ -342,7 +361,7 @@ public sealed class RunFiles
 /// <summary>What /metrics reports; null: not known yet.</summary>
 public sealed record MetricValues(double? Step, IReadOnlyDictionary<string, double> Loss, double? PairsPerSecond, double? LearningRate,
     IReadOnlyList<(string Set, string Direction, int K, double Value)> Recall, IReadOnlyDictionary<string, long> DeadLetters,
-    IReadOnlyList<(string Topic, string Partition, double Lag)> KafkaLag, double? CheckpointStep, double? ResidentBytes, double? GcHeapBytes,
+    IReadOnlyList<(string Topic, string Partition, double Lag)> KafkaLag, IReadOnlyDictionary<string, long> KafkaExpired, double? CheckpointStep, double? ResidentBytes, double? GcHeapBytes,
     double? CpuSeconds, int ProcessRestarts, double? ClusterRound);
 
 /// <summary>A series that arrives every few seconds for as long as a run lives (weeks), kept bounded at an even

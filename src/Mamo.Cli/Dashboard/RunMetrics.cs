@@ -1,3 +1,4 @@
+using Mamo.Data.Kafka;
 using Prometheus;
 
 namespace Mamo.Cli.Dashboard;
@@ -15,7 +16,7 @@ public sealed class RunMetrics
     readonly CollectorRegistry registry = Metrics.NewCustomRegistry();
     readonly RunFiles history;
     readonly Gauge step, loss, pairsPerSecond, learningRate, recall, kafkaLag, checkpointStep, residentBytes, gcHeapBytes, cpuSeconds, clusterRound;
-    readonly Counter deadLetters, restarts;
+    readonly Counter deadLetters, kafkaExpired, restarts;
 
     public RunMetrics(RunFiles history)
     {
@@ -28,6 +29,8 @@ public sealed class RunMetrics
         recall = f.CreateGauge("mamo_eval_recall", "Retrieval recall at k of the newest evaluation of each set, as a fraction", "set", "direction", "k");
         deadLetters = f.CreateCounter("mamo_dead_letters_total", "Records that could not be used, by reason", "reason");
         kafkaLag = f.CreateGauge("mamo_kafka_lag", "Records between the consumer's position and the partition's end", "topic", "partition");
+        kafkaExpired = f.CreateCounter("mamo_kafka_expired_records_total",
+            "Records the broker's retention deleted before the group read them: never trained", "topic", "partition");
         checkpointStep = f.CreateGauge("mamo_checkpoint_last_step", "Step of the newest durable checkpoint");
         residentBytes = f.CreateGauge("mamo_process_resident_memory_bytes", "Resident memory of the training process");
         gcHeapBytes = f.CreateGauge("mamo_process_gc_heap_bytes", "Managed heap of the training process");
@@ -49,6 +52,11 @@ public sealed class RunMetrics
         foreach (var r in v.Recall) recall.WithLabels(r.Set, r.Direction, r.K.ToString()).Set(r.Value);
         foreach (var (reason, count) in v.DeadLetters) deadLetters.WithLabels(reason).IncTo(count);
         foreach (var l in v.KafkaLag) kafkaLag.WithLabels(l.Topic, l.Partition).Set(l.Lag);
+        foreach (var (partition, count) in v.KafkaExpired)
+        {
+            var (topic, part) = KafkaRecords.SplitPartitionKey(partition);
+            kafkaExpired.WithLabels(topic, part).IncTo(count);
+        }
         Set(checkpointStep, v.CheckpointStep);
         Set(residentBytes, v.ResidentBytes);
         Set(gcHeapBytes, v.GcHeapBytes);

@@ -19,6 +19,13 @@ public static class KafkaRecords
     /// <summary>The stream a record belongs to, as positions and checkpoints name it.</summary>
     public static string PartitionKey(string topic, int partition) => $"{topic}/{partition}";
 
+    /// <summary>A partition key's topic and partition number, as text ("TOPIC/N" → ("TOPIC", "N")).</summary>
+    public static (string Topic, string Partition) SplitPartitionKey(string key)
+    {
+        var slash = key.LastIndexOf('/');
+        return slash < 0 ? ("", key) : (key[..slash], key[(slash + 1)..]);
+    }
+
     public static Message<byte[]?, byte[]?> ToMessage(ImageTextSample sample, string? contentType = null)
     {
         var headers = new Headers();
