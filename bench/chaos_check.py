@@ -63,10 +63,20 @@ for node, rnd, attempt, ids in steps:
 lost = sorted(covered - trained.keys() - expired)
 twice = {i: t for i, t in trained.items() if len(t) > 1}
 gaps = collections.Counter(max(r for r, _ in t) - min(r for r, _ in t) for t in twice.values())
+def ranges(ids):
+    """Records as partition: [first, last] offset runs, for a reader to find them in the ledgers and logs."""
+    runs = collections.defaultdict(list)
+    for p, o in sorted(records[i] for i in ids):
+        if runs[p] and runs[p][-1][1] == o - 1:
+            runs[p][-1][1] = o
+        else:
+            runs[p].append([o, o])
+    return {f"pairs/{p}": r[:10] for p, r in sorted(runs.items())}
+
 kills = [l.strip() for l in open(os.path.join(out, "kills.log"))]
 print(json.dumps({
     "kills": len(kills), "rounds_committed": len(rounds), "final_checkpoint": os.path.dirname(checkpoints[-1]),
     "records": len(records), "covered": len(covered), "expired": len(expired), "lost": len(lost), "twice": len(twice),
-    "twice_round_gaps": dict(sorted(gaps.items())), "wasted": len(unapplied - trained.keys()),
+    "lost_ranges": ranges(lost), "twice_round_gaps": dict(sorted(gaps.items())), "wasted": len(unapplied - trained.keys()),
 }, indent=1))
 sys.exit(1 if lost else 0)

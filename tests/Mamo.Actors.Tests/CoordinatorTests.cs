@@ -2,9 +2,11 @@ using System.Text.Json;
 using Akka.Actor;
 using Akka.Streams;
 using Akka.TestKit.Xunit2;
+using Confluent.Kafka;
 using Mamo.Actors.Cluster;
 using Mamo.Data;
 using Mamo.Data.Datasets;
+using Mamo.Data.Kafka;
 using Mamo.Model;
 using Xunit;
 using static TorchSharp.torch;
@@ -58,5 +60,105 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
             Assert.Equal(("2", $"{2 * Span - 1}", ""), (state.Extra[RoundCoordinator.RoundKey], state.Extra["position:cursor"], state.Extra[RoundCoordinator.UnfinishedKey]));
         }
         finally { Directory.Delete(runDir, recursive: true); }
+    }
+
+    [Fact]
+    public async Task A_rounds_last_pair_after_dead_letters_joins_the_batch_before_it_and_is_trained()
+    {
+        var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
+        try
+        {
+            // Sixteen emoji with their own copies of the images, so that three can be spoilt.
+            var emoji = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit);
+            var data = Directory.CreateDirectory(Path.Combine(runDir, "data")).FullName;
+            Directory.CreateDirectory(Path.Combine(data, "images"));
+            var lines = File.ReadLines(emoji).Take(16).ToList();
+            foreach (var line in lines)
+            {
+                var image = JsonDocument.Parse(line).RootElement.GetProperty("image").GetString()!;
+                File.Copy(Path.Combine(Path.GetDirectoryName(emoji)!, image), Path.Combine(data, image));
+            }
+            var manifest = Path.Combine(data, "m.jsonl");
+            File.WriteAllLines(manifest, lines);
+            var settings = MamoSettings.Load(null, [$"run-dir={runDir}", $"batch-size={Batch}", $"max-steps={InnerSteps}", "ledger=on",
+                $"cluster.inner-steps={InnerSteps}", "cluster.min-replicas=1", "cluster.round-timeout=10m", $"source=\"manifest:{manifest}\""]);
+
+            // Round 0's share, in stream order: a full batch, three pairs whose images cannot be decoded, one more pair.
+            var share = TrainingSamples.Load($"manifest:{manifest}", settings.Seed, long.MaxValue, _ => { }).From(0).Take(Span).Select(x => x.Sample.Id).ToList();
+            foreach (var id in share.Skip(Batch).Take(Span - Batch - 1))
+                File.WriteAllBytes(Path.Combine(data, "images", id + ".png"), [0x89, (byte)'P', (byte)'N', (byte)'G', 1, 2, 3]);
+
+            var coordinator = Sys.ActorOf(RoundCoordinator.Props(settings));
+            using var inputs = RunInputs.Open(settings, TrainingTask.Of(settings), evaluate: false, publish: false);
+            await new TrainingRun(settings).RunAsync(Sys, inputs, new ReplicaHooks(settings, "b", coordinator), CancellationToken.None).WaitAsync(TimeSpan.FromMinutes(2));
+
+            // The last pair is trained in the batch before it, not left alone in a step of one that trains nothing.
+            var steps = File.ReadAllLines(Path.Combine(ClusterRun.NodeDir(runDir, "b"), Metrics.LedgerFile)).Select(l => JsonDocument.Parse(l).RootElement)
+                .Where(e => e.TryGetProperty("step", out _)).ToList();
+            var trained = Assert.Single(steps).GetProperty("ids").EnumerateArray().Select(i => i.GetString()).ToList();
+            Assert.Equal([.. share.Take(Batch), share[^1]], trained);
+            Assert.Equal(Span - Batch - 1, File.ReadAllLines(Path.Combine(runDir, Metrics.DeadLetterFile)).Length);
+        }
+        finally { Directory.Delete(runDir, recursive: true); }
+    }
+
+    [Fact]
+    public async Task A_replica_whose_round_died_with_its_coordinator_reads_the_round_again_for_the_next_one()
+    {
+        var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
+        try
+        {
+            using var kafka = new KafkaMockCluster();
+            kafka.CreateTopic("pairs", 1);
+            var emoji = TrainingSamples.Open($"manifest:{BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit)}");
+            var fed = emoji.Read(null, CancellationToken.None).OfType<SampleItem>().Take(3 * Span).Select(i => i.Sample).ToList();
+            using (var producer = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig { BootstrapServers = kafka.BootstrapServers }).Build())
+            {
+                foreach (var sample in fed) producer.Produce(new TopicPartition("pairs", 0), KafkaRecords.ToMessage(sample));
+                producer.Flush(TimeSpan.FromSeconds(30));
+            }
+            var settings = MamoSettings.Load(null, [$"run-dir={runDir}", $"batch-size={Batch}", $"max-steps={2 * InnerSteps}", "ledger=on",
+                $"cluster.inner-steps={InnerSteps}", "cluster.min-replicas=1", "cluster.round-timeout=10m",
+                $"source=\"kafka://{kafka.BootstrapServers}/pairs?group=replicas\""]);
+
+            // Coordinator A (a probe behind a proxy, as a singleton is) gives round 0; the replica trains it and hands it in.
+            var a = CreateTestProbe();
+            var proxy = Sys.ActorOf(Props.Create(() => new Proxy(a.Ref)));
+            using var inputs = RunInputs.Open(settings, TrainingTask.Of(settings), evaluate: false, publish: false);
+            var run = new TrainingRun(settings).RunAsync(Sys, inputs, new ReplicaHooks(settings, "b", proxy), CancellationToken.None);
+            var register = a.ExpectMsg<Coordination.Register>(TimeSpan.FromSeconds(60));
+            var replica = a.LastSender;
+            a.Send(replica, new Coordination.Commit(new Dictionary<string, long>(), 0, []));
+            using var global = new MamoTrainer(settings.Model, settings.Optimizer, CPU, settings.Seed, withTeacher: true, TrainingTask.Of(settings).Objective);
+            a.Send(replica, new RoundCoordinator.RoundStart(1, 0, 0, -1, Span, false, global.Objective.SaveState(), Sys.ActorOf(WeightTransfer.Receiver.Props(a.Ref, 1L << 30))));
+            Sys.ActorOf(WeightTransfer.Sender.Props(register.Receiver, a.Ref, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, 1), global.Weights().ToList(),
+                "float32", settings.Cluster.ChunkSize, settings.Cluster.Window));
+            a.FishForMessage(m => m is RoundCoordinator.RoundDone, TimeSpan.FromSeconds(60));
+
+            // A dies before it checkpoints the round; B takes over from no checkpoint and gives round 0 again. The replica's
+            // stream had read the round's records; they are read again for B's round 0, not skipped.
+            proxy.Tell(new Proxy.To(Sys.ActorOf(RoundCoordinator.Props(settings))));
+            Sys.Stop(a.Ref);
+            await run.WaitAsync(TimeSpan.FromMinutes(2));
+            var steps = File.ReadAllLines(Path.Combine(ClusterRun.NodeDir(runDir, "b"), Metrics.LedgerFile)).Select(l => JsonDocument.Parse(l).RootElement)
+                .Where(e => e.TryGetProperty("step", out _)).ToList();
+            List<string?> Ids(Func<JsonElement, bool> which) => steps.Where(which).SelectMany(e => e.GetProperty("ids").EnumerateArray().Select(i => i.GetString())).ToList();
+            var first = fed.Take(Span).Select(x => (string?)x.Id).ToList();
+            Assert.Equal(first, Ids(e => e.GetProperty("attempt").GetInt64() == 1));
+            Assert.Equal([.. first, .. fed.Skip(Span).Take(Span).Select(x => x.Id)], Ids(e => e.GetProperty("attempt").GetInt64() != 1));
+        }
+        finally { Directory.Delete(runDir, recursive: true); }
+    }
+
+    /// <summary>Forwards to the coordinator of the moment, as the singleton proxy does.</summary>
+    sealed class Proxy : ReceiveActor
+    {
+        public sealed record To(IActorRef Coordinator);
+
+        public Proxy(IActorRef coordinator)
+        {
+            Receive<To>(t => coordinator = t.Coordinator);
+            ReceiveAny(m => coordinator.Forward(m));
+        }
     }
 }

@@ -5,6 +5,8 @@ using System.Net.Sockets;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
+using Mamo.Actors.Pipeline;
+using Mamo.Actors.Sources;
 using Mamo.Cli.Dashboard;
 using Microsoft.Playwright;
 using Xunit;
@@ -135,6 +137,20 @@ public class DashboardTests(ITestOutputHelper output)
         Assert.Equal(1L, history.Values().DeadLetters["Undecodable"]);
         Assert.Equal(2.0, history.Values().Loss["total"]);
         Assert.Equal(2, history.EventsAfter(1).Count);
+    }
+
+    [Fact]
+    public void Records_expired_unread_add_up_over_the_processes_of_a_run()
+    {
+        // Each process counts from its start; a kafka line repeats its process's count so far.
+        using var folder = new TempFolder();
+        static string Kafka(long expired) => new KafkaLine([new PartitionStatus("pairs/4", 10, 20, 10, 9, expired)]).ToJson().ToJsonString();
+        File.WriteAllLines(folder.File(RunFiles.MetricsFile), [
+            "{\"kind\":\"start\"}", Kafka(0), Kafka(5), Kafka(7),
+            "{\"kind\":\"start\"}", Kafka(3), Kafka(3)]);
+        var history = new RunFiles(folder.Path);
+        history.Poll();
+        Assert.Equal(10L, history.Values().KafkaExpired["pairs/4"]);
     }
 
     [Fact]

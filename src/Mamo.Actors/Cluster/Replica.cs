@@ -84,8 +84,6 @@ public sealed class Replica : ReceiveActor, IWithTimers
     int sending;
     (long Attempt, TaskCompletionSource<IReadOnlyList<Tensor>> Gathered)? gather;
     IActorRef? drainer, lastCoordinator;
-    /// <summary>Rounds trained since the last durable cluster checkpoint: what a stream reads again if its coordinator changes.</summary>
-    bool trainedSinceCommit;
 
     public Replica(MamoSettings settings, string node, IActorRef coordinator, AssignedSource source, IActorRef trainer, IActorRef metrics, ReplicaHooks hooks)
     {
@@ -181,7 +179,10 @@ public sealed class Replica : ReceiveActor, IWithTimers
         var stream = !source.ReadWhole;
         // A stream's records since the last durable cluster checkpoint are read again where a round of them was not
         // applied: the coordinator said so, or it is a new one (the old one died with what it had not checkpointed).
-        if (stream && rewind is null && trainedSinceCommit && lastCoordinator is not null && !Sender.Equals(lastCoordinator)) rewind = "its coordinator changed";
+        // Trained and not yet settled by a checkpoint: a round loaded, or handed in and neither applied nor refused. (The
+        // new coordinator's first commit, on registering, settles nothing of the old one's rounds.)
+        var unsettled = handedIn.Count > 0 || started.Values.Any(s => s.Loaded);
+        if (stream && rewind is null && unsettled && lastCoordinator is not null && !Sender.Equals(lastCoordinator)) rewind = "its coordinator changed";
         lastCoordinator = Sender;
         if (stream && rewind is not null)
         {
@@ -220,7 +221,6 @@ public sealed class Replica : ReceiveActor, IWithTimers
         var shard = s.Start is StepCoordinator.StepStart step ? new Shard(step, Self, settings.Cluster.RoundTimeout) : null;
         trainer.Tell(new Trainer.LoadRound(s.Round, r.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToList(), s.State, shard));
         s.Loaded = true;
-        trainedSinceCommit = true;
         if (shard is not null)
         {
             Dispose(r);
@@ -300,7 +300,6 @@ public sealed class Replica : ReceiveActor, IWithTimers
             metrics.Tell(new Metrics.RoundOutcome(round, applied));
             handedIn.Remove(round);
         }
-        if (started.Count == 0) trainedSinceCommit = false;
         TryDrained();
     }
 

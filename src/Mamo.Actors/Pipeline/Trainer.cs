@@ -157,8 +157,11 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         var b = t.Batch;
         var shard = round?.Shard;
         StepResult? result = null;
-        // A round's last, short batch: one pair is no step for ITC and ITM unless the rest of the global batch is elsewhere.
-        if (b is not null && (b.Size >= 2 || shard is not null))
+        // One pair is no step for ITC and ITM unless the rest of the global batch is elsewhere. The batcher adds a round's
+        // last pair to the batch before it; only a round of one owned pair leaves it alone.
+        if (b is { Size: < 2 } && shard is null)
+            Log.Warning("step {Step}: {Id} is a round's only pair, and one pair is no step for ITC and ITM: it is not trained", t.Step, b.Ids[0]);
+        else if (b is not null)
             using (var scope = NewDisposeScope())
             {
                 var keys = tensor(b.Ids.Select(Seeds.StableHash).ToArray());

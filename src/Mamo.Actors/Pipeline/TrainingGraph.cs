@@ -75,17 +75,22 @@ public static class TrainingGraph
 
     /// <summary>Groups prepared records into batches of batch-size pairs. A batch's position covers every record since
     /// the previous batch, dead letters included, so a checkpoint acknowledges those too. A round's steps are numbered
-    /// from its first step; a single node's from where the run starts.</summary>
+    /// from its first step; a single node's from where the run starts. Within a round each full batch waits for the
+    /// next: a round that ends one pair after it (records dropped as not owned, a short share) puts that pair in it,
+    /// since one pair alone is no step for ITC and ITM and would be acknowledged untrained.</summary>
     static Func<Prepared, IEnumerable<Trainer.Train>> Batcher(MamoSettings s, Stages g)
     {
         var group = new List<PreparedSample>(s.BatchSize);
         var position = StreamPosition.None;
+        (List<PreparedSample> Group, StreamPosition Position)? held = null;
         var step = g.StartStep;
         Round? round = null;
+        Trainer.Train Batch(List<PreparedSample> samples, StreamPosition at, bool ends) =>
+            new(step++, samples.Count == 0 ? null : Collator.Collate(samples, s.Model.ImageSize), null, at, round, ends);
         return p =>
         {
             var record = p.Record;
-            if (record.Round is { } r && r.Attempt != round?.Attempt) (round, step) = (r, r.FirstStep);
+            if (record.Round is { } r && r.Attempt != round?.Attempt) (round, step, held) = (r, r.FirstStep, null);
             // Read before a rebalance moved its partition to another member, which reads it again: not ours to train.
             if (g.Source.Owns(record))
             {
@@ -97,9 +102,21 @@ public static class TrainingGraph
                 else group.Add(p.Sample!);
             }
             if (group.Count < s.BatchSize && !record.EndsRound) return [];
-            var batch = new Trainer.Train(step++, group.Count == 0 ? null : Collator.Collate(group, s.Model.ImageSize), null, position, round, record.EndsRound);
+            var batches = new List<Trainer.Train>(2);
+            if (record.EndsRound && group.Count == 1 && held is { } last)
+            {
+                batches.Add(Batch([.. last.Group, .. group], last.Position.Merge(position), ends: true));
+                held = null;
+            }
+            else
+            {
+                if (held is { } h) batches.Add(Batch(h.Group, h.Position, ends: false));
+                held = null;
+                if (record.Round is not null && !record.EndsRound) held = (group, position);
+                else batches.Add(Batch(group, position, record.EndsRound));
+            }
             (group, position) = (new List<PreparedSample>(s.BatchSize), StreamPosition.None);
-            return [batch];
+            return batches;
         };
     }
 
