@@ -25,7 +25,10 @@ public sealed class AssignedSource(ITrainingSource source) : ITrainingSource
 
     public string Name => source.Name;
     public bool ReadWhole => source.ReadWhole;
-    public bool Owns(Positioned record) => source.Owns(record);
+    /// <summary>Decided once, when a record takes its place in a round (below): a round trains exactly the records
+    /// it was assigned. One whose partition moves away after that is trained here and may be again by its new owner,
+    /// which reads from the committed offset: twice, never lost, and no round comes up short.</summary>
+    public bool Owns(Positioned record) => true;
     public bool DeadLetter(Positioned record, BadInput bad) => source.DeadLetter(record, bad);
     public void Commit(StreamPosition durable) => source.Commit(durable);
     public string? PausedBecause => source.PausedBecause;
@@ -48,9 +51,10 @@ public sealed class AssignedSource(ITrainingSource source) : ITrainingSource
         if (source.ReadWhole)
             return assignments.ConcatMany(a => source.Open(TrainingSamples.BeforeCursor(a.Cursor)).Take(a.Records).ZipWithIndex()
                 .Select(x => x.Item1 with { Round = a.Round, EndsRound = x.Item2 == a.Records - 1 }));
-        // A stream's records, each paired with a place in the assigned rounds: none is read past what was assigned.
+        // A stream's records, each paired with a place in the assigned rounds: none is read past what was assigned. One
+        // of a partition a rebalance moved away (read before the move) takes no place: its new owner trains it.
         var places = assignments.SelectMany(a => Enumerable.Range(0, a.Records).Select(i => (a.Round, Ends: i == a.Records - 1)));
-        return source.Open(resume).Zip(places).Select(x => x.Item1 with { Round = x.Item2.Round, EndsRound = x.Item2.Ends });
+        return source.Open(resume).Where(source.Owns).Zip(places).Select(x => x.Item1 with { Round = x.Item2.Round, EndsRound = x.Item2.Ends });
     }
 
     /// <summary>Adds a round's share to the stream.</summary>
