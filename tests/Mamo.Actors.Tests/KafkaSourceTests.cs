@@ -117,6 +117,42 @@ public class KafkaSourceTests : TestKit
     }
 
     [Fact]
+    public void A_partition_taken_away_and_given_back_is_read_again_so_records_dropped_meanwhile_are_not_lost()
+    {
+        using var cluster = new KafkaMockCluster();
+        cluster.CreateTopic("pairs", Partitions);
+        var spec = KafkaSpec.Parse($"kafka://{cluster.BootstrapServers}/pairs?group=back");
+        var materializer = Sys.Materializer();
+        Produce(cluster, 10 * Partitions);
+        using var a = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
+        var fromA = new Puller(a.Open(StreamPosition.None).RunWith(Sink.Queue<Positioned>(), materializer));
+        WaitUntil(() => a.Assigned.Count == Partitions, "A to own every partition");
+        // A's stream reads every record (into the pipeline's buffers, as far as the batcher is concerned) ...
+        var early = new List<Positioned>();
+        var clock = Stopwatch.StartNew();
+        while (early.Count < 10 * Partitions)
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"A read {early.Count}");
+            if (fromA.Next() is { } r) early.Add(r);
+        }
+        // ... then B joins and takes some partitions, so the batcher drops their records as no longer A's ...
+        var b = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
+        var fromB = new Puller(b.Open(StreamPosition.None).RunWith(Sink.Queue<Positioned>(), materializer));
+        WaitUntil(() => a.Assigned.Count > 0 && b.Assigned.Count > 0 && a.Assigned.Count + b.Assigned.Count == Partitions, "the group to split the partitions");
+        var dropped = early.Where(r => !a.Owns(r)).Select(r => r.At).ToHashSet();
+        Assert.NotEmpty(dropped);
+        // ... and leaves before it commits anything: the partitions come back to A, which must read them again.
+        b.Dispose();
+        WaitUntil(() => a.Assigned.Count == Partitions, "A to own every partition again");
+        clock.Restart();
+        while (dropped.Count > 0)
+        {
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"A never read again {string.Join(", ", dropped.Select(p => $"{p.Source}@{p.Offset}"))}");
+            if (fromA.Next() is { } r) dropped.Remove(r.At);
+        }
+    }
+
+    [Fact]
     public void A_stream_that_stalls_gets_every_record_of_every_partition_once_and_in_order()
     {
         using var cluster = new KafkaMockCluster();

@@ -104,13 +104,13 @@ public sealed class KafkaTrainingSource : ITrainingSource
             .SetPartitionsAssignedHandler((c, partitions) => OnAssigned(c, partitions))
             .SetPartitionsRevokedHandler((c, partitions) =>
             {
-                foreach (var p in partitions) assigned.TryRemove(KafkaRecords.PartitionKey(p.Topic, p.Partition.Value), out _);
-                Log.Information("Kafka partitions revoked: {Partitions} (records already read are still trained on)",
+                Unassigned(partitions.Select(p => p.TopicPartition));
+                Log.Information("Kafka partitions revoked: {Partitions}; their next owner reads them from the committed offsets",
                     string.Join(", ", partitions.Select(p => p.TopicPartition)));
             })
             .SetPartitionsLostHandler((c, partitions) =>
             {
-                foreach (var p in partitions) assigned.TryRemove(KafkaRecords.PartitionKey(p.Topic, p.Partition.Value), out _);
+                Unassigned(partitions.Select(p => p.TopicPartition));
                 Log.Warning("Kafka partitions lost: {Partitions}; their next owner starts at the committed offsets", string.Join(", ", partitions.Select(p => p.TopicPartition)));
             })
             .Build());
@@ -248,6 +248,19 @@ public sealed class KafkaTrainingSource : ITrainingSource
         }
     }
 
+    /// <summary>Partitions taken away (on the consumer thread, within Consume). Their records still in the stream are
+    /// no longer this member's (Owns); should a partition come back to this member, it reads it again from the committed
+    /// offset, and none of it counts as already offered, or a record dropped while it was away would be lost.</summary>
+    void Unassigned(IEnumerable<TopicPartition> partitions)
+    {
+        foreach (var p in partitions)
+        {
+            var key = KafkaRecords.PartitionKey(p.Topic, p.Partition.Value);
+            assigned.TryRemove(key, out _);
+            offeredUpTo.Remove(key);
+        }
+    }
+
     IEnumerable<TopicPartitionOffset> OnAssigned(IConsumer<byte[]?, byte[]?> c, List<TopicPartition> partitions)
     {
         foreach (var p in partitions) assigned[KafkaRecords.PartitionKey(p.Topic, p.Partition.Value)] = true;
@@ -325,8 +338,12 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 // this member for its session timeout (about 40 s) before it may move any partition.
                 waited = true;
                 consumer.Pause(consumer.Assignment);
-                if (consumer.Consume(TimeSpan.Zero) is { IsPartitionEOF: false } early)
-                    consumer.Seek(early.TopicPartitionOffset);   // fetched before the pause: read again after it
+                try
+                {
+                    if (consumer.Consume(TimeSpan.Zero) is { IsPartitionEOF: false } early)
+                        consumer.Seek(early.TopicPartitionOffset);   // fetched before the pause: read again after it
+                }
+                catch (ConsumeException e) { Log.Debug("Kafka consume error while the stream is full: {Reason}", e.Error.Reason); }
                 CommitDurable(consumer);
                 RefreshStatus(consumer);
             }
