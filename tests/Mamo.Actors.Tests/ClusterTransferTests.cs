@@ -55,6 +55,7 @@ public sealed class TwoNodes : IDisposable
     }
 }
 
+[Collection(HeartbeatCollection.Name)]
 public class ClusterTransferTests(TwoNodes nodes, ITestOutputHelper output) : IClassFixture<TwoNodes>
 {
     const int ChunkSize = 256 * 1024;

@@ -18,7 +18,9 @@ sealed class LinearProbe : IObjective
 
     public LinearProbe(MamoConfig config, IReadOnlyList<string> labels)
     {
-        head = Linear(config.Width, labels.Count);
+        // Zero-initialised, as a fine-tuning head is; Linear's default init draws from torch's global generator.
+        lock (Seeds.GlobalGenerator) head = Linear(config.Width, labels.Count);
+        using (no_grad()) { head.weight!.zero_(); head.bias!.zero_(); }
         classes = labels.Select((l, i) => (l, (long)i)).ToDictionary();
         Parts = new Dictionary<string, Module> { [HeadPart] = head };
     }

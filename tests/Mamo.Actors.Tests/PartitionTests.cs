@@ -15,7 +15,7 @@ namespace Mamo.Actors.Tests;
 /// the third. The Split Brain Resolver's keep-majority decides (docs/CLUSTER.md). A downed `mamo` node's process then
 /// exits 1 (ClusterRun), which the process tests check. It runs alone: a starved heartbeat elsewhere would be a
 /// second partition.</summary>
-[Collection(PartitionCollection.Name)]
+[Collection(HeartbeatCollection.Name)]
 public sealed class PartitionTests(ITestOutputHelper output)
 {    static readonly Config Throttled = ConfigurationFactory.ParseString("akka.remote.dot-netty.tcp.applied-adapters = [trttl]");
 
@@ -66,8 +66,10 @@ public sealed class PartitionTests(ITestOutputHelper output)
     }
 }
 
+/// <summary>Tests that judge reachability run alone: beside torch tests on two cores, a starved heartbeat reads as an
+/// unreachable node.</summary>
 [CollectionDefinition(Name, DisableParallelization = true)]
-public sealed class PartitionCollection
+public sealed class HeartbeatCollection
 {
-    public const string Name = "network partition";
+    public const string Name = "heartbeats";
 }

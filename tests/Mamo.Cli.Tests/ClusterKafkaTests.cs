@@ -25,7 +25,7 @@ public class ClusterKafkaTests(ITestOutputHelper output)
         KafkaTests.Ingest(broker, "pairs", 200);
         using var folder = new TempFolder();
         var run = folder.File("run");
-        var ports = Enumerable.Range(0, Nodes).Select(_ => ClusterTests.FreePort()).ToArray();
+        var ports = Enumerable.Range(0, Nodes).Select(_ => Ports.Free()).ToArray();
         var nodes = ports.Select((port, i) => Process.Start(MamoProcess.StartInfo([
             "pretrain", "--plain", "--ledger", "--source", $"kafka://{broker.BootstrapServers}/pairs?group=cluster", "--run-dir", run,
             "--max-steps", $"{InnerSteps * Rounds}", "--cluster", $"127.0.0.1:{port}", "--seed-nodes", $"127.0.0.1:{ports[0]}", "--node-name", $"n{i}",
@@ -69,7 +69,7 @@ public class ClusterKafkaTests(ITestOutputHelper output)
         KafkaTests.Ingest(broker, "pairs", 600);
         using var folder = new TempFolder();
         var run = folder.File("run");
-        var ports = Enumerable.Range(0, 3).Select(_ => ClusterTests.FreePort()).ToArray();
+        var ports = Enumerable.Range(0, 3).Select(_ => Ports.Free()).ToArray();
         var nodes = ports.Select((port, i) => Process.Start(MamoProcess.StartInfo([
             "pretrain", "--plain", "--ledger", "--source", $"kafka://{broker.BootstrapServers}/pairs?group=cluster", "--run-dir", run,
             "--max-steps", $"{InnerSteps * rounds}", "--cluster", $"127.0.0.1:{port}", "--seed-nodes", $"127.0.0.1:{ports[0]}", "--node-name", $"n{i}",

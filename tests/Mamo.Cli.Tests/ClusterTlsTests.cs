@@ -62,7 +62,7 @@ public class ClusterTlsTests(ITestOutputHelper output)
         string[] Tls(Authority authority, string node) => [
             "--set", $"cluster.tls.certificate={authority.WriteNode(folder.File(node + ".pfx"), node, Password)}",
             "--set", $"cluster.tls.password={Password}", "--set", $"cluster.tls.ca={authority.WriteCa(folder.File(authority.Certificate.GetNameInfo(X509NameType.SimpleName, false) + ".pem"))}"];
-        var ports = Enumerable.Range(0, 4).Select(_ => FreePort()).ToArray();
+        var ports = Enumerable.Range(0, 4).Select(_ => Ports.Free()).ToArray();
         var seed = $"127.0.0.1:{ports[0]}";
         // One replica more than there are nodes: no round starts, and the cluster stays up to be looked at.
         Process Start(int i, string roles, string[] tls) => Process.Start(MamoProcess.StartInfo([

@@ -255,7 +255,7 @@ public class DashboardTests(ITestOutputHelper output)
     async Task<double> ScrapedByPrometheus(Uri dashboard, string dir)
     {
         Directory.CreateDirectory(dir);
-        var port = FreePort();
+        var port = Ports.Free();
         var config = Path.Combine(dir, "prometheus.yml");
         File.WriteAllText(config, $"""
             global:
@@ -294,14 +294,6 @@ public class DashboardTests(ITestOutputHelper output)
         }
     }
 
-    static int FreePort()
-    {
-        var listener = new TcpListener(IPAddress.Loopback, 0);
-        listener.Start();
-        var port = ((IPEndPoint)listener.LocalEndpoint).Port;
-        listener.Stop();
-        return port;
-    }
 
     /// <summary>Prometheus text samples by name and labels, as written: `name{a="x"}` → value. Comments and blank lines
     /// are skipped; any other line that is not a sample fails the parse.</summary>

@@ -166,15 +166,17 @@ public sealed class ImportTests(MiniLmImportFixture minilm, ITestOutputHelper ou
         // Damaged headers and resource tables: a clear error or the resource, never another exception.
         var original = File.ReadAllBytes(assembly.Location);
         var random = new Random(17);
+        int read = 0, refused = 0;
         for (int i = 0; i < 300; i++)
         {
             var bytes = (byte[])original.Clone();
             for (int j = 0; j < 8; j++) bytes[random.Next(i % 2 == 0 ? 4096 : bytes.Length)] = (byte)random.Next(256);
             var damaged = Path.Combine(folder, "damaged.dll");
             File.WriteAllBytes(damaged, bytes);
-            try { NugetResources.WriteResources(damaged, new Dictionary<string, string> { ["dashboard/index.html"] = "index.html" }, folder, "damaged"); }
-            catch (DatasetFetchException) { }
+            try { NugetResources.WriteResources(damaged, new Dictionary<string, string> { ["dashboard/index.html"] = "index.html" }, folder, "damaged"); read++; }
+            catch (DatasetFetchException) { refused++; }
         }
+        Assert.True(read > 0 && refused > 0, $"{read} read, {refused} refused");   // the fuzz reached both outcomes
     }
 
     [Fact]

@@ -85,6 +85,8 @@ public class KafkaTests(ITestOutputHelper output)
         await p.WaitForExitAsync(patience.Token);
         var log = await stdout + await stderr;
         Assert.True(p.ExitCode == 0, log);
+        // An outage pauses the pipeline; it never fails it (a restart would train the steps since the checkpoint again).
+        Assert.True(!States(run).Contains("restarting"), File.ReadAllText(Path.Combine(run, "mamo.log")));
         var ledger = MamoProcess.Ledger(run);
         Assert.Equal(Enumerable.Range(0, steps).Select(i => (long)i), ledger.Select(e => e.Step));
         // Every record up to the final position, once each.

@@ -40,18 +40,23 @@ public class ReplicaTests(ITestOutputHelper output)
     static string Ledger(string run, int i) => Path.Combine(run, "nodes", $"n{i}", Metrics.LedgerFile);
 
     /// <summary>Each applied step's batch as the cursors it covers: a batch of a file source's range ends at its position,
-    /// and holds Batch records where none is a dead letter.</summary>
-    static List<long> AppliedCursors(string run, int nodes)
+    /// and holds <paramref name="batch"/> records where none is a dead letter. Applied: a ledger's outcome line says so, or
+    /// a cluster checkpoint on disk lists the attempt (a node killed before the commit reached it never wrote the line).</summary>
+    internal static List<long> AppliedCursors(string run, int nodes, int batch = Batch)
     {
+        var checkpoints = Path.Combine(run, Model.Checkpoint.RunFolder);
+        var applied = (Directory.Exists(checkpoints) ? Directory.GetDirectories(checkpoints) : [])
+            .Select(d => Model.Checkpoint.ReadState(d).Extra.GetValueOrDefault(Actors.Cluster.Coordination.AppliedKey, ""))
+            .SelectMany(a => a.Split(',', StringSplitOptions.RemoveEmptyEntries).Select(long.Parse)).ToHashSet();
+        var ledgers = Enumerable.Range(0, nodes).Select(i => Ledger(run, i)).Where(File.Exists).ToList();
+        foreach (var ledger in ledgers) applied.UnionWith(MamoProcess.Outcomes(ledger).Applied);
         var cursors = new List<long>();
-        for (int i = 0; i < nodes; i++)
+        foreach (var ledger in ledgers)
         {
-            if (!File.Exists(Ledger(run, i))) continue;
-            var applied = MamoProcess.Outcomes(Ledger(run, i)).Applied;
-            foreach (var step in MamoProcess.Steps(Ledger(run, i)).Where(e => applied.Contains(e.GetProperty("attempt").GetInt64())))
+            foreach (var step in MamoProcess.Steps(ledger).Where(e => applied.Contains(e.GetProperty("attempt").GetInt64())))
             {
                 var end = step.GetProperty("position").GetProperty(TrainingSamples.CursorPartition).GetInt64();
-                cursors.AddRange(Enumerable.Range(0, Batch).Select(k => end - Batch + 1 + k));
+                cursors.AddRange(Enumerable.Range(0, batch).Select(k => end - batch + 1 + k));
             }
         }
         return cursors;
@@ -69,7 +74,7 @@ public class ReplicaTests(ITestOutputHelper output)
         var brokenIds = broken.Select(b => b.GetProperty("id").GetString()!).ToHashSet();
         var run = folder.File("run");
         const int nodes = 3, rounds = 2;
-        var ports = Enumerable.Range(0, nodes).Select(_ => ClusterTests.FreePort()).ToArray();
+        var ports = Enumerable.Range(0, nodes).Select(_ => Ports.Free()).ToArray();
         await ExitZero(ports.Select((port, i) => Start(Node("pretrain", run, i, port, ports[0], InnerSteps * rounds, nodes, "--source", "manifest:" + manifest))).ToList(),
             TimeSpan.FromMinutes(4));
 
@@ -112,13 +117,13 @@ public class ReplicaTests(ITestOutputHelper output)
             "--from", init, "--task", "classify", "--source", "manifest:" + manifest);
 
         var uninterrupted = folder.File("uninterrupted");
-        var ports = new[] { ClusterTests.FreePort(), ClusterTests.FreePort() };
+        var ports = new[] { Ports.Free(), Ports.Free() };
         await ExitZero([Start(Finetune(uninterrupted, 0, ports)), Start(Finetune(uninterrupted, 1, ports))], TimeSpan.FromMinutes(4));
 
         // The same run, both nodes SIGKILLed once round 1 is checkpointed and a node has trained a step of the round after,
         // then started again: the cluster resumes from its checkpoint, each replica its optimiser from its own.
         var killed = folder.File("killed");
-        ports = [ClusterTests.FreePort(), ClusterTests.FreePort()];
+        ports = [Ports.Free(), Ports.Free()];
         var first = new[] { Start(Finetune(killed, 0, ports)), Start(Finetune(killed, 1, ports)) };
         long Round() => Model.Checkpoint.Latest(killed) is { } c ? long.Parse(Model.Checkpoint.ReadState(c).Extra["round"]) : -1;
         var clock = Stopwatch.StartNew();
@@ -130,7 +135,7 @@ public class ReplicaTests(ITestOutputHelper output)
         }
         foreach (var p in first) p.Kill();
         output.WriteLine($"killed in round {Round()}");
-        ports = [ClusterTests.FreePort(), ClusterTests.FreePort()];
+        ports = [Ports.Free(), Ports.Free()];
         await ExitZero([Start(Finetune(killed, 0, ports)), Start(Finetune(killed, 1, ports))], TimeSpan.FromMinutes(4));
 
         var (expected, actual) = (State(uninterrupted), State(killed));
@@ -167,7 +172,7 @@ public class ReplicaTests(ITestOutputHelper output)
         var manifest = ClusterTests.Manifest(folder);
         var run = folder.File("run");
         const int rounds = 4;
-        var ports = new[] { ClusterTests.FreePort(), ClusterTests.FreePort() };
+        var ports = new[] { Ports.Free(), Ports.Free() };
         // n1's trainer throws at step 3 (in round 1): its node restarts the pipeline, which registers again.
         await ExitZero([Start(Node("pretrain", run, 0, ports[0], ports[0], InnerSteps * rounds, 2, "--source", "manifest:" + manifest)),
             Start(Node("pretrain", run, 1, ports[1], ports[0], InnerSteps * rounds, 2, "--source", "manifest:" + manifest, "--set", "supervision.fail-at-step=3"))],
@@ -193,7 +198,7 @@ public class ReplicaTests(ITestOutputHelper output)
         var manifest = ClusterTests.Manifest(folder);
         var run = folder.File("run");
         const int rounds = 5, innerSteps = 4;
-        var ports = new[] { ClusterTests.FreePort(), ClusterTests.FreePort() };
+        var ports = new[] { Ports.Free(), Ports.Free() };
         string[] Args(int i) => Node("pretrain", run, i, ports[i], ports[0], innerSteps * rounds, 1, "--source", "manifest:" + manifest,
             "--set", $"cluster.inner-steps={innerSteps}");
         var n0 = Start(Args(0));

@@ -65,13 +65,15 @@ public class GroundingSetTests
         using var folder = new TempFolder();
         var manifest = Manifest(folder, Good);
         var random = new Random(7);
+        int read = 0, refused = 0;
         for (var i = 0; i < 2000; i++)
         {
             var chars = Good.ToCharArray();
             for (var m = random.Next(1, 4); m > 0; m--) chars[random.Next(chars.Length)] = "{}[]\":,0123456789-.tfxyz \\"[random.Next(26)];
             File.WriteAllText(manifest, new string(chars));
-            try { GroundingSet.Read(manifest); }
-            catch (InvalidDataException) { }
+            try { GroundingSet.Read(manifest); read++; }
+            catch (InvalidDataException) { refused++; }
         }
+        Assert.True(read > 0 && refused > 0, $"{read} read, {refused} refused");   // the fuzz reached both outcomes
     }
 }

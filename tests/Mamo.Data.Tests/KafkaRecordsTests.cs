@@ -62,13 +62,18 @@ public class KafkaRecordsTests
         var header = Gen.Select(Gen.Int[0, 2].Select(i => new[] { KafkaRecords.CaptionHeader, KafkaRecords.ContentTypeHeader, "other" }[i]), Gen.Byte.Array[0, 40],
             (k, v) => new Header(k, v));
         var gen = Gen.Select(Gen.Byte.Array[0, 40].Null(), Gen.Byte.Array[0, 200].Null(), header.Array[0, 6]);
+        int read = 0, refused = 0;
         gen.Sample((key, value, headers) =>
         {
             var hs = new Headers();
             foreach (var h in headers) hs.Add(h);
             var item = KafkaRecords.Read("t", 0, 0, key, value, hs, SourceLimits.Default);
-            return item is SampleItem { Sample.Captions.Count: > 0 } || item is BadItem { Bad.Reason.Length: > 0 };
+            if (item is SampleItem { Sample.Captions.Count: > 0 }) Interlocked.Increment(ref read);
+            else if (item is BadItem { Bad.Reason.Length: > 0 }) Interlocked.Increment(ref refused);
+            else return false;
+            return true;
         }, iter: 20_000);
+        Assert.True(read > 0 && refused > 0, $"{read} read, {refused} refused");   // the fuzz reached both outcomes
     }
 
     [Theory]
@@ -93,11 +98,36 @@ public class KafkaRecordsTests
     [Fact]
     public void Parsing_any_text_succeeds_or_says_what_is_wrong()
     {
-        Gen.String[Gen.Char["kafk:/.,?=&ag0123 \u00e9"], 0, 40].Select(s => "kafka://" + s).Sample(spec =>
+        // Good addresses with up to three characters replaced, inserted or deleted: some stay good, most do not.
+        string[] good = ["kafka://a:1/t", "kafka://host:9092,b:2/x,y.z?group=g-1", "kafka://127.0.0.1:9092/pairs"];
+        var edit = Gen.Select(Gen.Int[0, 2], Gen.Int[0, 100], Gen.Char["kafk:/.,?=&ag0123 \u00e9"]);
+        var specs = Gen.Select(Gen.Int[0, good.Length - 1], edit.Array[0, 3], (g, edits) => edits.Aggregate(good[g], (s, e) =>
         {
-            try { return KafkaSpec.Parse(spec).Topics.Count > 0; }
-            catch (FormatException e) { return e.Message.Length > 0; }
+            var at = e.Item2 % (s.Length + 1);
+            return e.Item1 switch
+            {
+                0 when at < s.Length => s[..at] + e.Item3 + s[(at + 1)..],
+                1 => s[..at] + e.Item3 + s[at..],
+                _ when at < s.Length => s[..at] + s[(at + 1)..],
+                _ => s,
+            };
+        }));
+        int read = 0, refused = 0;
+        specs.Sample(spec =>
+        {
+            try
+            {
+                if (KafkaSpec.Parse(spec).Topics.Count == 0) return false;
+                Interlocked.Increment(ref read);
+                return true;
+            }
+            catch (FormatException e)
+            {
+                Interlocked.Increment(ref refused);
+                return e.Message.Length > 0;
+            }
         }, iter: 20_000);
+        Assert.True(read > 0 && refused > 0, $"{read} read, {refused} refused");   // the fuzz reached both outcomes
     }
 
     [Fact]

@@ -39,8 +39,10 @@ public static class BenchCommand
             var pretraining = PretrainingConfig.Preset(name);
             int b = parse.GetValue(batchSize), n = parse.GetValue(steps);
             using var trainer = new MamoTrainer(config, new OptimizerConfig(), CPU, seed: 1, objective: MamoPretraining.With(pretraining));
-            using var images = randn(b, 3, config.ImageSize, config.ImageSize);
-            using var tokenIds = randint(1000, config.VocabSize, new long[] { b, config.MaxTextLength });
+            // Drawn from a generator of its own: torch's global one is the model constructors' (Seeds.GlobalGenerator).
+            using var draws = new Generator(1, CPU);
+            using var images = randn(b, 3, config.ImageSize, config.ImageSize, generator: draws);
+            using var tokenIds = randint(1000, config.VocabSize, new long[] { b, config.MaxTextLength }, generator: draws);
             using (var cls = tokenIds[.., 0]) cls.fill_(config.ClsTokenId);
             using var attentionMask = ones(b, config.MaxTextLength, int64);
             var parameters = trainer.Student.parameters().Sum(p => p.numel());
@@ -137,9 +139,10 @@ public static class BenchCommand
         var source = tiny with { ImageSize = grid * tiny.PatchSize, ImageNormEps = Mamo.Model.Published.TimmVit.TimmEps };
         using var vit = MamoModel.Seeded(source, seed);
         var parameters = vit.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
+        using var draws = new Generator((ulong)seed, CPU);
         using (no_grad())
             foreach (var (name, p) in parameters.Where(p => p.Key.Contains(".ln")))
-                p.add_(randn_like(p) * 0.1);
+                p.add_(randn(p.shape, generator: draws) * 0.1);
         Directory.CreateDirectory(dir);
         var timm = Path.Combine(dir, "timm.safetensors");
         SafeTensors.Save(timm, Mamo.Model.Published.TimmVit.Map(source).Export(parameters));
@@ -150,8 +153,7 @@ public static class BenchCommand
         using var model = new MamoModel(config);
         Checkpoint.LoadModel(checkpoint, Checkpoint.StudentFile, model);
         model.eval();
-        manual_seed(seed);
-        var images = randn(4, 3, config.ImageSize, config.ImageSize);
+        var images = randn(4, 3, config.ImageSize, config.ImageSize, generator: draws);
         using var noGrad = no_grad();
         var features = model.Image.forward(images, null);
         SafeTensors.Save(Path.Combine(dir, "expected.safetensors"), [("images", images), ("features", features)]);
@@ -164,8 +166,9 @@ public static class BenchCommand
     {
         const int size = 1024;
         using var scope = NewDisposeScope();
-        var a = randn(size, size);
-        var b = randn(size, size);
+        using var draws = new Generator(0, CPU);
+        var a = randn(size, size, generator: draws);
+        var b = randn(size, size, generator: draws);
         for (int i = 0; i < 3; i++) { using var warm = a.matmul(b); }
         long count = 0;
         var clock = Stopwatch.StartNew();
@@ -276,7 +279,8 @@ public static class BenchCommand
             ids[i * l + length - 1] = c.SepTokenId;
             for (int t = 0; t < length; t++) keep[i * l + t] = 1;
         }
-        var images = randn(b, 3, c.ImageSize, c.ImageSize);
+        using var draws = new Generator((ulong)seed, CPU);
+        var images = randn(b, 3, c.ImageSize, c.ImageSize, generator: draws);
         using (var first = images[0]) using (var second = images[1]) second.copy_(first);
         var keys = Enumerable.Range(0, b).Select(i => i == 1 ? 0L : i).ToArray();
         return (images, tensor(ids, new long[] { b, l }), tensor(keep, new long[] { b, l }), tensor(keys));
