@@ -46,6 +46,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
     bool reassigned;
     /// <summary>The consumer thread's: per partition, the offset after the last record offered to the current stream.</summary>
     readonly Dictionary<string, long> offeredUpTo = [];
+    /// <summary>Why the consumer thread stopped; null while it runs. Under the gate.</summary>
+    Exception? stopped;
     /// <summary>The consumer thread's: per partition, the first offset delivered in this process, where a partition
     /// with neither a durable nor a committed position starts again.</summary>
     readonly Dictionary<string, long> firstDelivered = [];
@@ -131,11 +133,18 @@ public sealed class KafkaTrainingSource : ITrainingSource
         thread.Start();
     }
 
+    /// <remarks>Once the consumer thread has stopped (an error it could not get past), every stream fails at once with
+    /// that error: the run's restarts, then the node's supervisor, start a new consumer, where a stream that waits on a
+    /// dead one would stall the run.</remarks>
     public Source<Positioned, NotUsed> Open(StreamPosition resume) =>
         Source.Queue<Positioned>(QueueSize, OverflowStrategy.Backpressure)
             .MapMaterializedValue(queue =>
             {
-                lock (gate) attach = (queue, resume);
+                lock (gate)
+                {
+                    if (stopped is { } e) queue.Fail(new InvalidOperationException("the Kafka consumer stopped: " + e.Message, e));
+                    else attach = (queue, resume);
+                }
                 return NotUsed.Instance;
             });
 
@@ -182,7 +191,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                             var at = start.Offset.Value >= 0 ? start.Offset.Value
                                 : firstDelivered.GetValueOrDefault(KafkaRecords.PartitionKey(start.Topic, start.Partition.Value), -1);
                             if (at < 0) continue;
-                            consumer.Seek(new TopicPartitionOffset(start.TopicPartition, new Offset(at)));
+                            Rewind(consumer, new TopicPartitionOffset(start.TopicPartition, new Offset(at)));
                             nextExpected[KafkaRecords.PartitionKey(start.Topic, start.Partition.Value)] = at;
                         }
                         consumer.Resume(consumer.Assignment);
@@ -217,7 +226,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 if (queue is null)
                 {
                     // Delivered while no stream runs (a partition assigned meanwhile): put it back for the next one.
-                    consumer.Seek(record.TopicPartitionOffset);
+                    Rewind(consumer, record.TopicPartitionOffset);
                     consumer.Pause([record.TopicPartition]);
                     continue;
                 }
@@ -231,7 +240,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 if (!Offer(consumer, queue, new Positioned(new SourcePosition(partition, record.Offset.Value), item)))
                 {
                     unusable.TryRemove((partition, record.Offset.Value), out _);
-                    consumer.Seek(record.TopicPartitionOffset);   // not taken: the next stream starts with it
+                    Rewind(consumer, record.TopicPartitionOffset);   // not taken: the next stream starts with it
                 }
                 else offeredUpTo[partition] = record.Offset.Value + 1;
             }
@@ -240,12 +249,24 @@ public sealed class KafkaTrainingSource : ITrainingSource
         catch (Exception e)
         {
             Log.Error(e, "the Kafka consumer stopped");
-            queue?.Fail(e);
+            lock (gate)
+            {
+                stopped = e;
+                (attach?.Queue ?? queue)?.Fail(e);
+            }
         }
         finally
         {
             try { consumer.Close(); } catch (KafkaException e) { Log.Warning("Kafka consumer close: {Reason}", e.Error.Reason); }
         }
+    }
+
+    /// <summary>Seeks a partition back to a record the stream did not take. One revoked meanwhile (librdkafka: "Erroneous
+    /// state") is no longer this member's to rewind: its next owner, this one included, reads it from the committed offset.</summary>
+    static void Rewind(IConsumer<byte[]?, byte[]?> consumer, TopicPartitionOffset to)
+    {
+        try { consumer.Seek(to); }
+        catch (KafkaException e) { Log.Debug("Kafka: {Partition} not rewound to {Offset}: {Reason}", to.TopicPartition, to.Offset, e.Error.Reason); }
     }
 
     /// <summary>Partitions taken away (on the consumer thread, within Consume). Their records still in the stream are
@@ -341,7 +362,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 try
                 {
                     if (consumer.Consume(TimeSpan.Zero) is { IsPartitionEOF: false } early)
-                        consumer.Seek(early.TopicPartitionOffset);   // fetched before the pause: read again after it
+                        Rewind(consumer, early.TopicPartitionOffset);   // fetched before the pause: read again after it
                 }
                 catch (ConsumeException e) { Log.Debug("Kafka consume error while the stream is full: {Reason}", e.Error.Reason); }
                 CommitDurable(consumer);
