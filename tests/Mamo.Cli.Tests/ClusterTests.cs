@@ -252,35 +252,6 @@ public class ClusterTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public async Task A_node_that_joins_mid_run_trains_from_the_current_global_weights()
-    {
-        using var folder = new TempFolder();
-        var manifest = Manifest(folder);
-        var run = folder.File("run");
-        const int rounds = 4;
-        var ports = Enumerable.Range(0, Nodes).Select(_ => Ports.Free()).ToArray();
-        Process Start(int i) => StartNode(manifest, run, i, ports[i], $"127.0.0.1:{ports[0]}", InnerSteps * rounds, minReplicas: 2,
-            "--set", "checkpoint.keep-last=10");
-        var nodes = new List<Process> { Start(0), Start(1) };
-        var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
-        try
-        {
-            AwaitFirstCheckpoint(run, nodes[0]);
-            nodes.Add(Start(2));
-            logs.Add((nodes[2].StandardOutput.ReadToEndAsync(), nodes[2].StandardError.ReadToEndAsync()));
-            await AllExitZero(nodes, logs, TimeSpan.FromMinutes(3));
-        }
-        finally
-        {
-            foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
-        }
-        // The joiner's first round starts from exactly the θ of the cluster checkpoint before it.
-        var round = FirstRoundFromItsCheckpoint(run, "n2", await logs[2].Err);
-        Assert.InRange(round, 1, rounds - 1);   // it joined a running cluster, and still took a round
-        Assert.NotEmpty(MamoProcess.Steps(Path.Combine(run, "nodes", "n2", "ledger.jsonl")));
-    }
-
-    [Fact]
     public async Task A_killed_node_shows_in_cluster_status_as_removed_with_its_recovery_then_restarted_with_its_name_and_port_rejoins()
     {
         using var folder = new TempFolder();
@@ -340,7 +311,8 @@ public class ClusterTests(ITestOutputHelper output)
         {
             foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
         }
-        // The new incarnation took a round after the kill, from exactly the θ of the cluster checkpoint before it.
+        // The new incarnation joined the running cluster and took a round after the kill, from exactly the θ of the
+        // cluster checkpoint before it: a node that joins mid-run trains from the current global weights.
         var round = FirstRoundFromItsCheckpoint(run, "n2", await logs[2].Err);
         Assert.True(round > killedIn, $"round {round}, killed in {killedIn}");
         Assert.Contains(MamoProcess.Steps(ledger), e => e.GetProperty("round").GetInt64() == round);

@@ -174,8 +174,10 @@ public class DashboardTests(ITestOutputHelper output)
         File.WriteAllLines(folder.File(RunFiles.DeadLetterFile), lines.Take(500));
         var history = new RunFiles(folder.Path);
         history.Poll();
-        Assert.True(history.Malformed >= 300);
-        Assert.NotNull(history.Snapshot(50).ToJsonString());
+        Assert.True(history.Malformed >= 300, $"{history.Malformed} malformed");   // the garbage lines, at least
+        // Whatever the lines held, the snapshot serialises and reads back whole.
+        var snapshot = JsonNode.Parse(history.Snapshot(50).ToJsonString())!;
+        Assert.Equal((history.Malformed, Path.GetFullPath(folder.Path)), ((long)snapshot["malformed"]!, (string)snapshot["run_dir"]!));
         await using var server = await DashboardServer.StartAsync(history, new DashboardAddress(IPAddress.Loopback, 0), token: null);
         using var http = new HttpClient { BaseAddress = server.Address };
         Assert.Equal(HttpStatusCode.OK, (await http.GetAsync("metrics")).StatusCode);

@@ -225,15 +225,13 @@ public class RetrievalTests
     {
         using var scope = NewDisposeScope();
         var config = MamoConfig.Tiny;
-        using var model = new MamoModel(config);
-        const int images = 8;
+        using var model = MamoModel.Seeded(config, 4);
+        const int images = 32;
         var (pixels, ids, attn) = Pairs.Make(config, images, seed: 6);
-        var m = Retrieval.Evaluate(model, pixels, ids, attn, Enumerable.Range(0, images).ToArray(), k: 4, batchSize: 4);
-        // Fewer than 10 candidates: R@10 is certain. R@1 of a random model: chance, 1 in 8, within a few hits.
-        Assert.Equal(100, m.Tr10);
-        Assert.Equal(100, m.Ir10);
-        Assert.InRange(m.Tr1, 0, 50);
-        Assert.InRange(m.Ir1, 0, 50);
+        var m = Retrieval.Evaluate(model, pixels, ids, attn, Enumerable.Range(0, images).ToArray(), k: 4, batchSize: 8);
+        // A model that cannot tell the pairs apart finds each query's match first by chance: 1 hit of 32 expected, and 6
+        // or more with probability below 0.1 % (binomial, p = 1/32). An evaluation that leaked the match would find most.
+        Assert.True(m.Tr1 <= 5 * 100.0 / images && m.Ir1 <= 5 * 100.0 / images, $"TR@1 {m.Tr1}, IR@1 {m.Ir1}");
         Assert.True(double.IsFinite(m.RMean));
     }
 }
