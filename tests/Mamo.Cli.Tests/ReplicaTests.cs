@@ -112,7 +112,7 @@ public class ReplicaTests(ITestOutputHelper output)
         var manifest = LabelledManifest(folder);
         var init = folder.File("init");
         using (var trainer = new Model.MamoTrainer(Model.MamoConfig.Tiny, new Model.OptimizerConfig(), TorchSharp.torch.CPU, seed: 5)) trainer.Save(init);
-        const int rounds = 4;
+        const int rounds = 3;
         string[] Finetune(string run, int i, int[] ports) => Node("finetune", run, i, ports[i], ports[0], InnerSteps * rounds, minReplicas: 2,
             "--from", init, "--task", "classify", "--source", "manifest:" + manifest);
 
