@@ -78,6 +78,7 @@ while true; do
 done
 sleep $(( END > SECONDS ? END - SECONDS : 0 ))
 
+pkill -P "$FEED" 2>/dev/null || true   # the feed's `mamo ingest` (its failure ends the loop)
 kill "$FEED" 2>/dev/null || true
 touch "$OUT/stopping"
 for i in $(seq 0 $((NODES - 1))); do kill -TERM "$(cat "$OUT/n$i.pid")" 2>/dev/null || true; done
