@@ -17,8 +17,9 @@ namespace Mamo.Actors.Sources;
 /// after a rebalance) at the newer of this source's last durable position for it and the group's committed offset:
 /// another member may have trained further while it was away. Records that cannot be used go to the dead-letter
 /// topic with `error` and `source-offset` headers; the producer is flushed before the offsets behind them are committed.
-/// A stream is offered each record once: one the consumer delivers again (a seek racing a fetch, a partition given
-/// back after a rebalance) is skipped, since the stream already trains on it. Records the broker deleted before this
+/// A stream is offered each record once: one the consumer delivers again (a seek racing a fetch) is skipped, since the
+/// stream already trains on it. A partition taken away and given back is read again from the committed offset: the
+/// stream dropped its records while it was away. Records the broker deleted before this
 /// group read them (the group fell behind the topic's retention) are reported, per range and as a count per
 /// partition, since nothing can train them any more.
 /// </summary>
