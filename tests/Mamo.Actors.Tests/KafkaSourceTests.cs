@@ -210,6 +210,45 @@ public class KafkaSourceTests : TestKit
     }
 
     /// <summary>Records r{first}.. r{first + records - 1}, spread round-robin over the partitions.</summary>
+    [Fact]
+    public void A_replicas_stream_skips_what_applied_rounds_trained_judged_when_each_record_takes_its_place()
+    {
+        using var cluster = new KafkaMockCluster();
+        cluster.CreateTopic("pairs", Partitions);
+        Produce(cluster, Records);
+        var spec = KafkaSpec.Parse($"kafka://{cluster.BootstrapServers}/pairs?group=replica");
+        using var kafka = new KafkaTrainingSource(spec, FastRebalance, new Dictionary<string, string>(), null, SourceLimits.Default);
+        var source = new Cluster.AssignedSource(kafka);
+        var placed = new Puller(source.Open(StreamPosition.None).RunWith(Sink.Queue<Positioned>(), Sys.Materializer()));
+        List<Positioned> Round(long number, int records)
+        {
+            source.Assign(new(new Sources.Round(number, number, number * 10, ResetsTeacher: true), -1, records));
+            var got = new List<Positioned>();
+            var clock = Stopwatch.StartNew();
+            while (got.Count < records)
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromSeconds(60), $"round {number}: {got.Count} of {records} records");
+                if (placed.Next() is { } r) got.Add(r);
+            }
+            return got;
+        }
+
+        var first = Round(0, 8);
+        Assert.All(first, r => Assert.Equal(0, r.Round!.Number));
+        Assert.True(first[^1].EndsRound);
+        // Another replica's applied round trained the next 5 records of every partition (the group had moved them there
+        // and back): the cluster checkpoint's positions say so before the next round is given.
+        var reached = first.GroupBy(r => r.At.Source).ToDictionary(g => g.Key, g => g.Max(r => r.At.Offset));
+        var applied = Enumerable.Range(0, Partitions).Select(p => $"pairs/{p}")
+            .Aggregate(StreamPosition.None, (at, p) => at.Advance(new SourcePosition(p, reached.GetValueOrDefault(p, -1) + 5)));
+        source.Commit(applied);
+        var second = Round(1, 8);
+        // Every record of the round is past what was applied, the one the stream had ready when the first round ended too.
+        Assert.All(second, r => Assert.True(r.At.Offset > applied[r.At.Source], $"{r.At} was trained by an applied round ({applied})"));
+        Assert.All(second, r => Assert.Equal(1, r.Round!.Number));
+        Assert.Equal([.. Enumerable.Repeat(false, 7), true], second.Select(r => r.EndsRound));
+    }
+
     static void Produce(KafkaMockCluster cluster, int records, int first = 0)
     {
         using var producer = new ProducerBuilder<byte[]?, byte[]?>(new ProducerConfig { BootstrapServers = cluster.BootstrapServers }).Build();

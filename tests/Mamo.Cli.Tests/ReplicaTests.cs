@@ -39,10 +39,10 @@ public class ReplicaTests(ITestOutputHelper output)
 
     static string Ledger(string run, int i) => Path.Combine(run, "nodes", $"n{i}", Metrics.LedgerFile);
 
-    /// <summary>Each applied step's batch as the cursors it covers: a batch of a file source's range ends at its position,
-    /// and holds <paramref name="batch"/> records where none is a dead letter. Applied: a ledger's outcome line says so, or
-    /// a cluster checkpoint on disk lists the attempt (a node killed before the commit reached it never wrote the line).</summary>
-    internal static List<long> AppliedCursors(string run, int nodes, int batch = Batch)
+    /// <summary>The steps of the attempts the coordinators applied, from every node's ledger. Applied: a ledger's outcome
+    /// line says so, or a cluster checkpoint on disk lists the attempt (a node killed before the commit reached it never
+    /// wrote the line).</summary>
+    internal static List<JsonElement> AppliedSteps(string run, int nodes)
     {
         var checkpoints = Path.Combine(run, Model.Checkpoint.RunFolder);
         var applied = (Directory.Exists(checkpoints) ? Directory.GetDirectories(checkpoints) : [])
@@ -50,17 +50,17 @@ public class ReplicaTests(ITestOutputHelper output)
             .SelectMany(a => a.Split(',', StringSplitOptions.RemoveEmptyEntries).Select(long.Parse)).ToHashSet();
         var ledgers = Enumerable.Range(0, nodes).Select(i => Ledger(run, i)).Where(File.Exists).ToList();
         foreach (var ledger in ledgers) applied.UnionWith(MamoProcess.Outcomes(ledger).Applied);
-        var cursors = new List<long>();
-        foreach (var ledger in ledgers)
-        {
-            foreach (var step in MamoProcess.Steps(ledger).Where(e => applied.Contains(e.GetProperty("attempt").GetInt64())))
-            {
-                var end = step.GetProperty("position").GetProperty(TrainingSamples.CursorPartition).GetInt64();
-                cursors.AddRange(Enumerable.Range(0, batch).Select(k => end - batch + 1 + k));
-            }
-        }
-        return cursors;
+        return ledgers.SelectMany(MamoProcess.Steps).Where(e => applied.Contains(e.GetProperty("attempt").GetInt64())).ToList();
     }
+
+    /// <summary>Each applied step's batch as the cursors it covers: a batch of a file source's range ends at its position,
+    /// and holds <paramref name="batch"/> records where none is a dead letter.</summary>
+    internal static List<long> AppliedCursors(string run, int nodes, int batch = Batch) =>
+        AppliedSteps(run, nodes).SelectMany(step =>
+        {
+            var end = step.GetProperty("position").GetProperty(TrainingSamples.CursorPartition).GetInt64();
+            return Enumerable.Range(0, batch).Select(k => end - batch + 1 + k);
+        }).ToList();
 
     [Fact]
     public async Task Dead_letters_of_a_cluster_run_come_from_the_node_that_read_them_into_the_runs_file_and_the_dashboard()

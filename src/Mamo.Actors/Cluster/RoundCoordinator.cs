@@ -222,6 +222,7 @@ public sealed class RoundCoordinator : Coordination
         // A replica that stopped after it handed in its (partial) round is reported, not waited for.
         var waiting = r.Assigned.Count(a => !r.Lost.Contains(a.Attempt) && !reported.Contains(a));
         if (waiting > 0 && !r.Expired) return;
+        if (!ranges) reported = OnePerPartition(r, reported);
         var missed = r.Assigned.Where(a => !reported.Contains(a)).ToList();
         if (reported.Count == 0 || reported.Count < Cluster.MinReplicas)
         {
@@ -249,7 +250,8 @@ public sealed class RoundCoordinator : Coordination
                 var end = a.Cursor + a.Records;
                 if (reached + 1 < end) unfinished.Add((reached + 1, (int)(end - reached - 1)));
             }
-            // At least once: a stream's records past the checkpoint are read again by whoever holds their partition.
+            // A stream's records past the checkpoint are read again by whoever holds their partition, but for what applied
+            // rounds trained (AssignedSource skips it).
             else positions = positions.Merge(new StreamPosition(done.Positions.ToImmutableSortedDictionary()));
         }
         GiveAgain(missed);
@@ -267,6 +269,29 @@ public sealed class RoundCoordinator : Coordination
         Log.Information("round {Round} took {Total:F2} s: broadcast of θ {Broadcast:F2} s, inner steps until the last replica's end {Inner:F2} s, " +
             "gather of the deltas {Gather:F2} s, outer step {Outer:F2} s", round - 1, r.Clock.Elapsed.TotalSeconds,
             r.Broadcast.TotalSeconds, r.InnerSteps.TotalSeconds, Math.Max(0, (r.Gathered - r.InnerSteps).TotalSeconds), outerStep.TotalSeconds);
+    }
+
+    /// <summary>A stream's partition is trained by one replica in a round. Two that hand in the same partition trained
+    /// the same records: the group moved it during the round, and its new owner began at the committed offset, behind
+    /// what its old owner trained in this round. The hand-in with more samples is applied (the node name breaks a tie);
+    /// the other is not, and its replica reads its stream again from the checkpoint.</summary>
+    List<Assignment> OnePerPartition(Round r, List<Assignment> reported)
+    {
+        var held = new Dictionary<string, string>();
+        var kept = new List<Assignment>();
+        foreach (var a in reported.OrderByDescending(a => r.Reports[a.Attempt].Samples).ThenBy(a => a.Node, StringComparer.Ordinal))
+        {
+            var partitions = r.Reports[a.Attempt].Positions.Keys;
+            if (partitions.FirstOrDefault(held.ContainsKey) is { } shared)
+            {
+                Log.Warning("round {Round}: {Node} and {Other} both trained {Partition} (the group moved it during the round); the first's " +
+                    "hand-in is not applied: it reads its stream again from the checkpoint", r.Number, a.Node, held[shared], shared);
+                continue;
+            }
+            foreach (var p in partitions) held[p] = a.Node;
+            kept.Add(a);
+        }
+        return reported.Where(kept.Contains).ToList();
     }
 
     /// <summary>What was assigned and not applied is given again: a file source's range to whoever comes next, a
