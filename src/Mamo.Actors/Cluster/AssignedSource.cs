@@ -28,7 +28,7 @@ public sealed class AssignedSource(ITrainingSource source) : ITrainingSource
     public bool ReadWhole => source.ReadWhole;
     /// <summary>Decided once, when a record takes its place in a round (below): a round trains exactly the records it
     /// was assigned.</summary>
-    public bool Owns(Positioned record) => true;
+    public bool Take(Positioned record) => true;
     public bool DeadLetter(Positioned record, BadInput bad) => source.DeadLetter(record, bad);
     public void Commit(StreamPosition durable)
     {
@@ -55,7 +55,7 @@ public sealed class AssignedSource(ITrainingSource source) : ITrainingSource
     /// applied (it died) is trained here.</summary>
     bool Takes(Positioned record)
     {
-        if (!source.Owns(record)) return false;   // its new owner trains it
+        if (!source.Take(record)) return false;   // its new owner trains it
         lock (gate) return !(applied[record.At.Source] >= record.At.Offset);
     }
 

@@ -92,7 +92,7 @@ public static class TrainingGraph
             var record = p.Record;
             if (record.Round is { } r && r.Attempt != round?.Attempt) (round, step, held) = (r, r.FirstStep, null);
             // Read before a rebalance moved its partition to another member, which reads it again: not ours to train.
-            if (g.Source.Owns(record))
+            if (g.Source.Take(record))
             {
                 position = position.Advance(record.At);
                 if (p.Bad is not null)

@@ -18,8 +18,8 @@ namespace Mamo.Actors.Sources;
 /// another member may have trained further while it was away. Records that cannot be used go to the dead-letter
 /// topic with `error` and `source-offset` headers; the producer is flushed before the offsets behind them are committed.
 /// A stream is offered each record once: one the consumer delivers again (a seek racing a fetch) is skipped, since the
-/// stream already trains on it. A partition taken away and given back is read again from the committed offset: the
-/// stream dropped its records while it was away. Records the broker deleted before this
+/// stream already trains on it. A partition taken away and given back is read again after the last record the
+/// pipeline took (Take): the stream dropped its records while it was away. Records the broker deleted before this
 /// group read them (the group fell behind the topic's retention) are reported, per range and as a count per
 /// partition, since nothing can train them any more.
 /// </summary>
@@ -71,9 +71,32 @@ public sealed class KafkaTrainingSource : ITrainingSource
 
     public string? PausedBecause => Volatile.Read(ref brokerDown) == 1 ? "Kafka broker unavailable" : null;
 
-    /// <summary>Whether this consumer owns the record's partition now: one read before a rebalance moved it away is the
-    /// new owner's, which reads it again from the committed offset.</summary>
-    public bool Owns(Positioned record) => assigned.ContainsKey(record.At.Source);
+    /// <summary>Records are taken in the order they were offered (the pipeline keeps each partition's order). One whose
+    /// partition was taken away since it was offered is not taken: its new owner reads it again from the committed
+    /// offset; should the partition come back here, it is read again after the last record taken, and every record
+    /// offered before it came back is dropped (it may already be on its way again). So a partition given back loses
+    /// nothing and trains nothing twice.</summary>
+    public bool Take(Positioned record)
+    {
+        var partition = record.At.Source;
+        lock (taking)
+        {
+            inFlight[partition] = inFlight.GetValueOrDefault(partition) - 1;
+            if (discard.GetValueOrDefault(partition) is > 0 and var n)
+            {
+                discard[partition] = n - 1;
+                return false;
+            }
+            if (!assigned.ContainsKey(partition)) return false;
+            takenUpTo[partition] = record.At.Offset + 1;
+            return true;
+        }
+    }
+
+    /// <summary>Per partition, under it: records offered to the stream and not yet taken or dropped; those to drop
+    /// (offered before the partition came back); the offset after the last record taken.</summary>
+    readonly object taking = new();
+    readonly Dictionary<string, long> inFlight = [], discard = [], takenUpTo = [];
 
     public bool ReadWhole => false;
 
@@ -184,6 +207,12 @@ public sealed class KafkaTrainingSource : ITrainingSource
                         attach = null;
                         queue = next.Queue;
                         offeredUpTo.Clear();
+                        lock (taking)
+                        {
+                            inFlight.Clear();
+                            discard.Clear();
+                            takenUpTo.Clear();
+                        }
                         durable = durable.Merge(next.Resume);
                         // Only to real offsets: a logical one (Unset, Beginning) resets the partition asynchronously,
                         // and a record fetched meanwhile was seen delivered twice.
@@ -243,7 +272,11 @@ public sealed class KafkaTrainingSource : ITrainingSource
                     unusable.TryRemove((partition, record.Offset.Value), out _);
                     Rewind(consumer, record.TopicPartitionOffset);   // not taken: the next stream starts with it
                 }
-                else offeredUpTo[partition] = record.Offset.Value + 1;
+                else
+                {
+                    offeredUpTo[partition] = record.Offset.Value + 1;
+                    lock (taking) inFlight[partition] = inFlight.GetValueOrDefault(partition) + 1;
+                }
             }
             CommitDurable(consumer);
         }
@@ -271,8 +304,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
     }
 
     /// <summary>Partitions taken away (on the consumer thread, within Consume). Their records still in the stream are
-    /// no longer this member's (Owns); should a partition come back to this member, it reads it again from the committed
-    /// offset, and none of it counts as already offered, or a record dropped while it was away would be lost.</summary>
+    /// no longer this member's (Take); should a partition come back to this member, it reads it again after the last
+    /// record taken, and none of it counts as already offered, or a record dropped while it was away would be lost.</summary>
     void Unassigned(IEnumerable<TopicPartition> partitions)
     {
         foreach (var p in partitions)
@@ -285,7 +318,14 @@ public sealed class KafkaTrainingSource : ITrainingSource
 
     IEnumerable<TopicPartitionOffset> OnAssigned(IConsumer<byte[]?, byte[]?> c, List<TopicPartition> partitions)
     {
-        foreach (var p in partitions) assigned[KafkaRecords.PartitionKey(p.Topic, p.Partition.Value)] = true;
+        lock (taking)
+            foreach (var p in partitions)
+            {
+                var key = KafkaRecords.PartitionKey(p.Topic, p.Partition.Value);
+                assigned[key] = true;
+                // Offered before it came back: on the way still, and read again after the last record taken.
+                discard[key] = Math.Max(0, inFlight.GetValueOrDefault(key));
+            }
         reassigned = true;
         lock (gate) if (attach is { } next) durable = durable.Merge(next.Resume);
         var starts = StartOffsets(c, partitions);
@@ -321,8 +361,9 @@ public sealed class KafkaTrainingSource : ITrainingSource
             "group read them; the group fell behind the topic (raise retention, or add replicas)", partition, expected, deletedTo - 1, deletedTo - expected);
     }
 
-    /// <summary>Where each partition starts: after this source's last durable position for it or at the group's
-    /// committed offset, whichever is newer; with neither, where auto.offset.reset says. What an earlier stream had
+    /// <summary>Where each partition starts: after this source's last durable position for it, at the group's committed
+    /// offset, or after the last record this stream's pipeline took (a partition given back), whichever is newest; with
+    /// none, where auto.offset.reset says. What an earlier stream had
     /// read but not trained on is read again.</summary>
     List<TopicPartitionOffset> StartOffsets(IConsumer<byte[]?, byte[]?> c, IReadOnlyCollection<TopicPartition> partitions)
     {
@@ -336,9 +377,11 @@ public sealed class KafkaTrainingSource : ITrainingSource
         }
         return partitions.Select(tp =>
         {
-            long? afterDurable = durable[KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value)] + 1;
+            var key = KafkaRecords.PartitionKey(tp.Topic, tp.Partition.Value);
+            long? afterTaken;
+            lock (taking) afterTaken = takenUpTo.TryGetValue(key, out var t) ? t : null;
             long? group = committed.TryGetValue(tp, out var o) && o != Offset.Unset ? o.Value : null;
-            var start = afterDurable is null ? group : group is null ? afterDurable : Math.Max(afterDurable.Value, group.Value);
+            var start = new[] { durable[key] + 1, group, afterTaken }.Max();
             return new TopicPartitionOffset(tp, start is { } x ? new Offset(x) : Offset.Unset);
         }).ToList();
     }

@@ -65,9 +65,10 @@ public interface ITrainingSource : IDisposable
     /// it into cursor ranges; false where it splits itself between its readers (a Kafka consumer group).</summary>
     bool ReadWhole { get; }
 
-    /// <summary>Whether a record read earlier is still this reader's to train on; false once its partition moved to
-    /// another member of the group, which reads it again from the committed offset.</summary>
-    bool Owns(Positioned record) => true;
+    /// <summary>Called once for each record the stream delivered, when the pipeline decides whether to train it: false
+    /// once its partition moved to another member of the group (which reads it again from the committed offset), or
+    /// away and back (this reader reads it again). A partition that comes back resumes after the last record taken.</summary>
+    bool Take(Positioned record) => true;
 
     /// <summary>Every record after <paramref name="resume"/>, for as long as the stream runs.</summary>
     Source<Positioned, NotUsed> Open(StreamPosition resume);
