@@ -6,7 +6,7 @@ using Mamo.Cli;
 // Set before libtorch loads its libgomp, which reads the native environment once; a user's own setting wins.
 if (Environment.GetEnvironmentVariable("OMP_WAIT_POLICY") is null) Native.setenv("OMP_WAIT_POLICY", "PASSIVE", 0);
 
-return MamoRoot.Create().Parse(args).Invoke();
+return MamoRoot.Run(args);
 
 static class Native
 {

@@ -55,6 +55,77 @@ public class SettingsTests
         Assert.Contains(named, e.Message);
     }
 
+    [Theory]
+    // An unclosed brace, which Akka's parser accepts and trains on: the innermost block that never closes.
+    [InlineData("mamo {\n  batch-size = 4\n  optimizer {\n    learning-rate = 1e-3\n", ":3: the '{' opened here is never closed (nor 1 more around it)")]
+    [InlineData("mamo {\n  batch-size = 4\n}\n}\n", ":4: '}' closes no block")]
+    [InlineData("mamo {\n  eval.sets = [\"a\"\n}\n", ":3: '}' closes the '[' of line 2")]
+    // Braces in strings and comments are not blocks.
+    [InlineData("mamo {\n  # a { in a comment\n  source = \"manifest:{x}.jsonl\" // and }\n  batch-size = lots\n}\n", ":4: 'mamo.batch-size' has a bad value 'lots'")]
+    // A value or key Akka's settings reject, at its line.
+    [InlineData("mamo {\n  optimizer {\n    learnig-rate = 1e-3\n  }\n}\n", ":3: unknown configuration key 'mamo.optimizer.learnig-rate'")]
+    [InlineData("mamo.batch-size = 4\nmamo.time-budget = soon\n", ":2: 'mamo.time-budget' has a bad value 'soon'")]
+    // What Akka's parser would never return from (found by the fuzz test below).
+    [InlineData("mamo {\n  eval.sets = [\"a\":]\n}\n", ":2: ':' in the '[' of line 2: quote a value that holds it")]
+    [InlineData("mamo {\n  eval.sets = [\n    $\"a\"]\n}\n", ":3: '$' in the '[' of line 2")]
+    // What Akka's parser rejects, at the first line it rejects; YAML gets a hint.
+    [InlineData("mamo:\n  batch-size: 4\n", ":2: Could not parse an unquoted text value")]
+    [InlineData("mamo:\n  batch-size: 4\n", "mamo reads HOCON, not YAML")]
+    public void A_config_file_error_names_its_line(string text, string expected)
+    {
+        var file = Path.Combine(Directory.CreateTempSubdirectory("mamo-conf-").FullName, "run.conf");
+        try
+        {
+            File.WriteAllText(file, text);
+            var e = Assert.Throws<SettingsException>(() => MamoSettings.Load(file));
+            Assert.True(e.Message.Contains(expected.StartsWith(':') ? file + expected : expected), e.Message);
+        }
+        finally { Directory.Delete(Path.GetDirectoryName(file)!, recursive: true); }
+    }
+
+    [Fact]
+    public void Config_files_cut_and_spliced_at_random_load_or_fail_with_a_settings_error()
+    {
+        const string valid = "mamo {\n  batch-size = 8\n  optimizer { learning-rate = 1e-3 }\n  eval.sets = [\"manifest:/x.jsonl\"]  # held out\n  source = \"dataset:emoji\"\n}\n";
+        const string pieces = "{}[]\"#/=:,\n$ ab.";
+        var random = new Random(29);
+        var dir = Directory.CreateTempSubdirectory("mamo-conf-fuzz-").FullName;
+        var file = Path.Combine(dir, "fuzz.conf");
+        int loaded = 0, refused = 0;
+        try
+        {
+            for (var n = 0; n < 1000; n++)
+            {
+                var text = new System.Text.StringBuilder(valid);
+                for (var edits = random.Next(1, 4); edits > 0; edits--)
+                {
+                    var at = random.Next(text.Length);
+                    if (random.Next(2) == 0) text.Remove(at, 1);
+                    else text.Insert(at, pieces[random.Next(pieces.Length)]);
+                }
+                File.WriteAllText(file, text.ToString());
+                try { MamoSettings.Load(file); loaded++; }
+                catch (SettingsException e) { refused++; Assert.StartsWith(file, e.Message); }
+            }
+        }
+        finally { Directory.Delete(dir, recursive: true); }
+        // Both outcomes happen: a scan that refused every file, or none, would not be tested by this.
+        Assert.True(loaded > 20 && refused > 20, $"{loaded} loaded, {refused} refused");
+    }
+
+    [Fact]
+    public void A_bad_value_from_a_set_names_the_set_even_where_the_file_has_the_key()
+    {
+        var file = Path.GetTempFileName();
+        try
+        {
+            File.WriteAllText(file, "mamo {\n  batch-size = 8\n}\n");
+            var e = Assert.Throws<SettingsException>(() => MamoSettings.Load(file, ["batch-size=1"]));
+            Assert.StartsWith("--set batch-size=1: 'mamo.batch-size' = 1", e.Message);
+        }
+        finally { File.Delete(file); }
+    }
+
     [Fact]
     public void The_text_layout_is_the_presets_unless_set()
     {

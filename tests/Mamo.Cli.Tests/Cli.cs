@@ -11,7 +11,7 @@ static class Cli
     {
         var stdout = new StringWriter();
         var stderr = new StringWriter();
-        var code = MamoRoot.Create().Parse(args).Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
+        var code = MamoRoot.Run(args, new InvocationConfiguration { Output = stdout, Error = stderr });
         return (code, stdout.ToString(), stderr.ToString());
     }
 }

@@ -10,6 +10,7 @@ using Mamo.Actors.Sources;
 using Mamo.Cli.Dashboard;
 using Microsoft.Playwright;
 using Xunit;
+using Model = Mamo.Model;
 using Xunit.Abstractions;
 
 namespace Mamo.Cli.Tests;
@@ -116,6 +117,28 @@ public class DashboardTests(ITestOutputHelper output)
         Assert.Equal(HttpStatusCode.OK, (await anonymous.SendAsync(withCookie)).StatusCode);
         // Read-only: nothing but GET is routed.
         Assert.Equal(HttpStatusCode.MethodNotAllowed, (await anonymous.SendAsync(new HttpRequestMessage(HttpMethod.Post, "metrics") { Headers = { { "Authorization", "Bearer s3cret" } } })).StatusCode);
+    }
+
+    [Fact]
+    public async Task A_busy_port_that_was_asked_for_is_refused_and_only_the_default_moves_to_the_next_free_one()
+    {
+        using var folder = new TempFolder();
+        var port = Ports.Free();
+        using var holder = new TcpListener(IPAddress.Loopback, port);
+        holder.Start();
+        var asked = new DashboardAddress(IPAddress.Loopback, port);
+
+        var refused = await Assert.ThrowsAsync<AddressInUseError>(() => DashboardServer.StartAsync(new RunFiles(folder.Path), asked, token: null));
+        Assert.Equal($"127.0.0.1:{port} is in use", refused.Message);
+        await using (var moved = await DashboardServer.StartAsync(new RunFiles(folder.Path), asked with { FallsForward = true }, token: null))
+            Assert.True(moved.Address.Port > port, $"served at {moved.Address} with {port} taken");
+
+        // A run asked to serve there stops before it trains, with the usage exit code.
+        var run = folder.File("run");
+        var (code, log) = MamoProcess.Run(["pretrain", "--run-dir", run, "--dashboard", $"127.0.0.1:{port}", "--max-steps", "1", "--plain"]);
+        Assert.Equal(ExitCodes.Usage, code);
+        Assert.Contains($"--dashboard 127.0.0.1:{port} is in use: name a free address, or leave --dashboard out", log);
+        Assert.Null(Model.Checkpoint.Latest(run));
     }
 
     [Fact]

@@ -184,7 +184,22 @@ public sealed class ImportTests(MiniLmImportFixture minilm, ITestOutputHelper ou
     {
         Assert.True(minilm.Import.Code == 0, minilm.Import.Stderr);
         var (code, log) = MamoProcess.Run(["pretrain", "--init", minilm.Checkpoint, "--preset", "tiny", "--run-dir", Path.Combine(minilm.Folder, "wrong"), "--plain"]);
-        Assert.Equal(2, code);   // PretrainCommand.SettingsError
+        Assert.Equal(ExitCodes.Usage, code);
         Assert.Contains("holds a minilm model; --preset tiny asks for another", log);
+    }
+
+    [Fact]
+    public void Init_into_a_folder_that_holds_a_run_is_refused_not_ignored()
+    {
+        Assert.True(minilm.Import.Code == 0, minilm.Import.Stderr);
+        var run = Path.Combine(minilm.Folder, "held");
+        var step = Path.Combine(run, Checkpoint.RunFolder, Checkpoint.StepFolderName(40));
+        Directory.CreateDirectory(step);
+        foreach (var file in Directory.GetFiles(minilm.Checkpoint).Where(f => !f.EndsWith(".safetensors"))) File.Copy(file, Path.Combine(step, Path.GetFileName(file)));
+        var (code, log) = MamoProcess.Run(["pretrain", "--init", minilm.Checkpoint, "--run-dir", run, "--plain"]);
+        Assert.Equal(ExitCodes.Usage, code);
+        Assert.Contains($"already holds a run (its newest checkpoint is {Checkpoint.StepFolderName(40)}), which a run there resumes. " +
+                        $"Leave out --init to resume it, or give a new --run-dir", log);
+        Assert.Equal([step], Directory.GetDirectories(Path.Combine(run, Checkpoint.RunFolder)));   // nothing written
     }
 }

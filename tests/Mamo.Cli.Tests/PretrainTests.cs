@@ -75,8 +75,10 @@ public class PretrainTests(ITestOutputHelper output)
         Assert.Contains(deadLetters, l => l.Contains("caption"));
     }
 
-    [Fact]
-    public async Task Sigterm_finishes_the_step_checkpoints_and_exits_zero()
+    [Theory]
+    [InlineData("TERM", ExitCodes.Success)]
+    [InlineData("INT", ExitCodes.Interrupted)]
+    public async Task A_signal_finishes_the_step_and_checkpoints_then_sigterm_exits_0_and_ctrl_c_130(string signal, int exitCode)
     {
         using var folder = new TempFolder();
         var manifest = WriteManifest(folder);
@@ -88,10 +90,10 @@ public class PretrainTests(ITestOutputHelper output)
         var clock = Stopwatch.StartNew();
         while (!(File.Exists(ledger) && File.ReadAllLines(ledger).Length >= 3) && clock.Elapsed < TimeSpan.FromMinutes(3) && !p.HasExited) Thread.Sleep(20);
         if (p.HasExited) Assert.Fail("mamo exited before the signal: " + await stderr);   // awaiting the stream any earlier would wait for the exit
-        await Process.Start("kill", ["-TERM", p.Id.ToString()])!.WaitForExitAsync();
+        await Process.Start("kill", [$"-{signal}", p.Id.ToString()])!.WaitForExitAsync();
         using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(2));
         await p.WaitForExitAsync(patience.Token);
-        Assert.True(p.ExitCode == 0, await stdout + await stderr);
+        Assert.True(p.ExitCode == exitCode, $"exited {p.ExitCode}: {await stdout}{await stderr}");
         var steps = Ledger(run).Count;
         var saved = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!);
         Assert.Equal(steps, saved.Step);   // the last step taken is in the checkpoint: nothing to redo
@@ -120,6 +122,10 @@ public class PretrainTests(ITestOutputHelper output)
         (code, log) = RunMamo(["pretrain", "--run-dir", folder.File("run"), "--set", "batch-size=lots"]);
         Assert.Equal(2, code);
         Assert.Contains("mamo.batch-size", log);
+        // An option the command does not have is a usage error too, not the 1 of a failed run.
+        var (unknown, _, stderr) = Cli.Run("pretrain", "--batch", "8");
+        Assert.Equal(ExitCodes.Usage, unknown);
+        Assert.Contains("Unrecognized command or argument '--batch'", stderr);
     }
 
     [SkippableFact]

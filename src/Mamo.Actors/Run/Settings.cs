@@ -31,7 +31,11 @@ public sealed record FineTuneSettings(string Task, string LabelField, string? Pr
 }
 
 /// <summary>A configuration key or value that cannot be used; the message names the key.</summary>
-public sealed class SettingsException(string message) : Exception(message);
+public sealed class SettingsException(string message, string? key = null) : Exception(message)
+{
+    /// <summary>The full key the error is about ("mamo.batch-size"), where it is about one: its origin is then named.</summary>
+    public string? Key { get; } = key;
+}
 
 /// <summary>The run's settings: hocon/mamo.conf defaults, then --config FILE, then each --set key=value.
 /// A key that the defaults do not define is an error, and so is a value of the wrong type or range.</summary>
@@ -108,11 +112,13 @@ public sealed record MamoSettings
         var defaults = Defaults();
         foreach (var layer in (layers ?? []).Reverse()) defaults = Embedded(layer).WithFallback(defaults);
         var user = ConfigurationFactory.Empty;
+        var fileText = "";
         if (configFile is not null)
         {
             if (!File.Exists(configFile)) throw new SettingsException($"config file not found: {configFile}");
-            user = Parse(File.ReadAllText(configFile), configFile);
+            user = HoconSource.Parse(fileText = File.ReadAllText(configFile), configFile);
         }
+        var setOf = new Dictionary<string, string>();   // each key a --set gave, and that --set
         foreach (var set in sets ?? [])
         {
             var eq = set.IndexOf('=');
@@ -121,22 +127,28 @@ public sealed record MamoSettings
             if (!key.StartsWith("mamo.")) key = "mamo." + key;
             var value = set[(eq + 1)..].Trim();
             Config parsed;
-            try { parsed = Parse($"{key} = {value}", $"--set {set}"); }
+            try { parsed = HoconSource.Parse($"{key} = {value}", $"--set {set}"); }
             catch (SettingsException) when (value.Length > 0 && value[0] is not ('"' or '{' or '['))
             {
                 // A bare URL or path (kafka://host:9092/t, jsonl:/x) is not valid HOCON: take it as the string it is.
-                parsed = Parse($"{key} = \"{value.Replace("\\", "\\\\").Replace("\"", "\\\"")}\"", $"--set {set}");
+                parsed = HoconSource.Parse($"{key} = \"{value.Replace("\\", "\\\\").Replace("\"", "\\\"")}\"", $"--set {set}");
             }
             user = parsed.WithFallback(user);
+            setOf[key] = set;
         }
-        CheckKeys(user.Root, defaults.Root, "");
-        return FromConfig(user.WithFallback(defaults));
-    }
-
-    static Config Parse(string text, string origin)
-    {
-        try { return ConfigurationFactory.ParseString(text); }
-        catch (Exception e) { throw new SettingsException($"{origin}: {e.Message}"); }
+        try
+        {
+            CheckKeys(user.Root, defaults.Root, "");
+            return FromConfig(user.WithFallback(defaults));
+        }
+        catch (SettingsException e) when (e.Key is { } key)
+        {
+            // Name where the bad key or value came from: the --set that gave it, or its line in the file.
+            var set = setOf.Where(s => key == s.Key || key.StartsWith(s.Key + ".")).Select(s => s.Value).LastOrDefault();
+            var where = set is not null ? $"--set {set}: " : configFile is null ? null : HoconSource.Where(fileText, configFile, key);
+            if (where is null) throw;
+            throw new SettingsException(where + e.Message, key);
+        }
     }
 
     static readonly HashSet<string> PassThrough = ["mamo.kafka.consumer", "mamo.kafka.producer"];
@@ -167,9 +179,9 @@ public sealed record MamoSettings
             if (path.Length == 0 && key == "akka") continue;   // Akka's own settings pass through
             if (PassThrough.Contains(full)) continue;           // librdkafka's properties, checked by librdkafka
             if (!known.TryGetValue(key, out var def))
-                throw new SettingsException($"unknown configuration key '{full}'");
+                throw new SettingsException($"unknown configuration key '{full}'", full);
             if (value.IsObject() != def.IsObject())
-                throw new SettingsException($"'{full}' must be {(def.IsObject() ? "an object" : "a value")}");
+                throw new SettingsException($"'{full}' must be {(def.IsObject() ? "an object" : "a value")}", full);
             CheckKeys(value, def, full);
         }
     }
@@ -182,9 +194,9 @@ public sealed record MamoSettings
             try { value = read("mamo." + key); }
             catch (Exception e) when (e is not SettingsException)
             {
-                throw new SettingsException($"'mamo.{key}' has a bad value '{c.GetString("mamo." + key)}': {e.Message}");
+                throw new SettingsException($"'mamo.{key}' has a bad value '{c.GetString("mamo." + key)}': {e.Message}", "mamo." + key);
             }
-            if (valid is not null && !valid(value)) throw new SettingsException($"'mamo.{key}' = {value}: {rule}");
+            if (valid is not null && !valid(value)) throw new SettingsException($"'mamo.{key}' = {value}: {rule}", "mamo." + key);
             return value;
         }
         int Int(string key, int min) => Get(key, k => c.GetInt(k), v => v >= min, $"must be >= {min}");

@@ -10,8 +10,6 @@ namespace Mamo.Cli.Commands;
 /// cluster with their roles and reachability, the current round, and the last durable checkpoint.</summary>
 public static class ClusterCommand
 {
-    const int Unreachable = 1, UsageError = 2;
-
     public static Command Create()
     {
         var seeds = new Option<string>("--seed-nodes") { Description = "HOST:PORT[,HOST:PORT...] of the cluster's seed nodes", Required = true };
@@ -38,12 +36,12 @@ public static class ClusterCommand
             catch (SettingsException e)
             {
                 error.WriteLine($"mamo cluster status: {e.Message}");
-                return UsageError;
+                return ExitCodes.Usage;
             }
             catch (TimeoutException e)
             {
                 error.WriteLine($"mamo cluster status: {e.Message}");
-                return Unreachable;
+                return ExitCodes.Failed;
             }
             if (parse.GetValue(json))
             {

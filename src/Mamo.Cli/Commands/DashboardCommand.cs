@@ -43,7 +43,7 @@ public static class DashboardCommand
             if (!Directory.Exists(dir))
             {
                 error.WriteLine($"mamo dashboard: no run folder at {dir}");
-                return PretrainCommand.SettingsError;
+                return ExitCodes.Usage;
             }
             DashboardAddress? address;
             string? token;
@@ -51,18 +51,25 @@ public static class DashboardCommand
             catch (FormatException e)
             {
                 error.WriteLine($"mamo dashboard: {e.Message}");
-                return PretrainCommand.SettingsError;
+                return ExitCodes.Usage;
             }
             if (address is null)
             {
                 error.WriteLine("mamo dashboard: --listen off leaves nothing to do");
-                return PretrainCommand.SettingsError;
+                return ExitCodes.Usage;
             }
             if (!File.Exists(Path.Combine(dir, RunFiles.MetricsFile)))
                 error.WriteLine($"mamo dashboard: {dir} has no {RunFiles.MetricsFile} yet; the page fills in when the run writes it");
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Cancel(); });
-            await using var server = await DashboardServer.StartAsync(new RunFiles(dir), address, token);
+            DashboardServer server;
+            try { server = await DashboardServer.StartAsync(new RunFiles(dir), address, token); }
+            catch (AddressInUseError e)
+            {
+                error.WriteLine($"mamo dashboard: {e.Message}");
+                return ExitCodes.Usage;
+            }
+            await using var served = server;
             parse.InvocationConfiguration.Output.WriteLine($"dashboard: {server.Address}");
             try { await Task.Delay(Timeout.Infinite, stop.Token); }
             catch (OperationCanceledException) { }

@@ -41,7 +41,7 @@ public static class DatasetsCommand
             catch (Exception e) when (e is NpmMissingException or DatasetFetchException)
             {
                 Console.Error.WriteLine($"mamo datasets fetch: {e.Message}");
-                return 1;
+                return ExitCodes.Failed;
             }
         });
         return fetch;

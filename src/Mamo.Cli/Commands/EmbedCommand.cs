@@ -21,7 +21,6 @@ namespace Mamo.Cli.Commands;
 /// </summary>
 public static class EmbedCommand
 {
-    const int UsageError = 2, Failed = 1;
     static readonly TimeSpan PollEvery = TimeSpan.FromSeconds(2), BatchWait = TimeSpan.FromMilliseconds(50);
 
     public static Command Create()
@@ -46,7 +45,7 @@ public static class EmbedCommand
         {
             var error = parse.InvocationConfiguration.Error;
             var stdout = parse.InvocationConfiguration.Output;
-            int Fail(string message, int code = UsageError)
+            int Fail(string message, int code = ExitCodes.Usage)
             {
                 error.WriteLine($"mamo embed: {message}");
                 return code;
@@ -87,7 +86,7 @@ public static class EmbedCommand
             catch (Exception e) when (e is FormatException or SettingsException or InvalidDataException or IOException or KafkaException
                                           or DatasetFetchException or NpmMissingException or KeyNotFoundException or ArgumentException)
             {
-                return Fail(e.Message, e is KafkaException or IOException ? Failed : UsageError);
+                return Fail(e.Message, e is KafkaException or IOException ? ExitCodes.Failed : ExitCodes.Usage);
             }
         });
         return command;

@@ -14,8 +14,6 @@ namespace Mamo.Cli.Commands;
 /// zero-shot image-text retrieval of a checkpoint on any manifest.</summary>
 public static class EvalCommand
 {
-    /// <summary>Exit code of a usage error: a missing input or an unusable option.</summary>
-    public const int UsageError = 2;
     const int DefaultK = 16, DefaultBatchSize = 64;
     const string Teacher = "teacher", Student = "student", Cpu = "cpu", Cuda = "cuda", RetrievalTask = "retrieval", GroundingTask = "grounding";
     const double Percent = 100;
@@ -66,7 +64,7 @@ public static class EvalCommand
         {
             var output = parse.InvocationConfiguration.Output;
             var error = parse.InvocationConfiguration.Error;
-            int Fail(string message, int code = UsageError)
+            int Fail(string message, int code = ExitCodes.Usage)
             {
                 error.WriteLine($"mamo eval: {message}");
                 return code;
@@ -138,8 +136,8 @@ public static class EvalCommand
             }
             return 0;
         }
-        catch (UsageException e) { return fail(e.Message, UsageError); }
-        catch (Exception e) when (e is InvalidDataException or JsonException or IOException) { return fail(e.Message, UsageError); }
+        catch (UsageException e) { return fail(e.Message, ExitCodes.Usage); }
+        catch (Exception e) when (e is InvalidDataException or JsonException or IOException) { return fail(e.Message, ExitCodes.Usage); }
     }
 
     static string Json(RetrievalMetrics m, EvalSet set, double chance, long step) => JsonSerializer.Serialize(new Dictionary<string, object>

@@ -23,7 +23,7 @@ public static class ExportCommand
             if (dir is null)
             {
                 error.WriteLine($"mamo export: no checkpoint at {parse.GetValue(checkpoint)}");
-                return 1;
+                return ExitCodes.Usage;
             }
             try
             {
@@ -36,7 +36,7 @@ public static class ExportCommand
             catch (Exception e) when (e is ArgumentException or IOException or InvalidDataException or UnauthorizedAccessException or System.Text.Json.JsonException)
             {
                 error.WriteLine($"mamo export: {e.Message}");
-                return 1;
+                return ExitCodes.Failed;
             }
         });
         return command;

@@ -42,7 +42,7 @@ public static class FinetuneCommand
             {
                 error.WriteLine($"mamo finetune: no checkpoint at {parse.GetValue(from)}: expected a checkpoint folder holding {Checkpoint.ConfigFile}, " +
                                 $"or a run folder with complete {Checkpoint.RunFolder}/step-* folders");
-                return PretrainCommand.SettingsError;
+                return ExitCodes.Usage;
             }
             var sets = new List<string>();
             void Add(string key, object? value) { if (value is not null) sets.Add($"{key}={PretrainCommand.Quote(value.ToString()!)}"); }
@@ -73,7 +73,7 @@ public static class FinetuneCommand
             catch (Exception e) when (e is SettingsException or IOException or System.Text.Json.JsonException or InvalidDataException or FormatException)
             {
                 error.WriteLine($"mamo finetune: {e.Message}");
-                return PretrainCommand.SettingsError;
+                return ExitCodes.Usage;
             }
             return await PretrainCommand.Train("finetune", settings, parse.GetValue(plain), node, init: checkpoint,
                 dashboard: PretrainCommand.NodeDashboard(node, dashboard, parse, serve));

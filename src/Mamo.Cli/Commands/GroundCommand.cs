@@ -47,8 +47,8 @@ public static class GroundCommand
                 }
                 return 0;
             }
-            catch (UsageException e) { error.WriteLine($"mamo ground: {e.Message}"); return EvalCommand.UsageError; }
-            catch (Exception e) when (e is InvalidDataException or JsonException or IOException) { error.WriteLine($"mamo ground: {e.Message}"); return EvalCommand.UsageError; }
+            catch (UsageException e) { error.WriteLine($"mamo ground: {e.Message}"); return ExitCodes.Usage; }
+            catch (Exception e) when (e is InvalidDataException or JsonException or IOException) { error.WriteLine($"mamo ground: {e.Message}"); return ExitCodes.Usage; }
         });
         return command;
     }

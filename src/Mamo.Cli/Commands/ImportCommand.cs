@@ -42,7 +42,7 @@ public static class ImportCommand
             catch (Exception e) when (e is ArgumentException or IOException or InvalidDataException or UnauthorizedAccessException or DatasetFetchException or NpmMissingException)
             {
                 error.WriteLine($"mamo import: {e.Message}");
-                return 1;
+                return ExitCodes.Failed;
             }
         });
         return command;

@@ -14,8 +14,6 @@ namespace Mamo.Cli.Commands;
 /// publishes image-text pairs in the record format of docs/KAFKA.md, for demos and tests.</summary>
 public static class IngestCommand
 {
-    const int UsageError = 2, Failed = 1;
-
     public static Command Create()
     {
         var dataset = new Option<string?>("--dataset") { Description = "A built-in dataset, NAME or NAME/SPLIT (default split: train)" };
@@ -34,7 +32,7 @@ public static class IngestCommand
         {
             var error = parse.InvocationConfiguration.Error;
             var output = parse.InvocationConfiguration.Output;
-            int Fail(string message, int code = UsageError)
+            int Fail(string message, int code = ExitCodes.Usage)
             {
                 error.WriteLine($"mamo ingest: {message}");
                 return code;
@@ -108,7 +106,7 @@ public static class IngestCommand
             }
             var left = producer.Flush(TimeSpan.FromMinutes(1));
             if (left > 0 || failed is not null)
-                return Fail($"{(failed is null ? $"{left} records not acknowledged" : failed.Reason)} by {spec.BootstrapServers}", Failed);
+                return Fail($"{(failed is null ? $"{left} records not acknowledged" : failed.Reason)} by {spec.BootstrapServers}", ExitCodes.Failed);
             output.WriteLine($"ingested {sent} records to {topic} at {spec.BootstrapServers} in {clock.Elapsed.TotalSeconds:F1}s ({sent / Math.Max(1e-9, clock.Elapsed.TotalSeconds):F0}/s); {bad} bad records skipped");
             return 0;
         });

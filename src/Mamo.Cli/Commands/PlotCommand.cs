@@ -26,7 +26,7 @@ public static class PlotCommand
             if (!File.Exists(path))
             {
                 error.WriteLine($"mamo plot: no {MetricsLog.FileName} in {run}");
-                return EvalCommand.UsageError;
+                return ExitCodes.Usage;
             }
             var log = MetricsLog.Read(path);
             if (log.Malformed + log.UnknownKind > 0)
@@ -34,7 +34,7 @@ public static class PlotCommand
             if (log.Train.Count == 0 && log.Eval.Count == 0 && log.Classify.Count == 0)
             {
                 error.WriteLine($"mamo plot: {path} has no train or eval lines to plot");
-                return EvalCommand.UsageError;
+                return ExitCodes.Usage;
             }
 
             if (ChartFonts.Ensure() is null) error.WriteLine("mamo plot: no TrueType font found (install fonts-dejavu-core); the charts will have no text");

@@ -41,7 +41,7 @@ public static class PredictCommand
         {
             var stdout = parse.InvocationConfiguration.Output;
             var error = parse.InvocationConfiguration.Error;
-            int Fail(string message, int code = EvalCommand.UsageError)
+            int Fail(string message, int code = ExitCodes.Usage)
             {
                 error.WriteLine($"mamo predict: {message}");
                 return code;

@@ -16,8 +16,6 @@ namespace Mamo.Cli.Commands;
 /// built-in emoji data if missing, trains `tiny` on the CPU, evaluates and checkpoints, and runs until stopped.</summary>
 public static class PretrainCommand
 {
-    internal const int SettingsError = 2, RunFailed = 1;
-
     public static Command Create()
     {
         var preset = new Option<string?>("--preset") { Description = "Model preset: tiny, small, base or minilm (all-MiniLM-L6-v2's BERT text encoder)" };
@@ -70,14 +68,18 @@ public static class PretrainCommand
                     settings = settings with { Model = settings.Model.WithLayoutOf(saved) };
                 }
                 else settings = settingsOptions.Load(parse, sets);
-                if (settings.FineTune.IsFineTuning) throw new SettingsException("'mamo.finetune.task' is set: fine-tune with `mamo finetune --from CHECKPOINT --task ...`");
+                // A node that restarts with its cluster's command line keeps --init; the coordinator resumes what the cluster wrote.
                 node = cluster.Resolve(parse);
+                if (start is not null && node is null && Checkpoint.Complete(settings.RunDir).FirstOrDefault() is { } held)
+                    throw new SettingsException($"--init {start}: {Path.GetFullPath(settings.RunDir)} already holds a run (its newest checkpoint is " +
+                                                $"{Path.GetFileName(held)}), which a run there resumes. Leave out --init to resume it, or give a new --run-dir to start from {start}");
+                if (settings.FineTune.IsFineTuning) throw new SettingsException("'mamo.finetune.task' is set: fine-tune with `mamo finetune --from CHECKPOINT --task ...`");
                 serve = dashboard.Resolve(parse);
             }
             catch (Exception e) when (e is SettingsException or FormatException or IOException or System.Text.Json.JsonException)
             {
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");
-                return SettingsError;
+                return ExitCodes.Usage;
             }
             return await Train("pretrain", settings, parse.GetValue(plain), node, init: start, dashboard: NodeDashboard(node, dashboard, parse, serve));
         });
@@ -110,8 +112,11 @@ public static class PretrainCommand
             .WriteTo.File(Path.Combine(logDir, "mamo.log"))
             .CreateLogger();
         using var stop = new CancellationTokenSource();
-        using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => Stop(c, stop));
+        var interrupted = false;
+        using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { interrupted = true; Stop(c, stop); });
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => Stop(c, stop));
+        // SIGTERM is how an orchestrator stops a service: a clean stop, 0. Ctrl-C is the shell's interrupt: 130 (README).
+        int Stopped() => interrupted ? ExitCodes.Interrupted : ExitCodes.Success;
         try
         {
             if (node is not null)
@@ -120,26 +125,26 @@ public static class PretrainCommand
                 await using var nodeServer = dashboard.Address is { } at ? await ServeDashboard(null, settings.RunDir, at, dashboard.Token) : null;
                 var steps = await new ClusterRun(settings, node, init).RunAsync(stop.Token);
                 Console.WriteLine($"node {node.Name}: the run reached step {steps}; checkpoints in {Path.GetFullPath(Path.Combine(settings.RunDir, Mamo.Model.Checkpoint.RunFolder))}");
-                return 0;
+                return Stopped();
             }
             var display = live ? new ProgressDisplay() : null;
             var run = new TrainingRun(settings, display, init: init);
             await using var server = dashboard.Address is { } address ? await ServeDashboard(run, settings.RunDir, address, dashboard.Token) : null;
             var step = display is null ? await run.RunAsync(stop.Token) : await display.ShowWhile(() => run.RunAsync(stop.Token));
             Console.WriteLine($"checkpoint at step {step} in {Path.GetFullPath(settings.RunDir)}");
-            return 0;
+            return Stopped();
         }
         catch (SettingsException e)
         {
             Log.Error("{Message}", e.Message);
             Console.Error.WriteLine($"mamo {name}: {e.Message}");
-            return SettingsError;
+            return ExitCodes.Usage;
         }
         catch (Exception e) when (e is not OperationCanceledException)
         {
             Log.Fatal(e, "the run stopped");
             Console.Error.WriteLine($"mamo {name}: {e.Message}");
-            return RunFailed;
+            return ExitCodes.Failed;
         }
         finally
         {
@@ -148,8 +153,8 @@ public static class PretrainCommand
     }
 
     /// <summary>The run's dashboard over its folder; live while the run's actor system is, ready while it trains (a
-    /// cluster node, <paramref name="run"/> null: the dashboard's own checks). A dashboard that cannot bind is
-    /// reported, and the run goes on without it.</summary>
+    /// cluster node, <paramref name="run"/> null: the dashboard's own checks). A default dashboard that cannot bind is
+    /// reported, and the run goes on without it; an address the user named and cannot have stops the run before it starts.</summary>
     static async Task<DashboardServer?> ServeDashboard(TrainingRun? run, string runDir, DashboardAddress address, string? token)
     {
         var history = new RunFiles(runDir);
@@ -163,6 +168,10 @@ public static class PretrainCommand
             Log.Information("dashboard at {Address}", server.Address);
             return server;
         }
+        catch (AddressInUseError e) when (!address.FallsForward)
+        {
+            throw new SettingsException($"--dashboard {e.Message}: name a free address, or leave --dashboard out to take the next free port after {DashboardAddress.Default}");
+        }
         catch (IOException e)
         {
             Log.Warning("the dashboard could not listen at {Address} or the ports after it ({Error}); the run goes on without it", address, e.Message);
@@ -174,7 +183,7 @@ public static class PretrainCommand
     /// <summary>The first signal finishes the step in hand and checkpoints; a second one exits at once.</summary>
     static void Stop(PosixSignalContext context, CancellationTokenSource stop)
     {
-        if (stop.IsCancellationRequested) Environment.Exit(130);
+        if (stop.IsCancellationRequested) Environment.Exit(ExitCodes.Interrupted);
         context.Cancel = true;
         Console.Error.WriteLine("stopping: finishing the current step and writing a checkpoint (again to force)");
         stop.Cancel();

@@ -19,9 +19,17 @@ using Microsoft.Extensions.Logging;
 namespace Mamo.Cli.Dashboard;
 
 /// <summary>Where the dashboard listens: an IP address and a port (0: any free one).</summary>
+/// <summary>No dashboard could listen: its address (and, for the default, the ports after it) are taken.</summary>
+public sealed class AddressInUseError(string message, Exception inner) : IOException(message, inner);
+
 public sealed record DashboardAddress(IPAddress Host, int Port)
 {
-    public static readonly DashboardAddress Default = new(IPAddress.Loopback, 8080);
+    /// <summary>127.0.0.1:8080, or the next free port: several runs on one machine each get a dashboard.</summary>
+    public static readonly DashboardAddress Default = new(IPAddress.Loopback, 8080) { FallsForward = true };
+
+    /// <summary>Whether a busy port moves to the next free one. Only the default does: an address the user named is a
+    /// fixed target (a Prometheus scrape, a tunnel), and serving elsewhere would break it unseen.</summary>
+    public bool FallsForward { get; init; }
 
     public bool IsLoopback => IPAddress.IsLoopback(Host);
 
@@ -77,8 +85,8 @@ public sealed class DashboardServer : IAsyncDisposable
         this.ready = ready;
     }
 
-    /// <summary>Serves <paramref name="history"/> at <paramref name="listen"/>, or at the next free port when that one
-    /// is taken.</summary>
+    /// <summary>Serves <paramref name="history"/> at <paramref name="listen"/>, or, where it falls forward, at the next
+    /// free port when that one is taken.</summary>
     /// <param name="live">liveness of the process behind the dashboard; null: the dashboard serves</param>
     /// <param name="ready">whether the run is ready; null: once metrics.jsonl has been read</param>
     /// <exception cref="ArgumentException">a non-loopback address without a token</exception>
@@ -105,10 +113,11 @@ public sealed class DashboardServer : IAsyncDisposable
             {
                 await candidate.StartAsync();
             }
-            catch (IOException e) when (e.InnerException is AddressInUseException && listen.Port != 0 && attempt < PortsTried && at.Port < 65535)
+            catch (IOException e) when (e.InnerException is AddressInUseException)
             {
                 await candidate.DisposeAsync();
-                continue;
+                if (listen.FallsForward && listen.Port != 0 && attempt < PortsTried && at.Port < 65535) continue;
+                throw new AddressInUseError(listen.FallsForward ? $"{listen} and the {attempt} ports after it are in use" : $"{listen} is in use", e);
             }
             app = candidate;
             var bound = candidate.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
