@@ -32,5 +32,6 @@ public static class MamoRoot
         DashboardCommand.Create(),
         ImportCommand.Create(),
         ExportCommand.Create(),
+        ConfigCommand.Create(),
     };
 }

@@ -12,7 +12,7 @@ public sealed class MetricsLog
 {
     public const string FileName = Metrics.MetricsFile;
     /// <summary>Kinds written for the dashboard (docs/DASHBOARD.md), which the plots do not draw.</summary>
-    static readonly HashSet<string> DashboardKinds = ["start", "state", "process", "kafka", "checkpoint", "probe", "thumbnail", "publish"];
+    static readonly HashSet<string> DashboardKinds = ["start", "state", "config", "process", "kafka", "checkpoint", "probe", "thumbnail", "publish"];
 
     public IReadOnlyList<TrainLine> Train { get; }
     public IReadOnlyList<RetrievalEvalLine> Eval { get; }

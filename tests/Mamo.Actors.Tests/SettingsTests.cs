@@ -127,6 +127,20 @@ public class SettingsTests
     }
 
     [Fact]
+    public void Only_a_built_in_dataset_run_evaluates_and_publishes_on_the_built_in_sets_by_default()
+    {
+        var demo = MamoSettings.Load(null, ["source=\"dataset:emoji\""]);
+        Assert.Equal(["dataset:emoji/test", "dataset:emoji-openmoji/test"], demo.EvalSets);
+        var stream = MamoSettings.Load(null, ["source=\"manifest:/data/train.jsonl\""]);
+        Assert.Empty(stream.EvalSets);
+        Assert.Equal(["manifest:/data/test.jsonl"], MamoSettings.Load(null, ["source=\"manifest:/data/train.jsonl\"", "eval.sets=[\"manifest:/data/test.jsonl\"]"]).EvalSets);
+        var layered = MamoSettings.Load(null, ["source=\"kafka://127.0.0.1:9092/labelled\""], layers: TrainingTask.ConfigLayers("classify"));
+        Assert.Empty(layered.EvalSets);
+        var publish = Assert.Throws<SettingsException>(() => MamoSettings.Load(null, ["source=\"kafka://127.0.0.1:9092/pairs\"", "publish.output=\"jsonl:/tmp/out.jsonl\""]));
+        Assert.Contains("'mamo.publish.input' is not: name the items to embed", publish.Message);
+    }
+
+    [Fact]
     public void The_text_layout_is_the_presets_unless_set()
     {
         Assert.Equal(Mamo.Model.TextLayouts.PreLn, MamoSettings.Load(null, ["preset=tiny"]).Model.TextLayout);

@@ -1,5 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
+using System.Text.RegularExpressions;
+using Mamo.Actors.Run;
 using Mamo.Data.Datasets;
 using Model = Mamo.Model;
 using Xunit;
@@ -98,6 +100,57 @@ public class PretrainTests(ITestOutputHelper output)
         var saved = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!);
         Assert.Equal(steps, saved.Step);   // the last step taken is in the checkpoint: nothing to redo
         Assert.Contains($"checkpoint at step {steps}", await stdout);
+    }
+
+    [Fact]
+    public void A_resume_applies_and_records_a_changed_learning_rate_and_refuses_a_changed_preset()
+    {
+        using var folder = new TempFolder();
+        var manifest = WriteManifest(folder);
+        var run = folder.File("run");
+        string[] args = ["pretrain", "--source", "manifest:" + manifest, "--run-dir", run, .. Common];
+        var (code, log) = RunMamo([.. args, "--max-steps", "1"]);
+        Assert.True(code == 0, log);
+        var recorded = File.ReadAllLines(Path.Combine(run, RunConfig.File));
+        Assert.Contains("mamo.optimizer.learning-rate = \"5e-4\"", recorded);
+        Assert.Contains(recorded, l => l.StartsWith("# command: ") && l.Contains("--max-steps 1"));
+
+        // What a resume would change, before it runs: each value with its origin.
+        var (shown, listing, _) = Cli.Run("config", "show", "--run-dir", run, "--set", "optimizer.learning-rate=1e-3");
+        Assert.Equal(ExitCodes.Success, shown);
+        Assert.Contains("mamo.optimizer.learning-rate = \"1e-3\"", listing);
+        Assert.Contains("# --set optimizer.learning-rate=1e-3; recorded \"5e-4\": a resume applies this change", listing);
+        Assert.Matches(@"mamo\.seed = ""1"" +# default\n", listing);
+
+        (code, log) = RunMamo([.. args, "--max-steps", "2", "--set", "optimizer.learning-rate=1e-3"]);
+        Assert.True(code == 0, log);
+        var changes = File.ReadAllLines(Path.Combine(run, "metrics.jsonl")).Select(l => JsonDocument.Parse(l).RootElement)
+            .Where(l => l.GetProperty("kind").GetString() == "config").SelectMany(l => l.GetProperty("changes").EnumerateArray())
+            .ToDictionary(c => c.GetProperty("key").GetString()!, c => (c.GetProperty("was").GetString(), c.GetProperty("now").GetString()));
+        Assert.Equal(("\"5e-4\"", "\"1e-3\""), changes["mamo.optimizer.learning-rate"]);
+        Assert.Equal(("\"1\"", "\"2\""), changes["mamo.max-steps"]);
+        Assert.Equal(2, changes.Count);
+        Assert.Contains("the resumed run applies a changed setting: mamo.optimizer.learning-rate was \"5e-4\", now \"1e-3\"", log);
+        Assert.Contains("mamo.optimizer.learning-rate = \"1e-3\"", File.ReadAllLines(Path.Combine(run, RunConfig.File)));
+
+        (code, log) = RunMamo([.. args, "--max-steps", "3", "--preset", "small"]);
+        Assert.Equal(ExitCodes.Usage, code);
+        Assert.Contains("'mamo.preset' was \"tiny\", now \"small\" (the checkpoints hold a model of the recorded preset)", log);
+        Assert.Equal(2, Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step);   // refused before a step
+    }
+
+    [Fact]
+    public void A_run_from_a_manifest_with_no_eval_sets_named_evaluates_nothing_and_says_so_once()
+    {
+        using var folder = new TempFolder();
+        var run = folder.File("run");
+        var (code, log) = RunMamo(["pretrain", "--source", "manifest:" + WriteManifest(folder), "--run-dir", run, .. Common, "--max-steps", "2",
+            "--set", "eval.every-steps=1"]);
+        Assert.True(code == 0, log);
+        Assert.Single(Regex.Matches(log, Regex.Escape("this run evaluates nothing: no held-out set is named for a manifest:")));
+        var kinds = File.ReadAllLines(Path.Combine(run, "metrics.jsonl")).Select(l => JsonDocument.Parse(l).RootElement.GetProperty("kind").GetString()).ToList();
+        Assert.Equal(2, kinds.Count(k => k == "train"));
+        Assert.DoesNotContain("eval", kinds);
     }
 
     [Fact]

@@ -2,6 +2,7 @@ using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using Mamo.Actors.Sources;
+using Mamo.Actors.Run;
 using Mamo.Model;
 
 namespace Mamo.Actors.Pipeline;
@@ -181,6 +182,16 @@ public sealed record StateLine(string State, int Restarts, string? Reason = null
 
     public static StateLine? Parse(JsonObject line) =>
         Text(line, "state") is { } state ? new StateLine(state, (int)(Integer(line, "restarts") ?? 0), Text(line, "reason")) : null;
+}
+
+/// <summary>`config`: a resumed run applies settings other than the ones its folder recorded (Run/RunConfig), each with
+/// the value it was and is now (null: unset).</summary>
+public sealed record ConfigLine(IReadOnlyList<RunConfig.Change> Changes) : MetricsLine
+{
+    public override string Kind => "config";
+
+    protected override void Write(JsonObject line) =>
+        line["changes"] = new JsonArray(Changes.Select(c => (JsonNode)new JsonObject { ["key"] = c.Key, ["was"] = c.Was, ["now"] = c.Now }).ToArray());
 }
 
 /// <summary>`start`: a process began the run: its preset, source and pid.</summary>

@@ -22,22 +22,17 @@ sealed class HoconSource
         lines = text.Split('\n');
     }
 
-    /// <summary>The file parsed, or a SettingsException that says FILE:LINE and what is wrong there.</summary>
-    public static Config Parse(string text, string origin)
+    /// <summary>The text parsed, with its scan; or a SettingsException that says FILE:LINE and what is wrong there.</summary>
+    public static (Config Config, HoconSource Source) Parse(string text, string origin)
     {
         var source = new HoconSource(text, origin);
         source.Scan(text);
-        try { return ConfigurationFactory.ParseString(text); }
+        try { return (ConfigurationFactory.ParseString(text), source); }
         catch (Exception e) { throw new SettingsException($"{source.At(source.FirstRejectedLine())}{e.Message.Trim()}{source.Hint()}"); }
     }
 
-    /// <summary>Where the file sets the key: "FILE:LINE: ", or "FILE: " where the scan cannot tell the line.</summary>
-    public static string Where(string text, string origin, string key)
-    {
-        var source = new HoconSource(text, origin);
-        source.Scan(text);
-        return source.At(source.keyLines.TryGetValue(key, out var line) ? line : null);
-    }
+    /// <summary>Where the text sets the key: "FILE:LINE", or "FILE" where the scan cannot tell the line.</summary>
+    public string Where(string key) => At(keyLines.TryGetValue(key, out var line) ? line : null).TrimEnd(':', ' ');
 
     string At(int? line) => line is { } l && lines.Length > 1 ? $"{origin}:{l}: " : $"{origin}: ";
 

@@ -95,6 +95,24 @@ public sealed record MamoSettings
     public required ClusterSettings Cluster { get; init; }
     public required FineTuneSettings FineTune { get; init; }
 
+    /// <summary>The held-out and publish defaults are the built-in emoji sets: a run on any other source evaluates and
+    /// publishes only what the user names, or a run on a Kafka topic would be judged, and publish, on emoji.</summary>
+    static MamoSettings WithoutDemoDefaults(MamoSettings s, Config user)
+    {
+        if (s.Source.StartsWith("dataset:", StringComparison.Ordinal)) return s;
+        if (s.PublishOutput is not null && !user.HasPath("mamo.publish.input"))
+            throw new SettingsException($"'mamo.publish.output' is set and 'mamo.publish.input' is not: name the items to embed (manifest:PATH or dataset:NAME); " +
+                                        $"the default, {s.PublishInput}, is demo data", "mamo.publish.output");
+        return s with
+        {
+            EvalSets = user.HasPath("mamo.eval.sets") ? s.EvalSets : [],
+            FineTune = s.FineTune with { ForgettingSets = user.HasPath("mamo.finetune.forgetting-sets") ? s.FineTune.ForgettingSets : [] },
+        };
+    }
+
+    /// <summary>Where a key's value came from: "--set KEY=VALUE", "FILE:LINE", "default (LAYER)" or "default".</summary>
+    public Func<string, string> Origin { get; init; } = _ => "default";
+
     public static Config Defaults() => Embedded("mamo.conf");
 
     static Config Embedded(string name)
@@ -110,13 +128,14 @@ public sealed record MamoSettings
     public static MamoSettings Load(string? configFile = null, IEnumerable<string>? sets = null, IEnumerable<string>? layers = null)
     {
         var defaults = Defaults();
-        foreach (var layer in (layers ?? []).Reverse()) defaults = Embedded(layer).WithFallback(defaults);
+        var taskLayers = (layers ?? []).Select(l => (Name: l, Config: Embedded(l))).ToList();
+        foreach (var layer in Enumerable.Reverse(taskLayers)) defaults = layer.Config.WithFallback(defaults);
         var user = ConfigurationFactory.Empty;
-        var fileText = "";
+        HoconSource? file = null;
         if (configFile is not null)
         {
             if (!File.Exists(configFile)) throw new SettingsException($"config file not found: {configFile}");
-            user = HoconSource.Parse(fileText = File.ReadAllText(configFile), configFile);
+            (user, file) = HoconSource.Parse(File.ReadAllText(configFile), configFile);
         }
         var setOf = new Dictionary<string, string>();   // each key a --set gave, and that --set
         foreach (var set in sets ?? [])
@@ -127,27 +146,31 @@ public sealed record MamoSettings
             if (!key.StartsWith("mamo.")) key = "mamo." + key;
             var value = set[(eq + 1)..].Trim();
             Config parsed;
-            try { parsed = HoconSource.Parse($"{key} = {value}", $"--set {set}"); }
+            try { parsed = HoconSource.Parse($"{key} = {value}", $"--set {set}").Config; }
             catch (SettingsException) when (value.Length > 0 && value[0] is not ('"' or '{' or '['))
             {
                 // A bare URL or path (kafka://host:9092/t, jsonl:/x) is not valid HOCON: take it as the string it is.
-                parsed = HoconSource.Parse($"{key} = \"{value.Replace("\\", "\\\\").Replace("\"", "\\\"")}\"", $"--set {set}");
+                parsed = HoconSource.Parse($"{key} = \"{value.Replace("\\", "\\\\").Replace("\"", "\\\"")}\"", $"--set {set}").Config;
             }
             user = parsed.WithFallback(user);
             setOf[key] = set;
         }
+        // Where each key's value came from: the --set that gave it, its line in the file, a task's layer, or the defaults.
+        string? SetBy(string key) => setOf.Where(s => key == s.Key || key.StartsWith(s.Key + ".")).Select(s => $"--set {s.Value}").LastOrDefault();
+        string Origin(string key) =>
+            SetBy(key)
+            ?? (file is not null && user.HasPath(key) ? file.Where(key) : null)
+            ?? taskLayers.Where(l => l.Config.HasPath(key)).Select(l => $"default ({l.Name})").FirstOrDefault()
+            ?? "default";
         try
         {
             CheckKeys(user.Root, defaults.Root, "");
-            return FromConfig(user.WithFallback(defaults));
+            return WithoutDemoDefaults(FromConfig(user.WithFallback(defaults)) with { Origin = Origin }, user);
         }
-        catch (SettingsException e) when (e.Key is { } key)
+        catch (SettingsException e) when (e.Key is { } key && (SetBy(key) ?? file?.Where(key)) is { } origin)
         {
-            // Name where the bad key or value came from: the --set that gave it, or its line in the file.
-            var set = setOf.Where(s => key == s.Key || key.StartsWith(s.Key + ".")).Select(s => s.Value).LastOrDefault();
-            var where = set is not null ? $"--set {set}: " : configFile is null ? null : HoconSource.Where(fileText, configFile, key);
-            if (where is null) throw;
-            throw new SettingsException(where + e.Message, key);
+            // A bad key or value is the user's: from a --set, or else from the file (the defaults are valid).
+            throw new SettingsException($"{origin}: {e.Message}", key);
         }
     }
 

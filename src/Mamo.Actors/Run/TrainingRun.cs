@@ -71,7 +71,15 @@ public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? p
     {
         var s = settings;
         Directory.CreateDirectory(s.RunDir);
+        var changes = RunConfig.Resume(s, Environment.GetCommandLineArgs().Skip(1));
+        if (changes.Count > 0)
+        {
+            foreach (var c in changes) Log.Warning("the resumed run applies a changed setting: {Key} was {Was}, now {Now}", c.Key, c.Was ?? "unset", c.Now ?? "unset");
+            Metrics.AppendLine(s.RunDir, new ConfigLine(changes));
+        }
         using var inputs = RunInputs.Open(s, task);
+        if (s.EvalEverySteps > 0 && !task.HeldOut.Any())
+            Log.Warning("this run evaluates nothing: no held-out set is named for a {Source} source (name them with --set eval.sets=[\"manifest:PATH\"])", s.Source);
         var system = System = ActorSystem.Create("mamo", s.Config);
         string? failure = null;
         try { return await RunAsync(system, inputs, replica: null, stop); }

@@ -30,7 +30,7 @@ public sealed class RunFiles
     // Train curves as columns: step, then each key a train line carries (NaN where a line lacks it).
     readonly List<double> trainSteps = [];
     readonly Dictionary<string, List<double>> trainColumns = [];
-    readonly List<JsonObject> evals = [], checkpoints = [], publishes = [];
+    readonly List<JsonObject> evals = [], checkpoints = [], publishes = [], configChanges = [];
     readonly Dictionary<string, JsonObject> probes = [];
     readonly List<string> thumbnailSets = [];
     readonly Dictionary<(int Set, int Image), byte[]> thumbnails = [];
@@ -111,6 +111,7 @@ public sealed class RunFiles
                 case "thumbnail": AddThumbnail(o); return 0;   // pixels are served, not streamed
                 case "checkpoint": checkpoints.Add(o); lastCheckpoint = CheckpointLine.Parse(o)?.Step ?? lastCheckpoint; break;
                 case "publish": publishes.Add(o); break;
+                case "config": configChanges.Add(o); break;
                 case "start": start = o; starts++; Fold(expiredNow, expiredBefore); break;
                 case "state": (state, stateLine) = (o, StateLine.Parse(o) ?? stateLine); break;
                 case "process": (process, processLine) = (o, ProcessLine.Parse(o) ?? processLine); processHistory.Add(o); break;
@@ -253,6 +254,7 @@ public sealed class RunFiles
                 ["thumbnail_sets"] = new JsonArray(thumbnailSets.Select(s => (JsonNode)JsonValue.Create(s)!).ToArray()),
                 ["checkpoints"] = Clone(checkpoints),
                 ["publishes"] = Clone(publishes),
+                ["config_changes"] = Clone(configChanges),
                 ["kafka"] = new JsonObject(kafka.Select(p => KeyValuePair.Create(p.Key, (JsonNode?)p.Value.DeepClone()))),
                 ["kafka_history"] = Clone(Downsampling.Every(kafkaHistory.Items, maxPoints)),
                 ["process"] = process?.DeepClone(),

@@ -3,7 +3,7 @@
 "use strict";
 
 const mamo = window.mamo = { seq: 0, charts: {}, train: { step: [] }, evals: [], probes: {}, thumbnailSets: [], checkpoints: [],
-  publishes: [], kafka: {}, kafkaHistory: [], processHistory: [], deadLetters: { total: 0, by_reason: {}, latest: [] },
+  publishes: [], configChanges: [], kafka: {}, kafkaHistory: [], processHistory: [], deadLetters: { total: 0, by_reason: {}, latest: [] },
   start: null, starts: 0, state: null, lastTrain: null, lastLineAt: null, cluster: null };
 
 const LOSS_TERMS = ["loss", "itc", "itm", "mlm", "mim", "mrm", "classify"];
@@ -49,6 +49,7 @@ function applySnapshot(h) {
   mamo.thumbnailSets = h.thumbnail_sets;
   mamo.checkpoints = h.checkpoints;
   mamo.publishes = h.publishes;
+  mamo.configChanges = h.config_changes || [];
   mamo.kafka = h.kafka;
   mamo.kafkaHistory = h.kafka_history;
   mamo.processHistory = h.process_history;
@@ -84,6 +85,7 @@ function applyEvent(e) {
     case "probe": mamo.probes[e.set] = e; if (!mamo.thumbnailSets.includes(e.set)) refreshThumbnailSets(); break;
     case "checkpoint": mamo.checkpoints.push(e); break;
     case "publish": mamo.publishes.push(e); break;
+    case "config": mamo.configChanges.push(e); break;
     case "start": mamo.start = e; mamo.starts++; break;
     case "state": mamo.state = e; break;
     case "process": mamo.processHistory.push(e); break;
@@ -296,6 +298,10 @@ function renderTables() {
   const step = mamo.lastTrain ? mamo.lastTrain.step : null;
   fill($("embeddings").tBodies[0], mamo.publishes.slice(-50).reverse(), (r, p) => {
     cell(r, p.version); cell(r, time(p.time)); cell(r, p.records, "num"); cell(r, step !== null ? Math.max(0, step - p.step) : "–", "num"); cell(r, p.output || "");
+  });
+  $("config-section").hidden = mamo.configChanges.length === 0;
+  fill($("config-changes").tBodies[0], mamo.configChanges.flatMap(e => (e.changes || []).map(c => ({ ...c, time: e.time }))).slice(-50).reverse(), (r, c) => {
+    cell(r, time(c.time)); cell(r, c.key); cell(r, c.was ?? "unset"); cell(r, c.now ?? "unset");
   });
   const proc = mamo.processHistory[mamo.processHistory.length - 1];
   $("process").replaceChildren(...(proc ? [
