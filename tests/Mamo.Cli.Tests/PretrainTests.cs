@@ -153,6 +153,18 @@ public class PretrainTests(ITestOutputHelper output)
         Assert.DoesNotContain("eval", kinds);
     }
 
+    [Theory]
+    [InlineData("pretrain")]
+    [InlineData("finetune")]
+    public void The_help_of_a_training_command_gives_each_options_default_and_every_kind_of_source(string name)
+    {
+        var command = MamoRoot.Create().Subcommands.Single(c => c.Name == name);
+        var silent = command.Options.Where(o => !o.Required && o.Name != "--help" && o.Description?.Contains("default") != true).Select(o => o.Name).ToList();
+        Assert.True(silent.Count == 0, $"options without their default: {string.Join(", ", silent)}");
+        var source = command.Options.Single(o => o.Name == "--source").Description!;
+        foreach (var kind in new[] { "dataset:NAME", "manifest:PATH", "wds:GLOB", "kafka://HOST:PORT/TOPIC" }) Assert.Contains(kind, source);
+    }
+
     [Fact]
     public void A_diverging_run_stops_with_a_clear_error()
     {

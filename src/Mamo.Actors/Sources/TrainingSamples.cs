@@ -73,9 +73,15 @@ public sealed class TrainingSamples : ITrainingSource
             "dataset" => new ManifestSource(DatasetFile(arg, BuiltinDatasets.TrainSplit, log), labelField: labelField),
             "manifest" => File.Exists(arg) ? new ManifestSource(arg, labelField: labelField) : throw new SettingsException($"manifest not found: {arg}"),
             "wds" => new WebDatasetSource(arg),
-            _ => throw new SettingsException($"unknown source '{spec}': use dataset:NAME, manifest:PATH or wds:GLOB"),
+            _ => throw new SettingsException($"unknown source '{spec}': use dataset:NAME[/SPLIT], manifest:PATH, wds:GLOB or kafka://HOST:PORT/TOPIC{Guess(spec)}"),
         };
     }
+
+    /// <summary>What a bare path most likely meant.</summary>
+    static string Guess(string spec) =>
+        spec.Contains(':') ? ""
+        : spec.EndsWith(".tar", StringComparison.Ordinal) || spec.Contains('*') || spec.Contains('{') ? $" (did you mean 'wds:{spec}'?)"
+        : File.Exists(spec) ? $" (did you mean manifest:{spec}?)" : "";
 
     /// <summary>An evaluation set spec (dataset:NAME/SPLIT or manifest:PATH) as a manifest path.</summary>
     public static string EvalManifest(string spec, Action<string>? log = null)

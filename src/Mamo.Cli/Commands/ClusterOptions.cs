@@ -8,8 +8,8 @@ namespace Mamo.Cli.Commands;
 /// on one node or on a cluster (docs/CLUSTER.md).</summary>
 sealed class ClusterOptions
 {
-    public Option<string?> Cluster { get; } = new("--cluster") { Description = "Run as a cluster node listening on HOST:PORT (docs/CLUSTER.md)" };
-    public Option<string?> SeedNodes { get; } = new("--seed-nodes") { Description = "HOST:PORT[,HOST:PORT...] of the nodes to join (with --cluster)" };
+    public Option<string?> Cluster { get; } = new("--cluster") { Description = "Run as a cluster node listening on HOST:PORT (docs/CLUSTER.md) (default: one process, no cluster)" };
+    public Option<string?> SeedNodes { get; } = new("--seed-nodes") { Description = "HOST:PORT[,HOST:PORT...] of the nodes to join (with --cluster) (default: this node, which starts the cluster)" };
     public Option<string?> NodeName { get; } = new("--node-name") { Description = "This node's name; its log and ledger go to RUN_DIR/nodes/NAME (default: HOST-PORT)" };
     public Option<string?> Roles { get; } = new("--roles") { Description = "coordinator,trainer,evaluator,publisher (default: all)" };
 

@@ -11,7 +11,7 @@ sealed class DashboardOptions(string listenName, string defaultDescription)
     public Option<string?> Listen { get; } = new(listenName) { Description = defaultDescription };
     public Option<string?> Token { get; } = new("--dashboard-token")
     {
-        Description = $"Required to listen on a non-loopback address: a bearer token, or open ?token=TOKEN once for a cookie (or set {DashboardServer.TokenVariable})",
+        Description = $"Required to listen on a non-loopback address: a bearer token, or open ?token=TOKEN once for a cookie (default: {DashboardServer.TokenVariable}, or none)",
     };
 
     /// <summary>The address to serve (null: off) and the token; a bad address or a missing token throws FormatException.</summary>

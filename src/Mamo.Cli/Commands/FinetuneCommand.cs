@@ -15,24 +15,20 @@ public static class FinetuneCommand
         var from = new Option<string>("--from") { Description = "The pre-training run folder (its newest checkpoint) or checkpoint folder to start from", Required = true };
         var task = new Option<string>("--task") { Description = "classify: a head on the fused [CLS]; retrieval: ITC and ITM on the target domain", Required = true };
         task.AcceptOnlyFromAmong(FineTuneSettings.Classify, FineTuneSettings.Retrieval);
-        var source = new Option<string?>("--source") { Description = "dataset:NAME[/SPLIT], manifest:PATH, wds:GLOB or kafka://... (default dataset:emoji-labels)" };
-        var runDir = new Option<string?>("--run-dir") { Description = "Checkpoints, metrics and logs of the fine-tuning run (default runs/finetune)" };
+        var run = new RunOptions(MamoSettings.Load(null, null, TrainingTask.ConfigLayers(FineTuneSettings.Classify)));
         var labelField = new Option<string?>("--label-field") { Description = "The manifest field that holds the label (default label)" };
         var text = new Option<string?>("--text") { Description = "classify: prompt (a fixed text, the default) or caption (the record's own)" };
         text.AcceptOnlyFromAmong("prompt", "caption");
-        var maxSteps = new Option<long?>("--max-steps") { Description = "Stop after this many steps in total" };
-        var timeBudget = new Option<string?>("--time-budget") { Description = "Stop after this much wall time, e.g. 20m or 1h" };
-        var device = new Option<string?>("--device") { Description = "cpu, or cuda where libtorch-cuda is installed" };
         var settingsOptions = new SettingsOptions();
-        var ledger = new Option<bool>("--ledger") { Description = "Write each step's sample ids, loss, predictions and labels to ledger.jsonl" };
-        var plain = new Option<bool>("--plain") { Description = "Log lines instead of the live progress display" };
+        var ledger = new Option<bool>("--ledger") { Description = "Write each step's sample ids, loss, predictions and labels to ledger.jsonl (default off)" };
         var dashboard = PretrainCommand.Dashboard();
         var cluster = new ClusterOptions();
         var command = new Command("finetune", "Fine-tune a pre-trained checkpoint online: predict each record, then learn from it")
         {
-            from, task, source, runDir, labelField, text, maxSteps, timeBudget, device, settingsOptions.Config, settingsOptions.Set, ledger, plain,
-            dashboard.Listen, dashboard.Token,
+            from, task,
         };
+        foreach (var option in (Option[])[.. run.All, labelField, text, settingsOptions.Config, settingsOptions.Set, ledger, dashboard.Listen, dashboard.Token])
+            command.Options.Add(option);
         foreach (var option in cluster.All) command.Options.Add(option);
         command.SetAction(async (parse, _) =>
         {
@@ -48,13 +44,9 @@ public static class FinetuneCommand
             void Add(string key, object? value) { if (value is not null) sets.Add($"{key}={PretrainCommand.Quote(value.ToString()!)}"); }
             var taskName = parse.GetValue(task)!;
             Add("finetune.task", taskName);
-            Add("source", parse.GetValue(source));
-            Add("run-dir", parse.GetValue(runDir));
+            run.AddSets(parse, Add);
             Add("finetune.label-field", parse.GetValue(labelField));
             Add("finetune.text", parse.GetValue(text));
-            Add("max-steps", parse.GetValue(maxSteps));
-            Add("time-budget", parse.GetValue(timeBudget));
-            Add("device", parse.GetValue(device));
             if (parse.GetValue(ledger)) Add("ledger", "on");
 
             MamoSettings settings;
@@ -75,7 +67,7 @@ public static class FinetuneCommand
                 error.WriteLine($"mamo finetune: {e.Message}");
                 return ExitCodes.Usage;
             }
-            return await PretrainCommand.Train("finetune", settings, parse.GetValue(plain), node, init: checkpoint,
+            return await PretrainCommand.Train("finetune", settings, parse.GetValue(run.Plain), node, init: checkpoint,
                 dashboard: PretrainCommand.NodeDashboard(node, dashboard, parse, serve));
         });
         return command;

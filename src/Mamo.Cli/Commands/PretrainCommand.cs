@@ -18,36 +18,27 @@ public static class PretrainCommand
 {
     public static Command Create()
     {
-        var preset = new Option<string?>("--preset") { Description = "Model preset: tiny, small, base or minilm (all-MiniLM-L6-v2's BERT text encoder)" };
-        var source = new Option<string?>("--source") { Description = "dataset:NAME, manifest:PATH or wds:GLOB (default dataset:emoji)" };
-        var runDir = new Option<string?>("--run-dir") { Description = "Checkpoints, metrics and logs go here; a run resumes from its last checkpoint" };
-        var maxSteps = new Option<long?>("--max-steps") { Description = "Stop after this many steps in total" };
-        var timeBudget = new Option<string?>("--time-budget") { Description = "Stop after this much wall time, e.g. 20m or 1h" };
-        var device = new Option<string?>("--device") { Description = "cpu, or cuda where libtorch-cuda is installed" };
+        var defaults = MamoSettings.Load();
+        var preset = new Option<string?>("--preset") { Description = $"Model preset: tiny, small, base or minilm (all-MiniLM-L6-v2's BERT text encoder) (default {defaults.Preset})" };
+        var run = new RunOptions(defaults);
         var settingsOptions = new SettingsOptions();
-        var ledger = new Option<bool>("--ledger") { Description = "Write each step's sample ids and loss to ledger.jsonl" };
-        var plain = new Option<bool>("--plain") { Description = "Log lines instead of the live progress display" };
+        var ledger = new Option<bool>("--ledger") { Description = "Write each step's sample ids and loss to ledger.jsonl (default off)" };
         var cluster = new ClusterOptions();
         var dashboard = Dashboard();
         var init = new Option<string?>("--init")
         {
-            Description = "A new run starts from this checkpoint's weights (`mamo import`'s, or another run's newest), in its architecture",
+            Description = "A new run starts from this checkpoint's weights (`mamo import`'s, or another run's newest), in its architecture (default: fresh weights)",
         };
-        var command = new Command("pretrain", "Continually pre-train MAMO on an image-text stream")
-        {
-            preset, source, runDir, maxSteps, timeBudget, device, init, settingsOptions.Config, settingsOptions.Set, ledger, plain, dashboard.Listen, dashboard.Token,
-        };
+        var command = new Command("pretrain", "Continually pre-train MAMO on an image-text stream") { preset };
+        foreach (var option in (Option[])[.. run.All, init, settingsOptions.Config, settingsOptions.Set, ledger, dashboard.Listen, dashboard.Token])
+            command.Options.Add(option);
         foreach (var option in cluster.All) command.Options.Add(option);
         command.SetAction(async (parse, _) =>
         {
             var sets = new List<string>();
             void Add(string key, object? value) { if (value is not null) sets.Add($"{key}={Quote(value.ToString()!)}"); }
             Add("preset", parse.GetValue(preset));
-            Add("source", parse.GetValue(source));
-            Add("run-dir", parse.GetValue(runDir));
-            Add("max-steps", parse.GetValue(maxSteps));
-            Add("time-budget", parse.GetValue(timeBudget));
-            Add("device", parse.GetValue(device));
+            run.AddSets(parse, Add);
             if (parse.GetValue(ledger)) Add("ledger", "on");
 
             MamoSettings settings;
@@ -81,7 +72,7 @@ public static class PretrainCommand
                 Console.Error.WriteLine($"mamo pretrain: {e.Message}");
                 return ExitCodes.Usage;
             }
-            return await Train("pretrain", settings, parse.GetValue(plain), node, init: start, dashboard: NodeDashboard(node, dashboard, parse, serve));
+            return await Train("pretrain", settings, parse.GetValue(run.Plain), node, init: start, dashboard: NodeDashboard(node, dashboard, parse, serve));
         });
         return command;
     }
