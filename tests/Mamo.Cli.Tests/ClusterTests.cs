@@ -90,7 +90,7 @@ public class ClusterTests(ITestOutputHelper output)
             Assert.Contains($"n{i} round 0 starts from θ {initHash}", File.ReadAllText(Path.Combine(run, "nodes", $"n{i}", "mamo.log")));
         var embeddings = folder.File("embeddings.jsonl");
         await RunNodes(manifest, run, maxSteps: InnerSteps * Rounds, "--set", "eval.every-steps=1", "--set", "eval.sets=[\"dataset:emoji/test\"]",
-            "--set", $"publish.output=jsonl:{embeddings}");
+            "--set", $"publish.output=jsonl:{embeddings}", "--set", "publish.input=dataset:emoji/test");
 
         // Each round hands the replicas disjoint cursor ranges that together make one epoch of the 48 samples.
         var entries = Enumerable.Range(0, Nodes).SelectMany(i => MamoProcess.Steps(Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl"))).ToList();

@@ -179,7 +179,7 @@ public class KafkaTests(ITestOutputHelper output)
         using var folder = new TempFolder();
         var run = folder.File("run");
         var (code, log) = MamoProcess.Run(Pretrain($"kafka://{cluster.BootstrapServers}/kcat-pairs", run, maxSteps: 2,
-            "--set", $"publish.output=kafka://{cluster.BootstrapServers}/embeddings", "--set", "checkpoint.every-steps=2"));
+            "--set", $"publish.output=kafka://{cluster.BootstrapServers}/embeddings", "--set", "publish.input=dataset:emoji/test", "--set", "checkpoint.every-steps=2"));
         Assert.True(code == 0, log);
         Assert.Equal(samples.Select(s => s.Id).Order(), MamoProcess.Ledger(run).SelectMany(e => e.Ids).Order());
 
