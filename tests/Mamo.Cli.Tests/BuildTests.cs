@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using Xunit;
+using Model = Mamo.Model;
 
 namespace Mamo.Cli.Tests;
 
@@ -8,7 +9,7 @@ namespace Mamo.Cli.Tests;
 public class BuildTests
 {
     /// <summary>The repository's root: the folder above this test's binaries that holds MamoActors.sln.</summary>
-    static string Root()
+    internal static string Root()
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
             if (File.Exists(Path.Combine(dir.FullName, "MamoActors.sln"))) return dir.FullName;
@@ -49,5 +50,41 @@ public class BuildTests
             Assert.Contains("TorchSharp-cuda-linux", PackageReferences(project, "-p:TorchBackend=cuda"));
             Assert.Contains("libtorch-cpu-linux-x64", PackageReferences(project));
         }
+    }
+}
+
+/// <summary>`./mamo` as a user's script starts it. A Release build and three training processes need the two cores to
+/// themselves: beside the other tests they would starve their timing (the cluster collection's reason too).</summary>
+[Collection(ClusterCollection.Name)]
+public class MamoScriptTests
+{
+    [Fact]
+    public async Task Three_mamo_started_at_once_on_a_fresh_build_build_once_and_each_runs()
+    {
+        var root = BuildTests.Root();
+        // Fresh: no Release build of the CLI (as in a new clone), so the first ./mamo builds while the others start.
+        var release = Path.Combine(root, "src", "Mamo.Cli", "bin", "Release");
+        if (Directory.Exists(release)) Directory.Delete(release, recursive: true);
+        File.Delete(Path.Combine(root, "src", "Mamo.Cli", "obj", "mamo-run.stamp"));
+        using var folder = new TempFolder();
+        var runs = Enumerable.Range(0, 3).Select(async i =>
+        {
+            // Each loads libtorch: a process that loaded it while a build rewrote it failed in TorchSharp's type initializer.
+            var info = new ProcessStartInfo("bash") { RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = folder.Path };
+            foreach (var a in new[] { Path.Combine(root, "mamo"), "pretrain", "--run-dir", folder.File($"run{i}"), "--time-budget", "1s", "--plain",
+                         "--dashboard", "off", "--set", "torch-threads=1", "--set", "eval.every-steps=0" })
+                info.ArgumentList.Add(a);
+            using var p = Process.Start(info)!;
+            var (stdout, stderr) = (p.StandardOutput.ReadToEndAsync(), p.StandardError.ReadToEndAsync());
+            using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(8));
+            await p.WaitForExitAsync(patience.Token);
+            return (p.ExitCode, Log: await stdout + await stderr);
+        }).ToList();
+        var logs = await Task.WhenAll(runs);
+        foreach (var (code, log) in logs) Assert.True(code == 0, log);
+        Assert.Single(logs, r => r.Log.Contains("mamo: building src/Mamo.Cli (Release)"));
+        for (var i = 0; i < 3; i++) Assert.NotNull(Model.Checkpoint.Latest(folder.File($"run{i}")));
+        // Nothing of TorchSharp's fallback (it copies the natives into bin/.../cpu when the first load fails) is left.
+        Assert.False(Directory.Exists(Path.Combine(release, "net10.0", "linux-x64", "cpu")));
     }
 }
