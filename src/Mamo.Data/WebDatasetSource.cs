@@ -11,7 +11,9 @@ namespace Mamo.Data;
 /// <c>captions</c>). The shards are streamed, never extracted. The glob is a path whose file name may use
 /// <c>*</c>/<c>?</c> and WebDataset's brace ranges (<c>shard-{0000..0099}.tar</c>); shards are read in name order.
 /// A sample's offset is its ordinal among the key groups of its shard. Entry names that are absolute or contain
-/// <c>..</c> are refused, as are link entries.
+/// <c>..</c> are refused, as are link entries. An http:// or https:// glob names shards on a web server (brace ranges
+/// only: a server cannot be listed), streamed through <see cref="HttpShardStream"/>, which resumes a broken transfer
+/// where it broke.
 /// </summary>
 public sealed partial class WebDatasetSource(string glob, SourceLimits? limits = null) : IImageTextSource
 {
@@ -25,12 +27,19 @@ public sealed partial class WebDatasetSource(string glob, SourceLimits? limits =
 
     public string Name => Glob;
 
-    /// <summary>The shard paths the glob names, sorted.</summary>
+    private bool OverHttp => Glob.StartsWith("http://", StringComparison.OrdinalIgnoreCase) || Glob.StartsWith("https://", StringComparison.OrdinalIgnoreCase);
+
+    /// <summary>The shard paths (or URLs) the glob names, sorted.</summary>
     public IReadOnlyList<string> Shards()
     {
         var shards = new SortedSet<string>(StringComparer.Ordinal);
         foreach (var pattern in ExpandBraces(Glob))
         {
+            if (OverHttp)
+            {
+                if (pattern.IndexOfAny(['*', '?']) < 0) shards.Add(pattern);
+                continue;
+            }
             var full = Path.GetFullPath(pattern);
             var directory = Path.GetDirectoryName(full)!;
             var name = Path.GetFileName(full);
@@ -51,7 +60,8 @@ public sealed partial class WebDatasetSource(string glob, SourceLimits? limits =
         var shards = Shards();
         if (shards.Count == 0)
         {
-            yield return new BadItem(new BadInput("no shard matches the glob", Glob, null));
+            yield return new BadItem(new BadInput(OverHttp ? "no shard named: a web server cannot be listed, name the shards with {first..last}"
+                : "no shard matches the glob", Glob, null));
             yield break;
         }
         foreach (var shard in shards)
@@ -63,19 +73,20 @@ public sealed partial class WebDatasetSource(string glob, SourceLimits? limits =
 
     private IEnumerable<SourceItem> ReadShard(string shard, long lastConsumed, CancellationToken ct)
     {
-        FileStream stream;
+        Stream stream;
         try
         {
-            stream = new FileStream(shard, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1 << 16);
+            stream = OverHttp ? HttpShardStream.Open(new Uri(shard), ct)
+                : new FileStream(shard, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1 << 16);
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or HttpRequestException or UriFormatException)
         {
             return [new BadItem(new BadInput($"cannot open shard: {e.Message}", shard, null))];
         }
         return ReadEntries(stream, shard, lastConsumed, ct);
     }
 
-    private IEnumerable<SourceItem> ReadEntries(FileStream stream, string shard, long lastConsumed, CancellationToken ct)
+    private IEnumerable<SourceItem> ReadEntries(Stream stream, string shard, long lastConsumed, CancellationToken ct)
     {
         using var _ = stream;
         using var tar = new TarReader(stream);
