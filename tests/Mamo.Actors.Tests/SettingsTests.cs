@@ -141,6 +141,17 @@ public class SettingsTests
     }
 
     [Fact]
+    public void The_recorded_configuration_keeps_no_secret()
+    {
+        var values = RunConfig.Values(MamoSettings.Load(null, ["kafka.consumer.\"sasl.password\"=hunter2", "cluster.tls.password=s3cret",
+            "kafka.consumer.\"sasl.username\"=mamo"]));
+        Assert.Equal("\"(redacted)\"", values["mamo.kafka.consumer.\"sasl.password\""]);
+        Assert.Equal("\"(redacted)\"", values["mamo.cluster.tls.password"]);
+        Assert.Equal("\"mamo\"", values["mamo.kafka.consumer.\"sasl.username\""]);
+        Assert.DoesNotContain(values.Values, v => v.Contains("hunter2") || v.Contains("s3cret"));
+    }
+
+    [Fact]
     public void The_text_layout_is_the_presets_unless_set()
     {
         Assert.Equal(Mamo.Model.TextLayouts.PreLn, MamoSettings.Load(null, ["preset=tiny"]).Model.TextLayout);

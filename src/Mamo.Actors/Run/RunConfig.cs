@@ -11,7 +11,7 @@ namespace Mamo.Actors.Run;
 /// command line and version), and what a resume may change of it. A run that resumes with other settings applies and
 /// logs a change it can honour (a learning rate, a batch size, eval sets) and refuses one it cannot (the preset, the
 /// seed, the kind of source), naming it; a silent change would make a run's history lie. The file is HOCON: `--config
-/// RUN/config.resolved.conf` runs with it again.</summary>
+/// RUN/config.resolved.conf` runs with it again, but for its secrets, which it records as "(redacted)".</summary>
 public static class RunConfig
 {
     public const string File = "config.resolved.conf";
@@ -26,7 +26,15 @@ public static class RunConfig
         ["mamo.seed"] = "the masks, shuffles and augmentations of the steps so far follow the recorded seed",
     };
 
-    /// <summary>Every mamo.* leaf of the settings (librdkafka's pass-through keys too), in key order, as HOCON values.</summary>
+    /// <summary>What a secret's value is recorded and shown as: a run folder is shared more widely than a config file.</summary>
+    public const string Redacted = "(redacted)";
+
+    /// <summary>A key that holds a secret (a TLS or SASL password, a token, a private key), by librdkafka's and our names.</summary>
+    static bool Secret(string key) =>
+        Regex.IsMatch(key.Split('.', 3).Last(), @"password|secret|token|jaas|private|key\.pem|keystore", RegexOptions.IgnoreCase);
+
+    /// <summary>Every mamo.* leaf of the settings (librdkafka's pass-through keys too), in key order, as HOCON values;
+    /// a secret's value redacted.</summary>
     public static SortedDictionary<string, string> Values(MamoSettings s)
     {
         var values = new SortedDictionary<string, string>(StringComparer.Ordinal);
@@ -34,6 +42,7 @@ public static class RunConfig
         {
             if (value.IsObject())
                 foreach (var (key, child) in value.GetObject().Items) Walk(child, $"{path}.{Quote(key)}");
+            else if (Secret(path)) values[path] = Literal(Redacted);
             else values[path] = value.IsArray() ? $"[{string.Join(", ", value.GetArray().Select(v => Literal(v.GetString())))}]" : Literal(value.GetString());
         }
         Walk(s.Config.GetValue("mamo"), "mamo");
