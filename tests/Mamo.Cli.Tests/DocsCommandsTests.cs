@@ -11,9 +11,8 @@ public class DocsCommandsTests
     [Fact]
     public void Every_mamo_command_in_the_readme_and_docs_parses()
     {
-        var root = new DirectoryInfo(AppContext.BaseDirectory);
-        while (!File.Exists(Path.Combine(root.FullName, "MamoActors.sln"))) root = root.Parent!;
-        var pages = new[] { Path.Combine(root.FullName, "README.md") }.Concat(Directory.GetFiles(Path.Combine(root.FullName, "docs"), "*.md"));
+        var root = BuildTests.Root();
+        var pages = new[] { Path.Combine(root, "README.md") }.Concat(Directory.GetFiles(Path.Combine(root, "docs"), "*.md"));
         var checkedLines = 0;
         var failures = new List<string>();
         foreach (var page in pages)
