@@ -122,7 +122,17 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     protected abstract long StateThrough(Checkpointer.CheckpointDurable d);
 
     /// <summary>A new attempt's number.</summary>
-    protected long NextAttempt() => ++attempts;
+    protected long NextAttempt()
+    {
+        fresh = false;
+        return ++attempts;
+    }
+
+    /// <summary>A coordinator that has neither resumed nor started an attempt: the run's first round is still to come.</summary>
+    bool fresh = true;
+
+    /// <summary>Enough replicas registered to start a round: start-replicas for a fresh run's first, min-replicas after.</summary>
+    protected bool Quorum => Replicas.Count >= (fresh ? Cluster.StartReplicas : Cluster.MinReplicas);
 
     /// <summary>The attempts a checkpoint about to be written applies: the replicas learn it with the Commit.</summary>
     protected void Applied(IEnumerable<long> attemptsApplied) => applied.AddRange(attemptsApplied);
@@ -130,6 +140,7 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     /// <summary>A coordinator that resumes from a checkpoint: what it covers and which attempts it applied.</summary>
     protected void Resumed(Model.Checkpoint.State state)
     {
+        fresh = false;
         Durable = StreamPosition.FromExtra(state.Extra);
         lastApplied = state.Extra.TryGetValue(AppliedKey, out var a)
             ? a.Split(',', StringSplitOptions.RemoveEmptyEntries).Select(x => long.Parse(x, CultureInfo.InvariantCulture)).ToList() : [];

@@ -178,7 +178,7 @@ public sealed class RoundCoordinator : Coordination
 
     protected override void TryStart()
     {
-        if (current is not null || Writing || round >= rounds || Replicas.Count < Cluster.MinReplicas) return;
+        if (current is not null || Writing || round >= rounds || !Quorum) return;
         var span = Cluster.InnerSteps * Settings.BatchSize;
         var again = unfinished.OrderBy(u => u.Start).Take(Replicas.Count).ToList();
         if (!ranges) again.Clear();

@@ -122,7 +122,7 @@ public sealed class StepCoordinator : Coordination
 
     protected override void TryStart()
     {
-        if (current is not null || Writing || trainer.Step >= steps || Replicas.Count < Cluster.MinReplicas) return;
+        if (current is not null || Writing || trainer.Step >= steps || !Quorum) return;
         var step = trainer.Step;
         var assigned = Replicas.OrderBy(r => r.Value.Node, StringComparer.Ordinal)
             .Select((r, i) => new Participant(r.Value.Node, r.Key, r.Value.Receiver, cursor + (long)i * Settings.BatchSize)).ToList();

@@ -6,8 +6,9 @@ using Mamo.Model;
 namespace Mamo.Actors.Run;
 
 /// <summary>mamo.cluster: how the replicas of a cluster run synchronise (docs/CLUSTER.md).</summary>
-public sealed record ClusterSettings(string Sync, int InnerSteps, OuterOptimizerConfig OuterOptimizer, int MinReplicas, TimeSpan RoundTimeout,
-    string DeltaDType, int ChunkSize, int Window, ClusterTls? Tls = null)
+/// <param name="StartReplicas">the replicas a fresh run's first round waits for (at least MinReplicas)</param>
+public sealed record ClusterSettings(string Sync, int InnerSteps, OuterOptimizerConfig OuterOptimizer, int MinReplicas, int StartReplicas,
+    TimeSpan RoundTimeout, string DeltaDType, int ChunkSize, int Window, ClusterTls? Tls = null)
 {
     public const string DiLoCo = "diloco", EveryStep = "every-step";
 }
@@ -358,6 +359,7 @@ public sealed record MamoSettings
                 new OuterOptimizerConfig(NonNegative("cluster.outer-optimizer.learning-rate"), Ratio("cluster.outer-optimizer.momentum"),
                     Bool("cluster.outer-optimizer.nesterov")),
                 Int("cluster.min-replicas", 1),
+                Math.Max(Int("cluster.start-replicas", 0), Int("cluster.min-replicas", 1)),
                 Get("cluster.round-timeout", k => c.GetTimeSpan(k), v => v > TimeSpan.Zero, "must be positive"),
                 Get("cluster.delta-dtype", k => c.GetString(k), v => Mamo.Actors.Cluster.WeightTransfer.DTypes.ContainsKey(v), "must be float32, bfloat16 or float16"),
                 (int)Get("cluster.chunk-size", k => c.GetByteSize(k) ?? throw new FormatException("not a size"), v => v is >= 1024 and <= 384 * 1024,
