@@ -5,11 +5,15 @@
 # Prints the accuracy matrix R[stage][style], ACC (mean of the last row) and BWT (Lopez-Paz and Ranzato 2017: the mean
 # of R[last][i] - R[i][i] over the earlier styles; negative is forgetting).
 #
-#   FROM=runs/default bash bench/finetune-drift.sh     # STEPS=300 per stage; OUT=/tmp/mamo-drift
+# REPLAY=F replays a share F of each batch from the reservoir, which each stage carries on to the next (--from), so
+# that the later stages replay the earlier styles (docs/LEARNING.md).
+#
+#   FROM=runs/default bash bench/finetune-drift.sh     # STEPS=300 per stage; REPLAY=0; OUT=/tmp/mamo-drift
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FROM=${FROM:?set FROM to a pre-training run folder or checkpoint}
 STEPS=${STEPS:-300}
+REPLAY=${REPLAY:-0}
 OUT=${OUT:-/tmp/mamo-drift}
 MAMO=(${MAMO:-dotnet src/Mamo.Cli/bin/Release/net10.0/linux-x64/mamo.dll})
 [ -n "${MAMO_BUILT:-}" ] || dotnet build src/Mamo.Cli -c Release -v q -nologo >/dev/null
@@ -22,7 +26,7 @@ test=(test twitter-test openmoji-test)
 from=$FROM
 for i in 0 1 2; do
   "${MAMO[@]}" finetune --task classify --from "$from" --source "dataset:emoji-labels/${train[$i]}" --run-dir "$OUT/${styles[$i]}" \
-    --max-steps "$STEPS" --plain --set eval.every-steps=0 > "$OUT/${styles[$i]}.log" 2>&1
+    --max-steps "$STEPS" --plain --set eval.every-steps=0 --set replay.fraction="$REPLAY" > "$OUT/${styles[$i]}.log" 2>&1
   for j in 0 1 2; do
     "${MAMO[@]}" predict --checkpoint "$OUT/${styles[$i]}" --manifest "$DATA/emoji-labels/${test[$j]}.jsonl" --json --out "$OUT/$i-$j.jsonl" \
       | python3 -c 'import json,sys; print(json.load(sys.stdin)["accuracy"])' > "$OUT/R-$i-$j"

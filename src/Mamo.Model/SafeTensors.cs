@@ -19,6 +19,7 @@ public static class SafeTensors
     {
         [ScalarType.Float32] = ("F32", 4), [ScalarType.Int64] = ("I64", 8), [ScalarType.Float64] = ("F64", 8),
         [ScalarType.Int32] = ("I32", 4), [ScalarType.Float16] = ("F16", 2), [ScalarType.BFloat16] = ("BF16", 2),
+        [ScalarType.Byte] = ("U8", 1),
     };
 
     public static void Save(string path, IEnumerable<(string Name, Tensor Value)> tensors, IReadOnlyDictionary<string, string>? metadata = null)

@@ -27,8 +27,9 @@ sealed class TempFolder : IDisposable
 /// <summary>`mamo` as a separate process, as a user runs it, and the ledger it writes.</summary>
 static class MamoProcess
 {
-    /// <summary>One ledger line: the step, where the stream stood after it, its loss and the sample ids it trained on.</summary>
-    public sealed record LedgerEntry(long Step, IReadOnlyDictionary<string, long> Position, double Loss, string[] Ids)
+    /// <summary>One ledger line: the step, where the stream stood after it, its loss, the sample ids it trained on, and
+    /// those of them the replay buffer gave.</summary>
+    public sealed record LedgerEntry(long Step, IReadOnlyDictionary<string, long> Position, double Loss, string[] Ids, string[] Replayed)
     {
         public long Cursor => Position["cursor"];
     }
@@ -38,7 +39,8 @@ static class MamoProcess
         .Select(l => JsonDocument.Parse(l).RootElement)
         .Select(e => new LedgerEntry(e.GetProperty("step").GetInt64(),
             e.GetProperty("position").EnumerateObject().ToDictionary(p => p.Name, p => p.Value.GetInt64()),
-            e.GetProperty("loss").GetDouble(), e.GetProperty("ids").EnumerateArray().Select(i => i.GetString()!).ToArray()))
+            e.GetProperty("loss").GetDouble(), e.GetProperty("ids").EnumerateArray().Select(i => i.GetString()!).ToArray(),
+            e.TryGetProperty("replayed", out var r) ? r.EnumerateArray().Select(i => i.GetString()!).ToArray() : []))
         .ToList();
 
     /// <summary>The step lines of a ledger file (a cluster replica's also has a line for each round's outcome), in order;

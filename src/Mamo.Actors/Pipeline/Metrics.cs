@@ -156,7 +156,7 @@ public sealed class Metrics : ReceiveActor, IWithTimers
         ledgerOut?.WriteLine(new StepLedgerLine(r.Step, s.Position.Offsets, r.Loss, r.Skipped, s.Ids)
         {
             Predictions = r.Predictions, Labels = r.Predictions is null ? null : s.Labels?.Select(l => l ?? "").ToList(),
-            Round = s.Round?.Number, Attempt = s.Round?.Attempt,
+            Round = s.Round?.Number, Attempt = s.Round?.Attempt, Replayed = s.Replayed,
         }.ToJson().ToJsonString());
         if ((r.Step + 1) % everySteps != 0) return;
 

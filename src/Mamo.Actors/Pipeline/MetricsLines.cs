@@ -322,6 +322,8 @@ public sealed record StepLedgerLine(long Step, IReadOnlyDictionary<string, long>
     public IReadOnlyList<string>? Labels { get; init; }
     public long? Round { get; init; }
     public long? Attempt { get; init; }
+    /// <summary>The ids among Ids that the replay buffer gave (the last of them); null or empty: none.</summary>
+    public IReadOnlyList<string>? Replayed { get; init; }
 
     public JsonObject ToJson()
     {
@@ -331,6 +333,7 @@ public sealed record StepLedgerLine(long Step, IReadOnlyDictionary<string, long>
             ["loss"] = MetricsLine.Finite(Loss), ["skipped"] = Skipped, ["ids"] = MetricsLine.Strings(Ids),
         };
         if (Round is { } round) (line["round"], line["attempt"]) = (round, Attempt);
+        if (Replayed is { Count: > 0 }) line["replayed"] = MetricsLine.Strings(Replayed);
         if (Predictions is not null) (line["predicted_at"], line["predictions"], line["labels"]) = (Step, MetricsLine.Strings(Predictions), MetricsLine.Strings(Labels ?? []));
         return line;
     }
@@ -343,6 +346,7 @@ public sealed record StepLedgerLine(long Step, IReadOnlyDictionary<string, long>
             List(ids)!)
         {
             Predictions = List(line["predictions"]), Labels = List(line["labels"]), Round = MetricsLine.Integer(line, "round"), Attempt = MetricsLine.Integer(line, "attempt"),
+            Replayed = List(line["replayed"]),
         };
     }
 }

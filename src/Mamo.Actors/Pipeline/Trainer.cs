@@ -20,12 +20,18 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
 {
     /// <summary>Train step Step on a batch. Position: the stream records the batch covers. The trainer owns (and
     /// disposes) the batch and the targets. Batch null: the round ended with too few usable pairs for a step.</summary>
-    public sealed record Train(long Step, Batch? Batch, TeacherTargets? Targets, StreamPosition Position, Round? Round = null, bool EndsRound = false);
+    public sealed record Train(long Step, Batch? Batch, TeacherTargets? Targets, StreamPosition Position, Round? Round = null, bool EndsRound = false)
+    {
+        /// <summary>The reservoir after this batch (its checkpoint saves it); null: no replay.</summary>
+        public ReplayBuffer? Replay { get; init; }
+        /// <summary>The ids of the batch's replayed records (the last of its Ids).</summary>
+        public string[] Replayed { get; init; } = [];
+    }
     /// <summary>Reply to Train; Position is where the stream stands after this step. Labels: each pair's, where the
     /// stream has them (the ledger sets them beside the step's predictions). Result null: nothing was trained (a round
     /// end without a batch, or a round that was given up).</summary>
     public sealed record StepCompleted(StepResult? Result, StreamPosition Position, string[] Ids, int NonFiniteInARow, IReadOnlyList<string?>? Labels = null,
-        Round? Round = null);
+        Round? Round = null, string[]? Replayed = null);
     /// <summary>Send a checkpoint's parts now unless the last one covers this step (a replica: hand in the round in
     /// hand); the reply is CheckpointComing.</summary>
     public sealed record CheckpointNow;
@@ -58,6 +64,8 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
     readonly string? replicaDir;
     readonly HashSet<long> givenUp = [];
     StreamPosition position;
+    /// <summary>The reservoir as of the last step trained; null: the run replays nothing.</summary>
+    ReplayBuffer? replay;
     long lastCheckpointStep;
     int nonFiniteInARow;
     /// <summary>A replica's round in hand, who sent its weights, and what it has trained so far.</summary>
@@ -169,6 +177,7 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
                 result = shard is null ? trainer.StudentStep(input, t.Targets) : trainer.Gradient(input, t.Targets);
             }
         position = position.Merge(t.Position);
+        replay = t.Replay ?? replay;
         if (result is not null)
         {
             nonFiniteInARow = result.Skipped ? nonFiniteInARow + 1 : 0;
@@ -189,7 +198,7 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             if (due) SendParts();
             else teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent()));
         }
-        return new StepCompleted(result, position, b?.Ids ?? [], nonFiniteInARow, b?.Labels, t.Round);
+        return new StepCompleted(result, position, b?.Ids ?? [], nonFiniteInARow, b?.Labels, t.Round, t.Replayed);
     }
 
     static void Count(RoundWork work, StepResult result, int pairs)
@@ -284,7 +293,8 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         sinceCheckpoint.Restart();
         lastCheckpointStep = trainer.Step;
         teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent(), SnapshotTo: checkpointer));
-        var parts = trainer.Parts().Select(p => new Checkpoint.Part(p.Name, p.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())).ToArray();
+        var parts = trainer.Parts().Select(p => new Checkpoint.Part(p.Name, p.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray()))
+            .Concat(replay is null ? [] : [replay.ToPart()]).ToArray();
         checkpointer.Tell(new Checkpointer.Parts(trainer.Step, parts, position, trainer.Optimizer.Step, Extra: trainer.Objective.SaveState()));
     }
 

@@ -29,12 +29,14 @@ public static class TrainingGraph
     /// <param name="OnRead">called for every record taken from the source</param>
     /// <param name="Admit">the task's check of each record before it is prepared: the sample to prepare, or why the
     /// record is a dead letter</param>
+    /// <param name="Replay">the reservoir the run replays from, as of StartStep; null: no replay</param>
     public sealed record Stages(ITrainingSource Source, SamplePreparer Preparer, StreamPosition Resume, long StartStep, long Steps, bool NeedsTargets,
         IActorRef? Teacher, IActorRef Trainer, IActorRef Metrics, IActorRef? Evaluator, Action OnRead,
-        Func<ImageTextSample, (ImageTextSample? Sample, string? Reason)> Admit);
+        Func<ImageTextSample, (ImageTextSample? Sample, string? Reason)> Admit, ReplayBuffer? Replay = null);
 
-    /// <summary>A record after the preprocess stage: its sample, or why it is a dead letter.</summary>
-    sealed record Prepared(Positioned Record, PreparedSample? Sample, BadInput? Bad);
+    /// <summary>A record after the preprocess stage: its sample (and the admitted record it was prepared from), or why
+    /// it is a dead letter.</summary>
+    sealed record Prepared(Positioned Record, (PreparedSample Sample, ImageTextSample Admitted)? Good, BadInput? Bad);
 
     public static IRunnableGraph<(UniqueKillSwitch, Task<Done>)> Build(MamoSettings s, Stages g)
     {
@@ -70,23 +72,40 @@ public static class TrainingGraph
         var (admitted, reason) = g.Admit(sample);
         if (admitted is null) return new Prepared(x, null, new BadInput(reason!, sample.Location, sample.Position));
         return g.Preparer.TryPrepareForTraining(admitted, SampleRandom(s.Seed, x.At), out var p, out var bad)
-            ? new Prepared(x, p, null) : new Prepared(x, null, bad);
+            ? new Prepared(x, (p!, admitted), null) : new Prepared(x, null, bad);
     }
 
     /// <summary>Groups prepared records into batches of batch-size pairs. A batch's position covers every record since
     /// the previous batch, dead letters included, so a checkpoint acknowledges those too. A round's steps are numbered
     /// from its first step; a single node's from where the run starts. Within a round each full batch waits for the
     /// next: a round that ends one pair after it (records dropped as not owned, a short share) puts that pair in it,
-    /// since one pair alone is no step for ITC and ITM and would be acknowledged untrained.</summary>
+    /// since one pair alone is no step for ITC and ITM and would be acknowledged untrained. With replay, a batch's
+    /// fresh records leave room for the ones it replays, and then enter the reservoir.</summary>
     static Func<Prepared, IEnumerable<Trainer.Train>> Batcher(MamoSettings s, Stages g)
     {
-        var group = new List<PreparedSample>(s.BatchSize);
+        var group = new List<(PreparedSample Sample, ImageTextSample Admitted)>(s.BatchSize);
         var position = StreamPosition.None;
-        (List<PreparedSample> Group, StreamPosition Position)? held = null;
+        (List<(PreparedSample, ImageTextSample)> Group, StreamPosition Position)? held = null;
         var step = g.StartStep;
         Round? round = null;
-        Trainer.Train Batch(List<PreparedSample> samples, StreamPosition at, bool ends) =>
-            new(step++, samples.Count == 0 ? null : Collator.Collate(samples, s.Model.ImageSize), null, at, round, ends);
+        var replay = g.Replay;
+        var fresh = s.BatchSize - (replay?.ToReplay(s.BatchSize) ?? 0);
+        Trainer.Train Batch(List<(PreparedSample Sample, ImageTextSample Admitted)> records, StreamPosition at, bool ends)
+        {
+            var samples = records.Select(r => r.Sample).ToList();
+            string[] replayed = [];
+            if (replay is not null)
+            {
+                (var more, replayed) = Replayed(s, g.Preparer, replay, step, records.Select(r => r.Admitted.Id).ToHashSet());
+                samples.AddRange(more);
+                replay = replay.Offer(records.Select(r => r.Admitted));
+                fresh = s.BatchSize - replay.ToReplay(s.BatchSize);
+            }
+            return new(step++, samples.Count == 0 ? null : Collator.Collate(samples, s.Model.ImageSize), null, at, round, ends)
+            {
+                Replay = replay, Replayed = replayed,
+            };
+        }
         return p =>
         {
             var record = p.Record;
@@ -99,9 +118,9 @@ public static class TrainingGraph
                 {
                     if (g.Source.DeadLetter(record, p.Bad)) g.Metrics.Tell(new Metrics.DeadLetter(p.Bad));
                 }
-                else group.Add(p.Sample!);
+                else group.Add(p.Good!.Value);
             }
-            if (group.Count < s.BatchSize && !record.EndsRound) return [];
+            if (group.Count < fresh && !record.EndsRound) return [];
             var batches = new List<Trainer.Train>(2);
             if (record.EndsRound && group.Count == 1 && held is { } last)
             {
@@ -115,9 +134,21 @@ public static class TrainingGraph
                 if (record.Round is not null && !record.EndsRound) held = (group, position);
                 else batches.Add(Batch(group, position, record.EndsRound));
             }
-            (group, position) = (new List<PreparedSample>(s.BatchSize), StreamPosition.None);
+            (group, position) = (new(s.BatchSize), StreamPosition.None);
             return batches;
         };
+    }
+
+    /// <summary>Step <paramref name="step"/>'s replayed records, prepared (in parallel, as the preprocess stage does),
+    /// and their ids. One that can no longer be prepared (tighter decode limits since) is left out.</summary>
+    static (IEnumerable<PreparedSample> Samples, string[] Ids) Replayed(MamoSettings s, SamplePreparer preparer, ReplayBuffer replay, long step,
+        IReadOnlySet<string> inBatch)
+    {
+        var drawn = replay.Draw(step, replay.ToReplay(s.BatchSize), inBatch);
+        var prepared = new PreparedSample?[drawn.Count];
+        Parallel.For(0, drawn.Count, new ParallelOptions { MaxDegreeOfParallelism = s.PreprocessParallelism },
+            i => prepared[i] = preparer.TryPrepareForTraining(drawn[i], replay.PrepareRandom(step, i), out var p, out _) ? p : null);
+        return (prepared.OfType<PreparedSample>(), drawn.Where((_, i) => prepared[i] is not null).Select(r => r.Id).ToArray());
     }
 
     static async Task<Trainer.Train> Targets(IActorRef? teacher, Trainer.Train t)

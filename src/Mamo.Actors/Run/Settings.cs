@@ -21,6 +21,15 @@ public sealed record ClusterTls(string Certificate, string Password, string Ca)
     public const string PasswordVariable = "MAMO_TLS_PASSWORD";
 }
 
+/// <summary>mamo.replay: experience replay (Pipeline/ReplayBuffer, docs/LEARNING.md). Fraction 0: off.</summary>
+/// <param name="Fraction">the share of each batch drawn from the reservoir</param>
+/// <param name="Capacity">the most records the reservoir holds</param>
+/// <param name="MaxBytes">the most bytes of encoded images it holds</param>
+public sealed record ReplaySettings(double Fraction, int Capacity, long MaxBytes)
+{
+    public bool On => Fraction > 0;
+}
+
 /// <summary>mamo.finetune: what `mamo finetune` trains (docs/FINETUNE.md). Task "" is pre-training.</summary>
 /// <param name="Prompt">classify's text for every image; null: each record's own caption</param>
 /// <param name="Labels">a closed label set; null: open</param>
@@ -95,6 +104,7 @@ public sealed record MamoSettings
     public required int PublishBatchSize { get; init; }
     public required ClusterSettings Cluster { get; init; }
     public required FineTuneSettings FineTune { get; init; }
+    public required ReplaySettings Replay { get; init; }
 
     /// <summary>The held-out and publish defaults are the built-in emoji sets: a run on any other source evaluates and
     /// publishes only what the user names, or a run on a Kafka topic would be judged, and publish, on emoji.</summary>
@@ -353,6 +363,9 @@ public sealed record MamoSettings
                 Get("finetune.forgetting-sets", k => c.GetStringList(k).ToList()),
                 Get("finetune.distill-alpha", k => c.GetDouble(k), v => v is >= 0 and < 1, "must lie in [0, 1)"),
                 Bool("finetune.probe")),
+            Replay = new ReplaySettings(Get("replay.fraction", k => c.GetDouble(k), v => v is >= 0 and < 1, "must lie in [0, 1)"),
+                Int("replay.capacity", 1),
+                Get("replay.max-bytes", k => c.GetByteSize(k) ?? throw new FormatException("not a size"), v => v is > 0 and <= 1L << 30, "must lie in (0, 1 GiB]")),
             Cluster = new ClusterSettings(
                 Get("cluster.sync", k => c.GetString(k), v => v is ClusterSettings.DiLoCo or ClusterSettings.EveryStep, $"must be {ClusterSettings.DiLoCo} or {ClusterSettings.EveryStep}"),
                 Int("cluster.inner-steps", 1),

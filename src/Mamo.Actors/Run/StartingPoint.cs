@@ -45,7 +45,10 @@ public static class StartingPoint
         using var trainer = new MamoTrainer(s.Model, s.Optimizer, device, s.Seed, withTeacher: true, objective);
         if (init is not null) StartFrom(init, trainer);
         var fresh = new Checkpoint.State(0, 0, 0, trainer.Extra(SeedState(s)));
-        var path = Checkpoint.Commit(s.RunDir, s.Model, trainer.Parts(), fresh, s.KeepLast);
+        // The reservoir comes along from --init: what the model learned before stays replayable in its next stage.
+        var replay = s.Replay.On ? init is null ? ReplayBuffer.Empty(s.Replay, s.Seed) : ReplayBuffer.Load(init, s.Replay, s.Seed) : null;
+        if (init is not null && replay is { Seen: > 0 }) Log.Information("the replay reservoir of {Init} comes along: {Replay}", init, replay);
+        var path = Checkpoint.Commit(s.RunDir, s.Model, replay is null ? trainer.Parts() : [.. trainer.Parts(), replay.ToPart()], fresh, s.KeepLast);
         Log.Information("new run in {RunDir}: {Preset} preset, {Parameters:N0} parameters, batch {Batch}, device {Device}{From}",
             s.RunDir, s.Preset, trainer.Student.parameters().Sum(p => p.numel()), s.BatchSize, device, init is null ? "" : $", from {init}");
         return (path, Checkpoint.ReadState(path));

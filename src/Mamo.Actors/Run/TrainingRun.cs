@@ -161,6 +161,11 @@ public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? p
         bool needsTargets, keepsTeacher;
         using (var probe = objective(s.Model)) (needsTargets, keepsTeacher) = (probe.NeedsTargets, probe.TeacherMomentum is not null);
         var usesTeacher = replica is null ? Checkpoint.Parts(state).Contains(Checkpoint.TeacherPart) : keepsTeacher;
+        // The reservoir goes on from the checkpoint's (a run that turns replay on starts an empty one).
+        var replay = replica is null && s.Replay.On ? ReplayBuffer.Load(from, s.Replay, s.Seed) : null;
+        if (replay is not null) Log.Information("replaying {Fraction:P0} of each batch from a reservoir of {Replay}", s.Replay.Fraction, replay);
+        IReadOnlyCollection<string> parts = replica is not null ? [Checkpoint.OptimizerPart]
+            : [.. Checkpoint.Parts(state).Where(p => p != ReplayBuffer.Part), .. replay is null ? Array.Empty<string>() : [ReplayBuffer.Part]];
         using var stopping = new CancellationTokenSource();
 
         RunSupervisor.Pipeline Create(IUntypedActorContext context)
@@ -176,8 +181,7 @@ public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? p
                 : null;
             var committer = replica is null ? context.ActorOf(Props.Create(() => new SourceCommitter(source)), "source-committer") : null;
             // A replica checkpoints only its own optimiser state; the cluster checkpoint is its coordinator's.
-            var checkpointer = context.ActorOf(Checkpointer.Props(replica?.Dir ?? s.RunDir, s.Model,
-                replica is null ? Checkpoint.Parts(state) : [Checkpoint.OptimizerPart], s.KeepLast, s.Seed,
+            var checkpointer = context.ActorOf(Checkpointer.Props(replica?.Dir ?? s.RunDir, s.Model, parts, s.KeepLast, s.Seed,
                 new[] { context.Self, metrics, committer, publisher }.OfType<IActorRef>().ToList()), "checkpointer");
             var teacher = usesTeacher
                 ? context.ActorOf(MomentumTeacher.Props(s.Model, objective, replica is null ? from : null, device, replica?.TeacherLag ?? (s.TeacherPipelined ? 1 : 0)), "teacher")
@@ -204,7 +208,7 @@ public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? p
             if (remainingSteps > 0)
             {
                 var graph = TrainingGraph.Build(s, new TrainingGraph.Stages(source, preparer, position, startStep, remainingSteps, needsTargets,
-                    pipeline.Teacher, pipeline.Trainer, pipeline.Metrics, pipeline.Evaluator, () => Interlocked.Increment(ref samplesRead), task.Admit));
+                    pipeline.Teacher, pipeline.Trainer, pipeline.Metrics, pipeline.Evaluator, () => Interlocked.Increment(ref samplesRead), task.Admit, replay));
                 var (killSwitch, done) = graph.Run(System!.Materializer());
                 using var onStop = stop.Register(killSwitch.Shutdown);
                 var left = s.TimeBudget - clock.Elapsed;
