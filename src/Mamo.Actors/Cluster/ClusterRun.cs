@@ -49,6 +49,8 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         var everyStep = s.Cluster.Sync == ClusterSettings.EveryStep;
         if (everyStep && !ITrainingSource.ReadWholeSpec(s.Source))
             throw new SettingsException("cluster.sync = every-step trains from file sources (dataset:, manifest:, wds:) so far; use diloco with Kafka");
+        if (s.Sources.Count > 1)
+            throw new SettingsException("several --source run on a single node so far: a cluster splits one source between its replicas");
         if (s.Replay.On)
             throw new SettingsException("replay.fraction > 0 runs on a single node so far: a replica's reservoir is in no cluster checkpoint, so a restarted replica would not replay what it should; set replay.fraction = 0 with --cluster");
         var task = TrainingTask.Of(s);

@@ -114,6 +114,7 @@ public static class TrainingGraph
             if (g.Source.Take(record))
             {
                 position = position.Advance(record.At);
+                if (record.Mix is { } drawn) position = position.Advance(drawn);
                 if (p.Bad is not null)
                 {
                     if (g.Source.DeadLetter(record, p.Bad)) g.Metrics.Tell(new Metrics.DeadLetter(p.Bad));

@@ -5,6 +5,8 @@ using System.Text.RegularExpressions;
 using Akka.Configuration;
 using Akka.Configuration.Hocon;
 
+using Mamo.Actors.Sources;
+
 namespace Mamo.Actors.Run;
 
 /// <summary>The configuration a run folder records (config.resolved.conf: every mamo.* value the run resolved, with the
@@ -79,8 +81,15 @@ public static class RunConfig
 
     static string? SourceKindChange(Change c)
     {
-        static string Kind(string? v) => v is null ? "" : Regex.Match(v.Trim('"'), @"^([a-z]+):").Groups[1].Value;
-        return Kind(c.Was) == Kind(c.Now) ? null : $"the stream positions in the checkpoints are a {Kind(c.Was)} source's";
+        // The recorded value is HOCON: one spec, or a list of them (a mix).
+        static List<string> Specs(string? v) => v is null ? []
+            : ConfigurationFactory.ParseString("v = " + v) is var parsed && parsed.GetValue("v").IsArray()
+                ? [.. parsed.GetStringList("v").Select(x => WeightedSource.Parse(x).Spec)] : [WeightedSource.Parse(parsed.GetString("v")).Spec];
+        static string Kind(string spec) => Regex.Match(spec, @"^([a-z]+):").Groups[1].Value;
+        var (was, now) = (Specs(c.Was), Specs(c.Now));
+        if (was.Count > 1 || now.Count > 1)
+            return was.SequenceEqual(now) ? null : "the stream positions in the checkpoints are each mixed source's, in the order given";
+        return was.Select(Kind).SequenceEqual(now.Select(Kind)) ? null : $"the stream positions in the checkpoints are a {was.Select(Kind).FirstOrDefault()} source's";
     }
 
     static void Record(string path, SortedDictionary<string, string> values, IEnumerable<string> commandLine)

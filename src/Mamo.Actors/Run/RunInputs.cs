@@ -61,13 +61,32 @@ public sealed class RunInputs : IDisposable
     /// only then); what it finds bad while it reads goes to LoadBad.</summary>
     public void OpenSource(MamoSettings s) => Source = OpenSource(s, LoadBad.Add, m => Log.Information("{Message}", m));
 
-    /// <summary>kafka://... streams from Kafka; dataset:, manifest: and wds: sources are read into memory.</summary>
+    /// <summary>The one source, or the mix of several (MixedSource).</summary>
     static ITrainingSource OpenSource(MamoSettings s, Action<BadInput> onBad, Action<string> log)
     {
-        if (KafkaSpec.IsKafka(s.Source))
+        if (s.Sources.Count == 1) return OpenSource(s, s.Sources[0].Spec, onBad, log);
+        var parts = new List<(ITrainingSource, double)>();
+        try
+        {
+            foreach (var source in s.Sources) parts.Add((OpenSource(s, source.Spec, onBad, log), source.Weight));
+        }
+        catch
+        {
+            foreach (var (opened, _) in parts) opened.Dispose();
+            throw;
+        }
+        var mixed = new MixedSource(parts, s.Seed);
+        Log.Information("mixing {Sources}", mixed.Name);
+        return mixed;
+    }
+
+    /// <summary>kafka://... streams from Kafka; dataset:, manifest: and wds: sources are read into memory.</summary>
+    static ITrainingSource OpenSource(MamoSettings s, string source, Action<BadInput> onBad, Action<string> log)
+    {
+        if (KafkaSpec.IsKafka(source))
         {
             KafkaSpec spec;
-            try { spec = KafkaSpec.Parse(s.Source); }
+            try { spec = KafkaSpec.Parse(source); }
             catch (FormatException e) { throw new SettingsException($"'mamo.source': {e.Message}"); }
             Log.Information("training from Kafka {Source}", spec);
             try
@@ -77,7 +96,7 @@ public sealed class RunInputs : IDisposable
             }
             catch (ArgumentException e) { throw new SettingsException($"'mamo.kafka': {e.Message}"); }
         }
-        var samples = TrainingSamples.Load(s.Source, s.Seed, s.MaxInMemoryBytes, onBad, log, s.FineTune.LabelField);
+        var samples = TrainingSamples.Load(source, s.Seed, s.MaxInMemoryBytes, onBad, log, s.FineTune.LabelField);
         Log.Information("training on {Count} samples from {Source}", samples.Count, samples.Name);
         return samples;
     }

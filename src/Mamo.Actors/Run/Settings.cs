@@ -1,5 +1,6 @@
 using Akka.Configuration;
 using Akka.Configuration.Hocon;
+using Mamo.Actors.Sources;
 using Mamo.Data;
 using Mamo.Model;
 
@@ -56,7 +57,10 @@ public sealed record MamoSettings
     public required string Device { get; init; }
     public required int Seed { get; init; }
     public required string RunDir { get; init; }
+    /// <summary>The source as given (sources mixed: each, joined by " + ").</summary>
     public required string Source { get; init; }
+    /// <summary>The sources to train from, with their weights: one, or several that a MixedSource mixes.</summary>
+    public required IReadOnlyList<WeightedSource> Sources { get; init; }
     public required long MaxSteps { get; init; }
     public required TimeSpan TimeBudget { get; init; }
     public required int BatchSize { get; init; }
@@ -110,7 +114,7 @@ public sealed record MamoSettings
     /// publishes only what the user names, or a run on a Kafka topic would be judged, and publish, on emoji.</summary>
     static MamoSettings WithoutDemoDefaults(MamoSettings s, Config user)
     {
-        if (s.Source.StartsWith("dataset:", StringComparison.Ordinal)) return s;
+        if (s.Sources.All(x => x.Spec.StartsWith("dataset:", StringComparison.Ordinal))) return s;
         if (s.PublishOutput is not null && !user.HasPath("mamo.publish.input"))
             throw new SettingsException($"'mamo.publish.output' is set and 'mamo.publish.input' is not: name the items to embed (manifest:PATH or dataset:NAME); " +
                                         $"the default, {s.PublishInput}, is demo data", "mamo.publish.output");
@@ -241,6 +245,16 @@ public sealed record MamoSettings
         TimeSpan Duration(string key) => Get(key, k => c.GetTimeSpan(k), v => v >= TimeSpan.Zero, "must not be negative");
         long Bytes(string key) => Get(key, k => c.GetByteSize(k) ?? throw new FormatException("not a size"), v => v > 0, "must be positive");
         string Str(string key) => Get(key, k => c.GetString(k), v => !string.IsNullOrWhiteSpace(v), "must not be empty");
+        // One source, or a list of them to mix, each SPEC?weight=W.
+        static IReadOnlyList<WeightedSource> WeightedSources(Config c)
+        {
+            const string key = "mamo.source";
+            List<WeightedSource> sources;
+            try { sources = (c.GetValue(key).IsArray() ? c.GetStringList(key).ToList() : [c.GetString(key)]).Select(WeightedSource.Parse).ToList(); }
+            catch (FormatException e) { throw new SettingsException($"'{key}': {e.Message}", key); }
+            if (sources.Count == 0 || sources.Any(x => string.IsNullOrWhiteSpace(x.Spec))) throw new SettingsException($"'{key}' must name a source, or a list of them", key);
+            return sources;
+        }
         static ClusterTls? Tls(Config c)
         {
             var certificate = c.GetString("mamo.cluster.tls.certificate");
@@ -297,6 +311,8 @@ public sealed record MamoSettings
         var cropMin = Get("data.crop-min-scale", k => c.GetDouble(k), v => v is > 0 and <= 1, "must lie in (0, 1]");
         var cropMax = Get("data.crop-max-scale", k => c.GetDouble(k), v => v >= cropMin && v <= 1, "must lie in [crop-min-scale, 1]");
 
+        var sources = WeightedSources(c);
+
         var minBackoff = Duration("supervision.min-backoff");
         var maxBackoff = Get("supervision.max-backoff", k => c.GetTimeSpan(k), v => v >= minBackoff, "must be >= supervision.min-backoff");
 
@@ -307,7 +323,8 @@ public sealed record MamoSettings
             Device = Str("device"),
             Seed = Get("seed", k => c.GetInt(k)),
             RunDir = Str("run-dir"),
-            Source = Str("source"),
+            Source = string.Join(" + ", sources),
+            Sources = sources,
             MaxSteps = Long("max-steps", 0),
             TimeBudget = Duration("time-budget"),
             BatchSize = Get("batch-size", k => c.GetInt(k), v => v >= 2, "must be >= 2 (ITC and ITM need in-batch negatives)"),

@@ -44,8 +44,9 @@ public sealed record StreamPosition(ImmutableSortedDictionary<string, long> Offs
 public sealed record Round(long Attempt, long Number, long FirstStep, bool ResetsTeacher);
 
 /// <summary>A record of a training stream and its place there (At: its partition and offset). A replica's source
-/// marks the round it belongs to, and the round's last record.</summary>
-public sealed record Positioned(SourcePosition At, SourceItem Item, Round? Round = null, bool EndsRound = false);
+/// marks the round it belongs to, and the round's last record; a mix, how many it drew from the record's source (Mix:
+/// a position the checkpoint keeps beside At).</summary>
+public sealed record Positioned(SourcePosition At, SourceItem Item, Round? Round = null, bool EndsRound = false, SourcePosition? Mix = null);
 
 /// <summary>Where a consumer stands in one partition of a stream ("TOPIC/N"): its position (the next offset it reads),
 /// the partition's end, the records between them, and the group's last commit; null where not known yet. Expired:

@@ -41,7 +41,7 @@ public static class FinetuneCommand
                 return ExitCodes.Usage;
             }
             var sets = new List<string>();
-            void Add(string key, object? value) { if (value is not null) sets.Add($"{key}={PretrainCommand.Quote(value.ToString()!)}"); }
+            void Add(string key, object? value) { if (value is not null) sets.Add($"{key}={PretrainCommand.Hocon(value)}"); }
             var taskName = parse.GetValue(task)!;
             Add("finetune.task", taskName);
             run.AddSets(parse, Add);

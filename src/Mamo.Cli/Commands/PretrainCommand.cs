@@ -36,7 +36,7 @@ public static class PretrainCommand
         command.SetAction(async (parse, _) =>
         {
             var sets = new List<string>();
-            void Add(string key, object? value) { if (value is not null) sets.Add($"{key}={Quote(value.ToString()!)}"); }
+            void Add(string key, object? value) { if (value is not null) sets.Add($"{key}={Hocon(value)}"); }
             Add("preset", parse.GetValue(preset));
             run.AddSets(parse, Add);
             if (parse.GetValue(ledger)) Add("ledger", "on");
@@ -179,6 +179,10 @@ public static class PretrainCommand
         Console.Error.WriteLine("stopping: finishing the current step and writing a checkpoint (again to force)");
         stop.Cancel();
     }
+
+    /// <summary>An option's value as a --set value: a list (the --source given more than once) as a HOCON list.</summary>
+    internal static string Hocon(object value) =>
+        value is string[] list ? "[" + string.Join(", ", list.Select(Quote)) + "]" : Quote(value.ToString()!);
 
     internal static string Quote(string value) => value.All(c => char.IsLetterOrDigit(c) || c is '-' or '_' or '.') ? value : "\"" + value.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
 }

@@ -22,7 +22,11 @@ sealed class RunOptions(MamoSettings defaults)
 {
     public const string SourceKinds = "dataset:NAME[/SPLIT], manifest:PATH, 'wds:GLOB' (quoted, e.g. 'wds:shards/{000..099}.tar') or kafka://HOST:PORT/TOPIC[,TOPIC][?group=G]";
 
-    public Option<string?> Source { get; } = new("--source") { Description = $"{SourceKinds} (default {defaults.Source})" };
+    public Option<string[]> Source { get; } = new("--source")
+    {
+        Description = $"{SourceKinds} (default {defaults.Source}); given more than once, the sources are mixed, each SPEC?weight=W",
+        AllowMultipleArgumentsPerToken = false,
+    };
     public Option<string?> RunDir { get; } = new("--run-dir") { Description = $"Checkpoints, metrics and logs go here; a run resumes from its last checkpoint (default {defaults.RunDir})" };
     public Option<long?> MaxSteps { get; } = new("--max-steps")
     {
@@ -40,7 +44,7 @@ sealed class RunOptions(MamoSettings defaults)
     /// <summary>The --set lines of the options given.</summary>
     public void AddSets(ParseResult parse, Action<string, object?> add)
     {
-        add("source", parse.GetValue(Source));
+        add("source", parse.GetValue(Source) switch { null or [] => null, [var one] => one, var several => several });
         add("run-dir", parse.GetValue(RunDir));
         add("max-steps", parse.GetValue(MaxSteps));
         add("time-budget", parse.GetValue(TimeBudget));
