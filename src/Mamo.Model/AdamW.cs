@@ -3,14 +3,27 @@ using static TorchSharp.torch;
 
 namespace Mamo.Model;
 
-/// <summary>Optimiser settings: AdamW with linear warm-up, then cosine decay to a floor.</summary>
+/// <summary>Optimiser settings: AdamW with linear warm-up, then a schedule: cosine decay to a floor (a bounded run),
+/// constant (a stream that never ends), or warmup-stable-decay (constant, then a linear cool-down to the floor over the
+/// run's last CooldownSteps). At each step of RewarmAt the schedule starts again, warm-up first (Ibrahim et al. 2024:
+/// re-warm and re-decay for a new stream).</summary>
 public sealed record OptimizerConfig
 {
+    public const string Cosine = "cosine", Constant = "constant", WarmupStableDecay = "wsd";
+    public static readonly string[] Schedules = [Cosine, Constant, WarmupStableDecay];
+
     public double LearningRate { get; init; } = 3e-4;
     public double MinLearningRate { get; init; } = 3e-5;
     public int WarmupSteps { get; init; } = 200;
-    /// <summary>Steps of cosine decay after warm-up; the rate then stays at the floor (the stream never ends).</summary>
+    public string Schedule { get; init; } = Cosine;
+    /// <summary>Steps of cosine decay after warm-up; the rate then stays at the floor.</summary>
     public int DecaySteps { get; init; } = 20000;
+    /// <summary>wsd: the steps of the cool-down that ends the run at TotalSteps.</summary>
+    public int CooldownSteps { get; init; }
+    /// <summary>The step the run ends at; 0: none (wsd then never cools down).</summary>
+    public long TotalSteps { get; init; }
+    /// <summary>Steps at which the schedule starts again.</summary>
+    public IReadOnlyList<long> RewarmAt { get; init; } = [];
     public double WeightDecay { get; init; } = 0.02;
     public double Beta1 { get; init; } = 0.9;
     public double Beta2 { get; init; } = 0.98;
@@ -20,9 +33,21 @@ public sealed record OptimizerConfig
 
     public double LearningRateAt(long step)
     {
-        if (step < WarmupSteps) return LearningRate * (step + 1) / WarmupSteps;
-        var progress = Math.Min(1.0, (double)(step - WarmupSteps) / Math.Max(1, DecaySteps));
-        return MinLearningRate + 0.5 * (LearningRate - MinLearningRate) * (1 + Math.Cos(Math.PI * progress));
+        var start = RewarmAt.Where(s => s <= step).DefaultIfEmpty(0).Max();
+        var local = step - start;
+        if (local < WarmupSteps) return LearningRate * (local + 1) / WarmupSteps;
+        switch (Schedule)
+        {
+            case Constant:
+                return LearningRate;
+            case WarmupStableDecay:
+                var cooldown = TotalSteps - CooldownSteps;
+                if (TotalSteps <= 0 || step < cooldown) return LearningRate;
+                return LearningRate + (MinLearningRate - LearningRate) * (step - cooldown + 1) / Math.Max(1, CooldownSteps);
+            default:
+                var progress = Math.Min(1.0, (double)(local - WarmupSteps) / Math.Max(1, DecaySteps));
+                return MinLearningRate + 0.5 * (LearningRate - MinLearningRate) * (1 + Math.Cos(Math.PI * progress));
+        }
     }
 }
 

@@ -58,6 +58,28 @@ public class TrainingTests(ITestOutputHelper output)
         Assert.Equal(1e-4, o.LearningRateAt(110), 9);
         Assert.Equal(1e-4, o.LearningRateAt(100_000), 9);
     }
+
+    [Fact]
+    public void Constant_stays_at_the_rate_wsd_cools_down_over_the_last_steps_and_a_rewarm_starts_the_schedule_again()
+    {
+        var constant = new OptimizerConfig { LearningRate = 1e-3, MinLearningRate = 1e-4, WarmupSteps = 10, Schedule = OptimizerConfig.Constant };
+        Assert.Equal(1e-4, constant.LearningRateAt(0), 9);
+        Assert.Equal(1e-3, constant.LearningRateAt(10), 9);
+        Assert.Equal(1e-3, constant.LearningRateAt(1_000_000), 9);
+
+        var wsd = constant with { Schedule = OptimizerConfig.WarmupStableDecay, TotalSteps = 1_000, CooldownSteps = 100 };
+        Assert.Equal(1e-3, wsd.LearningRateAt(899), 9);
+        Assert.Equal(1e-3 - 9e-4 / 100, wsd.LearningRateAt(900), 9);
+        Assert.Equal(5.5e-4, wsd.LearningRateAt(949), 9);
+        Assert.Equal(1e-4, wsd.LearningRateAt(999), 9);   // the last step trains at the floor
+        Assert.Equal(1e-3, (wsd with { TotalSteps = 0 }).LearningRateAt(999), 9);   // no end, no cool-down
+
+        var rewarmed = new OptimizerConfig { LearningRate = 1e-3, MinLearningRate = 1e-4, WarmupSteps = 10, DecaySteps = 100, RewarmAt = [500] };
+        Assert.Equal(1e-4, rewarmed.LearningRateAt(499), 9);   // the first decay ended at the floor
+        Assert.Equal(1e-4, rewarmed.LearningRateAt(500), 9);   // warm-up again
+        Assert.Equal(1e-3, rewarmed.LearningRateAt(509), 9);
+        Assert.Equal(5.5e-4, rewarmed.LearningRateAt(560), 9);   // and the cosine again, from there
+    }
 }
 
 /// <summary>RSS is the whole process's: the memory test runs alone, after the parallel ones (beside them it measured

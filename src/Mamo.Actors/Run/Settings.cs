@@ -249,11 +249,12 @@ public sealed record MamoSettings
         static IReadOnlyList<WeightedSource> WeightedSources(Config c)
         {
             const string key = "mamo.source";
-            List<WeightedSource> sources;
-            try { sources = (c.GetValue(key).IsArray() ? c.GetStringList(key).ToList() : [c.GetString(key)]).Select(WeightedSource.Parse).ToList(); }
+            List<string?> specs;
+            try { specs = c.GetValue(key) is { } v && v.IsArray() ? [.. c.GetStringList(key)] : [c.GetString(key)]; }
+            catch (Exception e) { throw new SettingsException($"'{key}' has a bad value: {e.Message}", key); }
+            if (specs.Count == 0 || specs.Any(string.IsNullOrWhiteSpace)) throw new SettingsException($"'{key}' must name a source, or a list of them", key);
+            try { return specs.Select(x => WeightedSource.Parse(x!)).ToList(); }
             catch (FormatException e) { throw new SettingsException($"'{key}': {e.Message}", key); }
-            if (sources.Count == 0 || sources.Any(x => string.IsNullOrWhiteSpace(x.Spec))) throw new SettingsException($"'{key}' must name a source, or a list of them", key);
-            return sources;
         }
         static ClusterTls? Tls(Config c)
         {
@@ -299,13 +300,19 @@ public sealed record MamoSettings
             LearningRate = NonNegative("optimizer.learning-rate"),
             MinLearningRate = NonNegative("optimizer.min-learning-rate"),
             WarmupSteps = Int("optimizer.warmup-steps", 1),
+            Schedule = Get("optimizer.schedule", k => c.GetString(k), v => OptimizerConfig.Schedules.Contains(v), $"must be {string.Join(", ", OptimizerConfig.Schedules)}"),
             DecaySteps = Int("optimizer.decay-steps", 1),
+            CooldownSteps = Int("optimizer.cooldown-steps", 0),
+            TotalSteps = Long("max-steps", 0),
+            RewarmAt = Get("optimizer.rewarm-at", k => c.GetLongList(k).ToList(), v => v.All(x => x > 0), "must list steps > 0"),
             WeightDecay = NonNegative("optimizer.weight-decay"),
             Beta1 = Ratio("optimizer.beta1"),
             Beta2 = Ratio("optimizer.beta2"),
             Epsilon = Get("optimizer.epsilon", k => c.GetDouble(k), v => v > 0, "must be positive"),
             ClipNorm = NonNegative("optimizer.clip-norm"),
         };
+        if (optimizer.Schedule == OptimizerConfig.WarmupStableDecay && optimizer.TotalSteps > 0 && optimizer.CooldownSteps > optimizer.TotalSteps)
+            throw new SettingsException($"'mamo.optimizer.cooldown-steps' ({optimizer.CooldownSteps}) must not exceed max-steps ({optimizer.TotalSteps})");
         if (optimizer.MinLearningRate > optimizer.LearningRate)
             throw new SettingsException($"'mamo.optimizer.min-learning-rate' ({optimizer.MinLearningRate}) must not exceed 'mamo.optimizer.learning-rate' ({optimizer.LearningRate})");
         var cropMin = Get("data.crop-min-scale", k => c.GetDouble(k), v => v is > 0 and <= 1, "must lie in (0, 1]");
