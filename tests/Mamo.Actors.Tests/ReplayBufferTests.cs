@@ -49,10 +49,13 @@ public class ReplayBufferTests
     [Fact]
     public void A_batch_draws_the_same_records_for_the_same_step_and_none_it_already_holds()
     {
-        var buffer = ReplayBuffer.Empty(Settings, 3).Offer(Enumerable.Range(0, 40).Select(i => Record(i)));
+        // Two epochs of 20 records: each id is offered twice, and a draw never holds it twice.
+        var buffer = ReplayBuffer.Empty(Settings, 3).Offer(Enumerable.Range(0, 40).Select(i => Record(i) with { Id = $"r{i % 20}" }));
         var inBatch = new HashSet<string> { "r1", "r2", "r3" };
         var drawn = buffer.Draw(17, 8, inBatch);
+        Assert.Equal(8, drawn.Count);
         Assert.Equal(8, drawn.Select(r => r.Id).Distinct().Count());
+        Assert.Equal(17, buffer.Draw(17, 40, inBatch).Count);   // the 20 ids less the batch's 3
         Assert.Empty(drawn.Select(r => r.Id).Intersect(inBatch));
         Assert.Equal(drawn.Select(r => r.Id), buffer.Draw(17, 8, inBatch).Select(r => r.Id));
         Assert.NotEqual(drawn.Select(r => r.Id), buffer.Draw(18, 8, inBatch).Select(r => r.Id));

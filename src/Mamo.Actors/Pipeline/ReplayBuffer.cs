@@ -79,13 +79,14 @@ public sealed class ReplayBuffer
         return bytes;
     }
 
-    /// <summary>Step <paramref name="step"/>'s replayed records: <paramref name="count"/> distinct ones at most, none
-    /// with the id of a record the batch already holds.</summary>
+    /// <summary>Step <paramref name="step"/>'s replayed records: <paramref name="count"/> at most, of distinct ids (a
+    /// file source's record may be held twice, from two epochs), none the id of a record the batch already holds.</summary>
     public IReadOnlyList<ImageTextSample> Draw(long step, int count, IReadOnlySet<string> exclude)
     {
-        var slots = Enumerable.Range(0, Records.Count).Where(i => !exclude.Contains(Records[i].Id)).ToArray();
+        var slots = Enumerable.Range(0, Records.Count).ToArray();
         new Random(Seeds.Mix(seed ^ DrawSalt, step)).Shuffle(slots);
-        return slots.Take(count).Select(i => Records[i]).ToList();
+        var ids = new HashSet<string>(exclude);
+        return slots.Select(i => Records[i]).Where(r => ids.Add(r.Id)).Take(count).ToList();
     }
 
     /// <summary>The crop and caption randomness of a replayed record: its step and slot in the batch, so that a record
