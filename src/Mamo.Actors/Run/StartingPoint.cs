@@ -48,7 +48,10 @@ public static class StartingPoint
         // The reservoir comes along from --init: what the model learned before stays replayable in its next stage.
         var replay = s.Replay.On ? init is null ? ReplayBuffer.Empty(s.Replay, s.Seed) : ReplayBuffer.Load(init, s.Replay, s.Seed) : null;
         if (init is not null && replay is { Seen: > 0 }) Log.Information("the replay reservoir of {Init} comes along: {Replay}", init, replay);
-        var path = Checkpoint.Commit(s.RunDir, s.Model, replay is null ? trainer.Parts() : [.. trainer.Parts(), replay.ToPart()], fresh, s.KeepLast);
+        var replayPart = replay?.ToPart();
+        string path;
+        try { path = Checkpoint.Commit(s.RunDir, s.Model, replayPart is null ? trainer.Parts() : [.. trainer.Parts(), replayPart], fresh, s.KeepLast); }
+        finally { foreach (var (_, t) in replayPart?.Tensors ?? []) t.Dispose(); }
         Log.Information("new run in {RunDir}: {Preset} preset, {Parameters:N0} parameters, batch {Batch}, device {Device}{From}",
             s.RunDir, s.Preset, trainer.Student.parameters().Sum(p => p.numel()), s.BatchSize, device, init is null ? "" : $", from {init}");
         return (path, Checkpoint.ReadState(path));
