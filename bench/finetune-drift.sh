@@ -11,18 +11,8 @@
 #   FROM=runs/default bash bench/finetune-drift.sh     # STEPS=300 per stage; REPLAY=0; OUT=/tmp/mamo-drift
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FROM=${FROM:?set FROM to a pre-training run folder or checkpoint}
-STEPS=${STEPS:-300}
-REPLAY=${REPLAY:-0}
 OUT=${OUT:-/tmp/mamo-drift}
-MAMO=(${MAMO:-dotnet src/Mamo.Cli/bin/Release/net10.0/linux-x64/mamo.dll})
-[ -n "${MAMO_BUILT:-}" ] || dotnet build src/Mamo.Cli -c Release -v q -nologo >/dev/null
-DATA=${MAMO_DATA:-${XDG_CACHE_HOME:-$HOME/.cache}/mamo}
-"${MAMO[@]}" datasets fetch emoji-labels >/dev/null
-rm -rf "$OUT" && mkdir -p "$OUT"
-styles=(noto twitter openmoji)
-train=(train twitter-train openmoji-train)
-test=(test twitter-test openmoji-test)
+source bench/drift-common.sh
 from=$FROM
 for i in 0 1 2; do
   "${MAMO[@]}" finetune --task classify --from "$from" --source "dataset:emoji-labels/${train[$i]}" --run-dir "$OUT/${styles[$i]}" \
