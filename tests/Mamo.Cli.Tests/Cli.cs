@@ -57,9 +57,13 @@ static class MamoProcess
             lines.Where(e => !e.GetProperty("applied").GetBoolean()).Select(e => e.GetProperty("attempt").GetInt64()).ToHashSet());
     }
 
-    public static ProcessStartInfo StartInfo(IEnumerable<string> args)
+    /// <param name="interruptible">start it with SIGINT at its default action, as a terminal's process has it: a suite
+    /// started in the background (`nohup bash .ci/run &`) runs with SIGINT ignored, a child inherits that, and the
+    /// runtime then never hands SIGINT to the process's handlers</param>
+    public static ProcessStartInfo StartInfo(IEnumerable<string> args, bool interruptible = false)
     {
-        var info = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        var info = new ProcessStartInfo(interruptible ? "env" : "dotnet") { RedirectStandardOutput = true, RedirectStandardError = true };
+        if (interruptible) foreach (var a in (string[])["--default-signal=INT", "dotnet"]) info.ArgumentList.Add(a);
         info.ArgumentList.Add(System.IO.Path.Combine(AppContext.BaseDirectory, "mamo.dll"));
         foreach (var a in args) info.ArgumentList.Add(a);
         return info;

@@ -14,7 +14,6 @@ namespace Mamo.Cli.Tests;
 public class PretrainTests(ITestOutputHelper output)
 {
     static (int Code, string Log) RunMamo(IEnumerable<string> args) => MamoProcess.Run(args);
-    static ProcessStartInfo Mamo(IEnumerable<string> args) => MamoProcess.StartInfo(args);
     static TimeSpan KillAfter(IEnumerable<string> args, string runDir, int stepsDone, long checkpointAtLeast) => MamoProcess.KillAfter(args, runDir, stepsDone, checkpointAtLeast);
     static List<MamoProcess.LedgerEntry> Ledger(string runDir) => MamoProcess.Ledger(runDir);
 
@@ -99,7 +98,8 @@ public class PretrainTests(ITestOutputHelper output)
         using var folder = new TempFolder();
         var manifest = WriteManifest(folder);
         var run = folder.File("run");
-        using var p = Process.Start(Mamo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", run, .. Common, "--max-steps", "1000"]))!;
+        using var p = Process.Start(MamoProcess.StartInfo(["pretrain", "--source", "manifest:" + manifest, "--run-dir", run, .. Common, "--max-steps", "1000"],
+            interruptible: true))!;
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
         var ledger = Path.Combine(run, "ledger.jsonl");
@@ -111,7 +111,6 @@ public class PretrainTests(ITestOutputHelper output)
         try { await p.WaitForExitAsync(patience.Token); }
         catch (OperationCanceledException)
         {
-            // Seen once in 16 runs (2026-12-06), not since: what the process said is the evidence to find why.
             p.Kill(entireProcessTree: true);
             Assert.Fail($"mamo did not exit within 2 minutes of SIG{signal}: {await stdout}{await stderr}");
         }

@@ -4,7 +4,6 @@ using System.Text;
 using System.Text.RegularExpressions;
 using Akka.Configuration;
 using Akka.Configuration.Hocon;
-
 using Mamo.Actors.Sources;
 
 namespace Mamo.Actors.Run;
@@ -81,10 +80,19 @@ public static class RunConfig
 
     static string? SourceKindChange(Change c)
     {
-        // The recorded value is HOCON: one spec, or a list of them (a mix).
-        static List<string> Specs(string? v) => v is null ? []
-            : ConfigurationFactory.ParseString("v = " + v) is var parsed && parsed.GetValue("v").IsArray()
-                ? [.. parsed.GetStringList("v").Select(x => WeightedSource.Parse(x).Spec)] : [WeightedSource.Parse(parsed.GetString("v")).Spec];
+        // The recorded value is HOCON: one spec, or a list of them (a mix). One edited by hand into something else is
+        // compared as written.
+        static List<string> Specs(string? v)
+        {
+            if (v is null) return [];
+            try
+            {
+                var parsed = ConfigurationFactory.ParseString("v = " + v);
+                return parsed.GetValue("v").IsArray() ? [.. parsed.GetStringList("v").Select(x => WeightedSource.Parse(x).Spec)]
+                    : [WeightedSource.Parse(parsed.GetString("v")).Spec];
+            }
+            catch (Exception e) when (e is not OutOfMemoryException) { return [v]; }
+        }
         static string Kind(string spec) => Regex.Match(spec, @"^([a-z]+):").Groups[1].Value;
         var (was, now) = (Specs(c.Was), Specs(c.Now));
         if (was.Count > 1 || now.Count > 1)
