@@ -32,10 +32,10 @@ public sealed class ImageEncoder : Module<Tensor, Tensor?, Tensor>
         using var scope = NewDisposeScope();
         var patches = patchEmbed.forward(images);                                 // [B, W, Gh, Gw]
         var x = patches.flatten(2).transpose(1, 2);                               // [B, N, W]
-        x = x + PatchPositions(patches.shape[2], patches.shape[3]);
+        x = KeptScalars.Add(x, PatchPositions(patches.shape[2], patches.shape[3]));
         if (visible is not null)
             x = x.gather(1, visible.unsqueeze(-1).expand(-1, -1, x.shape[2]));   // [B, Nv, W]
-        var cls = (clsToken + positionEmbedding[.., ..1]).expand(x.shape[0], -1, -1);
+        var cls = KeptScalars.Add(clsToken, positionEmbedding[.., ..1]).expand(x.shape[0], -1, -1);
         return blocks.forward(cat(new[] { cls, x }, 1), null).MoveToOuterDisposeScope();
     }
 
@@ -59,7 +59,7 @@ public sealed class ImageEncoder : Module<Tensor, Tensor?, Tensor>
     {
         using var scope = NewDisposeScope();
         var (b, w) = (encoded.shape[0], encoded.shape[2]);
-        var full = (maskToken + positionEmbedding[.., 1..]).expand(b, numPatches, w);
+        var full = KeptScalars.Add(maskToken, positionEmbedding[.., 1..]).expand(b, numPatches, w);
         full = full.scatter(1, visible.unsqueeze(-1).expand(-1, -1, w), encoded[.., 1..]);
         return cat(new[] { encoded[.., ..1], full }, 1).MoveToOuterDisposeScope();
     }
@@ -102,8 +102,8 @@ public sealed class TextEncoder : Module<Tensor, Tensor, Tensor>
     {
         using var scope = NewDisposeScope();
         var l = tokenIds.shape[1];
-        var x = wordEmbedding.forward(tokenIds) + positionEmbedding[.., ..(int)l];
-        if (tokenTypeEmbedding is not null) x = x + tokenTypeEmbedding[0];   // one segment: type 0, as BERT gives a single text
+        var x = KeptScalars.Add(wordEmbedding.forward(tokenIds), positionEmbedding[.., ..(int)l]);
+        if (tokenTypeEmbedding is not null) x = KeptScalars.Add(x, tokenTypeEmbedding[0]);   // one segment: type 0, as BERT gives a single text
         x = embeddingNorm.forward(x);
         var bias = BlockStack.PaddingBias(attentionMask, x.dtype);
         var (output, hidden) = blocks.ForwardAll(x, bias, keepHidden);

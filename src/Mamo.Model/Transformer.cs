@@ -113,13 +113,13 @@ public sealed class Block : Module<Tensor, Tensor?, Tensor>
         using var scope = NewDisposeScope();
         if (postLn)
         {
-            x = ln1.forward(x + attn.forward(x, bias));
-            x = ln2.forward(x + mlp.forward(x));
+            x = ln1.forward(KeptScalars.Add(x, attn.forward(x, bias)));
+            x = ln2.forward(KeptScalars.Add(x, mlp.forward(x)));
         }
         else
         {
-            x = x + attn.forward(ln1.forward(x), bias);
-            x = x + mlp.forward(ln2.forward(x));
+            x = KeptScalars.Add(x, attn.forward(ln1.forward(x), bias));
+            x = KeptScalars.Add(x, mlp.forward(ln2.forward(x)));
         }
         return x.MoveToOuterDisposeScope();
     }
