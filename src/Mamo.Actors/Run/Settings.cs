@@ -320,6 +320,7 @@ public sealed record MamoSettings
 
         var sources = WeightedSources(c);
 
+        var minReplicas = Int("cluster.min-replicas", 1);
         var minBackoff = Duration("supervision.min-backoff");
         var maxBackoff = Get("supervision.max-backoff", k => c.GetTimeSpan(k), v => v >= minBackoff, "must be >= supervision.min-backoff");
 
@@ -395,8 +396,8 @@ public sealed record MamoSettings
                 Int("cluster.inner-steps", 1),
                 new OuterOptimizerConfig(NonNegative("cluster.outer-optimizer.learning-rate"), Ratio("cluster.outer-optimizer.momentum"),
                     Bool("cluster.outer-optimizer.nesterov")),
-                Int("cluster.min-replicas", 1),
-                Math.Max(Int("cluster.start-replicas", 0), Int("cluster.min-replicas", 1)),
+                minReplicas,
+                Math.Max(Int("cluster.start-replicas", 0), minReplicas),
                 Get("cluster.round-timeout", k => c.GetTimeSpan(k), v => v > TimeSpan.Zero, "must be positive"),
                 Get("cluster.delta-dtype", k => c.GetString(k), v => Mamo.Actors.Cluster.WeightTransfer.DTypes.ContainsKey(v), "must be float32, bfloat16 or float16"),
                 (int)Get("cluster.chunk-size", k => c.GetByteSize(k) ?? throw new FormatException("not a size"), v => v is >= 1024 and <= 384 * 1024,
