@@ -152,6 +152,39 @@ public class SettingsTests
     }
 
     [Fact]
+    public void A_resume_goes_on_with_the_recorded_settings_and_changes_only_what_is_given_again()
+    {
+        var run = Directory.CreateTempSubdirectory("mamo-record-").FullName;
+        try
+        {
+            string[] first = [$"run-dir={run}", "batch-size=12", "optimizer.learning-rate=1e-3", "kafka.consumer.\"sasl.password\"=hunter2",
+                "kafka.consumer.\"sasl.username\"=mamo"];
+            RunConfig.Resume(MamoSettings.Load(null, first), ["pretrain"]);
+            File.AppendAllText(Path.Combine(run, RunConfig.File), "mamo.no-longer-a-setting = \"1\"\n");
+
+            // No checkpoint yet: a new run, so the record binds nothing.
+            Assert.Equal(32, MamoSettings.Load(null, [$"run-dir={run}"]).BatchSize);
+
+            var step = Path.Combine(run, Mamo.Model.Checkpoint.RunFolder, Mamo.Model.Checkpoint.StepFolderName(1));
+            Directory.CreateDirectory(step);
+            File.WriteAllText(Path.Combine(step, Mamo.Model.Checkpoint.StateFile), "{}");
+            var resumed = MamoSettings.Load(null, [$"run-dir={run}", "batch-size=16"]);
+            Assert.Equal(16, resumed.BatchSize);                          // given again: changed
+            Assert.Equal(1e-3, resumed.Optimizer.LearningRate);            // not given: as recorded
+            Assert.Equal("mamo", resumed.KafkaConsumer["sasl.username"]);
+            Assert.False(resumed.KafkaConsumer.ContainsKey("sasl.password"));   // recorded redacted: not taken back
+            var line = File.ReadLines(Path.Combine(run, RunConfig.File)).ToList().FindIndex(l => l.StartsWith("mamo.optimizer.learning-rate = ")) + 1;
+            Assert.Equal($"run folder, {Path.Combine(run, RunConfig.File)}:{line}", resumed.Origin("mamo.optimizer.learning-rate"));
+            Assert.Equal("--set batch-size=16", resumed.Origin("mamo.batch-size"));
+            // The secret is the user's to give again (from the file it came from): without it, it is a change.
+            Assert.Equal([new RunConfig.Change("mamo.batch-size", "\"12\"", "\"16\""),
+                          new RunConfig.Change("mamo.kafka.consumer.\"sasl.password\"", "\"(redacted)\"", null),
+                          new RunConfig.Change("mamo.no-longer-a-setting", "\"1\"", null)], RunConfig.Changes(resumed));
+        }
+        finally { Directory.Delete(run, recursive: true); }
+    }
+
+    [Fact]
     public void The_text_layout_is_the_presets_unless_set()
     {
         Assert.Equal(Mamo.Model.TextLayouts.PreLn, MamoSettings.Load(null, ["preset=tiny"]).Model.TextLayout);

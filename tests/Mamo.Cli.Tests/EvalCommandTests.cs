@@ -134,6 +134,20 @@ public class EvalCommandTests(EvalRunFixture run, ITestOutputHelper log) : IClas
         Assert.Contains("no usable image-text pair", stderr);
     }
 
+    [Fact]
+    public void Eval_honours_the_decode_limits_of_the_settings_and_refuses_a_bad_one()
+    {
+        // 48x40 = 1,920 pixels each: under training's default limit, over this one.
+        var (code, stdout, stderr) = Cli.Run("eval", "--checkpoint", run.RunDir, "--manifest", run.Manifest, "--json", "--set", "data.max-image-pixels=1000");
+        Assert.Equal((2, ""), (code, stdout));
+        Assert.Contains("no usable image-text pair", stderr);
+        Assert.Contains("1920 pixels", stderr.Replace(",", ""));
+
+        (code, stdout, stderr) = Cli.Run("eval", "--checkpoint", run.RunDir, "--manifest", run.Manifest, "--json", "--set", "data.max-image-pixel=1000");
+        Assert.Equal((2, ""), (code, stdout));
+        Assert.Contains("--set data.max-image-pixel=1000: unknown configuration key 'mamo.data.max-image-pixel'", stderr);
+    }
+
     [SkippableFact]
     public void Cuda_without_cuda_is_a_usage_error()
     {

@@ -139,7 +139,7 @@ public class PretrainTests(ITestOutputHelper output)
         Assert.Equal(ExitCodes.Success, shown);
         Assert.Contains("mamo.optimizer.learning-rate = \"1e-3\"", listing);
         Assert.Contains("# --set optimizer.learning-rate=1e-3; recorded \"5e-4\": a resume applies this change", listing);
-        Assert.Matches(@"mamo\.seed = ""1"" +# default\n", listing);
+        Assert.Matches(@"mamo\.seed = ""1"" +# run folder, .*config\.resolved\.conf:\d+\n", listing);
 
         (code, log) = RunMamo([.. args, "--max-steps", "2", "--set", "optimizer.learning-rate=1e-3"]);
         Assert.True(code == 0, log);
@@ -152,10 +152,16 @@ public class PretrainTests(ITestOutputHelper output)
         Assert.Contains("the resumed run applies a changed setting: mamo.optimizer.learning-rate was \"5e-4\", now \"1e-3\"", log);
         Assert.Contains("mamo.optimizer.learning-rate = \"1e-3\"", File.ReadAllLines(Path.Combine(run, RunConfig.File)));
 
-        (code, log) = RunMamo([.. args, "--max-steps", "3", "--preset", "small"]);
+        // A resume that leaves the learning rate out goes on with the recorded one: only max-steps changes.
+        (code, log) = RunMamo([.. args, "--max-steps", "3"]);
+        Assert.True(code == 0, log);
+        Assert.DoesNotContain("mamo.optimizer.learning-rate was", log);
+        Assert.Contains("mamo.optimizer.learning-rate = \"1e-3\"", File.ReadAllLines(Path.Combine(run, RunConfig.File)));
+
+        (code, log) = RunMamo([.. args, "--max-steps", "4", "--preset", "small"]);
         Assert.Equal(ExitCodes.Usage, code);
         Assert.Contains("'mamo.preset' was \"tiny\", now \"small\" (the checkpoints hold a model of the recorded preset)", log);
-        Assert.Equal(2, Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step);   // refused before a step
+        Assert.Equal(3, Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step);   // refused before a step
     }
 
     [Fact]

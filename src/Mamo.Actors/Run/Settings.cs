@@ -125,7 +125,7 @@ public sealed record MamoSettings
         };
     }
 
-    /// <summary>Where a key's value came from: "--set KEY=VALUE", "FILE:LINE", "default (LAYER)" or "default".</summary>
+    /// <summary>Where a key's value came from: "--set KEY=VALUE", "FILE:LINE", "run folder, RECORD:LINE", "default (LAYER)" or "default".</summary>
     public Func<string, string> Origin { get; init; } = _ => "default";
 
     public static Config Defaults() => Embedded("mamo.conf");
@@ -170,17 +170,21 @@ public sealed record MamoSettings
             user = parsed.WithFallback(user);
             setOf[key] = set;
         }
-        // Where each key's value came from: the --set that gave it, its line in the file, a task's layer, or the defaults.
+        // Where each key's value came from: the --set that gave it, its line in the file, the run folder's record, a
+        // task's layer, or the defaults.
         string? SetBy(string key) => setOf.Where(s => key == s.Key || key.StartsWith(s.Key + ".")).Select(s => $"--set {s.Value}").LastOrDefault();
+        var (recorded, record) = Recorded(user.WithFallback(defaults), defaults);
         string Origin(string key) =>
             SetBy(key)
             ?? (file is not null && user.HasPath(key) ? file.Where(key) : null)
+            ?? (record is not null && recorded.HasPath(key) ? $"run folder, {record.Where(key)}" : null)
             ?? taskLayers.Where(l => l.Config.HasPath(key)).Select(l => $"default ({l.Name})").FirstOrDefault()
             ?? "default";
         try
         {
             CheckKeys(user.Root, defaults.Root, "");
-            return WithoutDemoDefaults(FromConfig(user.WithFallback(defaults)) with { Origin = Origin }, user);
+            var given = user.WithFallback(recorded);
+            return WithoutDemoDefaults(FromConfig(given.WithFallback(defaults)) with { Origin = Origin }, given);
         }
         catch (SettingsException e) when (e.Key is { } key && (SetBy(key) ?? file?.Where(key)) is { } origin)
         {
@@ -190,6 +194,27 @@ public sealed record MamoSettings
     }
 
     static readonly HashSet<string> PassThrough = ["mamo.kafka.consumer", "mamo.kafka.producer"];
+
+    /// <summary>What the run folder recorded (RunConfig.File), as the layer under the user's settings: a resume goes on
+    /// with the values the run ran with, and changes only what the user names again (RunConfig logs each change). Empty
+    /// for a new run (no complete checkpoint). Leaves out what cannot be taken back: a secret recorded as redacted (the
+    /// user's file or the defaults give it) and a key that is no longer a setting.</summary>
+    static (Config Layer, HoconSource? Source) Recorded(Config resolved, Config defaults)
+    {
+        var runDir = resolved.GetString("mamo.run-dir");
+        var path = Path.Combine(runDir, RunConfig.File);
+        if (string.IsNullOrWhiteSpace(runDir) || !File.Exists(path) || !Checkpoint.Complete(runDir).Any()) return (ConfigurationFactory.Empty, null);
+        bool Kept(string line)
+        {
+            if (line.StartsWith('#') || line.Split(" = ", 2) is not [var key, var value]) return false;
+            if (value == $"\"{RunConfig.Redacted}\"") return false;
+            return PassThrough.Any(p => key.StartsWith(p + ".", StringComparison.Ordinal)) || defaults.HasPath(key);
+        }
+        // Lines left out become blank, so that each origin names the line of the file as it is.
+        var text = string.Join('\n', File.ReadLines(path).Select(l => Kept(l) ? l : ""));
+        try { return HoconSource.Parse(text, path); }
+        catch (SettingsException e) { throw new SettingsException($"the run folder's record cannot be read ({e.Message}); fix or delete it to resume with the settings given"); }
+    }
 
     /// <summary>A pass-through block as flat librdkafka properties: `sasl.mechanism = PLAIN` and
     /// `"sasl.mechanism" = PLAIN` both give "sasl.mechanism".</summary>

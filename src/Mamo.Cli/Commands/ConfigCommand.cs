@@ -5,8 +5,8 @@ using Mamo.Actors.Run;
 namespace Mamo.Cli.Commands;
 
 /// <summary>`mamo config show [--run-dir DIR] [--config F] [--set k=v]`: every mamo.* value a run would resolve, each
-/// with where it came from (default, FILE:LINE or --set), and, for a run folder that records a configuration, what a
-/// resume there would change of it and whether it would refuse (RunConfig).</summary>
+/// with where it came from (default, the run folder's record, FILE:LINE or --set), and, for a run folder that records a
+/// configuration, what a resume there would change of it and whether it would refuse (RunConfig).</summary>
 public static class ConfigCommand
 {
     public static Command Create()

@@ -10,12 +10,12 @@ using Mamo.Actors.Run;
 
 namespace Mamo.Cli.Commands;
 
-/// <summary>`mamo eval --checkpoint PATH --manifest PATH [--k 16] [--json] [--weights teacher|student] [--device cpu|cuda] [--batch-size 64]`:
+/// <summary>`mamo eval --checkpoint PATH --manifest PATH [--k 16] [--json] [--weights teacher|student] [--device cpu|cuda] [--batch-size 64] [--config F] [--set k=v]`:
 /// zero-shot image-text retrieval of a checkpoint on any manifest.</summary>
 public static class EvalCommand
 {
     const int DefaultK = 16, DefaultBatchSize = 64;
-    const string Teacher = "teacher", Student = "student", Cpu = "cpu", Cuda = "cuda", RetrievalTask = "retrieval", GroundingTask = "grounding";
+    const string Teacher = "teacher", Student = "student", RetrievalTask = "retrieval", GroundingTask = "grounding";
     const double Percent = 100;
 
     public static Command Create()
@@ -39,8 +39,8 @@ public static class EvalCommand
             DefaultValueFactory = _ => Teacher,
         };
         weights.AcceptOnlyFromAmong(Teacher, Student);
-        var device = new Option<string>("--device") { Description = "Where the model runs", DefaultValueFactory = _ => Cpu };
-        device.AcceptOnlyFromAmong(Cpu, Cuda);
+        var device = SettingsOptions.DeviceOption();
+        var settingsOptions = new SettingsOptions();
         var batchSize = new Option<int>("--batch-size")
         {
             Description = "Images, captions or re-ranked pairs per forward pass",
@@ -58,7 +58,7 @@ public static class EvalCommand
         var command = new Command("eval", "Image-text retrieval (TR@K, IR@K, r_mean) of a checkpoint on a manifest; ITC ranks, ITM re-ranks the top k. " +
             "With --task grounding: pointing-game and box accuracy")
         {
-            checkpoint, manifest, k, json, weights, device, batchSize, task, layer,
+            checkpoint, manifest, k, json, weights, device, batchSize, task, layer, settingsOptions.Config, settingsOptions.Set,
         };
         command.SetAction(parse =>
         {
@@ -76,10 +76,11 @@ public static class EvalCommand
                             $"or a run folder with complete {Checkpoint.RunFolder}/step-* folders");
             var manifestPath = parse.GetValue(manifest)!;
             if (!File.Exists(manifestPath)) return Fail($"no manifest at {manifestPath}");
-            if (parse.GetValue(task) == GroundingTask) return EvaluateGrounding(dir, manifestPath, parse.GetValue(layer), parse.GetValue(json), output, error, Fail);
             torch.Device dev;
-            try { dev = RunInputs.OpenDevice(parse.GetValue(device)!); }
-            catch (SettingsException e) { return Fail($"--device: {e.Message}"); }
+            DecodeLimits limits;
+            try { (dev, limits) = settingsOptions.LoadInference(parse, parse.GetValue(device)); }
+            catch (SettingsException e) { return Fail(e.Message); }
+            if (parse.GetValue(task) == GroundingTask) return EvaluateGrounding(dir, manifestPath, parse.GetValue(layer), limits, parse.GetValue(json), output, error, Fail);
             var part = parse.GetValue(weights) == Teacher ? Checkpoint.InferencePart(dir) : Checkpoint.StudentPart;
             // A fine-tuned checkpoint without distillation keeps no teacher: its student is the model.
             if (parse.GetValue(weights) == Teacher && part == Checkpoint.StudentPart) error.WriteLine($"mamo eval: {dir} keeps no momentum teacher; evaluating its student");
@@ -90,7 +91,7 @@ public static class EvalCommand
                 var step = Checkpoint.ReadState(dir).Step;
                 var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: error.WriteLine));
                 var transform = new ImageTransform(new ImageTransformOptions(ImageSize: config.ImageSize));
-                using var set = EvalSet.Load(manifestPath, transform, tokenizer, config.MaxTextLength);
+                using var set = EvalSet.Load(manifestPath, transform, tokenizer, config.MaxTextLength, limits);
                 if (set.Bad.Count > 0)
                     error.WriteLine($"mamo eval: skipped {set.Bad.Count} bad records of {manifestPath} (first: {set.Bad[0].Location}: {set.Bad[0].Reason})");
 
@@ -114,12 +115,12 @@ public static class EvalCommand
         return command;
     }
 
-    static int EvaluateGrounding(string dir, string manifestPath, int? layer, bool json, TextWriter output, TextWriter error, Func<string, int, int> fail)
+    static int EvaluateGrounding(string dir, string manifestPath, int? layer, DecodeLimits limits, bool json, TextWriter output, TextWriter error, Func<string, int, int> fail)
     {
         try
         {
-            var canvases = GroundingSet.Read(manifestPath);
-            using var grounder = Grounder.Open(dir, error);
+            var canvases = GroundingSet.Read(manifestPath, limits);
+            using var grounder = Grounder.Open(dir, error, limits);
             var l = grounder.Layer(layer);
             var r = GroundCommand.Benchmark(grounder, canvases, l, done => { if (done % 100 == 0) error.WriteLine($"mamo eval: {done}/{canvases.Count} canvases"); });
             if (json)

@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Text.Json;
 using Mamo.Actors;
+using Mamo.Actors.Run;
 using Mamo.Data;
 using Mamo.Data.Datasets;
 using Mamo.Model;
@@ -23,13 +24,18 @@ public static class GroundCommand
         var output = new Option<string?>("--out") { Description = "Write the image with the heatmap over it (PNG)" };
         var layer = LayerOption();
         var json = new Option<bool>("--json") { Description = "Print the heat grid and the peak's pixel as one JSON object" };
-        var command = new Command("ground", "Grad-CAM of the ITM score: where in an image the model finds a phrase") { checkpoint, image, text, output, layer, json };
+        var settingsOptions = new SettingsOptions();
+        var command = new Command("ground", "Grad-CAM of the ITM score: where in an image the model finds a phrase")
+        {
+            checkpoint, image, text, output, layer, json, settingsOptions.Config, settingsOptions.Set,
+        };
         command.SetAction(parse =>
         {
             var (stdout, error) = (parse.InvocationConfiguration.Output, parse.InvocationConfiguration.Error);
             try
             {
-                using var grounder = Grounder.Open(parse.GetValue(checkpoint)!, error);
+                var (_, limits) = settingsOptions.LoadInference(parse, "cpu");
+                using var grounder = Grounder.Open(parse.GetValue(checkpoint)!, error, limits);
                 var l = grounder.Layer(parse.GetValue(layer));
                 var (rgb, size) = grounder.Decode(parse.GetValue(image)!);
                 using (rgb)
@@ -47,7 +53,7 @@ public static class GroundCommand
                 }
                 return 0;
             }
-            catch (UsageException e) { error.WriteLine($"mamo ground: {e.Message}"); return ExitCodes.Usage; }
+            catch (Exception e) when (e is UsageException or SettingsException) { error.WriteLine($"mamo ground: {e.Message}"); return ExitCodes.Usage; }
             catch (Exception e) when (e is InvalidDataException or JsonException or IOException) { error.WriteLine($"mamo ground: {e.Message}"); return ExitCodes.Usage; }
         });
         return command;
@@ -128,14 +134,18 @@ public sealed class Grounder : IDisposable
     readonly TextTokenizer tokenizer;
     public MamoConfig Config { get; }
 
-    Grounder(MamoModel model, TextTokenizer tokenizer, MamoConfig config) => (this.model, this.tokenizer, Config) = (model, tokenizer, config);
+    readonly DecodeLimits limits;
 
-    public static Grounder Open(string checkpoint, TextWriter log)
+    Grounder(MamoModel model, TextTokenizer tokenizer, MamoConfig config, DecodeLimits limits) =>
+        (this.model, this.tokenizer, Config, this.limits) = (model, tokenizer, config, limits);
+
+    /// <param name="limits">the decode limits of the images it reads</param>
+    public static Grounder Open(string checkpoint, TextWriter log, DecodeLimits limits)
     {
         var dir = Checkpoint.Latest(checkpoint) ?? throw new UsageException($"no checkpoint at {checkpoint}");
         var config = Checkpoint.ReadConfig(dir);
         var tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: log.WriteLine));
-        return new Grounder(Checkpoint.LoadInference(dir, torch.CPU), tokenizer, config);
+        return new Grounder(Checkpoint.LoadInference(dir, torch.CPU), tokenizer, config, limits);
     }
 
     /// <summary>The layer asked for, checked, or the default. The last fusion layer is refused: the ITM head reads the
@@ -154,7 +164,7 @@ public sealed class Grounder : IDisposable
     public (SKBitmap Rgb, int Size) Decode(string path)
     {
         if (!File.Exists(path)) throw new UsageException($"no image at {path}");
-        if (!ImageDecoder.TryDecode(File.ReadAllBytes(path), DecodeLimits.Default, out var rgb, out var error))
+        if (!ImageDecoder.TryDecode(File.ReadAllBytes(path), limits, out var rgb, out var error))
             throw new InvalidDataException($"{path}: {error.Reason}");
         var patch = Config.PatchSize;
         var size = Math.Max(patch, (int)Math.Round(Math.Min(rgb.Width, rgb.Height) / (double)patch) * patch);

@@ -26,7 +26,8 @@ public static class PredictCommand
         var labelField = new Option<string>("--label-field") { Description = "The field that holds the label", DefaultValueFactory = _ => ManifestSource.LabelField };
         var json = new Option<bool>("--json") { Description = "Print one JSON object instead of a table" };
         var output = new Option<string>("--out") { Description = "Where the predictions go, one JSON line per record", DefaultValueFactory = _ => "predictions.jsonl" };
-        var device = new Option<string>("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
+        var device = SettingsOptions.DeviceOption();
+        var settingsOptions = new SettingsOptions();
         var zeroShot = new Option<string?>("--zero-shot")
         {
             Description = "No head: each image takes the manifest label whose prompt it matches best, e.g. \"an emoji of the group {label}\" (the baseline)",
@@ -35,7 +36,7 @@ public static class PredictCommand
         score.AcceptOnlyFromAmong("itm", "itc");
         var command = new Command("predict", "Classify a labelled manifest with a fine-tuned checkpoint: accuracy, macro-F1, per class")
         {
-            checkpoint, manifest, labelField, json, output, device, zeroShot, score,
+            checkpoint, manifest, labelField, json, output, device, zeroShot, score, settingsOptions.Config, settingsOptions.Set,
         };
         command.SetAction(parse =>
         {
@@ -52,7 +53,7 @@ public static class PredictCommand
             if (!File.Exists(manifestPath)) return Fail($"no manifest at {manifestPath}");
             try
             {
-                var dev = RunInputs.OpenDevice(parse.GetValue(device)!);
+                var (dev, limits) = settingsOptions.LoadInference(parse, parse.GetValue(device));
                 var state = Checkpoint.ReadState(dir);
                 var template = parse.GetValue(zeroShot);
                 if (template is not null && !template.Contains("{label}")) return Fail("--zero-shot: the prompt template must contain {label}");
@@ -63,7 +64,7 @@ public static class PredictCommand
                 var transform = new ImageTransform(new ImageTransformOptions(ImageSize: config.ImageSize));
                 using var set = LabelledSet.Load(manifestPath, transform, tokenizer, config.MaxTextLength,
                     template is null ? OnlineClassification.SavedPrompt(state.Extra) : "",   // zero-shot pairs the images with its own prompts
-                    parse.GetValue(labelField)!);
+                    parse.GetValue(labelField)!, limits);
                 if (set.Bad.Count > 0) error.WriteLine($"mamo predict: skipped {set.Bad.Count} records (first: {set.Bad[0].Location}: {set.Bad[0].Reason})");
 
                 // Zero-shot ranks with the weights `mamo eval` ranks with (the teacher where there is one); a head, with the

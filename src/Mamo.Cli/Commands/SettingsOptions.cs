@@ -1,11 +1,14 @@
 using System.CommandLine;
 using Mamo.Actors;
 using Mamo.Actors.Run;
+using Mamo.Data;
+using TorchSharp;
 
 namespace Mamo.Cli.Commands;
 
 /// <summary>`--config FILE` and `--set key=value`, HOCON over hocon/mamo.conf, for each command that reads settings
-/// (pretrain; embed and ingest for the librdkafka properties under mamo.kafka; cluster status for mamo.cluster.tls).</summary>
+/// (pretrain; embed and ingest for the librdkafka properties under mamo.kafka; cluster status for mamo.cluster.tls;
+/// eval, ground and predict for what inference honours).</summary>
 sealed class SettingsOptions
 {
     public Option<string?> Config { get; } = new("--config") { Description = "A HOCON file layered over hocon/mamo.conf (default: none; `mamo config show` lists every key)" };
@@ -14,6 +17,25 @@ sealed class SettingsOptions
     /// <summary>The settings, with <paramref name="first"/> under the user's --set; a bad key or value throws SettingsException.</summary>
     public MamoSettings Load(ParseResult parse, IEnumerable<string>? first = null) =>
         MamoSettings.Load(parse.GetValue(Config), [.. first ?? [], .. parse.GetValue(Set) ?? []]);
+
+    /// <summary>What a command that loads a model for inference honours of the settings (eval, ground, predict):
+    /// torch-threads (set here), the device where the command's --device is left out, and the image decode limits of
+    /// training (data.max-image-bytes and -pixels), so that an image a run would refuse is refused here too. A bad
+    /// setting or device throws SettingsException.</summary>
+    public (torch.Device Device, DecodeLimits Limits) LoadInference(ParseResult parse, string? device)
+    {
+        var s = Load(parse);
+        if (s.TorchThreads > 0) torch.set_num_threads(s.TorchThreads);
+        return (RunInputs.OpenDevice(device ?? s.Device), new DecodeLimits(s.MaxImageBytes, s.MaxImagePixels));
+    }
+
+    /// <summary>--device for an inference command: left out, mamo.device decides.</summary>
+    public static Option<string?> DeviceOption()
+    {
+        var device = new Option<string?>("--device") { Description = "Where the model runs: cpu or cuda (default: mamo.device, cpu unless --config or --set says)" };
+        device.AcceptOnlyFromAmong("cpu", "cuda");
+        return device;
+    }
 }
 
 /// <summary>The options `pretrain` and `finetune` share, each described with the default it takes (hocon/mamo.conf, and
