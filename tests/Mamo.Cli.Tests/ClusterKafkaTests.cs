@@ -75,7 +75,7 @@ public class ClusterKafkaTests(ITestOutputHelper output)
         var nodes = ports.Select((port, i) => Process.Start(MamoProcess.StartInfo([
             "pretrain", "--plain", "--ledger", "--source", $"kafka://{broker.BootstrapServers}/pairs?group=cluster", "--run-dir", run,
             "--max-steps", $"{InnerSteps * rounds}", "--cluster", $"127.0.0.1:{port}", "--seed-nodes", $"127.0.0.1:{ports[0]}", "--node-name", $"n{i}",
-            "--set", $"batch-size={batch}", "--set", $"cluster.inner-steps={InnerSteps}", "--set", "cluster.min-replicas=2", "--set", "checkpoint.keep-last=40",
+            "--set", $"batch-size={batch}", "--set", $"cluster.inner-steps={InnerSteps}", "--set", "cluster.min-replicas=2", "--set", "cluster.start-replicas=3", "--set", "checkpoint.keep-last=40",
             "--set", "torch-threads=1", "--set", "eval.every-steps=0", "--set", "data.preprocess-parallelism=1"]))!).ToList();
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
         var ledger = Enumerable.Range(0, 3).Select(i => Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")).ToList();

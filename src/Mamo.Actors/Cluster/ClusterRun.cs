@@ -122,8 +122,10 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
             if (finalStep >= 0)   // the node's own work is done: it waits for the followers, a round's time at most where it trained
                 foreach (var follower in singletons.Where(x => x.Name != SingletonName))
                     await AwaitFollower(follower.Proxy(registry), follower.Name, follower.Role, finalStep, trains ? s.Cluster.RoundTimeout : null, stop);
+            // Stopped (a signal) or run without an end: the step the cluster's checkpoints got to.
+            if (finalStep < 0) finalStep = Model.Checkpoint.Latest(s.RunDir) is { } last ? Model.Checkpoint.ReadState(last).Step : 0;
             Log.Information("node {Node} leaves the cluster at step {Step}", node.Name, finalStep);
-            return Math.Max(finalStep, 0);
+            return finalStep;
         }
         finally
         {
