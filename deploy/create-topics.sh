@@ -6,6 +6,8 @@
 #   mamo.pairs.dlq   dead letters: pairs that could not be used, with the reason
 #   mamo.embeddings       image embeddings out, keyed by item id; compacted, so the newest vector of each id is kept
 #   mamo.text-embeddings  text embeddings out, the same way
+#   mamo.embeddings.versions, mamo.text-embeddings.versions
+#                         each model version's events (started, complete, abandoned; docs/KAFKA.md): one partition, in order
 set -euo pipefail
 
 BOOTSTRAP="${BOOTSTRAP:-kafka:9092}"
@@ -36,6 +38,8 @@ create mamo.pairs --partitions "$PAIRS_PARTITIONS"
 create mamo.pairs.dlq --partitions "$DLQ_PARTITIONS"
 create mamo.embeddings --partitions "$EMBEDDINGS_PARTITIONS" --config cleanup.policy=compact
 create mamo.text-embeddings --partitions "$EMBEDDINGS_PARTITIONS" --config cleanup.policy=compact
+create mamo.embeddings.versions --partitions 1 --config cleanup.policy=compact
+create mamo.text-embeddings.versions --partitions 1 --config cleanup.policy=compact
 
 # --topic takes one name or a regular expression (except with --create).
 "$KAFKA_BIN/kafka-topics.sh" --bootstrap-server "$BOOTSTRAP" --describe --topic 'mamo\..*'

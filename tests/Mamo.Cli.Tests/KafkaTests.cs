@@ -195,6 +195,15 @@ public class KafkaTests(ITestOutputHelper output)
             Assert.Equal(int.Parse(headers[EmbeddingSinks.DimHeader]) * sizeof(float), int.Parse(parts[1]));
             Assert.Equal("step-2", headers[EmbeddingSinks.ModelVersionHeader]);
         }
+        // The version's events on embeddings.versions: started, then complete with the count and checksum of those vectors.
+        var (eventsCode, events) = Kcat(["-C", "-b", cluster.BootstrapServers, "-t", EmbeddingSinks.VersionsTopic("embeddings"), "-e", "-f", "%k|%s\n"]);
+        Assert.True(eventsCode == 0, events);
+        var versions = events.Split('\n', StringSplitOptions.RemoveEmptyEntries).Where(l => l.Contains('|'))
+            .Select(l => (Key: l[..l.IndexOf('|')], Record: VersionRecord.Parse(System.Text.Encoding.UTF8.GetBytes(l[(l.IndexOf('|') + 1)..])))).ToList();
+        Assert.Equal([("step-2", "started"), ("step-2", "complete")], versions.Select(v => (v.Key, v.Record.State)));
+        Assert.Equal(2 * 181, versions[1].Record.Records);
+        Assert.Equal(VersionRecord.IdsChecksum(lines.Select(l => (l.Split('|')[0], l.Split('|')[2].Split(',').Select(h => h.Split('=', 2))
+            .Single(h => h[0] == EmbeddingSinks.ModalityHeader)[1]))), versions[1].Record.IdsSha256);
         var raw = KcatBytes(["-C", "-b", cluster.BootstrapServers, "-t", "embeddings", "-e", "-c", "1", "-f", "%s"]);
         var vector = EmbeddingSinks.Decode(raw);
         Assert.Equal(128, vector.Length);

@@ -1,7 +1,9 @@
 using System.Diagnostics;
 using System.Text.Json;
 using System.Text.RegularExpressions;
+using Mamo.Actors.Pipeline;
 using Mamo.Actors.Run;
+using Mamo.Data.Kafka;
 using Mamo.Data.Datasets;
 using Model = Mamo.Model;
 using Xunit;
@@ -162,6 +164,52 @@ public class PretrainTests(ITestOutputHelper output)
         Assert.Equal(ExitCodes.Usage, code);
         Assert.Contains("'mamo.preset' was \"tiny\", now \"small\" (the checkpoints hold a model of the recorded preset)", log);
         Assert.Equal(3, Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step);   // refused before a step
+    }
+
+    [Fact]
+    public async Task A_run_killed_while_it_publishes_a_version_publishes_it_whole_when_it_resumes()
+    {
+        using var folder = new TempFolder();
+        var run = folder.File("run");
+        var output = folder.File("out/embeddings.jsonl");
+        var eventsFile = EmbeddingSinks.VersionsFile(output);
+        // The 1,730 emoji of the train split, image and text: seconds of publishing after the step-2 checkpoint to kill in.
+        string[] args = ["pretrain", "--source", "manifest:" + WriteManifest(folder), "--run-dir", run, .. Common, "--max-steps", "2",
+            "--set", "checkpoint.every-steps=2", "--set", $"publish.output=jsonl:{output}", "--set", "publish.input=dataset:emoji/train"];
+        List<VersionRecord> Events() => File.Exists(eventsFile)
+            ? File.ReadLines(eventsFile).Where(l => l.EndsWith('}')).Select(l => VersionRecord.Parse(System.Text.Encoding.UTF8.GetBytes(l))).ToList() : [];
+        int Vectors() => File.Exists(output) ? File.ReadLines(output).Count(l => l.Contains("\"model_version\":\"step-2\"")) : 0;
+
+        using (var first = Process.Start(MamoProcess.StartInfo(args))!)
+        {
+            var stderr = first.StandardError.ReadToEndAsync();
+            _ = first.StandardOutput.ReadToEndAsync();
+            var clock = Stopwatch.StartNew();
+            while (!(Vectors() > 0 && Events().All(e => e.State == VersionRecord.Started)))
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2) && !first.HasExited, "no publication to kill in: " + (first.HasExited ? await stderr : ""));
+                Thread.Sleep(10);
+            }
+            first.Kill();
+            await first.WaitForExitAsync();
+        }
+        var (killedAt, killedBytes) = (Vectors(), new FileInfo(output).Length);
+        Assert.Equal([("step-2", "started")], Events().Select(e => (e.Version, e.State)));
+        Assert.InRange(killedAt, 1, 2 * 1730 - 1);   // the premise: killed mid-version
+
+        var (code, log) = RunMamo(args);
+        Assert.True(code == 0, log);
+        var events = Events();
+        Assert.Equal([("step-2", "started"), ("step-2", "started"), ("step-2", "complete")], events.Select(e => (e.Version, e.State)));
+        // Complete means whole: the vectors written after the second start are every item once, as counted and hashed.
+        // (The kill may have cut a line short: the sink ends it before it appends.)
+        using var rest = File.OpenRead(output);
+        rest.Seek(killedBytes, SeekOrigin.Begin);
+        var after = new StreamReader(rest).ReadToEnd().Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => JsonDocument.Parse(l).RootElement)
+            .Select(e => (e.GetProperty("id").GetString()!, e.GetProperty("modality").GetString()!)).ToList();
+        Assert.Equal((2 * 1730, 2 * 1730), (events[^1].Records, after.Distinct().Count()));
+        Assert.Equal(VersionRecord.IdsChecksum(after), events[^1].IdsSha256);
+        Assert.False(File.Exists(Path.Combine(run, VersionPublication.StateFile)));
     }
 
     [Fact]

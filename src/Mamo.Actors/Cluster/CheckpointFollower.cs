@@ -74,7 +74,7 @@ public sealed class CheckpointFollower : ReceiveActor, IWithTimers
     public static Props Publishing(MamoSettings s, TrainingTask task, Device device, IReadOnlyList<EmbeddingItem> items, Func<IEmbeddingSink> open)
     {
         Func<IUntypedActorContext, CancellationToken, (IActorRef, IActorRef?)> create = (context, _) =>
-            (context.ActorOf(EmbeddingPublisher.Props(items, open(), s.PublishModality, s.PublishBatchSize, device, 0, task.Predictions), "publisher"), null);
+            (context.ActorOf(EmbeddingPublisher.Props(items, open(), s.PublishModality, s.PublishBatchSize, device, 0, task.Predictions, s.RunDir), "publisher"), null);
         return Props.Create(() => new CheckpointFollower(s.RunDir, create, false, task.EvaluatesStudent)).WithDispatcher(Dispatchers.Io);
     }
 

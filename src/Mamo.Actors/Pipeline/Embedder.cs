@@ -40,6 +40,7 @@ public sealed class Embedder : IDisposable
     readonly Device device;
 
     public string Version { get; }
+    public long Step { get; }
     public string Checkpoint { get; }
     public MamoConfig Config => model.Config;
 
@@ -48,6 +49,7 @@ public sealed class Embedder : IDisposable
         this.model = model;
         this.device = device;
         Version = VersionOf(step);
+        Step = step;
         Checkpoint = checkpoint;
     }
 

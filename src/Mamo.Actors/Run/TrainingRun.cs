@@ -177,7 +177,7 @@ public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? p
             inputs.LoadBad.Clear();   // reported once, not again after a restart
             var publisher = replica is null && inputs.PublishItems.Count > 0
                 ? context.ActorOf(EmbeddingPublisher.Props(inputs.PublishItems, RunInputs.OpenSink(s), s.PublishModality, s.PublishBatchSize, device, startStep,
-                    task.Predictions), "publisher")
+                    task.Predictions, s.RunDir), "publisher")
                 : null;
             var committer = replica is null ? context.ActorOf(Props.Create(() => new SourceCommitter(source)), "source-committer") : null;
             // A replica checkpoints only its own optimiser state; the cluster checkpoint is its coordinator's.

@@ -128,8 +128,7 @@ public static class EmbedCommand
                 bad.Clear();
                 imageSize = embedder.Config.ImageSize;
             }
-            var count = embedder.Embed(items, o.Modality, o.BatchSize, sink);
-            sink.Flush();
+            var (count, _) = new VersionPublication(null).Publish(embedder, items, o.Modality, o.BatchSize, sink, null, o.Device);
             stdout.WriteLine($"published {count} embeddings of model {embedder.Version} ({embedder.Checkpoint}) to {sink.Name} in {clock.Elapsed.TotalSeconds:F1}s");
             done = dir;
         }
