@@ -55,7 +55,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
 
         // Steps 0 and 1 need no update with a lag of one; step 2 needs the update after step 1.
         teacher.Tell(new MomentumTeacher.ComputeTargets(0, images.clone(), ids.clone(), mask.clone()));
-        ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets.Dispose();
+        ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets!.Dispose();
         teacher.Tell(new MomentumTeacher.ComputeTargets(2, images.clone(), ids.clone(), mask.clone()));
         // Served after the request for step 2: had the teacher answered that one, its targets would come first.
         teacher.Tell(new Evaluator.GetWeights(0));
@@ -63,13 +63,35 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         Assert.Equal(0, waiting.WeightsStep);
         foreach (var (_, t) in waiting.Tensors) t.Dispose();
         teacher.Tell(new MomentumTeacher.StudentUpdated(1, Weights(student)));
-        ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets.Dispose();
+        ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets!.Dispose();
 
         // The part sent with update 2 holds the teacher after exactly one update (lag 1).
         teacher.Tell(new MomentumTeacher.StudentUpdated(2, Weights(student), SnapshotTo: TestActor));
         var part = ExpectMsg<Checkpointer.Parts>(TimeSpan.FromSeconds(30));
         Assert.Equal((2L, 1L, Checkpoint.TeacherPart), (part.Step, part.TeacherStep!.Value, part.Tensors.Single().Name));
         foreach (var (_, t) in part.Tensors.Single().Tensors) t.Dispose();
+    }
+
+    [Fact]
+    public void A_replicas_teacher_answers_the_steps_of_a_round_given_up_before_its_weights_came()
+    {
+        // A coordinator gave round 1 (attempt 10) and died before its weights went out; the next one gave round 1 again
+        // (attempt 20). Attempt 10's step waits for its round's reset, which never comes, and the pipeline's ordered
+        // stream waits on it with every step behind: seen as a cluster that trained nothing after its coordinator's
+        // node was killed. Once the trainer gives attempt 10 up, the teacher answers it, without targets.
+        using var student = new MamoModel(Tiny);
+        var teacher = Sys.ActorOf(MomentumTeacher.Props(Tiny, MamoPretraining.With(new PretrainingConfig()), checkpoint: null, CPU, lag: 1));
+        var (images, ids, mask) = Batch(2);
+        Round old = new(Attempt: 10, Number: 1, FirstStep: 2, ResetsTeacher: true), again = new(Attempt: 20, Number: 1, FirstStep: 2, ResetsTeacher: true);
+        teacher.Tell(new MomentumTeacher.ComputeTargets(2, images.clone(), ids.clone(), mask.clone(), old));
+        teacher.Tell(new MomentumTeacher.Reset(again, student.named_parameters().Select(p => (p.name, p.parameter.detach().clone().DetachFromDisposeScope())).ToArray()));
+        teacher.Tell(new MomentumTeacher.ComputeTargets(2, images.clone(), ids.clone(), mask.clone(), again));
+        ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets!.Dispose();   // attempt 20's
+        teacher.Tell(new MomentumTeacher.GiveUpRound(old.Attempt));
+        Assert.Null(ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets);
+        // And a step of it that comes after is answered at once.
+        teacher.Tell(new MomentumTeacher.ComputeTargets(3, images.clone(), ids.clone(), mask.clone(), old));
+        Assert.Equal((3L, null), ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)) is var r ? (r.Step, r.Targets) : default);
     }
 
     [Fact]

@@ -17,8 +17,13 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
     /// <summary>Targets for step Step of an unmasked batch (of Round, where it is a replica's); the teacher owns (and
     /// disposes) the tensors.</summary>
     public sealed record ComputeTargets(long Step, Tensor Images, Tensor TokenIds, Tensor AttentionMask, Round? Round = null);
-    /// <summary>Reply to ComputeTargets; the receiver owns the tensors.</summary>
-    public sealed record TargetsReady(long Step, TeacherTargets Targets);
+    /// <summary>Reply to ComputeTargets; the receiver owns the tensors. Null targets: the step's round was given up
+    /// (GiveUpRound), and the trainer, told first, drops the step.</summary>
+    public sealed record TargetsReady(long Step, TeacherTargets? Targets);
+    /// <summary>From the trainer, once it drops a replica's round: the targets of its steps are never needed. Without
+    /// it, a round whose weights never came (its coordinator died) would hold its steps here for ever, waiting for the
+    /// round's reset, and every round behind them in the stream too.</summary>
+    public sealed record GiveUpRound(long Attempt);
     /// <summary>The student after StepsDone steps (detached copies the teacher owns), of Round where it is a replica's.
     /// When SnapshotTo is set, the teacher sends it its checkpoint part, taken right after this update is due (FoldAll:
     /// every update so far, for a round's hand-in), for a consistent checkpoint.</summary>
@@ -32,6 +37,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
     readonly int lag;
     readonly double decay;
     readonly Queue<StudentUpdated> pending = new();
+    readonly HashSet<long> givenUp = [];
     long emaThrough;
     /// <summary>The round whose teacher this is, where a round reset it.</summary>
     long? resetBy;
@@ -62,6 +68,10 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
     {
         switch (message)
         {
+            case ComputeTargets c when c.Round is { } given && givenUp.Contains(given.Attempt):
+                Sender.Tell(new TargetsReady(c.Step, null));
+                c.Images.Dispose(); c.TokenIds.Dispose(); c.AttentionMask.Dispose();
+                break;
             case ComputeTargets c:
                 if (c.Round is { ResetsTeacher: true } r && r.Attempt != resetBy || !FoldThrough(c.Step - lag)) { Stash.Stash(); return; }
                 using (var scope = NewDisposeScope())
@@ -93,6 +103,10 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
                 emaThrough = reset.Round.FirstStep;
                 resetBy = reset.Round.Attempt;
                 foreach (var (_, t) in reset.Weights) t.Dispose();
+                Stash.UnstashAll();
+                break;
+            case GiveUpRound g:
+                givenUp.Add(g.Attempt);
                 Stash.UnstashAll();
                 break;
             case Evaluator.GetWeights g:

@@ -130,6 +130,7 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         Receive<GiveUpRound>(g =>
         {
             givenUp.Add(g.Attempt);
+            teacher?.Tell(new MomentumTeacher.GiveUpRound(g.Attempt));   // after: its null targets reach a trainer that drops them
             Stash.UnstashAll();
         });
         Receive<Evaluator.GetWeights>(g => Sender.Tell(new Evaluator.Weights(g.Step, trainer.Step,
