@@ -27,6 +27,7 @@ public static class MamoRoot
         BenchCommand.Create(),
         IngestCommand.Create(),
         EmbedCommand.Create(),
+        ServeCommand.Create(),
         DevBrokerCommand.Create(),
         ClusterCommand.Create(),
         DashboardCommand.Create(),

@@ -1,3 +1,4 @@
+using System.Diagnostics.CodeAnalysis;
 using SkiaSharp;
 
 namespace Mamo.Data;
@@ -31,20 +32,30 @@ public sealed class SamplePreparer(ImageTransform transform, TextTokenizer token
         return true;
     }
 
+    /// <summary>A query's text: tokenised as evaluation's captions are.</summary>
+    public (long[] Ids, long[] AttentionMask) PrepareText(string text) => tokenizer.Encode(text, maxTextLength);
+
+    /// <summary>A query's image, as evaluation prepares one (the centre crop), or why it cannot be decoded.</summary>
+    public bool TryPrepareImage(byte[] image, out float[] pixels, [NotNullWhen(false)] out DecodeError? error) =>
+        TryPixels(image, TransformMode.Eval, null, out pixels, out error);
+
     private bool TryPixels(ImageTextSample sample, TransformMode mode, Random? random, out float[] pixels, out BadInput? bad, Action<SKBitmap>? decoded = null)
     {
+        var ok = TryPixels(sample.Image, mode, random, out pixels, out var error, decoded);
+        bad = ok ? null : new BadInput($"{error!.Kind}: {error.Reason}", sample.Location, sample.Position);
+        return ok;
+    }
+
+    private bool TryPixels(byte[] image, TransformMode mode, Random? random, out float[] pixels, [NotNullWhen(false)] out DecodeError? error,
+        Action<SKBitmap>? decoded = null)
+    {
         pixels = [];
-        if (!ImageDecoder.TryDecode(sample.Image, _decodeLimits, out SKBitmap? rgb, out var error))
-        {
-            bad = new BadInput($"{error.Kind}: {error.Reason}", sample.Location, sample.Position);
-            return false;
-        }
+        if (!ImageDecoder.TryDecode(image, _decodeLimits, out SKBitmap? rgb, out error)) return false;
         using (rgb)
         {
             decoded?.Invoke(rgb);
             pixels = transform.Apply(rgb, mode, random);
         }
-        bad = null;
         return true;
     }
 }

@@ -8,6 +8,7 @@ using System.Text.RegularExpressions;
 using Mamo.Actors.Pipeline;
 using Mamo.Actors.Sources;
 using Mamo.Cli.Dashboard;
+using Mamo.Cli.Web;
 using Microsoft.Playwright;
 using Xunit;
 using Model = Mamo.Model;
@@ -34,7 +35,7 @@ public class DashboardTests(ITestOutputHelper output)
         ]))!;
         var stderr = mamo.StandardError.ReadToEndAsync();
         var clock = Stopwatch.StartNew();
-        var address = await DashboardAddressOf(mamo);
+        var address = await ListenAddressOf(mamo);
 
         await using (var browser = await Chromium())
         {
@@ -65,7 +66,7 @@ public class DashboardTests(ITestOutputHelper output)
         var lastTrain = lines.Last(l => (string?)l["kind"] == "train");
         var lastEval = lines.Last(l => (string?)l["kind"] == "eval");
         var lastCheckpoint = lines.Last(l => (string?)l["kind"] == "checkpoint");
-        await using var server = await DashboardServer.StartAsync(new RunFiles(run), new DashboardAddress(IPAddress.Loopback, 0), token: null);
+        await using var server = await DashboardServer.StartAsync(new RunFiles(run), new ListenAddress(IPAddress.Loopback, 0), token: null);
         using var http = new HttpClient { BaseAddress = server.Address };
         var scrape = await http.GetStringAsync("metrics");
         var samples = Parse(scrape);
@@ -92,13 +93,13 @@ public class DashboardTests(ITestOutputHelper output)
     {
         using var folder = new TempFolder();
         var refused = await Assert.ThrowsAsync<ArgumentException>(() =>
-            DashboardServer.StartAsync(new RunFiles(folder.Path), new DashboardAddress(IPAddress.Any, 0), token: null));
+            DashboardServer.StartAsync(new RunFiles(folder.Path), new ListenAddress(IPAddress.Any, 0), token: null));
         Assert.Contains("not a loopback address", refused.Message);
         var (code, _, stderr) = Cli.Run("dashboard", folder.Path, "--listen", "0.0.0.0:0");
         Assert.Equal(2, code);
         Assert.Contains("--dashboard-token", stderr);
 
-        await using var server = await DashboardServer.StartAsync(new RunFiles(folder.Path), new DashboardAddress(IPAddress.Any, 0), token: "s3cret");
+        await using var server = await DashboardServer.StartAsync(new RunFiles(folder.Path), new ListenAddress(IPAddress.Any, 0), token: "s3cret");
         var loopback = new Uri($"http://127.0.0.1:{server.Address.Port}/");
         using var anonymous = new HttpClient(new HttpClientHandler { AllowAutoRedirect = false, UseCookies = false }) { BaseAddress = loopback };
         Assert.Equal(HttpStatusCode.Unauthorized, (await anonymous.GetAsync("metrics")).StatusCode);
@@ -126,7 +127,7 @@ public class DashboardTests(ITestOutputHelper output)
         var port = Ports.Free();
         using var holder = new TcpListener(IPAddress.Loopback, port);
         holder.Start();
-        var asked = new DashboardAddress(IPAddress.Loopback, port);
+        var asked = new ListenAddress(IPAddress.Loopback, port);
 
         var refused = await Assert.ThrowsAsync<AddressInUseError>(() => DashboardServer.StartAsync(new RunFiles(folder.Path), asked, token: null));
         Assert.Equal($"127.0.0.1:{port} is in use", refused.Message);
@@ -201,7 +202,7 @@ public class DashboardTests(ITestOutputHelper output)
         // Whatever the lines held, the snapshot serialises and reads back whole.
         var snapshot = JsonNode.Parse(history.Snapshot(50).ToJsonString())!;
         Assert.Equal((history.Malformed, Path.GetFullPath(folder.Path)), ((long)snapshot["malformed"]!, (string)snapshot["run_dir"]!));
-        await using var server = await DashboardServer.StartAsync(history, new DashboardAddress(IPAddress.Loopback, 0), token: null);
+        await using var server = await DashboardServer.StartAsync(history, new ListenAddress(IPAddress.Loopback, 0), token: null);
         using var http = new HttpClient { BaseAddress = server.Address };
         Assert.Equal(HttpStatusCode.OK, (await http.GetAsync("metrics")).StatusCode);
         Assert.Equal(HttpStatusCode.OK, (await http.GetAsync("api/history")).StatusCode);
@@ -245,7 +246,7 @@ public class DashboardTests(ITestOutputHelper output)
         Assert.True(history.Items.Count > cap / 2, $"{history.Items.Count} kept at stride {stride}");
     }
 
-    static async Task<Uri> DashboardAddressOf(Process mamo)
+    static async Task<Uri> ListenAddressOf(Process mamo)
     {
         using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(2));
         while (await mamo.StandardOutput.ReadLineAsync(patience.Token) is { } line)

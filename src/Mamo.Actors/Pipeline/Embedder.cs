@@ -63,33 +63,46 @@ public sealed class Embedder : IDisposable
     public int Embed(IReadOnlyList<EmbeddingItem> items, string modality, int batchSize, IEmbeddingSink sink)
     {
         var written = 0;
-        int size = Config.ImageSize, length = Config.MaxTextLength;
         for (var start = 0; start < items.Count; start += batchSize)
         {
             var batch = items.Skip(start).Take(batchSize).ToList();
-            using var scope = NewDisposeScope();
-            using var noGrad = no_grad();
-            if (modality is Image or Both)
-            {
-                var images = tensor(batch.SelectMany(i => i.Pixels).ToArray(), [batch.Count, 3, size, size]).to(device);
-                written += Write(batch, Image, model.ImageEmbedding(model.EncodeImage(images)), sink);
-            }
-            if (modality is Text or Both)
-            {
-                var ids = tensor(batch.SelectMany(i => i.TokenIds).ToArray(), [batch.Count, length]).to(device);
-                var mask = tensor(batch.SelectMany(i => i.AttentionMask).ToArray(), [batch.Count, length]).to(device);
-                written += Write(batch, Text, model.TextEmbedding(model.EncodeText(ids, mask)), sink);
-            }
+            if (modality is Image or Both) written += Write(batch, Image, EmbedImages(batch.Select(i => i.Pixels).ToList()), sink);
+            if (modality is Text or Both) written += Write(batch, Text, EmbedTexts(batch.Select(i => (i.TokenIds, i.AttentionMask)).ToList()), sink);
         }
         return written;
     }
 
-    int Write(List<EmbeddingItem> batch, string modality, Tensor embeddings, IEmbeddingSink sink)
+    /// <summary>The embedding of each image (pixels prepared with the eval transform), in one forward pass.</summary>
+    public float[][] EmbedImages(IReadOnlyList<float[]> pixels)
+    {
+        var size = Config.ImageSize;
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var images = tensor(pixels.SelectMany(p => p).ToArray(), [pixels.Count, 3, size, size]).to(device);
+        return Rows(model.ImageEmbedding(model.EncodeImage(images)));
+    }
+
+    /// <summary>The embedding of each text (token ids and attention mask, MaxTextLength long), in one forward pass.</summary>
+    public float[][] EmbedTexts(IReadOnlyList<(long[] Ids, long[] AttentionMask)> texts)
+    {
+        var length = Config.MaxTextLength;
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var ids = tensor(texts.SelectMany(t => t.Ids).ToArray(), [texts.Count, length]).to(device);
+        var mask = tensor(texts.SelectMany(t => t.AttentionMask).ToArray(), [texts.Count, length]).to(device);
+        return Rows(model.TextEmbedding(model.EncodeText(ids, mask)));
+    }
+
+    static float[][] Rows(Tensor embeddings)
     {
         var flat = embeddings.cpu().contiguous().data<float>().ToArray();
         var dim = (int)embeddings.shape[1];
-        for (var i = 0; i < batch.Count; i++)
-            sink.Write(new EmbeddingRecord(batch[i].Id, modality, Version, flat[(i * dim)..((i + 1) * dim)]));
+        return Enumerable.Range(0, (int)embeddings.shape[0]).Select(i => flat[(i * dim)..((i + 1) * dim)]).ToArray();
+    }
+
+    int Write(List<EmbeddingItem> batch, string modality, float[][] embeddings, IEmbeddingSink sink)
+    {
+        for (var i = 0; i < batch.Count; i++) sink.Write(new EmbeddingRecord(batch[i].Id, modality, Version, embeddings[i]));
         return batch.Count;
     }
 

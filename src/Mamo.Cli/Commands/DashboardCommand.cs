@@ -1,28 +1,33 @@
 using System.CommandLine;
 using System.Runtime.InteropServices;
 using Mamo.Cli.Dashboard;
+using Mamo.Cli.Web;
 
 namespace Mamo.Cli.Commands;
 
-/// <summary>`--dashboard ADDR|off` and `--dashboard-token TOKEN` of the training commands, and the address and token
-/// they mean (docs/DASHBOARD.md).</summary>
-sealed class DashboardOptions(string listenName, string defaultDescription)
+/// <summary>An address option and its token option, and the address and token they mean: `--dashboard ADDR|off` and
+/// `--dashboard-token` of the training commands (docs/DASHBOARD.md), `--listen` and `--token` of `mamo serve`.</summary>
+sealed class ListenOptions(string listenName, string listenDescription, ListenAddress defaultAddress, string tokenName, string tokenVariable, string docs)
 {
-    public Option<string?> Listen { get; } = new(listenName) { Description = defaultDescription };
-    public Option<string?> Token { get; } = new("--dashboard-token")
+    public Option<string?> Listen { get; } = new(listenName) { Description = listenDescription };
+    public Option<string?> Token { get; } = new(tokenName)
     {
-        Description = $"Required to listen on a non-loopback address: a bearer token, or open ?token=TOKEN once for a cookie (default: {DashboardServer.TokenVariable}, or none)",
+        Description = $"Required to listen on a non-loopback address: a bearer token (default: {tokenVariable}, or none)",
     };
 
+    /// <summary>The dashboard's: a bearer token, or open ?token=TOKEN once for a cookie.</summary>
+    public static ListenOptions Dashboard(string listenName, string listenDescription) =>
+        new(listenName, listenDescription, DashboardServer.DefaultAddress, "--dashboard-token", DashboardServer.TokenVariable, "docs/DASHBOARD.md");
+
     /// <summary>The address to serve (null: off) and the token; a bad address or a missing token throws FormatException.</summary>
-    public (DashboardAddress? Address, string? Token) Resolve(ParseResult parse)
+    public (ListenAddress? Address, string? Token) Resolve(ParseResult parse)
     {
         var name = Listen.Name;
-        var address = parse.GetValue(Listen) is { } given ? DashboardAddress.Parse(given, name) : DashboardAddress.Default;
-        var token = parse.GetValue(Token) ?? Environment.GetEnvironmentVariable(DashboardServer.TokenVariable);
+        var address = parse.GetValue(Listen) is { } given ? ListenAddress.Parse(given, name) : defaultAddress;
+        var token = parse.GetValue(Token) ?? Environment.GetEnvironmentVariable(tokenVariable);
         if (address is { IsLoopback: false } && string.IsNullOrEmpty(token))
-            throw new FormatException($"{name} {address}: a non-loopback address needs --dashboard-token (or {DashboardServer.TokenVariable}); " +
-                                      "or keep 127.0.0.1 and put a reverse proxy in front (docs/DASHBOARD.md)");
+            throw new FormatException($"{name} {address}: a non-loopback address needs {tokenName} (or {tokenVariable}); " +
+                                      $"or keep 127.0.0.1 and put a reverse proxy in front ({docs})");
         return (address, string.IsNullOrEmpty(token) ? null : token);
     }
 }
@@ -34,7 +39,7 @@ public static class DashboardCommand
     public static Command Create()
     {
         var runDir = new Argument<string>("RUN_DIR") { Description = "The run folder (holding metrics.jsonl)" };
-        var options = new DashboardOptions("--listen", "HOST:PORT to serve on (default 127.0.0.1:8080, or the next free port)");
+        var options = ListenOptions.Dashboard("--listen", "HOST:PORT to serve on (default 127.0.0.1:8080, or the next free port)");
         var command = new Command("dashboard", "Serve a run's dashboard and /metrics from its folder") { runDir, options.Listen, options.Token };
         command.SetAction(async (parse, ct) =>
         {
@@ -45,7 +50,7 @@ public static class DashboardCommand
                 error.WriteLine($"mamo dashboard: no run folder at {dir}");
                 return ExitCodes.Usage;
             }
-            DashboardAddress? address;
+            ListenAddress? address;
             string? token;
             try { (address, token) = options.Resolve(parse); }
             catch (FormatException e)

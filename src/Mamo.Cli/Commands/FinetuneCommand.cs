@@ -50,7 +50,7 @@ public static class FinetuneCommand
             if (parse.GetValue(ledger)) Add("ledger", "on");
 
             MamoSettings settings;
-            (Mamo.Cli.Dashboard.DashboardAddress? Address, string? Token) serve;
+            (Mamo.Cli.Web.ListenAddress? Address, string? Token) serve;
             Mamo.Actors.Cluster.ClusterNodeOptions? node;
             try
             {

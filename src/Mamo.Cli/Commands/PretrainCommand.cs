@@ -3,6 +3,7 @@ using System.Runtime.InteropServices;
 using Mamo.Actors;
 using Mamo.Actors.Cluster;
 using Mamo.Cli.Dashboard;
+using Mamo.Cli.Web;
 using Mamo.Model;
 using Microsoft.Extensions.Diagnostics.HealthChecks;
 using Serilog;
@@ -43,7 +44,7 @@ public static class PretrainCommand
 
             MamoSettings settings;
             ClusterNodeOptions? node;
-            (DashboardAddress? Address, string? Token) serve;
+            (ListenAddress? Address, string? Token) serve;
             string? start = null;
             try
             {
@@ -79,12 +80,12 @@ public static class PretrainCommand
 
     /// <summary>A cluster node serves a dashboard only when asked (--dashboard ADDR): on one machine, N nodes would each
     /// start a web server beside their heartbeats, and a starved heartbeat reads as a dead node.</summary>
-    internal static (DashboardAddress? Address, string? Token) NodeDashboard(ClusterNodeOptions? node, DashboardOptions dashboard, ParseResult parse,
-        (DashboardAddress? Address, string? Token) serve) => node is not null && parse.GetValue(dashboard.Listen) is null ? default : serve;
+    internal static (ListenAddress? Address, string? Token) NodeDashboard(ClusterNodeOptions? node, ListenOptions dashboard, ParseResult parse,
+        (ListenAddress? Address, string? Token) serve) => node is not null && parse.GetValue(dashboard.Listen) is null ? default : serve;
 
     /// <summary>The training commands' --dashboard and --dashboard-token.</summary>
-    internal static DashboardOptions Dashboard() =>
-        new("--dashboard", "HOST:PORT of the run's live dashboard and /metrics, or off (default 127.0.0.1:8080, or the next free port)");
+    internal static ListenOptions Dashboard() =>
+        ListenOptions.Dashboard("--dashboard", "HOST:PORT of the run's live dashboard and /metrics, or off (default 127.0.0.1:8080, or the next free port)");
 
     /// <summary>A training run of `pretrain` or `finetune` to its end: logging to RUN_DIR/mamo.log, the live display
     /// (or log lines), SIGINT/SIGTERM as a clean stop with a final checkpoint, and exit codes for settings errors and
@@ -92,7 +93,7 @@ public static class PretrainCommand
     /// <param name="init">the checkpoint a new run (pre-training with --init, or fine-tuning) starts from</param>
     /// <param name="dashboard">where to serve the run's dashboard; no address: none</param>
     internal static async Task<int> Train(string name, MamoSettings settings, bool plain, ClusterNodeOptions? node = null, string? init = null,
-        (DashboardAddress? Address, string? Token) dashboard = default)
+        (ListenAddress? Address, string? Token) dashboard = default)
     {
         var live = node is null && !plain && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
         var logDir = node is null ? settings.RunDir : ClusterRun.NodeDir(settings.RunDir, node.Name);
@@ -146,7 +147,7 @@ public static class PretrainCommand
     /// <summary>The run's dashboard over its folder; live while the run's actor system is, ready while it trains (a
     /// cluster node, <paramref name="run"/> null: the dashboard's own checks). A default dashboard that cannot bind is
     /// reported, and the run goes on without it; an address the user named and cannot have stops the run before it starts.</summary>
-    static async Task<DashboardServer?> ServeDashboard(TrainingRun? run, string runDir, DashboardAddress address, string? token)
+    static async Task<DashboardServer?> ServeDashboard(TrainingRun? run, string runDir, ListenAddress address, string? token)
     {
         var history = new RunFiles(runDir);
         try
@@ -161,7 +162,7 @@ public static class PretrainCommand
         }
         catch (AddressInUseError e) when (!address.FallsForward)
         {
-            throw new SettingsException($"--dashboard {e.Message}: name a free address, or leave --dashboard out to take the next free port after {DashboardAddress.Default}");
+            throw new SettingsException($"--dashboard {e.Message}: name a free address, or leave --dashboard out to take the next free port after {DashboardServer.DefaultAddress}");
         }
         catch (IOException e)
         {

@@ -1,55 +1,18 @@
 using System.Net;
 using System.Net.ServerSentEvents;
-using System.Net.Sockets;
 using System.Reflection;
 using System.Runtime.CompilerServices;
-using System.Security.Cryptography;
 using System.Text;
 using Microsoft.AspNetCore.Builder;
-using Microsoft.AspNetCore.Connections;
 using Microsoft.AspNetCore.Diagnostics.HealthChecks;
 using Microsoft.AspNetCore.Hosting;
-using Microsoft.AspNetCore.Hosting.Server;
-using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Diagnostics.HealthChecks;
 using Microsoft.Extensions.Logging;
+using Mamo.Cli.Web;
 
 namespace Mamo.Cli.Dashboard;
-
-/// <summary>Where the dashboard listens: an IP address and a port (0: any free one).</summary>
-/// <summary>No dashboard could listen: its address (and, for the default, the ports after it) are taken.</summary>
-public sealed class AddressInUseError(string message, Exception inner) : IOException(message, inner);
-
-public sealed record DashboardAddress(IPAddress Host, int Port)
-{
-    /// <summary>127.0.0.1:8080, or the next free port: several runs on one machine each get a dashboard.</summary>
-    public static readonly DashboardAddress Default = new(IPAddress.Loopback, 8080) { FallsForward = true };
-
-    /// <summary>Whether a busy port moves to the next free one. Only the default does: an address the user named is a
-    /// fixed target (a Prometheus scrape, a tunnel), and serving elsewhere would break it unseen.</summary>
-    public bool FallsForward { get; init; }
-
-    public bool IsLoopback => IPAddress.IsLoopback(Host);
-
-    /// <summary>HOST:PORT (an IP address, or localhost), or null for "off".</summary>
-    /// <exception cref="FormatException">neither</exception>
-    public static DashboardAddress? Parse(string value, string option)
-    {
-        if (value.Equals("off", StringComparison.OrdinalIgnoreCase)) return null;
-        var colon = value.LastIndexOf(':');
-        if (colon <= 0 || !int.TryParse(value.AsSpan(colon + 1), out var port) || port is < 0 or > 65535)
-            throw new FormatException($"{option} '{value}': expected HOST:PORT (e.g. 127.0.0.1:8080) or off");
-        var host = value[..colon].Trim('[', ']');
-        var address = host.Equals("localhost", StringComparison.OrdinalIgnoreCase) ? IPAddress.Loopback
-            : IPAddress.TryParse(host, out var ip) ? ip
-            : throw new FormatException($"{option} '{value}': '{host}' is not an IP address (no name but localhost is resolved)");
-        return new DashboardAddress(address, port);
-    }
-
-    public override string ToString() => Host.AddressFamily == AddressFamily.InterNetworkV6 ? $"[{Host}]:{Port}" : $"{Host}:{Port}";
-}
 
 /// <summary>
 /// The read-only dashboard of one run (docs/DASHBOARD.md): the page, the run's history and its new lines over
@@ -59,9 +22,12 @@ public sealed record DashboardAddress(IPAddress Host, int Port)
 /// </summary>
 public sealed class DashboardServer : IAsyncDisposable
 {
-    const int PortsTried = 50, SnapshotPoints = 2000;
+    const int SnapshotPoints = 2000;
     static readonly TimeSpan PollEvery = TimeSpan.FromMilliseconds(500), KeepAlive = TimeSpan.FromSeconds(15);
     public const string TokenCookie = "mamo_dashboard_token", TokenVariable = "MAMO_DASHBOARD_TOKEN";
+
+    /// <summary>127.0.0.1:8080, or the next free port: several runs on one machine each get a dashboard.</summary>
+    public static readonly ListenAddress DefaultAddress = new(IPAddress.Loopback, 8080) { FallsForward = true };
 
     readonly RunFiles history;
     readonly RunMetrics metrics;
@@ -90,7 +56,7 @@ public sealed class DashboardServer : IAsyncDisposable
     /// <param name="live">liveness of the process behind the dashboard; null: the dashboard serves</param>
     /// <param name="ready">whether the run is ready; null: once metrics.jsonl has been read</param>
     /// <exception cref="ArgumentException">a non-loopback address without a token</exception>
-    public static async Task<DashboardServer> StartAsync(RunFiles history, DashboardAddress listen, string? token,
+    public static async Task<DashboardServer> StartAsync(RunFiles history, ListenAddress listen, string? token,
         Func<HealthCheckResult>? live = null, Func<HealthCheckResult>? ready = null)
     {
         if (!listen.IsLoopback && string.IsNullOrEmpty(token))
@@ -98,35 +64,12 @@ public sealed class DashboardServer : IAsyncDisposable
                                         $"(--dashboard-token, or {TokenVariable}), or listen on 127.0.0.1 behind a reverse proxy (docs/DASHBOARD.md)");
         var server = new DashboardServer(history, string.IsNullOrEmpty(token) ? null : token, live, ready);
         history.Poll();
-        await server.ListenAsync(listen);
+        (server.app, server.Address) = await WebServer.StartAsync(listen, server.Build);
         server.polling = Task.Run(server.PollAsync);
         return server;
     }
 
-    async Task ListenAsync(DashboardAddress listen)
-    {
-        for (var attempt = 0; ; attempt++)
-        {
-            var at = listen with { Port = listen.Port == 0 ? 0 : listen.Port + attempt };
-            var candidate = Build(at);
-            try
-            {
-                await candidate.StartAsync();
-            }
-            catch (IOException e) when (e.InnerException is AddressInUseException)
-            {
-                await candidate.DisposeAsync();
-                if (listen.FallsForward && listen.Port != 0 && attempt < PortsTried && at.Port < 65535) continue;
-                throw new AddressInUseError(listen.FallsForward ? $"{listen} and the {attempt} ports after it are in use" : $"{listen} is in use", e);
-            }
-            app = candidate;
-            var bound = candidate.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
-            Address = new Uri(bound.EndsWith('/') ? bound : bound + "/");
-            return;
-        }
-    }
-
-    WebApplication Build(DashboardAddress listen)
+    WebApplication Build(ListenAddress listen)
     {
         var builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
@@ -173,16 +116,14 @@ public sealed class DashboardServer : IAsyncDisposable
             await next(context);
             return;
         }
-        if (context.Request.Query.TryGetValue("token", out var given) && Same(given.ToString(), token))
+        if (context.Request.Query.TryGetValue("token", out var given) && WebServer.SameToken(given.ToString(), token))
         {
             // A link with ?token= sets the cookie once; the address bar then stops showing the token.
             context.Response.Cookies.Append(TokenCookie, token, new CookieOptions { HttpOnly = true, SameSite = SameSiteMode.Strict, Path = "/" });
             context.Response.Redirect(context.Request.PathBase + path);
             return;
         }
-        var header = context.Request.Headers.Authorization.ToString();
-        if ((header.StartsWith("Bearer ", StringComparison.Ordinal) && Same(header["Bearer ".Length..], token))
-            || (context.Request.Cookies.TryGetValue(TokenCookie, out var cookie) && Same(cookie, token)))
+        if (WebServer.HasBearer(context, token) || (context.Request.Cookies.TryGetValue(TokenCookie, out var cookie) && WebServer.SameToken(cookie, token)))
         {
             await next(context);
             return;
@@ -191,9 +132,6 @@ public sealed class DashboardServer : IAsyncDisposable
         context.Response.Headers.WWWAuthenticate = "Bearer";
         await context.Response.WriteAsync("a token is required: send Authorization: Bearer TOKEN, or open the dashboard once with ?token=TOKEN\n");
     }
-
-    static bool Same(string given, string token) =>
-        CryptographicOperations.FixedTimeEquals(Encoding.UTF8.GetBytes(given), Encoding.UTF8.GetBytes(token));
 
     static IResult Asset(string name, string contentType)
     {
