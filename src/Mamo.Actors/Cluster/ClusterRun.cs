@@ -129,10 +129,23 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         }
         finally
         {
-            await CoordinatedShutdown.Get(system).Run(CoordinatedShutdown.ClusterLeavingReason.Instance);
+            await Leave(system);
             await host.StopAsync();
         }
     }
+
+    /// <summary>Why a node's actor system ends when its run does. Not Akka's ClusterLeavingReason: Akka.Hosting (1.5.74)
+    /// sets the process's exit code to -1 when a system ends for that reason (or a downing), and a node that had done
+    /// its work exited 255 whenever that hook ran after Main had returned.</summary>
+    public sealed class RunDone : CoordinatedShutdown.Reason
+    {
+        public static readonly RunDone Instance = new();
+        public override int ExitCode => 0;
+        public override string ToString() => "the node's run is done";
+    }
+
+    /// <summary>Leaves the cluster (CoordinatedShutdown's phases, the cluster-leave one among them) and ends the system.</summary>
+    public static Task Leave(ActorSystem system) => CoordinatedShutdown.Get(system).Run(RunDone.Instance);
 
     /// <summary>Registry keys of the singletons' proxies.</summary>
     public sealed class CoordinatorKey;
