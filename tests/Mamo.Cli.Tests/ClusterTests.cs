@@ -64,7 +64,7 @@ public class ClusterTests(ITestOutputHelper output)
         var ports = Enumerable.Range(0, Nodes).Select(_ => Ports.Free()).ToArray();
         var nodes = ports.Select((port, i) => StartNode(manifest, run, i, port, $"127.0.0.1:{ports[0]}", maxSteps, Nodes, more)).ToList();
         var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
-        try { await AllExitZero(nodes, logs, TimeSpan.FromMinutes(4)); }
+        try { await AllExitZero(nodes, logs, TimeSpan.FromMinutes(4), run); }
         finally
         {
             foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
@@ -324,7 +324,7 @@ public class ClusterTests(ITestOutputHelper output)
             }
             output.WriteLine($"n2 trained a committed round; all stopped in round {LatestRound()} at {clock.Elapsed.TotalSeconds:F1} s");
             foreach (var p in nodes) await Process.Start("kill", ["-TERM", p.Id.ToString()])!.WaitForExitAsync();
-            await AllExitZero(nodes, logs, TimeSpan.FromMinutes(2));
+            await AllExitZero(nodes, logs, TimeSpan.FromMinutes(2), run);
             output.WriteLine($"all exited at {clock.Elapsed.TotalSeconds:F1} s");
         }
         finally
@@ -339,11 +339,17 @@ public class ClusterTests(ITestOutputHelper output)
         Assert.True(long.Parse(Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Extra["round"]) > round, "the round n2 took was not committed");
     }
 
-    /// <summary>Waits for every node to exit, each with code 0.</summary>
-    static async Task AllExitZero(List<Process> nodes, List<(Task<string> Out, Task<string> Err)> logs, TimeSpan patience)
+    /// <summary>Waits for every node to exit, each with code 0; one still running after <paramref name="patience"/>
+    /// fails the test with the end of its log (<paramref name="run"/>'s node folder).</summary>
+    static async Task AllExitZero(List<Process> nodes, List<(Task<string> Out, Task<string> Err)> logs, TimeSpan patience, string run)
     {
         using var cancel = new CancellationTokenSource(patience);
-        foreach (var p in nodes) await p.WaitForExitAsync(cancel.Token);
+        try { foreach (var p in nodes) await p.WaitForExitAsync(cancel.Token); }
+        catch (OperationCanceledException)
+        {
+            Assert.Fail($"not every node exited within {patience}: " + string.Join("\n", nodes.Select((p, i) => $"n{i} {Exit(p)}" +
+                (p.HasExited ? "" : ", its log ends:\n" + Tail(Path.Combine(run, "nodes", $"n{i}", "mamo.log"))))));
+        }
         for (int i = 0; i < nodes.Count; i++)
             Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Err}");
     }

@@ -37,7 +37,7 @@ public class ServeTests(ITestOutputHelper output)
         EmbeddingServer.StartAsync(versions, options ?? new EmbeddingServer.Options(), limits ?? DecodeLimits.Default,
             at ?? new ListenAddress(IPAddress.Loopback, 0), token, m => log?.WriteLine(m));
 
-    static ModelVersions Versions(string run, int keep = 3, DecodeLimits? limits = null) => new(run, keep, CPU, Tokenizer, limits ?? DecodeLimits.Default);
+    static ModelVersions Versions(string run, int keep = ModelVersions.DefaultKeep, DecodeLimits? limits = null) => new(run, keep, CPU, Tokenizer, limits ?? DecodeLimits.Default);
 
     static StringContent Json(object body) => new(JsonSerializer.Serialize(body), Encoding.UTF8, "application/json");
 

@@ -18,7 +18,7 @@ public static class ServeCommand
         var listen = new ListenOptions("--listen", $"HOST:PORT to serve on (default {EmbeddingServer.DefaultAddress}, or the next free port)",
             EmbeddingServer.DefaultAddress, "--token", EmbeddingServer.TokenVariable, "docs/SERVING.md");
         var defaults = new EmbeddingServer.Options();
-        var keep = new Option<int>("--keep-versions") { Description = "Model versions kept loaded at once", DefaultValueFactory = _ => defaults.KeepVersions };
+        var keep = new Option<int>("--keep-versions") { Description = "Model versions kept loaded at once", DefaultValueFactory = _ => ModelVersions.DefaultKeep };
         var maxBatch = new Option<int>("--max-batch") { Description = "Queries embedded in one forward pass at most", DefaultValueFactory = _ => defaults.MaxBatch };
         var batchWait = new Option<int>("--batch-wait-ms") { Description = "How long a query waits for others to share its forward pass", DefaultValueFactory = _ => defaults.BatchWaitMs };
         foreach (var (option, least) in new[] { (keep, 1), (maxBatch, 1), (batchWait, 0) })
@@ -57,7 +57,7 @@ public static class ServeCommand
             using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
             using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.Cancel(); });
             using var versions = new ModelVersions(dir, parse.GetValue(keep), dev, tokenizer, limits);
-            var options = new EmbeddingServer.Options(parse.GetValue(keep), parse.GetValue(maxBatch), parse.GetValue(batchWait));
+            var options = new EmbeddingServer.Options(parse.GetValue(maxBatch), parse.GetValue(batchWait));
             EmbeddingServer server;
             try { server = await EmbeddingServer.StartAsync(versions, options, limits, address, token, m => error.WriteLine($"mamo serve: {m}")); }
             catch (AddressInUseError e) { return Fail($"{e.Message}: name a free address with --listen"); }

@@ -32,8 +32,9 @@ public sealed class EmbeddingServer : IAsyncDisposable
     /// <summary>127.0.0.1:8090, or the next free port.</summary>
     public static readonly ListenAddress DefaultAddress = new(IPAddress.Loopback, 8090) { FallsForward = true };
 
-    /// <summary>How it batches and what it keeps loaded.</summary>
-    public sealed record Options(int KeepVersions = 3, int MaxBatch = 32, int BatchWaitMs = 5, int QueueCapacity = 1024);
+    /// <summary>How it batches queries: at most MaxBatch a pass, the first waiting BatchWaitMs for others, at most
+    /// QueueCapacity waiting.</summary>
+    public sealed record Options(int MaxBatch = 32, int BatchWaitMs = 5, int QueueCapacity = 1024);
 
     readonly ModelVersions versions;
     readonly QueryBatcher batcher;

@@ -18,6 +18,8 @@ public sealed class UnknownVersionException(string message) : Exception(message)
 /// </summary>
 public sealed class ModelVersions(string runDir, int keep, Device device, TextTokenizer tokenizer, DecodeLimits limits) : IDisposable
 {
+    public const int DefaultKeep = 3;
+
     /// <summary>A version as requests see it: its name and step, and how its queries are prepared (the image size
     /// and text length of its model).</summary>
     public sealed record Version(string Name, long Step, string Checkpoint, SamplePreparer Preparer);
