@@ -150,6 +150,47 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
         finally { Directory.Delete(runDir, recursive: true); }
     }
 
+    [Fact]
+    public async Task A_replica_that_handed_in_an_abandoned_round_hears_so_and_stops_without_waiting_for_a_commit()
+    {
+        // Seen in ClusterTests: SIGTERM to every node right after a round began; the coordinator's node handed in its cut
+        // short round, the round was abandoned (too few reported), and the node waited the round timeout (10 minutes)
+        // for a commit that would never come before it could stop.
+        var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
+        try
+        {
+            var manifest = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit);
+            var settings = MamoSettings.Load(null, [$"run-dir={runDir}", $"batch-size={Batch}", $"max-steps={4 * InnerSteps}", "ledger=on",
+                $"cluster.inner-steps={InnerSteps}", "cluster.min-replicas=2", "cluster.round-timeout=10m", "checkpoint.write-timeout=10m",
+                $"source=\"manifest:{manifest}\""]);
+            var coordinator = Sys.ActorOf(RoundCoordinator.Props(settings));
+            // Round 0 needs two replicas: a probe that dies once given its range, and a real one that trains and hands in.
+            var doomed = CreateTestProbe();
+            coordinator.Tell(new Coordination.Register("a-doomed", doomed.Ref), doomed.Ref);
+            using var inputs = RunInputs.Open(settings, TrainingTask.Of(settings), evaluate: false, publish: false);
+            using var stop = new CancellationTokenSource();
+            var run = new TrainingRun(settings).RunAsync(Sys, inputs, new ReplicaHooks(settings, "b", coordinator), stop.Token);
+            doomed.FishForMessage(m => m is RoundCoordinator.RoundStart, TimeSpan.FromSeconds(60));
+            Sys.Stop(doomed.Ref);
+
+            // One of the two needed reported: round 0 is abandoned, and the replica's ledger says its attempt was not applied.
+            var ledger = Path.Combine(ClusterRun.NodeDir(runDir, "b"), Metrics.LedgerFile);
+            List<JsonElement> Outcomes() => File.Exists(ledger) ? File.ReadAllLines(ledger).Where(l => l.EndsWith('}')).Select(l => JsonDocument.Parse(l).RootElement)
+                .Where(e => e.TryGetProperty("applied", out _)).ToList() : [];
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            while (Outcomes().Count == 0)
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(2), "the replica never heard that round 0 was abandoned");
+                await Task.Delay(50);
+            }
+            Assert.False(Outcomes().Single().GetProperty("applied").GetBoolean());
+            // Nothing it handed in waits for word: it stops at once (the round and write timeouts are 10 minutes).
+            stop.Cancel();
+            await run.WaitAsync(TimeSpan.FromMinutes(1));
+        }
+        finally { Directory.Delete(runDir, recursive: true); }
+    }
+
     /// <summary>Forwards to the coordinator of the moment, as the singleton proxy does.</summary>
     sealed class Proxy : ReceiveActor
     {

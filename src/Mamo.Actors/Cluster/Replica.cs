@@ -106,6 +106,12 @@ public sealed class Replica : ReceiveActor, IWithTimers
         {
             if (gather is { } g && g.Attempt == a.Attempt) g.Gathered.TrySetCanceled();
             if (started.Remove(a.Attempt, out var s)) GiveUp(s, "its coordinator dropped it");
+            if (handedIn.Find(r => r.Attempt == a.Attempt) is { } dropped)
+            {
+                metrics.Tell(new Metrics.RoundOutcome(dropped, Applied: false));
+                handedIn.Remove(dropped);
+                TryDrained();
+            }
         });
         Receive<Gather>(g =>
         {

@@ -229,6 +229,8 @@ public sealed class RoundCoordinator : Coordination
             if (waiting > 0) return;   // past the deadline but short of min-replicas: the ones still training may yet report
             // Nobody left to report: the round is given again from the same θ, its ranges first.
             Log.Warning("round {Round} abandoned: {Count} of the {Min} replicas it needs reported", r.Number, reported.Count, Cluster.MinReplicas);
+            // Those that handed it in hear it is not applied: no later commit would settle it if the run stops now.
+            foreach (var a in r.Assigned.Where(a => !r.Lost.Contains(a.Attempt))) a.Replica.Tell(new StepCoordinator.Abort(a.Attempt));
             GiveAgain(r.Assigned);
             cursor += r.Fresh * (long)Cluster.InnerSteps * Settings.BatchSize;
             r.Dispose();

@@ -26,7 +26,9 @@ public sealed class StepCoordinator : Coordination
     /// (the gradient follows on the data plane).</summary>
     public sealed record StepDone(long Attempt, string Node, long Samples, double Loss, IReadOnlyDictionary<string, double> Terms,
         IReadOnlyDictionary<string, string> Observations) : IClusterMessage;
-    /// <summary>A replica of the attempt left: drop it; the step is given again.</summary>
+    /// <summary>The coordinator dropped the attempt and gives its work again: every-step, when a replica of the step
+    /// left; DiLoCo, when a round is abandoned (too few reported). A replica that handed it in knows then that it will
+    /// never be applied: a stopping node waits for that word.</summary>
     public sealed record Abort(long Attempt) : IClusterMessage;
     sealed record Deadline(long Attempt);
 
