@@ -8,6 +8,8 @@ using Mamo.Cli.Serving;
 using Mamo.Cli.Web;
 using Mamo.Data;
 using Mamo.Data.Datasets;
+using Mamo.Data.Kafka;
+using Confluent.Kafka;
 using Mamo.Model;
 using SkiaSharp;
 using Xunit;
@@ -33,9 +35,9 @@ public class ServeTests(ITestOutputHelper output)
     }
 
     static Task<EmbeddingServer> Serve(ModelVersions versions, EmbeddingServer.Options? options = null, DecodeLimits? limits = null,
-        ListenAddress? at = null, string? token = null, ITestOutputHelper? log = null) =>
+        ListenAddress? at = null, string? token = null, Action<string>? log = null, EmbeddingServer.IndexOptions? index = null) =>
         EmbeddingServer.StartAsync(versions, options ?? new EmbeddingServer.Options(), limits ?? DecodeLimits.Default,
-            at ?? new ListenAddress(IPAddress.Loopback, 0), token, m => log?.WriteLine(m));
+            at ?? new ListenAddress(IPAddress.Loopback, 0), token, log ?? (_ => { }), index);
 
     static ModelVersions Versions(string run, int keep = ModelVersions.DefaultKeep, DecodeLimits? limits = null) => new(run, keep, CPU, Tokenizer, limits ?? DecodeLimits.Default);
 
@@ -79,7 +81,7 @@ public class ServeTests(ITestOutputHelper output)
         Assert.Equal(2 * 2 * items.Count, published.Count);
 
         using var versions = Versions(run);
-        await using var server = await Serve(versions, log: output);
+        await using var server = await Serve(versions, log: output.WriteLine);
         using var http = new HttpClient { BaseAddress = server.Address };
         foreach (var item in items)
             foreach (var version in new[] { null, "step-2", "step-4" })
@@ -217,6 +219,7 @@ public class ServeTests(ITestOutputHelper output)
         await Refused(HttpStatusCode.RequestEntityTooLarge, "TooManyPixels", () => http.PostAsync("embed/image", Image(Png(400, 400))));
         await Refused(HttpStatusCode.NotFound, "no version step-9", () => http.PostAsync("embed/image?version=step-9", Image(png)));
         Assert.Equal(HttpStatusCode.OK, (await http.PostAsync("embed/image", Image(png))).StatusCode);
+        await Refused(HttpStatusCode.NotFound, "no index", () => http.GetAsync("search?q=a+cat"));
 
         // Fuzz: bytes of a valid request changed at random. Each answer is a 200 or a 4xx with a reason; both happen.
         var random = new Random(7);
@@ -238,6 +241,123 @@ public class ServeTests(ITestOutputHelper output)
         output.WriteLine(string.Join(", ", outcomes.Select(o => $"{o.Key}: {o.Value}")));
         Assert.Equal(4, outcomes.Count);   // accepted and refused, of each endpoint
         Assert.DoesNotContain("code=\"5", await http.GetStringAsync("metrics"));
+    }
+
+    [Fact]
+    public async Task The_index_searches_a_version_only_once_it_is_whole_and_skips_bad_records_and_bad_searches_get_a_4xx()
+    {
+        using var folder = new TempFolder();
+        var run = folder.File("run");
+        SaveCheckpoint(run, 2, seed: 1);
+        SaveCheckpoint(run, 10, seed: 2);
+        using var cluster = new KafkaMockCluster();
+        cluster.CreateTopic("catalogue", partitions: 1);
+        cluster.CreateTopic(EmbeddingSinks.VersionsTopic("catalogue"), partitions: 1);
+        var switches = new List<string>();
+        using var versions = Versions(run);
+        await using var server = await Serve(versions, log: m =>
+        {
+            output.WriteLine(m);
+            if (m.StartsWith("index: searching ")) lock (switches) switches.Add(m.Split(' ')[2]);
+        }, index: new EmbeddingServer.IndexOptions(KafkaSpec.Parse($"kafka://{cluster.BootstrapServers}/catalogue"), new Dictionary<string, string>()));
+        using var http = new HttpClient { BaseAddress = server.Address };
+        using var sink = EmbeddingSinks.Open($"kafka://{cluster.BootstrapServers}/catalogue");
+        var random = new Random(3);
+        float[] Unit()
+        {
+            var v = Enumerable.Range(0, MamoConfig.Tiny.EmbedDim).Select(_ => (float)random.NextDouble() - 0.5f).ToArray();
+            var norm = MathF.Sqrt(v.Sum(x => x * x));
+            return v.Select(x => x / norm).ToArray();
+        }
+        Dictionary<string, float[]> Publish(string version, string[] ids, string? state, int? claimed = null, string[]? claimedIds = null)
+        {
+            var step = long.Parse(version["step-".Length..]);
+            sink.Write(new VersionRecord(version, VersionRecord.Started, step, DateTime.UtcNow));
+            var vectors = ids.ToDictionary(id => id, _ => Unit());
+            foreach (var (id, vector) in vectors) sink.Write(new EmbeddingRecord(id, "image", version, vector));
+            sink.Flush();
+            if (state is not null)
+                sink.Write(new VersionRecord(version, state, step, DateTime.UtcNow, claimed ?? ids.Length, 0,
+                    VersionRecord.IdsChecksum((claimedIds ?? ids).Select(id => (id, "image"))), state == VersionRecord.Abandoned ? "superseded" : null));
+            sink.Flush();
+            return vectors;
+        }
+        async Task<JsonElement> Search(string query, string expected)
+        {
+            var clock = Stopwatch.StartNew();
+            while (true)
+            {
+                var response = await http.GetAsync($"search?q={Uri.EscapeDataString(query)}&k=2");
+                var body = JsonDocument.Parse(await response.Content.ReadAsStringAsync()).RootElement;
+                if (response.StatusCode == HttpStatusCode.OK && body.GetProperty("version").GetString() == expected) return body;
+                Assert.True(clock.Elapsed < TimeSpan.FromSeconds(30), $"no answer from {expected} within 30 s: {(int)response.StatusCode} {body}");
+                await Task.Delay(100);
+            }
+        }
+        async Task SearchedExactly(JsonElement answer, Dictionary<string, float[]> catalogue, string query)
+        {
+            var q = (await Ok(await http.PostAsync("embed/text", Json(new { text = query, version = answer.GetProperty("version").GetString() })))).Embedding;
+            var exact = catalogue.Select(c => (Id: c.Key, Score: q.Zip(c.Value).Aggregate(0f, (s, p) => s + p.First * p.Second)))
+                .OrderByDescending(c => c.Score).Take(2).ToList();
+            var results = answer.GetProperty("results").EnumerateArray().Select(r => (Id: r.GetProperty("id").GetString()!, Score: r.GetProperty("score").GetSingle())).ToList();
+            Assert.Equal(exact.Select(e => e.Id), results.Select(r => r.Id));
+            Assert.All(exact.Zip(results), p => Assert.Equal(p.First.Score, p.Second.Score, 1e-6f));
+            Assert.Equal(catalogue.Count, answer.GetProperty("items").GetInt32());
+        }
+
+        Assert.Equal(HttpStatusCode.ServiceUnavailable, (await http.GetAsync("readyz")).StatusCode);   // no version complete yet
+        var two = Publish("step-2", ["a", "b", "c"], VersionRecord.Complete);
+        await SearchedExactly(await Search("a red apple", "step-2"), two, "a red apple");
+        Assert.Equal(HttpStatusCode.OK, (await http.GetAsync("readyz")).StatusCode);
+
+        Publish("step-4", ["a", "b"], VersionRecord.Complete, claimed: 3, claimedIds: ["a", "b", "c"]);   // an item missing
+        Publish("step-6", ["a", "b", "c"], VersionRecord.Abandoned);
+        Publish("step-8", ["a", "b", "d"], VersionRecord.Complete, claimedIds: ["a", "b", "c"]);   // not the ids it names
+        using (var producer = new ProducerBuilder<byte[], byte[]>(new ProducerConfig { BootstrapServers = cluster.BootstrapServers }).Build())
+        {
+            producer.Produce("catalogue", new Message<byte[], byte[]>
+            {
+                Key = "x"u8.ToArray(), Value = new byte[5], Headers = new Headers { { EmbeddingSinks.ModalityHeader, "image"u8.ToArray() } },
+            });
+            producer.Produce(EmbeddingSinks.VersionsTopic("catalogue"), new Message<byte[], byte[]> { Key = "step-9"u8.ToArray(), Value = "not json"u8.ToArray() });
+            producer.Flush(TimeSpan.FromSeconds(10));
+        }
+        var ten = Publish("step-10", ["a", "b", "c", "e"], VersionRecord.Complete);
+        await SearchedExactly(await Search("a smiling face", "step-10"), ten, "a smiling face");
+        lock (switches) Assert.Equal(["step-2", "step-10"], switches);   // never a version that was not whole
+        Assert.Contains("mamo_serve_index_skipped_records 2", await http.GetStringAsync("metrics"));
+        Assert.Contains("\"index\":{\"topic\":", await http.GetStringAsync("versions"));
+
+        async Task Refused(HttpStatusCode status, string path, string reason)
+        {
+            var response = await http.GetAsync(path);
+            var body = await response.Content.ReadAsStringAsync();
+            Assert.True(response.StatusCode == status, $"{path}: {(int)response.StatusCode} {body}");
+            Assert.Contains(reason, JsonDocument.Parse(body).RootElement.GetProperty("error").GetString());
+        }
+        await Refused(HttpStatusCode.BadRequest, "search", "the query is empty");
+        await Refused(HttpStatusCode.BadRequest, "search?q=%20", "the query is empty");
+        foreach (var k in new[] { "0", "101", "abc", "-1", "1e3" }) await Refused(HttpStatusCode.BadRequest, $"search?q=a&k={k}", "k must be a whole number from 1 to 100");
+        await Refused(HttpStatusCode.BadRequest, "search?q=a&modality=audio", "modality must be image or text");
+        await Refused(HttpStatusCode.NotFound, "search?q=a&modality=text", "step-10 published no text vectors");
+
+        // Fuzz: random bytes as the query, k and modality. Each answer is a 200 or a 4xx with a reason; both happen.
+        var fuzz = new Random(11);
+        string Noise(int most) => Uri.EscapeDataString(Encoding.Latin1.GetString(Enumerable.Range(0, fuzz.Next(most)).Select(_ => (byte)fuzz.Next(256)).ToArray()));
+        var outcomes = new Dictionary<bool, int>();
+        for (var i = 0; i < 60; i++)
+        {
+            var path = $"search?q={Noise(40)}" + (fuzz.Next(2) == 0 ? $"&k={(fuzz.Next(2) == 0 ? Noise(4) : fuzz.Next(-5, 120).ToString())}" : "")
+                + (fuzz.Next(3) == 0 ? $"&modality={Noise(6)}" : "");
+            var response = await http.GetAsync(path);
+            var code = (int)response.StatusCode;
+            Assert.True(code == 200 || (code is >= 400 and < 500 && JsonDocument.Parse(await response.Content.ReadAsStringAsync()).RootElement
+                .GetProperty("error").GetString()!.Length > 0), $"{code} for {path}");
+            outcomes[code == 200] = outcomes.GetValueOrDefault(code == 200) + 1;
+        }
+        output.WriteLine($"fuzzed searches: {outcomes.GetValueOrDefault(true)} answered, {outcomes.GetValueOrDefault(false)} refused");
+        Assert.Equal(2, outcomes.Count);
+        Assert.DoesNotContain("code=\"500\"", await http.GetStringAsync("metrics"));   // (503s: /readyz and /search before step-2 was complete)
     }
 
     [Fact]

@@ -14,7 +14,7 @@ public static class DevBrokerCommand
         var topics = new Option<string>("--topics")
         {
             Description = "Topics to create, comma-separated",
-            DefaultValueFactory = _ => "mamo.pairs,mamo.pairs.dlq,mamo.embeddings",
+            DefaultValueFactory = _ => "mamo.pairs,mamo.pairs.dlq,mamo.embeddings,mamo.embeddings.versions",
         };
         var partitions = new Option<int>("--partitions") { Description = "Partitions per topic", DefaultValueFactory = _ => 4 };
         partitions.Validators.Add(r => { if (r.GetValueOrDefault<int>() < 1) r.AddError("--partitions must be 1 or more"); });

@@ -5,11 +5,13 @@ using Mamo.Cli.Serving;
 using Mamo.Cli.Web;
 using Mamo.Data;
 using Mamo.Data.Datasets;
+using Mamo.Data.Kafka;
 
 namespace Mamo.Cli.Commands;
 
-/// <summary>`mamo serve --run-dir DIR [--listen HOST:PORT]`: an embedding service over a run's model versions, taking
-/// each new checkpoint as the run writes it, until Ctrl-C or SIGTERM (docs/SERVING.md).</summary>
+/// <summary>`mamo serve --run-dir DIR [--index kafka://HOST:PORT/TOPIC] [--listen HOST:PORT]`: an embedding service over a
+/// run's model versions, taking each new checkpoint as the run writes it, and with an index a search service over the
+/// catalogue the run publishes, until Ctrl-C or SIGTERM (docs/SERVING.md).</summary>
 public static class ServeCommand
 {
     public static Command Create()
@@ -23,11 +25,17 @@ public static class ServeCommand
         var batchWait = new Option<int>("--batch-wait-ms") { Description = "How long a query waits for others to share its forward pass", DefaultValueFactory = _ => defaults.BatchWaitMs };
         foreach (var (option, least) in new[] { (keep, 1), (maxBatch, 1), (batchWait, 0) })
             option.Validators.Add(r => { if (r.GetValueOrDefault<int>() < least) r.AddError($"{option.Name} must be {least} or more"); });
+        var index = new Option<string?>("--index")
+        {
+            Description = "kafka://HOST:PORT/TOPIC: the embeddings the run publishes there, searched at /search one complete version at a time (default: no index)",
+        };
+        // TESTING ONLY: searches a version from its first vector, so the end-to-end test can show that it catches that.
+        var breakRule = new Option<bool>("--index-searches-partial-versions") { Hidden = true };
         var device = SettingsOptions.DeviceOption();
         var settingsOptions = new SettingsOptions();   // torch-threads, device, data.max-image-bytes and -pixels
         var command = new Command("serve", "Serve embeddings of texts and images with a run's model versions over HTTP")
         {
-            runDir, listen.Listen, listen.Token, keep, maxBatch, batchWait, device, settingsOptions.Config, settingsOptions.Set,
+            runDir, index, breakRule, listen.Listen, listen.Token, keep, maxBatch, batchWait, device, settingsOptions.Config, settingsOptions.Set,
         };
         command.SetAction(async (parse, ct) =>
         {
@@ -45,10 +53,14 @@ public static class ServeCommand
             TorchSharp.torch.Device dev;
             DecodeLimits limits;
             TextTokenizer tokenizer;
+            EmbeddingServer.IndexOptions? indexOptions = null;
             try
             {
                 (address, token) = listen.Resolve(parse);
                 (dev, limits) = settingsOptions.LoadInference(parse, parse.GetValue(device));
+                if (parse.GetValue(index) is { } topic)
+                    indexOptions = new EmbeddingServer.IndexOptions(KafkaSpec.Parse(topic), settingsOptions.Load(parse).KafkaConsumer,
+                        parse.GetValue(breakRule) ? IndexFollower.SwitchRule.FirstVector : IndexFollower.SwitchRule.Complete);
                 tokenizer = new TextTokenizer(BuiltinDatasets.EnsureVocab(log: error.WriteLine));
             }
             catch (Exception e) when (e is FormatException or SettingsException or DatasetFetchException or NpmMissingException) { return Fail(e.Message); }
@@ -59,8 +71,9 @@ public static class ServeCommand
             using var versions = new ModelVersions(dir, parse.GetValue(keep), dev, tokenizer, limits);
             var options = new EmbeddingServer.Options(parse.GetValue(maxBatch), parse.GetValue(batchWait));
             EmbeddingServer server;
-            try { server = await EmbeddingServer.StartAsync(versions, options, limits, address, token, m => error.WriteLine($"mamo serve: {m}")); }
+            try { server = await EmbeddingServer.StartAsync(versions, options, limits, address, token, m => error.WriteLine($"mamo serve: {m}"), indexOptions); }
             catch (AddressInUseError e) { return Fail($"{e.Message}: name a free address with --listen"); }
+            catch (Exception e) when (e is FormatException or ArgumentException) { return Fail(e.Message); }
             await using (server)
             {
                 stdout.WriteLine($"serving: {server.Address}");

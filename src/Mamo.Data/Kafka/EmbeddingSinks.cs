@@ -104,6 +104,22 @@ public static class EmbeddingSinks
         return bytes;
     }
 
+    /// <summary>An embedding record as the Kafka sink writes it (key: the id; headers model-version, modality, dim);
+    /// null where the record is another kind the topic carries (a prediction: no modality header).</summary>
+    /// <exception cref="FormatException">a record that claims to be an embedding and is not a whole one</exception>
+    public static EmbeddingRecord? ReadEmbedding(byte[]? key, byte[]? value, Headers? headers)
+    {
+        string? Header(string name) => headers is not null && headers.TryGetLastBytes(name, out var b) ? Encoding.UTF8.GetString(b) : null;
+        if (Header(ModalityHeader) is not { } modality) return null;
+        if (key is null || key.Length == 0) throw new FormatException("an embedding without a key (its item's id)");
+        if (Header(ModelVersionHeader) is not { Length: > 0 } version) throw new FormatException($"an embedding without a {ModelVersionHeader} header");
+        var vector = Decode(value ?? []);
+        if (vector.Length == 0) throw new FormatException("an embedding of no values");
+        if (Header(DimHeader) is { } dim && dim != vector.Length.ToString(CultureInfo.InvariantCulture))
+            throw new FormatException($"an embedding of {vector.Length} values whose {DimHeader} header says {dim}");
+        return new EmbeddingRecord(Encoding.UTF8.GetString(key), modality, version, vector);
+    }
+
     public static float[] Decode(byte[] value)
     {
         if (value.Length % sizeof(float) != 0) throw new FormatException($"an embedding of {value.Length} bytes is not a whole number of float32s");
