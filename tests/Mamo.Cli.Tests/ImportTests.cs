@@ -111,6 +111,33 @@ public sealed class ImportTests(MiniLmImportFixture minilm, ITestOutputHelper ou
     }
 
     [Fact]
+    public void The_imported_bert_layout_exported_as_onnx_gives_the_models_embeddings()
+    {
+        Assert.True(minilm.Import.Code == 0, minilm.Import.Stderr);
+        var exported = Path.Combine(minilm.Folder, "onnx");
+        var (code, stdout, stderr) = Cli.Run("export", "--format", "onnx", minilm.Checkpoint, exported);
+        Assert.True(code == 0, stdout + stderr);
+        using var embedder = Mamo.Actors.Pipeline.Embedder.Load(minilm.Checkpoint, CPU);
+        var config = embedder.Config;
+        Assert.Equal(TextLayouts.Bert, config.TextLayout);
+        var preparer = new SamplePreparer(new ImageTransform(new ImageTransformOptions(ImageSize: config.ImageSize)), new TextTokenizer(minilm.Vocab),
+            config.MaxTextLength, DecodeLimits.Default);
+        var samples = ManifestSource.ReadAll(BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit)).Samples.Take(8)
+            .Select((s, i) => s with { Captions = [i < Sentences.Length ? Sentences[i] : s.Captions[0]] });
+        var items = Mamo.Actors.Pipeline.EmbeddingItem.PrepareAll(samples, preparer, []);
+        var (images, texts) = OnnxExportTests.Run(exported, items, config.ImageSize, config.MaxTextLength);
+        var ours = (Images: embedder.EmbedImages(items.Select(i => i.Pixels).ToList()), Texts: embedder.EmbedTexts(items.Select(i => (i.TokenIds, i.AttentionMask)).ToList()));
+        var worst = (Image: 0f, Text: 0f);
+        for (var i = 0; i < items.Count; i++)
+        {
+            worst.Image = Math.Max(worst.Image, OnnxExportTests.MaxDifference(images[i], ours.Images[i]));
+            worst.Text = Math.Max(worst.Text, OnnxExportTests.MaxDifference(texts[i], ours.Texts[i]));
+        }
+        output.WriteLine($"minilm (bert layout), {items.Count} items: largest difference, image {worst.Image:E2}, text {worst.Text:E2}");
+        Assert.True(worst.Image <= OnnxExportTests.Parity && worst.Text <= OnnxExportTests.Parity, $"image {worst.Image}, text {worst.Text}");
+    }
+
+    [Fact]
     public void Weights_of_another_width_are_an_error_that_names_the_tensor()
     {
         var output = Path.Combine(minilm.Folder, "tiny");

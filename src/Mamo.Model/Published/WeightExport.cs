@@ -1,8 +1,8 @@
 namespace Mamo.Model.Published;
 
 /// <summary>`mamo export`: a checkpoint's encoder in a published layout, as OUT/model.safetensors under the original
-/// tensor names and OUT/config.json, so that transformers or timm load it. Importing the export gives the same
-/// tensors back, bit for bit.</summary>
+/// tensor names and OUT/config.json, so that transformers or timm load it (importing the export gives the same
+/// tensors back, bit for bit); or both encoders as ONNX graphs that give the run's embeddings (OnnxExport).</summary>
 public static class WeightExport
 {
     /// <returns>a line saying what was written</returns>
@@ -12,6 +12,11 @@ public static class WeightExport
         var tensors = Checkpoint.LoadPart(Path.Combine(checkpoint, weightsFile));
         try
         {
+            if (format == WeightSource.Onnx)
+            {
+                OnnxExport.Write(config, tensors, output, $"step-{Checkpoint.ReadState(checkpoint).Step}");
+                return $"wrote the image and text encoders of {checkpoint} ({weightsFile}) as ONNX ({OnnxExport.ImageFile}, {OnnxExport.TextFile}) to {Path.GetFullPath(output)}";
+            }
             var (map, json) = format switch
             {
                 // The fusion layers go above the text encoder's, where an import puts them.
@@ -20,7 +25,7 @@ public static class WeightExport
                 WeightSource.HfBert =>
                     throw new InvalidDataException($"{checkpoint}: the text encoder is in the {config.TextLayout} layout; only the {TextLayouts.Bert} layout is BERT"),
                 WeightSource.TimmVit => (TimmVit.Map(config), TimmVit.ConfigJson(config)),
-                _ => throw new ArgumentException($"export format must be {WeightSource.HfBert} or {WeightSource.TimmVit}, not {format}"),
+                _ => throw new ArgumentException($"export format must be {WeightSource.HfBert}, {WeightSource.TimmVit} or {WeightSource.Onnx}, not {format}"),
             };
             var exported = map.Export(tensors);
             try
