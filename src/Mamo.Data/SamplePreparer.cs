@@ -11,6 +11,11 @@ public sealed class SamplePreparer(ImageTransform transform, TextTokenizer token
 {
     private readonly DecodeLimits _decodeLimits = decodeLimits ?? DecodeLimits.Default;
 
+    /// <summary>How evaluation, `mamo embed`, `mamo serve` and the ONNX export's preprocessing.json prepare a sample: the
+    /// image's shorter side resized and centre-cropped to the model's size, texts tokenised to its length.</summary>
+    public static SamplePreparer ForEvaluation(int imageSize, int maxTextLength, TextTokenizer tokenizer, DecodeLimits? limits = null) =>
+        new(new ImageTransform(new ImageTransformOptions(ImageSize: imageSize)), tokenizer, maxTextLength, limits);
+
     /// <summary>Training: a random crop and one caption drawn at random.</summary>
     public bool TryPrepareForTraining(ImageTextSample sample, Random random, out PreparedSample? prepared, out BadInput? bad)
     {

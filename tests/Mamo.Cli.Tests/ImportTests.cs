@@ -120,8 +120,7 @@ public sealed class ImportTests(MiniLmImportFixture minilm, ITestOutputHelper ou
         using var embedder = Mamo.Actors.Pipeline.Embedder.Load(minilm.Checkpoint, CPU);
         var config = embedder.Config;
         Assert.Equal(TextLayouts.Bert, config.TextLayout);
-        var preparer = new SamplePreparer(new ImageTransform(new ImageTransformOptions(ImageSize: config.ImageSize)), new TextTokenizer(minilm.Vocab),
-            config.MaxTextLength, DecodeLimits.Default);
+        var preparer = SamplePreparer.ForEvaluation(config.ImageSize, config.MaxTextLength, new TextTokenizer(minilm.Vocab));
         var samples = ManifestSource.ReadAll(BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit)).Samples.Take(8)
             .Select((s, i) => s with { Captions = [i < Sentences.Length ? Sentences[i] : s.Captions[0]] });
         var items = Mamo.Actors.Pipeline.EmbeddingItem.PrepareAll(samples, preparer, []);

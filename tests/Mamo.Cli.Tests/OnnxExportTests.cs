@@ -43,8 +43,7 @@ public class OnnxExportTests(ITestOutputHelper output)
         var p = preprocessing.RootElement;
         Assert.Equal("step-6", p.GetProperty("version").GetString());
         int size = p.GetProperty("image").GetProperty("size").GetInt32(), length = p.GetProperty("text").GetProperty("max_length").GetInt32();
-        var preparer = new SamplePreparer(new ImageTransform(new ImageTransformOptions(ImageSize: size)),
-            new TextTokenizer(Path.Combine(exported, p.GetProperty("text").GetProperty("vocab").GetString()!)), length, DecodeLimits.Default);
+        var preparer = SamplePreparer.ForEvaluation(size, length, new TextTokenizer(Path.Combine(exported, p.GetProperty("text").GetProperty("vocab").GetString()!)));
         var samples = ManifestSource.ReadAll(BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit)).Samples;
         var items = EmbeddingItem.PrepareAll(samples, preparer, []);
 

@@ -112,7 +112,7 @@ public sealed class RunInputs : IDisposable
     /// <summary>The set whose embeddings go out after each checkpoint, prepared once, as the task publishes it.</summary>
     static List<EmbeddingItem> PreparePublishSet(MamoSettings s, TrainingTask task, TextTokenizer tokenizer, DecodeLimits limits, Action<string> log)
     {
-        var preparer = new SamplePreparer(new ImageTransform(new ImageTransformOptions(ImageSize: s.Model.ImageSize)), tokenizer, s.Model.MaxTextLength, limits);
+        var preparer = SamplePreparer.ForEvaluation(s.Model.ImageSize, s.Model.MaxTextLength, tokenizer, limits);
         var (samples, bad) = ManifestSource.ReadAll(TrainingSamples.EvalManifest(s.PublishInput, log));
         var items = EmbeddingItem.PrepareAll(samples, preparer, bad).Select(i => task.ForPublishing(i, tokenizer, s.Model.MaxTextLength)).ToList();
         foreach (var b in bad) Log.Warning("publish set: skipped {Location}: {Reason}", b.Location, b.Reason);

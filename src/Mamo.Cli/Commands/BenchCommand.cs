@@ -122,7 +122,7 @@ public static class BenchCommand
             parse.InvocationConfiguration.Output.WriteLine(ExportVit(parse.GetValue(grid), parse.GetValue(vitSeed), parse.GetValue(vitOut)!));
             return 0;
         });
-        return new Command("bench", "Benchmarks") { step, export, exportVit, BenchKafkaCommand.Create() };
+        return new Command("bench", "Benchmarks") { step, export, exportVit, BenchKafkaCommand.Create(), BenchAnnCommand.Create() };
     }
 
     /// <summary>

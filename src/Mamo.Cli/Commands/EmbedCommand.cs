@@ -95,7 +95,7 @@ public static class EmbedCommand
     sealed record Options(string Modality, int BatchSize, long MaxRecords, TorchSharp.torch.Device Device, bool Follow);
 
     static SamplePreparer Preparer(Embedder embedder, TextTokenizer tokenizer) =>
-        new(new ImageTransform(new ImageTransformOptions(ImageSize: embedder.Config.ImageSize)), tokenizer, embedder.Config.MaxTextLength);
+        SamplePreparer.ForEvaluation(embedder.Config.ImageSize, embedder.Config.MaxTextLength, tokenizer);
 
     /// <summary>A file set: embed it with the newest checkpoint, and with --follow again with each newer one.</summary>
     static async Task<int> EmbedSet(string spec, Func<string?> newest, TextTokenizer tokenizer, IEmbeddingSink sink, Options o,

@@ -40,15 +40,20 @@ public sealed class ModelVersions(string runDir, int keep, Device device, TextTo
         lock (gate)
         {
             var steps = new HashSet<long>();
+            var known = onDisk.Values.ToDictionary(v => v.Checkpoint, v => v.Step);
             foreach (var dir in present)
             {
+                if (known.TryGetValue(dir, out var seen))   // read once: a checkpoint folder never changes
+                {
+                    steps.Add(seen);
+                    continue;
+                }
                 long step;
                 MamoConfig config;
                 try { (step, config) = (Checkpoint.ReadState(dir).Step, Checkpoint.ReadConfig(dir)); }
                 catch (IOException) { continue; }   // pruned while we looked: gone at the next refresh
-                steps.Add(step);
-                if (onDisk.ContainsKey(step)) continue;
-                var preparer = new SamplePreparer(new ImageTransform(new ImageTransformOptions(ImageSize: config.ImageSize)), tokenizer, config.MaxTextLength, limits);
+                if (!steps.Add(step) || onDisk.ContainsKey(step)) continue;
+                var preparer = SamplePreparer.ForEvaluation(config.ImageSize, config.MaxTextLength, tokenizer, limits);
                 found.Add(onDisk[step] = new Version(Embedder.VersionOf(step), step, dir, preparer));
             }
             foreach (var pruned in onDisk.Keys.Where(s => !steps.Contains(s)).ToList()) onDisk.Remove(pruned);
