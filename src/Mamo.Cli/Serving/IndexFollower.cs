@@ -28,7 +28,7 @@ public sealed partial class IndexFollower : IDisposable
         public readonly Dictionary<(string Id, string Modality), float[]> Vectors = new();
         public long? Step = StepOf(version);
         public VersionRecord? Complete;
-        public bool Mismatch;   // said once
+        public (int Count, VersionRecord? Complete) Checked;   // what the checksum was last computed for
         public SearchIndex? Built;   // whole, waiting for its model
         public bool Waited;   // said once
     }
@@ -150,7 +150,7 @@ public sealed partial class IndexFollower : IDisposable
         gathering[version] = g = new Gathering(version);
         if (gathering.Count > MaxGathering)
         {
-            var oldest = gathering.Values.MinBy(v => v.Step ?? long.MaxValue)!;
+            var oldest = gathering.Values.MinBy(v => v.Step ?? long.MinValue)!;   // a version of no known step goes first
             log($"index: gave up gathering {oldest.Version}: {MaxGathering} newer versions are being published");
             Drop(oldest);
         }
@@ -187,10 +187,10 @@ public sealed partial class IndexFollower : IDisposable
     bool IsWhole(Gathering g)
     {
         if (rule == SwitchRule.FirstVector) return g.Vectors.Count > (Current is { } c0 && c0.Version == g.Version ? c0.Items.Values.Sum() : 0);
-        if (g.Complete is not { } c || g.Vectors.Count != c.Records) return false;
+        if (g.Complete is not { } c || g.Vectors.Count != c.Records || g.Checked == (g.Vectors.Count, c)) return false;
+        g.Checked = (g.Vectors.Count, c);   // a vector that replaces one of the same id changes no id: checked once
         if (VersionRecord.IdsChecksum(g.Vectors.Keys) == c.IdsSha256) return true;
-        if (!g.Mismatch) log($"index: {g.Version} holds {c.Records} vectors, as its complete record says, but not the ids it names; it is not searched");
-        g.Mismatch = true;
+        log($"index: {g.Version} holds {c.Records} vectors, as its complete record says, but not the ids it names; it is not searched");
         return false;
     }
 
