@@ -37,7 +37,7 @@ public sealed class MamoTrainer : IDisposable
     {
         Seed = seed;
         Device = device;
-        OptimizerConfig = optimizer;
+        OptimizerConfig = schedule = optimizer;
         Student = MamoModel.Seeded(config, seed);
         Student.to(device);
         Objective = objective?.Invoke(config) ?? new MamoPretraining(config, new PretrainingConfig());
@@ -47,9 +47,25 @@ public sealed class MamoTrainer : IDisposable
 
     public MamoConfig Config => Student.Config;
 
+    /// <summary>How far the learning-rate schedule moves with each step: 1, but N for one of a DiLoCo round's N replicas,
+    /// so that warm-up and decay follow the samples the whole cluster has trained, as one node's follow its own.</summary>
+    public int ScheduleStride { get; private set; } = 1;
+
+    /// <summary>The learning rate of a step: one node's schedule at the last of the ScheduleStride steps it stands for.</summary>
+    public double LearningRateAt(long step) => schedule.LearningRateAt((step + 1) * ScheduleStride - 1);
+
+    /// <summary>The schedule in one node's steps: a wsd cool-down ends at max-steps of the whole cluster's samples.</summary>
+    OptimizerConfig schedule;
+
     /// <summary>Sets the step (and so the learning-rate schedule and the step seeds) to where a cluster round starts: a
-    /// replica takes each round's first step from its coordinator, a round given again included.</summary>
-    public void StartAt(long step) => Step = step;
+    /// replica takes each round's first step from its coordinator, a round given again included, and the number of
+    /// replicas that train it beside this one (<paramref name="stride"/>).</summary>
+    public void StartAt(long step, int stride = 1)
+    {
+        Step = step;
+        ScheduleStride = stride;
+        schedule = OptimizerConfig with { TotalSteps = OptimizerConfig.TotalSteps * stride };
+    }
 
     public int MaskSeed(long step) => Seeds.Mix(Seed, step);
 
@@ -101,7 +117,7 @@ public sealed class MamoTrainer : IDisposable
         var (loss, terms) = Backward(shard, targets);
         var (scores, predicted) = predictions;
         predictions = default;
-        return new StepResult(Step, loss, terms, OptimizerConfig.LearningRateAt(Step), double.NaN, Skipped: !double.IsFinite(loss))
+        return new StepResult(Step, loss, terms, LearningRateAt(Step), double.NaN, Skipped: !double.IsFinite(loss))
         {
             Scores = scores ?? new Dictionary<string, double>(), Predictions = predicted,
         };
@@ -115,7 +131,7 @@ public sealed class MamoTrainer : IDisposable
     public StepResult Update(double loss, IReadOnlyDictionary<string, double> terms)
     {
         var step = Step++;
-        var lr = OptimizerConfig.LearningRateAt(step);
+        var lr = LearningRateAt(step);
         var (scores, predicted) = predictions;
         predictions = default;
         StepResult Result(double gradNorm, bool skipped) => new(step, loss, terms, lr, gradNorm, skipped)

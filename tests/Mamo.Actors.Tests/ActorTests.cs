@@ -126,6 +126,25 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
     }
 
     [Fact]
+    public void A_step_of_one_of_a_rounds_two_replicas_moves_the_ema_as_two_steps_of_one_node()
+    {
+        // Each of N replicas trains 1/N of the samples: one of its steps stands for N of one node, so the EMA decays by d^N.
+        using var student = new MamoModel(Tiny);
+        using var reference = Momentum.CreateTeacher(student);
+        var teacher = Teacher(student, teacherStep: 0, pipelined: false, decay: 0.5);
+        using (no_grad()) foreach (var p in student.parameters()) p.add_(1.0);
+        var round = new Round(Attempt: 1, Number: 0, FirstStep: 0, ResetsTeacher: false, Replicas: 2);
+        teacher.Tell(new MomentumTeacher.StudentUpdated(1, Weights(student), SnapshotTo: TestActor, Round: round));
+        var part = ExpectMsg<Checkpointer.Parts>(TimeSpan.FromSeconds(30));
+        foreach (var ((name, got), before) in part.Tensors.Single().Tensors.Zip(reference.parameters()))
+        {
+            // teacher = 0.25 * before + 0.75 * (before + 1) = before + 0.75 (one replica of one: before + 0.5, above)
+            Assert.True(got.allclose(before + 0.75, rtol: 1e-5, atol: 1e-5), name);
+            got.Dispose();
+        }
+    }
+
+    [Fact]
     public void Checkpointer_joins_the_declared_parts_writes_atomically_keeps_the_last_k_and_then_announces()
     {
         var runDir = Directory.CreateTempSubdirectory("mamo-ckpt-").FullName;

@@ -28,7 +28,7 @@ public sealed class ClusterSerializerTests : IDisposable
         new WeightTransfer.Chunk(Guid.NewGuid(), 5, [1, 2, 3, 250]),
         new WeightTransfer.Ack(Guid.NewGuid(), 9),
         new Coordination.Register("n1", someone),
-        new RoundCoordinator.RoundStart(12, 7, 350, 480, 400, true, new Dictionary<string, string> { ["finetune.labels"] = "[\"cat\"]" }, someone),
+        new RoundCoordinator.RoundStart(12, 7, 350, 3, 480, 400, true, new Dictionary<string, string> { ["finetune.labels"] = "[\"cat\"]" }, someone),
         new RoundCoordinator.RoundDone(12, 7, "n2", 1600, new Dictionary<string, long> { ["pairs/0"] = 41, ["pairs/3"] = -1 }, 5.75,
             new Dictionary<string, double> { ["itc"] = 2.25, ["mim"] = double.NaN }, new Dictionary<string, string> { ["finetune.hits"] = "0110" }, true),
         new Coordination.Commit(new Dictionary<string, long> { ["cursor"] = 959 }, 8, [12, 13]),

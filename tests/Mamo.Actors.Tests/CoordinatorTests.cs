@@ -63,6 +63,34 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
     }
 
     [Fact]
+    public async Task The_teacher_follows_the_outer_step_so_a_teacher_that_is_its_student_stays_the_student()
+    {
+        // With momentum decay 0 the teacher is the student after every step. A round moves θ past the mean of the
+        // replicas' students (Nesterov at lr 0.7): the teacher must take the same jump, or it is left behind at that mean.
+        var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
+        try
+        {
+            var manifest = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit);
+            var settings = MamoSettings.Load(null, [$"run-dir={runDir}", $"batch-size={Batch}", $"max-steps={InnerSteps}", "model.momentum-decay=0",
+                $"cluster.inner-steps={InnerSteps}", "cluster.min-replicas=1", "cluster.round-timeout=10m", $"source=\"manifest:{manifest}\""]);
+            var coordinator = Sys.ActorOf(RoundCoordinator.Props(settings));
+            using var inputs = RunInputs.Open(settings, TrainingTask.Of(settings), evaluate: false, publish: false);
+            var hooks = new ReplicaHooks(settings, "b", coordinator);
+            await new TrainingRun(settings).RunAsync(Sys, inputs, hooks, CancellationToken.None).WaitAsync(TimeSpan.FromMinutes(2));
+
+            var dir = Checkpoint.Latest(runDir)!;
+            Assert.Equal(InnerSteps, Checkpoint.ReadState(dir).Step);
+            var student = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.StudentFile));
+            var teacher = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.TeacherFile));
+            var initial = MamoModel.Seeded(settings.Model, settings.Seed).named_parameters().ToDictionary(p => p.name, p => p.parameter);
+            Assert.NotEmpty(teacher);
+            foreach (var (name, t) in teacher) Assert.True(t.allclose(student[name], rtol: 1e-5, atol: 1e-6), $"{name}: the teacher is not θ");
+            Assert.Contains(teacher, t => !t.Value.allclose(initial[t.Key]));   // and θ moved
+        }
+        finally { Directory.Delete(runDir, recursive: true); }
+    }
+
+    [Fact]
     public async Task A_rounds_last_pair_after_dead_letters_joins_the_batch_before_it_and_is_trained()
     {
         var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
@@ -130,7 +158,7 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
             var replica = a.LastSender;
             a.Send(replica, new Coordination.Commit(new Dictionary<string, long>(), 0, []));
             using var global = new MamoTrainer(settings.Model, settings.Optimizer, CPU, settings.Seed, withTeacher: true, TrainingTask.Of(settings).Objective);
-            a.Send(replica, new RoundCoordinator.RoundStart(1, 0, 0, -1, Span, false, global.Objective.SaveState(), Sys.ActorOf(WeightTransfer.Receiver.Props(a.Ref, 1L << 30))));
+            a.Send(replica, new RoundCoordinator.RoundStart(1, 0, 0, 1, -1, Span, false, global.Objective.SaveState(), Sys.ActorOf(WeightTransfer.Receiver.Props(a.Ref, 1L << 30))));
             Sys.ActorOf(WeightTransfer.Sender.Props(register.Receiver, a.Ref, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, 1), global.Weights().ToList(),
                 "float32", settings.Cluster.ChunkSize, settings.Cluster.Window));
             a.FishForMessage(m => m is RoundCoordinator.RoundDone, TimeSpan.FromSeconds(60));

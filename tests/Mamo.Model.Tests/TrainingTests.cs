@@ -60,6 +60,26 @@ public class TrainingTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void A_replica_of_a_round_of_two_takes_the_learning_rate_one_node_takes_at_the_same_samples()
+    {
+        var o = new OptimizerConfig { LearningRate = 1e-3, MinLearningRate = 1e-4, WarmupSteps = 10, DecaySteps = 100 };
+        using var trainer = new MamoTrainer(MamoConfig.Tiny, o, CPU, seed: 1);
+        trainer.StartAt(0, stride: 2);
+        // Replica step s stands for one node's steps 2s and 2s + 1: it takes the rate of the last of them.
+        Assert.Equal(o.LearningRateAt(1), trainer.LearningRateAt(0), 12);
+        Assert.Equal(1e-3, trainer.LearningRateAt(4), 12);   // warm-up over after 5 steps of a replica, 10 of one node
+        Assert.Equal(o.LearningRateAt(61), trainer.LearningRateAt(30), 12);
+        trainer.StartAt(30);   // a round of one: one node's schedule again
+        Assert.Equal(o.LearningRateAt(30), trainer.LearningRateAt(30), 12);
+        // wsd's cool-down ends where the cluster's last step does: max-steps of each replica, twice one node's samples.
+        var wsd = o with { Schedule = OptimizerConfig.WarmupStableDecay, TotalSteps = 100, CooldownSteps = 20 };
+        using var replica = new MamoTrainer(MamoConfig.Tiny, wsd, CPU, seed: 1);
+        replica.StartAt(50, stride: 2);
+        Assert.Equal(1e-3, replica.LearningRateAt(89), 12);   // one node's step 179: before the cool-down
+        Assert.Equal(1e-4, replica.LearningRateAt(99), 12);   // the last step at the floor
+    }
+
+    [Fact]
     public void Constant_stays_at_the_rate_wsd_cools_down_over_the_last_steps_and_a_rewarm_starts_the_schedule_again()
     {
         var constant = new OptimizerConfig { LearningRate = 1e-3, MinLearningRate = 1e-4, WarmupSteps = 10, Schedule = OptimizerConfig.Constant };

@@ -84,6 +84,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(s.Attempt);
                     w.Write(s.Round);
                     w.Write(s.FirstStep);
+                    w.Write(s.Replicas);
                     w.Write(s.Cursor);
                     w.Write(s.Records);
                     w.Write(s.Rewind);
@@ -179,7 +180,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 ChunkManifest => new WeightTransfer.Chunk(new Guid(r.ReadBytes(16)), r.ReadInt32(), ReadBytes(r)),
                 AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
                 RegisterManifest => new Coordination.Register(r.ReadString(), ReadRef(r)),
-                StartManifest => new RoundCoordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadBoolean(),
+                StartManifest => new RoundCoordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt64(), r.ReadInt32(), r.ReadBoolean(),
                     ReadMap(r, r.ReadString, "state"), ReadRef(r)),
                 DoneManifest => new RoundCoordinator.RoundDone(r.ReadInt64(), r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions"),
                     r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"), ReadMap(r, r.ReadString, "observations"), r.ReadBoolean()),

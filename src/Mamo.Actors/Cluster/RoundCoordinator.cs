@@ -24,8 +24,8 @@ public sealed class RoundCoordinator : Coordination
     /// <summary>Train the round's records from the θ and objective state that follow: cursors [Cursor, Cursor + Records)
     /// of a file source, or the next Records records of the node's Kafka partitions (Rewind: read the stream again from
     /// the last cluster checkpoint first: this replica's last round was not applied). Its steps are numbered from
-    /// FirstStep. Send the delta to DeltaReceiver.</summary>
-    public sealed record RoundStart(long Attempt, long Round, long FirstStep, long Cursor, int Records, bool Rewind, IReadOnlyDictionary<string, string> State,
+    /// FirstStep; Replicas train the round side by side. Send the delta to DeltaReceiver.</summary>
+    public sealed record RoundStart(long Attempt, long Round, long FirstStep, int Replicas, long Cursor, int Records, bool Rewind, IReadOnlyDictionary<string, string> State,
         IActorRef DeltaReceiver) : IClusterMessage;
     /// <summary>A replica's account of its attempt: the samples it trained on (its delta's weight), the stream positions
     /// they reach, its steps' mean loss and terms (NaN and none when every step was skipped), what its objective
@@ -194,7 +194,7 @@ public sealed class RoundCoordinator : Coordination
         var state = global.Objective.SaveState();
         foreach (var a in assigned)
         {
-            a.Replica.Tell(new RoundStart(a.Attempt, round, round * Cluster.InnerSteps, a.Cursor, a.Records, rewind.Remove(a.Replica), state, Receiver));
+            a.Replica.Tell(new RoundStart(a.Attempt, round, round * Cluster.InnerSteps, current.Assigned.Count, a.Cursor, a.Records, rewind.Remove(a.Replica), state, Receiver));
             Context.ActorOf(WeightTransfer.Sender.Props(Replicas[a.Replica].Receiver, Self, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, a.Attempt), weights,
                 "float32", Cluster.ChunkSize, Cluster.Window));
         }
@@ -306,7 +306,8 @@ public sealed class RoundCoordinator : Coordination
     }
 
     /// <summary>Each replica's observations replayed in node order, then the outer step on the samples-weighted mean of
-    /// their deltas (θ − θᵢ, each laid out as θ is), and the teacher moved by the mean of the teachers' deltas.</summary>
+    /// their deltas (θ − θᵢ, each laid out as θ is), and the teacher moved by the mean of the teachers' deltas and by the
+    /// outer step's extrapolation.</summary>
     void OuterStep(IReadOnlyList<(RoundDone Report, WeightTransfer.Received Delta)> replicas)
     {
         foreach (var (report, _) in replicas) global.Objective.Replay(report.Observations);
@@ -322,12 +323,22 @@ public sealed class RoundCoordinator : Coordination
             return OuterOptimizer.OuterGradient(deltas);
         }
         var theta = Theta();
-        outer.Apply(theta.Select(t => t.Value).ToList(), Mean(theta));
-        if (global.Objective.TeacherMomentum is null) return;
-        // The replicas' teachers started from this one; their weighted mean is it minus the mean delta.
+        var gradient = Mean(theta);
+        var before = global.Objective.TeacherMomentum is null ? null : theta.Select(t => t.Value.detach().clone()).ToList();
+        outer.Apply(theta.Select(t => t.Value).ToList(), gradient);
+        if (before is null) return;
+        // The replicas' teachers started from this one; their weighted mean is it minus the mean delta. Then the teacher
+        // follows the student's outer step beyond the mean of the replicas' students (θ_new − (θ − g), Nesterov's
+        // extrapolation), so that it stays the EMA of the path θ takes, the last round's jump included.
+        var extrapolation = theta.Select((t, i) => (t.Name, Value: t.Value - before[i] + gradient[i]))
+            .ToDictionary(e => e.Name, e => e.Value);
         var teacher = global.Weights().Where(w => w.Name.StartsWith(MamoTrainer.TeacherPrefix)).ToList();
         using var noGrad = no_grad();
-        foreach (var (t, d) in teacher.Zip(Mean(teacher))) t.Value.sub_(d);
+        foreach (var (t, d) in teacher.Zip(Mean(teacher)))
+        {
+            t.Value.sub_(d);
+            if (extrapolation.TryGetValue(MamoTrainer.StudentPrefix + t.Name[MamoTrainer.TeacherPrefix.Length..], out var jump)) t.Value.add_(jump);
+        }
     }
 
     /// <summary>The round's train line: its replicas' inner-step losses and terms, each replica weighted by its

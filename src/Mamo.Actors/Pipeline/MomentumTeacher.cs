@@ -126,7 +126,8 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
         {
             if (!pending.TryDequeue(out var next)) return false;
             if (next.StepsDone <= emaThrough) { Dispose(next.Weights); continue; }
-            Momentum.Update(parameters, next.Weights, decay);
+            // A step of one of a round's N replicas stands for N steps of one node: the EMA moves as N would.
+            Momentum.Update(parameters, next.Weights, Math.Pow(decay, next.Round?.Replicas ?? 1));
             emaThrough = next.StepsDone;
             Dispose(next.Weights);
         }
