@@ -128,6 +128,7 @@ public static class OnnxExport
         public string Constant(string constant, Tensor value)
         {
             if (!initializers.Add(constant)) return constant;
+            using var scope = NewDisposeScope();
             var data = value.to(ScalarType.Float32).cpu().contiguous().data<float>().ToArray();
             var bytes = new byte[data.Length * sizeof(float)];
             Buffer.BlockCopy(data, 0, bytes, 0, bytes.Length);   // little-endian, as ONNX's raw_data is
