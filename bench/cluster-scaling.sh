@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Time to quality (docs/CLUSTER.md, "Time to quality"): the same wall-time budget for
+#   single-1: one node, 1 torch thread;
+#   cluster:  NODES DiLoCo nodes on this machine, 1 torch thread each (H inner steps a round);
+#   single-N: one node with all the machine's threads;
+# tiny, batch 32, the built-in emoji data; run it with nothing else on the machine. Each run keeps its checkpoints (a
+# single node every 50 steps, a cluster every round), and each checkpoint is evaluated (teacher and student on emoji
+# test, k = 4) at the wall time it became durable; the last one also on OpenMoji test. Prints quality against wall
+# time, and each run's speedup to single-1's final teacher r_mean: the budget over the first wall time it reached it.
+# Usage: bash bench/cluster-scaling.sh [BUDGET_MIN=8] [NODES=2] [H=50]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUDGET=${1:-8}
+NODES=${2:-2}
+H=${3:-50}
+OUT=$(mktemp -d /tmp/mamo-scaling-XXXX)
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+dotnet build src/Mamo.Cli -c Release -v q -nologo >/dev/null
+MAMO=(dotnet src/Mamo.Cli/bin/Release/net10.0/linux-x64/mamo.dll)
+EMOJI=$("${MAMO[@]}" datasets fetch emoji >/dev/null 2>&1; echo ~/.cache/mamo/emoji/test.jsonl)
+OPENMOJI=$("${MAMO[@]}" datasets fetch emoji-openmoji >/dev/null 2>&1; echo ~/.cache/mamo/emoji-openmoji/test.jsonl)
+COMMON=(--plain --dashboard off --set eval.every-steps=0 --set checkpoint.keep-last=100000 --set metrics.every-steps=10)
+port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+single() {   # name threads
+  date +%s.%N >"$OUT/$1.start"
+  "${MAMO[@]}" pretrain --run-dir "$OUT/$1" "${COMMON[@]}" --time-budget "${BUDGET}m" --set "torch-threads=$2" \
+    --set checkpoint.every-steps=50 >"$OUT/$1.log" 2>&1
+}
+
+cluster() {
+  local seed
+  seed=$(port)
+  date +%s.%N >"$OUT/cluster.start"
+  for i in $(seq 1 "$NODES"); do
+    local here=$seed
+    [ "$i" = 1 ] || here=$(port)
+    "${MAMO[@]}" pretrain --run-dir "$OUT/cluster" "${COMMON[@]}" --max-steps 1000000 --cluster "127.0.0.1:$here" \
+      --seed-nodes "127.0.0.1:$seed" --node-name "n$i" --set torch-threads=1 --set "cluster.inner-steps=$H" \
+      --set "cluster.min-replicas=$NODES" >"$OUT/cluster-n$i.log" 2>&1 &
+    [ "$i" = 1 ] && sleep 3
+  done
+  sleep $((BUDGET * 60))
+  kill -TERM $(jobs -p) 2>/dev/null || true   # each node hands in its part of the round and leaves
+  wait || true
+}
+
+single single-1 1
+cluster
+single "single-$(nproc)" "$(nproc)"
+
+# Every checkpoint durable within the budget, evaluated.
+for run in single-1 cluster "single-$(nproc)"; do
+  start=$(cat "$OUT/$run.start")
+  for dir in "$OUT/$run"/checkpoints/step-*; do
+    [ -f "$dir/state.json" ] || continue
+    at=$(python3 -c "import os, sys; print(f'{os.path.getmtime(sys.argv[1]) - float(sys.argv[2]):.0f}')" "$dir/state.json" "$start")
+    [ "$at" -le $((BUDGET * 60 + 30)) ] || continue
+    line="$run $at $(basename "$dir")"
+    for w in teacher student; do
+      line="$line $("${MAMO[@]}" eval --checkpoint "$dir" --manifest "$EMOJI" --k 4 --json --weights "$w" 2>/dev/null | tail -1 \
+        | python3 -c 'import json, sys; print("%.2f" % json.load(sys.stdin)["r_mean"])' 2>/dev/null || echo nan)"
+    done
+    echo "$line" >>"$OUT/curve.txt"
+  done
+  last=$(ls -d "$OUT/$run"/checkpoints/step-* | sort | tail -1)
+  for w in teacher student; do
+    echo "$run $w openmoji r_mean $("${MAMO[@]}" eval --checkpoint "$last" --manifest "$OPENMOJI" --k 4 --json --weights "$w" 2>/dev/null | tail -1 \
+      | python3 -c 'import json, sys; print("%.2f" % json.load(sys.stdin)["r_mean"])' 2>/dev/null || echo nan)" >>"$OUT/openmoji.txt"
+  done
+done
+
+python3 - "$OUT/curve.txt" "$BUDGET" "$OUT/openmoji.txt" <<'EOF'
+import sys
+rows = [l.split() for l in open(sys.argv[1])]
+budget = float(sys.argv[2]) * 60
+runs = {}
+for run, at, step, teacher, student in rows:
+    runs.setdefault(run, []).append((int(at), step, float(teacher), float(student)))
+print("| run | wall s | checkpoint | teacher r_mean (emoji test, k = 4) | student r_mean |")
+print("|---|---|---|---|---|")
+for run, points in runs.items():
+    for at, step, teacher, student in sorted(points):
+        print(f"| {run} | {at} | {step} | {teacher:.2f} | {student:.2f} |")
+target = max(runs["single-1"])[2]
+print(f"\ntarget: single-1's final teacher r_mean {target:.2f}")
+for run, points in runs.items():
+    reached = [at for at, _, teacher, _ in sorted(points) if teacher >= target]
+    print(f"{run}: " + (f"reached it at {reached[0]} s: speedup {budget / reached[0]:.2f}" if reached else "did not reach it within the budget"))
+print()
+print(open(sys.argv[3]).read().strip())
+EOF
+echo "(runs in $OUT)"
+trap - EXIT
