@@ -37,7 +37,7 @@ public sealed class MamoTrainer : IDisposable
     {
         Seed = seed;
         Device = device;
-        OptimizerConfig = schedule = optimizer;
+        OptimizerConfig = optimizer;
         Student = MamoModel.Seeded(config, seed);
         Student.to(device);
         Objective = objective?.Invoke(config) ?? new MamoPretraining(config, new PretrainingConfig());
@@ -51,11 +51,10 @@ public sealed class MamoTrainer : IDisposable
     /// so that warm-up and decay follow the samples the whole cluster has trained, as one node's follow its own.</summary>
     public int ScheduleStride { get; private set; } = 1;
 
-    /// <summary>The learning rate of a step: one node's schedule at the last of the ScheduleStride steps it stands for.</summary>
-    public double LearningRateAt(long step) => schedule.LearningRateAt((step + 1) * ScheduleStride - 1);
-
-    /// <summary>The schedule in one node's steps: a wsd cool-down ends at max-steps of the whole cluster's samples.</summary>
-    OptimizerConfig schedule;
+    /// <summary>The learning rate of a step: one node's schedule at the last of the ScheduleStride steps it stands for.
+    /// A wsd cool-down ends at max-steps of every replica: ScheduleStride times one node's.</summary>
+    public double LearningRateAt(long step) => ScheduleStride == 1 ? OptimizerConfig.LearningRateAt(step)
+        : (OptimizerConfig with { TotalSteps = OptimizerConfig.TotalSteps * ScheduleStride }).LearningRateAt((step + 1) * ScheduleStride - 1);
 
     /// <summary>Sets the step (and so the learning-rate schedule and the step seeds) to where a cluster round starts: a
     /// replica takes each round's first step from its coordinator, a round given again included, and the number of
@@ -64,7 +63,6 @@ public sealed class MamoTrainer : IDisposable
     {
         Step = step;
         ScheduleStride = stride;
-        schedule = OptimizerConfig with { TotalSteps = OptimizerConfig.TotalSteps * stride };
     }
 
     public int MaskSeed(long step) => Seeds.Mix(Seed, step);

@@ -22,15 +22,21 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
 {
     const int Batch = 4, InnerSteps = 2, Span = Batch * InnerSteps;
 
+    /// <summary>A DiLoCo run of one replica at least, on the emoji test manifest, in rounds of InnerSteps.</summary>
+    static MamoSettings Settings(string runDir, int maxSteps, params string[] extra)
+    {
+        var manifest = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit);
+        return MamoSettings.Load(null, [$"run-dir={runDir}", $"batch-size={Batch}", $"max-steps={maxSteps}", $"cluster.inner-steps={InnerSteps}",
+            "cluster.min-replicas=1", "cluster.round-timeout=10m", $"source=\"manifest:{manifest}\"", .. extra]);
+    }
+
     [Fact]
     public async Task A_replica_that_dies_mid_round_does_not_hold_the_round_and_its_range_is_trained_again()
     {
         var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
         try
         {
-            var manifest = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit);
-            var settings = MamoSettings.Load(null, [$"run-dir={runDir}", $"batch-size={Batch}", $"max-steps={2 * InnerSteps}", "ledger=on",
-                $"cluster.inner-steps={InnerSteps}", "cluster.min-replicas=1", "cluster.round-timeout=10m", $"source=\"manifest:{manifest}\""]);
+            var settings = Settings(runDir, 2 * InnerSteps, "ledger=on");
             var coordinator = Sys.ActorOf(RoundCoordinator.Props(settings));
 
             // The doomed replica registers alone, is given round 0's first range, and dies before it reports.
@@ -70,9 +76,7 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
         var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
         try
         {
-            var manifest = BuiltinDatasets.Ensure(BuiltinDatasets.Emoji).File(BuiltinDatasets.TestSplit);
-            var settings = MamoSettings.Load(null, [$"run-dir={runDir}", $"batch-size={Batch}", $"max-steps={InnerSteps}", "model.momentum-decay=0",
-                $"cluster.inner-steps={InnerSteps}", "cluster.min-replicas=1", "cluster.round-timeout=10m", $"source=\"manifest:{manifest}\""]);
+            var settings = Settings(runDir, InnerSteps, "model.momentum-decay=0");
             var coordinator = Sys.ActorOf(RoundCoordinator.Props(settings));
             using var inputs = RunInputs.Open(settings, TrainingTask.Of(settings), evaluate: false, publish: false);
             var hooks = new ReplicaHooks(settings, "b", coordinator);

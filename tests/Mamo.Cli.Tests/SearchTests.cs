@@ -46,6 +46,7 @@ public class SearchTests(ITestOutputHelper output)
         using var http = new HttpClient { BaseAddress = keeping.Address };
         var clock = Stopwatch.StartNew();
         while ((await Search(http, "keeping", Queries[0])).Version != "step-8" && clock.Elapsed < TimeSpan.FromMinutes(1)) await Task.Delay(100);
+        Assert.Equal("step-8", (await Search(http, "keeping", Queries[0])).Version);
         await stop.CancelAsync();
         var answers = (await Task.WhenAll(asking)).SelectMany(a => a).ToList();
 
@@ -102,7 +103,9 @@ public class SearchTests(ITestOutputHelper output)
             try
             {
                 var response = await http.GetAsync($"search?q={Uri.EscapeDataString(Queries[i % Queries.Length])}&k=5", stop);
-                if (response.StatusCode == HttpStatusCode.ServiceUnavailable) await Task.Delay(50, stop);   // no version complete yet
+                // No version complete yet: a 503, and only before the first answer (once searching, it never stops). The
+                // service that breaks the rule rebuilds its index at every vector, so a request of its may see three in a row.
+                if (response.StatusCode == HttpStatusCode.ServiceUnavailable && (answers.Count == 0 || server == "breaking")) await Task.Delay(50, stop);
                 else answers.Add(await Read(response, server, Queries[i % Queries.Length]));
             }
             catch (OperationCanceledException) { break; }

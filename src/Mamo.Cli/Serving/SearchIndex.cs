@@ -36,10 +36,11 @@ public sealed class SearchIndex : IDisposable
         Version = version;
         Step = step;
         this.parts = parts;
+        Items = parts.ToDictionary(p => p.Key, p => p.Value.Ids.Length);
     }
 
     /// <summary>How many vectors of each modality it holds.</summary>
-    public IReadOnlyDictionary<string, int> Items => parts.ToDictionary(p => p.Key, p => p.Value.Ids.Length);
+    public IReadOnlyDictionary<string, int> Items { get; }
 
     /// <summary>Indexes one version's vectors, (id, modality) once each.</summary>
     /// <exception cref="FormatException">vectors of one modality with different lengths</exception>

@@ -125,34 +125,37 @@ public static class OnnxExport
         public string Weight(string tensor) => Constant(tensor, weights.TryGetValue(tensor, out var t) ? t
             : throw new InvalidDataException($"the checkpoint has no tensor {tensor}"));
 
-        public string Constant(string constant, Tensor value)
+        public string Constant(string constant, Tensor value) => Initializer(constant, () =>
         {
-            if (!initializers.Add(constant)) return constant;
             using var scope = NewDisposeScope();
             var data = value.to(ScalarType.Float32).cpu().contiguous().data<float>().ToArray();
             var bytes = new byte[data.Length * sizeof(float)];
             Buffer.BlockCopy(data, 0, bytes, 0, bytes.Length);   // little-endian, as ONNX's raw_data is
-            graph.Initializer.Add(new TensorProto
-            {
-                Name = constant, DataType = (int)TensorProto.Types.DataType.Float, Dims = { value.shape }, RawData = ByteString.CopyFrom(bytes),
-            });
-            return constant;
-        }
+            return new TensorProto { DataType = (int)TensorProto.Types.DataType.Float, Dims = { value.shape }, RawData = ByteString.CopyFrom(bytes) };
+        });
 
         /// <summary>A float scalar.</summary>
-        public string Floats(string constant, float value)
-        {
-            if (initializers.Add(constant))
-                graph.Initializer.Add(new TensorProto { Name = constant, DataType = (int)TensorProto.Types.DataType.Float, FloatData = { value } });
-            return constant;
-        }
+        public string Floats(string constant, float value) =>
+            Initializer(constant, () => new TensorProto { DataType = (int)TensorProto.Types.DataType.Float, FloatData = { value } });
 
         /// <summary>A 1-D int64 tensor.</summary>
-        public string Int64s(string constant, params long[] values)
+        public string Int64s(string constant, params long[] values) =>
+            Initializer(constant, () => new TensorProto { DataType = (int)TensorProto.Types.DataType.Int64, Dims = { values.Length }, Int64Data = { values } });
+
+        /// <summary>An int64 scalar.</summary>
+        public string Scalar(long value) =>
+            Initializer($"scalar_{value}", () => new TensorProto { DataType = (int)TensorProto.Types.DataType.Int64, Int64Data = { value } });
+
+        /// <summary>The initializer of that name, made once.</summary>
+        string Initializer(string name, Func<TensorProto> make)
         {
-            if (initializers.Add(constant))
-                graph.Initializer.Add(new TensorProto { Name = constant, DataType = (int)TensorProto.Types.DataType.Int64, Dims = { values.Length }, Int64Data = { values } });
-            return constant;
+            if (initializers.Add(name))
+            {
+                var tensor = make();
+                tensor.Name = name;
+                graph.Initializer.Add(tensor);
+            }
+            return name;
         }
 
         /// <summary>nn.Linear: x W^T + b.</summary>
@@ -178,15 +181,6 @@ public static class OnnxExport
             var y = Node("MatMul", [Node("Softmax", [scores], Int("axis", -1)), v]);                                // [B, H, L, D]
             y = Node("Reshape", [Node("Transpose", [y], Ints("perm", 0, 2, 1, 3)), Int64s("shape_bl_w", 0, 0, c.Width)]);
             return Linear(y, prefix + ".proj");
-        }
-
-        /// <summary>An int64 scalar.</summary>
-        public string Scalar(long value)
-        {
-            var constant = $"scalar_{value}";
-            if (initializers.Add(constant))
-                graph.Initializer.Add(new TensorProto { Name = constant, DataType = (int)TensorProto.Types.DataType.Int64, Int64Data = { value } });
-            return constant;
         }
 
         /// <summary>BlockStack.forward: pre-LN blocks and a final norm, or post-LN (BERT) blocks.</summary>
