@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Time to quality (docs/CLUSTER.md, "Time to quality"): the same wall-time budget for
 #   single-1: one node, 1 torch thread;
-#   cluster:  NODES DiLoCo nodes on this machine, 1 torch thread each (H inner steps a round);
+#   cluster:  NODES nodes on this machine, 1 torch thread each: DiLoCo (H inner steps a round) or every-step;
 #   single-N: one node with all the machine's threads;
 # tiny, batch 32, the built-in emoji data; run it with nothing else on the machine. Each run keeps its checkpoints (a
 # single node every 50 steps, a cluster every round), and each checkpoint is evaluated (teacher and student on emoji
 # test, k = 4) at the wall time it became durable; the last one also on OpenMoji test. Prints quality against wall
 # time, and each run's speedup to single-1's final teacher r_mean: the budget over the first wall time it reached it.
-# Usage: bash bench/cluster-scaling.sh [BUDGET_MIN=8] [NODES=2] [H=50]
+# Usage: [REUSE=/tmp/mamo-scaling-XXXX] bash bench/cluster-scaling.sh [BUDGET_MIN=8] [NODES=2] [H=50] [SYNC=diloco|every-step]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${1:-8}
 NODES=${2:-2}
 H=${3:-50}
+SYNC=${4:-diloco}
+EVERY=()   # a DiLoCo cluster writes its checkpoint every round, an every-step one every 50 steps as a single node
+[ "$SYNC" = every-step ] && EVERY=(--set checkpoint.every-steps=50)
 OUT=$(mktemp -d /tmp/mamo-scaling-XXXX)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -37,21 +40,31 @@ cluster() {
     local here=$seed
     [ "$i" = 1 ] || here=$(port)
     "${MAMO[@]}" pretrain --run-dir "$OUT/cluster" "${COMMON[@]}" --max-steps 1000000 --cluster "127.0.0.1:$here" \
-      --seed-nodes "127.0.0.1:$seed" --node-name "n$i" --set torch-threads=1 --set "cluster.inner-steps=$H" \
-      --set "cluster.min-replicas=$NODES" >"$OUT/cluster-n$i.log" 2>&1 &
+      --seed-nodes "127.0.0.1:$seed" --node-name "n$i" --set torch-threads=1 --set "cluster.sync=$SYNC" --set "cluster.inner-steps=$H" \
+      --set "cluster.min-replicas=$NODES" "${EVERY[@]}" >"$OUT/cluster-n$i.log" 2>&1 &
     [ "$i" = 1 ] && sleep 3
   done
   sleep $((BUDGET * 60))
   kill -TERM $(jobs -p) 2>/dev/null || true   # each node hands in its part of the round and leaves
+  # every-step nodes stopped together do not leave (docs/CLUSTER.md, "Time to quality"): what counts is durable already
+  for _ in $(seq 1 60); do [ -z "$(jobs -pr)" ] && break; sleep 1; done
+  kill -KILL $(jobs -pr) 2>/dev/null || true
   wait || true
 }
 
-single single-1 1
+# REUSE: the single-node runs (and their evaluations) of an earlier run of this script, same budget and machine; only
+# the cluster runs now.
+[ -n "${REUSE:-}" ] || single single-1 1
 cluster
-single "single-$(nproc)" "$(nproc)"
+[ -n "${REUSE:-}" ] || single "single-$(nproc)" "$(nproc)"
 
-# Every checkpoint durable within the budget, evaluated.
+# Every checkpoint durable within the budget, evaluated (a reused run's evaluations are taken as they were).
 for run in single-1 cluster "single-$(nproc)"; do
+  if [ -n "${REUSE:-}" ] && [ "$run" != cluster ]; then
+    grep "^$run " "$REUSE/curve.txt" >>"$OUT/curve.txt"
+    grep "^$run " "$REUSE/openmoji.txt" >>"$OUT/openmoji.txt"
+    continue
+  fi
   start=$(cat "$OUT/$run.start")
   for dir in "$OUT/$run"/checkpoints/step-*; do
     [ -f "$dir/state.json" ] || continue

@@ -81,7 +81,8 @@ public sealed class MamoTrainer : IDisposable
     /// <summary>The EMA update of this trainer's own teacher towards the student.</summary>
     public void FollowStudent()
     {
-        if (teacher is not null) Momentum.Update(teacher, Student, Objective.TeacherMomentum!.Value);
+        // A step of ScheduleStride steps' samples moves the EMA as that many steps of one node would.
+        if (teacher is not null) Momentum.Update(teacher, Student, Math.Pow(Objective.TeacherMomentum!.Value, ScheduleStride));
     }
 
     /// <summary>The student's half of a step, given the teacher's targets (which may come from another thread).

@@ -80,6 +80,24 @@ public class TrainingTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public void An_update_of_a_global_batch_of_two_moves_the_teacher_as_two_steps_of_one_node()
+    {
+        using var trainer = new MamoTrainer(MamoConfig.Tiny, new OptimizerConfig(), CPU, seed: 1);
+        var d = trainer.Objective.TeacherMomentum!.Value;
+        using (no_grad()) foreach (var p in trainer.Student.parameters()) p.add_(1.0);   // the student moved by 1 everywhere
+        var before = trainer.Teacher.named_parameters().Select(p => (p.name, Value: p.parameter.clone())).ToList();
+        trainer.StartAt(0, stride: 2);   // every-step's update of two replicas' global batch (StepCoordinator)
+        trainer.FollowStudent();
+        var student = trainer.Student.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        foreach (var (name, teacher) in trainer.Teacher.named_parameters())
+        {
+            using var expected = before.Single(b => b.name == name).Value * (d * d) + student[name] * (1 - d * d);
+            Assert.True(teacher.allclose(expected, rtol: 0, atol: 1e-6), $"{name}: not d^2");
+        }
+        foreach (var (_, t) in before) t.Dispose();
+    }
+
+    [Fact]
     public void Constant_stays_at_the_rate_wsd_cools_down_over_the_last_steps_and_a_rewarm_starts_the_schedule_again()
     {
         var constant = new OptimizerConfig { LearningRate = 1e-3, MinLearningRate = 1e-4, WarmupSteps = 10, Schedule = OptimizerConfig.Constant };

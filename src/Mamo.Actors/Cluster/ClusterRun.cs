@@ -90,6 +90,8 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         using var host = await ClusterNode.StartAsync(node, s.Config, s.Cluster.Tls, builder => { foreach (var singleton in singletons) singleton.Register(builder); });
         var system = host.System();
         var registry = ActorRegistry.For(system);
+        if (s.Cluster.DataPlane == ClusterSettings.Stream && s.Cluster.Tls is null) await DataPlane.StartAsync(system, node.Host, s.Cluster.DataPlanePort);
+        else Log.Information("weights cross between nodes over remoting{Why}", s.Cluster.Tls is null ? "" : " (TLS: the data plane's stream is not encrypted)");
         try
         {
             Log.Information("node {Node} ({Roles}) listening on {Host}:{Port}, joining {Seeds}", node.Name, string.Join(",", node.Roles), node.Host, node.Port,

@@ -13,7 +13,7 @@ public interface IClusterMessage;
 /// construct a type it did not expect; a malformed body is a SerializationException, never a partial object.</summary>
 public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWithStringManifest(system)
 {
-    const string OfferManifest = "transfer-offer", ChunkManifest = "transfer-chunk", AckManifest = "transfer-ack";
+    const string OfferManifest = "transfer-offer", ChunkManifest = "transfer-chunk", AckManifest = "transfer-ack", AcceptManifest = "transfer-accept";
     const string RegisterManifest = "round-register", StartManifest = "round-start", DoneManifest = "round-done", FinishManifest = "round-finish";
     const string GetProgressManifest = "get-progress", ProgressManifest = "progress";
     const string CommitManifest = "round-commit";
@@ -29,6 +29,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         WeightTransfer.Offer => OfferManifest,
         WeightTransfer.Chunk => ChunkManifest,
         WeightTransfer.Ack => AckManifest,
+        WeightTransfer.Accept => AcceptManifest,
         Coordination.Register => RegisterManifest,
         RoundCoordinator.RoundStart => StartManifest,
         RoundCoordinator.RoundDone => DoneManifest,
@@ -75,6 +76,12 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 case WeightTransfer.Ack a:
                     w.Write(a.Id.ToByteArray());
                     w.Write(a.Index);
+                    break;
+                case WeightTransfer.Accept a:
+                    w.Write(a.Id.ToByteArray());
+                    w.Write(a.Host);
+                    w.Write(a.Port);
+                    w.Write(a.Token.ToByteArray());
                     break;
                 case Coordination.Register g:
                     w.Write(g.Node);
@@ -140,6 +147,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(s.Cursor);
                     w.Write(s.BatchSize);
                     w.Write(s.Index);
+                    w.Write(s.Replicas);
                     w.Write(s.FirstRow);
                     w.Write(s.WithTeacher);
                     WriteMap(w, s.State, w.Write);
@@ -179,8 +187,9 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 OfferManifest => ReadOffer(r),
                 ChunkManifest => new WeightTransfer.Chunk(new Guid(r.ReadBytes(16)), r.ReadInt32(), ReadBytes(r)),
                 AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
+                AcceptManifest => new WeightTransfer.Accept(new Guid(r.ReadBytes(16)), r.ReadString(), r.ReadInt32(), new Guid(r.ReadBytes(16))),
                 RegisterManifest => new Coordination.Register(r.ReadString(), ReadRef(r)),
-                StartManifest => new RoundCoordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt64(), r.ReadInt32(), r.ReadBoolean(),
+                StartManifest => new RoundCoordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), Replicas(r), r.ReadInt64(), r.ReadInt32(), r.ReadBoolean(),
                     ReadMap(r, r.ReadString, "state"), ReadRef(r)),
                 DoneManifest => new RoundCoordinator.RoundDone(r.ReadInt64(), r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions"),
                     r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"), ReadMap(r, r.ReadString, "observations"), r.ReadBoolean()),
@@ -189,7 +198,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 FinishManifest => new Coordination.Finish(r.ReadInt64(), r.ReadInt64()),
                 GetProgressManifest => new Coordination.GetProgress(),
                 ProgressManifest => ReadProgress(r),
-                StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
+                StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), Replicas(r), r.ReadInt64(),
                     r.ReadBoolean(), ReadMap(r, r.ReadString, "state"), ReadRef(r)),
                 StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"),
                     ReadMap(r, r.ReadString, "observations")),
@@ -256,6 +265,13 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
     {
         var count = r.ReadInt32();
         return count is < 0 or > MaxTensors ? throw new SerializationException($"{count} {what}") : count;
+    }
+
+    /// <summary>A step's number of replicas: its learning rate and teacher decay follow it, so it is at least 1.</summary>
+    static int Replicas(BinaryReader r)
+    {
+        var replicas = r.ReadInt32();
+        return replicas is < 1 or > MaxTensors ? throw new SerializationException($"{replicas} replicas") : replicas;
     }
 
     static string Name(BinaryReader r)

@@ -99,7 +99,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
 
         Receive<RoundCoordinator.RoundStart>(s => Begin(s, new Round(s.Attempt, s.Round, s.FirstStep, ResetsTeacher: true, s.Replicas), s.DeltaReceiver, s.State,
             s.Rewind ? "its last round was not applied" : null, new AssignedSource.Assignment(default!, s.Cursor, s.Records)));
-        Receive<StepCoordinator.StepStart>(s => Begin(s, new Round(s.Attempt, s.Step, s.Step, ResetsTeacher: false), s.Receiver, s.State, null,
+        Receive<StepCoordinator.StepStart>(s => Begin(s, new Round(s.Attempt, s.Step, s.Step, ResetsTeacher: false, s.Replicas), s.Receiver, s.State, null,
             new AssignedSource.Assignment(default!, s.Cursor, s.BatchSize)));
         Receive<WeightTransfer.Received>(OnReceived);
         Receive<StepCoordinator.Abort>(a =>

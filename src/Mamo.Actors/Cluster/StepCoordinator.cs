@@ -18,9 +18,9 @@ namespace Mamo.Actors.Cluster;
 public sealed class StepCoordinator : Coordination
 {
     /// <summary>Attempt Attempt of step Step: train BatchSize cursors from Cursor, as row FirstRow on of the global
-    /// batch and Index-th of its replicas, from the θ and objective state that follow (and the teacher, WithTeacher);
+    /// batch and Index-th of its Replicas, from the θ and objective state that follow (and the teacher, WithTeacher);
     /// send the features and the gradient to Receiver.</summary>
-    public sealed record StepStart(long Attempt, long Step, long Cursor, int BatchSize, int Index, long FirstRow, bool WithTeacher,
+    public sealed record StepStart(long Attempt, long Step, long Cursor, int BatchSize, int Index, int Replicas, long FirstRow, bool WithTeacher,
         IReadOnlyDictionary<string, string> State, IActorRef Receiver) : IClusterMessage;
     /// <summary>A replica's account of an attempt: its pairs, its share of the loss, and what its objective observed
     /// (the gradient follows on the data plane).</summary>
@@ -42,6 +42,9 @@ public sealed class StepCoordinator : Coordination
         public Dictionary<string, WeightTransfer.Received> Gradients { get; } = new();
         public Dictionary<string, StepDone> Done { get; } = new();
         public Stopwatch Clock { get; } = Stopwatch.StartNew();
+        /// <summary>When θ had reached every replica.</summary>
+        public TimeSpan Broadcast { get; set; }
+        public int Broadcasts { get; set; }
 
         public void Dispose()
         {
@@ -52,6 +55,9 @@ public sealed class StepCoordinator : Coordination
     }
 
     readonly MamoTrainer trainer;
+    /// <summary>Since the last metrics line: the steps' seconds in all, to broadcast θ, until the last gradient, and
+    /// of the update.</summary>
+    (int Steps, double Total, double Broadcast, double Gradients, double Update) timing;
     /// <summary>The step of the θ each replica last received: its teacher follows from there without being sent.</summary>
     readonly Dictionary<IActorRef, long> holds = new();
     readonly long steps;
@@ -116,6 +122,12 @@ public sealed class StepCoordinator : Coordination
     /// <summary>A replica actor that restarted keeps its reference but has a new receiver, and no teacher.</summary>
     protected override void Reregistered(IActorRef replica) => holds.Remove(replica);
 
+    protected override void Sent(WeightTransfer.Sent sent)
+    {
+        if (current is { } a && sent.Tag.Kind == WeightTransfer.Kind.Weights && sent.Tag.Attempt == a.Number && ++a.Broadcasts == a.Assigned.Count)
+            a.Broadcast = a.Clock.Elapsed;
+    }
+
     protected override void Left(IActorRef replica, string node)
     {
         holds.Remove(replica);
@@ -137,7 +149,7 @@ public sealed class StepCoordinator : Coordination
             var p = assigned[i];
             // A replica that took the last step (or was given this one) holds the teacher this step starts from.
             var sendTeacher = !holds.TryGetValue(p.Replica, out var held) || held < step - 1;
-            p.Replica.Tell(new StepStart(current.Number, step, p.Cursor, Settings.BatchSize, i, (long)i * Settings.BatchSize, sendTeacher, state, Receiver));
+            p.Replica.Tell(new StepStart(current.Number, step, p.Cursor, Settings.BatchSize, i, assigned.Count, (long)i * Settings.BatchSize, sendTeacher, state, Receiver));
             Context.ActorOf(WeightTransfer.Sender.Props(p.Receiver, Self, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, current.Number),
                 sendTeacher ? weights : withoutTeacher, "float32", Cluster.ChunkSize, Cluster.Window));
         }
@@ -166,6 +178,7 @@ public sealed class StepCoordinator : Coordination
     {
         var a = current!;
         if (a.Assigned.Any(p => !a.Gradients.ContainsKey(p.Node) || !a.Done.ContainsKey(p.Node))) return;
+        var gradients = a.Clock.Elapsed;
         using (var scope = NewDisposeScope())
         {
             var done = a.Assigned.Select(p => a.Done[p.Node]).ToList();
@@ -178,6 +191,8 @@ public sealed class StepCoordinator : Coordination
                     sums[name] = sums.TryGetValue(name, out var s) ? s + aligned : aligned;
                 }
             trainer.SetGradients(sums);
+            // N replicas' global batch is N steps of one node: the schedule and the teacher's EMA follow the samples.
+            trainer.StartAt(trainer.Step, a.Assigned.Count);
             var terms = done.SelectMany(d => d.Terms).GroupBy(t => t.Key).ToDictionary(g => g.Key, g => g.Sum(t => t.Value));
             var result = trainer.Update(done.Sum(d => d.Loss), terms);
             trainer.FollowStudent();
@@ -191,6 +206,7 @@ public sealed class StepCoordinator : Coordination
                     Scores = trainer.Objective.Scores(), LearningRate = result.LearningRate, GradNorm = result.GradNorm, Replicas = done.Count,
                 });
             }
+            Timed(a, gradients, log: (result.Step + 1) % Settings.MetricsEverySteps == 0);
         }
         foreach (var p in a.Assigned) holds[p.Replica] = trainer.Step - 1;
         History.Committed(trainer.Step - 1, a.Assigned.Select(p => p.Node), a.Clock.Elapsed, Members());
@@ -202,6 +218,21 @@ public sealed class StepCoordinator : Coordination
         var byTime = Settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= Settings.CheckpointEvery;
         if (trainer.Step >= steps || every > 0 && trainer.Step % every == 0 || byTime) Write();
         else TryStart();
+    }
+
+    /// <summary>Adds a step's times; with log, writes the means since the last line: the communication is what is
+    /// not the replicas' forward and backward (which lie within "until the last gradient", with the all-gather and the
+    /// gradients' transfer).</summary>
+    void Timed(Attempt a, TimeSpan gradients, bool log)
+    {
+        var total = a.Clock.Elapsed.TotalSeconds;
+        timing = (timing.Steps + 1, timing.Total + total, timing.Broadcast + a.Broadcast.TotalSeconds, timing.Gradients + gradients.TotalSeconds,
+            timing.Update + total - gradients.TotalSeconds);
+        if (!log) return;
+        var n = timing.Steps;
+        Log.Information("a step took {Total:F3} s over the last {Steps}: θ to every replica {Broadcast:F3} s, until the last gradient {Gradients:F3} s, " +
+            "the update {Update:F3} s", timing.Total / n, n, timing.Broadcast / n, timing.Gradients / n, timing.Update / n);
+        timing = default;
     }
 
     /// <summary>An attempt that cannot complete: its replicas drop it and the step is given again from the same θ.</summary>

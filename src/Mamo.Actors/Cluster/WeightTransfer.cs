@@ -1,15 +1,18 @@
 using System.Diagnostics;
 using Akka.Actor;
+using Akka.Streams;
 using Serilog;
 using TorchSharp;
 using static TorchSharp.torch;
 
 namespace Mamo.Actors.Cluster;
 
-/// <summary>The data plane: moves named tensors (weights, deltas, gradients) to an actor on another node as chunks of at
-/// most chunk-size bytes, a window of them in flight, each acknowledged. Akka.NET keeps one TCP connection per pair of
-/// nodes, so no frame is ever larger than a chunk and heartbeats never wait behind a model. Tensors travel in the
-/// transfer's dtype (float32, bfloat16 or float16) and arrive as float32.</summary>
+/// <summary>The data plane: moves named tensors (weights, deltas, gradients) to an actor on another node. The offer and
+/// its acceptance go over remoting; the bytes go over the receiving node's own TCP connection (DataPlane) where it has
+/// one, or else (a cluster with TLS) over remoting as chunks of at most chunk-size bytes, a window of them in flight,
+/// each acknowledged: Akka.NET keeps one TCP connection per pair of nodes, so no frame is ever larger than a chunk and
+/// heartbeats never wait behind a model. Tensors travel in the transfer's dtype (float32, bfloat16 or float16) and
+/// arrive as float32.</summary>
 public static class WeightTransfer
 {
     /// <summary>What a transfer carries: θ for a round (Weights), a replica's change of it (Delta), an every-step replica's
@@ -24,8 +27,10 @@ public static class WeightTransfer
     public sealed record Offer(Guid Id, Tag Tag, IReadOnlyList<string> Names, IReadOnlyList<long[]> Shapes, string DType, int ChunkSize) : IClusterMessage;
     /// <summary>Bytes [Index · ChunkSize, ...) of the transfer's concatenated tensors.</summary>
     public sealed record Chunk(Guid Id, int Index, byte[] Bytes) : IClusterMessage;
-    /// <summary>From the receiver: chunk Index has arrived (-1: the offer was accepted).</summary>
+    /// <summary>From the receiver: chunk Index has arrived (-1: the offer was accepted, its chunks go over remoting).</summary>
     public sealed record Ack(Guid Id, int Index) : IClusterMessage;
+    /// <summary>From the receiver: the offer was accepted; its bytes go to the data plane at Host:Port, led by Token.</summary>
+    public sealed record Accept(Guid Id, string Host, int Port, Guid Token) : IClusterMessage;
 
     /// <summary>To the sender's requester once every chunk is acknowledged (Delivered), or when the receiver went away.</summary>
     public sealed record Sent(Guid Id, Tag Tag, long Bytes, TimeSpan Took, bool Delivered = true);
@@ -37,12 +42,13 @@ public static class WeightTransfer
         ["float32"] = ScalarType.Float32, ["bfloat16"] = ScalarType.BFloat16, ["float16"] = ScalarType.Float16,
     };
 
-    /// <summary>The tensors of a transfer as one byte sequence in the wire dtype.</summary>
-    internal static byte[] Encode(IReadOnlyList<(string Name, Tensor Value)> tensors, ScalarType dtype)
+    /// <summary>The tensors of a transfer as one byte sequence in the wire dtype, in a pooled buffer (DataPlane.Return).</summary>
+    internal static (byte[] Buffer, long Length) Encode(IReadOnlyList<(string Name, Tensor Value)> tensors, ScalarType dtype)
     {
         using var scope = NewDisposeScope();
         var parts = tensors.Select(t => t.Value.detach().to(dtype).cpu().contiguous()).ToList();
-        var bytes = new byte[checked(parts.Sum(p => p.numel() * p.ElementSize))];
+        var length = checked(parts.Sum(p => p.numel() * p.ElementSize));
+        var bytes = DataPlane.Rent(length);
         long offset = 0;
         foreach (var p in parts)
         {
@@ -50,85 +56,128 @@ public static class WeightTransfer
             span.CopyTo(bytes.AsSpan((int)offset));
             offset += span.Length;
         }
-        return bytes;
+        return (bytes, length);
     }
 
-    /// <summary>Sends one transfer and stops: the Offer, then chunks while fewer than Window are unacknowledged.</summary>
+    /// <summary>Sends one transfer and stops: the Offer, then the bytes to the receiver's data plane once it accepts, or
+    /// chunks over remoting while fewer than Window are unacknowledged.</summary>
     public sealed class Sender : ReceiveActor
     {
         static readonly TimeSpan GiveUpAfter = TimeSpan.FromSeconds(60);
         readonly Guid id;
+        readonly Tag tag;
         readonly IActorRef target, requester;
         readonly byte[] payload;
+        readonly long length;
         readonly int chunkSize, window, chunks;
         readonly Stopwatch clock = Stopwatch.StartNew();
         int next, acked;
+        Task? streaming;
 
-        public Sender(IActorRef target, IActorRef requester, Offer offer, byte[] payload, int window)
+        sealed record Streamed(Exception? Failure);
+
+        public Sender(IActorRef target, IActorRef requester, Offer offer, byte[] payload, long length, int window)
         {
             this.target = target;
             this.requester = requester;
             this.payload = payload;
+            this.length = length;
             this.window = window;
             chunkSize = offer.ChunkSize;
-            chunks = (int)((payload.LongLength + chunkSize - 1) / chunkSize);
-            id = offer.Id;
+            chunks = (int)((length + chunkSize - 1) / chunkSize);
+            (id, tag) = (offer.Id, offer.Tag);
             target.Tell(offer);
             // A receiver that went away (its node died) never acknowledges: give up rather than hold the payload.
             Context.SetReceiveTimeout(GiveUpAfter);
             Receive<ReceiveTimeout>(_ =>
             {
-                Log.Warning("weight transfer {Id} ({Tag}) abandoned: no acknowledgement for {Seconds} s", id, offer.Tag, GiveUpAfter.TotalSeconds);
-                requester.Tell(new Sent(id, offer.Tag, payload.LongLength, clock.Elapsed, Delivered: false));
-                Context.Stop(Self);
+                Log.Warning("weight transfer {Id} ({Tag}) abandoned: no acknowledgement for {Seconds} s", id, tag, GiveUpAfter.TotalSeconds);
+                Finish(delivered: false);
+            });
+            Receive<Accept>(a =>
+            {
+                if (a.Id != id || streaming is not null) return;
+                if (DataPlane.Of(Context.System)?.TryDeliver(a.Host, a.Port, a.Token, payload, length) == true)
+                {
+                    Finish(delivered: true);
+                    return;
+                }
+                // The stream has its own idle timeout; the acceptance was the receiver's last word on remoting.
+                Context.SetReceiveTimeout(null);
+                streaming = DataPlane.Send(Context.System, Context.Materializer(), a.Host, a.Port, a.Token, payload, length);
+                streaming.PipeTo(Self, success: () => new Streamed(null), failure: e => new Streamed(e));
+            });
+            Receive<Streamed>(s =>
+            {
+                if (s.Failure is { } e) Log.Warning("weight transfer {Id} ({Tag}) failed on the data plane: {Why}", id, tag, e.GetBaseException().Message);
+                Finish(delivered: s.Failure is null);
             });
             Receive<Ack>(a =>
             {
                 if (a.Id != id) return;
                 if (a.Index >= 0) acked++;
                 while (next < chunks && next - acked < window) SendChunk(next++);
-                if (acked < chunks) return;
-                requester.Tell(new Sent(id, offer.Tag, payload.LongLength, clock.Elapsed));
-                Context.Stop(Self);
+                if (acked == chunks) Finish(delivered: true);
             });
+        }
+
+        void Finish(bool delivered)
+        {
+            requester.Tell(new Sent(id, tag, length, clock.Elapsed, delivered));
+            Context.Stop(Self);
         }
 
         void SendChunk(int index)
         {
             var start = (long)index * chunkSize;
-            var length = (int)Math.Min(chunkSize, payload.LongLength - start);
-            target.Tell(new Chunk(id, index, payload.AsSpan((int)start, length).ToArray()));
+            var size = (int)Math.Min(chunkSize, length - start);
+            target.Tell(new Chunk(id, index, payload.AsSpan((int)start, size).ToArray()));
+        }
+
+        // A restart keeps the payload: PostStop (which returns it to the pool) runs only when the sender stops.
+        protected override void PreRestart(Exception reason, object message) { }
+
+        protected override void PostStop()
+        {
+            // The payload goes back to the pool only once no stream reads it.
+            if (streaming is { IsCompleted: false } running) running.ContinueWith(_ => DataPlane.Return(payload), TaskScheduler.Default);
+            else DataPlane.Return(payload);
         }
 
         /// <param name="tensors">encoded here, on the caller's thread: the caller may change or dispose them afterwards</param>
         public static Props Props(IActorRef target, IActorRef requester, Tag tag, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype, int chunkSize, int window)
         {
             if (!DTypes.TryGetValue(dtype, out var scalar)) throw new ArgumentException($"unknown transfer dtype '{dtype}' ({string.Join(", ", DTypes.Keys)})");
-            var payload = Encode(tensors, scalar);
+            var (payload, length) = Encode(tensors, scalar);
             var offer = new Offer(Guid.NewGuid(), tag, tensors.Select(t => t.Name).ToArray(), tensors.Select(t => t.Value.shape).ToArray(), dtype, chunkSize);
-            return Akka.Actor.Props.Create(() => new Sender(target, requester, offer, payload, window));
+            return Akka.Actor.Props.Create(() => new Sender(target, requester, offer, payload, length, window));
         }
     }
 
     /// <summary>Reassembles the transfers offered to it and hands each, complete, to its owner. An offer that does not
-    /// add up (sizes, dtype, a chunk out of place) is dropped with a reason in the log, never half-applied.</summary>
+    /// add up (sizes, dtype, a chunk out of place, a broken connection) is dropped with a reason in the log, never
+    /// half-applied.</summary>
     public sealed class Receiver : ReceiveActor
     {
-        sealed class Incoming(Offer offer, ScalarType dtype, byte[] buffer, int chunks, IActorRef from)
+        sealed class Incoming(Offer offer, ScalarType dtype, long length, int chunks, IActorRef from)
         {
             public Offer Offer { get; } = offer;
             public ScalarType DType { get; } = dtype;
-            public byte[] Buffer { get; } = buffer;
+            public long Length { get; } = length;
+            public byte[] Buffer { get; } = DataPlane.Rent(length);
             public bool[] Arrived { get; } = new bool[chunks];
             public int Remaining { get; set; } = chunks;
             public IActorRef From { get; } = from;
+            /// <summary>Where the bytes come over the data plane: the token they are expected under.</summary>
+            public Guid? Token { get; set; }
         }
 
         readonly Dictionary<Guid, Incoming> incoming = new();
 
         /// <param name="owner">gets each complete transfer</param>
         /// <param name="maxBytes">the largest transfer accepted</param>
-        public Receiver(IActorRef owner, long maxBytes)
+        /// <param name="dataPlane">take the bytes on this node's data plane where it has one (else as chunks over remoting)</param>
+        public Receiver(IActorRef owner, long maxBytes, bool dataPlane = true)
         {
             Receive<Offer>(o =>
             {
@@ -139,19 +188,25 @@ public static class WeightTransfer
                 }
                 var dtype = DTypes[o.DType];
                 var total = o.Shapes.Sum(s => s.Aggregate(1L, (a, d) => a * d)) * ElementSize(dtype);
-                incoming[o.Id] = new Incoming(o, dtype, new byte[total], (int)((total + o.ChunkSize - 1) / o.ChunkSize), Sender);
-                Sender.Tell(new Ack(o.Id, -1));
+                var t = incoming[o.Id] = new Incoming(o, dtype, total, (int)((total + o.ChunkSize - 1) / o.ChunkSize), Sender);
+                var plane = dataPlane ? DataPlane.Of(Context.System) : null;
+                if (plane is null || total == 0) Sender.Tell(new Ack(o.Id, -1));
+                else
+                {
+                    t.Token = plane.Expect(o.Id, t.Buffer, total, Self);
+                    Sender.Tell(new Accept(o.Id, plane.Host, plane.Port, t.Token.Value));
+                }
                 if (total == 0) Complete(owner, o.Id);
             });
             Receive<Chunk>(c =>
             {
-                if (!incoming.TryGetValue(c.Id, out var t)) return;
+                if (!incoming.TryGetValue(c.Id, out var t) || t.Token is not null) return;
                 long start = (long)c.Index * t.Offer.ChunkSize;
-                var expected = c.Index < 0 || c.Index >= t.Arrived.Length ? -1 : (int)Math.Min(t.Offer.ChunkSize, t.Buffer.LongLength - start);
+                var expected = c.Index < 0 || c.Index >= t.Arrived.Length ? -1 : (int)Math.Min(t.Offer.ChunkSize, t.Length - start);
                 if (expected < 0 || c.Bytes.Length != expected || t.Arrived[c.Index])
                 {
                     Log.Warning("weight transfer {Id}: chunk {Index} of {Length} bytes does not fit; the transfer is dropped", c.Id, c.Index, c.Bytes.Length);
-                    incoming.Remove(c.Id);
+                    Drop(c.Id);
                     return;
                 }
                 c.Bytes.CopyTo(t.Buffer, start);
@@ -159,9 +214,32 @@ public static class WeightTransfer
                 Sender.Tell(new Ack(c.Id, c.Index));
                 if (--t.Remaining == 0) Complete(owner, c.Id);
             });
+            Receive<DataPlane.Arrived>(a =>
+            {
+                if (incoming.ContainsKey(a.Id)) Complete(owner, a.Id);
+            });
+            Receive<DataPlane.Broken>(b =>
+            {
+                Log.Warning("weight transfer {Id}: {Why}; the transfer is dropped", b.Id, b.Why);
+                Drop(b.Id);
+            });
         }
 
-        public static Props Props(IActorRef owner, long maxBytes) => Akka.Actor.Props.Create(() => new Receiver(owner, maxBytes));
+        public static Props Props(IActorRef owner, long maxBytes, bool dataPlane = true) => Akka.Actor.Props.Create(() => new Receiver(owner, maxBytes, dataPlane));
+
+        void Drop(Guid id)
+        {
+            if (incoming.Remove(id, out var t)) DataPlane.Return(t.Buffer);
+        }
+
+        protected override void PostStop()
+        {
+            // A transfer whose connection has not come is forgotten; a buffer a connection may still write into is left to
+            // the garbage collector, never back in the pool.
+            foreach (var t in incoming.Values)
+                if (t.Token is { } token) DataPlane.Of(Context.System)?.Forget(token);
+                else DataPlane.Return(t.Buffer);
+        }
 
         static string? Check(Offer o, long maxBytes)
         {
@@ -197,6 +275,7 @@ public static class WeightTransfer
                 offset += length;
                 tensors.Add((t.Offer.Names[i], wire.to(float32).MoveToOuterDisposeScope()));
             }
+            DataPlane.Return(t.Buffer);
             owner.Tell(new Received(id, t.Offer.Tag, tensors, t.From));
         }
 

@@ -9,9 +9,10 @@ namespace Mamo.Actors.Run;
 /// <summary>mamo.cluster: how the replicas of a cluster run synchronise (docs/CLUSTER.md).</summary>
 /// <param name="StartReplicas">the replicas a fresh run's first round waits for (at least MinReplicas)</param>
 public sealed record ClusterSettings(string Sync, int InnerSteps, OuterOptimizerConfig OuterOptimizer, int MinReplicas, int StartReplicas,
-    TimeSpan RoundTimeout, string DeltaDType, int ChunkSize, int Window, ClusterTls? Tls = null)
+    TimeSpan RoundTimeout, string DeltaDType, int ChunkSize, int Window, string DataPlane, int DataPlanePort, ClusterTls? Tls = null)
 {
     public const string DiLoCo = "diloco", EveryStep = "every-step";
+    public const string Stream = "stream", Remoting = "remoting";
 }
 
 /// <summary>mamo.cluster.tls: remoting over TLS with mutual authentication. Certificate: this node's PKCS#12 file (its
@@ -428,6 +429,8 @@ public sealed record MamoSettings
                 (int)Get("cluster.chunk-size", k => c.GetByteSize(k) ?? throw new FormatException("not a size"), v => v is >= 1024 and <= 384 * 1024,
                     "must lie in [1 KiB, 384 KiB]: one chunk and its framing fit hocon/cluster.conf's 512 KiB frame"),
                 Int("cluster.window", 1),
+                Get("cluster.data-plane", k => c.GetString(k), v => v is ClusterSettings.Stream or ClusterSettings.Remoting, $"must be {ClusterSettings.Stream} or {ClusterSettings.Remoting}"),
+                Get("cluster.data-plane-port", k => c.GetInt(k), v => v is >= 0 and <= 65535, "must lie in [0, 65535] (0: any free port)"),
                 Tls(c)),
         };
     }

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# What every-step's communication adds to a step (docs/CLUSTER.md, "What an every-step step costs"): tiny, the built-in
+# emoji data, batch 32 per process, 1 torch thread per process, STEPS steps, run one after the other with nothing else:
+#   compute:  two single-node processes at once, teacher targets within the step (teacher.pipelined = off), as an
+#             every-step replica computes them: each process's step is a replica's compute in the same crowding;
+#   stream:   two every-step nodes, weights and gradients on the data plane's stream (cluster.data-plane = stream);
+#   remoting: the same over Akka remoting in 256 KiB chunks (cluster.data-plane = remoting), the way before the stream.
+# Prints each run's seconds per step (the median over its metrics lines after the first) and what the cluster adds to the
+# compute; the every-step lines also split the step as the coordinator logs it.
+# Usage: bash bench/every-step.sh [STEPS=80]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS=${1:-80}
+OUT=$(mktemp -d /tmp/mamo-every-step-XXXX)
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+dotnet build src/Mamo.Cli -c Release -v q -nologo >/dev/null
+MAMO=(dotnet src/Mamo.Cli/bin/Release/net10.0/linux-x64/mamo.dll)
+COMMON=(--plain --dashboard off --max-steps "$STEPS" --set torch-threads=1 --set eval.every-steps=0 --set metrics.every-steps=10
+  --set checkpoint.every-steps=0)
+port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+for i in 1 2; do
+  "${MAMO[@]}" pretrain --run-dir "$OUT/compute-$i" "${COMMON[@]}" --set teacher.pipelined=off >"$OUT/compute-$i.log" 2>&1 &
+done
+wait
+
+cluster() {   # name data-plane
+  local seed here
+  seed=$(port)
+  for i in 1 2; do
+    here=$seed
+    [ "$i" = 1 ] || here=$(port)
+    "${MAMO[@]}" pretrain --run-dir "$OUT/$1" "${COMMON[@]}" --cluster "127.0.0.1:$here" --seed-nodes "127.0.0.1:$seed" --node-name "n$i" \
+      --set cluster.sync=every-step --set cluster.min-replicas=2 --set "cluster.data-plane=$2" >"$OUT/$1-n$i.log" 2>&1 &
+    [ "$i" = 1 ] && sleep 3
+  done
+  wait
+}
+cluster stream stream
+cluster remoting remoting
+
+python3 - "$OUT" <<'EOF'
+import json, re, statistics, sys
+out = sys.argv[1]
+def median(xs): return statistics.median(xs[1:])   # the first line holds the start-up
+compute = [median([32 / json.loads(l)["pairs_per_s"] for l in open(f"{out}/compute-{i}/metrics.jsonl") if '"kind":"train"' in l]) for i in (1, 2)]
+c = statistics.mean(compute)
+print("compute (two single-node processes at once): %.3f s a step (%.3f, %.3f)" % (c, *compute))
+pattern = re.compile(r"a step took ([0-9.]+) s over the last \d+: θ to every replica ([0-9.]+) s, until the last gradient ([0-9.]+) s, the update ([0-9.]+) s")
+for run in ("stream", "remoting"):
+    rows = [tuple(map(float, m.groups())) for n in (1, 2) for m in pattern.finditer(open(f"{out}/{run}-n{n}.log").read())]
+    step, broadcast, gradients, update = (median([r[k] for r in rows]) for k in range(4))
+    print("every-step, %s: %.3f s a step (theta to every replica %.3f s, until the last gradient %.3f s, the update %.3f s): %+.0f%% on the compute"
+          % (run, step, broadcast, gradients, update, 100 * (step / c - 1)))
+EOF
+echo "(runs in $OUT)"
+trap - EXIT
