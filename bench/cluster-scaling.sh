@@ -46,7 +46,7 @@ cluster() {
   done
   sleep $((BUDGET * 60))
   kill -TERM $(jobs -p) 2>/dev/null || true   # each node hands in its part of the round and leaves
-  # every-step nodes stopped together do not leave (docs/CLUSTER.md, "Time to quality"): what counts is durable already
+  # A node that has not left a minute after SIGTERM is killed: what the measure counts is durable already.
   for _ in $(seq 1 60); do [ -z "$(jobs -pr)" ] && break; sleep 1; done
   kill -KILL $(jobs -pr) 2>/dev/null || true
   wait || true

@@ -84,6 +84,40 @@ public class EveryStepTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task Two_every_step_nodes_stopped_together_with_sigterm_both_leave()
+    {
+        using var folder = new TempFolder();
+        var manifest = ClusterTests.Manifest(folder);
+        var run = folder.File("cluster");
+        var ports = new[] { Ports.Free(), Ports.Free() };
+        var nodes = Enumerable.Range(0, 2).Select(i => Process.Start(MamoProcess.StartInfo(["pretrain", .. Common,
+            .. Node(manifest, run, i, ports[i], ports[0], batch: 4, maxSteps: 1_000_000, replicas: 2)]))!).ToList();
+        var logs = nodes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
+        try
+        {
+            // Both replicas in the middle of the run: each has trained steps, and the next is being given.
+            var ledgers = Enumerable.Range(0, 2).Select(i => Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")).ToList();
+            var clock = Stopwatch.StartNew();
+            while (!ledgers.All(l => File.Exists(l) && Ledger(l).Count >= 3))
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(3) && nodes.All(p => !p.HasExited), "the two replicas did not train 3 steps each");
+                await Task.Delay(100);
+            }
+            foreach (var p in nodes) await Process.Start("kill", ["-TERM", p.Id.ToString()])!.WaitForExitAsync();
+            // Each drops the step it is in; before, each waited a round-timeout (10 minutes) for the other's features.
+            using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(2));
+            try { foreach (var p in nodes) await p.WaitForExitAsync(patience.Token); }
+            catch (OperationCanceledException) { Assert.Fail($"2 minutes after SIGTERM: n0 {(nodes[0].HasExited ? "left" : "still up")}, n1 {(nodes[1].HasExited ? "left" : "still up")}"); }
+            for (int i = 0; i < 2; i++)
+                Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Out}{await logs[i].Err}");
+        }
+        finally
+        {
+            foreach (var p in nodes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
+        }
+    }
+
+    [Fact]
     public async Task Two_every_step_replicas_at_batch_4_make_the_update_of_one_process_at_batch_8()
     {
         using var folder = new TempFolder();

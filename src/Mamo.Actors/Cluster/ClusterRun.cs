@@ -106,7 +106,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
                 if (await Task.WhenAny(up.Task, system.WhenTerminated, Task.Delay(Timeout.Infinite, stop)) != up.Task)
                     throw stop.IsCancellationRequested ? new OperationCanceledException(stop) : new InvalidOperationException("this node could not join the cluster");
                 inputs.OpenSource(s);
-                var hooks = new ReplicaHooks(s, node.Name, registry.Get<CoordinatorKey>());
+                var hooks = new ReplicaHooks(s, node.Name, registry.Get<CoordinatorKey>(), stop);
                 var training = new TrainingRun(s).RunAsync(system, inputs, hooks, stop);
                 // A downed node's actor system stops under its pipeline: that is the end of the node, not of the run.
                 if (await Task.WhenAny(training, system.WhenTerminated) != training && !stop.IsCancellationRequested)

@@ -22,7 +22,7 @@ public sealed class DataPlane : IExtension
     const int TokenBytes = 16;
     /// <summary>The bytes per write: ByteStrings that wrap the payload, no copy.</summary>
     const int SliceBytes = 1 << 20;
-    static readonly ByteString Done = ByteString.FromBytes([1]);
+    static readonly ByteString AllIn = ByteString.FromBytes([1]);
     /// <summary>A connection that moves no byte this long is closed (a sender or receiver that went away).</summary>
     public static readonly TimeSpan IdleTimeout = TimeSpan.FromSeconds(60);
 
@@ -67,7 +67,12 @@ public sealed class DataPlane : IExtension
         }
         catch (Exception e) { throw new IOException($"the data plane cannot listen on {host}:{port} (mamo.cluster.data-plane-port): {e.GetBaseException().Message}", e); }
         (plane.Host, plane.Port) = (host, ((IPEndPoint)binding.LocalAddress).Port);
-        system.RegisterOnTermination(() => binding.Unbind());
+        // Unbound with the other listeners, before the actor system's IO actors stop under it.
+        CoordinatedShutdown.Get(system).AddTask(CoordinatedShutdown.PhaseServiceUnbind, "data-plane-unbind", async () =>
+        {
+            await binding.Unbind();
+            return Done.Instance;
+        });
         Log.Information("data plane listening on {Host}:{Port}", plane.Host, plane.Port);
         return plane;
     }
@@ -108,7 +113,7 @@ public sealed class DataPlane : IExtension
         var answer = await Source.Single(ByteString.FromBytes(token.ToByteArray())).Concat(Source.From(slices))
             .Via(system.TcpStream().OutgoingConnection(remote, connectionTimeout: IdleTimeout, idleTimeout: IdleTimeout))
             .RunWith(Sink.FirstOrDefault<ByteString>(), materializer);
-        if (answer is null || answer.Count != 1 || answer[0] != Done[0])
+        if (answer is null || answer.Count != 1 || answer[0] != AllIn[0])
             throw new IOException($"the data plane at {host}:{port} closed the transfer before taking all of its {length} bytes");
     }
 
@@ -159,7 +164,7 @@ public sealed class DataPlane : IExtension
             if (arrived < transfer.Length) throw new InvalidDataException($"the sender stopped after {arrived} of {transfer.Length} bytes");
             finished = true;
             transfer.Receiver.Tell(new Arrived(transfer.Id));
-            return Done;
+            return AllIn;
         }
 
         public void End(string? failure)

@@ -12,8 +12,10 @@ namespace Mamo.Actors.Cluster;
 /// <summary>The hooks that make a node's pipeline a cluster replica (Run/IReplica): its folder, its seed, its teacher's
 /// lag, its assigned source, and its link to the coordinator. One per node for the run's life; the link is made anew
 /// with each pipeline.</summary>
-public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef coordinator) : IReplica
+/// <param name="stopping">the node's stop: a replica stopping gives up the all-gather it waits in</param>
+public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef coordinator, CancellationToken stopping = default) : IReplica
 {
+    public CancellationToken Stopping => stopping;
     AssignedSource? assigned;
     long finalStep = -1;
 
@@ -161,6 +163,14 @@ public sealed class Replica : ReceiveActor, IWithTimers
         Receive<Drain>(_ =>
         {
             drainer = Sender;
+            if (settings.Cluster.Sync == ClusterSettings.EveryStep && handedIn.Count > 0)
+            {
+                // every-step's steps become durable at the coordinator's next checkpoint, up to checkpoint.every-steps
+                // away, and a coordinator that stops with this node writes none: wait for the transfers only.
+                Log.Information("{Node} leaves with {Steps} steps handed in since the last cluster checkpoint: a restart from it trains them again",
+                    node, handedIn.Count);
+                handedIn.Clear();
+            }
             Timers.StartSingleTimer(nameof(DrainDeadline), new DrainDeadline(), settings.Cluster.RoundTimeout);
             TryDrained();
         });
@@ -224,7 +234,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
             Log.Information("{Node} round {Round} starts from θ {Hash}", node, s.Round.Number, Checkpoint.WeightHash(r.Tensors
                 .Where(t => t.Name.StartsWith(MamoTrainer.StudentPrefix)).Select(t => (t.Name[MamoTrainer.StudentPrefix.Length..], t.Value))));
         // The trainer owns what it is given; a DiLoCo round keeps θ here, to hand in θ − θᵢ.
-        var shard = s.Start is StepCoordinator.StepStart step ? new Shard(step, Self, settings.Cluster.RoundTimeout) : null;
+        var shard = s.Start is StepCoordinator.StepStart step ? new Shard(step, Self, settings.Cluster.RoundTimeout, hooks.Stopping) : null;
         trainer.Tell(new Trainer.LoadRound(s.Round, r.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToList(), s.State, shard));
         s.Loaded = true;
         if (shard is not null)
@@ -330,7 +340,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
 
     /// <summary>An every-step replica's place in the step's global batch; its all-gathers go through the coordinator.
     /// Integer tensors (the image keys) travel as three exact float32 parts of 22, 21 and 21 bits.</summary>
-    sealed class Shard(StepCoordinator.StepStart s, IActorRef replica, TimeSpan timeout) : IBatchShard
+    sealed class Shard(StepCoordinator.StepStart s, IActorRef replica, TimeSpan timeout, CancellationToken stopping) : IBatchShard
     {
         public long FirstRow => s.FirstRow;
         public int Index => s.Index;
@@ -340,7 +350,8 @@ public sealed class Replica : ReceiveActor, IWithTimers
             var wire = local.Select((t, i) => (Name: $"{i}", Value: t.dtype == ScalarType.Int64 ? Split(t) : t.detach().cpu().clone().DetachFromDisposeScope())).ToList();
             var gathered = new TaskCompletionSource<IReadOnlyList<Tensor>>(TaskCreationOptions.RunContinuationsAsynchronously);
             replica.Tell(new Gather(s.Attempt, wire, gathered));
-            if (!gathered.Task.Wait(timeout)) throw new OperationCanceledException($"no gathered features within {timeout}");
+            // A node that stops drops the step here: the peers it would wait for may be stopping too, and never send.
+            if (!gathered.Task.Wait((int)timeout.TotalMilliseconds, stopping)) throw new OperationCanceledException($"no gathered features within {timeout}");
             var all = gathered.Task.Result;
             try { return all.Select((t, i) => local[i].dtype == ScalarType.Int64 ? Join(t) : t.clone()).ToList(); }
             finally { foreach (var t in all) t.Dispose(); }
