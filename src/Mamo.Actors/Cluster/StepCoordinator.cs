@@ -55,9 +55,9 @@ public sealed class StepCoordinator : Coordination
     }
 
     readonly MamoTrainer trainer;
-    /// <summary>Since the last metrics line: the steps' seconds in all, to broadcast θ, until the last gradient, and
-    /// of the update.</summary>
-    (int Steps, double Total, double Broadcast, double Gradients, double Update) timing;
+    /// <summary>Since the last metrics line: the steps' seconds in all, to broadcast θ, and until the last gradient (the
+    /// rest is the update).</summary>
+    (int Steps, double Total, double Broadcast, double Gradients) timing;
     /// <summary>The step of the θ each replica last received: its teacher follows from there without being sent.</summary>
     readonly Dictionary<IActorRef, long> holds = new();
     readonly long steps;
@@ -225,13 +225,12 @@ public sealed class StepCoordinator : Coordination
     /// gradients' transfer).</summary>
     void Timed(Attempt a, TimeSpan gradients, bool log)
     {
-        var total = a.Clock.Elapsed.TotalSeconds;
-        timing = (timing.Steps + 1, timing.Total + total, timing.Broadcast + a.Broadcast.TotalSeconds, timing.Gradients + gradients.TotalSeconds,
-            timing.Update + total - gradients.TotalSeconds);
+        timing = (timing.Steps + 1, timing.Total + a.Clock.Elapsed.TotalSeconds, timing.Broadcast + a.Broadcast.TotalSeconds,
+            timing.Gradients + gradients.TotalSeconds);
         if (!log) return;
         var n = timing.Steps;
         Log.Information("a step took {Total:F3} s over the last {Steps}: θ to every replica {Broadcast:F3} s, until the last gradient {Gradients:F3} s, " +
-            "the update {Update:F3} s", timing.Total / n, n, timing.Broadcast / n, timing.Gradients / n, timing.Update / n);
+            "the update {Update:F3} s", timing.Total / n, n, timing.Broadcast / n, timing.Gradients / n, (timing.Total - timing.Gradients) / n);
         timing = default;
     }
 
