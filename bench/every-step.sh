@@ -6,7 +6,7 @@
 #   stream:   two every-step nodes, weights and gradients on the data plane's stream (cluster.data-plane = stream);
 #   remoting: the same over Akka remoting in 256 KiB chunks (cluster.data-plane = remoting), the way before the stream.
 # Prints each run's seconds per step (the median over its metrics lines after the first) and what the cluster adds to the
-# compute; the every-step lines also split the step as the coordinator logs it.
+# compute; the every-step lines also say how long a replica waited for its peers' gradients after handing in its own.
 # Usage: bash bench/every-step.sh [STEPS=80]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,12 +47,14 @@ def median(xs): return statistics.median(xs[1:])   # the first line holds the st
 compute = [median([32 / json.loads(l)["pairs_per_s"] for l in open(f"{out}/compute-{i}/metrics.jsonl") if '"kind":"train"' in l]) for i in (1, 2)]
 c = statistics.mean(compute)
 print("compute (two single-node processes at once): %.3f s a step (%.3f, %.3f)" % (c, *compute))
-pattern = re.compile(r"a step took ([0-9.]+) s over the last \d+: θ to every replica ([0-9.]+) s, until the last gradient ([0-9.]+) s, the update ([0-9.]+) s")
+step_line = re.compile(r"a step took ([0-9.]+) s over the last \d+")
+wait_line = re.compile(r"its peers' gradients were here ([0-9.]+) s after its own")
 for run in ("stream", "remoting"):
-    rows = [tuple(map(float, m.groups())) for n in (1, 2) for m in pattern.finditer(open(f"{out}/{run}-n{n}.log").read())]
-    step, broadcast, gradients, update = (median([r[k] for r in rows]) for k in range(4))
-    print("every-step, %s: %.3f s a step (theta to every replica %.3f s, until the last gradient %.3f s, the update %.3f s): %+.0f%% on the compute"
-          % (run, step, broadcast, gradients, update, 100 * (step / c - 1)))
+    logs = [open(f"{out}/{run}-n{n}.log").read() for n in (1, 2)]
+    step = median([float(m.group(1)) for log in logs for m in step_line.finditer(log)])
+    waited = median([float(m.group(1)) for log in logs for m in wait_line.finditer(log)])
+    print("every-step, %s: %.3f s a step (a replica waited %.3f s for its peers' gradients after its own): %+.0f%% on the compute"
+          % (run, step, waited, 100 * (step / c - 1)))
 EOF
 echo "(runs in $OUT)"
 trap - EXIT

@@ -171,6 +171,23 @@ public sealed class MamoTrainer : IDisposable
         if (teacher is not null) foreach (var (name, p) in teacher.named_parameters()) yield return (TeacherPrefix + name, p);
     }
 
+    public const string OptimizerPrefix = "optimizer.";
+
+    /// <summary>What an every-step replica holds between steps (views): Weights, and AdamW's moments as "optimizer.NAME".</summary>
+    public IEnumerable<(string Name, Tensor Value)> ReplicaState() =>
+        Weights().Concat(Optimizer.State().Select(t => (OptimizerPrefix + t.Name, t.Value)));
+
+    /// <summary>Loads a ReplicaState, AdamW at <paramref name="optimizerStep"/> (the teacher's weights are left to whoever keeps it).</summary>
+    public void LoadReplicaState(IReadOnlyDictionary<string, Tensor> state, long optimizerStep)
+    {
+        LoadWeights(state);
+        Optimizer.LoadState(state.Where(s => s.Key.StartsWith(OptimizerPrefix)).ToDictionary(s => s.Key[OptimizerPrefix.Length..], s => s.Value), optimizerStep);
+    }
+
+    /// <summary>The hash of what every-step's replicas must hold bit for bit alike: the student, the objective's parts and
+    /// AdamW's moments (ReplicaState without the teacher).</summary>
+    public string ReplicaHash() => Checkpoint.WeightHash(ReplicaState().Where(w => !w.Name.StartsWith(TeacherPrefix)));
+
     /// <summary>Loads weights named as Weights names them: every student and part parameter must be there, and the
     /// teacher's where this trainer keeps one; a part's tensor of another shape takes its place (a head with the classes
     /// of another replica).</summary>

@@ -23,7 +23,7 @@ public sealed class ClusterSerializerTests : IDisposable
     /// <summary>One of each message that crosses nodes.</summary>
     IClusterMessage[] Messages() =>
     [
-        new WeightTransfer.Offer(Guid.NewGuid(), new WeightTransfer.Tag(WeightTransfer.Kind.Delta, 1_733_000_000_000_000_003, "n2"), ["a.weight", "b"], [[4, 2], []],
+        new WeightTransfer.Offer(Guid.NewGuid(), new WeightTransfer.Tag(WeightTransfer.Kind.Features, 1_733_000_000_000_000_003, "n2", 1), ["a.weight", "b"], [[4, 2], []],
             "bfloat16", 262144),
         new WeightTransfer.Chunk(Guid.NewGuid(), 5, [1, 2, 3, 250]),
         new WeightTransfer.Ack(Guid.NewGuid(), 9),
@@ -37,9 +37,10 @@ public sealed class ClusterSerializerTests : IDisposable
         new Coordination.GetProgress(),
         new Coordination.Progress(8, "/run/checkpoints/step-000000000400", [new(7, ["n0", "n2"], 12.5)],
             [new("n1", "akka.tcp://mamo@127.0.0.1:4054", new DateTime(2026, 12, 2, 1, 2, 3, DateTimeKind.Utc), 13.25), new("coordinator", "akka.tcp://mamo@127.0.0.1:4053", DateTime.UtcNow, null)]),
-        new StepCoordinator.StepStart(3, 12, 96, 4, 1, 2, 4, false, new Dictionary<string, string>(), someone),
+        new StepCoordinator.StepStart(3, 12, 96, 4, 1, 4, true, new Dictionary<string, string> { ["finetune.labels"] = "[]" }, 11, [new("n0", someone), new("n1", someone)],
+            false, true, someone),
         new StepCoordinator.StepDone(3, "n0", 4, 9.25, new Dictionary<string, double> { ["itc"] = 2.5, ["mlm"] = double.NaN },
-            new Dictionary<string, string> { ["finetune.admitted"] = "[\"dog\"]" }),
+            new Dictionary<string, string> { ["finetune.admitted"] = "[\"dog\"]" }, "9f86d081884c7d65"),
         new StepCoordinator.Abort(3),
         new CheckpointFollower.AwaitStep(400),
         new CheckpointFollower.Followed(400),

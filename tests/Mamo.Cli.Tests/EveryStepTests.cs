@@ -15,7 +15,8 @@ public class EveryStepTests(ITestOutputHelper output)
 {
     static readonly string[] Common = ["--plain", "--ledger", "--set", "torch-threads=1", "--set", "eval.every-steps=0", "--set", "teacher.pipelined=off"];
 
-    static async Task Run(params (string Name, string[] Args)[] processes)
+    /// <summary>Runs the processes to their end, each of which must succeed; returns each one's output.</summary>
+    static async Task<List<string>> Run(params (string Name, string[] Args)[] processes)
     {
         var started = processes.Select(p => (p.Name, Process: Process.Start(MamoProcess.StartInfo(["pretrain", .. Common, .. p.Args]))!)).ToList();
         var logs = started.Select(p => (Out: p.Process.StandardOutput.ReadToEndAsync(), Err: p.Process.StandardError.ReadToEndAsync())).ToList();
@@ -28,8 +29,13 @@ public class EveryStepTests(ITestOutputHelper output)
         {
             foreach (var (_, p) in started.Where(p => !p.Process.HasExited)) p.Kill(entireProcessTree: true);
         }
+        var output = new List<string>();
         for (int i = 0; i < started.Count; i++)
-            Assert.True(started[i].Process.ExitCode == 0, $"{started[i].Name} exited {started[i].Process.ExitCode}: {await logs[i].Out}{await logs[i].Err}");
+        {
+            output.Add(await logs[i].Out + await logs[i].Err);
+            Assert.True(started[i].Process.ExitCode == 0, $"{started[i].Name} exited {started[i].Process.ExitCode}: {output[i]}");
+        }
+        return output;
     }
 
     static string[] Node(string manifest, string run, int i, int port, int seedPort, int batch, int maxSteps, int replicas) =>
@@ -153,5 +159,31 @@ public class EveryStepTests(ITestOutputHelper output)
         var relative = Math.Sqrt(difference / update);
         output.WriteLine($"relative difference of the updates: {relative:E2}");
         Assert.True(update > 0 && relative <= 1e-5, $"relative difference of the updates {relative:E2}");
+    }
+
+    [Fact]
+    public async Task Two_every_step_replicas_hold_the_coordinators_state_bit_for_bit_at_each_hash_check()
+    {
+        using var folder = new TempFolder();
+        var manifest = ClusterTests.Manifest(folder);
+        var run = folder.File("cluster");
+        var ports = new[] { Ports.Free(), Ports.Free() };
+        // Each replica makes every update itself from the peers' gradients; the coordinator's copy, from the sum one reports.
+        string[] check = ["--set", "cluster.hash-every-steps=2", "--set", "checkpoint.every-steps=2", "--set", "checkpoint.keep-last=10"];
+        var logs = await Run(("n0", [.. Node(manifest, run, 0, ports[0], ports[0], batch: 4, maxSteps: 6, replicas: 2), .. check]),
+                             ("n1", [.. Node(manifest, run, 1, ports[1], ports[0], batch: 4, maxSteps: 6, replicas: 2), .. check]));
+        var started = new System.Text.RegularExpressions.Regex(@"started step (\d+) from replica state \W?([0-9a-f]{16,})");
+        foreach (var step in new[] { 2, 4 })
+        {
+            // What each replica started the step from, against the cluster checkpoint of that step (the copy's state).
+            var hashes = logs.Select(log => started.Matches(log).Single(m => m.Groups[1].Value == $"{step}").Groups[2].Value).ToList();
+            var dir = Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(step));
+            using var copy = Model.MamoTrainer.Load(dir, new Model.OptimizerConfig(), TorchSharp.torch.CPU, seed: 0, withTeacher: false);
+            var expected = copy.ReplicaHash();
+            Assert.All(hashes, h => Assert.Equal(expected, h));
+        }
+        var all = string.Concat(logs);
+        Assert.Contains("2 replicas hold the run's state", all);
+        Assert.DoesNotContain("do not hold the run's state", all);
     }
 }

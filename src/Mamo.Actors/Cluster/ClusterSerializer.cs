@@ -57,6 +57,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write((int)o.Tag.Kind);
                     w.Write(o.Tag.Attempt);
                     w.Write(o.Tag.Node);
+                    w.Write(o.Tag.Part);
                     w.Write(o.DType);
                     w.Write(o.ChunkSize);
                     w.Write(o.Names.Count);
@@ -147,10 +148,18 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(s.Cursor);
                     w.Write(s.BatchSize);
                     w.Write(s.Index);
-                    w.Write(s.Replicas);
                     w.Write(s.FirstRow);
-                    w.Write(s.WithTeacher);
+                    w.Write(s.WithState);
                     WriteMap(w, s.State, w.Write);
+                    w.Write(s.OptimizerStep);
+                    w.Write(s.Peers.Count);
+                    foreach (var peer in s.Peers)
+                    {
+                        w.Write(peer.Node);
+                        w.Write(Akka.Serialization.Serialization.SerializedActorPath(peer.Receiver));
+                    }
+                    w.Write(s.Reports);
+                    w.Write(s.CheckHash);
                     w.Write(Akka.Serialization.Serialization.SerializedActorPath(s.Receiver));
                     break;
                 case StepCoordinator.StepDone d:
@@ -160,6 +169,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(d.Loss);
                     WriteMap(w, d.Terms, w.Write);
                     WriteMap(w, d.Observations, w.Write);
+                    w.Write(d.Hash);
                     break;
                 case StepCoordinator.Abort a:
                     w.Write(a.Attempt);
@@ -198,10 +208,10 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 FinishManifest => new Coordination.Finish(r.ReadInt64(), r.ReadInt64()),
                 GetProgressManifest => new Coordination.GetProgress(),
                 ProgressManifest => ReadProgress(r),
-                StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), Replicas(r), r.ReadInt64(),
-                    r.ReadBoolean(), ReadMap(r, r.ReadString, "state"), ReadRef(r)),
+                StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
+                    r.ReadBoolean(), ReadMap(r, r.ReadString, "state"), r.ReadInt64(), ReadPeers(r), r.ReadBoolean(), r.ReadBoolean(), ReadRef(r)),
                 StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"),
-                    ReadMap(r, r.ReadString, "observations")),
+                    ReadMap(r, r.ReadString, "observations"), Name(r)),
                 StepAbortManifest => new StepCoordinator.Abort(r.ReadInt64()),
                 AwaitStepManifest => new CheckpointFollower.AwaitStep(r.ReadInt64()),
                 FollowedManifest => new CheckpointFollower.Followed(r.ReadInt64()),
@@ -280,6 +290,13 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         return name.Length > MaxName ? throw new SerializationException($"a name over {MaxName} characters") : name;
     }
 
+    /// <summary>A step's replicas: at least one (its learning rate and teacher decay follow their number), each a node and its receiver.</summary>
+    List<StepCoordinator.Peer> ReadPeers(BinaryReader r)
+    {
+        var count = Replicas(r);
+        return Enumerable.Range(0, count).Select(_ => new StepCoordinator.Peer(Name(r), ReadRef(r))).ToList();
+    }
+
     /// <summary>An actor reference as its path; resolving it creates nothing.</summary>
     IActorRef ReadRef(BinaryReader r) => system.Provider.ResolveActorRef(r.ReadString());
 
@@ -288,7 +305,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         var id = new Guid(r.ReadBytes(16));
         var kind = r.ReadInt32();
         if (!Enum.IsDefined((WeightTransfer.Kind)kind)) throw new SerializationException($"unknown transfer kind {kind}");
-        var tag = new WeightTransfer.Tag((WeightTransfer.Kind)kind, r.ReadInt64(), Name(r));
+        var tag = new WeightTransfer.Tag((WeightTransfer.Kind)kind, r.ReadInt64(), Name(r), r.ReadInt32());
         var dtype = r.ReadString();
         var chunkSize = r.ReadInt32();
         var count = Count(r, "tensors in an offer");

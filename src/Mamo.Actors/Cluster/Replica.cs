@@ -41,9 +41,11 @@ public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef c
 /// <summary>A replica pipeline's link to its coordinator, a child of the node's run supervisor. It registers; for each
 /// round it assigns the source the round's records (a cursor range, or the next records of the node's partitions) and
 /// gives the trainer the round's weights and the objective's state; it hands the coordinator what the trainer (and the
-/// teacher) hand it back: the deltas of a DiLoCo round (θ − θᵢ), or an every-step replica's gradient, whose all-gather
-/// it relays; and once a cluster checkpoint is durable, it acknowledges to the source what it covers and marks in the
-/// ledger which rounds it applied.</summary>
+/// teacher) hand it back: the deltas of a DiLoCo round (θ − θᵢ). every-step replicas exchange with each other, not
+/// through the coordinator: each step's features for the all-gathers and gradients go to every peer, and each replica
+/// makes the step's update itself from their sum (the coordinator sends the state only to a replica that holds none,
+/// and takes the sum from one replica for its own copy and checkpoints). Once a cluster checkpoint is durable, it
+/// acknowledges to the source what it covers and marks in the ledger which rounds it applied.</summary>
 public sealed class Replica : ReceiveActor, IWithTimers
 {
     /// <summary>Reply Drained once everything handed in has been sent, and the coordinator has said whether it applied it
@@ -52,8 +54,8 @@ public sealed class Replica : ReceiveActor, IWithTimers
     public sealed record Drained;
     internal sealed record RegisterAgain;
     sealed record DrainDeadline;
-    /// <summary>From the trainer's thread: an all-gather's own tensors, and where the gathered ones go.</summary>
-    sealed record Gather(long Attempt, List<(string Name, Tensor Value)> Tensors, TaskCompletionSource<IReadOnlyList<Tensor>> Gathered);
+    /// <summary>From the trainer's thread: the Part-th all-gather of a step, its own tensors, and where the gathered ones go.</summary>
+    sealed record Gather(long Attempt, int Part, List<(string Name, Tensor Value)> Tensors, TaskCompletionSource<IReadOnlyList<Tensor>> Gathered);
 
     /// <summary>How often a replica offers itself again: a coordinator that moved to another node learns of it so.</summary>
     internal static readonly TimeSpan RegisterEvery = TimeSpan.FromSeconds(3);
@@ -73,6 +75,24 @@ public sealed class Replica : ReceiveActor, IWithTimers
         public Checkpointer.Parts? Teacher { get; set; }
     }
 
+    /// <summary>every-step: a step's exchange with its peers (StepStart.Peers): their features for each all-gather and
+    /// their gradients, by node, this replica's own among them; it may begin before the step's StepStart is here.</summary>
+    sealed class Exchange
+    {
+        public StepCoordinator.StepStart? Start { get; set; }
+        public Dictionary<(int Part, string Node), IReadOnlyList<(string Name, Tensor Value)>> Features { get; } = [];
+        public Dictionary<string, IReadOnlyList<(string Name, Tensor Value)>> Gradients { get; } = [];
+        /// <summary>Since this replica's own gradient: what it waits for its peers'.</summary>
+        public System.Diagnostics.Stopwatch SinceHandIn { get; } = new();
+
+        public void Dispose()
+        {
+            foreach (var tensors in Features.Values.Concat(Gradients.Values)) foreach (var (_, t) in tensors) t.Dispose();
+            Features.Clear();
+            Gradients.Clear();
+        }
+    }
+
     readonly MamoSettings settings;
     readonly string node;
     readonly IActorRef coordinator, trainer, metrics, receiver;
@@ -84,7 +104,14 @@ public sealed class Replica : ReceiveActor, IWithTimers
     readonly List<Round> handedIn = [];
     /// <summary>Transfers under way: a stopping node waits for them.</summary>
     int sending;
-    (long Attempt, TaskCompletionSource<IReadOnlyList<Tensor>> Gathered)? gather;
+    (long Attempt, int Part, TaskCompletionSource<IReadOnlyList<Tensor>> Gathered)? gather;
+    readonly Dictionary<long, Exchange> exchanges = [];
+    /// <summary>every-step: the attempts up to this one are updated or dropped; what still comes for them is disposed.</summary>
+    long settled = long.MinValue;
+    /// <summary>every-step: where the sum of a step this replica reports goes (the coordinator's receiver), by attempt.</summary>
+    readonly Dictionary<long, IActorRef> reports = [];
+    /// <summary>every-step, since the last log line: steps, and the seconds waited for the peers' gradients after its own.</summary>
+    (int Steps, double Waited) waits;
     IActorRef? drainer, lastCoordinator;
 
     public Replica(MamoSettings settings, string node, IActorRef coordinator, AssignedSource source, IActorRef trainer, IActorRef metrics, ReplicaHooks hooks)
@@ -101,15 +128,35 @@ public sealed class Replica : ReceiveActor, IWithTimers
 
         Receive<RoundCoordinator.RoundStart>(s => Begin(s, new Round(s.Attempt, s.Round, s.FirstStep, ResetsTeacher: true, s.Replicas), s.DeltaReceiver, s.State,
             s.Rewind ? "its last round was not applied" : null, new AssignedSource.Assignment(default!, s.Cursor, s.Records)));
-        Receive<StepCoordinator.StepStart>(s => Begin(s, new Round(s.Attempt, s.Step, s.Step, ResetsTeacher: false, s.Replicas), s.Receiver, s.State, null,
-            new AssignedSource.Assignment(default!, s.Cursor, s.BatchSize)));
+        Receive<StepCoordinator.StepStart>(s =>
+        {
+            if (ExchangeOf(s.Attempt) is not { } x) return;
+            x.Start = s;
+            // The state given replaces whatever this replica made of the steps before (a new coordinator, a dropped step).
+            if (s.WithState)
+            {
+                foreach (var (attempt, old) in exchanges.Where(e => e.Key < s.Attempt).ToList())
+                {
+                    exchanges.Remove(attempt);
+                    old.Dispose();
+                }
+                settled = Math.Max(settled, s.Attempt - 1);
+            }
+            Begin(s, new Round(s.Attempt, s.Step, s.Step, ResetsTeacher: false, s.Replicas), s.Receiver, s.State, null,
+                new AssignedSource.Assignment(default!, s.Cursor, s.BatchSize));
+            // A replica that holds the state goes on from its own, the update of the step before applied.
+            if (!s.WithState && started.TryGetValue(s.Attempt, out var st)) LoadStep(st, s, []);
+        });
         Receive<WeightTransfer.Received>(OnReceived);
         Receive<StepCoordinator.Abort>(a =>
         {
             if (gather is { } g && g.Attempt == a.Attempt) g.Gathered.TrySetCanceled();
+            if (exchanges.Remove(a.Attempt, out var x)) x.Dispose();
+            settled = Math.Max(settled, a.Attempt);
             if (started.Remove(a.Attempt, out var s)) GiveUp(s, "its coordinator dropped it");
             if (handedIn.Find(r => r.Attempt == a.Attempt) is { } dropped)
             {
+                if (settings.Cluster.Sync == ClusterSettings.EveryStep) trainer.Tell(new Trainer.GiveUpRound(a.Attempt));   // its update, if still to come, is not made
                 metrics.Tell(new Metrics.RoundOutcome(dropped, Applied: false));
                 handedIn.Remove(dropped);
                 TryDrained();
@@ -117,14 +164,21 @@ public sealed class Replica : ReceiveActor, IWithTimers
         });
         Receive<Gather>(g =>
         {
-            if (!started.TryGetValue(g.Attempt, out var s))
+            if (!started.ContainsKey(g.Attempt) || !exchanges.TryGetValue(g.Attempt, out var x) || x.Start is not { } s)
             {
                 g.Gathered.TrySetCanceled();
+                foreach (var (_, v) in g.Tensors) v.Dispose();
                 return;
             }
-            gather = (g.Attempt, g.Gathered);
-            Send(s.DeltaReceiver, WeightTransfer.Kind.Features, g.Attempt, g.Tensors, "float32");
-            foreach (var (_, v) in g.Tensors) v.Dispose();
+            gather = (g.Attempt, g.Part, g.Gathered);
+            foreach (var peer in s.Peers.Where(p => p.Node != node)) Send(peer.Receiver, WeightTransfer.Kind.Features, g.Attempt, g.Tensors, "float32", g.Part);
+            x.Features[(g.Part, node)] = g.Tensors;
+            TryGather(x);
+        });
+        Receive<Trainer.StepApplied>(a =>
+        {
+            if (reports.Remove(a.Attempt, out var to)) Send(to, WeightTransfer.Kind.Sum, a.Attempt, a.Sum, "float32");
+            foreach (var (_, t) in a.Sum) t.Dispose();
         });
         Receive<Trainer.RoundTrained>(t =>
         {
@@ -206,7 +260,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
             return;
         }
         // A round still without its weights will not get them now: its coordinator moved on.
-        foreach (var old in started.Values.Where(s => s.Weights is null).ToList())
+        foreach (var old in started.Values.Where(s => !s.Loaded).ToList())
         {
             started.Remove(old.Round.Attempt);
             GiveUp(old, "its coordinator gave another round");
@@ -218,10 +272,23 @@ public sealed class Replica : ReceiveActor, IWithTimers
     void OnReceived(WeightTransfer.Received r)
     {
         var tag = r.Tag;
-        if (tag.Kind == WeightTransfer.Kind.Gathered && gather is { } g && g.Attempt == tag.Attempt)
+        if (tag.Kind is WeightTransfer.Kind.Features or WeightTransfer.Kind.Gradient)
         {
-            gather = null;
-            if (!g.Gathered.TrySetResult(r.Tensors.Select(t => t.Value).ToList())) Dispose(r);
+            if (ExchangeOf(tag.Attempt) is not { } x)
+            {
+                Dispose(r);
+                return;
+            }
+            if (tag.Kind == WeightTransfer.Kind.Features)
+            {
+                x.Features[(tag.Part, tag.Node)] = r.Tensors;
+                TryGather(x);
+            }
+            else
+            {
+                x.Gradients[tag.Node] = r.Tensors;
+                TryUpdate(x);
+            }
             return;
         }
         if (tag.Kind != WeightTransfer.Kind.Weights || !started.TryGetValue(tag.Attempt, out var s))
@@ -229,19 +296,64 @@ public sealed class Replica : ReceiveActor, IWithTimers
             Dispose(r);
             return;
         }
+        if (s.Start is StepCoordinator.StepStart step)
+        {
+            s.Weights = r with { Tensors = [] };   // the trainer owns them
+            LoadStep(s, step, r.Tensors);
+            return;
+        }
         s.Weights = r;
         if (s.Round.ResetsTeacher)
             Log.Information("{Node} round {Round} starts from θ {Hash}", node, s.Round.Number, Checkpoint.WeightHash(r.Tensors
                 .Where(t => t.Name.StartsWith(MamoTrainer.StudentPrefix)).Select(t => (t.Name[MamoTrainer.StudentPrefix.Length..], t.Value))));
         // The trainer owns what it is given; a DiLoCo round keeps θ here, to hand in θ − θᵢ.
-        var shard = s.Start is StepCoordinator.StepStart step ? new Shard(step, Self, settings.Cluster.RoundTimeout, hooks.Stopping) : null;
-        trainer.Tell(new Trainer.LoadRound(s.Round, r.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToList(), s.State, shard));
+        trainer.Tell(new Trainer.LoadRound(s.Round, r.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToList(), s.State, null));
         s.Loaded = true;
-        if (shard is not null)
-        {
-            Dispose(r);
-            s.Weights = new WeightTransfer.Received(r.Id, r.Tag, [], r.From);
-        }
+    }
+
+    /// <summary>An every-step step to the trainer: from the state given (a replica that held none), or from its own.</summary>
+    void LoadStep(Started s, StepCoordinator.StepStart step, IReadOnlyList<(string Name, Tensor Value)> state)
+    {
+        trainer.Tell(new Trainer.LoadRound(s.Round, state, s.State, new Shard(step, Self, settings.Cluster.RoundTimeout, hooks.Stopping), step.OptimizerStep,
+            step.CheckHash));
+        s.Loaded = true;
+    }
+
+    /// <summary>A step's exchange, begun where it is the first word of the attempt; null where the attempt is settled.</summary>
+    Exchange? ExchangeOf(long attempt)
+    {
+        if (exchanges.TryGetValue(attempt, out var x)) return x;
+        return attempt <= settled ? null : exchanges[attempt] = new Exchange();
+    }
+
+    /// <summary>Once every peer's features of the all-gather this replica waits in are here: each tensor concatenated in
+    /// node order (the global batch's row order).</summary>
+    void TryGather(Exchange x)
+    {
+        if (gather is not { } g || x.Start is not { } s || g.Attempt != s.Attempt || s.Peers.Any(p => !x.Features.ContainsKey((g.Part, p.Node)))) return;
+        gather = null;
+        var parts = s.Peers.Select(p => x.Features[(g.Part, p.Node)]).ToList();
+        foreach (var p in s.Peers) x.Features.Remove((g.Part, p.Node));
+        var all = parts[0].Select((_, i) => cat(parts.Select(p => p[i].Value).ToArray(), 0)).ToList();
+        foreach (var p in parts) foreach (var (_, t) in p) t.Dispose();
+        if (!g.Gathered.TrySetResult(all)) foreach (var t in all) t.Dispose();
+    }
+
+    /// <summary>Once every peer's gradient (and this replica's own) is here: the trainer makes the step's update.</summary>
+    void TryUpdate(Exchange x)
+    {
+        if (x.Start is not { } s || s.Peers.Any(p => !x.Gradients.ContainsKey(p.Node))) return;
+        exchanges.Remove(s.Attempt);
+        settled = Math.Max(settled, s.Attempt);
+        var gradients = s.Peers.Select(p => x.Gradients[p.Node]).ToList();
+        x.Gradients.Clear();
+        x.Dispose();
+        if (s.Reports) reports[s.Attempt] = s.Receiver;
+        trainer.Tell(new Trainer.ApplyStep(s.Attempt, gradients, s.Reports));
+        waits = (waits.Steps + 1, waits.Waited + x.SinceHandIn.Elapsed.TotalSeconds);
+        if ((s.Step + 1) % settings.MetricsEverySteps != 0) return;
+        Log.Information("{Node}: its peers' gradients were here {Waited:F3} s after its own (mean of the last {Steps} steps)", node, waits.Waited / waits.Steps, waits.Steps);
+        waits = default;
     }
 
     /// <summary>Once the trainer's work (and, where the objective keeps one, the teacher's part) is here: DiLoCo's deltas
@@ -253,14 +365,13 @@ public sealed class Replica : ReceiveActor, IWithTimers
         if (!everyStep && keepsTeacher && s.Teacher is null) return;
         started.Remove(s.Round.Attempt);
         handedIn.Add(s.Round);
+        if (everyStep)
+        {
+            HandInStep(s, t);
+            return;
+        }
         try
         {
-            if (everyStep)
-            {
-                coordinator.Tell(new StepCoordinator.StepDone(s.Round.Attempt, node, t.Samples, t.Loss, t.Terms, t.Observations));
-                Send(s.DeltaReceiver, WeightTransfer.Kind.Gradient, s.Round.Attempt, t.Tensors, "float32");
-                return;
-            }
             var given = s.Weights!.Tensors.ToDictionary(w => w.Name, w => w.Value);
             var teacher = s.Teacher?.Tensors.SelectMany(p => p.Tensors).Select(w => (Name: MamoTrainer.TeacherPrefix + w.Name, w.Value)) ?? [];
             using var scope = NewDisposeScope();
@@ -277,6 +388,23 @@ public sealed class Replica : ReceiveActor, IWithTimers
         }
     }
 
+    /// <summary>every-step: the step's account to the coordinator, and the gradient to every peer; this replica keeps its own.</summary>
+    void HandInStep(Started s, Trainer.RoundTrained t)
+    {
+        var step = (StepCoordinator.StepStart)s.Start;
+        coordinator.Tell(new StepCoordinator.StepDone(step.Attempt, node, t.Samples, t.Loss, t.Terms, t.Observations, t.Hash));
+        if (t.Hash != "") Log.Information("{Node} started step {Step} from replica state {Hash}", node, step.Step, t.Hash);
+        if (ExchangeOf(step.Attempt) is not { } x)
+        {
+            foreach (var (_, g) in t.Tensors) g.Dispose();
+            return;
+        }
+        foreach (var peer in step.Peers.Where(p => p.Node != node)) Send(peer.Receiver, WeightTransfer.Kind.Gradient, step.Attempt, t.Tensors, "float32");
+        x.Gradients[node] = t.Tensors;
+        x.SinceHandIn.Start();
+        TryUpdate(x);
+    }
+
     /// <summary>θ − θᵢ; a tensor that grew rows in the round (a head's new classes) grew them from zero.</summary>
     static Tensor Delta(IReadOnlyDictionary<string, Tensor> given, string name, Tensor end)
     {
@@ -287,9 +415,9 @@ public sealed class Replica : ReceiveActor, IWithTimers
         return grown - end;
     }
 
-    void Send(IActorRef to, WeightTransfer.Kind kind, long attempt, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype)
+    void Send(IActorRef to, WeightTransfer.Kind kind, long attempt, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype, int part = 0)
     {
-        Context.ActorOf(WeightTransfer.Sender.Props(to, Self, new WeightTransfer.Tag(kind, attempt, node), tensors, dtype, settings.Cluster.ChunkSize,
+        Context.ActorOf(WeightTransfer.Sender.Props(to, Self, new WeightTransfer.Tag(kind, attempt, node, part), tensors, dtype, settings.Cluster.ChunkSize,
             settings.Cluster.Window));
         sending++;
     }
@@ -335,13 +463,15 @@ public sealed class Replica : ReceiveActor, IWithTimers
     {
         gather?.Gathered.TrySetCanceled();
         foreach (var s in started.Values) if (s.Weights is { } w) Dispose(w);
+        foreach (var x in exchanges.Values) x.Dispose();
         base.PostStop();
     }
 
-    /// <summary>An every-step replica's place in the step's global batch; its all-gathers go through the coordinator.
-    /// Integer tensors (the image keys) travel as three exact float32 parts of 22, 21 and 21 bits.</summary>
+    /// <summary>An every-step replica's place in the step's global batch; its all-gathers go to its peers, numbered in
+    /// the step's order. Integer tensors (the image keys) travel as three exact float32 parts of 22, 21 and 21 bits.</summary>
     sealed class Shard(StepCoordinator.StepStart s, IActorRef replica, TimeSpan timeout, CancellationToken stopping) : IBatchShard
     {
+        int gathers;
         public long FirstRow => s.FirstRow;
         public int Index => s.Index;
 
@@ -349,7 +479,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
         {
             var wire = local.Select((t, i) => (Name: $"{i}", Value: t.dtype == ScalarType.Int64 ? Split(t) : t.detach().cpu().clone().DetachFromDisposeScope())).ToList();
             var gathered = new TaskCompletionSource<IReadOnlyList<Tensor>>(TaskCreationOptions.RunContinuationsAsynchronously);
-            replica.Tell(new Gather(s.Attempt, wire, gathered));
+            replica.Tell(new Gather(s.Attempt, gathers++, wire, gathered));
             // A node that stops drops the step here: the peers it would wait for may be stopping too, and never send.
             if (!gathered.Task.Wait((int)timeout.TotalMilliseconds, stopping)) throw new OperationCanceledException($"no gathered features within {timeout}");
             var all = gathered.Task.Result;

@@ -9,23 +9,34 @@ using static TorchSharp.torch;
 
 namespace Mamo.Actors.Cluster;
 
-/// <summary>The cluster singleton of every-step training (cluster.sync = every-step): the run's one student, AdamW
-/// state, teacher and objective, as a single-node trainer holds them. Each step it gives every replica θ and the next
-/// batch-size cursors of the file source (the replicas' rows, in node order, make the global batch), relays the
-/// all-gather of their features (ITC sees the whole global batch), replays what their objectives observed (in node
-/// order: the global batch's), sums their gradients, and makes the single-node update: clipping, AdamW, the
-/// temperature clamp and the teacher's EMA. Its checkpoints are single-node checkpoints.</summary>
+/// <summary>The cluster singleton of every-step training (cluster.sync = every-step). The replicas are data-parallel
+/// peers, as DDP's: each holds θ, AdamW's moments and the teacher; each step they all-gather their features (ITC sees the
+/// whole global batch) and exchange their gradients among themselves, and each makes the single-node update from the
+/// sum in node order, so all hold the same bits (checked by hash every cluster.hash-every-steps). The coordinator gives
+/// each step (the next batch-size cursors of the file source per replica; the replicas' rows, in node order, make the
+/// global batch), sends the state to a replica that holds none (one that joins, or all after a dropped step), and keeps
+/// the run's copy: one replica reports the sum it applied, and the coordinator makes the same update, replays what
+/// their objectives observed, and writes single-node checkpoints. It gives the next step once every replica has
+/// accounted for the one before, without waiting for its own copy's update.</summary>
 public sealed class StepCoordinator : Coordination
 {
-    /// <summary>Attempt Attempt of step Step: train BatchSize cursors from Cursor, as row FirstRow on of the global
-    /// batch and Index-th of its Replicas, from the θ and objective state that follow (and the teacher, WithTeacher);
-    /// send the features and the gradient to Receiver.</summary>
-    public sealed record StepStart(long Attempt, long Step, long Cursor, int BatchSize, int Index, int Replicas, long FirstRow, bool WithTeacher,
-        IReadOnlyDictionary<string, string> State, IActorRef Receiver) : IClusterMessage;
-    /// <summary>A replica's account of an attempt: its pairs, its share of the loss, and what its objective observed
-    /// (the gradient follows on the data plane).</summary>
+    /// <summary>A replica of a step: its node and its data-plane receiver.</summary>
+    public sealed record Peer(string Node, IActorRef Receiver);
+    /// <summary>Attempt Attempt of step Step: train BatchSize cursors from Cursor, as row FirstRow on of the global batch
+    /// and Index-th of its Peers (every replica of the step, in node order: their receivers take this one's features
+    /// and gradient). WithState: the state to start from follows (MamoTrainer.ReplicaState and the teacher, with the
+    /// objective's State, AdamW at OptimizerStep); else the replica goes on from its own. Reports: after its update it
+    /// sends the sum to Receiver. CheckHash: its StepDone carries the hash of the state it starts from.</summary>
+    public sealed record StepStart(long Attempt, long Step, long Cursor, int BatchSize, int Index, long FirstRow, bool WithState,
+        IReadOnlyDictionary<string, string> State, long OptimizerStep, IReadOnlyList<Peer> Peers, bool Reports, bool CheckHash, IActorRef Receiver)
+        : IClusterMessage
+    {
+        public int Replicas => Peers.Count;
+    }
+    /// <summary>A replica's account of an attempt: its pairs, its share of the loss, what its objective observed, and
+    /// (StepStart.CheckHash) the hash of the state it started from, else "" (the gradient goes to its peers).</summary>
     public sealed record StepDone(long Attempt, string Node, long Samples, double Loss, IReadOnlyDictionary<string, double> Terms,
-        IReadOnlyDictionary<string, string> Observations) : IClusterMessage;
+        IReadOnlyDictionary<string, string> Observations, string Hash = "") : IClusterMessage;
     /// <summary>The coordinator dropped the attempt and gives its work again: every-step, when a replica of the step
     /// left; DiLoCo, when a round is abandoned (too few reported). A replica that handed it in knows then that it will
     /// never be applied: a stopping node waits for that word.</summary>
@@ -34,35 +45,37 @@ public sealed class StepCoordinator : Coordination
 
     sealed record Participant(string Node, IActorRef Replica, IActorRef Receiver, long Cursor);
 
-    sealed class Attempt(long number, IReadOnlyList<Participant> assigned)
+    sealed class Attempt(long number, long step, long cursor, IReadOnlyList<Participant> assigned, IActorRef reporter)
     {
         public long Number { get; } = number;
+        public long Step { get; } = step;
+        /// <summary>The cursor of its first pair.</summary>
+        public long Cursor { get; } = cursor;
         public IReadOnlyList<Participant> Assigned { get; } = assigned;
-        public Dictionary<string, WeightTransfer.Received> Features { get; } = new();
-        public Dictionary<string, WeightTransfer.Received> Gradients { get; } = new();
+        public IActorRef Reporter { get; } = reporter;
         public Dictionary<string, StepDone> Done { get; } = new();
+        public WeightTransfer.Received? Sum { get; set; }
+        public bool Accounted => Assigned.All(p => Done.ContainsKey(p.Node));
         public Stopwatch Clock { get; } = Stopwatch.StartNew();
-        /// <summary>When θ had reached every replica.</summary>
-        public TimeSpan Broadcast { get; set; }
-        public int Broadcasts { get; set; }
 
         public void Dispose()
         {
-            foreach (var r in Features.Values.Concat(Gradients.Values)) foreach (var (_, t) in r.Tensors) t.Dispose();
-            Features.Clear();
-            Gradients.Clear();
+            foreach (var (_, t) in Sum?.Tensors ?? []) t.Dispose();
+            Sum = null;
         }
     }
 
     readonly MamoTrainer trainer;
-    /// <summary>Since the last metrics line: the steps' seconds in all, to broadcast θ, and until the last gradient (the
-    /// rest is the update).</summary>
-    (int Steps, double Total, double Broadcast, double Gradients) timing;
-    /// <summary>The step of the θ each replica last received: its teacher follows from there without being sent.</summary>
+    /// <summary>Since the last metrics line: the steps the copy made, and the seconds since the line before.</summary>
+    (int Steps, Stopwatch Clock) timing = (0, Stopwatch.StartNew());
+    /// <summary>The step whose state each replica holds next (it makes the updates of the steps it was given).</summary>
     readonly Dictionary<IActorRef, long> holds = new();
     readonly long steps;
-    long cursor;
+    /// <summary>The step and cursor the next attempt is given; the cursor after the copy's last update.</summary>
+    long nextStep, cursor, appliedCursor;
+    /// <summary>The attempt whose accounts are coming in, and those accounted for whose sum is still to come, in order.</summary>
     Attempt? current;
+    readonly Queue<Attempt> accounted = new();
     /// <summary>Since the last checkpoint: checkpoint.every bounds the work a lost coordinator takes with it.</summary>
     readonly Stopwatch sinceCheckpoint = Stopwatch.StartNew();
 
@@ -76,31 +89,36 @@ public sealed class StepCoordinator : Coordination
         // As single-node, a new run's first checkpoint is its step 0: the weights every replica starts from.
         var (dir, state) = resumed ?? StartingPoint.Choose(settings, Task.Objective, init, device);
         trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, Task.Objective);
-        cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
+        appliedCursor = cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
+        nextStep = trainer.Step;
         Resumed(state);
         if (state.Step > 0) History.CoordinatorStarted(Context.System);
         Log.Information("every-step coordinator at step {Step} (cursor {Cursor}), θ {Hash}", trainer.Step, cursor, Checkpoint.WeightHash(Checkpoint.Named(trainer.Student)));
 
         Receive<Deadline>(d =>
         {
-            if (current?.Number == d.Attempt) Drop($"the step's deadline ({Cluster.RoundTimeout}) passed");
+            if (InFlight().Any(a => a.Number == d.Attempt)) Drop($"the deadline ({Cluster.RoundTimeout}) of attempt {d.Attempt} passed");
         });
         Receive<StepDone>(d =>
         {
-            if (current?.Number != d.Attempt) return;
-            current.Done[d.Node] = d;
-            TryApply();
+            if (InFlight().FirstOrDefault(a => a.Number == d.Attempt) is not { } a) return;
+            a.Done[d.Node] = d;
+            if (current is { Accounted: true } c)
+            {
+                accounted.Enqueue(c);
+                current = null;
+            }
+            TryStart();
         });
         Receive<WeightTransfer.Received>(r =>
         {
-            if (current is null || r.Tag.Attempt != current.Number || r.Tag.Kind is not (WeightTransfer.Kind.Features or WeightTransfer.Kind.Gradient))
+            if (r.Tag.Kind != WeightTransfer.Kind.Sum || InFlight().FirstOrDefault(a => a.Number == r.Tag.Attempt) is not { } a || a.Sum is not null)
             {
                 foreach (var (_, t) in r.Tensors) t.Dispose();
                 return;
             }
-            (r.Tag.Kind == WeightTransfer.Kind.Features ? current.Features : current.Gradients)[r.Tag.Node] = r;
-            if (r.Tag.Kind == WeightTransfer.Kind.Features) TryGather();
-            else TryApply();
+            a.Sum = r;
+            TryStart();
         });
     }
 
@@ -119,144 +137,163 @@ public sealed class StepCoordinator : Coordination
     protected override long FinalStep => steps;
     protected override long StateThrough(Checkpointer.CheckpointDurable d) => d.Step;
 
-    /// <summary>A replica actor that restarted keeps its reference but has a new receiver, and no teacher.</summary>
-    protected override void Reregistered(IActorRef replica) => holds.Remove(replica);
+    IEnumerable<Attempt> InFlight() => accounted.Concat(current is null ? [] : [current]);
 
-    protected override void Sent(WeightTransfer.Sent sent)
+    /// <summary>A replica actor that restarted keeps its reference but has a new receiver, and holds nothing.</summary>
+    protected override void Reregistered(IActorRef replica)
     {
-        if (current is { } a && sent.Tag.Kind == WeightTransfer.Kind.Weights && sent.Tag.Attempt == a.Number && ++a.Broadcasts == a.Assigned.Count)
-            a.Broadcast = a.Clock.Elapsed;
+        holds.Remove(replica);
+        if (InFlight().Any(a => a.Assigned.Any(p => p.Replica.Equals(replica)))) Drop("a replica of the step restarted");
     }
 
     protected override void Left(IActorRef replica, string node)
     {
         holds.Remove(replica);
-        if (current?.Assigned.Any(a => a.Replica.Equals(replica)) == true) Drop($"replica {node} left");
+        if (InFlight().Any(a => a.Assigned.Any(p => p.Replica.Equals(replica)))) Drop($"replica {node} left");
     }
 
+    /// <summary>The copy's updates that can be made, then the next step if it can be given.</summary>
     protected override void TryStart()
     {
-        if (current is not null || Writing || trainer.Step >= steps || !Quorum) return;
-        var step = trainer.Step;
+        TryApply();
+        TryGive();
+    }
+
+    void TryGive()
+    {
+        if (current is not null || Writing || nextStep >= steps || !Quorum) return;
         var assigned = Replicas.OrderBy(r => r.Value.Node, StringComparer.Ordinal)
             .Select((r, i) => new Participant(r.Value.Node, r.Key, r.Value.Receiver, cursor + (long)i * Settings.BatchSize)).ToList();
-        current = new Attempt(NextAttempt(), assigned);
-        var weights = trainer.Weights().ToList();
-        var withoutTeacher = weights.Where(w => !w.Name.StartsWith(MamoTrainer.TeacherPrefix)).ToList();
-        var state = trainer.Objective.SaveState();
+        var withState = assigned.Where(p => !holds.TryGetValue(p.Replica, out var h) || h != nextStep).Select(p => p.Replica).ToHashSet();
+        // The state comes from the run's copy, which must have made every update before this step.
+        if (withState.Count > 0 && trainer.Step != nextStep) return;
+        // The sum comes best from a replica on this node: its transfer is a copy in memory.
+        var reporter = (assigned.FirstOrDefault(p => p.Receiver.Path.Address.HasLocalScope) ?? assigned[0]).Replica;
+        var a = current = new Attempt(NextAttempt(), nextStep, cursor, assigned, reporter);
+        var peers = assigned.Select(p => new Peer(p.Node, p.Receiver)).ToList();
+        var checkHash = Cluster.HashEverySteps > 0 && a.Step % Cluster.HashEverySteps == 0;
+        var state = withState.Count > 0 ? trainer.ReplicaState().ToList() : null;
+        var objectiveState = withState.Count > 0 ? trainer.Objective.SaveState() : new Dictionary<string, string>();
         for (int i = 0; i < assigned.Count; i++)
         {
             var p = assigned[i];
-            // A replica that took the last step (or was given this one) holds the teacher this step starts from.
-            var sendTeacher = !holds.TryGetValue(p.Replica, out var held) || held < step - 1;
-            p.Replica.Tell(new StepStart(current.Number, step, p.Cursor, Settings.BatchSize, i, assigned.Count, (long)i * Settings.BatchSize, sendTeacher, state, Receiver));
-            Context.ActorOf(WeightTransfer.Sender.Props(p.Receiver, Self, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, current.Number),
-                sendTeacher ? weights : withoutTeacher, "float32", Cluster.ChunkSize, Cluster.Window));
+            var given = withState.Contains(p.Replica);
+            p.Replica.Tell(new StepStart(a.Number, a.Step, p.Cursor, Settings.BatchSize, i, (long)i * Settings.BatchSize, given,
+                given ? objectiveState : new Dictionary<string, string>(), trainer.Optimizer.Step, peers, p.Replica.Equals(reporter), checkHash, Receiver));
+            if (given)
+                Context.ActorOf(WeightTransfer.Sender.Props(p.Receiver, Self, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, a.Number), state!, "float32",
+                    Cluster.ChunkSize, Cluster.Window));
+            holds[p.Replica] = a.Step + 1;
         }
-        Timers.StartSingleTimer("deadline", new Deadline(current.Number), Cluster.RoundTimeout);
-        if (step % Settings.MetricsEverySteps == 0) Log.Information("step {Step}: {Count} replicas from cursor {Cursor}", step, assigned.Count, cursor);
+        if (withState.Count > 0)
+            Log.Information("step {Step}: the state to {Nodes}", a.Step, string.Join(", ", assigned.Where(p => withState.Contains(p.Replica)).Select(p => p.Node)));
+        nextStep++;
+        cursor += (long)assigned.Count * Settings.BatchSize;
+        Timers.StartSingleTimer(a.Number, new Deadline(a.Number), Cluster.RoundTimeout);
+        if (a.Step % Settings.MetricsEverySteps == 0) Log.Information("step {Step}: {Count} replicas from cursor {Cursor}", a.Step, assigned.Count, a.Cursor);
     }
 
-    /// <summary>Once every replica's features are in: each tensor concatenated in replica order, to every replica.</summary>
-    void TryGather()
-    {
-        var a = current!;
-        // A step may all-gather more than once (ITC's features, then a classifier's labels), each after the one before.
-        if (a.Assigned.Any(p => !a.Features.ContainsKey(p.Node))) return;
-        using var scope = NewDisposeScope();
-        var first = a.Features[a.Assigned[0].Node].Tensors;
-        var gathered = first.Select((t, i) => (t.Name, cat(a.Assigned.Select(p => a.Features[p.Node].Tensors[i].Value).ToArray(), 0))).ToList();
-        foreach (var p in a.Assigned)
-            Context.ActorOf(WeightTransfer.Sender.Props(p.Receiver, Self, new WeightTransfer.Tag(WeightTransfer.Kind.Gathered, a.Number), gathered, "float32",
-                Cluster.ChunkSize, Cluster.Window));
-        foreach (var f in a.Features.Values) foreach (var (_, t) in f.Tensors) t.Dispose();
-        a.Features.Clear();
-    }
-
-    /// <summary>Once every replica's gradient is in: their sum is the global batch's gradient; the update is single-node's.</summary>
+    /// <summary>The run's copy makes the update of each step accounted for whose sum is here, in order: the one the
+    /// replicas made, from the gradient they applied.</summary>
     void TryApply()
     {
-        var a = current!;
-        if (a.Assigned.Any(p => !a.Gradients.ContainsKey(p.Node) || !a.Done.ContainsKey(p.Node))) return;
-        var gradients = a.Clock.Elapsed;
-        using (var scope = NewDisposeScope())
+        while (!Writing && accounted.TryPeek(out var a) && a.Sum is { } sum)
         {
-            var done = a.Assigned.Select(p => a.Done[p.Node]).ToList();
-            foreach (var d in done) trainer.Objective.Replay(d.Observations);
-            var sums = new Dictionary<string, Tensor>();
-            foreach (var p in a.Assigned)
-                foreach (var (name, g) in a.Gradients[p.Node].Tensors)
-                {
-                    var aligned = trainer.Objective.Align(name, g, a.Done[p.Node].Observations);
-                    sums[name] = sums.TryGetValue(name, out var s) ? s + aligned : aligned;
-                }
-            trainer.SetGradients(sums);
-            // N replicas' global batch is N steps of one node: the schedule and the teacher's EMA follow the samples.
-            trainer.StartAt(trainer.Step, a.Assigned.Count);
-            var terms = done.SelectMany(d => d.Terms).GroupBy(t => t.Key).ToDictionary(g => g.Key, g => g.Sum(t => t.Value));
-            var result = trainer.Update(done.Sum(d => d.Loss), terms);
-            trainer.FollowStudent();
-            Curve.Trained(done.Sum(d => d.Samples));
-            if (result.Skipped) Log.Warning("step {Step} skipped: loss {Loss}, gradient norm {Norm}", result.Step, result.Loss, result.GradNorm);
-            else if ((result.Step + 1) % Settings.MetricsEverySteps == 0)
+            if (!Agree(a)) return;
+            accounted.Dequeue();
+            Timers.Cancel(a.Number);
+            using (var scope = NewDisposeScope())
             {
-                Log.Information("step {Step} loss {Loss:F4} over {Pairs} pairs from {Count} replicas", result.Step + 1, result.Loss, done.Sum(d => d.Samples), done.Count);
-                Curve.Write(new TrainLine(result.Step + 1, result.Loss, result.Terms)
+                var done = a.Assigned.Select(p => a.Done[p.Node]).ToList();
+                // Replayed in node order (the global batch's row order): the labels admitted, as every replica admitted them.
+                foreach (var d in done) trainer.Objective.Replay(d.Observations);
+                trainer.SetGradients(sum.Tensors.ToDictionary(t => t.Name, t => t.Value));
+                // N replicas' global batch is N steps of one node: the schedule and the teacher's EMA follow the samples.
+                trainer.StartAt(trainer.Step, a.Assigned.Count);
+                var terms = done.SelectMany(d => d.Terms).GroupBy(t => t.Key).ToDictionary(g => g.Key, g => g.Sum(t => t.Value));
+                var result = trainer.Update(done.Sum(d => d.Loss), terms);
+                trainer.FollowStudent();
+                Curve.Trained(done.Sum(d => d.Samples));
+                if (result.Skipped) Log.Warning("step {Step} skipped: loss {Loss}, gradient norm {Norm}", result.Step, result.Loss, result.GradNorm);
+                else if ((result.Step + 1) % Settings.MetricsEverySteps == 0)
                 {
-                    Scores = trainer.Objective.Scores(), LearningRate = result.LearningRate, GradNorm = result.GradNorm, Replicas = done.Count,
-                });
+                    Log.Information("step {Step} loss {Loss:F4} over {Pairs} pairs from {Count} replicas", result.Step + 1, result.Loss, done.Sum(d => d.Samples), done.Count);
+                    Curve.Write(new TrainLine(result.Step + 1, result.Loss, result.Terms)
+                    {
+                        Scores = trainer.Objective.Scores(), LearningRate = result.LearningRate, GradNorm = result.GradNorm, Replicas = done.Count,
+                    });
+                }
+                Timed(log: (result.Step + 1) % Settings.MetricsEverySteps == 0);
             }
-            Timed(a, gradients, log: (result.Step + 1) % Settings.MetricsEverySteps == 0);
+            History.Committed(a.Step, a.Assigned.Select(p => p.Node), a.Clock.Elapsed, Members());
+            Applied([a.Number]);
+            appliedCursor = a.Cursor + (long)a.Assigned.Count * Settings.BatchSize;
+            a.Dispose();
+            var every = Settings.CheckpointEverySteps;
+            var byTime = Settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= Settings.CheckpointEvery;
+            if (trainer.Step >= steps || every > 0 && trainer.Step % every == 0 || byTime) Write();
         }
-        foreach (var p in a.Assigned) holds[p.Replica] = trainer.Step - 1;
-        History.Committed(trainer.Step - 1, a.Assigned.Select(p => p.Node), a.Clock.Elapsed, Members());
-        Applied([a.Number]);
-        cursor += (long)a.Assigned.Count * Settings.BatchSize;
-        a.Dispose();
-        current = null;
-        var every = Settings.CheckpointEverySteps;
-        var byTime = Settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= Settings.CheckpointEvery;
-        if (trainer.Step >= steps || every > 0 && trainer.Step % every == 0 || byTime) Write();
-        else TryStart();
     }
 
-    /// <summary>Adds a step's times; with log, writes the means since the last line: the communication is what is
-    /// not the replicas' forward and backward (which lie within "until the last gradient", with the all-gather and the
-    /// gradients' transfer).</summary>
-    void Timed(Attempt a, TimeSpan gradients, bool log)
+    /// <summary>Where the step checks hashes: every replica started it from the state the run's copy holds. A replica
+    /// that does not is a bug or a machine that computes otherwise: the steps in flight are given again, with the state.</summary>
+    bool Agree(Attempt a)
     {
-        timing = (timing.Steps + 1, timing.Total + a.Clock.Elapsed.TotalSeconds, timing.Broadcast + a.Broadcast.TotalSeconds,
-            timing.Gradients + gradients.TotalSeconds);
-        if (!log) return;
-        var n = timing.Steps;
-        Log.Information("a step took {Total:F3} s over the last {Steps}: θ to every replica {Broadcast:F3} s, until the last gradient {Gradients:F3} s, " +
-            "the update {Update:F3} s", timing.Total / n, n, timing.Broadcast / n, timing.Gradients / n, (timing.Total - timing.Gradients) / n);
-        timing = default;
+        var hashes = a.Done.Values.Where(d => d.Hash != "").ToList();
+        if (hashes.Count == 0) return true;
+        var own = trainer.ReplicaHash();
+        var differ = hashes.Where(d => d.Hash != own).Select(d => d.Node).ToList();
+        if (differ.Count == 0)
+        {
+            Log.Information("step {Step}: {Count} replicas hold the run's state, bit for bit ({Hash})", a.Step, hashes.Count, own);
+            return true;
+        }
+        Log.Error("step {Step}: replicas {Nodes} do not hold the run's state ({Hash}): every replica is sent it again", a.Step, string.Join(", ", differ), own);
+        Drop("replicas diverged");
+        return false;
     }
 
-    /// <summary>An attempt that cannot complete: its replicas drop it and the step is given again from the same θ.</summary>
+    /// <summary>Counts a step; with log, writes the mean step time since the last line (the replicas' pace: the copy
+    /// keeps up with them).</summary>
+    void Timed(bool log)
+    {
+        timing.Steps++;
+        if (!log) return;
+        Log.Information("a step took {Seconds:F3} s over the last {Steps}", timing.Clock.Elapsed.TotalSeconds / timing.Steps, timing.Steps);
+        timing = (0, Stopwatch.StartNew());
+    }
+
+    /// <summary>Attempts that cannot complete: their replicas drop them, and the steps are given again from the run's
+    /// copy, with its state to every replica (some may have made updates the copy has not).</summary>
     void Drop(string why)
     {
-        var a = current!;
-        Log.Warning("step {Step} (attempt {Attempt}) given again: {Why}", trainer.Step, a.Number, why);
-        foreach (var p in a.Assigned) p.Replica.Tell(new Abort(a.Number));
-        a.Dispose();
+        foreach (var a in InFlight().ToList())
+        {
+            Log.Warning("step {Step} (attempt {Attempt}) given again: {Why}", a.Step, a.Number, why);
+            Timers.Cancel(a.Number);
+            foreach (var p in a.Assigned) p.Replica.Tell(new Abort(a.Number));
+            a.Dispose();
+        }
+        accounted.Clear();
         current = null;
-        TryStart();
+        holds.Clear();
+        nextStep = trainer.Step;
+        cursor = appliedCursor;
+        TryGive();
     }
 
     /// <summary>A single-node checkpoint of the trainer; the next step starts once it is durable.</summary>
     void Write()
     {
         sinceCheckpoint.Restart();
-        WriteCheckpoint(trainer.Step, trainer.Parts().Select(p => (p.Name, (IEnumerable<(string, Tensor)>)p.Tensors)), TrainingSamples.BeforeCursor(cursor),
+        WriteCheckpoint(trainer.Step, trainer.Parts().Select(p => (p.Name, (IEnumerable<(string, Tensor)>)p.Tensors)), TrainingSamples.BeforeCursor(appliedCursor),
             trainer.Objective.SaveState(), trainer.Optimizer.Step);
         Log.Information("step {Step}: checkpoint", trainer.Step);
     }
 
     protected override void PostStop()
     {
-        current?.Dispose();
+        foreach (var a in InFlight()) a.Dispose();
         trainer.Dispose();
         base.PostStop();
     }

@@ -15,13 +15,14 @@ namespace Mamo.Actors.Cluster;
 /// arrive as float32.</summary>
 public static class WeightTransfer
 {
-    /// <summary>What a transfer carries: θ for a round (Weights), a replica's change of it (Delta), an every-step replica's
-    /// features for the all-gather (Features), all of them back (Gathered), or its gradient (Gradient).</summary>
-    public enum Kind { Weights, Delta, Features, Gathered, Gradient }
+    /// <summary>What a transfer carries: θ for a round, or the state an every-step replica starts from (Weights); a
+    /// replica's change of θ (Delta); to its every-step peers, its features for an all-gather (Features) or its gradient
+    /// (Gradient); to the every-step coordinator, the step's summed gradient (Sum).</summary>
+    public enum Kind { Weights, Delta, Features, Gradient, Sum }
 
-    /// <summary>A transfer's identity: its kind, the round attempt it belongs to, and the node it comes from ("" from a
-    /// coordinator).</summary>
-    public sealed record Tag(Kind Kind, long Attempt, string Node = "");
+    /// <summary>A transfer's identity: its kind, the round attempt it belongs to, the node it comes from ("" from a
+    /// coordinator), and which of the step's all-gathers it serves (Features).</summary>
+    public sealed record Tag(Kind Kind, long Attempt, string Node = "", int Part = 0);
 
     /// <summary>Announces a transfer: what it is (Tag), the tensors' names and shapes, the wire dtype and the chunk size.</summary>
     public sealed record Offer(Guid Id, Tag Tag, IReadOnlyList<string> Names, IReadOnlyList<long[]> Shapes, string DType, int ChunkSize) : IClusterMessage;

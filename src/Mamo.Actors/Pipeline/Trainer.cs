@@ -39,8 +39,12 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
     public sealed record CheckpointComing(long? Step);
 
     /// <summary>A round's weights ("student.", "teacher." and the objective's parts, as MamoTrainer.Weights names them)
-    /// and the objective's state; Shard: where its batch is a shard of a global batch. The trainer owns the tensors.</summary>
-    public sealed record LoadRound(Round Round, IReadOnlyList<(string Name, Tensor Value)> Weights, IReadOnlyDictionary<string, string> State, IBatchShard? Shard);
+    /// and the objective's state; Shard: where its batch is a shard of a global batch (every-step), whose weights, where
+    /// given, are a MamoTrainer.ReplicaState with AdamW at OptimizerStep, and where not, are the replica's own after the
+    /// update of the step before. CheckHash: the round's account carries the hash of the replica state it starts from.
+    /// The trainer owns the tensors.</summary>
+    public sealed record LoadRound(Round Round, IReadOnlyList<(string Name, Tensor Value)> Weights, IReadOnlyDictionary<string, string> State, IBatchShard? Shard,
+        long OptimizerStep = 0, bool CheckHash = false);
     /// <summary>The round will get no weights (its coordinator gave it up): its steps are dropped.</summary>
     public sealed record GiveUpRound(long Attempt);
     /// <summary>A round's work, to the sender of its LoadRound: the pairs trained, the stream position they reach, the
@@ -48,7 +52,16 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
     /// its last step (DiLoCo), or the step's gradient (a shard), named as MamoTrainer.Weights names them. Partial: the
     /// round was cut short (the node stops). The receiver owns the tensors.</summary>
     public sealed record RoundTrained(Round Round, long Step, long Samples, StreamPosition Position, double Loss, IReadOnlyDictionary<string, double> Terms,
-        IReadOnlyDictionary<string, string> Observations, IReadOnlyList<(string Name, Tensor Value)> Tensors, bool Partial);
+        IReadOnlyDictionary<string, string> Observations, IReadOnlyList<(string Name, Tensor Value)> Tensors, bool Partial)
+    {
+        /// <summary>MamoTrainer.ReplicaHash of the state the round started from, where LoadRound asked; "" otherwise.</summary>
+        public string Hash { get; init; } = "";
+    }
+    /// <summary>every-step: the step's gradients, one per replica in node order (this replica's among them), to sum and
+    /// apply as the update one process would make; Report: StepApplied takes the sum to the sender. The trainer owns the tensors.</summary>
+    public sealed record ApplyStep(long Attempt, IReadOnlyList<IReadOnlyList<(string Name, Tensor Value)>> Gradients, bool Report);
+    /// <summary>Reply to an ApplyStep that reports: the gradient it applied (before clipping); the receiver owns the tensors.</summary>
+    public sealed record StepApplied(long Attempt, IReadOnlyList<(string Name, Tensor Value)> Sum);
 
     /// <summary>Too many non-finite losses in a row: the run stops rather than restarts.</summary>
     public sealed class DivergedException(string message) : Exception(message);
@@ -72,6 +85,10 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
     (Round Round, IActorRef From, IBatchShard? Shard, RoundWork Work)? round;
     /// <summary>The step a replica's optimiser state stands at (-1: fresh).</summary>
     long optimizerAt = -1;
+    /// <summary>every-step: the attempt whose gradient was handed in and whose update (ApplyStep) is still to come.</summary>
+    long? awaitingUpdate;
+    /// <summary>The hash the round in hand hands in (LoadRound.CheckHash).</summary>
+    string roundHash = "";
 
     sealed class RoundWork
     {
@@ -127,9 +144,11 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             finally { Dispose(t); }
         });
         Receive<LoadRound>(OnLoadRound);
+        Receive<ApplyStep>(OnApplyStep);
         Receive<GiveUpRound>(g =>
         {
             givenUp.Add(g.Attempt);
+            if (awaitingUpdate == g.Attempt) awaitingUpdate = null;
             teacher?.Tell(new MomentumTeacher.GiveUpRound(g.Attempt));   // after: its null targets reach a trainer that drops them
             Stash.UnstashAll();
         });
@@ -214,14 +233,31 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
     /// <summary>A round's weights, state and (where they changed) optimiser state: the replica's side of "load θ".</summary>
     void OnLoadRound(LoadRound l)
     {
+        var goesOn = l.Shard is not null && l.Weights.Count == 0;
+        if (goesOn && awaitingUpdate is not null && !givenUp.Contains(l.Round.Attempt))
+        {
+            Stash.Stash();   // the update of the step before comes first
+            return;
+        }
         try
         {
-            var weights = l.Weights.ToDictionary(w => w.Name, w => w.Value);
+            if (givenUp.Contains(l.Round.Attempt)) return;
             // What this replica's objective admitted in its last round: how its moments are laid out now.
             var observed = trainer.Objective.Observations();
-            trainer.Objective.LoadState(l.State);
-            trainer.LoadWeights(weights);
-            foreach (var part in trainer.Objective.Parts.Values) part.to(trainer.Device);
+            if (goesOn && trainer.Step != l.Round.FirstStep)
+                throw new InvalidOperationException($"step {l.Round.FirstStep} reached an every-step replica at step {trainer.Step} without the state to start from");
+            if (!goesOn)
+            {
+                var weights = l.Weights.ToDictionary(w => w.Name, w => w.Value);
+                trainer.Objective.LoadState(l.State);
+                if (l.Shard is null) trainer.LoadWeights(weights);
+                else
+                {
+                    trainer.LoadReplicaState(weights, l.OptimizerStep);
+                    awaitingUpdate = null;   // the state given replaces the update of the step before
+                }
+                foreach (var part in trainer.Objective.Parts.Values) part.to(trainer.Device);
+            }
             trainer.StartAt(l.Round.FirstStep, l.Round.Replicas);
             // The optimiser goes on from the step the round starts at: from memory after the round before, else from this
             // replica's checkpoint of that step (a restart, a round given again), else fresh; its moments follow the
@@ -235,9 +271,10 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             var teacherWeights = l.Weights.Where(w => w.Name.StartsWith(MamoTrainer.TeacherPrefix))
                 .Select(w => (w.Name[MamoTrainer.TeacherPrefix.Length..], Tensors.Copy(w.Value))).ToArray();
             if (teacherWeights.Length > 0) teacher?.Tell(new MomentumTeacher.Reset(l.Round, teacherWeights));
-            // Every-step's teacher follows the global θ by the coordinator's EMA; a round that brought a teacher makes this a no-op.
+            // Every-step's teacher follows the student by the coordinator's EMA; a round that brought a teacher makes this a no-op.
             teacher?.Tell(new MomentumTeacher.StudentUpdated(l.Round.FirstStep, CopyStudent(), Round: l.Round));
             round = (l.Round, Sender, l.Shard, new RoundWork());
+            roundHash = l.CheckHash ? trainer.ReplicaHash() : "";
             position = StreamPosition.None;
         }
         finally
@@ -245,6 +282,30 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             foreach (var (_, t) in l.Weights) t.Dispose();
         }
         Stash.UnstashAll();
+    }
+
+    /// <summary>every-step: the step's update from every replica's gradient, summed in node order so that every replica
+    /// adds the same numbers in the same order and makes the same update, bit for bit.</summary>
+    void OnApplyStep(ApplyStep a)
+    {
+        try
+        {
+            if (awaitingUpdate != a.Attempt) return;   // its round was given up
+            awaitingUpdate = null;
+            using var scope = NewDisposeScope();
+            var sum = new Dictionary<string, Tensor>();
+            foreach (var gradient in a.Gradients)
+                foreach (var (name, g) in gradient) sum[name] = sum.TryGetValue(name, out var s) ? s + g : g;
+            if (a.Report) Sender.Tell(new StepApplied(a.Attempt, sum.Select(s => (s.Key, s.Value.clone().DetachFromDisposeScope())).ToList()));
+            trainer.SetGradients(sum);
+            // The step's loss is the coordinator's to report; a non-finite one came as a NaN gradient, which skips here.
+            trainer.Update(0, new Dictionary<string, double>());
+        }
+        finally
+        {
+            foreach (var gradient in a.Gradients) foreach (var (_, g) in gradient) g.Dispose();
+            Stash.UnstashAll();
+        }
     }
 
     void LoadOptimizer(long step)
@@ -275,10 +336,16 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         var (_, from, shard, work) = round!.Value;
         round = null;
         var tensors = shard is null ? trainer.Weights().Select(w => (w.Name, Tensors.Copy(w.Value))).ToList() : trainer.Gradients();
+        // A shard with no finite loss sends NaN: every replica's sum is then NaN and each skips the step, as one process would.
+        if (shard is not null && work.Losses.Count == 0) foreach (var (_, g) in tensors) g.fill_(double.NaN);
         var step = trainer.Step;
         from.Tell(new RoundTrained(r, step, work.Samples, work.Position, work.Losses.Count == 0 ? double.NaN : work.Losses.Average(),
-            work.Terms.ToDictionary(t => t.Key, t => t.Value.Average()), trainer.Objective.Observations(), tensors, partial));
-        if (shard is not null) return step;
+            work.Terms.ToDictionary(t => t.Key, t => t.Value.Average()), trainer.Objective.Observations(), tensors, partial) { Hash = roundHash });
+        if (shard is not null)
+        {
+            awaitingUpdate = r.Attempt;
+            return step;
+        }
         teacher?.Tell(new MomentumTeacher.StudentUpdated(step, CopyStudent(), SnapshotTo: from, Round: r, FoldAll: true));
         optimizerAt = step;
         // With what the objective observed in the round: the layout of the moments of its parts.

@@ -9,7 +9,7 @@ namespace Mamo.Actors.Run;
 /// <summary>mamo.cluster: how the replicas of a cluster run synchronise (docs/CLUSTER.md).</summary>
 /// <param name="StartReplicas">the replicas a fresh run's first round waits for (at least MinReplicas)</param>
 public sealed record ClusterSettings(string Sync, int InnerSteps, OuterOptimizerConfig OuterOptimizer, int MinReplicas, int StartReplicas,
-    TimeSpan RoundTimeout, string DeltaDType, int ChunkSize, int Window, string DataPlane, int DataPlanePort, ClusterTls? Tls = null)
+    TimeSpan RoundTimeout, string DeltaDType, int ChunkSize, int Window, string DataPlane, int DataPlanePort, ClusterTls? Tls = null, int HashEverySteps = 0)
 {
     public const string DiLoCo = "diloco", EveryStep = "every-step";
     public const string Stream = "stream", Remoting = "remoting";
@@ -431,7 +431,8 @@ public sealed record MamoSettings
                 Int("cluster.window", 1),
                 Get("cluster.data-plane", k => c.GetString(k), v => v is ClusterSettings.Stream or ClusterSettings.Remoting, $"must be {ClusterSettings.Stream} or {ClusterSettings.Remoting}"),
                 Get("cluster.data-plane-port", k => c.GetInt(k), v => v is >= 0 and <= 65535, "must lie in [0, 65535] (0: any free port)"),
-                Tls(c)),
+                Tls(c),
+                Get("cluster.hash-every-steps", k => c.GetInt(k), v => v >= 0, "must be 0 (never) or more")),
         };
     }
 }
