@@ -393,5 +393,5 @@ public class ClusterTests(ITestOutputHelper output)
             .Any(w => l.Contains(w, StringComparison.OrdinalIgnoreCase))).Select(l => l.Length > 300 ? l[..300] : l).TakeLast(40))
         : $"(no {log})";
 
-    static string Tail(string log) => File.Exists(log) ? string.Join("\n", File.ReadLines(log).TakeLast(40)) : $"(no {log})";
+    internal static string Tail(string log) => File.Exists(log) ? string.Join("\n", File.ReadLines(log).TakeLast(40)) : $"(no {log})";
 }

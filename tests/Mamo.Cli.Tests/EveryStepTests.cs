@@ -113,7 +113,11 @@ public class EveryStepTests(ITestOutputHelper output)
             // Each drops the step it is in; before, each waited a round-timeout (10 minutes) for the other's features.
             using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(2));
             try { foreach (var p in nodes) await p.WaitForExitAsync(patience.Token); }
-            catch (OperationCanceledException) { Assert.Fail($"2 minutes after SIGTERM: n0 {(nodes[0].HasExited ? "left" : "still up")}, n1 {(nodes[1].HasExited ? "left" : "still up")}"); }
+            catch (OperationCanceledException)
+            {
+                Assert.Fail($"2 minutes after SIGTERM: n0 {(nodes[0].HasExited ? "left" : "still up")}, n1 {(nodes[1].HasExited ? "left" : "still up")}; " +
+                    string.Join("\n", Enumerable.Range(0, 2).Where(i => !nodes[i].HasExited).Select(i => $"n{i}'s log ends:\n" + ClusterTests.Tail(Path.Combine(run, "nodes", $"n{i}", "mamo.log")))));
+            }
             for (int i = 0; i < 2; i++)
                 Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Out}{await logs[i].Err}");
         }
@@ -162,28 +166,65 @@ public class EveryStepTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public async Task Two_every_step_replicas_hold_the_coordinators_state_bit_for_bit_at_each_hash_check()
+    public async Task Three_every_step_replicas_lose_one_to_sigkill_and_the_two_left_train_on_from_the_coordinators_copy_hash_checked_at_every_step()
     {
         using var folder = new TempFolder();
         var manifest = ClusterTests.Manifest(folder);
         var run = folder.File("cluster");
-        var ports = new[] { Ports.Free(), Ports.Free() };
-        // Each replica makes every update itself from the peers' gradients; the coordinator's copy, from the sum one reports.
-        string[] check = ["--set", "cluster.hash-every-steps=2", "--set", "checkpoint.every-steps=2", "--set", "checkpoint.keep-last=10"];
-        var logs = await Run(("n0", [.. Node(manifest, run, 0, ports[0], ports[0], batch: 4, maxSteps: 6, replicas: 2), .. check]),
-                             ("n1", [.. Node(manifest, run, 1, ports[1], ports[0], batch: 4, maxSteps: 6, replicas: 2), .. check]));
-        var started = new System.Text.RegularExpressions.Regex(@"started step (\d+) from replica state \W?([0-9a-f]{16,})");
-        foreach (var step in new[] { 2, 4 })
+        const int steps = 16, nodes = 3, batch = 4;
+        var ports = Enumerable.Range(0, nodes).Select(_ => Ports.Free()).ToArray();
+        // Every step hashed and checkpointed: each replica's state is checked against the coordinator's copy, and the copy against its checkpoint.
+        string[] more = ["--set", "cluster.hash-every-steps=1", "--set", "checkpoint.every-steps=1", "--set", "checkpoint.keep-last=100",
+            "--set", $"cluster.start-replicas={nodes}"];
+        var processes = Enumerable.Range(0, nodes).Select(i => Process.Start(MamoProcess.StartInfo(["pretrain", .. Common,
+            .. Node(manifest, run, i, ports[i], ports[0], batch, steps, replicas: 2), .. more]))!).ToList();
+        var logs = processes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
+        try
         {
-            // What each replica started the step from, against the cluster checkpoint of that step (the copy's state).
-            var hashes = logs.Select(log => started.Matches(log).Single(m => m.Groups[1].Value == $"{step}").Groups[2].Value).ToList();
+            // All three have trained: then n2 is killed (n0, the oldest node, runs the coordinator).
+            var ledgers = Enumerable.Range(0, nodes).Select(i => Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")).ToList();
+            var clock = Stopwatch.StartNew();
+            while (!ledgers.All(l => File.Exists(l) && Ledger(l).Count >= 2))
+            {
+                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(3) && processes.All(p => !p.HasExited), "the three replicas did not train 2 steps each");
+                await Task.Delay(100);
+            }
+            processes[2].Kill();
+            using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(3));
+            try { foreach (var p in processes.Take(2)) await p.WaitForExitAsync(patience.Token); }
+            catch (OperationCanceledException) { Assert.Fail("the two replicas left did not finish the run within 3 minutes of the kill"); }
+            for (int i = 0; i < 2; i++)
+                Assert.True(processes[i].ExitCode == 0, $"node n{i} exited {processes[i].ExitCode}: {await logs[i].Out}{await logs[i].Err}");
+        }
+        finally
+        {
+            foreach (var p in processes.Where(p => !p.HasExited)) p.Kill(entireProcessTree: true);
+        }
+        var survivors = Enumerable.Range(0, 2).Select(i => File.ReadAllText(Path.Combine(run, "nodes", $"n{i}", "mamo.log"))).ToArray();
+        var all = string.Concat(survivors);
+        // The coordinator dropped the steps in flight and gave the two left the state of its copy.
+        Assert.Contains("replica n2 left", all);
+        Assert.Contains("the state to n0, n1", all);
+        Assert.DoesNotContain("do not hold the run's state", all);
+        Assert.Contains("2 replicas hold the run's state", all);
+        // What each survivor last started each step from is, bit for bit, the cluster checkpoint of that step.
+        var started = new System.Text.RegularExpressions.Regex(@"started step (\d+) from replica state \W?([0-9a-f]{16})");
+        for (int step = 1; step < steps; step++)
+        {
             var dir = Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(step));
             using var copy = Model.MamoTrainer.Load(dir, new Model.OptimizerConfig(), TorchSharp.torch.CPU, seed: 0, withTeacher: false);
             var expected = copy.ReplicaHash();
-            Assert.All(hashes, h => Assert.Equal(expected, h));
+            for (int i = 0; i < 2; i++)
+            {
+                var last = started.Matches(survivors[i]).LastOrDefault(m => m.Groups[1].Value == $"{step}");
+                Assert.True(last is not null, $"n{i} logged no start of step {step}:\n{survivors[i]}");
+                Assert.Equal(expected, last.Groups[2].Value);
+            }
         }
-        var all = string.Concat(logs);
-        Assert.Contains("2 replicas hold the run's state", all);
-        Assert.DoesNotContain("do not hold the run's state", all);
+        // Nothing lost, nothing twice: the applied steps' cursors are every cursor up to the final position, once.
+        var state = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!);
+        Assert.Equal(steps, state.Step);
+        var final = long.Parse(state.Extra["position:cursor"]);
+        Assert.Equal(Enumerable.Range(0, (int)final + 1).Select(c => (long)c), ReplicaTests.AppliedCursors(run, nodes, batch).Order());
     }
 }

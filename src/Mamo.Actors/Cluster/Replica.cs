@@ -48,7 +48,7 @@ public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef c
 /// acknowledges to the source what it covers and marks in the ledger which rounds it applied.</summary>
 public sealed class Replica : ReceiveActor, IWithTimers
 {
-    /// <summary>Reply Drained once everything handed in has been sent, and the coordinator has said whether it applied it
+    /// <summary>Reply Drained (every-step: at once) once everything handed in has been sent, and the coordinator has said whether it applied it
     /// (at most a round's deadline later): a stopping node waits for it before it leaves.</summary>
     public sealed record Drain;
     public sealed record Drained;
@@ -156,7 +156,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
             if (started.Remove(a.Attempt, out var s)) GiveUp(s, "its coordinator dropped it");
             if (handedIn.Find(r => r.Attempt == a.Attempt) is { } dropped)
             {
-                if (settings.Cluster.Sync == ClusterSettings.EveryStep) trainer.Tell(new Trainer.GiveUpRound(a.Attempt));   // its update, if still to come, is not made
+                if (EveryStep) trainer.Tell(new Trainer.GiveUpRound(a.Attempt));   // its update, if still to come, is not made
                 metrics.Tell(new Metrics.RoundOutcome(dropped, Applied: false));
                 handedIn.Remove(dropped);
                 TryDrained();
@@ -217,14 +217,9 @@ public sealed class Replica : ReceiveActor, IWithTimers
         Receive<Drain>(_ =>
         {
             drainer = Sender;
-            if (settings.Cluster.Sync == ClusterSettings.EveryStep && handedIn.Count > 0)
-            {
-                // every-step's steps become durable at the coordinator's next checkpoint, up to checkpoint.every-steps
-                // away, and a coordinator that stops with this node writes none: wait for the transfers only.
+            if (EveryStep && handedIn.Count > 0)
                 Log.Information("{Node} leaves with {Steps} steps handed in since the last cluster checkpoint: a restart from it trains them again",
                     node, handedIn.Count);
-                handedIn.Clear();
-            }
             Timers.StartSingleTimer(nameof(DrainDeadline), new DrainDeadline(), settings.Cluster.RoundTimeout);
             TryDrained();
         });
@@ -447,12 +442,18 @@ public sealed class Replica : ReceiveActor, IWithTimers
         TryDrained();
     }
 
+    /// <summary>A stopping DiLoCo replica leaves once what it handed in is sent and known applied or not. A stopping
+    /// every-step replica waits for nothing: the coordinator drops the steps in flight when a replica leaves (what this
+    /// one sends its peers is of no use then), and its steps become durable only at the coordinator's next checkpoint,
+    /// up to checkpoint.every-steps away, which a coordinator that stops with this node never writes.</summary>
     void TryDrained()
     {
-        if (drainer is null || sending > 0 || handedIn.Count > 0 || started.Values.Any(s => s.Trained is not null)) return;
+        if (drainer is null || !EveryStep && (sending > 0 || handedIn.Count > 0 || started.Values.Any(s => s.Trained is not null))) return;
         drainer.Tell(new Drained());
         drainer = null;
     }
+
+    bool EveryStep => settings.Cluster.Sync == ClusterSettings.EveryStep;
 
     static void Dispose(WeightTransfer.Received r)
     {

@@ -16,8 +16,8 @@ namespace Mamo.Actors.Cluster;
 /// each step (the next batch-size cursors of the file source per replica; the replicas' rows, in node order, make the
 /// global batch), sends the state to a replica that holds none (one that joins, or all after a dropped step), and keeps
 /// the run's copy: one replica reports the sum it applied, and the coordinator makes the same update, replays what
-/// their objectives observed, and writes single-node checkpoints. It gives the next step once every replica has
-/// accounted for the one before, without waiting for its own copy's update.</summary>
+/// their objectives observed, and writes single-node checkpoints. It gives a step ahead (while one runs, the next: the
+/// replicas prepare its batch meanwhile) and never waits for its own copy's update to give one.</summary>
 public sealed class StepCoordinator : Coordination
 {
     /// <summary>A replica of a step: its node and its data-plane receiver.</summary>
@@ -57,6 +57,8 @@ public sealed class StepCoordinator : Coordination
         public WeightTransfer.Received? Sum { get; set; }
         public bool Accounted => Assigned.All(p => Done.ContainsKey(p.Node));
         public Stopwatch Clock { get; } = Stopwatch.StartNew();
+        /// <summary>Some replica was sent the state to start it from.</summary>
+        public bool SentState { get; init; }
 
         public void Dispose()
         {
@@ -73,8 +75,9 @@ public sealed class StepCoordinator : Coordination
     readonly long steps;
     /// <summary>The step and cursor the next attempt is given; the cursor after the copy's last update.</summary>
     long nextStep, cursor, appliedCursor;
-    /// <summary>The attempt whose accounts are coming in, and those accounted for whose sum is still to come, in order.</summary>
-    Attempt? current;
+    /// <summary>The attempts given whose accounts are coming in, in order: at most two, the next step given while one
+    /// runs so that the replicas prepare its batch meanwhile; then those accounted for whose sum is still to come.</summary>
+    readonly List<Attempt> given = [];
     readonly Queue<Attempt> accounted = new();
     /// <summary>Since the last checkpoint: checkpoint.every bounds the work a lost coordinator takes with it.</summary>
     readonly Stopwatch sinceCheckpoint = Stopwatch.StartNew();
@@ -91,7 +94,8 @@ public sealed class StepCoordinator : Coordination
         trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, Task.Objective);
         appliedCursor = cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
         nextStep = trainer.Step;
-        Resumed(state);
+        // A new run's first step waits for start-replicas (the nodes started together begin together).
+        if (resumed is not null) Resumed(state);
         if (state.Step > 0) History.CoordinatorStarted(Context.System);
         Log.Information("every-step coordinator at step {Step} (cursor {Cursor}), θ {Hash}", trainer.Step, cursor, Checkpoint.WeightHash(Checkpoint.Named(trainer.Student)));
 
@@ -103,10 +107,10 @@ public sealed class StepCoordinator : Coordination
         {
             if (InFlight().FirstOrDefault(a => a.Number == d.Attempt) is not { } a) return;
             a.Done[d.Node] = d;
-            if (current is { Accounted: true } c)
+            while (given.Count > 0 && given[0].Accounted)
             {
-                accounted.Enqueue(c);
-                current = null;
+                accounted.Enqueue(given[0]);
+                given.RemoveAt(0);
             }
             TryStart();
         });
@@ -137,7 +141,7 @@ public sealed class StepCoordinator : Coordination
     protected override long FinalStep => steps;
     protected override long StateThrough(Checkpointer.CheckpointDurable d) => d.Step;
 
-    IEnumerable<Attempt> InFlight() => accounted.Concat(current is null ? [] : [current]);
+    IEnumerable<Attempt> InFlight() => accounted.Concat(given);
 
     /// <summary>A replica actor that restarted keeps its reference but has a new receiver, and holds nothing.</summary>
     protected override void Reregistered(IActorRef replica)
@@ -161,15 +165,22 @@ public sealed class StepCoordinator : Coordination
 
     void TryGive()
     {
-        if (current is not null || Writing || nextStep >= steps || !Quorum) return;
+        while (given.Count < 2 && !Writing && nextStep < steps && Quorum && Give()) { }
+    }
+
+    /// <summary>Gives the next step if it can: the step ahead only where the one before sent no state (a replica waiting
+    /// for its state takes no other step), and the state only from a copy that has made every update before the step.</summary>
+    bool Give()
+    {
+        if (given.Count > 0 && given[^1].SentState) return false;
         var assigned = Replicas.OrderBy(r => r.Value.Node, StringComparer.Ordinal)
             .Select((r, i) => new Participant(r.Value.Node, r.Key, r.Value.Receiver, cursor + (long)i * Settings.BatchSize)).ToList();
         var withState = assigned.Where(p => !holds.TryGetValue(p.Replica, out var h) || h != nextStep).Select(p => p.Replica).ToHashSet();
-        // The state comes from the run's copy, which must have made every update before this step.
-        if (withState.Count > 0 && trainer.Step != nextStep) return;
+        if (withState.Count > 0 && trainer.Step != nextStep) return false;
         // The sum comes best from a replica on this node: its transfer is a copy in memory.
         var reporter = (assigned.FirstOrDefault(p => p.Receiver.Path.Address.HasLocalScope) ?? assigned[0]).Replica;
-        var a = current = new Attempt(NextAttempt(), nextStep, cursor, assigned, reporter);
+        var a = new Attempt(NextAttempt(), nextStep, cursor, assigned, reporter) { SentState = withState.Count > 0 };
+        given.Add(a);
         var peers = assigned.Select(p => new Peer(p.Node, p.Receiver)).ToList();
         var checkHash = Cluster.HashEverySteps > 0 && a.Step % Cluster.HashEverySteps == 0;
         var state = withState.Count > 0 ? trainer.ReplicaState().ToList() : null;
@@ -191,6 +202,7 @@ public sealed class StepCoordinator : Coordination
         cursor += (long)assigned.Count * Settings.BatchSize;
         Timers.StartSingleTimer(a.Number, new Deadline(a.Number), Cluster.RoundTimeout);
         if (a.Step % Settings.MetricsEverySteps == 0) Log.Information("step {Step}: {Count} replicas from cursor {Cursor}", a.Step, assigned.Count, a.Cursor);
+        return true;
     }
 
     /// <summary>The run's copy makes the update of each step accounted for whose sum is here, in order: the one the
@@ -275,7 +287,7 @@ public sealed class StepCoordinator : Coordination
             a.Dispose();
         }
         accounted.Clear();
-        current = null;
+        given.Clear();
         holds.Clear();
         nextStep = trainer.Step;
         cursor = appliedCursor;

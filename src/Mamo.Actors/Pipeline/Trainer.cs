@@ -147,9 +147,7 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         Receive<ApplyStep>(OnApplyStep);
         Receive<GiveUpRound>(g =>
         {
-            givenUp.Add(g.Attempt);
-            if (awaitingUpdate == g.Attempt) awaitingUpdate = null;
-            teacher?.Tell(new MomentumTeacher.GiveUpRound(g.Attempt));   // after: its null targets reach a trainer that drops them
+            GiveUp(g.Attempt);
             Stash.UnstashAll();
         });
         Receive<Evaluator.GetWeights>(g => Sender.Tell(new Evaluator.Weights(g.Step, trainer.Step,
@@ -173,6 +171,13 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
     public static Props Props(MamoSettings settings, Func<MamoConfig, IObjective> objective, string? checkpoint, Device device, IActorRef? teacher,
         IActorRef checkpointer, int seed, string? replicaDir = null) =>
         Akka.Actor.Props.Create(() => new Trainer(settings, objective, checkpoint, device, teacher, checkpointer, seed, replicaDir)).WithDispatcher(Dispatchers.Model);
+
+    void GiveUp(long attempt)
+    {
+        givenUp.Add(attempt);
+        if (awaitingUpdate == attempt) awaitingUpdate = null;
+        teacher?.Tell(new MomentumTeacher.GiveUpRound(attempt));   // after: its null targets reach a trainer that drops them
+    }
 
     static bool Dropped(Exception e) =>
         e is OperationCanceledException || e is AggregateException a && a.Flatten().InnerExceptions.All(x => x is OperationCanceledException);
@@ -234,9 +239,9 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
     void OnLoadRound(LoadRound l)
     {
         var goesOn = l.Shard is not null && l.Weights.Count == 0;
-        if (goesOn && awaitingUpdate is not null && !givenUp.Contains(l.Round.Attempt))
+        if (goesOn && (round is not null || awaitingUpdate is not null) && !givenUp.Contains(l.Round.Attempt))
         {
-            Stash.Stash();   // the update of the step before comes first
+            Stash.Stash();   // the step before, given ahead of this one, and its update come first
             return;
         }
         try
@@ -244,8 +249,15 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             if (givenUp.Contains(l.Round.Attempt)) return;
             // What this replica's objective admitted in its last round: how its moments are laid out now.
             var observed = trainer.Objective.Observations();
+            if (goesOn && trainer.Step < l.Round.FirstStep)
+            {
+                // The step before was given up without its update: its coordinator drops every step in flight at once.
+                Log.Information("step {Step} given up with the step before it", l.Round.FirstStep);
+                GiveUp(l.Round.Attempt);
+                return;
+            }
             if (goesOn && trainer.Step != l.Round.FirstStep)
-                throw new InvalidOperationException($"step {l.Round.FirstStep} reached an every-step replica at step {trainer.Step} without the state to start from");
+                throw new InvalidOperationException($"step {l.Round.FirstStep} reached an every-step replica at step {trainer.Step}");
             if (!goesOn)
             {
                 var weights = l.Weights.ToDictionary(w => w.Name, w => w.Value);
