@@ -78,7 +78,8 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         var singletons = new List<Singleton>
         {
             Singleton.Of<CoordinatorKey>(SingletonName, ClusterNodeOptions.CoordinatorRole,
-                node.Roles.Contains(ClusterNodeOptions.CoordinatorRole) ? everyStep ? StepCoordinator.Props(s, inputs.Device, init) : RoundCoordinator.Props(s, init) : null),
+                node.Roles.Contains(ClusterNodeOptions.CoordinatorRole) ? everyStep ? StepCoordinator.Props(s, inputs.Device, init) : RoundCoordinator.Props(s, init) : null,
+                Coordination.Stop.Instance),
         };
         if (followers.Contains(CheckpointFollower.EvaluatorName))
             singletons.Add(Singleton.Of<EvaluatorKey>(CheckpointFollower.EvaluatorName, ClusterNodeOptions.EvaluatorRole,
@@ -90,6 +91,19 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         using var host = await ClusterNode.StartAsync(node, s.Config, s.Cluster.Tls, builder => { foreach (var singleton in singletons) singleton.Register(builder); });
         var system = host.System();
         var registry = ActorRegistry.For(system);
+        // The coordinator, where it runs on this node, checkpoints its work before the node leaves: the singleton's
+        // termination message comes only with a hand-over, and there is none when every node stops.
+        CoordinatedShutdown.Get(system).AddTask(CoordinatedShutdown.PhaseBeforeServiceUnbind, "checkpoint-coordinator", async () =>
+        {
+            try
+            {
+                var coordinator = await system.ActorSelection($"/user/{SingletonName}/{SingletonName}").ResolveOne(TimeSpan.FromSeconds(1));
+                await coordinator.Ask<Akka.Done>(Coordination.Stop.Instance, TimeSpan.FromSeconds(50));
+            }
+            catch (ActorNotFoundException) { }   // it runs on another node
+            catch (AskTimeoutException) { Log.Warning("the coordinator did not checkpoint its work within 50 s of its node's stop"); }
+            return Akka.Done.Instance;
+        });
         if (s.Cluster.DataPlane == ClusterSettings.Stream && s.Cluster.Tls is null) await DataPlane.StartAsync(system, node.Host, s.Cluster.DataPlanePort);
         else Log.Information("weights cross between nodes over remoting{Why}", s.Cluster.Tls is null ? "" : " (TLS: the data plane's stream is not encrypted)");
         try
@@ -158,9 +172,10 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
     /// reaches it through a proxy in the ActorRegistry.</summary>
     sealed record Singleton(string Name, string Role, Action<AkkaConfigurationBuilder> Register, Func<IActorRegistry, IActorRef> Proxy)
     {
-        public static Singleton Of<TKey>(string name, string role, Props? props)
+        /// <param name="termination">what the singleton is told when its node leaves or hands it over (it then stops itself)</param>
+        public static Singleton Of<TKey>(string name, string role, Props? props, object? termination = null)
         {
-            var options = new ClusterSingletonOptions { Role = role, TerminationMessage = PoisonPill.Instance };
+            var options = new ClusterSingletonOptions { Role = role, TerminationMessage = termination ?? PoisonPill.Instance };
             return new(name, role, builder =>
             {
                 if (props is not null) builder.WithSingleton<TKey>(name, props, options);

@@ -21,6 +21,13 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     public sealed record Commit(IReadOnlyDictionary<string, long> Positions, long Through, IReadOnlyList<long> Applied) : IClusterMessage;
     /// <summary>The run is done and checkpointed at Step (after Round rounds, every-step: steps): the replica may stop.</summary>
     public sealed record Finish(long Round, long Step) : IClusterMessage;
+    /// <summary>Its node leaves (ClusterRun asks it, in CoordinatedShutdown), or it hands the singleton over (the
+    /// singleton's termination message): it starts no round (step) any more, checkpoints the work it holds
+    /// (CheckpointBeforeStop), replies Done and stops. Local only.</summary>
+    public sealed record Stop
+    {
+        public static readonly Stop Instance = new();
+    }
     /// <summary>Asks for a Progress (mamo cluster status).</summary>
     public sealed record GetProgress : IClusterMessage;
     /// <summary>The round in progress (or next), the last durable cluster checkpoint ("" before the first), and the
@@ -92,7 +99,14 @@ public abstract class Coordination : ReceiveActor, IWithTimers
             if (commit.Through >= Total)
                 foreach (var replica in Replicas.Keys) replica.Tell(new Finish(commit.Through, FinalStep));
             Writing = false;
-            TryStart();
+            if (Stopping) StopOnceCheckpointed();
+            else TryStart();
+        });
+        Receive<Stop>(_ =>
+        {
+            Stopping = true;
+            stoppedBy.Add(Sender);
+            if (!Writing) StopOnceCheckpointed();
         });
         Receive<WeightTransfer.Sent>(Sent);
         Receive<GetProgress>(_ => Sender.Tell(new Progress(Through, Model.Checkpoint.Latest(settings.RunDir) ?? "", History.Rounds, History.Recoveries)));
@@ -108,6 +122,21 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     protected abstract void TryStart();
     /// <summary>A replica left (its node died, or it stopped).</summary>
     protected abstract void Left(IActorRef replica, string node);
+    /// <summary>Told to stop: no round (step) starts any more.</summary>
+    protected bool Stopping { get; private set; }
+
+    /// <summary>Starts a checkpoint of the work not yet in one, where the coordinator holds such work; false: nothing to write.</summary>
+    protected virtual bool CheckpointBeforeStop() => false;
+
+    readonly List<IActorRef> stoppedBy = [];
+
+    void StopOnceCheckpointed()
+    {
+        if (CheckpointBeforeStop()) return;
+        foreach (var asker in stoppedBy) asker.Tell(Akka.Done.Instance);
+        Context.Stop(Self);
+    }
+
     /// <summary>A replica actor registered again with a new receiver: it restarted and holds nothing of before.</summary>
     protected virtual void Reregistered(IActorRef replica) { }
     protected virtual void Sent(WeightTransfer.Sent sent) { }

@@ -152,6 +152,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
         {
             if (gather is { } g && g.Attempt == a.Attempt) g.Gathered.TrySetCanceled();
             if (exchanges.Remove(a.Attempt, out var x)) x.Dispose();
+            reports.Remove(a.Attempt);
             settled = Math.Max(settled, a.Attempt);
             if (started.Remove(a.Attempt, out var s)) GiveUp(s, "its coordinator dropped it");
             if (handedIn.Find(r => r.Attempt == a.Attempt) is { } dropped)
@@ -218,7 +219,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
         {
             drainer = Sender;
             if (EveryStep && handedIn.Count > 0)
-                Log.Information("{Node} leaves with {Steps} steps handed in since the last cluster checkpoint: a restart from it trains them again",
+                Log.Information("{Node} leaves with {Steps} steps handed in since the last cluster checkpoint (a coordinator that stops checkpoints those it applied)",
                     node, handedIn.Count);
             Timers.StartSingleTimer(nameof(DrainDeadline), new DrainDeadline(), settings.Cluster.RoundTimeout);
             TryDrained();

@@ -81,6 +81,8 @@ public sealed class StepCoordinator : Coordination
     readonly Queue<Attempt> accounted = new();
     /// <summary>Since the last checkpoint: checkpoint.every bounds the work a lost coordinator takes with it.</summary>
     readonly Stopwatch sinceCheckpoint = Stopwatch.StartNew();
+    /// <summary>The step of the copy's last checkpoint.</summary>
+    long written;
 
     /// <param name="init">a new run's weights come from this checkpoint (pretrain --init, finetune --from); null: from the seed</param>
     public StepCoordinator(MamoSettings settings, Device device, string? init = null) : base(settings, Parts(settings))
@@ -93,7 +95,7 @@ public sealed class StepCoordinator : Coordination
         var (dir, state) = resumed ?? StartingPoint.Choose(settings, Task.Objective, init, device);
         trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, Task.Objective);
         appliedCursor = cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
-        nextStep = trainer.Step;
+        written = nextStep = trainer.Step;
         // A new run's first step waits for start-replicas (the nodes started together begin together).
         if (resumed is not null) Resumed(state);
         if (state.Step > 0) History.CoordinatorStarted(Context.System);
@@ -165,7 +167,17 @@ public sealed class StepCoordinator : Coordination
 
     void TryGive()
     {
-        while (given.Count < 2 && !Writing && nextStep < steps && Quorum && Give()) { }
+        while (given.Count < 2 && !Writing && !Stopping && nextStep < steps && Quorum && Give()) { }
+    }
+
+    /// <summary>A coordinator that stops checkpoints the copy's updates since its last checkpoint: a coordinator that
+    /// takes over, or a restart, goes on from there and trains none of them again.</summary>
+    protected override bool CheckpointBeforeStop()
+    {
+        if (trainer.Step == written) return false;
+        Log.Information("step {Step}: the coordinator checkpoints before it stops", trainer.Step);
+        Write();
+        return true;
     }
 
     /// <summary>Gives the next step if it can: the step ahead only where the one before sent no state (a replica waiting
@@ -298,6 +310,7 @@ public sealed class StepCoordinator : Coordination
     void Write()
     {
         sinceCheckpoint.Restart();
+        written = trainer.Step;
         WriteCheckpoint(trainer.Step, trainer.Parts().Select(p => (p.Name, (IEnumerable<(string, Tensor)>)p.Tensors)), TrainingSamples.BeforeCursor(appliedCursor),
             trainer.Objective.SaveState(), trainer.Optimizer.Step);
         Log.Information("step {Step}: checkpoint", trainer.Step);
