@@ -40,7 +40,7 @@ public class SearchTests(ITestOutputHelper output)
         var asking = new[] { Ask("keeping", keeping, stop.Token), Ask("breaking", breaking, stop.Token) };
         var (code, log) = await Task.Run(() => MamoProcess.Run(["pretrain", "--run-dir", run, "--source", "dataset:emoji", "--preset", "tiny", "--max-steps", "8",
             "--set", "checkpoint.every-steps=2", "--set", "checkpoint.keep-last=10", "--set", "torch-threads=1",
-            "--set", $"publish.output=kafka://{bootstrap}/{Topic}", "--set", "publish.input=dataset:emoji/test"]));
+            "--set", $"publish.output=kafka://{bootstrap}/{Topic}", "--set", "publish.input=dataset:emoji/test", "--set", "publish.batch-size=4"]));
         Assert.True(code == 0, log);
         // Once the run is over, the service that keeps the rule reaches its last version.
         using var http = new HttpClient { BaseAddress = keeping.Address };
