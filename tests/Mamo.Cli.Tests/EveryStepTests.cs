@@ -230,4 +230,46 @@ public class EveryStepTests(ITestOutputHelper output)
         var final = long.Parse(state.Extra["position:cursor"]);
         Assert.Equal(Enumerable.Range(0, (int)final + 1).Select(c => (long)c), ReplicaTests.AppliedCursors(run, nodes, batch).Order());
     }
+
+    [Fact]
+    public async Task Two_nodes_go_on_from_an_every_step_warm_start_as_diloco_with_its_adamw_and_a_sync_that_cannot_go_on_is_refused()
+    {
+        using var folder = new TempFolder();
+        var manifest = ClusterTests.Manifest(folder);
+        var run = folder.File("cluster");
+        var ports = new[] { Ports.Free(), Ports.Free() };
+        string[] Diloco(int i, int innerSteps) => [.. Node(manifest, run, i, ports[i], ports[0], batch: 4, maxSteps: 4, replicas: 2),
+            "--set", "cluster.sync=diloco", "--set", $"cluster.inner-steps={innerSteps}"];
+        // A synchronous warm start: 2 every-step steps...
+        await Run(("n0", Node(manifest, run, 0, ports[0], ports[0], batch: 4, maxSteps: 2, replicas: 2)),
+                  ("n1", Node(manifest, run, 1, ports[1], ports[0], batch: 4, maxSteps: 2, replicas: 2)));
+        var warm = Path.Combine(run, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(2));
+        Assert.Equal(2, Model.Checkpoint.ReadState(warm).OptimizerStep);
+
+        // ...whose step is no round boundary of 3-step rounds: refused before the node joins, saying what to set.
+        var (code, log) = MamoProcess.Run(["pretrain", .. Common, .. Diloco(0, innerSteps: 3)]);
+        Assert.True(code == 2, $"exit {code}: {log}");
+        Assert.Contains("cluster.inner-steps = 3, which must divide 2", log);
+
+        // Then DiLoCo from it, in rounds of 2 steps: one round, from step 2.
+        await Run(("n0", Diloco(0, innerSteps: 2)), ("n1", Diloco(1, innerSteps: 2)));
+        var state = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!);
+        Assert.Equal(4, state.Step);
+        Assert.Equal("2", state.Extra["round"]);
+        Assert.Contains(Model.Checkpoint.ReadState(warm).Parts!, p => p == Model.Checkpoint.OptimizerPart);
+        for (int i = 0; i < 2; i++)
+        {
+            // Each replica trained steps 2 and 3, and its AdamW went on from the warm start's: its checkpoint of the round
+            // holds AdamW at step 4 (a fresh AdamW would be at 2), its moments not the warm start's any more.
+            var node = Path.Combine(run, "nodes", $"n{i}");
+            Assert.Equal([2L, 3L], Ledger(Path.Combine(node, "ledger.jsonl")).Select(e => e.GetProperty("step").GetInt64()).TakeLast(2));
+            var replica = Path.Combine(node, Model.Checkpoint.RunFolder, Model.Checkpoint.StepFolderName(4));
+            Assert.Equal(4, Model.Checkpoint.ReadState(replica).OptimizerStep);
+        }
+
+        // every-step cannot go on from a DiLoCo checkpoint: its replicas' AdamW is in none.
+        (code, log) = MamoProcess.Run(["pretrain", .. Common, .. Node(manifest, run, 0, ports[0], ports[0], batch: 4, maxSteps: 6, replicas: 2)]);
+        Assert.True(code == 2, $"exit {code}: {log}");
+        Assert.Contains("is a checkpoint of a diloco run", log);
+    }
 }

@@ -53,6 +53,9 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
             throw new SettingsException("several --source run on a single node so far: a cluster splits one source between its replicas");
         if (s.Replay.On)
             throw new SettingsException("replay.fraction > 0 runs on a single node so far: a replica's reservoir is in no cluster checkpoint, so a restarted replica would not replay what it should; set replay.fraction = 0 with --cluster");
+        // Refused here, not in the coordinator singleton: a node that cannot go on says why and joins nothing.
+        if (Model.Checkpoint.Latest(s.RunDir) is { } newest && Coordination.CannotGoOn(s.Cluster, newest, Model.Checkpoint.ReadState(newest)) is { } cannot)
+            throw new SettingsException(cannot);
         var task = TrainingTask.Of(s);
         using (var objective = task.Objective(s.Model))
             if (everyStep && objective.NotShardable is { } why)

@@ -167,9 +167,10 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     protected void Applied(IEnumerable<long> attemptsApplied) => applied.AddRange(attemptsApplied);
 
     /// <summary>A coordinator that resumes from a checkpoint: what it covers and which attempts it applied.</summary>
-    protected void Resumed(Model.Checkpoint.State state)
+    /// <param name="first">the checkpoint is another sync's (a warm start): the first round waits for start-replicas, as a new run's</param>
+    protected void Resumed(Model.Checkpoint.State state, bool first = false)
     {
-        fresh = false;
+        fresh = first;
         Durable = StreamPosition.FromExtra(state.Extra);
         lastApplied = state.Extra.TryGetValue(AppliedKey, out var a)
             ? a.Split(',', StringSplitOptions.RemoveEmptyEntries).Select(x => long.Parse(x, CultureInfo.InvariantCulture)).ToList() : [];
@@ -190,6 +191,20 @@ public abstract class Coordination : ReceiveActor, IWithTimers
 
     /// <summary>The cluster's members now, for the history.</summary>
     protected IReadOnlyList<ClusterStatus.Member> Members() => ClusterStatus.MembersOf(Akka.Cluster.Cluster.Get(Context.System));
+
+    /// <summary>Why the configured sync cannot go on from a run folder's checkpoint; null where it can. DiLoCo goes on from
+    /// a synchronous checkpoint (every-step's or one node's: a warm start) at a round boundary; every-step needs AdamW's
+    /// state, which a DiLoCo checkpoint does not hold (each replica keeps its own).</summary>
+    public static string? CannotGoOn(ClusterSettings cluster, string dir, Model.Checkpoint.State state)
+    {
+        var diloco = RoundCoordinator.Wrote(state);
+        if (cluster.Sync == ClusterSettings.EveryStep && diloco)
+            return $"{dir} is a checkpoint of a diloco run; every-step goes on from a single-node or every-step checkpoint";
+        if (cluster.Sync == ClusterSettings.DiLoCo && !diloco && state.Step % cluster.InnerSteps != 0)
+            return $"{dir} is step {state.Step} of a synchronous run; diloco goes on from it in rounds of cluster.inner-steps = {cluster.InnerSteps}, " +
+                $"which must divide {state.Step}";
+        return null;
+    }
 
     /// <summary>A number of the checkpoint's state, or <paramref name="otherwise"/>.</summary>
     protected static long StateNumber(Model.Checkpoint.State state, string key, long otherwise) =>

@@ -150,18 +150,18 @@ public sealed class RoundCoordinator : Coordination
         Checkpoint.LoadModel(dir, Checkpoint.StudentFile, global.Student);
         foreach (var (name, module) in global.Objective.Parts) Checkpoint.LoadModel(dir, Checkpoint.PartFile(name), module);
         if (global.Objective.TeacherMomentum is not null) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, global.Teacher);
-        round = StateNumber(state, RoundKey, 0);
-        Resumed(state);
-        var saved = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.PartFile(OuterOptimizerPart)));
-        try
+        var synchronous = !Wrote(state);
+        Resumed(state, first: synchronous);
+        if (synchronous)
         {
-            // Before parts were named, the outer optimiser's buffers were the student's own names.
-            var named = saved.ToDictionary(kv => kv.Key.StartsWith(MamoTrainer.StudentPrefix) || global.Objective.Parts.Keys.Any(p => kv.Key.StartsWith(p + "."))
-                ? kv.Key : MamoTrainer.StudentPrefix + kv.Key, kv => kv.Value);
+            // A synchronous start (every-step or one node): DiLoCo goes on from its step with a fresh outer optimiser, and
+            // each replica takes that checkpoint's AdamW for its first round (Trainer.LoadOptimizer).
+            if (CannotGoOn(Cluster, dir, state) is { } why) throw new SettingsException(why);
+            round = state.Step / Cluster.InnerSteps;
             outer = new OuterOptimizer(Theta(), Cluster.OuterOptimizer);
-            outer.LoadState(named, round);
+            Log.Information("diloco goes on from the synchronous checkpoint {Checkpoint} at step {Step}: round {Round}, a fresh outer optimizer", dir, state.Step, round);
         }
-        finally { foreach (var t in saved.Values) t.Dispose(); }
+        else LoadOuter(dir, StateNumber(state, RoundKey, 0));
         positions = StreamPosition.FromExtra(state.Extra);
         cursor = (positions[TrainingSamples.CursorPartition] ?? -1) + 1;
         if (state.Extra.TryGetValue(UnfinishedKey, out var left))
@@ -174,6 +174,25 @@ public sealed class RoundCoordinator : Coordination
             }
         History.CoordinatorStarted(Context.System);
         Log.Information("coordinator resumes from {Checkpoint}: round {Round}, cursor {Cursor}", dir, round, cursor);
+    }
+
+    /// <summary>Whether a checkpoint is a DiLoCo coordinator's (else a synchronous run's: every-step's or one node's).</summary>
+    public static bool Wrote(Checkpoint.State state) => state.Extra.ContainsKey(RoundKey);
+
+    /// <summary>The round and the outer optimiser of a DiLoCo checkpoint.</summary>
+    void LoadOuter(string dir, long savedRound)
+    {
+        round = savedRound;
+        var saved = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.PartFile(OuterOptimizerPart)));
+        try
+        {
+            // Before parts were named, the outer optimiser's buffers were the student's own names.
+            var named = saved.ToDictionary(kv => kv.Key.StartsWith(MamoTrainer.StudentPrefix) || global.Objective.Parts.Keys.Any(p => kv.Key.StartsWith(p + "."))
+                ? kv.Key : MamoTrainer.StudentPrefix + kv.Key, kv => kv.Value);
+            outer = new OuterOptimizer(Theta(), Cluster.OuterOptimizer);
+            outer.LoadState(named, round);
+        }
+        finally { foreach (var t in saved.Values) t.Dispose(); }
     }
 
     protected override void TryStart()

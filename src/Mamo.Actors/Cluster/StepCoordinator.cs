@@ -89,8 +89,7 @@ public sealed class StepCoordinator : Coordination
     {
         steps = settings.MaxSteps > 0 ? settings.MaxSteps : long.MaxValue;
         var resumed = StartingPoint.Resume(settings);
-        if (resumed?.State.Extra.ContainsKey(RoundCoordinator.RoundKey) == true)
-            throw new SettingsException($"{resumed.Value.Dir} is a checkpoint of a diloco run; every-step resumes from a single-node or every-step checkpoint");
+        if (resumed is { } r && CannotGoOn(Cluster, r.Dir, r.State) is { } why) throw new SettingsException(why);
         // As single-node, a new run's first checkpoint is its step 0: the weights every replica starts from.
         var (dir, state) = resumed ?? StartingPoint.Choose(settings, Task.Objective, init, device);
         trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, Task.Objective);

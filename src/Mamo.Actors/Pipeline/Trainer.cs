@@ -247,8 +247,9 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         try
         {
             if (givenUp.Contains(l.Round.Attempt)) return;
-            // What this replica's objective admitted in its last round: how its moments are laid out now.
-            var observed = trainer.Objective.Observations();
+            // What this replica's objective admitted in its last round: how its moments are laid out now (a DiLoCo round
+            // lays them out as its own; every-step's replicas hold the coordinator's layout all along).
+            var observed = l.Shard is null ? trainer.Objective.Observations() : null;
             if (goesOn && trainer.Step < l.Round.FirstStep)
             {
                 // The step before was given up without its update: its coordinator drops every step in flight at once.
@@ -276,7 +277,7 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             // objective's parts into the round's layout (a head's rows in the coordinator's order of its classes).
             if (l.Shard is null)
             {
-                if (optimizerAt == l.Round.FirstStep) trainer.Optimizer.Remap((name, moment) => trainer.Objective.Align(name, moment, observed));
+                if (optimizerAt == l.Round.FirstStep) trainer.Optimizer.Remap((name, moment) => trainer.Objective.Align(name, moment, observed!));
                 else LoadOptimizer(l.Round.FirstStep);
             }
             trainer.Objective.StartObserving();
@@ -322,8 +323,11 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
 
     void LoadOptimizer(long step)
     {
-        var dir = Path.Combine(replicaDir!, Checkpoint.RunFolder, Checkpoint.StepFolderName(step));
-        if (File.Exists(Path.Combine(dir, Checkpoint.StateFile)) && File.Exists(Path.Combine(dir, Checkpoint.OptimizerFile)))
+        // This replica's own checkpoint of the step, else the run's where a synchronous run (every-step, one node) wrote
+        // it: a DiLoCo run that goes on from one starts with its AdamW, as that run would have gone on.
+        var dir = new[] { replicaDir!, settings.RunDir }.Select(d => Path.Combine(d, Checkpoint.RunFolder, Checkpoint.StepFolderName(step)))
+            .FirstOrDefault(d => File.Exists(Path.Combine(d, Checkpoint.StateFile)) && File.Exists(Path.Combine(d, Checkpoint.OptimizerFile)));
+        if (dir is not null)
         {
             var state = Checkpoint.ReadState(dir);
             var saved = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.OptimizerFile));
