@@ -163,8 +163,21 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         public override string ToString() => "the node's run is done";
     }
 
-    /// <summary>Leaves the cluster (CoordinatedShutdown's phases, the cluster-leave one among them) and ends the system.</summary>
-    public static Task Leave(ActorSystem system) => CoordinatedShutdown.Get(system).Run(RunDone.Instance);
+    /// <summary>Leaves the cluster (CoordinatedShutdown's phases, the cluster-leave one among them) and ends the system,
+    /// once no other member is on its way out (at most LeavingWait): the oldest node's singleton manager hands its
+    /// singletons to the next oldest even where that one is leaving too, and then waits out the cluster-exiting phase
+    /// (10 s) for a hand-over that never comes (Akka.Cluster.Tools 1.5.74): the last node of every finished run did.</summary>
+    public static async Task Leave(ActorSystem system)
+    {
+        var cluster = Akka.Cluster.Cluster.Get(system);
+        var waited = System.Diagnostics.Stopwatch.StartNew();
+        while (waited.Elapsed < LeavingWait && cluster.State.Members.Any(m => !m.UniqueAddress.Equals(cluster.SelfUniqueAddress)
+                   && m.Status is Akka.Cluster.MemberStatus.Leaving or Akka.Cluster.MemberStatus.Exiting))
+            await Task.Delay(50);
+        await CoordinatedShutdown.Get(system).Run(RunDone.Instance);
+    }
+
+    static readonly TimeSpan LeavingWait = TimeSpan.FromSeconds(10);
 
     /// <summary>Registry keys of the singletons' proxies.</summary>
     public sealed class CoordinatorKey;
