@@ -47,22 +47,28 @@ public sealed class MamoTrainer : IDisposable
 
     public MamoConfig Config => Student.Config;
 
-    /// <summary>How far the learning-rate schedule moves with each step: 1, but N for one of a DiLoCo round's N replicas,
+    /// <summary>How far the learning-rate schedule moves with each step: 1, but N for one of a cluster's N replicas,
     /// so that warm-up and decay follow the samples the whole cluster has trained, as one node's follow its own.</summary>
     public int ScheduleStride { get; private set; } = 1;
+    /// <summary>Where the schedule stood at step scheduleFirst: the steps of one node's batch the run had trained before it.</summary>
+    long scheduleFirst, scheduleOrigin;
 
-    /// <summary>The learning rate of a step: one node's schedule at the last of the ScheduleStride steps it stands for.
-    /// A wsd cool-down ends at max-steps of every replica: ScheduleStride times one node's.</summary>
-    public double LearningRateAt(long step) => ScheduleStride == 1 ? OptimizerConfig.LearningRateAt(step)
-        : (OptimizerConfig with { TotalSteps = OptimizerConfig.TotalSteps * ScheduleStride }).LearningRateAt((step + 1) * ScheduleStride - 1);
+    /// <summary>The learning rate of a step: one node's schedule at the last of the ScheduleStride steps it stands for,
+    /// counted on from where the round started it. A wsd cool-down ends at max-steps of every replica: ScheduleStride
+    /// times one node's.</summary>
+    public double LearningRateAt(long step) => (ScheduleStride == 1 ? OptimizerConfig : OptimizerConfig with { TotalSteps = OptimizerConfig.TotalSteps * ScheduleStride })
+        .LearningRateAt(scheduleOrigin + (step - scheduleFirst + 1) * ScheduleStride - 1);
 
     /// <summary>Sets the step (and so the learning-rate schedule and the step seeds) to where a cluster round starts: a
-    /// replica takes each round's first step from its coordinator, a round given again included, and the number of
-    /// replicas that train it beside this one (<paramref name="stride"/>).</summary>
-    public void StartAt(long step, int stride = 1)
+    /// replica takes each round's first step from its coordinator, a round given again included, the number of replicas
+    /// that train it beside this one (<paramref name="stride"/>), and the steps of one node's batch the cluster has
+    /// trained before it (<paramref name="schedule"/>; the samples, not the steps, so that a replica lost or joined moves
+    /// the schedule on from where it was).</summary>
+    public void StartAt(long step, int stride, long schedule)
     {
-        Step = step;
+        Step = scheduleFirst = step;
         ScheduleStride = stride;
+        scheduleOrigin = schedule;
     }
 
     public int MaskSeed(long step) => Seeds.Mix(Seed, step);

@@ -162,7 +162,7 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
             var replica = a.LastSender;
             a.Send(replica, new Coordination.Commit(new Dictionary<string, long>(), 0, []));
             using var global = new MamoTrainer(settings.Model, settings.Optimizer, CPU, settings.Seed, withTeacher: true, TrainingTask.Of(settings).Objective);
-            a.Send(replica, new RoundCoordinator.RoundStart(1, 0, 0, 1, -1, Span, false, global.Objective.SaveState(), Sys.ActorOf(WeightTransfer.Receiver.Props(a.Ref, 1L << 30))));
+            a.Send(replica, new RoundCoordinator.RoundStart(1, 0, 0, 1, 0, -1, Span, false, global.Objective.SaveState(), Sys.ActorOf(WeightTransfer.Receiver.Props(a.Ref, 1L << 30))));
             Sys.ActorOf(WeightTransfer.Sender.Props(register.Receiver, a.Ref, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, 1), global.Weights().ToList(),
                 "float32", settings.Cluster.ChunkSize, settings.Cluster.Window));
             a.FishForMessage(m => m is RoundCoordinator.RoundDone, TimeSpan.FromSeconds(60));
@@ -219,6 +219,49 @@ public class CoordinatorTests() : TestKit(ClusterNode.Config())
             // Nothing it handed in waits for word: it stops at once (the round and write timeouts are 10 minutes).
             stop.Cancel();
             await run.WaitAsync(TimeSpan.FromMinutes(1));
+        }
+        finally { Directory.Delete(runDir, recursive: true); }
+    }
+
+    [Fact]
+    public void A_replica_lost_moves_the_learning_rate_schedule_on_from_the_samples_trained_not_back_to_the_step_times_the_replicas_left()
+    {
+        var runDir = Directory.CreateTempSubdirectory("mamo-coordinator-").FullName;
+        try
+        {
+            var settings = Settings(runDir, 3 * InnerSteps, "cluster.start-replicas=2");
+            var coordinator = Sys.ActorOf(RoundCoordinator.Props(settings));
+            using var shapes = new MamoTrainer(settings.Model, settings.Optimizer, CPU, settings.Seed, withTeacher: true, TrainingTask.Of(settings).Objective);
+            var (a, b) = (CreateTestProbe(), CreateTestProbe());
+            coordinator.Tell(new Coordination.Register("a", a.Ref), a.Ref);
+            coordinator.Tell(new Coordination.Register("b", b.Ref), b.Ref);
+            RoundCoordinator.RoundStart Given(Akka.TestKit.TestProbe replica, long round) =>
+                (RoundCoordinator.RoundStart)replica.FishForMessage(m => m is RoundCoordinator.RoundStart s && s.Round == round, TimeSpan.FromSeconds(60));
+            // A replica's whole round: its account, and a delta of zeros (θ stays; only the accounting matters here).
+            void HandIn(Akka.TestKit.TestProbe replica, string node, RoundCoordinator.RoundStart start)
+            {
+                coordinator.Tell(new RoundCoordinator.RoundDone(start.Attempt, start.Round, node, start.Records,
+                    new Dictionary<string, long> { [TrainingSamples.CursorPartition] = start.Cursor + start.Records - 1 }, 1.0, new Dictionary<string, double>(),
+                    new Dictionary<string, string>(), Partial: false), replica.Ref);
+                var zeros = shapes.Weights().Select(w => (w.Name, zeros_like(w.Value))).ToList();
+                Sys.ActorOf(WeightTransfer.Sender.Props(start.DeltaReceiver, replica.Ref, new WeightTransfer.Tag(WeightTransfer.Kind.Delta, start.Attempt, node), zeros,
+                    "float32", 256 * 1024, window: 16));
+                foreach (var (_, t) in zeros) t.Dispose();
+            }
+
+            var (a0, b0) = (Given(a, 0), Given(b, 0));
+            Assert.Equal((2, 0L), (a0.Replicas, a0.Schedule));
+            HandIn(a, "a", a0);
+            HandIn(b, "b", b0);
+            // Both trained round 0: one node's 2 x InnerSteps steps of samples.
+            var (a1, b1) = (Given(a, 1), Given(b, 1));
+            Assert.Equal((2, 2L * InnerSteps), (a1.Replicas, a1.Schedule));
+            // b is lost during round 1, which is applied with a's samples only: InnerSteps more.
+            Sys.Stop(b.Ref);
+            HandIn(a, "a", a1);
+            var a2 = Given(a, 2);
+            Assert.Equal((1, 3L * InnerSteps), (a2.Replicas, a2.Schedule));   // counted in steps it was 2 x InnerSteps: the schedule went back
+            Assert.Equal($"{3 * InnerSteps}", Checkpoint.ReadState(Checkpoint.Latest(runDir)!).Extra[Coordination.ScheduleKey]);
         }
         finally { Directory.Delete(runDir, recursive: true); }
     }

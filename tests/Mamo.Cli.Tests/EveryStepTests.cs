@@ -178,7 +178,7 @@ public class EveryStepTests(ITestOutputHelper output)
         var ports = Enumerable.Range(0, nodes).Select(_ => Ports.Free()).ToArray();
         // Every step hashed and checkpointed: each replica's state is checked against the coordinator's copy, and the copy against its checkpoint.
         string[] more = ["--set", "cluster.hash-every-steps=1", "--set", "checkpoint.every-steps=1", "--set", "checkpoint.keep-last=100",
-            "--set", $"cluster.start-replicas={nodes}"];
+            "--set", $"cluster.start-replicas={nodes}", "--set", "metrics.every-steps=1"];
         var processes = Enumerable.Range(0, nodes).Select(i => Process.Start(MamoProcess.StartInfo(["pretrain", .. Common,
             .. Node(manifest, run, i, ports[i], ports[0], batch, steps, replicas: 2), .. more]))!).ToList();
         var logs = processes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
@@ -229,6 +229,11 @@ public class EveryStepTests(ITestOutputHelper output)
         Assert.Equal(steps, state.Step);
         var final = long.Parse(state.Extra["position:cursor"]);
         Assert.Equal(Enumerable.Range(0, (int)final + 1).Select(c => (long)c), ReplicaTests.AppliedCursors(run, nodes, batch).Order());
+        // The schedule follows the samples: the rate rose at every step of the warm-up (16 steps of 3 and 2 replicas, at
+        // most 48 of one node's 100), across the loss of n2 too (counted in steps it fell where three became two).
+        var rates = MetricsLog.Read(Path.Combine(run, MetricsLog.FileName)).Train.Select(t => t.LearningRate!.Value).ToList();
+        Assert.Equal(steps, rates.Count);
+        Assert.True(rates.Zip(rates.Skip(1)).All(r => r.Second > r.First), string.Join(", ", rates));
     }
 
     [Fact]

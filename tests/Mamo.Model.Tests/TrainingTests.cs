@@ -64,17 +64,21 @@ public class TrainingTests(ITestOutputHelper output)
     {
         var o = new OptimizerConfig { LearningRate = 1e-3, MinLearningRate = 1e-4, WarmupSteps = 10, DecaySteps = 100 };
         using var trainer = new MamoTrainer(MamoConfig.Tiny, o, CPU, seed: 1);
-        trainer.StartAt(0, stride: 2);
+        trainer.StartAt(0, stride: 2, schedule: 0);
         // Replica step s stands for one node's steps 2s and 2s + 1: it takes the rate of the last of them.
         Assert.Equal(o.LearningRateAt(1), trainer.LearningRateAt(0), 12);
         Assert.Equal(1e-3, trainer.LearningRateAt(4), 12);   // warm-up over after 5 steps of a replica, 10 of one node
         Assert.Equal(o.LearningRateAt(61), trainer.LearningRateAt(30), 12);
-        trainer.StartAt(30);   // a round of one: one node's schedule again
-        Assert.Equal(o.LearningRateAt(30), trainer.LearningRateAt(30), 12);
+        // The other replica is lost: a round of one from step 30, after the two trained one node's 60 steps of samples,
+        // goes on from one node's step 60 (counted in steps, 30 x 1, it went back to one node's rate at step 30).
+        trainer.StartAt(30, stride: 1, schedule: 60);
+        Assert.Equal(o.LearningRateAt(60), trainer.LearningRateAt(30), 12);
+        Assert.Equal(o.LearningRateAt(70), trainer.LearningRateAt(40), 12);
+        Assert.NotEqual(o.LearningRateAt(30), trainer.LearningRateAt(30), 12);
         // wsd's cool-down ends where the cluster's last step does: max-steps of each replica, twice one node's samples.
         var wsd = o with { Schedule = OptimizerConfig.WarmupStableDecay, TotalSteps = 100, CooldownSteps = 20 };
         using var replica = new MamoTrainer(MamoConfig.Tiny, wsd, CPU, seed: 1);
-        replica.StartAt(50, stride: 2);
+        replica.StartAt(50, stride: 2, schedule: 100);
         Assert.Equal(1e-3, replica.LearningRateAt(89), 12);   // one node's step 179: before the cool-down
         Assert.Equal(1e-4, replica.LearningRateAt(99), 12);   // the last step at the floor
     }
@@ -86,7 +90,7 @@ public class TrainingTests(ITestOutputHelper output)
         var d = trainer.Objective.TeacherMomentum!.Value;
         using (no_grad()) foreach (var p in trainer.Student.parameters()) p.add_(1.0);   // the student moved by 1 everywhere
         var before = trainer.Teacher.named_parameters().Select(p => (p.name, Value: p.parameter.clone())).ToList();
-        trainer.StartAt(0, stride: 2);   // every-step's update of two replicas' global batch (StepCoordinator)
+        trainer.StartAt(0, stride: 2, schedule: 0);   // every-step's update of two replicas' global batch (StepCoordinator)
         trainer.FollowStudent();
         var student = trainer.Student.named_parameters().ToDictionary(p => p.name, p => p.parameter);
         foreach (var (name, teacher) in trainer.Teacher.named_parameters())

@@ -93,6 +93,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(s.Round);
                     w.Write(s.FirstStep);
                     w.Write(s.Replicas);
+                    w.Write(s.Schedule);
                     w.Write(s.Cursor);
                     w.Write(s.Records);
                     w.Write(s.Rewind);
@@ -145,6 +146,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 case StepCoordinator.StepStart s:
                     w.Write(s.Attempt);
                     w.Write(s.Step);
+                    w.Write(s.Schedule);
                     w.Write(s.Cursor);
                     w.Write(s.BatchSize);
                     w.Write(s.Index);
@@ -199,7 +201,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 AckManifest => new WeightTransfer.Ack(new Guid(r.ReadBytes(16)), r.ReadInt32()),
                 AcceptManifest => new WeightTransfer.Accept(new Guid(r.ReadBytes(16)), r.ReadString(), r.ReadInt32(), new Guid(r.ReadBytes(16))),
                 RegisterManifest => new Coordination.Register(r.ReadString(), ReadRef(r)),
-                StartManifest => new RoundCoordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), Replicas(r), r.ReadInt64(), r.ReadInt32(), r.ReadBoolean(),
+                StartManifest => new RoundCoordinator.RoundStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), Replicas(r), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadBoolean(),
                     ReadMap(r, r.ReadString, "state"), ReadRef(r)),
                 DoneManifest => new RoundCoordinator.RoundDone(r.ReadInt64(), r.ReadInt64(), r.ReadString(), r.ReadInt64(), ReadMap(r, r.ReadInt64, "stream positions"),
                     r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"), ReadMap(r, r.ReadString, "observations"), r.ReadBoolean()),
@@ -208,7 +210,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 FinishManifest => new Coordination.Finish(r.ReadInt64(), r.ReadInt64()),
                 GetProgressManifest => new Coordination.GetProgress(),
                 ProgressManifest => ReadProgress(r),
-                StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
+                StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
                     r.ReadBoolean(), ReadMap(r, r.ReadString, "state"), r.ReadInt64(), ReadPeers(r), r.ReadBoolean(), r.ReadBoolean(), ReadRef(r)),
                 StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"),
                     ReadMap(r, r.ReadString, "observations"), Name(r)),

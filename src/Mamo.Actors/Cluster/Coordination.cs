@@ -49,7 +49,7 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     /// it keeps in its state, so that a coordinator that resumes from it can tell a replica that registers).</summary>
     readonly List<long> applied = [];
     IReadOnlyList<long> lastApplied = [];
-    public const string AppliedKey = "applied";
+    public const string AppliedKey = "applied", ScheduleKey = "schedule";
     /// <summary>Unique among the run's attempts, across coordinators: a new one counts on from its start time.</summary>
     long attempts = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() * 1_000_000;
     /// <summary>What the last durable cluster checkpoint covers of the stream.</summary>
@@ -178,13 +178,18 @@ public abstract class Coordination : ReceiveActor, IWithTimers
 
     /// <summary>Writes a cluster checkpoint through the checkpointer: copies of <paramref name="parts"/> (the caller may
     /// change them at once), with the run's seed and the objective's state.</summary>
+    /// <param name="schedule">where the learning-rate schedule stands after it: the steps of one node's batch trained</param>
     protected void WriteCheckpoint(long step, IEnumerable<(string Part, IEnumerable<(string Name, TorchSharp.torch.Tensor Value)> Tensors)> parts,
-        StreamPosition position, IReadOnlyDictionary<string, string> extra, long optimizerStep = 0)
+        StreamPosition position, IReadOnlyDictionary<string, string> extra, long schedule, long optimizerStep = 0)
     {
         Writing = true;
         writing = [.. applied];
         applied.Clear();
-        extra = new Dictionary<string, string>(extra) { [AppliedKey] = string.Join(",", writing.Select(a => a.ToString(CultureInfo.InvariantCulture))) };
+        extra = new Dictionary<string, string>(extra)
+        {
+            [AppliedKey] = string.Join(",", writing.Select(a => a.ToString(CultureInfo.InvariantCulture))),
+            [ScheduleKey] = schedule.ToString(CultureInfo.InvariantCulture),
+        };
         var copies = parts.Select(p => new Model.Checkpoint.Part(p.Part, p.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())).ToArray();
         Writer.Tell(new Checkpointer.Parts(step, copies, position, optimizerStep, TeacherStep: step, Extra: extra));
     }
@@ -205,6 +210,12 @@ public abstract class Coordination : ReceiveActor, IWithTimers
                 $"which must divide {state.Step}";
         return null;
     }
+
+    /// <summary>Where the learning-rate schedule stands at a checkpoint: the steps of one node's batch its run trained
+    /// (a single node's checkpoint: its step); -1 where a coordinator wrote it before it kept that count: then it is
+    /// taken as it was counted, the next step times the replicas that train it.</summary>
+    protected static long ScheduleOf(Model.Checkpoint.State state) =>
+        state.Extra.ContainsKey(ScheduleKey) ? StateNumber(state, ScheduleKey, 0) : state.Extra.ContainsKey(AppliedKey) ? -1 : state.Step;
 
     /// <summary>A number of the checkpoint's state, or <paramref name="otherwise"/>.</summary>
     protected static long StateNumber(Model.Checkpoint.State state, string key, long otherwise) =>

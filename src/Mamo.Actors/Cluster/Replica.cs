@@ -126,7 +126,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
         using (var objective = TrainingTask.Of(settings).Objective(settings.Model)) keepsTeacher = objective.TeacherMomentum is not null;
         receiver = Context.ActorOf(WeightTransfer.Receiver.Props(Self, maxBytes: 16L << 30), "data");
 
-        Receive<RoundCoordinator.RoundStart>(s => Begin(s, new Round(s.Attempt, s.Round, s.FirstStep, ResetsTeacher: true, s.Replicas), s.DeltaReceiver, s.State,
+        Receive<RoundCoordinator.RoundStart>(s => Begin(s, new Round(s.Attempt, s.Round, s.FirstStep, ResetsTeacher: true, s.Replicas, s.Schedule), s.DeltaReceiver, s.State,
             s.Rewind ? "its last round was not applied" : null, new AssignedSource.Assignment(default!, s.Cursor, s.Records)));
         Receive<StepCoordinator.StepStart>(s =>
         {
@@ -142,7 +142,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
                 }
                 settled = Math.Max(settled, s.Attempt - 1);
             }
-            Begin(s, new Round(s.Attempt, s.Step, s.Step, ResetsTeacher: false, s.Replicas), s.Receiver, s.State, null,
+            Begin(s, new Round(s.Attempt, s.Step, s.Step, ResetsTeacher: false, s.Replicas, s.Schedule), s.Receiver, s.State, null,
                 new AssignedSource.Assignment(default!, s.Cursor, s.BatchSize));
             // A replica that holds the state goes on from its own, the update of the step before applied.
             if (!s.WithState && started.TryGetValue(s.Attempt, out var st)) LoadStep(st, s, []);

@@ -24,8 +24,9 @@ public sealed class RoundCoordinator : Coordination
     /// <summary>Train the round's records from the θ and objective state that follow: cursors [Cursor, Cursor + Records)
     /// of a file source, or the next Records records of the node's Kafka partitions (Rewind: read the stream again from
     /// the last cluster checkpoint first: this replica's last round was not applied). Its steps are numbered from
-    /// FirstStep; Replicas train the round side by side. Send the delta to DeltaReceiver.</summary>
-    public sealed record RoundStart(long Attempt, long Round, long FirstStep, int Replicas, long Cursor, int Records, bool Rewind, IReadOnlyDictionary<string, string> State,
+    /// FirstStep, where the learning-rate schedule stands at Schedule (one node's steps the cluster has trained); Replicas
+    /// train the round side by side. Send the delta to DeltaReceiver.</summary>
+    public sealed record RoundStart(long Attempt, long Round, long FirstStep, int Replicas, long Schedule, long Cursor, int Records, bool Rewind, IReadOnlyDictionary<string, string> State,
         IActorRef DeltaReceiver) : IClusterMessage;
     /// <summary>A replica's account of its attempt: the samples it trained on (its delta's weight), the stream positions
     /// they reach, its steps' mean loss and terms (NaN and none when every step was skipped), what its objective
@@ -72,6 +73,9 @@ public sealed class RoundCoordinator : Coordination
     readonly long rounds;
     readonly bool ranges;
     long round, cursor;
+    /// <summary>Where the learning-rate schedule stands: the steps of one node's batch the applied rounds trained (-1:
+    /// from a checkpoint written before it was kept, counted as then at the next round).</summary>
+    long schedule;
     /// <summary>The stream positions the last cluster checkpoint covers (a Kafka source: each partition's last offset).</summary>
     StreamPosition positions = StreamPosition.None;
     /// <summary>Replicas whose last round was not applied: they read their stream again from the checkpoint.</summary>
@@ -158,10 +162,15 @@ public sealed class RoundCoordinator : Coordination
             // each replica takes that checkpoint's AdamW for its first round (Trainer.LoadOptimizer).
             if (CannotGoOn(Cluster, dir, state) is { } why) throw new SettingsException(why);
             round = state.Step / Cluster.InnerSteps;
+            schedule = ScheduleOf(state);
             outer = new OuterOptimizer(Theta(), Cluster.OuterOptimizer);
             Log.Information("diloco goes on from the synchronous checkpoint {Checkpoint} at step {Step}: round {Round}, a fresh outer optimizer", dir, state.Step, round);
         }
-        else LoadOuter(dir, StateNumber(state, RoundKey, 0));
+        else
+        {
+            LoadOuter(dir, StateNumber(state, RoundKey, 0));
+            schedule = ScheduleOf(state);
+        }
         positions = StreamPosition.FromExtra(state.Extra);
         cursor = (positions[TrainingSamples.CursorPartition] ?? -1) + 1;
         if (state.Extra.TryGetValue(UnfinishedKey, out var left))
@@ -209,11 +218,12 @@ public sealed class RoundCoordinator : Coordination
             return new Assignment(r.Value.Node, r.Key, NextAttempt(), start, records);
         }).ToList();
         current = new Round(round, assigned, fresh);
+        if (schedule < 0) schedule = round * Cluster.InnerSteps * assigned.Count;
         var weights = global.Weights().ToList();
         var state = global.Objective.SaveState();
         foreach (var a in assigned)
         {
-            a.Replica.Tell(new RoundStart(a.Attempt, round, round * Cluster.InnerSteps, current.Assigned.Count, a.Cursor, a.Records, rewind.Remove(a.Replica), state, Receiver));
+            a.Replica.Tell(new RoundStart(a.Attempt, round, round * Cluster.InnerSteps, current.Assigned.Count, schedule, a.Cursor, a.Records, rewind.Remove(a.Replica), state, Receiver));
             Context.ActorOf(WeightTransfer.Sender.Props(Replicas[a.Replica].Receiver, Self, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, a.Attempt), weights,
                 "float32", Cluster.ChunkSize, Cluster.Window));
         }
@@ -264,6 +274,7 @@ public sealed class RoundCoordinator : Coordination
         foreach (var a in reported)
         {
             var done = r.Reports[a.Attempt];
+            schedule += (done.Samples + Settings.BatchSize - 1) / Settings.BatchSize;   // its steps (a last batch cut short by dead letters counts)
             if (ranges)
             {
                 // A replica that stopped short trained its range up to its position: the rest is trained by another.
@@ -387,7 +398,7 @@ public sealed class RoundCoordinator : Coordination
         if (global.Objective.TeacherMomentum is not null) parts.Add((Checkpoint.TeacherPart, Checkpoint.Named(global.Teacher)));
         parts.AddRange(global.Objective.Parts.Select(p => (p.Key, (IEnumerable<(string, Tensor)>)Checkpoint.Named(p.Value))));
         parts.Add((OuterOptimizerPart, outer.State()));
-        WriteCheckpoint(step, parts, positions, extra);
+        WriteCheckpoint(step, parts, positions, extra, schedule);
         return Path.Combine(Settings.RunDir, Checkpoint.RunFolder, Checkpoint.StepFolderName(step));
     }
 

@@ -26,8 +26,9 @@ public sealed class StepCoordinator : Coordination
     /// and Index-th of its Peers (every replica of the step, in node order: their receivers take this one's features
     /// and gradient). WithState: the state to start from follows (MamoTrainer.ReplicaState and the teacher, with the
     /// objective's State, AdamW at OptimizerStep); else the replica goes on from its own. Reports: after its update it
-    /// sends the sum to Receiver. CheckHash: its StepDone carries the hash of the state it starts from.</summary>
-    public sealed record StepStart(long Attempt, long Step, long Cursor, int BatchSize, int Index, long FirstRow, bool WithState,
+    /// sends the sum to Receiver. CheckHash: its StepDone carries the hash of the state it starts from. Schedule: where
+    /// the learning-rate schedule stands at the step (one node's steps the cluster has trained).</summary>
+    public sealed record StepStart(long Attempt, long Step, long Schedule, long Cursor, int BatchSize, int Index, long FirstRow, bool WithState,
         IReadOnlyDictionary<string, string> State, long OptimizerStep, IReadOnlyList<Peer> Peers, bool Reports, bool CheckHash, IActorRef Receiver)
         : IClusterMessage
     {
@@ -45,10 +46,12 @@ public sealed class StepCoordinator : Coordination
 
     sealed record Participant(string Node, IActorRef Replica, IActorRef Receiver, long Cursor);
 
-    sealed class Attempt(long number, long step, long cursor, IReadOnlyList<Participant> assigned, IActorRef reporter)
+    sealed class Attempt(long number, long step, long schedule, long cursor, IReadOnlyList<Participant> assigned, IActorRef reporter)
     {
         public long Number { get; } = number;
         public long Step { get; } = step;
+        /// <summary>Where the learning-rate schedule stands at it (one node's steps trained before it).</summary>
+        public long Schedule { get; } = schedule;
         /// <summary>The cursor of its first pair.</summary>
         public long Cursor { get; } = cursor;
         public IReadOnlyList<Participant> Assigned { get; } = assigned;
@@ -73,8 +76,10 @@ public sealed class StepCoordinator : Coordination
     /// <summary>The step whose state each replica holds next (it makes the updates of the steps it was given).</summary>
     readonly Dictionary<IActorRef, long> holds = new();
     readonly long steps;
-    /// <summary>The step and cursor the next attempt is given; the cursor after the copy's last update.</summary>
-    long nextStep, cursor, appliedCursor;
+    /// <summary>The step, cursor and schedule (one node's steps trained) the next attempt is given; the cursor and
+    /// schedule after the copy's last update (schedule -1: from a checkpoint written before it was kept, counted as then
+    /// at the next step).</summary>
+    long nextStep, cursor, appliedCursor, nextSchedule, schedule;
     /// <summary>The attempts given whose accounts are coming in, in order: at most two, the next step given while one
     /// runs so that the replicas prepare its batch meanwhile; then those accounted for whose sum is still to come.</summary>
     readonly List<Attempt> given = [];
@@ -95,6 +100,7 @@ public sealed class StepCoordinator : Coordination
         trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, Task.Objective);
         appliedCursor = cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
         written = nextStep = trainer.Step;
+        nextSchedule = schedule = ScheduleOf(state);
         // A new run's first step waits for start-replicas (the nodes started together begin together).
         if (resumed is not null) Resumed(state);
         if (state.Step > 0) History.CoordinatorStarted(Context.System);
@@ -190,7 +196,8 @@ public sealed class StepCoordinator : Coordination
         if (withState.Count > 0 && trainer.Step != nextStep) return false;
         // The sum comes best from a replica on this node: its transfer is a copy in memory.
         var reporter = (assigned.FirstOrDefault(p => p.Receiver.Path.Address.HasLocalScope) ?? assigned[0]).Replica;
-        var a = new Attempt(NextAttempt(), nextStep, cursor, assigned, reporter) { SentState = withState.Count > 0 };
+        if (schedule < 0) schedule = nextSchedule = trainer.Step * assigned.Count;
+        var a = new Attempt(NextAttempt(), nextStep, nextSchedule, cursor, assigned, reporter) { SentState = withState.Count > 0 };
         given.Add(a);
         var peers = assigned.Select(p => new Peer(p.Node, p.Receiver)).ToList();
         var checkHash = Cluster.HashEverySteps > 0 && a.Step % Cluster.HashEverySteps == 0;
@@ -200,7 +207,7 @@ public sealed class StepCoordinator : Coordination
         {
             var p = assigned[i];
             var given = withState.Contains(p.Replica);
-            p.Replica.Tell(new StepStart(a.Number, a.Step, p.Cursor, Settings.BatchSize, i, (long)i * Settings.BatchSize, given,
+            p.Replica.Tell(new StepStart(a.Number, a.Step, a.Schedule, p.Cursor, Settings.BatchSize, i, (long)i * Settings.BatchSize, given,
                 given ? objectiveState : new Dictionary<string, string>(), trainer.Optimizer.Step, peers, p.Replica.Equals(reporter), checkHash, Receiver));
             if (given)
                 Context.ActorOf(WeightTransfer.Sender.Props(p.Receiver, Self, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, a.Number), state!, "float32",
@@ -210,6 +217,7 @@ public sealed class StepCoordinator : Coordination
         if (withState.Count > 0)
             Log.Information("step {Step}: the state to {Nodes}", a.Step, string.Join(", ", assigned.Where(p => withState.Contains(p.Replica)).Select(p => p.Node)));
         nextStep++;
+        nextSchedule += assigned.Count;
         cursor += (long)assigned.Count * Settings.BatchSize;
         Timers.StartSingleTimer(a.Number, new Deadline(a.Number), Cluster.RoundTimeout);
         if (a.Step % Settings.MetricsEverySteps == 0) Log.Information("step {Step}: {Count} replicas from cursor {Cursor}", a.Step, assigned.Count, a.Cursor);
@@ -232,7 +240,7 @@ public sealed class StepCoordinator : Coordination
                 foreach (var d in done) trainer.Objective.Replay(d.Observations);
                 trainer.SetGradients(sum.Tensors.ToDictionary(t => t.Name, t => t.Value));
                 // N replicas' global batch is N steps of one node: the schedule and the teacher's EMA follow the samples.
-                trainer.StartAt(trainer.Step, a.Assigned.Count);
+                trainer.StartAt(trainer.Step, a.Assigned.Count, a.Schedule);
                 var terms = done.SelectMany(d => d.Terms).GroupBy(t => t.Key).ToDictionary(g => g.Key, g => g.Sum(t => t.Value));
                 var result = trainer.Update(done.Sum(d => d.Loss), terms);
                 trainer.FollowStudent();
@@ -251,6 +259,7 @@ public sealed class StepCoordinator : Coordination
             History.Committed(a.Step, a.Assigned.Select(p => p.Node), a.Clock.Elapsed, Members());
             Applied([a.Number]);
             appliedCursor = a.Cursor + (long)a.Assigned.Count * Settings.BatchSize;
+            schedule = a.Schedule + a.Assigned.Count;
             a.Dispose();
             var every = Settings.CheckpointEverySteps;
             var byTime = Settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= Settings.CheckpointEvery;
@@ -302,6 +311,7 @@ public sealed class StepCoordinator : Coordination
         holds.Clear();
         nextStep = trainer.Step;
         cursor = appliedCursor;
+        nextSchedule = schedule;
         TryGive();
     }
 
@@ -311,7 +321,7 @@ public sealed class StepCoordinator : Coordination
         sinceCheckpoint.Restart();
         written = trainer.Step;
         WriteCheckpoint(trainer.Step, trainer.Parts().Select(p => (p.Name, (IEnumerable<(string, Tensor)>)p.Tensors)), TrainingSamples.BeforeCursor(appliedCursor),
-            trainer.Objective.SaveState(), trainer.Optimizer.Step);
+            trainer.Objective.SaveState(), schedule, trainer.Optimizer.Step);
         Log.Information("step {Step}: checkpoint", trainer.Step);
     }
 

@@ -271,7 +271,7 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
                 }
                 foreach (var part in trainer.Objective.Parts.Values) part.to(trainer.Device);
             }
-            trainer.StartAt(l.Round.FirstStep, l.Round.Replicas);
+            trainer.StartAt(l.Round.FirstStep, l.Round.Replicas, l.Round.Schedule);
             // The optimiser goes on from the step the round starts at: from memory after the round before, else from this
             // replica's checkpoint of that step (a restart, a round given again), else fresh; its moments follow the
             // objective's parts into the round's layout (a head's rows in the coordinator's order of its classes).

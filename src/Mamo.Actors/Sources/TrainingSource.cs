@@ -44,7 +44,9 @@ public sealed record StreamPosition(ImmutableSortedDictionary<string, long> Offs
 /// <param name="Replicas">replicas that train the round side by side (DiLoCo), each on its own batches: one of its steps
 /// stands for this many steps of one node, in the learning-rate schedule and in the teacher's EMA (docs/CLUSTER.md,
 /// "A recipe counted in samples")</param>
-public sealed record Round(long Attempt, long Number, long FirstStep, bool ResetsTeacher, int Replicas = 1);
+/// <param name="Schedule">where the learning-rate schedule stands at its first step: the steps of one node's batch the
+/// cluster trained before it</param>
+public sealed record Round(long Attempt, long Number, long FirstStep, bool ResetsTeacher, int Replicas = 1, long Schedule = 0);
 
 /// <summary>A record of a training stream and its place there (At: its partition and offset). A replica's source
 /// marks the round it belongs to, and the round's last record; a mix, how many it drew from the record's source (Mix:
