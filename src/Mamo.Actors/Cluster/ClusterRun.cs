@@ -109,6 +109,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         });
         if (s.Cluster.DataPlane == ClusterSettings.Stream && s.Cluster.Tls is null) await DataPlane.StartAsync(system, node.Host, s.Cluster.DataPlanePort);
         else Log.Information("weights cross between nodes over remoting{Why}", s.Cluster.Tls is null ? "" : " (TLS: the data plane's stream is not encrypted)");
+        var done = false;
         try
         {
             Log.Information("node {Node} ({Roles}) listening on {Host}:{Port}, joining {Seeds}", node.Name, string.Join(",", node.Roles), node.Host, node.Port,
@@ -141,6 +142,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
             if (finalStep >= 0)   // the node's own work is done: it waits for the followers, a round's time at most where it trained
                 foreach (var follower in singletons.Where(x => x.Name != SingletonName))
                     await AwaitFollower(follower.Proxy(registry), follower.Name, follower.Role, finalStep, trains ? s.Cluster.RoundTimeout : null, stop);
+            done = finalStep >= 0 && !stop.IsCancellationRequested;
             // Stopped (a signal) or run without an end: the step the cluster's checkpoints got to.
             if (finalStep < 0) finalStep = Model.Checkpoint.Latest(s.RunDir) is { } last ? Model.Checkpoint.ReadState(last).Step : 0;
             Log.Information("node {Node} leaves the cluster at step {Step}", node.Name, finalStep);
@@ -148,7 +150,7 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         }
         finally
         {
-            await Leave(system);
+            await Leave(system, done);
             await host.StopAsync();
         }
     }
@@ -163,17 +165,18 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         public override string ToString() => "the node's run is done";
     }
 
-    /// <summary>Leaves the cluster (CoordinatedShutdown's phases, the cluster-leave one among them) and ends the system,
-    /// once no other member is on its way out (at most LeavingWait): the oldest node's singleton manager hands its
-    /// singletons to the next oldest even where that one is leaving too, and then waits out the cluster-exiting phase
-    /// (10 s) for a hand-over that never comes (Akka.Cluster.Tools 1.5.74): the last node of every finished run did.</summary>
-    public static async Task Leave(ActorSystem system)
+    /// <summary>Leaves the cluster (CoordinatedShutdown's phases, the cluster-leave one among them) and ends the system.
+    /// First it waits (at most LeavingWait) for the members on their way out to be removed, and, where the run is done
+    /// (every node leaves), for the younger members too, so that the oldest leaves last: its singleton manager hands
+    /// its singletons to the next oldest even where that one is leaving, and then waits out the cluster-exiting phase
+    /// (10 s) for a hand-over that never comes (Akka.Cluster.Tools 1.5.74). The last node of every finished run did.</summary>
+    public static async Task Leave(ActorSystem system, bool runDone = false)
     {
         var cluster = Akka.Cluster.Cluster.Get(system);
+        bool Before(Akka.Cluster.Member m) => !m.UniqueAddress.Equals(cluster.SelfUniqueAddress)
+            && (m.Status is Akka.Cluster.MemberStatus.Leaving or Akka.Cluster.MemberStatus.Exiting || runDone && cluster.SelfMember.IsOlderThan(m));
         var waited = System.Diagnostics.Stopwatch.StartNew();
-        while (waited.Elapsed < LeavingWait && cluster.State.Members.Any(m => !m.UniqueAddress.Equals(cluster.SelfUniqueAddress)
-                   && m.Status is Akka.Cluster.MemberStatus.Leaving or Akka.Cluster.MemberStatus.Exiting))
-            await Task.Delay(50);
+        while (waited.Elapsed < LeavingWait && cluster.State.Members.Any(Before)) await Task.Delay(50);
         await CoordinatedShutdown.Get(system).Run(RunDone.Instance);
     }
 
