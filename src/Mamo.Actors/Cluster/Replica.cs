@@ -231,6 +231,11 @@ public sealed class Replica : ReceiveActor, IWithTimers
             TryDrained();
         });
         Receive<RegisterAgain>(_ => coordinator.Tell(new Coordination.Register(node, receiver)));
+        Receive<Metrics.Flushed>(_ =>
+        {
+            drainer?.Tell(new Drained());
+            drainer = null;
+        });
     }
 
     protected override void PreStart()
@@ -450,8 +455,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
     void TryDrained()
     {
         if (drainer is null || !EveryStep && (sending > 0 || handedIn.Count > 0 || started.Values.Any(s => s.Trained is not null))) return;
-        drainer.Tell(new Drained());
-        drainer = null;
+        metrics.Tell(new Metrics.Flush());   // Drained once the round outcomes told it are written (Metrics.Flushed)
     }
 
     bool EveryStep => settings.Cluster.Sync == ClusterSettings.EveryStep;

@@ -44,6 +44,10 @@ public sealed class Metrics : ReceiveActor, IWithTimers
     /// <summary>Whether a cluster replica's round was applied by its coordinator (and so is in a durable cluster
     /// checkpoint), or not (the deadline passed, the round was given up): the ledger says so after the round's steps.</summary>
     public sealed record RoundOutcome(Round Round, bool Applied);
+    /// <summary>Replies Flushed once what the sender told it before is written: a stopping replica's round outcomes are
+    /// in the ledger before its pipeline stops (a stop would drop what is still in this actor's mailbox).</summary>
+    public sealed record Flush;
+    public sealed record Flushed;
 
     public const string MetricsFile = "metrics.jsonl", LedgerFile = "ledger.jsonl", DeadLetterFile = "dead-letters.jsonl";
 
@@ -95,6 +99,11 @@ public sealed class Metrics : ReceiveActor, IWithTimers
         Receive<Checkpointer.CheckpointDurable>(OnCheckpoint);
         Receive<EmbeddingPublisher.Published>(OnPublished);
         Receive<RoundOutcome>(o => ledgerOut?.WriteLine(new RoundLedgerLine(o.Round.Number, o.Round.Attempt, o.Applied).ToJson().ToJsonString()));
+        Receive<Flush>(_ =>
+        {
+            ledgerOut?.Flush();
+            Sender.Tell(new Flushed());
+        });
         Receive<Evaluator.EvaluationDone>(_ => { });
         Receive<Sample>(_ => OnSample());
     }
