@@ -156,20 +156,20 @@ public sealed class RoundCoordinator : Coordination
         if (global.Objective.TeacherMomentum is not null) Checkpoint.LoadModel(dir, Checkpoint.TeacherFile, global.Teacher);
         var synchronous = !Wrote(state);
         Resumed(state, first: synchronous);
+        schedule = ScheduleOf(state);
         if (synchronous)
         {
             // A synchronous start (every-step or one node): DiLoCo goes on from its step with a fresh outer optimiser, and
             // each replica takes that checkpoint's AdamW for its first round (Trainer.LoadOptimizer).
             if (CannotGoOn(Cluster, dir, state) is { } why) throw new SettingsException(why);
             round = state.Step / Cluster.InnerSteps;
-            schedule = ScheduleOf(state);
             outer = new OuterOptimizer(Theta(), Cluster.OuterOptimizer);
             Log.Information("diloco goes on from the synchronous checkpoint {Checkpoint} at step {Step}: round {Round}, a fresh outer optimizer", dir, state.Step, round);
         }
         else
         {
-            LoadOuter(dir, StateNumber(state, RoundKey, 0));
-            schedule = ScheduleOf(state);
+            round = StateNumber(state, RoundKey, 0);
+            LoadOuter(dir);
         }
         positions = StreamPosition.FromExtra(state.Extra);
         cursor = (positions[TrainingSamples.CursorPartition] ?? -1) + 1;
@@ -188,10 +188,9 @@ public sealed class RoundCoordinator : Coordination
     /// <summary>Whether a checkpoint is a DiLoCo coordinator's (else a synchronous run's: every-step's or one node's).</summary>
     public static bool Wrote(Checkpoint.State state) => state.Extra.ContainsKey(RoundKey);
 
-    /// <summary>The round and the outer optimiser of a DiLoCo checkpoint.</summary>
-    void LoadOuter(string dir, long savedRound)
+    /// <summary>The outer optimiser of a DiLoCo checkpoint, at the round it was saved at.</summary>
+    void LoadOuter(string dir)
     {
-        round = savedRound;
         var saved = Checkpoint.LoadPart(Path.Combine(dir, Checkpoint.PartFile(OuterOptimizerPart)));
         try
         {
