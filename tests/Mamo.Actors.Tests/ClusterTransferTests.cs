@@ -141,24 +141,22 @@ public class ClusterTransferTests(TwoNodes nodes, ITestOutputHelper output) : IC
         var plane = nodes.PlaneB;
         var buffer = new byte[8];
         byte[] bytes = [1, 2, 3, 4, 5, 6, 7, 8];
-        var system = nodes.A;
-        var materializer = Akka.Streams.ActorMaterializer.Create(system);
         var timeout = TimeSpan.FromSeconds(30);
 
         // A token nobody registered: the connection is closed and the sender told so.
-        var unknown = await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(system, materializer, plane.Host, plane.Port, Guid.NewGuid(), bytes, 8));
+        var unknown = await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(plane.Host, plane.Port, Guid.NewGuid(), bytes, 8));
         output.WriteLine($"an unknown token: {unknown.GetBaseException().Message}");
 
         // Nine bytes for a transfer of eight: refused, and its receiver told that it is broken.
         var tooLong = Guid.NewGuid();
         var token = plane.Expect(tooLong, buffer, 8, receiver.Receiver);
-        await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(system, materializer, plane.Host, plane.Port, token, [.. bytes, 9], 9));
+        await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(plane.Host, plane.Port, token, [.. bytes, 9], 9));
         Assert.Equal(tooLong, Assert.IsType<DataPlane.Broken>(await receiver.ReceiveAsync(timeout)).Id);
 
         // Fewer bytes than expected, then the connection ends: broken too.
         var tooShort = Guid.NewGuid();
         token = plane.Expect(tooShort, buffer, 8, receiver.Receiver);
-        await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(system, materializer, plane.Host, plane.Port, token, bytes, 5));
+        await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(plane.Host, plane.Port, token, bytes, 5));
         Assert.Equal(tooShort, Assert.IsType<DataPlane.Broken>(await receiver.ReceiveAsync(timeout)).Id);
 
         // Fuzzed connections (random bytes, from none to a token and more): each is refused and leaves nothing behind.
@@ -168,16 +166,16 @@ public class ClusterTransferTests(TwoNodes nodes, ITestOutputHelper output) : IC
             var junk = new byte[random.Next(0, 64)];
             random.NextBytes(junk);
             var pretended = junk.Length >= 16 ? new Guid(junk.AsSpan(0, 16)) : Guid.NewGuid();
-            await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(system, materializer, plane.Host, plane.Port, pretended, junk, junk.Length));
+            await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(plane.Host, plane.Port, pretended, junk, junk.Length));
         }
 
         // A token is good for one connection: the right bytes arrive once, and the token's second use is refused.
         var right = Guid.NewGuid();
         token = plane.Expect(right, buffer, 8, receiver.Receiver);
-        await DataPlane.Send(system, materializer, plane.Host, plane.Port, token, bytes, 8);
+        await DataPlane.Send(plane.Host, plane.Port, token, bytes, 8);
         Assert.Equal(right, Assert.IsType<DataPlane.Arrived>(await receiver.ReceiveAsync(timeout)).Id);
         Assert.Equal(bytes, buffer);
-        await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(system, materializer, plane.Host, plane.Port, token, bytes, 8));
+        await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(plane.Host, plane.Port, token, bytes, 8));
     }
 
     [Theory]

@@ -1,28 +1,29 @@
 using System.Buffers;
 using System.Collections.Concurrent;
 using System.Net;
+using System.Net.Sockets;
 using System.Security.Cryptography;
 using Akka;
 using Akka.Actor;
-using ByteString = Akka.IO.ByteString;
-using Akka.Streams;
-using Akka.Streams.Dsl;
 using Serilog;
 
 namespace Mamo.Actors.Cluster;
 
-/// <summary>The data plane's bulk transport: a node's transfers arrive on a TCP connection of their own (Akka.Streams'
-/// Tcp), not on Akka remoting's one connection per node pair, which carries only the offers, acceptances and heartbeats.
-/// A receiver that accepts an offer registers what it expects under a random 128-bit token; the sender connects, sends
-/// the token and exactly the offer's bytes, and gets one byte back once they are all in. A connection that names no
-/// expected transfer, or sends more or fewer than its bytes, is closed and nothing of it is kept. The transport is plain TCP: a
-/// cluster with TLS keeps its weights on the encrypted remoting (docs/CLUSTER.md, "The data plane").</summary>
+/// <summary>The data plane's bulk transport: a node's transfers arrive on a TCP connection of their own, not on Akka
+/// remoting's one connection per node pair, which carries only the offers, acceptances and heartbeats. A receiver that
+/// accepts an offer registers what it expects under a random 128-bit token; the sender connects, sends the token and
+/// exactly the offer's bytes, ends its side, and gets one byte back once they are all in. A connection that names no
+/// expected transfer, or sends more or fewer than its bytes, is closed and nothing of it is kept. The transport is plain
+/// TCP: a cluster with TLS keeps its weights on the encrypted remoting (docs/CLUSTER.md, "The data plane").
+/// It is .NET's Socket, not Akka.Streams' Tcp: the bytes are received straight into the transfer's buffer and sent
+/// straight from the payload, where Akka.IO copied each read into a new ByteString that was copied again, and that
+/// stream alone peaked under 1 GB/s on loopback here (docs/CLUSTER.md, "The data plane").</summary>
 public sealed class DataPlane : IExtension
 {
     const int TokenBytes = 16;
-    /// <summary>The bytes per write: ByteStrings that wrap the payload, no copy.</summary>
-    const int SliceBytes = 1 << 20;
-    static readonly ByteString AllIn = ByteString.FromBytes([1]);
+    /// <summary>The most bytes one send or receive call moves: each call's deadline is the idle timeout.</summary>
+    const int SliceBytes = 4 << 20;
+    const byte AllIn = 1;
     /// <summary>A connection that moves no byte this long is closed (a sender or receiver that went away).</summary>
     public static readonly TimeSpan IdleTimeout = TimeSpan.FromSeconds(60);
 
@@ -33,19 +34,17 @@ public sealed class DataPlane : IExtension
 
     sealed record Expected(Guid Id, byte[] Buffer, long Length, IActorRef Receiver);
 
-    readonly IMaterializer materializer;
     readonly ConcurrentDictionary<Guid, Expected> expected = new();
+    readonly CancellationTokenSource stopping = new();
     public string Host { get; private set; } = "";
     public int Port { get; private set; }
     long connections;
     /// <summary>The connections this node's data plane has taken.</summary>
     public long Connections => Interlocked.Read(ref connections);
 
-    DataPlane(ActorSystem system) => materializer = system.Materializer(namePrefix: "data-plane");
-
     sealed class Id : ExtensionIdProvider<DataPlane>
     {
-        public override DataPlane CreateExtension(ExtendedActorSystem system) => new(system);
+        public override DataPlane CreateExtension(ExtendedActorSystem system) => new();
     }
 
     /// <summary>The node's data plane, or null where its transfers go over remoting.</summary>
@@ -55,26 +54,45 @@ public sealed class DataPlane : IExtension
     public static async Task<DataPlane> StartAsync(ActorSystem system, string host, int port)
     {
         var plane = system.WithExtension<DataPlane, Id>();
-        Tcp.ServerBinding binding;
+        Socket listener;
         try
         {
-            // halfClose: a sender closes its side after its last byte and waits for the answer on the other.
             // A host name (--cluster's) is bound at its address; offers name the host, as remoting's address does.
-            var address = IPAddress.TryParse(host, out var ip) ? ip : (await System.Net.Dns.GetHostAddressesAsync(host)).First();
-            binding = await system.TcpStream().Bind(address.ToString(), port, halfClose: true, idleTimeout: IdleTimeout)
-                .To(Sink.ForEach<Tcp.IncomingConnection>(c => c.HandleWith(plane.Inbound(), plane.materializer)))
-                .Run(plane.materializer);
+            var address = IPAddress.TryParse(host, out var ip) ? ip : (await Dns.GetHostAddressesAsync(host)).First();
+            listener = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+            listener.Bind(new IPEndPoint(address, port));
+            listener.Listen(64);
         }
         catch (Exception e) { throw new IOException($"the data plane cannot listen on {host}:{port} (mamo.cluster.data-plane-port): {e.GetBaseException().Message}", e); }
-        (plane.Host, plane.Port) = (host, ((IPEndPoint)binding.LocalAddress).Port);
-        // Unbound with the other listeners, before the actor system's IO actors stop under it.
+        (plane.Host, plane.Port) = (host, ((IPEndPoint)listener.LocalEndPoint!).Port);
+        var accepting = plane.Accept(listener);
+        // Closed with the other listeners, before the actor system stops under the connections' receivers.
         CoordinatedShutdown.Get(system).AddTask(CoordinatedShutdown.PhaseServiceUnbind, "data-plane-unbind", async () =>
         {
-            await binding.Unbind();
+            plane.stopping.Cancel();
+            listener.Dispose();
+            await accepting;
             return Done.Instance;
         });
         Log.Information("data plane listening on {Host}:{Port}", plane.Host, plane.Port);
         return plane;
+    }
+
+    async Task Accept(Socket listener)
+    {
+        while (!stopping.IsCancellationRequested)
+        {
+            Socket socket;
+            try { socket = await listener.AcceptAsync(stopping.Token); }
+            catch (Exception) when (stopping.IsCancellationRequested) { return; }
+            catch (SocketException e)
+            {
+                Log.Warning("data plane: a connection could not be accepted: {Why}", e.Message);
+                continue;
+            }
+            Interlocked.Increment(ref connections);
+            _ = Task.Run(() => Serve(socket));
+        }
     }
 
     /// <summary>Registers a transfer this node accepts: its bytes go to buffer[0, length), and receiver gets Arrived or
@@ -105,74 +123,72 @@ public sealed class DataPlane : IExtension
     }
 
     /// <summary>Sends payload[0, length) to a node's data plane under token; completes once the receiver has every byte.</summary>
-    public static async Task Send(ActorSystem system, IMaterializer materializer, string host, int port, Guid token, byte[] payload, long length)
+    public static async Task Send(string host, int port, Guid token, byte[] payload, long length)
     {
-        EndPoint remote = IPAddress.TryParse(host, out var ip) ? new IPEndPoint(ip, port) : new DnsEndPoint(host, port);
-        var slices = Enumerable.Range(0, (int)((length + SliceBytes - 1) / SliceBytes))
-            .Select(i => ByteString.FromBytes(payload, i * SliceBytes, (int)Math.Min(SliceBytes, length - (long)i * SliceBytes)));
-        var answer = await Source.Single(ByteString.FromBytes(token.ToByteArray())).Concat(Source.From(slices))
-            .Via(system.TcpStream().OutgoingConnection(remote, connectionTimeout: IdleTimeout, idleTimeout: IdleTimeout))
-            .RunWith(Sink.FirstOrDefault<ByteString>(), materializer);
-        if (answer is null || answer.Count != 1 || answer[0] != AllIn[0])
+        using var socket = new Socket(SocketType.Stream, ProtocolType.Tcp) { NoDelay = true };
+        using var idle = new CancellationTokenSource(IdleTimeout);
+        await socket.ConnectAsync(host, port, idle.Token);
+        await Write(socket, token.ToByteArray(), idle);
+        for (long at = 0; at < length; at += SliceBytes)
+            await Write(socket, payload.AsMemory((int)at, (int)Math.Min(SliceBytes, length - at)), idle);
+        socket.Shutdown(SocketShutdown.Send);
+        var answer = new byte[1];
+        idle.CancelAfter(IdleTimeout);
+        if (await socket.ReceiveAsync(answer, SocketFlags.None, idle.Token) != 1 || answer[0] != AllIn)
             throw new IOException($"the data plane at {host}:{port} closed the transfer before taking all of its {length} bytes");
+    }
+
+    static async Task Write(Socket socket, ReadOnlyMemory<byte> bytes, CancellationTokenSource idle)
+    {
+        while (bytes.Length > 0)
+        {
+            idle.CancelAfter(IdleTimeout);
+            bytes = bytes[await socket.SendAsync(bytes, SocketFlags.None, idle.Token)..];
+        }
+    }
+
+    /// <summary>Reads into bytes until it is full or the sender ends its side; returns the bytes read.</summary>
+    static async Task<int> Read(Socket socket, Memory<byte> bytes, CancellationTokenSource idle)
+    {
+        var read = 0;
+        while (read < bytes.Length)
+        {
+            idle.CancelAfter(IdleTimeout);
+            var n = await socket.ReceiveAsync(bytes[read..], SocketFlags.None, idle.Token);
+            if (n == 0) break;
+            read += n;
+        }
+        return read;
     }
 
     /// <summary>One incoming connection: its token, then exactly the expected transfer's bytes and the sender's end of
     /// the stream, then one byte back.</summary>
-    Flow<ByteString, ByteString, NotUsed> Inbound()
+    async Task Serve(Socket socket)
     {
-        Interlocked.Increment(ref connections);
-        var connection = new Connection(this);
-        return Flow.Create<ByteString>().Aggregate(0L, (_, bytes) => connection.Take(bytes)).Select(_ => connection.Finish())
-            .WatchTermination((_, ended) =>
-            {
-                ended.ContinueWith(t => connection.End(t.Exception?.GetBaseException().Message), TaskScheduler.Default);
-                return NotUsed.Instance;
-            });
-    }
-
-    sealed class Connection(DataPlane plane)
-    {
-        readonly byte[] token = new byte[TokenBytes];
-        int tokenRead;
-        Expected? transfer;
-        long arrived;
-        bool finished;
-
-        public long Take(ByteString bytes)
+        Expected? transfer = null;
+        var finished = false;
+        try
         {
-            var at = 0;
-            if (transfer is null)
-            {
-                at = Math.Min(TokenBytes - tokenRead, bytes.Count);
-                bytes.Slice(0, at).CopyTo(token, tokenRead, at);
-                tokenRead += at;
-                if (tokenRead < TokenBytes) return arrived;
-                if (!plane.expected.TryRemove(new Guid(token), out transfer))
-                    throw new InvalidDataException("a connection named no transfer this node expects");
-            }
-            var count = bytes.Count - at;
-            if (count > transfer.Length - arrived) throw new InvalidDataException($"transfer {transfer.Id} sent more than its {transfer.Length} bytes");
-            if (count > 0) bytes.Slice(at, count).CopyTo(transfer.Buffer, (int)arrived, count);
-            return arrived += count;
-        }
-
-        /// <summary>At the sender's end of the stream: the transfer is whole, or the connection fails.</summary>
-        public ByteString Finish()
-        {
-            if (transfer is null) throw new InvalidDataException($"a connection ended after {tokenRead} bytes, before naming its transfer");
+            using var idle = CancellationTokenSource.CreateLinkedTokenSource(stopping.Token);
+            var token = new byte[TokenBytes];
+            var read = await Read(socket, token, idle);
+            if (read < TokenBytes) throw new InvalidDataException($"a connection ended after {read} bytes, before naming its transfer");
+            if (!expected.TryRemove(new Guid(token), out transfer)) throw new InvalidDataException("a connection named no transfer this node expects");
+            var arrived = await Read(socket, transfer.Buffer.AsMemory(0, checked((int)transfer.Length)), idle);
             if (arrived < transfer.Length) throw new InvalidDataException($"the sender stopped after {arrived} of {transfer.Length} bytes");
+            if (await Read(socket, new byte[1], idle) > 0) throw new InvalidDataException($"transfer {transfer.Id} sent more than its {transfer.Length} bytes");
             finished = true;
             transfer.Receiver.Tell(new Arrived(transfer.Id));
-            return AllIn;
+            await Write(socket, new[] { AllIn }, idle);
+            socket.Shutdown(SocketShutdown.Both);
         }
-
-        public void End(string? failure)
+        catch (Exception e)
         {
-            if (failure is null) return;
-            if (transfer is null) Log.Warning("data plane connection refused: {Why}", failure);
-            else if (!finished) transfer.Receiver.Tell(new Broken(transfer.Id, failure));
+            var why = e is OperationCanceledException && !stopping.IsCancellationRequested ? $"no byte for {IdleTimeout.TotalSeconds:F0} s" : e.Message;
+            if (transfer is null) Log.Warning("data plane connection refused: {Why}", why);
+            else if (!finished) transfer.Receiver.Tell(new Broken(transfer.Id, why));
         }
+        finally { socket.Dispose(); }
     }
 
     /// <summary>Transfer buffers come from one pool, so that a model's bytes are not a new large object at every round.</summary>

@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using Akka.Actor;
-using Akka.Streams;
 using Serilog;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -105,7 +104,7 @@ public static class WeightTransfer
                 }
                 // The stream has its own idle timeout; the acceptance was the receiver's last word on remoting.
                 Context.SetReceiveTimeout(null);
-                streaming = DataPlane.Send(Context.System, Context.Materializer(), a.Host, a.Port, a.Token, payload, length);
+                streaming = DataPlane.Send(a.Host, a.Port, a.Token, payload, length);
                 streaming.PipeTo(Self, success: () => new Streamed(null), failure: e => new Streamed(e));
             });
             Receive<Streamed>(s =>
