@@ -74,14 +74,14 @@ public class KafkaTests(ITestOutputHelper output)
             "--set", "kafka.consumer.max.partition.fetch.bytes=10000", "--set", "metrics.sample-every=1s")))!;
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
-        WaitFor(() => File.Exists(Path.Combine(run, "ledger.jsonl")) && MamoProcess.Ledger(run).Count >= 6, p);
+        WaitFor(() => File.Exists(Path.Combine(run, "ledger.jsonl")) && MamoProcess.Ledger(run).Count >= 6, p, run);
         cluster.SetBrokerDown(1, down: true);
-        WaitFor(() => File.ReadAllText(Path.Combine(run, "mamo.log")).Contains("Kafka broker unavailable"), p);
+        WaitFor(() => File.ReadAllText(Path.Combine(run, "mamo.log")).Contains("Kafka broker unavailable"), p, run);
         // While the broker is away the run trains what it had read, every full batch of it, and no more: it settles where
         // the ledger holds floor(samples read / batch) steps, by the process lines (written each second) once the reader
         // has stopped, and says it is paused to its dashboard. It cannot finish: librdkafka had fetched only a few records ahead.
         var read = -1L;
-        WaitFor(() => States(run).LastOrDefault() == "paused" && (read = SamplesRead(run)) >= 0 && MamoProcess.Ledger(run).Count == read / Batch, p);
+        WaitFor(() => States(run).LastOrDefault() == "paused" && (read = SamplesRead(run)) >= 0 && MamoProcess.Ledger(run).Count == read / Batch, p, run);
         var during = MamoProcess.Ledger(run).Count;
         output.WriteLine($"while the broker was away: {read} samples read, {during} steps trained");
         Assert.True(during < steps, $"{during} steps trained from {read} samples with the broker away");
@@ -289,15 +289,22 @@ public class KafkaTests(ITestOutputHelper output)
             .ToDictionary(c => KafkaRecords.PartitionKey(c.Topic, c.Partition.Value), c => c.Offset.Value);
     }
 
-    static void WaitFor(Func<bool> condition, Process p)
+    static void WaitFor(Func<bool> condition, Process p, string run)
     {
         var clock = Stopwatch.StartNew();
         while (!condition())
         {
-            if (p.HasExited) throw new InvalidOperationException($"mamo exited ({p.ExitCode}) early");
-            if (clock.Elapsed > TimeSpan.FromMinutes(3)) throw new TimeoutException("mamo made no progress");
+            if (p.HasExited) throw new InvalidOperationException($"mamo exited ({p.ExitCode}) early\n{LogTail(run)}");
+            if (clock.Elapsed > TimeSpan.FromMinutes(3)) throw new TimeoutException($"mamo made no progress\n{LogTail(run)}");
             Thread.Sleep(50);
         }
+    }
+
+    /// <summary>The run's last log lines, for a failure's message (the run folder goes with the test).</summary>
+    static string LogTail(string run)
+    {
+        var log = Path.Combine(run, "mamo.log");
+        return File.Exists(log) ? string.Join('\n', File.ReadLines(log).TakeLast(40)) : "(no mamo.log)";
     }
 
     static ProcessStartInfo KcatInfo(IEnumerable<string> args)
