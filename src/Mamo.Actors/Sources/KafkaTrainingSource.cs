@@ -243,7 +243,8 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 try { record = consumer.Consume(PollTimeout); }
                 catch (ConsumeException e)
                 {
-                    if (e.Error.Reason != lastConsumeError) Log.Warning("Kafka consume error: {Reason}", e.Error.Reason);
+                    if (BrokerUnavailable(e.Error)) OnError(e.Error);
+                    else if (e.Error.Reason != lastConsumeError) Log.Warning("Kafka consume error: {Reason}", e.Error.Reason);
                     lastConsumeError = e.Error.Reason;
                     continue;
                 }
@@ -408,7 +409,11 @@ public sealed class KafkaTrainingSource : ITrainingSource
                     if (consumer.Consume(TimeSpan.Zero) is { IsPartitionEOF: false } early)
                         Rewind(consumer, early.TopicPartitionOffset);   // fetched before the pause: read again after it
                 }
-                catch (ConsumeException e) { Log.Debug("Kafka consume error while the stream is full: {Reason}", e.Error.Reason); }
+                catch (ConsumeException e)
+                {
+                    if (BrokerUnavailable(e.Error)) OnError(e.Error);
+                    else Log.Debug("Kafka consume error while the stream is full: {Reason}", e.Error.Reason);
+                }
                 CommitDurable(consumer);
                 RefreshStatus(consumer);
             }
@@ -480,9 +485,14 @@ public sealed class KafkaTrainingSource : ITrainingSource
 
     int brokerDown;
 
+    static bool BrokerUnavailable(Error e) =>
+        e.Code is ErrorCode.Local_AllBrokersDown or ErrorCode.Local_Transport or ErrorCode.Local_Resolve or ErrorCode.BrokerNotAvailable;
+
+    /// <summary>librdkafka's errors, from its error callback or delivered with a consume: a broker that cannot be
+    /// reached pauses the run (the dashboard's state), whichever way librdkafka tells it.</summary>
     void OnError(Error e)
     {
-        if (e.Code is ErrorCode.Local_AllBrokersDown or ErrorCode.Local_Transport or ErrorCode.Local_Resolve or ErrorCode.BrokerNotAvailable)
+        if (BrokerUnavailable(e))
         {
             if (Interlocked.Exchange(ref brokerDown, 1) == 0)
                 Log.Warning("Kafka broker unavailable ({Reason}): training pauses until it returns; nothing is lost", e.Reason);
