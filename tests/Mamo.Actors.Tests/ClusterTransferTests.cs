@@ -143,6 +143,7 @@ public class ClusterTransferTests(TwoNodes nodes, ITestOutputHelper output) : IC
         byte[] bytes = [1, 2, 3, 4, 5, 6, 7, 8];
         var timeout = TimeSpan.FromSeconds(30);
 
+        var connections = plane.Connections;
         // A token nobody registered: the connection is closed and the sender told so.
         var unknown = await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(plane.Host, plane.Port, Guid.NewGuid(), bytes, 8));
         output.WriteLine($"an unknown token: {unknown.GetBaseException().Message}");
@@ -169,7 +170,11 @@ public class ClusterTransferTests(TwoNodes nodes, ITestOutputHelper output) : IC
             await Assert.ThrowsAnyAsync<Exception>(() => DataPlane.Send(plane.Host, plane.Port, pretended, junk, junk.Length));
         }
 
+        // Each of them reached the data plane and was refused there (not refused a connection).
+        Assert.Equal(connections + 33, plane.Connections);
+
         // A token is good for one connection: the right bytes arrive once, and the token's second use is refused.
+        Array.Clear(buffer);   // the nine bytes' first eight are these bytes too
         var right = Guid.NewGuid();
         token = plane.Expect(right, buffer, 8, receiver.Receiver);
         await DataPlane.Send(plane.Host, plane.Port, token, bytes, 8);

@@ -24,6 +24,7 @@ public sealed class DataPlane : IExtension
     /// <summary>The most bytes one send or receive call moves: each call's deadline is the idle timeout.</summary>
     const int SliceBytes = 4 << 20;
     const byte AllIn = 1;
+    static readonly TimeSpan AcceptRetry = TimeSpan.FromMilliseconds(100);
     /// <summary>A connection that moves no byte this long is closed (a sender or receiver that went away).</summary>
     public static readonly TimeSpan IdleTimeout = TimeSpan.FromSeconds(60);
 
@@ -87,7 +88,10 @@ public sealed class DataPlane : IExtension
             catch (Exception) when (stopping.IsCancellationRequested) { return; }
             catch (SocketException e)
             {
+                // A lasting failure (no file descriptors left) fails every accept at once: not in a busy loop.
                 Log.Warning("data plane: a connection could not be accepted: {Why}", e.Message);
+                try { await Task.Delay(AcceptRetry, stopping.Token); }
+                catch (OperationCanceledException) { return; }
                 continue;
             }
             Interlocked.Increment(ref connections);
@@ -96,11 +100,17 @@ public sealed class DataPlane : IExtension
     }
 
     /// <summary>Registers a transfer this node accepts: its bytes go to buffer[0, length), and receiver gets Arrived or
-    /// Broken. Returns the token its sender must present.</summary>
+    /// Broken. Returns the token its sender must present. A sender that never connects (its node died after the
+    /// acceptance) leaves it Broken after twice the idle timeout, so the receiver lets its buffer go.</summary>
     public Guid Expect(Guid id, byte[] buffer, long length, IActorRef receiver)
     {
         var token = new Guid(RandomNumberGenerator.GetBytes(TokenBytes));
         expected[token] = new Expected(id, buffer, length, receiver);
+        _ = Task.Delay(2 * IdleTimeout, stopping.Token).ContinueWith(_ =>
+        {
+            // Whoever removes the token owns the buffer: a connection that took it first writes into it, not this.
+            if (expected.TryRemove(token, out var t)) t.Receiver.Tell(new Broken(t.Id, $"no connection came within {2 * IdleTimeout.TotalSeconds:F0} s"));
+        }, CancellationToken.None, TaskContinuationOptions.OnlyOnRanToCompletion, TaskScheduler.Default);
         return token;
     }
 

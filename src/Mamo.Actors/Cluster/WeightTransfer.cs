@@ -181,7 +181,8 @@ public static class WeightTransfer
         {
             Receive<Offer>(o =>
             {
-                if (Check(o, maxBytes) is { } problem)
+                // An id already under way is a repeated offer: its bytes would complete the other transfer's buffer.
+                if ((incoming.ContainsKey(o.Id) ? "its id is already under way" : Check(o, maxBytes)) is { } problem)
                 {
                     Log.Warning("weight transfer {Id} from {Sender} refused: {Problem}", o.Id, Sender.Path, problem);
                     return;
