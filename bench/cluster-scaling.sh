@@ -21,6 +21,8 @@ cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 dotnet build src/Mamo.Cli -c Release -v q -nologo >/dev/null
 MAMO=(dotnet src/Mamo.Cli/bin/Release/net10.0/linux-x64/mamo.dll)
+# A node that crashes (a native fault) leaves a crash report with every thread's stack in the run's folder.
+export DOTNET_DbgEnableMiniDump=1 DOTNET_DbgMiniDumpType=1 DOTNET_EnableCrashReport=1 DOTNET_DbgMiniDumpName="$OUT/crash.%p"
 EMOJI=$("${MAMO[@]}" datasets fetch emoji >/dev/null 2>&1; echo ~/.cache/mamo/emoji/test.jsonl)
 OPENMOJI=$("${MAMO[@]}" datasets fetch emoji-openmoji >/dev/null 2>&1; echo ~/.cache/mamo/emoji-openmoji/test.jsonl)
 COMMON=(--plain --dashboard off --set eval.every-steps=0 --set checkpoint.keep-last=100000 --set metrics.every-steps=10)

@@ -133,7 +133,8 @@ public sealed class MamoModel : Module
     public void ClampTemperature()
     {
         using var noGrad = no_grad();
-        temperature.clamp_(Config.TemperatureMin, Config.TemperatureMax);
+        using TorchSharp.Scalar min = Config.TemperatureMin, max = Config.TemperatureMax;   // explicit: they outlive the call
+        temperature.clamp_(min, max);
     }
 
     /// <summary>What the losses of one step share, each encoded once and only when a loss that reads it is on. Where
@@ -262,15 +263,17 @@ public sealed class MamoModel : Module
             }
         }
         var rows = arange(pairs, device: images.device);
+        using TorchSharp.Scalar first = before, end = before + b;   // explicit: an implicit Scalar may be finalised during the call
         var e = new Encodings
         {
             ImageVisible = imageVisible, Pairs = pairs, Before = before, Rows = b, MaskedWords = globalMaskedWords,
-            Own = pairs == b ? null : rows.ge(before).logical_and(rows.lt(before + b)),
+            Own = pairs == b ? null : rows.ge(first).logical_and(rows.lt(end)),
         };
         if (align)
         {
             // Each row learns the temperature once across the replicas: through its own rows only.
-            var temp = temperature.clamp(c.TemperatureMin, c.TemperatureMax);
+            using TorchSharp.Scalar min = c.TemperatureMin, max = c.TemperatureMax;
+            var temp = temperature.clamp(min, max);
             var rowTemp = e.Own is null ? temp : where(e.Own, temp, temp.detach()).unsqueeze(1);
             var cosine = imageFeat!.matmul(textFeat!.t());
             e = e with

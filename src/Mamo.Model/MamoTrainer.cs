@@ -212,6 +212,9 @@ public sealed class MamoTrainer : IDisposable
     /// <summary>The gradient the last Backward left in each trained parameter (copies on the CPU), named as Weights names them.</summary>
     public List<(string Name, Tensor Value)> Gradients()
     {
+        // The scope holds each temporary (grad, detach, cpu) until the copies are made: one that nothing references may
+        // be finalised by the GC while libtorch still reads it.
+        using var scope = NewDisposeScope();
         var trained = Objective.TrainedParameters(Student).Select(p => p.Parameter).ToHashSet(ReferenceEqualityComparer.Instance);
         return Weights().Where(w => trained.Contains(w.Value) && w.Value.grad is not null)
             .Select(w => (w.Name, w.Value.grad!.detach().cpu().clone().DetachFromDisposeScope())).ToList();

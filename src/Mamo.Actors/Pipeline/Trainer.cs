@@ -353,7 +353,11 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         round = null;
         var tensors = shard is null ? trainer.Weights().Select(w => (w.Name, Tensors.Copy(w.Value))).ToList() : trainer.Gradients();
         // A shard with no finite loss sends NaN: every replica's sum is then NaN and each skips the step, as one process would.
-        if (shard is not null && work.Losses.Count == 0) foreach (var (_, g) in tensors) g.fill_(double.NaN);
+        if (shard is not null && work.Losses.Count == 0)
+        {
+            using TorchSharp.Scalar nan = double.NaN;   // explicit: an implicit Scalar may be finalised during the call
+            foreach (var (_, g) in tensors) g.fill_(nan);
+        }
         var step = trainer.Step;
         from.Tell(new RoundTrained(r, step, work.Samples, work.Position, work.Losses.Count == 0 ? double.NaN : work.Losses.Average(),
             work.Terms.ToDictionary(t => t.Key, t => t.Value.Average()), trainer.Objective.Observations(), tensors, partial) { Hash = roundHash });
