@@ -294,17 +294,10 @@ public class KafkaTests(ITestOutputHelper output)
         var clock = Stopwatch.StartNew();
         while (!condition())
         {
-            if (p.HasExited) throw new InvalidOperationException($"mamo exited ({p.ExitCode}) early\n{LogTail(run)}");
-            if (clock.Elapsed > TimeSpan.FromMinutes(3)) throw new TimeoutException($"mamo made no progress\n{LogTail(run)}");
+            if (p.HasExited) throw new InvalidOperationException($"mamo exited ({p.ExitCode}) early\n{ClusterTests.Tail(Path.Combine(run, "mamo.log"))}");
+            if (clock.Elapsed > TimeSpan.FromMinutes(3)) throw new TimeoutException($"mamo made no progress\n{ClusterTests.Tail(Path.Combine(run, "mamo.log"))}");
             Thread.Sleep(50);
         }
-    }
-
-    /// <summary>The run's last log lines, for a failure's message (the run folder goes with the test).</summary>
-    static string LogTail(string run)
-    {
-        var log = Path.Combine(run, "mamo.log");
-        return File.Exists(log) ? string.Join('\n', File.ReadLines(log).TakeLast(40)) : "(no mamo.log)";
     }
 
     static ProcessStartInfo KcatInfo(IEnumerable<string> args)

@@ -243,8 +243,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 try { record = consumer.Consume(PollTimeout); }
                 catch (ConsumeException e)
                 {
-                    if (BrokerUnavailable(e.Error)) OnError(e.Error);
-                    else if (e.Error.Reason != lastConsumeError) Log.Warning("Kafka consume error: {Reason}", e.Error.Reason);
+                    if (!PausedBy(e.Error) && e.Error.Reason != lastConsumeError) Log.Warning("Kafka consume error: {Reason}", e.Error.Reason);
                     lastConsumeError = e.Error.Reason;
                     continue;
                 }
@@ -411,8 +410,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 }
                 catch (ConsumeException e)
                 {
-                    if (BrokerUnavailable(e.Error)) OnError(e.Error);
-                    else Log.Debug("Kafka consume error while the stream is full: {Reason}", e.Error.Reason);
+                    if (!PausedBy(e.Error)) Log.Debug("Kafka consume error while the stream is full: {Reason}", e.Error.Reason);
                 }
                 CommitDurable(consumer);
                 RefreshStatus(consumer);
@@ -485,19 +483,19 @@ public sealed class KafkaTrainingSource : ITrainingSource
 
     int brokerDown;
 
-    static bool BrokerUnavailable(Error e) =>
-        e.Code is ErrorCode.Local_AllBrokersDown or ErrorCode.Local_Transport or ErrorCode.Local_Resolve or ErrorCode.BrokerNotAvailable;
+    /// <summary>A broker that cannot be reached pauses the run (the dashboard's state), whichever way librdkafka tells
+    /// it: to the error callback, or with a consume. False for any other error.</summary>
+    bool PausedBy(Error e)
+    {
+        if (e.Code is not (ErrorCode.Local_AllBrokersDown or ErrorCode.Local_Transport or ErrorCode.Local_Resolve or ErrorCode.BrokerNotAvailable)) return false;
+        if (Interlocked.Exchange(ref brokerDown, 1) == 0)
+            Log.Warning("Kafka broker unavailable ({Reason}): training pauses until it returns; nothing is lost", e.Reason);
+        return true;
+    }
 
-    /// <summary>librdkafka's errors, from its error callback or delivered with a consume: a broker that cannot be
-    /// reached pauses the run (the dashboard's state), whichever way librdkafka tells it.</summary>
     void OnError(Error e)
     {
-        if (BrokerUnavailable(e))
-        {
-            if (Interlocked.Exchange(ref brokerDown, 1) == 0)
-                Log.Warning("Kafka broker unavailable ({Reason}): training pauses until it returns; nothing is lost", e.Reason);
-        }
-        else Log.Warning("Kafka: {Reason} ({Code})", e.Reason, e.Code);
+        if (!PausedBy(e)) Log.Warning("Kafka: {Reason} ({Code})", e.Reason, e.Code);
     }
 
     void BrokerBack()
