@@ -4,18 +4,21 @@
 #   cluster:  NODES nodes on this machine, 1 torch thread each: DiLoCo (H inner steps a round) or every-step;
 #   single-N: one node with all the machine's threads;
 # tiny, batch 32, the built-in emoji data; run it with nothing else on the machine. Each run keeps its checkpoints (a
-# single node every 50 steps, a cluster every round), and each checkpoint is evaluated (teacher and student on emoji
-# test, k = 4) at the wall time it became durable; the last one also on OpenMoji test. Prints quality against wall
-# time, and each run's speedup to single-1's final teacher r_mean: the budget over the first wall time it reached it.
-# Usage: [REUSE=/tmp/mamo-scaling-XXXX] bash bench/cluster-scaling.sh [BUDGET_MIN=8] [NODES=2] [H=50] [SYNC=diloco|every-step]
+# single node and an every-step cluster every EVERY of wall time, 30s by default; a DiLoCo cluster every round), and each
+# checkpoint is evaluated (teacher and student on emoji test, k = 4) at the wall time it became durable; the last one
+# also on OpenMoji test. Prints quality against wall time, and each run's speedup to single-1's final teacher r_mean:
+# the budget over the first wall time it reached it, and over the time it crossed that level between two checkpoints.
+# Usage: [REUSE=/tmp/mamo-scaling-XXXX] [EVERY=30s] bash bench/cluster-scaling.sh [BUDGET_MIN=8] [NODES=2] [H=50] [SYNC=diloco|every-step]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${1:-8}
 NODES=${2:-2}
 H=${3:-50}
 SYNC=${4:-diloco}
-EVERY=()   # a DiLoCo cluster writes its checkpoint every round, an every-step one every 50 steps as a single node
-[ "$SYNC" = every-step ] && EVERY=(--set checkpoint.every-steps=50)
+# The evaluations' grid: fixed wall times for single nodes and every-step; a DiLoCo cluster checkpoints every round.
+GRID=(--set checkpoint.every-steps=0 --set "checkpoint.every=${EVERY:-30s}")
+CLUSTER_GRID=()
+[ "$SYNC" = every-step ] && CLUSTER_GRID=("${GRID[@]}")
 OUT=$(mktemp -d /tmp/mamo-scaling-XXXX)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -31,7 +34,7 @@ port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)
 single() {   # name threads
   date +%s.%N >"$OUT/$1.start"
   "${MAMO[@]}" pretrain --run-dir "$OUT/$1" "${COMMON[@]}" --time-budget "${BUDGET}m" --set "torch-threads=$2" \
-    --set checkpoint.every-steps=50 >"$OUT/$1.log" 2>&1
+    "${GRID[@]}" >"$OUT/$1.log" 2>&1
 }
 
 cluster() {
@@ -43,8 +46,8 @@ cluster() {
     [ "$i" = 1 ] || here=$(port)
     "${MAMO[@]}" pretrain --run-dir "$OUT/cluster" "${COMMON[@]}" --max-steps 1000000 --cluster "127.0.0.1:$here" \
       --seed-nodes "127.0.0.1:$seed" --node-name "n$i" --set torch-threads=1 --set "cluster.sync=$SYNC" --set "cluster.inner-steps=$H" \
-      --set "cluster.min-replicas=$NODES" "${EVERY[@]}" >"$OUT/cluster-n$i.log" 2>&1 &
-    [ "$i" = 1 ] && sleep 3
+      --set "cluster.min-replicas=$NODES" "${CLUSTER_GRID[@]}" >"$OUT/cluster-n$i.log" 2>&1 &
+    [ "$i" = 1 ] && sleep 1   # the seed first: its node forms the cluster and holds the coordinator
   done
   sleep $((BUDGET * 60))
   kill -TERM $(jobs -p) 2>/dev/null || true   # each node hands in its part of the round and leaves
@@ -101,8 +104,18 @@ for run, points in runs.items():
 target = max(runs["single-1"])[2]
 print(f"\ntarget: single-1's final teacher r_mean {target:.2f}")
 for run, points in runs.items():
-    reached = [at for at, _, teacher, _ in sorted(points) if teacher >= target]
-    print(f"{run}: " + (f"reached it at {reached[0]} s: speedup {budget / reached[0]:.2f}" if reached else "did not reach it within the budget"))
+    points = sorted(points)
+    first = next((i for i, p in enumerate(points) if p[2] >= target), None)
+    if first is None:
+        print(f"{run}: did not reach it within the budget")
+        continue
+    at = points[first][0]
+    line = f"{run}: reached it at {at} s: speedup {budget / at:.2f}"
+    if first > 0:   # where the level is crossed, linear between the checkpoint below it and the first above
+        (t0, _, r0, _), (t1, _, r1, _) = points[first - 1], points[first]
+        crossed = t0 + (target - r0) / (r1 - r0) * (t1 - t0)
+        line += f"; crossed at about {crossed:.0f} s, interpolated: {budget / crossed:.2f}"
+    print(line)
 print()
 print(open(sys.argv[3]).read().strip())
 EOF

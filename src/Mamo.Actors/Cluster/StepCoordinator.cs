@@ -17,7 +17,9 @@ namespace Mamo.Actors.Cluster;
 /// global batch), sends the state to a replica that holds none (one that joins, or all after a dropped step), and keeps
 /// the run's copy: one replica reports the sum it applied, and the coordinator makes the same update, replays what
 /// their objectives observed, and writes single-node checkpoints. It gives a step ahead (while one runs, the next: the
-/// replicas prepare its batch meanwhile) and never waits for its own copy's update to give one.</summary>
+/// replicas prepare its batch meanwhile) and never waits for its own copy's update to give one, nor for a checkpoint to
+/// be durable. The copy makes each update again on the replicas' cores: it runs at idle CPU priority, in the time they
+/// wait for each other, and up to CopyLag steps behind them.</summary>
 public sealed class StepCoordinator : Coordination
 {
     /// <summary>A replica of a step: its node and its data-plane receiver.</summary>
@@ -70,6 +72,9 @@ public sealed class StepCoordinator : Coordination
         }
     }
 
+    /// <summary>The steps the copy may fall behind the replicas' before no step is given: each holds its sum (a gradient).</summary>
+    internal const int CopyLag = 8;
+
     readonly MamoTrainer trainer;
     /// <summary>Since the last metrics line: the steps the copy made, and the seconds since the line before.</summary>
     (int Steps, Stopwatch Clock) timing = (0, Stopwatch.StartNew());
@@ -88,6 +93,8 @@ public sealed class StepCoordinator : Coordination
     readonly Stopwatch sinceCheckpoint = Stopwatch.StartNew();
     /// <summary>The step of the copy's last checkpoint.</summary>
     long written;
+    /// <summary>How many times the steps in flight were dropped.</summary>
+    long drops;
 
     /// <param name="init">a new run's weights come from this checkpoint (pretrain --init, finetune --from); null: from the seed</param>
     public StepCoordinator(MamoSettings settings, Device device, string? init = null) : base(settings, Parts(settings))
@@ -172,13 +179,15 @@ public sealed class StepCoordinator : Coordination
 
     void TryGive()
     {
-        while (given.Count < 2 && !Writing && !Stopping && nextStep < steps && Quorum && Give()) { }
+        while (given.Count < 2 && accounted.Count < CopyLag && !Stopping && nextStep < steps && Quorum && Give()) { }
     }
 
     /// <summary>A coordinator that stops checkpoints the copy's updates since its last checkpoint: a coordinator that
     /// takes over, or a restart, goes on from there and trains none of them again.</summary>
     protected override bool CheckpointBeforeStop()
     {
+        TryApply();
+        if (Writing) return true;
         if (trainer.Step == written) return false;
         Log.Information("step {Step}: the coordinator checkpoints before it stops", trainer.Step);
         Write();
@@ -281,7 +290,7 @@ public sealed class StepCoordinator : Coordination
             return true;
         }
         Log.Error("step {Step}: replicas {Nodes} do not hold the run's state ({Hash}): every replica is sent it again", a.Step, string.Join(", ", differ), own);
-        Drop("replicas diverged");
+        Drop("replicas diverged", applyFirst: false);
         return false;
     }
 
@@ -291,14 +300,23 @@ public sealed class StepCoordinator : Coordination
     {
         timing.Steps++;
         if (!log) return;
-        Log.Information("a step took {Seconds:F3} s over the last {Steps}", timing.Clock.Elapsed.TotalSeconds / timing.Steps, timing.Steps);
+        Log.Information("a step took {Seconds:F3} s over the last {Steps} (the copy is {Behind} steps behind the steps given)",
+            timing.Clock.Elapsed.TotalSeconds / timing.Steps, timing.Steps, nextStep - trainer.Step);
         timing = (0, Stopwatch.StartNew());
     }
 
     /// <summary>Attempts that cannot complete: their replicas drop them, and the steps are given again from the run's
-    /// copy, with its state to every replica (some may have made updates the copy has not).</summary>
-    void Drop(string why)
+    /// copy, with its state to every replica (some may have made updates the copy has not). applyFirst: the copy first
+    /// makes the updates of the steps accounted for whose sum is here (they are complete), as far as it can.</summary>
+    void Drop(string why, bool applyFirst = true)
     {
+        if (applyFirst)
+        {
+            var before = drops;
+            TryApply();
+            if (drops != before) return;   // the copy's hash check dropped them
+        }
+        drops++;
         foreach (var a in InFlight().ToList())
         {
             Log.Warning("step {Step} (attempt {Attempt}) given again: {Why}", a.Step, a.Number, why);
@@ -323,6 +341,12 @@ public sealed class StepCoordinator : Coordination
         WriteCheckpoint(trainer.Step, trainer.Parts().Select(p => (p.Name, (IEnumerable<(string, Tensor)>)p.Tensors)), TrainingSamples.BeforeCursor(appliedCursor),
             trainer.Objective.SaveState(), schedule, trainer.Optimizer.Step);
         Log.Information("step {Step}: checkpoint", trainer.Step);
+    }
+
+    protected override void PreStart()
+    {
+        base.PreStart();
+        if (!Dispatchers.IdlePriority()) Log.Debug("the every-step coordinator's copy runs at normal priority: the system offers no idle one");
     }
 
     protected override void PostStop()
