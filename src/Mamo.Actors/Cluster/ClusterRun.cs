@@ -110,13 +110,14 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
         if (s.Cluster.DataPlane == ClusterSettings.Stream && s.Cluster.Tls is null) await DataPlane.StartAsync(system, node.Host, s.Cluster.DataPlanePort);
         else Log.Information("weights cross between nodes over remoting{Why}", s.Cluster.Tls is null ? "" : " (TLS: the data plane's stream is not encrypted)");
         var done = false;
+        long finalStep;
         try
         {
             Log.Information("node {Node} ({Roles}) listening on {Host}:{Port}, joining {Seeds}", node.Name, string.Join(",", node.Roles), node.Host, node.Port,
                 string.Join(",", node.SeedNodes));
             // The run's last step, which a node's followers wait for: the coordinator says it to a replica; a node without
             // one knows it from the settings (and without max-steps it runs until stopped).
-            var finalStep = s.MaxSteps <= 0 ? -1 : everyStep ? s.MaxSteps : (s.MaxSteps + s.Cluster.InnerSteps - 1) / s.Cluster.InnerSteps * s.Cluster.InnerSteps;
+            finalStep = s.MaxSteps <= 0 ? -1 : everyStep ? s.MaxSteps : (s.MaxSteps + s.Cluster.InnerSteps - 1) / s.Cluster.InnerSteps * s.Cluster.InnerSteps;
             if (trains)
             {
                 var up = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -143,16 +144,17 @@ public sealed class ClusterRun(MamoSettings settings, ClusterNodeOptions node, s
                 foreach (var follower in singletons.Where(x => x.Name != SingletonName))
                     await AwaitFollower(follower.Proxy(registry), follower.Name, follower.Role, finalStep, trains ? s.Cluster.RoundTimeout : null, stop);
             done = finalStep >= 0 && !stop.IsCancellationRequested;
-            // Stopped (a signal) or run without an end: the step the cluster's checkpoints got to.
-            if (finalStep < 0) finalStep = Model.Checkpoint.Latest(s.RunDir) is { } last ? Model.Checkpoint.ReadState(last).Step : 0;
-            Log.Information("node {Node} leaves the cluster at step {Step}", node.Name, finalStep);
-            return finalStep;
         }
         finally
         {
             await Leave(system, done);
             await host.StopAsync();
         }
+        // Stopped (a signal) or run without an end: the step the cluster's checkpoints got to, read once the node has
+        // left (a coordinator on it checkpoints its work as it leaves).
+        if (finalStep < 0) finalStep = Model.Checkpoint.Latest(s.RunDir) is { } last ? Model.Checkpoint.ReadState(last).Step : 0;
+        Log.Information("node {Node} left the cluster at step {Step}", node.Name, finalStep);
+        return finalStep;
     }
 
     /// <summary>Why a node's actor system ends when its run does. Not Akka's ClusterLeavingReason: Akka.Hosting (1.5.74)
