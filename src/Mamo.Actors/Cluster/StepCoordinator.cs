@@ -18,8 +18,7 @@ namespace Mamo.Actors.Cluster;
 /// the run's copy: one replica reports the sum it applied, and the coordinator makes the same update, replays what
 /// their objectives observed, and writes single-node checkpoints. It gives a step ahead (while one runs, the next: the
 /// replicas prepare its batch meanwhile) and never waits for its own copy's update to give one, nor for a checkpoint to
-/// be durable. The copy makes each update again on the replicas' cores: it runs at idle CPU priority, in the time they
-/// wait for each other, and up to CopyLag steps behind them.</summary>
+/// be durable.</summary>
 public sealed class StepCoordinator : Coordination
 {
     /// <summary>A replica of a step: its node and its data-plane receiver.</summary>
@@ -72,9 +71,6 @@ public sealed class StepCoordinator : Coordination
         }
     }
 
-    /// <summary>The steps the copy may fall behind the replicas' before no step is given: each holds its sum (a gradient).</summary>
-    internal const int CopyLag = 8;
-
     readonly MamoTrainer trainer;
     /// <summary>Since the last metrics line: the steps the copy made, and the seconds since the line before.</summary>
     (int Steps, Stopwatch Clock) timing = (0, Stopwatch.StartNew());
@@ -93,8 +89,6 @@ public sealed class StepCoordinator : Coordination
     readonly Stopwatch sinceCheckpoint = Stopwatch.StartNew();
     /// <summary>The step of the copy's last checkpoint.</summary>
     long written;
-    /// <summary>How many times the steps in flight were dropped.</summary>
-    long drops;
 
     /// <param name="init">a new run's weights come from this checkpoint (pretrain --init, finetune --from); null: from the seed</param>
     public StepCoordinator(MamoSettings settings, Device device, string? init = null) : base(settings, Parts(settings))
@@ -179,11 +173,12 @@ public sealed class StepCoordinator : Coordination
 
     void TryGive()
     {
-        while (given.Count < 2 && accounted.Count < CopyLag && !Stopping && nextStep < steps && Quorum && Give()) { }
+        while (given.Count < 2 && !Stopping && nextStep < steps && Quorum && Give()) { }
     }
 
-    /// <summary>A coordinator that stops checkpoints the copy's updates since its last checkpoint: a coordinator that
-    /// takes over, or a restart, goes on from there and trains none of them again.</summary>
+    /// <summary>A coordinator that stops checkpoints the copy's updates since its last checkpoint, the complete steps it
+    /// holds (accounted for, with their sum) applied first: a coordinator that takes over, or a restart, goes on from
+    /// there and trains none of them again.</summary>
     protected override bool CheckpointBeforeStop()
     {
         TryApply();
@@ -290,7 +285,7 @@ public sealed class StepCoordinator : Coordination
             return true;
         }
         Log.Error("step {Step}: replicas {Nodes} do not hold the run's state ({Hash}): every replica is sent it again", a.Step, string.Join(", ", differ), own);
-        Drop("replicas diverged", applyFirst: false);
+        Drop("replicas diverged");
         return false;
     }
 
@@ -300,23 +295,14 @@ public sealed class StepCoordinator : Coordination
     {
         timing.Steps++;
         if (!log) return;
-        Log.Information("a step took {Seconds:F3} s over the last {Steps} (the copy is {Behind} steps behind the steps given)",
-            timing.Clock.Elapsed.TotalSeconds / timing.Steps, timing.Steps, nextStep - trainer.Step);
+        Log.Information("a step took {Seconds:F3} s over the last {Steps}", timing.Clock.Elapsed.TotalSeconds / timing.Steps, timing.Steps);
         timing = (0, Stopwatch.StartNew());
     }
 
     /// <summary>Attempts that cannot complete: their replicas drop them, and the steps are given again from the run's
-    /// copy, with its state to every replica (some may have made updates the copy has not). applyFirst: the copy first
-    /// makes the updates of the steps accounted for whose sum is here (they are complete), as far as it can.</summary>
-    void Drop(string why, bool applyFirst = true)
+    /// copy, with its state to every replica (some may have made updates the copy has not).</summary>
+    void Drop(string why)
     {
-        if (applyFirst)
-        {
-            var before = drops;
-            TryApply();
-            if (drops != before) return;   // the copy's hash check dropped them
-        }
-        drops++;
         foreach (var a in InFlight().ToList())
         {
             Log.Warning("step {Step} (attempt {Attempt}) given again: {Why}", a.Step, a.Number, why);
@@ -341,12 +327,6 @@ public sealed class StepCoordinator : Coordination
         WriteCheckpoint(trainer.Step, trainer.Parts().Select(p => (p.Name, (IEnumerable<(string, Tensor)>)p.Tensors)), TrainingSamples.BeforeCursor(appliedCursor),
             trainer.Objective.SaveState(), schedule, trainer.Optimizer.Step);
         Log.Information("step {Step}: checkpoint", trainer.Step);
-    }
-
-    protected override void PreStart()
-    {
-        base.PreStart();
-        if (!Dispatchers.IdlePriority()) Log.Debug("the every-step coordinator's copy runs at normal priority: the system offers no idle one");
     }
 
     protected override void PostStop()
