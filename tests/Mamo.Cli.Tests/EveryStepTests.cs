@@ -120,8 +120,8 @@ public class EveryStepTests(ITestOutputHelper output)
             }
             for (int i = 0; i < 2; i++)
                 Assert.True(nodes[i].ExitCode == 0, $"node n{i} exited {nodes[i].ExitCode}: {await logs[i].Out}{await logs[i].Err}");
-            // The coordinator checkpointed its copy's steps before it stopped (checkpoint.every-steps is 250): a restart
-            // trains none of them again.
+            // The coordinator checkpointed the state its node's replica sent as it stopped (checkpoint.every-steps is
+            // 250): a restart trains none of its steps again.
             var last = Model.Checkpoint.ReadState(Model.Checkpoint.Latest(run)!).Step;
             Assert.True(last >= 2, $"the last checkpoint is step {last}");
             // The coordinator's node (the seed) says the step it checkpointed as it left, not the one before.
@@ -172,14 +172,14 @@ public class EveryStepTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public async Task Three_every_step_replicas_lose_one_to_sigkill_and_the_two_left_train_on_from_the_coordinators_copy_hash_checked_at_every_step()
+    public async Task Three_every_step_replicas_lose_one_to_sigkill_and_the_two_left_train_on_from_a_survivors_state_hash_checked_at_every_step()
     {
         using var folder = new TempFolder();
         var manifest = ClusterTests.Manifest(folder);
         var run = folder.File("cluster");
         const int steps = 16, nodes = 3, batch = 4;
         var ports = Enumerable.Range(0, nodes).Select(_ => Ports.Free()).ToArray();
-        // Every step hashed and checkpointed: each replica's state is checked against the coordinator's copy, and the copy against its checkpoint.
+        // Every step hashed and checkpointed: the replicas' states are checked against each other, and against the checkpoint of the step.
         string[] more = ["--set", "cluster.hash-every-steps=1", "--set", "checkpoint.every-steps=1", "--set", "checkpoint.keep-last=100",
             "--set", $"cluster.start-replicas={nodes}", "--set", "metrics.every-steps=1"];
         var processes = Enumerable.Range(0, nodes).Select(i => Process.Start(MamoProcess.StartInfo(["pretrain", .. Common,
@@ -208,8 +208,10 @@ public class EveryStepTests(ITestOutputHelper output)
         }
         var survivors = Enumerable.Range(0, 2).Select(i => File.ReadAllText(Path.Combine(run, "nodes", $"n{i}", "mamo.log"))).ToArray();
         var all = string.Concat(survivors);
-        // The coordinator dropped the steps in flight and gave the two left the state of its copy.
+        // The coordinator dropped the steps in flight, went on from a survivor's state (it keeps no copy of its own) and
+        // gave it to the two left.
         Assert.Contains("replica n2 left", all);
+        Assert.Matches(@"step \d+: the run goes on from n[01]'s state", all);
         Assert.Contains("the state to n0, n1", all);
         Assert.DoesNotContain("do not hold the run's state", all);
         Assert.Contains("2 replicas hold the run's state", all);

@@ -17,7 +17,8 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
     const string RegisterManifest = "round-register", StartManifest = "round-start", DoneManifest = "round-done", FinishManifest = "round-finish";
     const string GetProgressManifest = "get-progress", ProgressManifest = "progress";
     const string CommitManifest = "round-commit";
-    const string StepStartManifest = "step-start", StepDoneManifest = "step-done", StepAbortManifest = "step-abort";
+    const string StepStartManifest = "step-start", StepDoneManifest = "step-done", StepAbortManifest = "step-abort", StepMadeManifest = "step-made";
+    const string ReportStateManifest = "state-ask", StateReportManifest = "state-report";
     const string AwaitStepManifest = "follower-await", FollowedManifest = "follower-followed";
     /// <summary>Bounds a name and a dimension count: an offer is small, whatever the model.</summary>
     const int MaxName = 1024, MaxDims = 8, MaxTensors = 100_000;
@@ -40,6 +41,9 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
         StepCoordinator.StepStart => StepStartManifest,
         StepCoordinator.StepDone => StepDoneManifest,
         StepCoordinator.Abort => StepAbortManifest,
+        StepCoordinator.StepMade => StepMadeManifest,
+        StepCoordinator.ReportState => ReportStateManifest,
+        StepCoordinator.StateReport => StateReportManifest,
         CheckpointFollower.AwaitStep => AwaitStepManifest,
         CheckpointFollower.Followed => FollowedManifest,
         _ => throw new ArgumentException($"no wire format for {o.GetType()}"),
@@ -161,6 +165,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                         w.Write(Akka.Serialization.Serialization.SerializedActorPath(peer.Receiver));
                     }
                     w.Write(s.Reports);
+                    w.Write(s.ReportsState);
                     w.Write(s.CheckHash);
                     w.Write(Akka.Serialization.Serialization.SerializedActorPath(s.Receiver));
                     break;
@@ -175,6 +180,23 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     break;
                 case StepCoordinator.Abort a:
                     w.Write(a.Attempt);
+                    break;
+                case StepCoordinator.StepMade m:
+                    w.Write(m.Attempt);
+                    w.Write(m.GradNorm);
+                    w.Write(m.Skipped);
+                    w.Write(m.LearningRate);
+                    break;
+                case StepCoordinator.ReportState a:
+                    w.Write(a.Request);
+                    w.Write(Akka.Serialization.Serialization.SerializedActorPath(a.To));
+                    break;
+                case StepCoordinator.StateReport r:
+                    w.Write(r.Request);
+                    w.Write(r.Node);
+                    w.Write(r.Step);
+                    w.Write(r.OptimizerStep);
+                    WriteMap(w, r.State, w.Write);
                     break;
                 case CheckpointFollower.AwaitStep a:
                     w.Write(a.Step);
@@ -211,10 +233,13 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 GetProgressManifest => new Coordination.GetProgress(),
                 ProgressManifest => ReadProgress(r),
                 StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
-                    r.ReadBoolean(), ReadMap(r, r.ReadString, "state"), r.ReadInt64(), ReadPeers(r), r.ReadBoolean(), r.ReadBoolean(), ReadRef(r)),
+                    r.ReadBoolean(), ReadMap(r, r.ReadString, "state"), r.ReadInt64(), ReadPeers(r), r.ReadBoolean(), r.ReadBoolean(), r.ReadBoolean(), ReadRef(r)),
                 StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"),
                     ReadMap(r, r.ReadString, "observations"), Name(r)),
                 StepAbortManifest => new StepCoordinator.Abort(r.ReadInt64()),
+                StepMadeManifest => new StepCoordinator.StepMade(r.ReadInt64(), r.ReadDouble(), r.ReadBoolean(), r.ReadDouble()),
+                ReportStateManifest => new StepCoordinator.ReportState(r.ReadInt64(), ReadRef(r)),
+                StateReportManifest => new StepCoordinator.StateReport(r.ReadInt64(), Name(r), r.ReadInt64(), r.ReadInt64(), ReadMap(r, r.ReadString, "state")),
                 AwaitStepManifest => new CheckpointFollower.AwaitStep(r.ReadInt64()),
                 FollowedManifest => new CheckpointFollower.Followed(r.ReadInt64()),
                 _ => throw new SerializationException($"unknown manifest '{manifest}'"),

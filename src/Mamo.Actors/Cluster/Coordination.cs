@@ -166,6 +166,16 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     /// <summary>The attempts a checkpoint about to be written applies: the replicas learn it with the Commit.</summary>
     protected void Applied(IEnumerable<long> attemptsApplied) => applied.AddRange(attemptsApplied);
 
+    /// <summary>Attempts counted applied that the state the run goes on from does not hold after all: no checkpoint
+    /// says they were.</summary>
+    protected void Unapplied(IReadOnlyCollection<long> attempts) => applied.RemoveAll(attempts.Contains);
+
+    /// <summary>A stop that waited for work to checkpoint goes on (CheckpointBeforeStop is asked again).</summary>
+    protected void GoOnStopping()
+    {
+        if (Stopping && !Writing) StopOnceCheckpointed();
+    }
+
     /// <summary>A coordinator that resumes from a checkpoint: what it covers and which attempts it applied.</summary>
     /// <param name="first">the checkpoint is another sync's (a warm start): the first round waits for start-replicas, as a new run's</param>
     protected void Resumed(Model.Checkpoint.State state, bool first = false)

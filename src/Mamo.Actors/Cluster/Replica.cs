@@ -43,8 +43,9 @@ public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef c
 /// gives the trainer the round's weights and the objective's state; it hands the coordinator what the trainer (and the
 /// teacher) hand it back: the deltas of a DiLoCo round (θ − θᵢ). every-step replicas exchange with each other, not
 /// through the coordinator: each step's features for the all-gathers and gradients go to every peer, and each replica
-/// makes the step's update itself from their sum (the coordinator sends the state only to a replica that holds none,
-/// and takes the sum from one replica for its own copy and checkpoints). Once a cluster checkpoint is durable, it
+/// makes the step's update itself from their sum (the coordinator sends the state only to a replica that holds none;
+/// one replica, the reporter, tells it each update made and reports its state where the coordinator asks, for its
+/// checkpoints, a replica that joins, or a run that goes on after a loss). Once a cluster checkpoint is durable, it
 /// acknowledges to the source what it covers and marks in the ledger which rounds it applied.</summary>
 public sealed class Replica : ReceiveActor, IWithTimers
 {
@@ -108,8 +109,17 @@ public sealed class Replica : ReceiveActor, IWithTimers
     readonly Dictionary<long, Exchange> exchanges = [];
     /// <summary>every-step: the attempts up to this one are updated or dropped; what still comes for them is disposed.</summary>
     long settled = long.MinValue;
-    /// <summary>every-step: where the sum of a step this replica reports goes (the coordinator's receiver), by attempt.</summary>
-    readonly Dictionary<long, IActorRef> reports = [];
+    /// <summary>every-step: the attempts whose update this replica tells the coordinator it made (StepStart.Reports).</summary>
+    readonly HashSet<long> reports = [];
+    /// <summary>every-step: where this replica's state reports go, by request, until the trainer's report is here; then
+    /// the reports and the teacher's parts, in order, until both of one are.</summary>
+    readonly Dictionary<long, IActorRef> reportTo = [];
+    readonly Queue<(IActorRef To, Trainer.StateReport Report)> reported = new();
+    readonly Queue<List<(string Name, Tensor Value)>> teacherParts = new();
+    /// <summary>every-step: the receiver of the coordinator this replica reported to last; where this replica's node
+    /// stops, its state goes there (its last word, request 0), for the coordinator's last checkpoint.</summary>
+    IActorRef? reportingTo;
+    bool lastWordSent;
     /// <summary>every-step, since the last log line: steps, and the seconds waited for the peers' gradients after its own.</summary>
     (int Steps, double Waited) waits;
     IActorRef? drainer, lastCoordinator;
@@ -178,8 +188,18 @@ public sealed class Replica : ReceiveActor, IWithTimers
         });
         Receive<Trainer.StepApplied>(a =>
         {
-            if (reports.Remove(a.Attempt, out var to)) Send(to, WeightTransfer.Kind.Sum, a.Attempt, a.Sum, "float32");
-            foreach (var (_, t) in a.Sum) t.Dispose();
+            if (reports.Remove(a.Attempt)) coordinator.Tell(new StepCoordinator.StepMade(a.Attempt, a.GradNorm, a.Skipped, a.LearningRate));
+        });
+        Receive<StepCoordinator.ReportState>(r => AskReport(r.Request, r.To));
+        Receive<Trainer.StateReport>(r =>
+        {
+            if (!reportTo.Remove(r.Request, out var to))
+            {
+                foreach (var (_, t) in r.Tensors) t.Dispose();
+                return;
+            }
+            reported.Enqueue((to, r));
+            SendReports();
         });
         Receive<Trainer.RoundTrained>(t =>
         {
@@ -191,9 +211,15 @@ public sealed class Replica : ReceiveActor, IWithTimers
             s.Trained = t;
             TryHandIn(s);
         });
-        // The teacher's part after the round's last update (DiLoCo), for the teacher's delta.
+        // The teacher's part after the round's last update (DiLoCo), for the teacher's delta; every-step: for a state report.
         Receive<Checkpointer.Parts>(p =>
         {
+            if (EveryStep)
+            {
+                teacherParts.Enqueue(p.Tensors.SelectMany(t => t.Tensors).Select(t => (MamoTrainer.TeacherPrefix + t.Name, t.Value)).ToList());
+                SendReports();
+                return;
+            }
             if (started.Values.FirstOrDefault(s => s.Loaded && s.Teacher is null && s.Start is RoundCoordinator.RoundStart) is not { } s)
             {
                 foreach (var part in p.Tensors) foreach (var (_, v) in part.Tensors) v.Dispose();
@@ -212,6 +238,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
         Receive<WeightTransfer.Sent>(s =>
         {
             sending--;
+            if (s.Tag is { Kind: WeightTransfer.Kind.State, Attempt: 0 }) lastWordSent = true;
             if (!s.Delivered) Log.Warning("{Node}: the {Kind} of attempt {Attempt} was not delivered", node, s.Tag.Kind, s.Tag.Attempt);
             TryDrained();
         });
@@ -222,12 +249,17 @@ public sealed class Replica : ReceiveActor, IWithTimers
                 Log.Information("{Node} leaves with {Steps} steps handed in since the last cluster checkpoint (a coordinator that stops checkpoints those it applied)",
                     node, handedIn.Count);
             Timers.StartSingleTimer(nameof(DrainDeadline), new DrainDeadline(), settings.Cluster.RoundTimeout);
+            // The replica that reports to the coordinator sends it its state as its node stops: a coordinator that stops
+            // too checkpoints it, one that goes on takes it up where that beats what the others hold.
+            if (EveryStep && reportingTo is { } to) AskReport(0, to);
+            else lastWordSent = true;
             TryDrained();
         });
         Receive<DrainDeadline>(_ =>
         {
             if (handedIn.Count > 0) Log.Warning("{Node} leaves without word whether its last rounds were applied", node);
             handedIn.Clear();
+            lastWordSent = true;
             TryDrained();
         });
         Receive<RegisterAgain>(_ => coordinator.Tell(new Coordination.Register(node, receiver)));
@@ -349,8 +381,13 @@ public sealed class Replica : ReceiveActor, IWithTimers
         var gradients = s.Peers.Select(p => x.Gradients[p.Node]).ToList();
         x.Gradients.Clear();
         x.Dispose();
-        if (s.Reports) reports[s.Attempt] = s.Receiver;
-        trainer.Tell(new Trainer.ApplyStep(s.Attempt, gradients, s.Reports));
+        if (s.Reports)
+        {
+            reports.Add(s.Attempt);
+            reportingTo = s.Receiver;
+            if (s.ReportsState) reportTo[s.Attempt] = s.Receiver;
+        }
+        trainer.Tell(new Trainer.ApplyStep(s.Attempt, gradients, s.Reports, s.ReportsState));
         waits = (waits.Steps + 1, waits.Waited + x.SinceHandIn.Elapsed.TotalSeconds);
         if ((s.Step + 1) % settings.MetricsEverySteps != 0) return;
         Log.Information("{Node}: its peers' gradients were here {Waited:F3} s after its own (mean of the last {Steps} steps)", node, waits.Waited / waits.Steps, waits.Steps);
@@ -416,6 +453,28 @@ public sealed class Replica : ReceiveActor, IWithTimers
         return grown - end;
     }
 
+    /// <summary>every-step: asks the trainer for the state it holds, for <paramref name="to"/>.</summary>
+    void AskReport(long request, IActorRef to)
+    {
+        reportTo[request] = to;
+        trainer.Tell(new Trainer.ReportState(request));
+    }
+
+    /// <summary>Each state report with its teacher's part (none where the objective keeps no teacher): its account to
+    /// the coordinator, its tensors to the coordinator's receiver.</summary>
+    void SendReports()
+    {
+        while (reported.Count > 0 && (!keepsTeacher || teacherParts.Count > 0))
+        {
+            var (to, r) = reported.Dequeue();
+            coordinator.Tell(new StepCoordinator.StateReport(r.Request, node, r.Step, r.OptimizerStep, r.State));
+            var tensors = r.Tensors.Concat(keepsTeacher ? teacherParts.Dequeue() : []).ToList();
+            Send(to, WeightTransfer.Kind.State, r.Request, tensors, "float32");
+            foreach (var (_, t) in tensors) t.Dispose();
+            if (r.Request == 0) Log.Information("{Node} sent its coordinator its state at step {Step} as it stops", node, r.Step);
+        }
+    }
+
     void Send(IActorRef to, WeightTransfer.Kind kind, long attempt, IReadOnlyList<(string Name, Tensor Value)> tensors, string dtype, int part = 0)
     {
         Context.ActorOf(WeightTransfer.Sender.Props(to, Self, new WeightTransfer.Tag(kind, attempt, node, part), tensors, dtype, settings.Cluster.ChunkSize,
@@ -454,7 +513,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
     /// up to checkpoint.every-steps away, which a coordinator that stops with this node never writes.</summary>
     void TryDrained()
     {
-        if (drainer is null || !EveryStep && (sending > 0 || handedIn.Count > 0 || started.Values.Any(s => s.Trained is not null))) return;
+        if (drainer is null || EveryStep && !lastWordSent || !EveryStep && (sending > 0 || handedIn.Count > 0 || started.Values.Any(s => s.Trained is not null))) return;
         metrics.Tell(new Metrics.Flush());   // Drained once the round outcomes told it are written (Metrics.Flushed)
     }
 
@@ -470,6 +529,8 @@ public sealed class Replica : ReceiveActor, IWithTimers
         gather?.Gathered.TrySetCanceled();
         foreach (var s in started.Values) if (s.Weights is { } w) Dispose(w);
         foreach (var x in exchanges.Values) x.Dispose();
+        foreach (var (_, r) in reported) foreach (var (_, t) in r.Tensors) t.Dispose();
+        foreach (var part in teacherParts) foreach (var (_, t) in part) t.Dispose();
         base.PostStop();
     }
 

@@ -16,8 +16,8 @@ public static class WeightTransfer
 {
     /// <summary>What a transfer carries: θ for a round, or the state an every-step replica starts from (Weights); a
     /// replica's change of θ (Delta); to its every-step peers, its features for an all-gather (Features) or its gradient
-    /// (Gradient); to the every-step coordinator, the step's summed gradient (Sum).</summary>
-    public enum Kind { Weights, Delta, Features, Gradient, Sum }
+    /// (Gradient); to the every-step coordinator, the state a replica holds (State).</summary>
+    public enum Kind { Weights, Delta, Features, Gradient, State }
 
     /// <summary>A transfer's identity: its kind, the round attempt it belongs to, the node it comes from ("" from a
     /// coordinator), and which of the step's all-gathers it serves (Features).</summary>

@@ -58,10 +58,17 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         public string Hash { get; init; } = "";
     }
     /// <summary>every-step: the step's gradients, one per replica in node order (this replica's among them), to sum and
-    /// apply as the update one process would make; Report: StepApplied takes the sum to the sender. The trainer owns the tensors.</summary>
-    public sealed record ApplyStep(long Attempt, IReadOnlyList<IReadOnlyList<(string Name, Tensor Value)>> Gradients, bool Report);
-    /// <summary>Reply to an ApplyStep that reports: the gradient it applied (before clipping); the receiver owns the tensors.</summary>
-    public sealed record StepApplied(long Attempt, IReadOnlyList<(string Name, Tensor Value)> Sum);
+    /// apply as the update one process would make; Report: StepApplied tells the sender what the update measured;
+    /// ReportState: a StateReport of the state after it follows. The trainer owns the tensors.</summary>
+    public sealed record ApplyStep(long Attempt, IReadOnlyList<IReadOnlyList<(string Name, Tensor Value)>> Gradients, bool Report, bool ReportState = false);
+    /// <summary>Reply to an ApplyStep that reports: the update's learning rate and gradient norm, or that it skipped.</summary>
+    public sealed record StepApplied(long Attempt, double GradNorm, bool Skipped, double LearningRate);
+    /// <summary>every-step: a StateReport, tagged Request, of the state after the last update made.</summary>
+    public sealed record ReportState(long Request);
+    /// <summary>An every-step replica's state after Step steps (copies of MamoTrainer.ReplicaState: θ, the objective's
+    /// parts, AdamW's moments), AdamW at OptimizerStep, the objective's State. The teacher, where there is one, sends the
+    /// sender its part after folding in that student (Checkpointer.Parts). The receiver owns the tensors.</summary>
+    public sealed record StateReport(long Request, long Step, long OptimizerStep, IReadOnlyDictionary<string, string> State, IReadOnlyList<(string Name, Tensor Value)> Tensors);
 
     /// <summary>Too many non-finite losses in a row: the run stops rather than restarts.</summary>
     public sealed class DivergedException(string message) : Exception(message);
@@ -87,6 +94,8 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
     long optimizerAt = -1;
     /// <summary>every-step: the attempt whose gradient was handed in and whose update (ApplyStep) is still to come.</summary>
     long? awaitingUpdate;
+    /// <summary>every-step: the step of the last gradient handed in, whose replicas say how far its update moves the teacher.</summary>
+    Round? updated;
     /// <summary>The hash the round in hand hands in (LoadRound.CheckHash).</summary>
     string roundHash = "";
 
@@ -145,6 +154,7 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         });
         Receive<LoadRound>(OnLoadRound);
         Receive<ApplyStep>(OnApplyStep);
+        Receive<ReportState>(r => Report(r.Request));
         Receive<GiveUpRound>(g =>
         {
             GiveUp(g.Attempt);
@@ -309,16 +319,26 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             var sum = new Dictionary<string, Tensor>();
             foreach (var gradient in a.Gradients)
                 foreach (var (name, g) in gradient) sum[name] = sum.TryGetValue(name, out var s) ? s + g : g;
-            if (a.Report) Sender.Tell(new StepApplied(a.Attempt, sum.Select(s => (s.Key, s.Value.clone().DetachFromDisposeScope())).ToList()));
             trainer.SetGradients(sum);
             // The step's loss is the coordinator's to report; a non-finite one came as a NaN gradient, which skips here.
-            trainer.Update(0, new Dictionary<string, double>());
+            var result = trainer.Update(0, new Dictionary<string, double>());
+            if (a.Report) Sender.Tell(new StepApplied(a.Attempt, result.GradNorm, result.Skipped, result.LearningRate));
+            if (a.ReportState) Report(a.Attempt);
         }
         finally
         {
             foreach (var gradient in a.Gradients) foreach (var (_, g) in gradient) g.Dispose();
             Stash.UnstashAll();
         }
+    }
+
+    /// <summary>every-step: the state after the last update, to the sender; the teacher folds that student in first
+    /// (a no-op where the step that followed brought it) and sends its part there too.</summary>
+    void Report(long request)
+    {
+        var state = trainer.ReplicaState().Select(w => (w.Name, Tensors.Copy(w.Value))).ToList();
+        teacher?.Tell(new MomentumTeacher.StudentUpdated(trainer.Step, CopyStudent(), SnapshotTo: Sender, Round: updated));
+        Sender.Tell(new StateReport(request, trainer.Step, trainer.Optimizer.Step, trainer.Objective.SaveState(), state));
     }
 
     void LoadOptimizer(long step)
@@ -364,6 +384,7 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
         if (shard is not null)
         {
             awaitingUpdate = r.Attempt;
+            updated = r;
             return step;
         }
         teacher?.Tell(new MomentumTeacher.StudentUpdated(step, CopyStudent(), SnapshotTo: from, Round: r, FoldAll: true));
