@@ -176,7 +176,7 @@ public sealed class StepCoordinator : Coordination
         Receive<StateReport>(r =>
         {
             ReportOf(r.Request, r.Node).Account = r;
-            Reported();
+            Reported(r.Request, r.Node);
         });
         Receive<WeightTransfer.Received>(r =>
         {
@@ -188,7 +188,7 @@ public sealed class StepCoordinator : Coordination
             var report = ReportOf(r.Tag.Attempt, r.Tag.Node);
             report.Dispose();
             report.State = r;
-            Reported();
+            Reported(r.Tag.Attempt, r.Tag.Node);
         });
     }
 
@@ -462,12 +462,24 @@ public sealed class StepCoordinator : Coordination
         Timers.StartSingleTimer(nameof(RecoveryDeadline), new RecoveryDeadline(request), Stopping ? TimeSpan.FromSeconds(20) : Cluster.RoundTimeout);
     }
 
-    /// <summary>The newest state reported in full that the run can go on from: one at or after the coordinator's own.</summary>
-    Report? Newest() => reports.Values.Where(r => r.Ready && r.Account!.Step >= trainer.Step).MaxBy(r => r.Account!.Step);
+    /// <summary>The newest state reported in full that the run can go on from: one at or after the coordinator's own,
+    /// whose steps were given.</summary>
+    Report? Newest() => reports.Values.Where(r => r.Ready && Countable(r.Account!.Step)).MaxBy(r => r.Account!.Step);
 
-    /// <summary>A part of a state report is here: where the coordinator waits for a state, it goes on once one is.</summary>
-    void Reported()
+    /// <summary>The state after <paramref name="step"/> steps can be taken up: CountTo can count the steps made up to it.</summary>
+    bool Countable(long step) =>
+        step >= trainer.Step && (step <= made || Enumerable.Range(0, (int)Math.Min(step - made, int.MaxValue)).All(i => dropped.Concat(InFlight()).Any(a => a.Step == made + i)));
+
+    /// <summary>A part of a state report is here: where the coordinator waits for a state, it goes on once one is. A
+    /// report nobody waits for any more (of a step given before the run last went on) is of no use.</summary>
+    void Reported(long request, string node)
     {
+        if (request != 0 && request != recovering?.Request && !dropped.Concat(InFlight()).Any(a => a.Number == request))
+        {
+            reports.Remove((request, node), out var stale);
+            stale?.Dispose();
+            return;
+        }
         if (recovering is not null && Newest() is { } ready) GoOnFrom(ready);
         else if (Stopping) GoOnStopping();
         else TryStart();
