@@ -172,29 +172,41 @@ public class EveryStepTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public async Task Three_every_step_replicas_lose_one_to_sigkill_and_the_two_left_train_on_from_a_survivors_state_hash_checked_at_every_step()
+    public async Task Two_every_step_replicas_take_in_a_third_then_lose_it_to_sigkill_and_train_on_from_a_survivors_state_hash_checked_at_every_step()
     {
         using var folder = new TempFolder();
         var manifest = ClusterTests.Manifest(folder);
         var run = folder.File("cluster");
-        const int steps = 16, nodes = 3, batch = 4;
+        const int steps = 24, nodes = 3, batch = 4;
         var ports = Enumerable.Range(0, nodes).Select(_ => Ports.Free()).ToArray();
         // Every step hashed and checkpointed: the replicas' states are checked against each other, and against the checkpoint of the step.
         string[] more = ["--set", "cluster.hash-every-steps=1", "--set", "checkpoint.every-steps=1", "--set", "checkpoint.keep-last=100",
-            "--set", $"cluster.start-replicas={nodes}", "--set", "metrics.every-steps=1"];
-        var processes = Enumerable.Range(0, nodes).Select(i => Process.Start(MamoProcess.StartInfo(["pretrain", .. Common,
-            .. Node(manifest, run, i, ports[i], ports[0], batch, steps, replicas: 2), .. more]))!).ToList();
-        var logs = processes.Select(p => (Out: p.StandardOutput.ReadToEndAsync(), Err: p.StandardError.ReadToEndAsync())).ToList();
+            "--set", "cluster.start-replicas=2", "--set", "metrics.every-steps=1"];
+        var processes = new List<Process>();
+        var logs = new List<(Task<string> Out, Task<string> Err)>();
+        void Start(int i)
+        {
+            processes.Add(Process.Start(MamoProcess.StartInfo(["pretrain", .. Common, .. Node(manifest, run, i, ports[i], ports[0], batch, steps, replicas: 2), .. more]))!);
+            logs.Add((processes[^1].StandardOutput.ReadToEndAsync(), processes[^1].StandardError.ReadToEndAsync()));
+        }
         try
         {
-            // All three have trained: then n2 is killed (n0, the oldest node, runs the coordinator).
+            // n0 and n1 train; n2 joins the run under way, and trains; then it is killed (n0, the oldest node, runs the coordinator).
             var ledgers = Enumerable.Range(0, nodes).Select(i => Path.Combine(run, "nodes", $"n{i}", "ledger.jsonl")).ToList();
             var clock = Stopwatch.StartNew();
-            while (!ledgers.All(l => File.Exists(l) && Ledger(l).Count >= 2))
+            async Task Trained(int first, int count, string what)
             {
-                Assert.True(clock.Elapsed < TimeSpan.FromMinutes(3) && processes.All(p => !p.HasExited), "the three replicas did not train 2 steps each");
-                await Task.Delay(100);
+                while (!ledgers.Skip(first).Take(count).All(l => File.Exists(l) && Ledger(l).Count >= 2))
+                {
+                    Assert.True(clock.Elapsed < TimeSpan.FromMinutes(3) && processes.All(p => !p.HasExited), what);
+                    await Task.Delay(100);
+                }
             }
+            Start(0);
+            Start(1);
+            await Trained(0, 2, "n0 and n1 did not train 2 steps each");
+            Start(2);
+            await Trained(2, 1, "n2 did not join the run and train 2 steps");
             processes[2].Kill();
             using var patience = new CancellationTokenSource(TimeSpan.FromMinutes(3));
             try { foreach (var p in processes.Take(2)) await p.WaitForExitAsync(patience.Token); }
@@ -208,6 +220,8 @@ public class EveryStepTests(ITestOutputHelper output)
         }
         var survivors = Enumerable.Range(0, 2).Select(i => File.ReadAllText(Path.Combine(run, "nodes", $"n{i}", "mamo.log"))).ToArray();
         var all = string.Concat(survivors);
+        // n2 joined with the state at a step the replicas under way reported.
+        Assert.Matches(@"step \d+: the state to n2\b", all);
         // The coordinator dropped the steps in flight, went on from a survivor's state (it keeps no copy of its own) and
         // gave it to the two left.
         Assert.Contains("replica n2 left", all);
@@ -234,8 +248,8 @@ public class EveryStepTests(ITestOutputHelper output)
         Assert.Equal(steps, state.Step);
         var final = long.Parse(state.Extra["position:cursor"]);
         Assert.Equal(Enumerable.Range(0, (int)final + 1).Select(c => (long)c), ReplicaTests.AppliedCursors(run, nodes, batch).Order());
-        // The schedule follows the samples: the rate rose at every step of the warm-up (16 steps of 3 and 2 replicas, at
-        // most 48 of one node's 100), across the loss of n2 too (counted in steps it fell where three became two).
+        // The schedule follows the samples: the rate rose at every step of the warm-up (24 steps of 2 and 3 replicas, at
+        // most 72 of one node's 100), across n2's join and loss too (counted in steps it fell where three became two).
         var rates = MetricsLog.Read(Path.Combine(run, MetricsLog.FileName)).Train.Select(t => t.LearningRate!.Value).ToList();
         Assert.Equal(steps, rates.Count);
         Assert.True(rates.Zip(rates.Skip(1)).All(r => r.Second > r.First), string.Join(", ", rates));

@@ -387,6 +387,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
             reportingTo = s.Receiver;
             if (s.ReportsState) reportTo[s.Attempt] = s.Receiver;
         }
+        else reportingTo = null;   // another replica reports now
         trainer.Tell(new Trainer.ApplyStep(s.Attempt, gradients, s.Reports, s.ReportsState));
         waits = (waits.Steps + 1, waits.Waited + x.SinceHandIn.Elapsed.TotalSeconds);
         if ((s.Step + 1) % settings.MetricsEverySteps != 0) return;
@@ -508,9 +509,9 @@ public sealed class Replica : ReceiveActor, IWithTimers
     }
 
     /// <summary>A stopping DiLoCo replica leaves once what it handed in is sent and known applied or not. A stopping
-    /// every-step replica waits for nothing: the coordinator drops the steps in flight when a replica leaves (what this
-    /// one sends its peers is of no use then), and its steps become durable only at the coordinator's next checkpoint,
-    /// up to checkpoint.every-steps away, which a coordinator that stops with this node never writes.</summary>
+    /// every-step replica waits only for its last word, where it is the reporter: the coordinator drops the steps in
+    /// flight when a replica leaves (what this one sends its peers is of no use then), and the state it sends is what a
+    /// coordinator that stops with this node checkpoints.</summary>
     void TryDrained()
     {
         if (drainer is null || EveryStep && !lastWordSent || !EveryStep && (sending > 0 || handedIn.Count > 0 || started.Values.Any(s => s.Trained is not null))) return;

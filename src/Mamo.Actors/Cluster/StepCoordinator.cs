@@ -122,7 +122,8 @@ public sealed class StepCoordinator : Coordination
     (long Request, IActorRef? Source)? recovering;
     /// <summary>The replica whose word the last step made came with: it holds the newest state.</summary>
     IActorRef? reporter;
-    /// <summary>Since the last checkpoint: checkpoint.every bounds the work a lost coordinator takes with it.</summary>
+    /// <summary>Since the last step given that a checkpoint follows: checkpoint.every bounds the work a lost coordinator
+    /// takes with it.</summary>
     readonly Stopwatch sinceCheckpoint = Stopwatch.StartNew();
     /// <summary>The step of the last checkpoint.</summary>
     long written;
@@ -284,7 +285,7 @@ public sealed class StepCoordinator : Coordination
         var every = Settings.CheckpointEverySteps;
         var checkpoints = nextStep + 1 >= steps || every > 0 && (nextStep + 1) % every == 0
             || Settings.CheckpointEvery > TimeSpan.Zero && sinceCheckpoint.Elapsed >= Settings.CheckpointEvery;
-        if (checkpoints) sinceCheckpoint.Restart();
+        if (checkpoints) sinceCheckpoint.Restart();   // from the step given, so that checkpoint.every is the grid
         var a = new Attempt(NextAttempt(), nextStep, nextSchedule, cursor, assigned, reporting, checkpoints || forJoin)
         {
             SentState = withState.Count > 0, Checkpoints = checkpoints,
@@ -546,7 +547,6 @@ public sealed class StepCoordinator : Coordination
     /// <summary>A single-node checkpoint of the coordinator's state; steps go on being given while it is written.</summary>
     void Write()
     {
-        sinceCheckpoint.Restart();
         written = trainer.Step;
         WriteCheckpoint(trainer.Step, trainer.Parts().Select(p => (p.Name, (IEnumerable<(string, Tensor)>)p.Tensors)), TrainingSamples.BeforeCursor(stateCursor),
             trainer.Objective.SaveState(), stateSchedule, trainer.Optimizer.Step);
