@@ -84,7 +84,7 @@ public class ActorTests() : TestKit(MamoSettings.Defaults())
         var (images, ids, mask) = Batch(2);
         Round old = new(Attempt: 10, Number: 1, FirstStep: 2, ResetsTeacher: true), again = new(Attempt: 20, Number: 1, FirstStep: 2, ResetsTeacher: true);
         teacher.Tell(new MomentumTeacher.ComputeTargets(2, images.clone(), ids.clone(), mask.clone(), old));
-        teacher.Tell(new MomentumTeacher.Reset(again, student.named_parameters().Select(p => (p.name, p.parameter.detach().clone().DetachFromDisposeScope())).ToArray()));
+        teacher.Tell(new MomentumTeacher.Reset(again, student.named_parameters().Select(p => (p.name, p.parameter.detach().clone().DetachFromDisposeScope())).ToArray(), again.FirstStep));
         teacher.Tell(new MomentumTeacher.ComputeTargets(2, images.clone(), ids.clone(), mask.clone(), again));
         ExpectMsg<MomentumTeacher.TargetsReady>(TimeSpan.FromSeconds(30)).Targets!.Dispose();   // attempt 20's
         teacher.Tell(new MomentumTeacher.GiveUpRound(old.Attempt));

@@ -8,12 +8,11 @@ using Model = Mamo.Model;
 namespace Mamo.Cli.Tests;
 
 /// <summary>cluster.sync = every-step as real node processes on 127.0.0.1, against single-node `mamo pretrain` on the
-/// same manifest. Teacher targets are computed within the step in both (teacher.pipelined = off: the single-node
-/// default pipelines them one step behind, which an every-step cluster does not).</summary>
+/// same manifest. Both pipeline the teacher's targets one update behind (teacher.pipelined, the default).</summary>
 [Collection(ClusterCollection.Name)]
 public class EveryStepTests(ITestOutputHelper output)
 {
-    static readonly string[] Common = ["--plain", "--ledger", "--set", "torch-threads=1", "--set", "eval.every-steps=0", "--set", "teacher.pipelined=off"];
+    static readonly string[] Common = ["--plain", "--ledger", "--set", "torch-threads=1", "--set", "eval.every-steps=0"];
 
     /// <summary>Runs the processes to their end, each of which must succeed; returns each one's output.</summary>
     static async Task<List<string>> Run(params (string Name, string[] Args)[] processes)
@@ -84,9 +83,16 @@ public class EveryStepTests(ITestOutputHelper output)
                 Assert.True((term == "total" ? b.Loss : b.Terms[term]) == value, $"step {a.Step} {term}: {value} vs {b.Terms.GetValueOrDefault(term, b.Loss)}");
             Assert.Equal(a.LearningRate, b.LearningRate);
         }
-        // Its checkpoints are a single-node run's: student, optimizer and teacher, at step 20.
-        Assert.Equal(new[] { Model.Checkpoint.StudentPart, Model.Checkpoint.OptimizerPart, Model.Checkpoint.TeacherPart }.Order(),
-            Model.Checkpoint.ReadState(Model.Checkpoint.Latest(cluster)!).Parts!.Order());
+        // Its checkpoints are a single-node run's: student, optimizer and teacher, at step 20, the teacher one update
+        // behind (pipelined) and the same bits, from the state its replica reported.
+        var (singleLast, clusterLast) = (Model.Checkpoint.Latest(single)!, Model.Checkpoint.Latest(cluster)!);
+        var state = Model.Checkpoint.ReadState(clusterLast);
+        Assert.Equal(new[] { Model.Checkpoint.StudentPart, Model.Checkpoint.OptimizerPart, Model.Checkpoint.TeacherPart }.Order(), state.Parts!.Order());
+        Assert.Equal((20L, 19L), (state.Step, state.TeacherStep));
+        Assert.Equal(Model.Checkpoint.ReadState(singleLast).TeacherStep, state.TeacherStep);
+        var singleTeacher = Model.SafeTensors.Load(Path.Combine(singleLast, Model.Checkpoint.TeacherFile));
+        foreach (var (name, value) in Model.SafeTensors.Load(Path.Combine(clusterLast, Model.Checkpoint.TeacherFile)))
+            Assert.True(value.equal(singleTeacher[name]).all().item<bool>(), $"teacher {name} differs from the single node's");
     }
 
     [Fact]

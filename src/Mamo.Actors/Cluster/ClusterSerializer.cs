@@ -158,6 +158,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(s.WithState);
                     WriteMap(w, s.State, w.Write);
                     w.Write(s.OptimizerStep);
+                    w.Write(s.TeacherStep);
                     w.Write(s.Peers.Count);
                     foreach (var peer in s.Peers)
                     {
@@ -196,6 +197,7 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                     w.Write(r.Node);
                     w.Write(r.Step);
                     w.Write(r.OptimizerStep);
+                    w.Write(r.TeacherStep);
                     WriteMap(w, r.State, w.Write);
                     break;
                 case CheckpointFollower.AwaitStep a:
@@ -233,13 +235,13 @@ public sealed class ClusterSerializer(ExtendedActorSystem system) : SerializerWi
                 GetProgressManifest => new Coordination.GetProgress(),
                 ProgressManifest => ReadProgress(r),
                 StepStartManifest => new StepCoordinator.StepStart(r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), r.ReadInt32(), r.ReadInt32(), r.ReadInt64(),
-                    r.ReadBoolean(), ReadMap(r, r.ReadString, "state"), r.ReadInt64(), ReadPeers(r), r.ReadBoolean(), r.ReadBoolean(), r.ReadBoolean(), ReadRef(r)),
+                    r.ReadBoolean(), ReadMap(r, r.ReadString, "state"), r.ReadInt64(), r.ReadInt64(), ReadPeers(r), r.ReadBoolean(), r.ReadBoolean(), r.ReadBoolean(), ReadRef(r)),
                 StepDoneManifest => new StepCoordinator.StepDone(r.ReadInt64(), r.ReadString(), r.ReadInt64(), r.ReadDouble(), ReadMap(r, r.ReadDouble, "loss terms"),
                     ReadMap(r, r.ReadString, "observations"), Name(r)),
                 StepAbortManifest => new StepCoordinator.Abort(r.ReadInt64()),
                 StepMadeManifest => new StepCoordinator.StepMade(r.ReadInt64(), r.ReadDouble(), r.ReadBoolean(), r.ReadDouble()),
                 ReportStateManifest => new StepCoordinator.ReportState(r.ReadInt64(), ReadRef(r)),
-                StateReportManifest => new StepCoordinator.StateReport(r.ReadInt64(), Name(r), r.ReadInt64(), r.ReadInt64(), ReadMap(r, r.ReadString, "state")),
+                StateReportManifest => new StepCoordinator.StateReport(r.ReadInt64(), Name(r), r.ReadInt64(), r.ReadInt64(), r.ReadInt64(), ReadMap(r, r.ReadString, "state")),
                 AwaitStepManifest => new CheckpointFollower.AwaitStep(r.ReadInt64()),
                 FollowedManifest => new CheckpointFollower.Followed(r.ReadInt64()),
                 _ => throw new SerializationException($"unknown manifest '{manifest}'"),

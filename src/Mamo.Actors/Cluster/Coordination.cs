@@ -189,8 +189,9 @@ public abstract class Coordination : ReceiveActor, IWithTimers
     /// <summary>Writes a cluster checkpoint through the checkpointer: copies of <paramref name="parts"/> (the caller may
     /// change them at once), with the run's seed and the objective's state.</summary>
     /// <param name="schedule">where the learning-rate schedule stands after it: the steps of one node's batch trained</param>
+    /// <param name="teacherStep">the updates the teacher part holds (null: step's)</param>
     protected void WriteCheckpoint(long step, IEnumerable<(string Part, IEnumerable<(string Name, TorchSharp.torch.Tensor Value)> Tensors)> parts,
-        StreamPosition position, IReadOnlyDictionary<string, string> extra, long schedule, long optimizerStep = 0)
+        StreamPosition position, IReadOnlyDictionary<string, string> extra, long schedule, long optimizerStep = 0, long? teacherStep = null)
     {
         Writing = true;
         writing = [.. applied];
@@ -201,7 +202,7 @@ public abstract class Coordination : ReceiveActor, IWithTimers
             [ScheduleKey] = schedule.ToString(CultureInfo.InvariantCulture),
         };
         var copies = parts.Select(p => new Model.Checkpoint.Part(p.Part, p.Tensors.Select(t => (t.Name, Tensors.Copy(t.Value))).ToArray())).ToArray();
-        Writer.Tell(new Checkpointer.Parts(step, copies, position, optimizerStep, TeacherStep: step, Extra: extra));
+        Writer.Tell(new Checkpointer.Parts(step, copies, position, optimizerStep, TeacherStep: teacherStep ?? step, Extra: extra));
     }
 
     /// <summary>The cluster's members now, for the history.</summary>

@@ -9,9 +9,9 @@ using static TorchSharp.torch;
 
 namespace Mamo.Actors.Cluster;
 
-/// <summary>The hooks that make a node's pipeline a cluster replica (Run/IReplica): its folder, its seed, its teacher's
-/// lag, its assigned source, and its link to the coordinator. One per node for the run's life; the link is made anew
-/// with each pipeline.</summary>
+/// <summary>The hooks that make a node's pipeline a cluster replica (Run/IReplica): its folder, its seed, its assigned
+/// source, and its link to the coordinator. One per node for the run's life; the link is made anew with each
+/// pipeline.</summary>
 /// <param name="stopping">the node's stop: a replica stopping gives up the all-gather it waits in</param>
 public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef coordinator, CancellationToken stopping = default) : IReplica
 {
@@ -24,8 +24,6 @@ public sealed class ReplicaHooks(MamoSettings settings, string node, IActorRef c
     /// <summary>DiLoCo: masks and negatives differ between replicas, the seed mixes in the node. Every-step: a row's
     /// masks and negatives depend on its step and its row of the global batch only.</summary>
     public int Seed => EveryStep ? settings.Seed : Seeds.Mix(settings.Seed, Seeds.StableHash(node));
-    /// <summary>Every-step: targets within the step, from the teacher of the θ it starts from, as its coordinator's.</summary>
-    public int TeacherLag => EveryStep || !settings.TeacherPipelined ? 0 : 1;
     bool EveryStep => settings.Cluster.Sync == ClusterSettings.EveryStep;
 
     /// <summary>The run's last step, once the coordinator has said the run is over; -1 before.</summary>
@@ -115,7 +113,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
     /// the reports and the teacher's parts, in order, until both of one are.</summary>
     readonly Dictionary<long, IActorRef> reportTo = [];
     readonly Queue<(IActorRef To, Trainer.StateReport Report)> reported = new();
-    readonly Queue<List<(string Name, Tensor Value)>> teacherParts = new();
+    readonly Queue<(List<(string Name, Tensor Value)> Tensors, long Step)> teacherParts = new();
     /// <summary>every-step: the receiver of the coordinator this replica reported to last; where this replica's node
     /// stops, its state goes there (its last word, request 0), for the coordinator's last checkpoint.</summary>
     IActorRef? reportingTo;
@@ -152,7 +150,8 @@ public sealed class Replica : ReceiveActor, IWithTimers
                 }
                 settled = Math.Max(settled, s.Attempt - 1);
             }
-            Begin(s, new Round(s.Attempt, s.Step, s.Step, ResetsTeacher: false, s.Replicas, s.Schedule), s.Receiver, s.State, null,
+            // A step given with the state brings the teacher: its targets wait for it, not for what this replica held before.
+            Begin(s, new Round(s.Attempt, s.Step, s.Step, ResetsTeacher: s.WithState, s.Replicas, s.Schedule), s.Receiver, s.State, null,
                 new AssignedSource.Assignment(default!, s.Cursor, s.BatchSize));
             // A replica that holds the state goes on from its own, the update of the step before applied.
             if (!s.WithState && started.TryGetValue(s.Attempt, out var st)) LoadStep(st, s, []);
@@ -216,7 +215,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
         {
             if (EveryStep)
             {
-                teacherParts.Enqueue(p.Tensors.SelectMany(t => t.Tensors).Select(t => (MamoTrainer.TeacherPrefix + t.Name, t.Value)).ToList());
+                teacherParts.Enqueue((p.Tensors.SelectMany(t => t.Tensors).Select(t => (MamoTrainer.TeacherPrefix + t.Name, t.Value)).ToList(), p.TeacherStep ?? p.Step));
                 SendReports();
                 return;
             }
@@ -348,7 +347,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
     void LoadStep(Started s, StepCoordinator.StepStart step, IReadOnlyList<(string Name, Tensor Value)> state)
     {
         trainer.Tell(new Trainer.LoadRound(s.Round, state, s.State, new Shard(step, Self, settings.Cluster.RoundTimeout, hooks.Stopping), step.OptimizerStep,
-            step.CheckHash));
+            step.CheckHash, step.TeacherStep));
         s.Loaded = true;
     }
 
@@ -468,8 +467,9 @@ public sealed class Replica : ReceiveActor, IWithTimers
         while (reported.Count > 0 && (!keepsTeacher || teacherParts.Count > 0))
         {
             var (to, r) = reported.Dequeue();
-            coordinator.Tell(new StepCoordinator.StateReport(r.Request, node, r.Step, r.OptimizerStep, r.State));
-            var tensors = r.Tensors.Concat(keepsTeacher ? teacherParts.Dequeue() : []).ToList();
+            var (teacher, teacherStep) = keepsTeacher ? teacherParts.Dequeue() : ([], r.Step);
+            coordinator.Tell(new StepCoordinator.StateReport(r.Request, node, r.Step, r.OptimizerStep, teacherStep, r.State));
+            var tensors = r.Tensors.Concat(teacher).ToList();
             Send(to, WeightTransfer.Kind.State, r.Request, tensors, "float32");
             foreach (var (_, t) in tensors) t.Dispose();
             if (r.Request == 0) Log.Information("{Node} sent its coordinator its state at step {Step} as it stops", node, r.Step);
@@ -531,7 +531,7 @@ public sealed class Replica : ReceiveActor, IWithTimers
         foreach (var s in started.Values) if (s.Weights is { } w) Dispose(w);
         foreach (var x in exchanges.Values) x.Dispose();
         foreach (var (_, r) in reported) foreach (var (_, t) in r.Tensors) t.Dispose();
-        foreach (var part in teacherParts) foreach (var (_, t) in part) t.Dispose();
+        foreach (var (part, _) in teacherParts) foreach (var (_, t) in part) t.Dispose();
         base.PostStop();
     }
 

@@ -27,12 +27,12 @@ public sealed class StepCoordinator : Coordination
     /// <summary>Attempt Attempt of step Step: train BatchSize cursors from Cursor, as row FirstRow on of the global batch
     /// and Index-th of its Peers (every replica of the step, in node order: their receivers take this one's features
     /// and gradient). WithState: the state to start from follows (MamoTrainer.ReplicaState and the teacher, with the
-    /// objective's State, AdamW at OptimizerStep); else the replica goes on from its own. Reports: after its update it
-    /// tells the coordinator (StepMade), and with ReportsState sends Receiver the state after it (StateReport).
-    /// CheckHash: its StepDone carries the hash of the state it starts from. Schedule: where the learning-rate schedule
-    /// stands at the step (one node's steps the cluster has trained).</summary>
+    /// objective's State, AdamW at OptimizerStep, the teacher after TeacherStep updates); else the replica goes on from
+    /// its own. Reports: after its update it tells the coordinator (StepMade), and with ReportsState sends Receiver the
+    /// state after it (StateReport). CheckHash: its StepDone carries the hash of the state it starts from. Schedule: where
+    /// the learning-rate schedule stands at the step (one node's steps the cluster has trained).</summary>
     public sealed record StepStart(long Attempt, long Step, long Schedule, long Cursor, int BatchSize, int Index, long FirstRow, bool WithState,
-        IReadOnlyDictionary<string, string> State, long OptimizerStep, IReadOnlyList<Peer> Peers, bool Reports, bool ReportsState, bool CheckHash,
+        IReadOnlyDictionary<string, string> State, long OptimizerStep, long TeacherStep, IReadOnlyList<Peer> Peers, bool Reports, bool ReportsState, bool CheckHash,
         IActorRef Receiver) : IClusterMessage
     {
         public int Replicas => Peers.Count;
@@ -45,11 +45,12 @@ public sealed class StepCoordinator : Coordination
     public sealed record StepMade(long Attempt, double GradNorm, bool Skipped, double LearningRate) : IClusterMessage;
     /// <summary>Asks a replica for the state it holds after its last update: a StateReport tagged Request, to To.</summary>
     public sealed record ReportState(long Request, IActorRef To) : IClusterMessage;
-    /// <summary>A replica's state after Step steps, AdamW at OptimizerStep, with the objective's State; its tensors
+    /// <summary>A replica's state after Step steps, AdamW at OptimizerStep, the teacher after TeacherStep updates (one
+    /// fewer where it is pipelined), with the objective's State; its tensors
     /// (MamoTrainer.ReplicaState and the teacher's) follow on the data plane, tagged State, Request and Node. Request: the
     /// attempt whose update it follows (StepStart.ReportsState), a ReportState's, or 0: the reporter's last word as its
     /// node stops.</summary>
-    public sealed record StateReport(long Request, string Node, long Step, long OptimizerStep, IReadOnlyDictionary<string, string> State) : IClusterMessage;
+    public sealed record StateReport(long Request, string Node, long Step, long OptimizerStep, long TeacherStep, IReadOnlyDictionary<string, string> State) : IClusterMessage;
     /// <summary>The coordinator dropped the attempt and gives its work again: every-step, when a replica of the step
     /// left; DiLoCo, when a round is abandoned (too few reported). A replica that handed it in knows then that it will
     /// never be applied: a stopping node waits for that word.</summary>
@@ -108,6 +109,9 @@ public sealed class StepCoordinator : Coordination
     /// cluster made (the reporter's word), and the cursor and schedule after them; the cursor and schedule at the
     /// trainer's state (schedule -1: from a checkpoint written before it was kept, counted as then at the next step).</summary>
     long nextStep, cursor, nextSchedule, made, madeCursor, schedule, stateCursor, stateSchedule;
+    /// <summary>The updates the trainer's teacher holds: one fewer than its student's where the replicas' teachers are
+    /// pipelined (their targets of step t come from the teacher after t - 1 updates).</summary>
+    long teacherStep;
     /// <summary>The steps made since the trainer's state, for a run that goes on from a state before them.</summary>
     readonly List<(long Attempt, long Step, long Cursor, long Schedule)> trail = [];
     /// <summary>The attempts given whose accounts are coming in, in order: at most two, the next step given while one
@@ -139,6 +143,7 @@ public sealed class StepCoordinator : Coordination
         trainer = MamoTrainer.Load(dir, settings.Optimizer, device, settings.Seed, withTeacher: true, settings.Model, Task.Objective);
         stateCursor = madeCursor = cursor = (StreamPosition.FromExtra(state.Extra)[TrainingSamples.CursorPartition] ?? -1) + 1;
         written = made = nextStep = trainer.Step;
+        teacherStep = state.TeacherStep;
         stateSchedule = nextSchedule = schedule = ScheduleOf(state);
         // A new run's first step waits for start-replicas (the nodes started together begin together).
         if (resumed is not null) Resumed(state);
@@ -301,7 +306,7 @@ public sealed class StepCoordinator : Coordination
             var sent = withState.Contains(p.Replica);
             var reports = p == reporting;
             p.Replica.Tell(new StepStart(a.Number, a.Step, a.Schedule, p.Cursor, Settings.BatchSize, i, (long)i * Settings.BatchSize, sent,
-                sent ? objectiveState : new Dictionary<string, string>(), trainer.Optimizer.Step, peers, reports, reports && a.ReportsState, checkHash, Receiver));
+                sent ? objectiveState : new Dictionary<string, string>(), trainer.Optimizer.Step, teacherStep, peers, reports, reports && a.ReportsState, checkHash, Receiver));
             if (sent)
                 Context.ActorOf(WeightTransfer.Sender.Props(p.Receiver, Self, new WeightTransfer.Tag(WeightTransfer.Kind.Weights, a.Number), state!, "float32",
                     Cluster.ChunkSize, Cluster.Window));
@@ -378,6 +383,7 @@ public sealed class StepCoordinator : Coordination
         }
         r.Dispose();
         trainer.StartAt(account.Step, 1, schedule);
+        teacherStep = account.TeacherStep;
         (stateCursor, stateSchedule) = (madeCursor, schedule);
         trail.Clear();
         // Reports of this state or older ones (a last word) are of no use now.
@@ -549,7 +555,7 @@ public sealed class StepCoordinator : Coordination
     {
         written = trainer.Step;
         WriteCheckpoint(trainer.Step, trainer.Parts().Select(p => (p.Name, (IEnumerable<(string, Tensor)>)p.Tensors)), TrainingSamples.BeforeCursor(stateCursor),
-            trainer.Objective.SaveState(), stateSchedule, trainer.Optimizer.Step);
+            trainer.Objective.SaveState(), stateSchedule, trainer.Optimizer.Step, teacherStep);
         Log.Information("step {Step}: checkpoint", trainer.Step);
     }
 

@@ -28,8 +28,9 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
     /// When SnapshotTo is set, the teacher sends it its checkpoint part, taken right after this update is due (FoldAll:
     /// every update so far, for a round's hand-in), for a consistent checkpoint.</summary>
     public sealed record StudentUpdated(long StepsDone, Tensor[] Weights, IActorRef? SnapshotTo = null, Round? Round = null, bool FoldAll = false);
-    /// <summary>A round's teacher, after its first step's updates: the teacher from now on. The teacher owns the tensors.</summary>
-    public sealed record Reset(Round Round, (string Name, Tensor Value)[] Weights);
+    /// <summary>A round's teacher, after Through updates (DiLoCo: its first step's; every-step: the state's, one behind
+    /// its student where the teacher is pipelined): the teacher from now on. The teacher owns the tensors.</summary>
+    public sealed record Reset(Round Round, (string Name, Tensor Value)[] Weights, long Through);
 
     readonly MamoModel teacher;
     readonly IObjective objective;
@@ -100,7 +101,7 @@ public sealed class MomentumTeacher : UntypedActor, IWithStash
                 Checkpoint.Load(teacher, reset.Weights.ToDictionary(w => w.Name, w => w.Value), $"round {reset.Round.Number}'s teacher");
                 foreach (var u in pending) Dispose(u.Weights);
                 pending.Clear();
-                emaThrough = reset.Round.FirstStep;
+                emaThrough = reset.Through;
                 resetBy = reset.Round.Attempt;
                 foreach (var (_, t) in reset.Weights) t.Dispose();
                 Stash.UnstashAll();

@@ -42,9 +42,9 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
     /// and the objective's state; Shard: where its batch is a shard of a global batch (every-step), whose weights, where
     /// given, are a MamoTrainer.ReplicaState with AdamW at OptimizerStep, and where not, are the replica's own after the
     /// update of the step before. CheckHash: the round's account carries the hash of the replica state it starts from.
-    /// The trainer owns the tensors.</summary>
+    /// TeacherStep: the updates the teacher's weights hold (null: the round's first step's). The trainer owns the tensors.</summary>
     public sealed record LoadRound(Round Round, IReadOnlyList<(string Name, Tensor Value)> Weights, IReadOnlyDictionary<string, string> State, IBatchShard? Shard,
-        long OptimizerStep = 0, bool CheckHash = false);
+        long OptimizerStep = 0, bool CheckHash = false, long? TeacherStep = null);
     /// <summary>The round will get no weights (its coordinator gave it up): its steps are dropped.</summary>
     public sealed record GiveUpRound(long Attempt);
     /// <summary>A round's work, to the sender of its LoadRound: the pairs trained, the stream position they reach, the
@@ -146,7 +146,15 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             try { Sender.Tell(TrainStep(t)); }
             catch (Exception e) when (Dropped(e))
             {
-                Log.Information("step {Step} of round {Round} dropped: its coordinator gave it up", t.Step, t.Round?.Number);
+                Log.Information("step {Step} of round {Round} dropped: its coordinator gave it up, or this node stops", t.Step, t.Round?.Number);
+                // Its update is never made: the every-step steps given after it are given up as they load, so that a
+                // node that stops drains the steps in flight and leaves.
+                if (round is { Shard: not null } held && held.Round.Attempt == t.Round?.Attempt)
+                {
+                    round = null;
+                    GiveUp(held.Round.Attempt);
+                    Stash.UnstashAll();
+                }
                 Sender.Tell(new StepCompleted(null, t.Position, [], nonFiniteInARow, Round: t.Round));
             }
             catch (Exception e) { Sender.Tell(new Status.Failure(e)); }   // the stream fails: the pipeline restarts from durable state
@@ -293,8 +301,9 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             trainer.Objective.StartObserving();
             var teacherWeights = l.Weights.Where(w => w.Name.StartsWith(MamoTrainer.TeacherPrefix))
                 .Select(w => (w.Name[MamoTrainer.TeacherPrefix.Length..], Tensors.Copy(w.Value))).ToArray();
-            if (teacherWeights.Length > 0) teacher?.Tell(new MomentumTeacher.Reset(l.Round, teacherWeights));
-            // Every-step's teacher follows the student by the coordinator's EMA; a round that brought a teacher makes this a no-op.
+            if (teacherWeights.Length > 0) teacher?.Tell(new MomentumTeacher.Reset(l.Round, teacherWeights, l.TeacherStep ?? l.Round.FirstStep));
+            // Every-step's teacher follows the student it holds (the update of the step before); a no-op where the round
+            // brought a teacher of this step.
             teacher?.Tell(new MomentumTeacher.StudentUpdated(l.Round.FirstStep, CopyStudent(), Round: l.Round));
             round = (l.Round, Sender, l.Shard, new RoundWork());
             roundHash = l.CheckHash ? trainer.ReplicaHash() : "";

@@ -26,9 +26,6 @@ public interface IReplica
     /// rows are the global batch's.</summary>
     int Seed { get; }
 
-    /// <summary>How many updates behind the student the teacher's targets are (every-step: 0, as its coordinator's).</summary>
-    int TeacherLag { get; }
-
     /// <summary>The node's source as the coordinator assigns it to a pipeline: each round's records, marked with their
     /// round. Each pipeline gets its own: nothing assigned to an earlier one reaches it.</summary>
     ITrainingSource Assigned(ITrainingSource source);
@@ -184,7 +181,7 @@ public sealed class TrainingRun(MamoSettings settings, IProgress<RunProgress>? p
             var checkpointer = context.ActorOf(Checkpointer.Props(replica?.Dir ?? s.RunDir, s.Model, parts, s.KeepLast, s.Seed,
                 new[] { context.Self, metrics, committer, publisher }.OfType<IActorRef>().ToList()), "checkpointer");
             var teacher = usesTeacher
-                ? context.ActorOf(MomentumTeacher.Props(s.Model, objective, replica is null ? from : null, device, replica?.TeacherLag ?? (s.TeacherPipelined ? 1 : 0)), "teacher")
+                ? context.ActorOf(MomentumTeacher.Props(s.Model, objective, replica is null ? from : null, device, s.TeacherPipelined ? 1 : 0), "teacher")
                 : null;
             var trainer = context.ActorOf(Trainer.Props(s, objective, replica is null ? from : null, device, teacher, checkpointer, replica?.Seed ?? s.Seed, replica?.Dir),
                 "trainer");

@@ -40,7 +40,8 @@ public sealed record StreamPosition(ImmutableSortedDictionary<string, long> Offs
 /// match on it</param>
 /// <param name="Number">the coordinator's round (DiLoCo) or step (every-step)</param>
 /// <param name="FirstStep">the global step of its first batch</param>
-/// <param name="ResetsTeacher">its weights bring the teacher (every DiLoCo round): targets of its steps wait for them</param>
+/// <param name="ResetsTeacher">its weights bring the teacher (every DiLoCo round, an every-step step given with the
+/// state): targets of its steps wait for them</param>
 /// <param name="Replicas">replicas that train the round side by side (DiLoCo), each on its own batches: one of its steps
 /// stands for this many steps of one node, in the learning-rate schedule and in the teacher's EMA (docs/CLUSTER.md,
 /// "A recipe counted in samples")</param>
