@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What every-step's communication adds to a step (docs/CLUSTER.md, "What an every-step step costs"): tiny, the built-in
 # emoji data, batch 32 per process, 1 torch thread per process, STEPS steps, run one after the other with nothing else:
-#   compute:  two single-node processes at once, teacher targets within the step (teacher.pipelined = off), as an
-#             every-step replica computes them: each process's step is a replica's compute in the same crowding;
+#   compute:  two single-node processes at once, the teacher pipelined as an every-step replica's is (since
+#             2026-12-07; before, both ran with teacher.pipelined = off): each process's step is a replica's compute in
+#             the same crowding;
 #   stream:   two every-step nodes, weights and gradients on the data plane's stream (cluster.data-plane = stream);
 #   remoting: the same over Akka remoting in 256 KiB chunks (cluster.data-plane = remoting), the way before the stream.
 # Prints each run's seconds per step (the median over its metrics lines after the first) and what the cluster adds to the
@@ -23,7 +24,7 @@ COMMON=(--plain --dashboard off --max-steps "$STEPS" --set torch-threads=1 --set
 port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 for i in 1 2; do
-  "${MAMO[@]}" pretrain --run-dir "$OUT/compute-$i" "${COMMON[@]}" --set teacher.pipelined=off >"$OUT/compute-$i.log" 2>&1 &
+  "${MAMO[@]}" pretrain --run-dir "$OUT/compute-$i" "${COMMON[@]}" >"$OUT/compute-$i.log" 2>&1 &
 done
 wait
 
