@@ -148,8 +148,8 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             {
                 Log.Information("step {Step} of round {Round} dropped: its coordinator gave it up, or this node stops", t.Step, t.Round?.Number);
                 // Its update is never made: the every-step steps given after it are given up as they load, so that a
-                // node that stops drains the steps in flight and leaves.
-                if (round is { Shard: not null } held && held.Round.Attempt == t.Round?.Attempt)
+                // node that stops drains the steps in flight and leaves. (A Train reaches here only with its round in hand.)
+                if (round is { Shard: not null } held)
                 {
                     round = null;
                     GiveUp(held.Round.Attempt);
@@ -302,8 +302,8 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             var teacherWeights = l.Weights.Where(w => w.Name.StartsWith(MamoTrainer.TeacherPrefix))
                 .Select(w => (w.Name[MamoTrainer.TeacherPrefix.Length..], Tensors.Copy(w.Value))).ToArray();
             if (teacherWeights.Length > 0) teacher?.Tell(new MomentumTeacher.Reset(l.Round, teacherWeights, l.TeacherStep ?? l.Round.FirstStep));
-            // Every-step's teacher follows the student it holds (the update of the step before); a no-op where the round
-            // brought a teacher of this step.
+            // Every-step's teacher gets the student it holds (the update of the step before) and folds it in as its lag
+            // says; already folded where the round brought a teacher of this step.
             teacher?.Tell(new MomentumTeacher.StudentUpdated(l.Round.FirstStep, CopyStudent(), Round: l.Round));
             round = (l.Round, Sender, l.Shard, new RoundWork());
             roundHash = l.CheckHash ? trainer.ReplicaHash() : "";
