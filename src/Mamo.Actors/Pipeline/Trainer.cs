@@ -326,8 +326,12 @@ public sealed class Trainer : ReceiveActor, IWithUnboundedStash
             awaitingUpdate = null;
             using var scope = NewDisposeScope();
             var sum = new Dictionary<string, Tensor>();
+            // In place, into the first replica's tensors (each is this step's own: its bytes went out when it was sent):
+            // the same bits as s + g, without a fresh copy of the model's size each step.
             foreach (var gradient in a.Gradients)
-                foreach (var (name, g) in gradient) sum[name] = sum.TryGetValue(name, out var s) ? s + g : g;
+                foreach (var (name, g) in gradient)
+                    if (sum.TryGetValue(name, out var s)) s.add_(g);
+                    else sum[name] = g;
             trainer.SetGradients(sum);
             // The step's loss is the coordinator's to report; a non-finite one came as a NaN gradient, which skips here.
             var result = trainer.Update(0, new Dictionary<string, double>());
