@@ -34,17 +34,8 @@ profiled() {   # name, then the command that starts the run's processes in the b
 compute() {
   for i in 1 2; do "${MAMO[@]}" pretrain --run-dir "$OUT/compute-$i" "${COMMON[@]}" >"$OUT/compute-$i.log" 2>&1 & done
 }
-stream() {
-  local seed here
-  seed=$(port)
-  for i in 1 2; do
-    here=$seed
-    [ "$i" = 1 ] || here=$(port)
-    "${MAMO[@]}" pretrain --run-dir "$OUT/stream" "${COMMON[@]}" --cluster "127.0.0.1:$here" --seed-nodes "127.0.0.1:$seed" --node-name "n$i" \
-      --set cluster.sync=every-step --set cluster.min-replicas=2 --set cluster.data-plane=stream >"$OUT/stream-n$i.log" 2>&1 &
-    if [ "$i" = 1 ]; then sleep 1; fi   # the seed first
-  done
-}
+source bench/every-step-nodes.sh
+stream() { every_step_nodes stream stream 1; }
 if [ "$ORDER" = sc ]; then profiled stream stream; profiled compute compute; else profiled compute compute; profiled stream stream; fi
 
 python3 - "$OUT" <<'EOF'

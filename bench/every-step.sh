@@ -28,18 +28,8 @@ for i in 1 2; do
 done
 wait
 
-cluster() {   # name data-plane
-  local seed here
-  seed=$(port)
-  for i in 1 2; do
-    here=$seed
-    [ "$i" = 1 ] || here=$(port)
-    "${MAMO[@]}" pretrain --run-dir "$OUT/$1" "${COMMON[@]}" --cluster "127.0.0.1:$here" --seed-nodes "127.0.0.1:$seed" --node-name "n$i" \
-      --set cluster.sync=every-step --set cluster.min-replicas=2 --set "cluster.data-plane=$2" >"$OUT/$1-n$i.log" 2>&1 &
-    [ "$i" = 1 ] && sleep 3
-  done
-  wait
-}
+source bench/every-step-nodes.sh
+cluster() { every_step_nodes "$1" "$2" 3; wait; }   # name data-plane
 cluster stream stream
 cluster remoting remoting
 
