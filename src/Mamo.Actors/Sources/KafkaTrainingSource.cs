@@ -47,6 +47,9 @@ public sealed class KafkaTrainingSource : ITrainingSource
     bool reassigned;
     /// <summary>The consumer thread's: per partition, the offset after the last record offered to the current stream.</summary>
     readonly Dictionary<string, long> offeredUpTo = [];
+    /// <summary>On the consumer thread: how often each partition was taken away, so an offer knows whether its
+    /// partition went away while it waited.</summary>
+    readonly Dictionary<string, long> timesAway = [];
     /// <summary>Why the consumer thread stopped; null while it runs. Under the gate.</summary>
     Exception? stopped;
     /// <summary>The consumer thread's: per partition, the first offset delivered in this process, where a partition
@@ -267,15 +270,27 @@ public sealed class KafkaTrainingSource : ITrainingSource
                 }
                 var item = KafkaRecords.Read(record.Topic, record.Partition.Value, record.Offset.Value, record.Message.Key, record.Message.Value, record.Message.Headers, limits);
                 if (item is BadItem) unusable[(partition, record.Offset.Value)] = record.Message;
+                var away = timesAway.GetValueOrDefault(partition);
                 if (!Offer(consumer, queue, new Positioned(new SourcePosition(partition, record.Offset.Value), item)))
                 {
                     unusable.TryRemove((partition, record.Offset.Value), out _);
                     Rewind(consumer, record.TopicPartitionOffset);   // not taken: the next stream starts with it
                 }
-                else
+                else if (timesAway.GetValueOrDefault(partition) == away)
                 {
                     offeredUpTo[partition] = record.Offset.Value + 1;
                     lock (taking) inFlight[partition] = inFlight.GetValueOrDefault(partition) + 1;
+                }
+                else
+                {
+                    // Its partition went away while the offer waited (a rebalance runs inside the wait's polls): the record
+                    // is on its way but no longer counts as offered, or the partition's next owner, this member again,
+                    // would skip reading it. Where the partition is back already, it is one of those to drop.
+                    lock (taking)
+                    {
+                        inFlight[partition] = inFlight.GetValueOrDefault(partition) + 1;
+                        if (assigned.ContainsKey(partition)) discard[partition] = discard.GetValueOrDefault(partition) + 1;
+                    }
                 }
             }
             CommitDurable(consumer);
@@ -313,6 +328,7 @@ public sealed class KafkaTrainingSource : ITrainingSource
             var key = KafkaRecords.PartitionKey(p.Topic, p.Partition.Value);
             assigned.TryRemove(key, out _);
             offeredUpTo.Remove(key);
+            timesAway[key] = timesAway.GetValueOrDefault(key) + 1;
         }
     }
 
