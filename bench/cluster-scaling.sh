@@ -8,7 +8,9 @@
 # checkpoint is evaluated (teacher and student on emoji test, k = 4) at the wall time it became durable; the last one
 # also on OpenMoji test. Prints quality against wall time, and each run's speedup to single-1's final teacher r_mean:
 # the budget over the first wall time it reached it, and over the time it crossed that level between two checkpoints.
-# Usage: [REUSE=/tmp/mamo-scaling-XXXX] [EVERY=30s] bash bench/cluster-scaling.sh [BUDGET_MIN=8] [NODES=2] [H=50] [SYNC=diloco|every-step]
+# PIN=1 pins single-1 to core 0 and cluster node i to core i-1 (taskset): each process then has one core, where unpinned
+# single-1's pipelined teacher takes about a third of the second core (docs/CLUSTER.md); single-N is never pinned.
+# Usage: [REUSE=/tmp/mamo-scaling-XXXX] [EVERY=30s] [PIN=1] bash bench/cluster-scaling.sh [BUDGET_MIN=8] [NODES=2] [H=50] [SYNC=diloco|every-step]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${1:-8}
@@ -29,11 +31,13 @@ export DOTNET_DbgEnableMiniDump=1 DOTNET_DbgMiniDumpType=1 DOTNET_EnableCrashRep
 EMOJI=$("${MAMO[@]}" datasets fetch emoji >/dev/null 2>&1; echo ~/.cache/mamo/emoji/test.jsonl)
 OPENMOJI=$("${MAMO[@]}" datasets fetch emoji-openmoji >/dev/null 2>&1; echo ~/.cache/mamo/emoji-openmoji/test.jsonl)
 COMMON=(--plain --dashboard off --set eval.every-steps=0 --set checkpoint.keep-last=100000 --set metrics.every-steps=10)
+# on_core CORE COMMAND...: under PIN, on that core alone; CORE empty: anywhere.
+on_core() { if [ -n "${PIN:-}" ] && [ -n "$1" ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
 port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-single() {   # name threads
+single() {   # name threads [core]
   date +%s.%N >"$OUT/$1.start"
-  "${MAMO[@]}" pretrain --run-dir "$OUT/$1" "${COMMON[@]}" --time-budget "${BUDGET}m" --set "torch-threads=$2" \
+  on_core "${3:-}" "${MAMO[@]}" pretrain --run-dir "$OUT/$1" "${COMMON[@]}" --time-budget "${BUDGET}m" --set "torch-threads=$2" \
     "${GRID[@]}" >"$OUT/$1.log" 2>&1
 }
 
@@ -44,7 +48,7 @@ cluster() {
   for i in $(seq 1 "$NODES"); do
     local here=$seed
     [ "$i" = 1 ] || here=$(port)
-    "${MAMO[@]}" pretrain --run-dir "$OUT/cluster" "${COMMON[@]}" --max-steps 1000000 --cluster "127.0.0.1:$here" \
+    on_core $(( (i - 1) % $(nproc) )) "${MAMO[@]}" pretrain --run-dir "$OUT/cluster" "${COMMON[@]}" --max-steps 1000000 --cluster "127.0.0.1:$here" \
       --seed-nodes "127.0.0.1:$seed" --node-name "n$i" --set torch-threads=1 --set "cluster.sync=$SYNC" --set "cluster.inner-steps=$H" \
       --set "cluster.min-replicas=$NODES" "${CLUSTER_GRID[@]}" >"$OUT/cluster-n$i.log" 2>&1 &
     [ "$i" = 1 ] && sleep 1   # the seed first: its node forms the cluster and holds the coordinator
@@ -59,7 +63,7 @@ cluster() {
 
 # REUSE: the single-node runs (and their evaluations) of an earlier run of this script, same budget and machine; only
 # the cluster runs now.
-[ -n "${REUSE:-}" ] || single single-1 1
+[ -n "${REUSE:-}" ] || single single-1 1 0
 cluster
 [ -n "${REUSE:-}" ] || single "single-$(nproc)" "$(nproc)"
 
