@@ -31,13 +31,14 @@ export DOTNET_DbgEnableMiniDump=1 DOTNET_DbgMiniDumpType=1 DOTNET_EnableCrashRep
 EMOJI=$("${MAMO[@]}" datasets fetch emoji >/dev/null 2>&1; echo ~/.cache/mamo/emoji/test.jsonl)
 OPENMOJI=$("${MAMO[@]}" datasets fetch emoji-openmoji >/dev/null 2>&1; echo ~/.cache/mamo/emoji-openmoji/test.jsonl)
 COMMON=(--plain --dashboard off --set eval.every-steps=0 --set checkpoint.keep-last=100000 --set metrics.every-steps=10)
-# on_core CORE COMMAND...: under PIN, on that core alone; CORE empty: anywhere.
-on_core() { if [ -n "${PIN:-}" ] && [ -n "$1" ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
+# Under PIN, the prefix that keeps a process on core $1; nothing otherwise. A prefix, not a wrapper function: a node
+# started in the background must be the job itself, or the SIGTERM at the budget's end reaches only a subshell.
+on_core() { if [ -n "${PIN:-}" ]; then echo "taskset -c $1"; fi; }
 port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 single() {   # name threads [core]
   date +%s.%N >"$OUT/$1.start"
-  on_core "${3:-}" "${MAMO[@]}" pretrain --run-dir "$OUT/$1" "${COMMON[@]}" --time-budget "${BUDGET}m" --set "torch-threads=$2" \
+  ${3:+$(on_core "$3")} "${MAMO[@]}" pretrain --run-dir "$OUT/$1" "${COMMON[@]}" --time-budget "${BUDGET}m" --set "torch-threads=$2" \
     "${GRID[@]}" >"$OUT/$1.log" 2>&1
 }
 
@@ -48,7 +49,7 @@ cluster() {
   for i in $(seq 1 "$NODES"); do
     local here=$seed
     [ "$i" = 1 ] || here=$(port)
-    on_core $(( (i - 1) % $(nproc) )) "${MAMO[@]}" pretrain --run-dir "$OUT/cluster" "${COMMON[@]}" --max-steps 1000000 --cluster "127.0.0.1:$here" \
+    $(on_core $(( (i - 1) % $(nproc) ))) "${MAMO[@]}" pretrain --run-dir "$OUT/cluster" "${COMMON[@]}" --max-steps 1000000 --cluster "127.0.0.1:$here" \
       --seed-nodes "127.0.0.1:$seed" --node-name "n$i" --set torch-threads=1 --set "cluster.sync=$SYNC" --set "cluster.inner-steps=$H" \
       --set "cluster.min-replicas=$NODES" "${CLUSTER_GRID[@]}" >"$OUT/cluster-n$i.log" 2>&1 &
     [ "$i" = 1 ] && sleep 1   # the seed first: its node forms the cluster and holds the coordinator
@@ -79,6 +80,7 @@ for run in single-1 cluster "single-$(nproc)"; do
     [ -f "$dir/state.json" ] || continue
     at=$(python3 -c "import os, sys; print(f'{os.path.getmtime(sys.argv[1]) - float(sys.argv[2]):.0f}')" "$dir/state.json" "$start")
     [ "$at" -le $((BUDGET * 60 + 30)) ] || continue
+    last=$dir   # the last one within the budget goes to OpenMoji too
     line="$run $at $(basename "$dir")"
     for w in teacher student; do
       line="$line $("${MAMO[@]}" eval --checkpoint "$dir" --manifest "$EMOJI" --k 4 --json --weights "$w" 2>/dev/null | tail -1 \
@@ -86,7 +88,6 @@ for run in single-1 cluster "single-$(nproc)"; do
     done
     echo "$line" >>"$OUT/curve.txt"
   done
-  last=$(ls -d "$OUT/$run"/checkpoints/step-* | sort | tail -1)
   for w in teacher student; do
     echo "$run $w openmoji r_mean $("${MAMO[@]}" eval --checkpoint "$last" --manifest "$OPENMOJI" --k 4 --json --weights "$w" 2>/dev/null | tail -1 \
       | python3 -c 'import json, sys; print("%.2f" % json.load(sys.stdin)["r_mean"])' 2>/dev/null || echo nan)" >>"$OUT/openmoji.txt"
