@@ -76,6 +76,7 @@ for run in single-1 cluster "single-$(nproc)"; do
     continue
   fi
   start=$(cat "$OUT/$run.start")
+  last=
   for dir in "$OUT/$run"/checkpoints/step-*; do
     [ -f "$dir/state.json" ] || continue
     at=$(python3 -c "import os, sys; print(f'{os.path.getmtime(sys.argv[1]) - float(sys.argv[2]):.0f}')" "$dir/state.json" "$start")
