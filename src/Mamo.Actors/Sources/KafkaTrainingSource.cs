@@ -276,20 +276,17 @@ public sealed class KafkaTrainingSource : ITrainingSource
                     unusable.TryRemove((partition, record.Offset.Value), out _);
                     Rewind(consumer, record.TopicPartitionOffset);   // not taken: the next stream starts with it
                 }
-                else if (timesAway.GetValueOrDefault(partition) == away)
-                {
-                    offeredUpTo[partition] = record.Offset.Value + 1;
-                    lock (taking) inFlight[partition] = inFlight.GetValueOrDefault(partition) + 1;
-                }
                 else
                 {
-                    // Its partition went away while the offer waited (a rebalance runs inside the wait's polls): the record
-                    // is on its way but no longer counts as offered, or the partition's next owner, this member again,
-                    // would skip reading it. Where the partition is back already, it is one of those to drop.
+                    // A partition that went away while the offer waited (a rebalance runs inside the wait's polls): the
+                    // record is on its way but does not count as offered, or the partition's next owner, this member
+                    // again, would skip reading it. Where the partition is back already, it is one of those to drop.
+                    var stayed = timesAway.GetValueOrDefault(partition) == away;
+                    if (stayed) offeredUpTo[partition] = record.Offset.Value + 1;
                     lock (taking)
                     {
                         inFlight[partition] = inFlight.GetValueOrDefault(partition) + 1;
-                        if (assigned.ContainsKey(partition)) discard[partition] = discard.GetValueOrDefault(partition) + 1;
+                        if (!stayed && assigned.ContainsKey(partition)) discard[partition] = discard.GetValueOrDefault(partition) + 1;
                     }
                 }
             }
