@@ -1,6 +1,7 @@
 # Sourced by bench/every-step.sh and bench/every-step-profile.sh: starts two every-step nodes of one run in the
-# background, the seed first. Needs MAMO, COMMON, OUT and port() from the caller.
+# background, the seed first, each on a free port. Needs MAMO, COMMON and OUT from the caller.
 # Usage: every_step_nodes NAME DATA_PLANE SEED_HEAD_START_S
+port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 every_step_nodes() {
   local seed here
   seed=$(port)

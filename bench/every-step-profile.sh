@@ -21,7 +21,6 @@ MAMO=(dotnet src/Mamo.Cli/bin/Release/net10.0/linux-x64/mamo.dll)
 export DOTNET_PerfMapEnabled=1
 COMMON=(--plain --dashboard off --max-steps "$STEPS" --set torch-threads=1 --set eval.every-steps=0 --set metrics.every-steps=10
   --set checkpoint.every-steps=0)
-port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 profiled() {   # name, then the command that starts the run's processes in the background
   local name=$1; shift

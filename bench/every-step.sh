@@ -21,7 +21,6 @@ MAMO=(dotnet src/Mamo.Cli/bin/Release/net10.0/linux-x64/mamo.dll)
 export DOTNET_DbgEnableMiniDump=1 DOTNET_DbgMiniDumpType=1 DOTNET_EnableCrashReport=1 DOTNET_DbgMiniDumpName="$OUT/crash.%p"
 COMMON=(--plain --dashboard off --max-steps "$STEPS" --set torch-threads=1 --set eval.every-steps=0 --set metrics.every-steps=10
   --set checkpoint.every-steps=0)
-port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 for i in 1 2; do
   "${MAMO[@]}" pretrain --run-dir "$OUT/compute-$i" "${COMMON[@]}" >"$OUT/compute-$i.log" 2>&1 &
